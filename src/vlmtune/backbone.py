@@ -1,0 +1,336 @@
+"""The frozen vision-language model: InternVL through `transformers`.
+
+:class:`Backbone` loads InternVL from a hub id, a local folder, or the ``tiny`` preset
+(a 2-layer InternVL built from a config by `transformers`' own classes, with random
+weights and a BPE tokenizer trained locally by `tokenizers`). It reads hidden sizes
+from the loaded config, exposes vision tokens and text tokens with the pooling rules
+that are right for each tower, and names its components so a stage plan can unfreeze
+them by module, never by matching parameter names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmtune.config import BackboneConfig
+from vlmtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics, as InternVL normalises.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
+TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMG_START, IMG_END, IMG_CONTEXT, CHAT_START, CHAT_END]
+
+# A small corpus for the tiny preset's tokenizer: the vocabulary of the synthetic data
+# sets plus common English, so BPE merges whole words where it can. Any text still
+# tokenizes (byte-level BPE), only into more pieces.
+_TINY_CORPUS = """
+the a an of is are in on at to and or with this that there these image picture photo
+red green blue yellow purple orange pink cyan white black gray brown
+circle square triangle star diamond cross frame ring box rectangle shape object small large big
+left right above below inside outside of the next beside under over
+how many receipts receipt are in this image do you see count the there is no none
+one two three four five six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9 10
+I can see there are receipts in the picture please answer question user assistant
+shop store market total price item items coffee bread milk tea cash card change
+"""
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [ln for ln in _TINY_CORPUS.strip().splitlines()]
+    # Words with a leading space as well, the way they occur inside sentences.
+    lines += [" " + w for ln in lines for w in ln.split()]
+    tok.train_from_iterator(lines * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT},
+    )
+
+
+def build_tiny(cfg: BackboneConfig):
+    """The embedded preset: a real InternVL architecture at toy size, random weights."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    tokenizer = _tiny_tokenizer()
+    h, n_layers, size = cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_image_size
+    patch = 8
+    if size % (2 * patch):
+        raise ConfigError(f"backbone.tiny_image_size: must be a multiple of {2 * patch}, got {size}")
+    heads = max(1, h // 16)
+    tokens_per_tile = (size // patch) ** 2 // 4  # pixel shuffle halves each side
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, intermediate_size=2 * h,
+            image_size=[size, size], patch_size=[patch, patch],
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), intermediate_size=2 * h, vocab_size=len(tokenizer),
+            max_position_embeddings=2048, tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+    )
+    # The random weights stand in for pretrained ones, so they do not vary with the run's
+    # seed; they are also saved with every checkpoint (they are small).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = InternVLForConditionalGeneration(config)
+    processor = GotOcr2ImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        crop_to_patches=False, max_patches=12,
+    )
+    return model, tokenizer, processor
+
+
+def _resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _attn_impl(name: str) -> str:
+    if name == "auto":
+        return "sdpa"
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            log.warning("flash_attention_2 requested but flash-attn is not installed; using sdpa")
+            return "sdpa"
+    return name
+
+
+def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = "cpu"):
+    """InternVL (hf format) from a hub id or folder, with its tokenizer and a PIL image processor."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+
+    src = str(source)
+    is_dir = Path(src).is_dir()
+    if not is_dir and ("/" not in src or src.startswith((".", "/"))):
+        raise ConfigError(f"backbone.name_or_path: '{src}' is neither a folder nor a hub id (owner/name) nor 'tiny'")
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and not is_dir:
+        kw["revision"] = cfg.revision
+    try:
+        model = InternVLForConditionalGeneration.from_pretrained(
+            src, dtype=_resolve_dtype(cfg.dtype, device_type), attn_implementation=_attn_impl(cfg.attn_implementation), **kw
+        )
+        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
+        raise ConfigError(f"backbone.name_or_path: cannot load '{src}'{why}: {str(e).splitlines()[0]}") from None
+    vc = model.config.vision_config
+    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    try:
+        # The PIL processor does InternVL's resizing and dynamic tiling without torchvision.
+        processor = GotOcr2ImageProcessorPil.from_pretrained(src, **kw)
+    except (OSError, ValueError, TypeError):
+        processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    processor.crop_to_patches = False
+    return model, tokenizer, processor
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    vision_hidden: int
+    text_hidden: int
+    image_size: int
+    num_vision_blocks: int
+    tokens_per_tile: int
+
+
+class Backbone(nn.Module):
+    """InternVL with named components and pooled features."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, cfg: BackboneConfig, source: str):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.cfg = cfg
+        self.source = source
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        mc = model.config
+        vc = mc.vision_config
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        self.info = BackboneInfo(
+            vision_hidden=vc.hidden_size,
+            text_hidden=mc.text_config.hidden_size,
+            image_size=int(size),
+            num_vision_blocks=len(self.vision_blocks),
+            tokens_per_tile=int((size // patch) ** 2 * mc.downsample_ratio**2),
+        )
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    # ---- components, by module
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.model.model.vision_tower.encoder.layer
+
+    @property
+    def mm_projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module]:
+        """Modules making up a named backbone component."""
+        if name == "vision_blocks":
+            n = len(self.vision_blocks)
+            if vision_blocks > n:
+                raise ConfigError(f"stages: vision_blocks={vision_blocks} but the vision tower has only {n} blocks")
+            # The final norm after the last block trains with it.
+            return list(self.vision_blocks[n - vision_blocks:]) + [self.vision_tower.layernorm]
+        if name == "vision_tower":
+            return [self.vision_tower]
+        if name == "mm_projector":
+            return [self.mm_projector]
+        if name == "language_model":
+            return [self.language_model, self.model.lm_head]
+        raise KeyError(name)
+
+    # ---- features
+    def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last hidden state of the vision tower, [B, 1 + patches, Dv] (CLS first)."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        return self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+    def text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state of the language model over text alone, [B, T, Dt]."""
+        return self.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pool_vision(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.vision_pooling == "cls":
+            return tokens[:, 0]
+        return tokens[:, 1:].mean(dim=1)
+
+    def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool_text(hidden, attention_mask, self.cfg.text_pooling)
+
+    # ---- inputs
+    def tokenize(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, texts, max_tokens or self.cfg.max_text_tokens)
+
+    def preprocess(self, images: list[Any], max_tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return preprocess_images(self.image_processor, images, max_tiles)
+
+    def preprocess_signature(self) -> dict[str, Any]:
+        p = self.image_processor
+        return {"size": dict(p.size) if p.size else None, "mean": list(p.image_mean), "std": list(p.image_std), "resample": str(p.resample)}
+
+    # ---- identity, saving
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records so it is never applied to another backbone."""
+        cfg_json = json.dumps(_architecture(self.model.config.to_dict()), sort_keys=True, default=str)
+        return {
+            "name_or_path": self.source,
+            "revision": self.cfg.revision,
+            "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+            "vision_hidden": self.info.vision_hidden,
+            "text_hidden": self.info.text_hidden,
+            "num_vision_blocks": self.info.num_vision_blocks,
+        }
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
+_NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}
+
+
+def _architecture(d: dict[str, Any]) -> dict[str, Any]:
+    """A model config without the keys that change on save/load but not the network."""
+    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _NOT_ARCHITECTURE}
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def preprocess_images(processor: Any, images: list[Any], max_tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL images -> (pixel_values [tiles, 3, S, S], tiles per image [B]).
+
+    With ``max_tiles`` > 1 an image is cut into up to that many tiles on the grid that
+    best fits its aspect ratio, plus a thumbnail, as InternVL does.
+    """
+    kw: dict[str, Any] = {"crop_to_patches": max_tiles > 1}
+    if max_tiles > 1:
+        kw["max_patches"] = max_tiles
+    out = processor(images=images, return_tensors="pt", **kw)
+    n = out.get("num_patches")
+    n = torch.as_tensor(n) if n is not None else torch.ones(len(images), dtype=torch.long)
+    return out["pixel_values"], n
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool a causal LM's token states: the last real token, or the masked mean.
+
+    Token 0 of a causal LM has only seen itself, so it is the same for every caption
+    that starts alike; it is never a sentence embedding.
+    """
+    mask = attention_mask.to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    # Position of the last 1 in the mask works for left and right padding alike.
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = (positions * attention_mask.long()).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def load_backbone(cfg: BackboneConfig, device_type: str = "cpu", folder: str | Path | None = None) -> Backbone:
+    """Build the backbone a config asks for; ``folder`` overrides the source (checkpoints)."""
+    if folder is not None:
+        model, tok, proc = load_pretrained(cfg, folder, device_type)
+        return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
+    if cfg.name_or_path == "tiny":
+        model, tok, proc = build_tiny(cfg)
+        return Backbone(model, tok, proc, cfg, source="tiny")
+    model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
+    return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)

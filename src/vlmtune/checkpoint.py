@@ -1,0 +1,162 @@
+"""Checkpoints: trainable weights in safetensors, everything else in plain files.
+
+A checkpoint folder holds
+  weights.safetensors   the task's own parts + any backbone block a stage trains
+  config.yaml           the resolved config
+  state.json            epoch, step, stage, best metric, backbone identity, data paths
+  trainer_state.pt      optimizer, scheduler and RNG state (tensors and plain data
+                        only; loaded with weights_only=True, so nothing unpickles code)
+  backbone/             only for the tiny preset: its random weights and tokenizer
+It is written to a temporary folder and renamed into place, so a kill never leaves a
+half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vlmtune.config import Config, load_config, save_config
+from vlmtune.errors import CheckpointError, ConfigError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    st = np.random.get_state()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: dict[str, Any],
+                    trainer_state: dict[str, Any] | None, backbone: Any | None) -> None:
+    """Write a checkpoint atomically (temporary folder, then rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=2, default=str))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    if backbone is not None:
+        backbone.save_pretrained(tmp / "backbone")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    cfg: Config
+    state: dict[str, Any]
+
+    @property
+    def backbone_folder(self) -> Path | None:
+        f = self.folder / "backbone"
+        return f if f.is_dir() else None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        path = self.folder / "weights.safetensors"
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+
+    def trainer_state(self) -> dict[str, Any]:
+        path = self.folder / "trainer_state.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; this checkpoint cannot resume training")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise CheckpointError(f"{path}: cannot read trainer state ({str(e).splitlines()[0]})") from None
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Open a checkpoint folder, checking that its files are present and readable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    for name in ("weights.safetensors", "config.yaml", "state.json"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({name} is missing)")
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'state.json'}: not valid JSON ({e})") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        cfg = load_config(folder / "config.yaml")
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'config.yaml'}: {e}") from None
+    return Checkpoint(folder, cfg, state)
+
+
+def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:
+    """Refuse weights trained on top of a different backbone."""
+    saved = ckpt.state.get("backbone", {})
+    for key in ("config_sha256", "vision_hidden", "text_hidden"):
+        if saved.get(key) != identity.get(key):
+            raise CheckpointError(
+                f"{ckpt.folder}: trained on backbone '{saved.get('name_or_path')}' ({key}={saved.get(key)}), "
+                f"not on the loaded '{identity.get('name_or_path')}' ({key}={identity.get(key)})"
+            )
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a partial state dict (task parts + trained backbone blocks), strictly by name and shape."""
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    if unknown:
+        raise CheckpointError(f"{source}: weights do not fit this model (unexpected tensor '{unknown[0]}')")
+    for k, v in weights.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    missing = [k for k in own if not k.startswith("backbone.") and k not in weights]
+    if missing:
+        raise CheckpointError(f"{source}: weights are missing '{missing[0]}'")
+    model.load_state_dict(weights, strict=False)

@@ -1,0 +1,149 @@
+"""``vlmtune <command>``. ``main(argv)`` is what tests call, so a whole run is a test."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from vlmtune import __version__
+from vlmtune.errors import VlmtuneError
+
+log = logging.getLogger("vlmtune")
+
+KEY_METRICS = (
+    "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
+    "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
+    "grounding/acc50", "grounding/baseline_acc50", "grounding/miou", "grounding/baseline_miou",
+    "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
+    "train/epochs", "train/wall_s", "params/trainable", "params/total",
+)
+
+
+def _print_metrics(metrics: dict) -> None:
+    shown = [k for k in KEY_METRICS if k in metrics]
+    width = max((len(k) for k in shown), default=0)
+    for k in shown:
+        v = metrics[k]
+        print(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmtune.config import load_config
+    from vlmtune.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, args.output_dir, resume=args.resume)
+    print(f"finished: {args.output_dir}/metrics.json")
+    _print_metrics(metrics)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vlmtune.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, data=args.data, output_dir=args.output_dir)
+    dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
+    print(f"wrote {dest / 'metrics.json'}")
+    _print_metrics(metrics)
+    return 0
+
+
+def cmd_data_scenes(args: argparse.Namespace) -> int:
+    from vlmtune.data.scenes import generate_scenes
+
+    paths = generate_scenes(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def cmd_data_receipts(args: argparse.Namespace) -> int:
+    from vlmtune.data.receipts import generate_receipts
+
+    size = (args.width, args.height) if args.height else args.width
+    paths = generate_receipts(args.out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune", description="Staged fine-tuning of a frozen InternVL with small trainable parts.")
+    p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
+                       "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config.")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-4")
+    t.add_argument("--output-dir", required=True, help="run directory to write")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint", description="Evaluate a checkpoint on its own test split or on --data.")
+    e.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/checkpoints/best")
+    e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
+    e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval)")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("data", help="generate synthetic data sets")
+    dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
+    s = dsub.add_parser("scenes", help="coloured shapes with captions, boxes and spatial relations (retrieval + grounding)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n", type=int, default=400, help="number of images (default 400)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
+    s.set_defaults(func=cmd_data_scenes)
+    r = dsub.add_parser("receipts", help="receipt-like papers to count, with questions and answers")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--n", type=int, default=400, help="number of images (default 400)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-count", type=int, default=3, help="largest number of receipts in an image (default 3)")
+    r.add_argument("--width", type=int, default=128, help="image width in pixels (default 128)")
+    r.add_argument("--height", type=int, default=None, help="image height (default: same as width)")
+    r.set_defaults(func=cmd_data_receipts)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after options (argparse cannot intermix a
+    # trailing positional list with a subcommand's options by itself).
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "overrides", None) is None]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", force=True)
+    if not args.debug:
+        # transformers and accelerate are chatty at INFO; keep their warnings only.
+        for name in ("transformers", "accelerate", "urllib3", "huggingface_hub", "PIL", "matplotlib"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except VlmtuneError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Typed configuration: YAML files plus ``key.sub=value`` overrides.
+
+Every field documents itself (``help`` metadata) and is checked when the config is
+built: an unknown key, a value of the wrong type or an impossible combination is a
+:class:`ConfigError` that names the key. The rest of the code receives these typed
+objects (or plain values taken from them), never a raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vlmtune.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text; mutable defaults go through a factory."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        import copy
+
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class BackboneConfig:
+    name_or_path: str = _f("tiny", "Hub id (e.g. OpenGVLab/InternVL3-1B-hf), a local folder, or 'tiny' for the embedded random-weight preset.")
+    trust_remote_code: bool = _f(False, "Allow code shipped with the model to run. Off unless you ask.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype of the frozen backbone; auto = bfloat16 on GPU, float32 on CPU.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f("auto", "Attention kernel; auto = sdpa. flash_attention_2 falls back to sdpa with a warning where it is not installed.")
+    vision_pooling: Literal["cls", "mean"] = _f("mean", "Pool vision tokens by the CLS token or the mean of the patch tokens.")
+    text_pooling: Literal["last", "mean"] = _f("mean", "Pool text tokens by the last non-pad token or the masked mean (never token 0 of a causal LM).")
+    max_text_tokens: int = _f(48, "Captions are truncated to this many tokens.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations of the trained tower blocks in the backward pass (saves memory).")
+    tiny_image_size: int = _f(64, "Tile size of the tiny preset.")
+    tiny_hidden_size: int = _f(64, "Hidden size of the tiny preset's vision tower and language model.")
+    tiny_layers: int = _f(2, "Layers of the tiny preset's vision tower and language model.")
+
+
+@dataclass
+class SyntheticConfig:
+    n: int = _f(400, "Number of images to generate.")
+    seed: int = _f(0, "Generator seed.")
+    image_size: int = _f(96, "Side of the generated images in pixels.")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _f(None, "Training annotation file. Empty: generate the synthetic set of the task.")
+    val: str | None = _f(None, "Validation annotation file (early stopping, best checkpoint).")
+    test: str | None = _f(None, "Test annotation file (final evaluation).")
+    synthetic: SyntheticConfig = _f(SyntheticConfig(), "Settings of the generated data set when no files are given.")
+    synthetic_dir: str | None = _f(None, "Where to write the generated data set; default: <output_dir>/data.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = _f(256, "Width of adapters and projectors.")
+    adapter_dropout: float = _f(0.1, "Dropout after the adapters' activation.")
+    head_hidden: int = _f(256, "Hidden width of the pair heads (matching, box, relation).")
+    temperature_init: float = _f(0.07, "Initial contrastive temperature (learnable).")
+    temperature_min: float = _f(0.01, "Lower clamp of the temperature.")
+    temperature_max: float = _f(1.0, "Upper clamp of the temperature.")
+
+
+@dataclass
+class LossConfig:
+    contrastive: float = _f(1.0, "Weight of the symmetric InfoNCE loss.")
+    matching: float = _f(1.0, "Weight of the image-text matching loss (hard negatives).")
+    box: float = _f(0.1, "Weight of the box loss (L1 + GIoU).")
+    relation: float = _f(0.1, "Weight of the spatial relation cross-entropy.")
+    box_l1: float = _f(1.0, "Weight of L1 inside the box loss.")
+    box_giou: float = _f(1.0, "Weight of GIoU inside the box loss.")
+
+
+@dataclass
+class StageConfig:
+    name: str = _f("stage", "Name shown in logs.")
+    start_epoch: int = _f(0, "First epoch (0-based) of this stage.")
+    train: dict[str, float] = _f({}, "Components that train in this stage, each with its LR multiplier.")
+    vision_blocks: int = _f(0, "How many of the vision tower's LAST blocks the 'vision_blocks' component unfreezes.")
+    losses: list[str] | None = _f(None, "Loss terms active in this stage (default: all with weight > 0).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "Base learning rate; each component's LR = lr * its stage multiplier.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases, norms or the temperature).")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    warmup_ratio: float = _f(0.1, "Share of each stage's steps spent in linear warm-up.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = _f("retrieval/mean_recall", "Validation metric that picks the best checkpoint.")
+    mode: Literal["max", "min"] = _f("max", "Whether larger or smaller is better.")
+    patience: int = _f(0, "Stop after this many evaluations without improvement; 0 never stops early.")
+    min_delta: float = _f(0.0, "Smallest change that counts as an improvement.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(8, "Total epochs over all stages.")
+    batch_size: int = _f(32, "Batch size per process.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "auto = bf16 on GPU, fp32 (no) on CPU.")
+    early_stopping: EarlyStoppingConfig = _f(EarlyStoppingConfig(), "Early stopping on a validation metric.")
+    log_every: int = _f(10, "Write a history line every N optimizer steps.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(64, "Batch size for embedding and scoring.")
+    ks: list[int] = _f([1, 5, 10], "K values of recall@K.")
+    chunk_size: int = _f(4096, "Block size of the chunked similarity (bounds memory).")
+    rerank_k: int = _f(0, "Re-rank the contrastive top-k with the matching head; 0 turns it off.")
+
+
+@dataclass
+class Config:
+    task: Literal["retrieval"] = _f("retrieval", "The recipe.")
+    seed: int = _f(0, "Seed of everything random in a run.")
+    backbone: BackboneConfig = _f(BackboneConfig(), "The frozen vision-language model.")
+    data: DataConfig = _f(DataConfig(), "Annotation files or the synthetic set.")
+    model: ModelConfig = _f(ModelConfig(), "Adapters, projectors and heads.")
+    loss: LossConfig = _f(LossConfig(), "Loss weights.")
+    stages: list[StageConfig] = _f([StageConfig(name="all", train={"adapters": 1.0, "heads": 1.0})], "The stage plan.")
+    optim: OptimConfig = _f(OptimConfig(), "Optimizer and schedule.")
+    train: TrainConfig = _f(TrainConfig(), "Training loop.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# --------------------------------------------------------------------------- checks
+
+# Components a stage can train and loss terms it can switch on, per task. Backbone
+# components are shared by every task; each task adds its own trainable parts.
+BACKBONE_COMPONENTS = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
+TASK_COMPONENTS = {"retrieval": ("adapters", "heads") + BACKBONE_COMPONENTS}
+TASK_LOSSES = {"retrieval": ("contrastive", "matching", "box", "relation")}
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values and combinations, naming the key."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
+    need(cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (contrastive needs negatives)")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.early_stopping.patience >= 0, "train.early_stopping.patience", "must be >= 0")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.eval.chunk_size >= 1, "eval.chunk_size", "must be >= 1")
+    need(all(k >= 1 for k in cfg.eval.ks) and len(cfg.eval.ks) > 0, "eval.ks", "must be positive integers")
+    need(cfg.eval.rerank_k >= 0, "eval.rerank_k", "must be >= 0")
+    need(cfg.model.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+    need(0 <= cfg.model.adapter_dropout < 1, "model.adapter_dropout", "must be in [0, 1)")
+    m = cfg.model
+    need(0 < m.temperature_min <= m.temperature_init <= m.temperature_max, "model.temperature_init",
+         f"must lie in [temperature_min, temperature_max] = [{m.temperature_min}, {m.temperature_max}]")
+    for name in ("contrastive", "matching", "box", "relation", "box_l1", "box_giou"):
+        need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+    need(cfg.backbone.max_text_tokens >= 2, "backbone.max_text_tokens", "must be >= 2")
+    need(cfg.data.synthetic.n >= 10, "data.synthetic.n", "must be >= 10")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    components, losses = TASK_COMPONENTS[cfg.task], TASK_LOSSES[cfg.task]
+    need(len(cfg.stages) >= 1, "stages", "needs at least one stage")
+    need(cfg.stages[0].start_epoch == 0, "stages[0].start_epoch", "the first stage must start at epoch 0")
+    for i, st in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if i > 0:
+            prev = cfg.stages[i - 1].start_epoch
+            need(st.start_epoch > prev, f"{key}.start_epoch", f"must be after stages[{i - 1}].start_epoch ({prev})")
+        need(st.start_epoch < cfg.train.epochs, f"{key}.start_epoch",
+             f"{st.start_epoch} is not before train.epochs ({cfg.train.epochs}); the stage would never run")
+        need(len(st.train) > 0, f"{key}.train", "no component trains in this stage")
+        for comp, mult in st.train.items():
+            need(comp in components, f"{key}.train.{comp}", f"unknown component; choose from {', '.join(components)}")
+            need(mult > 0, f"{key}.train.{comp}", f"LR multiplier must be > 0, got {mult}")
+        if "vision_blocks" in st.train:
+            need(st.vision_blocks >= 1, f"{key}.vision_blocks", "must be >= 1 when the 'vision_blocks' component trains")
+        else:
+            need(st.vision_blocks == 0, f"{key}.vision_blocks", "is set but 'vision_blocks' is not in this stage's train list")
+        for term in st.losses or []:
+            need(term in losses, f"{key}.losses", f"unknown loss '{term}'; choose from {', '.join(losses)}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = [n for n in names if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    return _build(Config, data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"{override}: overrides look like key.sub=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        sub = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, sub)
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{sub}: is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else None
+        if idx is None or idx >= len(node):
+            raise ConfigError(f"{key}: no such list item")
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, part: str, key: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: no such list item (the list has {len(node)})")
+    return node[int(part)]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded
+    # Unknown keys are caught first, on the file as written, so the message names them.
+    config_from_dict(data)
+    merged = _merge(config_to_dict(Config()), data)
+    for ov in overrides or []:
+        apply_override(merged, ov)
+    return config_from_dict(merged)
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

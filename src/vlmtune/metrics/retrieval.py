@@ -1,0 +1,246 @@
+"""Image-text retrieval recall with the multi-caption (COCO / Flickr30k) protocol.
+
+Similarities are raw dot products ``queries @ keys.T``; L2-normalise the embeddings
+first if cosine similarity is wanted.
+
+Ranking rule, shared by every function here so that chunked and full-matrix results
+agree exactly: higher score first, and among equal scores the lower key index first.
+
+Protocol:
+    image-to-text (i2t): an image hits at K when ANY of its captions is in its top K.
+        Images without captions have no positive and are left out of i2t recall
+        (they still act as distractors for t2i).
+    text-to-image (t2i): a caption hits at K when its own image is in its top K.
+
+Chance levels are the exact expected recall of a uniformly random ranking, so a
+reported recall can be read against what guessing gives on the same split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["chunked_topk", "retrieval_metrics", "retrieval_metrics_reference", "RerankFn"]
+
+# rerank(image_idx, text_idx) -> scores; 1-D tensors of equal length, higher is better.
+RerankFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Top-k keys per query by dot product, without materialising the N x M matrix.
+
+    The similarity is computed block by block (chunk_size queries x chunk_size keys) and a
+    running top-k per query is merged with each block's top-k, so peak memory is
+    O(chunk_size * (chunk_size + k)). Scores are computed in float32.
+
+    Returns (scores [N, k] float32, indices [N, k] long), sorted by descending score with
+    ties broken by the lower key index. k is clipped to M.
+    """
+    if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"need queries [N, D] and keys [M, D], got {tuple(queries.shape)} and {tuple(keys.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, m = queries.shape[0], keys.shape[0]
+    k = min(k, m)
+    device = queries.device
+    if k == 0 or n == 0:
+        return (torch.empty(n, k, device=device), torch.empty(n, k, dtype=torch.long, device=device))
+
+    out_scores, out_indices = [], []
+    for q0 in range(0, n, chunk_size):
+        q = queries[q0 : q0 + chunk_size].float()
+        best_s = q.new_empty(q.shape[0], 0)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+        for k0 in range(0, m, chunk_size):
+            sim = q @ keys[k0 : k0 + chunk_size].float().T
+            # Stable sorts (not topk, whose tie order is unspecified) make the tie rule exact:
+            # within a block equal scores stay in key order, and in the merge the running
+            # best (all from earlier, lower-index blocks) precedes the block on ties.
+            s, i = sim.sort(dim=1, descending=True, stable=True)
+            kk = min(k, s.shape[1])
+            cat_s = torch.cat((best_s, s[:, :kk]), dim=1)
+            cat_i = torch.cat((best_i, i[:, :kk] + k0), dim=1)
+            order = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+            best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+        out_scores.append(best_s)
+        out_indices.append(best_i)
+    return torch.cat(out_scores), torch.cat(out_indices)
+
+
+def _validate(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Sequence[int], rerank_k: int) -> None:
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"need image_emb [N, D] and text_emb [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    if text_to_image.shape != (text_emb.shape[0],):
+        raise ValueError(f"text_to_image must have shape [M]={text_emb.shape[0]}, got {tuple(text_to_image.shape)}")
+    if text_to_image.dtype.is_floating_point:
+        raise ValueError("text_to_image must be an integer tensor")
+    n = image_emb.shape[0]
+    if text_to_image.numel() and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n):
+        raise ValueError(f"text_to_image values must lie in [0, {n})")
+    if n == 0 or text_emb.shape[0] == 0:
+        raise ValueError("retrieval needs at least one image and one caption")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks}")
+    if rerank_k < 0:
+        raise ValueError(f"rerank_k must be >= 0, got {rerank_k}")
+
+
+def _chance_levels(text_to_image: Tensor, n_images: int, ks: Sequence[int]) -> dict[str, float]:
+    """Exact expected recall@K (percent) of a uniformly random ranking."""
+    m = text_to_image.numel()
+    counts = torch.bincount(text_to_image.long().cpu(), minlength=n_images).tolist()
+    # Same image set as i2t recall; grouped by caption count so each binomial is computed once.
+    per_count = Counter(c for c in counts if c > 0)
+    n_captioned = sum(per_count.values())
+    out: dict[str, float] = {}
+    for k in ks:
+        kc = min(k, m)
+        # P(no caption of image i among K random texts) = C(M - c_i, K) / C(M, K).
+        # Python ints keep the binomials exact; true division of big ints rounds once.
+        total = math.comb(m, kc)
+        i2t = sum(n * (1.0 - math.comb(m - c, kc) / total) for c, n in per_count.items()) / n_captioned
+        out[f"retrieval/chance_i2t_r{k}"] = 100.0 * i2t
+        out[f"retrieval/chance_t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
+    return out
+
+
+def _rerank_head(
+    cand: Tensor, queries_are_images: bool, rerank: RerankFn, rerank_k: int, batch_size: int
+) -> Tensor:
+    """Re-order the first rerank_k candidates of each row by rerank scores (stable, so
+    rerank ties keep contrastive order); later candidates keep their contrastive order."""
+    r = min(rerank_k, cand.shape[1])
+    if r == 0:
+        return cand
+    head = cand[:, :r]
+    query_idx = torch.arange(cand.shape[0], device=cand.device).unsqueeze(1).expand(-1, r)
+    img, txt = (query_idx, head) if queries_are_images else (head, query_idx)
+    img, txt = img.reshape(-1), txt.reshape(-1)
+    parts = []
+    for s in range(0, img.numel(), batch_size):
+        scores = rerank(img[s : s + batch_size], txt[s : s + batch_size])
+        if scores.shape != (min(batch_size, img.numel() - s),):
+            raise ValueError(f"rerank must return 1-D scores, one per pair; got shape {tuple(scores.shape)}")
+        parts.append(scores.detach().float().to(cand.device))
+    scores = torch.cat(parts).view(-1, r)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return torch.cat((head.gather(1, order), cand[:, r:]), dim=1)
+
+
+def _finish(recalls: dict[str, float], chance: dict[str, float]) -> dict[str, float]:
+    out = dict(recalls)
+    out["retrieval/mean_recall"] = sum(recalls.values()) / len(recalls)
+    out.update(chance)
+    return out
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 4096,
+    rerank: RerankFn | None = None,
+    rerank_k: int = 16,
+    *,
+    rerank_batch_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@K (percent) for i2t and t2i, their mean, and chance levels.
+
+    Memory stays bounded by chunk_size: only the top-max(ks, rerank_k) list of each
+    query is kept. With ``rerank``, each query's top ``rerank_k`` contrastive candidates
+    are re-scored by ``rerank(image_idx, text_idx)`` (called with at most
+    ``rerank_batch_size`` pairs) and re-ordered, the rest follow in contrastive order.
+
+    Keys: retrieval/{i2t,t2i}_r{K} for K in ks, retrieval/mean_recall (mean of those),
+    retrieval/chance_{i2t,t2i}_r{K}.
+    """
+    _validate(image_emb, text_emb, text_to_image, ks, rerank_k)
+    n = image_emb.shape[0]
+    kmax = max(max(ks), rerank_k if rerank is not None else 0)
+    t2i_map = text_to_image.to(image_emb.device).long()
+
+    _, i2t = chunked_topk(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
+    _, t2i = chunked_topk(text_emb.to(image_emb.device), image_emb, kmax, chunk_size)
+    if rerank is not None:
+        i2t = _rerank_head(i2t, True, rerank, rerank_k, rerank_batch_size)
+        t2i = _rerank_head(t2i, False, rerank, rerank_k, rerank_batch_size)
+
+    i2t_hits = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)  # [N, kmax]
+    t2i_hits = t2i == t2i_map.unsqueeze(1)  # [M, kmax]
+    captioned = torch.bincount(t2i_map, minlength=n) > 0
+    i2t_hits = i2t_hits[captioned]
+
+    def recall(hits: Tensor, k: int) -> float:
+        # Integer count / count, so the value matches the reference exactly.
+        return 100.0 * int(hits[:, :k].any(dim=1).sum()) / hits.shape[0]
+
+    recalls: dict[str, float] = {}
+    for k in ks:  # slicing past the list length just uses the whole (clipped) list
+        recalls[f"retrieval/i2t_r{k}"] = recall(i2t_hits, k)
+    for k in ks:
+        recalls[f"retrieval/t2i_r{k}"] = recall(t2i_hits, k)
+    return _finish(recalls, _chance_levels(text_to_image, n, ks))
+
+
+@torch.no_grad()
+def retrieval_metrics_reference(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    rerank: RerankFn | None = None,
+    rerank_k: int = 16,
+    *,
+    rerank_batch_size: int = 1024,
+) -> dict[str, float]:
+    """Slow full-matrix version of :func:`retrieval_metrics`, for tests.
+
+    Ranks with a stable argsort of the whole similarity matrix and finds, per query,
+    the rank of its first positive. ``rerank_batch_size`` is accepted for signature
+    parity; rerank is called once per query here.
+    """
+    del rerank_batch_size
+    _validate(image_emb, text_emb, text_to_image, ks, rerank_k)
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    t2i_map = text_to_image.long().cpu()
+    sim = image_emb.float().cpu() @ text_emb.float().cpu().T  # [N, M]
+    i2t_rank = sim.argsort(dim=1, descending=True, stable=True)
+    t2i_rank = sim.T.argsort(dim=1, descending=True, stable=True)
+
+    def rerank_row(order: Tensor, query: int, queries_are_images: bool) -> Tensor:
+        r = min(rerank_k, order.numel())
+        head = order[:r]
+        q = torch.full_like(head, query)
+        scores = rerank(q, head) if queries_are_images else rerank(head, q)
+        head = head[scores.float().cpu().argsort(descending=True, stable=True)]
+        return torch.cat((head, order[r:]))
+
+    if rerank is not None:
+        i2t_rank = torch.stack([rerank_row(i2t_rank[i], i, True) for i in range(n)])
+        t2i_rank = torch.stack([rerank_row(t2i_rank[j], j, False) for j in range(m)])
+
+    # 0-based rank of the first positive of each query.
+    i2t_first = []
+    for i in range(n):
+        positive = (t2i_map[i2t_rank[i]] == i).nonzero()
+        if positive.numel():  # images without captions are left out
+            i2t_first.append(int(positive[0]))
+    t2i_first = [int((t2i_rank[j] == t2i_map[j]).nonzero()[0]) for j in range(m)]
+
+    recalls: dict[str, float] = {}
+    for k in ks:
+        recalls[f"retrieval/i2t_r{k}"] = 100.0 * sum(r < k for r in i2t_first) / len(i2t_first)
+    for k in ks:
+        recalls[f"retrieval/t2i_r{k}"] = 100.0 * sum(r < k for r in t2i_first) / len(t2i_first)
+    return _finish(recalls, _chance_levels(text_to_image, n, ks))

@@ -1,0 +1,43 @@
+"""Tasks: what differs between recipes, behind one small interface the engine uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The functions a task provides to the training loop and the commands.
+
+    build_model(backbone, cfg) -> nn.Module with ``forward(batch, active_losses)``
+        returning named unweighted loss terms, ``component_modules(name, n)``,
+        ``head_state_dict()`` and ``backbone``.
+    resolve_data_paths(cfg, output_dir) -> {"train", "val", "test"} annotation files.
+    read_split(path, cfg) -> records.
+    make_loader(records, backbone, cfg, train, seed) -> DataLoader.
+    evaluate(model, records, cfg, device, train_records, progress) -> flat metrics.
+    loss_weights(cfg) -> {term: weight}.
+    """
+
+    name: str
+    build_model: Callable[..., nn.Module]
+    resolve_data_paths: Callable[..., dict[str, str]]
+    read_split: Callable[..., list[Any]]
+    make_loader: Callable[..., DataLoader]
+    evaluate: Callable[..., dict[str, Any]]
+    loss_weights: Callable[..., dict[str, float]]
+
+
+def get_task(name: str) -> TaskSpec:
+    if name == "retrieval":
+        from vlmtune.tasks import retrieval as m
+    else:  # pragma: no cover - the config rejects unknown tasks first
+        raise KeyError(name)
+    return TaskSpec(name, m.build_model, m.resolve_data_paths, m.read_split, m.make_loader, m.evaluate, m.loss_weights)
+
+
+__all__ = ["TaskSpec", "get_task"]

@@ -1,0 +1,288 @@
+"""Cross-modal retrieval with grounding: model, losses per batch, evaluation.
+
+Pooled vision and text tokens of the frozen backbone go through adapters and
+projectors into a joint space (contrastive InfoNCE with a learnable temperature);
+heads on the pair predict image-text matching, the referred object's box and the
+spatial relation.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlmtune.backbone import Backbone
+from vlmtune.boxes import cxcywh_to_xyxy
+from vlmtune.config import Config, LossConfig, ModelConfig
+from vlmtune.data.formats import RELATIONS, PairRecord, read_pairs
+from vlmtune.data.pairs import PairCollator, PairDataset
+from vlmtune.errors import DataError
+from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
+from vlmtune.losses import box_losses, contrastive_loss, sample_hard_negatives
+from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
+from vlmtune.metrics.classification import classification_metrics, majority_baseline
+from vlmtune.metrics.retrieval import retrieval_metrics
+
+
+def pool_tokens(tokens: torch.Tensor, mode: str) -> torch.Tensor:
+    """Vision tokens [B, 1 + N, D] (CLS first) -> [B, D]."""
+    return tokens[:, 0] if mode == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    from vlmtune.backbone import pool_text
+
+    return pool_text(hidden, mask, mode)
+
+
+class RetrievalModel(nn.Module):
+    """Backbone + adapters, projectors, temperature and the three pair heads."""
+
+    # Trainable components of this task, each a list of attribute names.
+    COMPONENTS = {
+        "adapters": ("vision_adapter", "text_adapter", "vision_projector", "text_projector", "log_scale"),
+        "heads": ("matching_head", "relation_head", "grounding_head"),
+    }
+
+    def __init__(self, backbone: Backbone, cfg: ModelConfig, loss: LossConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        loss = loss or LossConfig()
+        self.box_weights = (loss.box_l1, loss.box_giou)
+        d, info = cfg.embed_dim, backbone.info
+        self.vision_adapter = Adapter(info.vision_hidden, d, cfg.adapter_dropout)
+        self.text_adapter = Adapter(info.text_hidden, d, cfg.adapter_dropout)
+        self.vision_projector = Projector(d)
+        self.text_projector = Projector(d)
+        # Temperature T is learnt as log(1/T), the CLIP parametrisation.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
+        self.matching_head = mlp(4 * d, cfg.head_hidden, 2, cfg.adapter_dropout)
+        self.relation_head = mlp(4 * d, cfg.head_hidden, len(RELATIONS), cfg.adapter_dropout)
+        self.grounding_head = GroundingHead(d, cfg.head_hidden, cfg.adapter_dropout)
+        grid = info.image_size // _patch_size(backbone)
+        self.register_buffer("centres", patch_centres(grid), persistent=False)
+
+    # ---- components for the stage plan
+    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
+        if name in self.COMPONENTS:
+            return [getattr(self, attr) for attr in self.COMPONENTS[name]]
+        return self.backbone.component_modules(name, vision_blocks)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the task's own parts (everything but the backbone)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(1.0 / self.cfg.temperature_max, 1.0 / self.cfg.temperature_min)
+
+    # ---- encoders
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (joint-space embedding [B, D], adapted patch tokens [B, N, D])."""
+        tokens = self.vision_adapter(self.backbone.vision_tokens(pixel_values).float())
+        emb = self.vision_projector(pool_tokens(tokens, self.backbone.cfg.vision_pooling))
+        return emb, tokens[:, 1:]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.text_adapter(self.backbone.text_tokens(input_ids, attention_mask).float())
+        return self.text_projector(masked_pool(tokens, attention_mask, self.backbone.cfg.text_pooling))
+
+    def match_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.matching_head(pair_features(image, text))
+
+    def ground(self, text: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.grounding_head(text, patches, self.centres)
+
+    # ---- training
+    def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
+        """Named, unweighted loss terms of the active losses (plus diagnostics under 'diag/')."""
+        v, patches = self.encode_image(batch["pixel_values"])
+        t = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        ids = batch["image_id"]
+        terms: dict[str, torch.Tensor] = {}
+        if "contrastive" in active:
+            terms["contrastive"] = contrastive_loss(v, t, ids, self.logit_scale())
+        if "matching" in active:
+            terms["matching"] = self._matching_loss(v, t, ids)
+        if "box" in active:
+            has_box = torch.isfinite(batch["box"]).all(dim=1)
+            if has_box.any():
+                pred, _ = self.ground(t[has_box], patches[has_box])
+                l1, giou = box_losses(pred, batch["box"][has_box])
+                terms["box"] = self.box_weights[0] * l1 + self.box_weights[1] * giou
+                terms["diag/box_l1"], terms["diag/box_giou_loss"] = l1.detach(), giou.detach()
+        if "relation" in active:
+            has_rel = batch["relation"] >= 0
+            if has_rel.any():
+                logits = self.relation_head(pair_features(v[has_rel], t[has_rel]))
+                terms["relation"] = F.cross_entropy(logits, batch["relation"][has_rel])
+        terms["diag/temperature"] = (1.0 / self.logit_scale()).detach()
+        return terms
+
+    def _matching_loss(self, v: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over {match, no match}: every positive pair, plus for each image a
+        hard negative caption and for each caption a hard negative image."""
+        positives = ids[:, None] == ids[None, :]
+        sim = (v @ t.T).detach()
+        neg_t, ok_t = sample_hard_negatives(sim, positives)
+        neg_v, ok_v = sample_hard_negatives(sim.T, positives.T)
+        images = torch.cat([v, v[ok_t], v[neg_v[ok_v]]])
+        texts = torch.cat([t, t[neg_t[ok_t]], t[ok_v]])
+        labels = torch.cat([torch.ones(len(v)), torch.zeros(int(ok_t.sum()) + int(ok_v.sum()))]).long().to(v.device)
+        return F.cross_entropy(self.match_logits(images, texts), labels)
+
+
+def _patch_size(backbone: Backbone) -> int:
+    p = backbone.model.config.vision_config.patch_size
+    return int(p[0] if isinstance(p, (list, tuple)) else p)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
+    """Annotation files from the config, or the synthetic scenes set, generated once."""
+    d = cfg.data
+    if d.train:
+        missing = [k for k in ("val", "test") if not getattr(d, k)]
+        if missing:
+            raise DataError(f"data.{missing[0]}: needed when data.train is given")
+        return {"train": d.train, "val": d.val, "test": d.test}  # type: ignore[dict-item]
+    from vlmtune.data.scenes import generate_scenes
+
+    folder = Path(d.synthetic_dir) if d.synthetic_dir else output_dir / "data"
+    if not (folder / "test.json").is_file():
+        generate_scenes(folder, n=d.synthetic.n, seed=d.synthetic.seed, image_size=d.synthetic.image_size)
+    return {split: str((folder / f"{split}.json").resolve()) for split in ("train", "val", "test")}
+
+
+def build_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
+    return RetrievalModel(backbone, cfg.model, cfg.loss)
+
+
+def read_split(path: str, cfg: Config) -> list[PairRecord]:
+    return read_pairs(path)
+
+
+def make_loader(records: list[PairRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0) -> DataLoader:
+    """Training loaders shuffle (by a seeded generator) and drop the last partial batch."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        PairDataset(records), batch_size=cfg.train.batch_size if train else cfg.eval.batch_size, shuffle=train,
+        generator=g if train else None, num_workers=cfg.data.num_workers, drop_last=train and len(records) > cfg.train.batch_size,
+        collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, cfg.backbone.max_text_tokens),
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, device: torch.device,
+             train_records: list[PairRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+    """All retrieval, grounding and relation metrics of ``model`` on ``records``.
+
+    Each image is embedded once; captions are embedded once; similarity is computed in
+    chunks with a running top-k. With ``train_records``, baselines (constant box,
+    majority relation) are written beside the metrics.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    loader = make_loader(records, model.backbone, cfg, train=False)
+    image_emb: dict[int, torch.Tensor] = {}
+    text_emb, text_img, box_pred, box_true, box_wh, rel_pred, rel_true = [], [], [], [], [], [], []
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids = batch["image_id"]
+        # Embed each image once: only the rows that introduce a new image id.
+        first = _first_occurrences(ids, image_emb)
+        t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        has_box = torch.isfinite(batch["box"]).all(dim=1)
+        need_pixels = first.any() or has_box.any() or (batch["relation"] >= 0).any()
+        if need_pixels:
+            v, patches = model.encode_image(batch["pixel_values"])
+            for i in first.nonzero().flatten().tolist():
+                image_emb[int(ids[i])] = v[i].float().cpu()
+            if has_box.any():
+                pred, _ = model.ground(t[has_box], patches[has_box])
+                wh = batch["image_wh"][has_box]
+                box_pred.append((cxcywh_to_xyxy(pred.float()) * wh.repeat(1, 2)).cpu())
+                box_true.append((cxcywh_to_xyxy(batch["box"][has_box]) * wh.repeat(1, 2)).cpu())
+                box_wh.append(wh.cpu())
+            has_rel = batch["relation"] >= 0
+            if has_rel.any():
+                rel_pred.append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
+                rel_true.append(batch["relation"][has_rel].cpu())
+        text_emb.append(t.float().cpu())
+        text_img.append(ids.cpu())
+
+    # Image ids are 0..n-1 in order of first appearance, so they index the gallery.
+    n_img = max(image_emb) + 1
+    gallery = torch.stack([image_emb[i] for i in range(n_img)])
+    texts = torch.cat(text_emb)
+    t2i = torch.cat(text_img)
+    rerank = None
+    if cfg.eval.rerank_k > 0:
+        def rerank(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+            logits = model.match_logits(gallery[img_idx].to(device), texts[txt_idx].to(device))
+            return logits.float().log_softmax(-1)[:, 1].cpu()
+    metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(cfg.eval.ks), chunk_size=cfg.eval.chunk_size,
+                                                rerank=rerank, rerank_k=max(cfg.eval.rerank_k, 1))
+    metrics["retrieval/n_images"] = n_img
+    metrics["retrieval/n_captions"] = len(texts)
+    metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())
+    if box_pred:
+        pred, true, wh = torch.cat(box_pred), torch.cat(box_true), torch.cat(box_wh)
+        metrics.update(box_metrics(pred, true, wh))
+        train_boxes = _train_boxes(train_records)
+        if train_boxes is not None:
+            metrics.update(constant_box_baseline(train_boxes, true, wh))
+    if rel_pred:
+        p, y = torch.cat(rel_pred), torch.cat(rel_true)
+        metrics.update(classification_metrics(p, y, len(RELATIONS), "spatial"))
+        train_rel = [r.relation for r in train_records or [] if r.relation is not None]
+        if train_rel:
+            metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
+    model.train(was_training)
+    return metrics
+
+
+def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
+    first = torch.zeros(len(ids), dtype=torch.bool)
+    local: set[int] = set()
+    for i, x in enumerate(ids.tolist()):
+        if x not in seen and x not in local:
+            first[i] = True
+            local.add(x)
+    return first.to(ids.device)
+
+
+def _train_boxes(records: list[PairRecord] | None) -> torch.Tensor | None:
+    """Training boxes as normalised xyxy, for the constant-box baseline."""
+    from PIL import Image
+
+    rows, sizes = [], {}
+    for r in records or []:
+        if r.bbox is None:
+            continue
+        if r.image not in sizes:
+            with Image.open(r.image) as im:
+                sizes[r.image] = im.size
+        w, h = sizes[r.image]
+        x, y, bw, bh = r.bbox
+        rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
+    return torch.tensor(rows, dtype=torch.float64) if rows else None
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    w = cfg.loss
+    return {"contrastive": w.contrastive, "matching": w.matching, "box": w.box, "relation": w.relation}

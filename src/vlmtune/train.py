@@ -1,0 +1,313 @@
+"""The training loop: for stage, for epoch, for step, on Hugging Face Accelerate.
+
+One loop serves every task; tasks differ in their model, data and metrics (see
+``vlmtune.tasks``), stages differ in config. At each stage transition the frozen set
+and the optimizer's parameter groups are rebuilt. Every epoch ends with a validation
+pass, a history line, the ``last`` checkpoint (and ``best`` when the metric improved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from vlmtune.backbone import Backbone, load_backbone
+from vlmtune.checkpoint import (
+    check_identity,
+    copy_checkpoint,
+    load_weights,
+    open_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vlmtune.config import Config, config_to_dict, save_config
+from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.stages import apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
+from vlmtune.tasks import TaskSpec, get_task
+
+log = logging.getLogger("vlmtune")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # The seedable sampler makes the data order a function of (seed, epoch), so a
+    # resumed run sees exactly the batches the uninterrupted run would have seen.
+    return Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+class History:
+    """history.jsonl: one JSON line per logged step or epoch; truncated on resume to
+    the lines the checkpoint had seen, so no line is written twice."""
+
+    def __init__(self, path: Path, keep_lines: int | None):
+        self.path = path
+        lines = path.read_text().splitlines() if keep_lines and path.exists() else []
+        self.lines = lines[:keep_lines] if keep_lines else []
+        path.write_text("".join(ln + "\n" for ln in self.lines))
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        self.lines.append(line)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``output_dir``; returns the final test metrics."""
+    out = Path(output_dir)
+    ckpt_dir = out / "checkpoints"
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    task: TaskSpec = get_task(cfg.task)
+
+    resume_from = None
+    if resume:
+        resume_from = open_checkpoint(ckpt_dir / "last")
+        saved, now = config_to_dict(resume_from.cfg), config_to_dict(cfg)
+        if saved != now:
+            key = _first_difference(saved, now)
+            raise ConfigError(f"{key}: differs from the config of the run being resumed ({resume_from.folder})")
+    elif (ckpt_dir / "last").exists():
+        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it or choose another --output-dir")
+
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    backbone_folder = resume_from.backbone_folder if resume_from else None
+    backbone: Backbone = load_backbone(cfg.backbone, device_type=device.type, folder=backbone_folder)
+    model = task.build_model(backbone, cfg)
+
+    with accelerator.main_process_first():
+        paths = task.resolve_data_paths(cfg, out)
+    train_records = task.read_split(paths["train"], cfg)
+    val_records = task.read_split(paths["val"], cfg)
+
+    weights = task.loss_weights(cfg)
+    plan = build_plan(cfg, weights)
+    for st in plan:  # fail before any work when a stage asks for more blocks than exist
+        for comp in st.train:
+            model.component_modules(comp, st.vision_blocks)
+    saved_names = trained_anywhere(model, plan) | set(model.head_state_dict())
+    es = cfg.train.early_stopping
+
+    state: dict[str, Any] = {
+        "epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "wall_s": 0.0,
+        "history_lines": 0, "stopped_early": False, "max_trainable": 0,
+        "backbone": backbone.identity(), "data_paths": paths, "metric": es.metric,
+    }
+    trainer_state = None
+    if resume_from is not None:
+        check_identity(resume_from, backbone.identity())
+        load_weights(model, resume_from.weights(), resume_from.folder)
+        state.update({k: v for k, v in resume_from.state.items() if k in state and k not in ("backbone", "data_paths")})
+        trainer_state = resume_from.trainer_state()
+        log.info("resuming from %s at epoch %d", resume_from.folder, state["epoch"])
+    if main:
+        save_config(cfg, out / "config.yaml")
+    history = History(out / "history.jsonl", state["history_lines"] if resume_from else None)
+    model.to(device)
+    t_start = time.time() - state["wall_s"]
+    last_val: dict[str, Any] = {}
+
+    for stage in plan:
+        if stage.end_epoch <= state["epoch"] or state["stopped_early"]:
+            continue
+        groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
+        trainable, total = count_parameters(model)
+        state["max_trainable"] = max(state["max_trainable"], trainable)
+        if main:
+            log.info(stage_summary(stage, model))
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        loader = task.make_loader(train_records, backbone, cfg, True, cfg.seed)
+        steps_per_epoch = max(1, math.ceil(len(loader) / (cfg.train.grad_accum * accelerator.num_processes)))
+        total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
+        # Accelerate steps a prepared scheduler once per process, so count in those units.
+        n = accelerator.num_processes
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * n, total_steps * n)
+        accelerator.free_memory()
+        pmodel, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        if trainer_state is not None:
+            # Optimizer and schedule belong to the stage they were saved in; a resume at
+            # a stage boundary starts the new stage's fresh ones, as the straight run did.
+            if trainer_state["stage"] == stage.index:
+                optimizer.load_state_dict(trainer_state["optimizer"])
+                scheduler.load_state_dict(trainer_state["scheduler"])
+            set_rng_state(trainer_state["rng"])
+            trainer_state = None
+        history.write({"type": "stage", "stage": stage.index, "name": stage.name, "epoch": max(stage.start_epoch, state["epoch"]),
+                       "step": state["step"], "train": stage.train, "losses": sorted(stage.losses),
+                       "trainable": trainable, "total": total})
+        params = [p for g in groups for p in g["params"]]
+
+        for epoch in range(max(stage.start_epoch, state["epoch"]), stage.end_epoch):
+            loader.set_epoch(epoch)
+            model.train()
+            model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
+            running: dict[str, float] = {}
+            n_running = 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{stage.name}]",
+                       disable=not (cfg.train.progress and main), leave=False)
+            for batch in bar:
+                with accelerator.accumulate(pmodel):
+                    terms = pmodel(batch, stage.losses)
+                    loss = sum(weights[k] * terms[k] for k in stage.losses if k in terms)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                for k, v in terms.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach())
+                running["loss"] = running.get("loss", 0.0) + float(loss.detach())
+                n_running += 1
+                if accelerator.sync_gradients:
+                    state["step"] += 1
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                    if state["step"] % cfg.train.log_every == 0 and main:
+                        rec = {"type": "step", "epoch": epoch, "step": state["step"], "stage": stage.index}
+                        rec.update({k if k.startswith("diag/") or k == "loss" else f"loss/{k}": v / n_running for k, v in running.items()})
+                        rec.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+                        history.write(rec)
+                        running, n_running = {}, 0
+
+            val = task.evaluate(model, val_records, cfg, device, None, False)
+            last_val = val
+            value = float(val.get(es.metric, float("nan")))
+            if es.metric not in val:
+                raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
+                                  f"({', '.join(k for k in sorted(val) if not k.startswith('retrieval/chance'))})")
+            improved = _is_better(value, state["best"], es.mode, es.min_delta)
+            if improved:
+                state.update(best=value, best_epoch=epoch, bad_evals=0)
+            else:
+                state["bad_evals"] += 1
+            state["epoch"] = epoch + 1
+            state["wall_s"] = time.time() - t_start
+            if main:
+                rec = {"type": "epoch", "epoch": epoch, "step": state["step"], "stage": stage.index,
+                       "wall_s": round(state["wall_s"], 3), "peak_mem_mb": round(peak_memory_mb(device), 1)}
+                rec.update({f"val/{k}": v for k, v in val.items() if not isinstance(v, list)})
+                history.write(rec)
+                log.info("epoch %d: %s = %.3f%s", epoch + 1, es.metric, value, " (best)" if improved else "")
+            stop = es.patience > 0 and state["bad_evals"] >= es.patience
+            # A new stage gets a fresh patience: its first epochs often dip before they help.
+            if stop and epoch + 1 < stage.end_epoch:
+                state["stopped_early"] = True
+            state["history_lines"] = len(history.lines)
+            if main:
+                _save(ckpt_dir / "last", model, saved_names, cfg, state, backbone, optimizer, scheduler, stage.index)
+                if improved:
+                    copy_checkpoint(ckpt_dir / "last", ckpt_dir / "best")
+            accelerator.wait_for_everyone()
+            if state["stopped_early"]:
+                if main:
+                    log.info("early stopping: no improvement of %s for %d evaluations", es.metric, es.patience)
+                break
+        state["bad_evals"] = 0
+
+    accelerator.wait_for_everyone()
+    # Final evaluation on the test split, with the best weights.
+    best = ckpt_dir / "best" if (ckpt_dir / "best").exists() else ckpt_dir / "last"
+    load_weights(model, open_checkpoint(best).weights(), best)
+    test_records = task.read_split(paths["test"], cfg)
+    metrics = task.evaluate(model, test_records, cfg, device, train_records, cfg.train.progress and main)
+    _, total = count_parameters(model)
+    metrics.update({
+        "train/epochs": state["epoch"],
+        "train/best_epoch": state["best_epoch"],
+        "train/best_val": state["best"],
+        "train/stopped_early": state["stopped_early"],
+        "train/steps": state["step"],
+        "train/wall_s": round(state["wall_s"], 3),
+        "train/peak_mem_mb": round(peak_memory_mb(device), 1),
+        "params/trainable": state["max_trainable"],
+        "params/total": total,
+        "checkpoint": str(best),
+    })
+    if last_val:
+        metrics["train/last_val"] = float(last_val.get(es.metric, float("nan")))
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _save(folder: Path, model: torch.nn.Module, names: set[str], cfg: Config, state: dict[str, Any],
+          backbone: Backbone, optimizer: Any, scheduler: Any, stage_index: int) -> None:
+    sd = model.state_dict()
+    weights = {k: sd[k] for k in sorted(names)}
+    trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                     "stage": stage_index}
+    save_checkpoint(folder, weights=weights, cfg=cfg, state=state, trainer_state=trainer_state,
+                    backbone=backbone if backbone.source == "tiny" else None)
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{prefix}[{i}]")
+    return prefix or "config"
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.cfg
+    task = get_task(cfg.task)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
+    check_identity(ckpt, backbone.identity())
+    model = task.build_model(backbone, cfg)
+    load_weights(model, ckpt.weights(), ckpt.folder)
+    model.to(device)
+    paths = ckpt.state.get("data_paths", {})
+    source = data or paths.get("test")
+    if not source:
+        raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
+    records = task.read_split(source, cfg)
+    train_path = paths.get("train")
+    train_records = task.read_split(train_path, cfg) if train_path and Path(train_path).is_file() else None
+    metrics = task.evaluate(model, records, cfg, device, train_records, progress)
+    metrics["eval/data"] = str(source)
+    metrics["checkpoint"] = str(ckpt.folder)
+    dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

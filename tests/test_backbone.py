@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmtune.backbone import load_backbone, pool_text
+from vlmtune.config import BackboneConfig
+from vlmtune.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone(BackboneConfig())
+
+
+def test_tiny_preset_reads_sizes_from_its_config(tiny) -> None:
+    assert tiny.info.vision_hidden == tiny.model.config.vision_config.hidden_size == 64
+    assert tiny.info.text_hidden == tiny.model.config.text_config.hidden_size == 64
+    assert tiny.info.num_vision_blocks == 2
+    assert not any(p.requires_grad for p in tiny.parameters())
+
+
+def test_tiny_preset_is_the_same_network_every_time(tiny) -> None:
+    again = load_backbone(BackboneConfig())
+    assert tiny.identity() == again.identity()
+    assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), again.parameters()))
+
+
+def test_local_folder_round_trip_is_the_real_model_path(tiny, tmp_path: Path) -> None:
+    """save_pretrained / from_pretrained through backbone.name_or_path, as for OpenGVLab/InternVL3-1B-hf."""
+    tiny.save_pretrained(tmp_path / "internvl")
+    loaded = load_backbone(BackboneConfig(name_or_path=str(tmp_path / "internvl")))
+    assert loaded.identity()["config_sha256"] == tiny.identity()["config_sha256"]
+    assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), loaded.parameters()))
+    assert loaded.tokenizer("the red circle").input_ids == tiny.tokenizer("the red circle").input_ids
+    pv, _ = loaded.preprocess([__import__("PIL.Image").Image.new("RGB", (80, 40))])
+    assert pv.shape == (1, 3, 64, 64)
+
+
+def test_unknown_source_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="backbone.name_or_path"):
+        load_backbone(BackboneConfig(name_or_path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="backbone.name_or_path"):
+        load_backbone(BackboneConfig(name_or_path=str(tmp_path)))  # a folder without a model
+
+
+def test_last_token_pooling_for_left_and_right_padding() -> None:
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(pool_text(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
+    assert torch.equal(pool_text(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
+    assert torch.allclose(pool_text(h, right, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+
+
+def test_text_pooling_is_not_token_zero(tiny) -> None:
+    """Two captions with the same first token: token 0 of a causal LM is identical for
+    both, the pooled embeddings must not be."""
+    enc = tiny.tokenize(["the red circle", "the blue square left of the frame"])
+    hidden = tiny.text_tokens(**enc)
+    assert torch.allclose(hidden[0, 0], hidden[1, 0])
+    for mode in ("last", "mean"):
+        pooled = pool_text(hidden, enc["attention_mask"], mode)
+        assert not torch.allclose(pooled[0], pooled[1])
