@@ -156,3 +156,39 @@ def test_data_scenes_command(tmp_path: Path) -> None:
     assert main(["data", "scenes", "--out", str(tmp_path / "s"), "--n", "12", "--seed", "1"]) == 0
     for split in ("train", "val", "test"):
         assert (tmp_path / "s" / f"{split}.json").is_file()
+
+
+def test_early_stopping_accumulation_and_rerank(tmp_path: Path, fast: list[str], scenes: Path) -> None:
+    """patience=1 with an impossible min_delta stops after the second epoch; grad_accum=2
+    halves the optimizer steps; re-ranking by the matching head runs in evaluation."""
+    out = tmp_path / "run"
+    one_stage = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
+    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, one_stage, "train.epochs=5",
+                 "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000", "train.grad_accum=2",
+                 "eval.rerank_k=5"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train/epochs"] == 2 and m["train/stopped_early"] is True and m["train/best_epoch"] == 0
+    n_train = len(json.loads((scenes / "train.json").read_text()))
+    batches = n_train // 8  # drop_last
+    assert m["train/steps"] == 2 * -(-batches // 2)
+
+
+def test_evaluate_retrieval_format_without_boxes(tmp_path: Path, fast: list[str], scenes: Path) -> None:
+    """A plain retrieval file (caption lists, no boxes or relations) evaluates retrieval only."""
+    out = tmp_path / "run"
+    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=1",
+                 "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"]) == 0
+    records = json.loads((scenes / "test.json").read_text())
+    by_image: dict[str, list[str]] = {}
+    for r in records:
+        by_image.setdefault(r["image"], []).append(r["text"])
+    plain = scenes / "test_captions_only.json"
+    plain.write_text(json.dumps([{"image": k, "caption": v} for k, v in by_image.items()]))
+    assert main(["evaluate", str(out / "checkpoints/best"), "--data", str(plain), "--output-dir", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["retrieval/n_images"] == len(by_image) and m["retrieval/n_captions"] == len(records)
+    assert not any(k.startswith(("grounding/", "spatial/")) for k in m)
+    # Same images and captions as the grounding file: the same retrieval numbers.
+    full = json.loads((out / "metrics.json").read_text())
+    assert m["retrieval/i2t_r1"] == pytest.approx(full["retrieval/i2t_r1"])
+    assert m["retrieval/t2i_r5"] == pytest.approx(full["retrieval/t2i_r5"])
