@@ -261,6 +261,58 @@ class Backbone(nn.Module):
         p = self.image_processor
         return {"size": dict(p.size) if p.size else None, "mean": list(p.image_mean), "std": list(p.image_std), "resample": str(p.resample)}
 
+    # ---- multimodal inputs (image tokens in the LM's sequence, as InternVL does)
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [T, 3, S, S] -> projected image tokens [T, tokens_per_tile, Dt] (pixel shuffle + projector)."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        mc = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(dtype), vision_feature_layer=mc.vision_feature_layer,
+            vision_feature_select_strategy=mc.vision_feature_select_strategy, return_dict=True,
+        )
+        return out.pooler_output
+
+    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every image placeholder replaced by its image feature, [B, L, Dt].
+
+        Feeding these as ``inputs_embeds`` (rather than ``pixel_values`` to ``generate``)
+        keeps beam search right: ``generate`` expands rows per beam, but would expand a
+        flat [tiles, ...] pixel tensor tile by tile, pairing beams with the wrong tiles.
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        feats = self.image_features(pixel_values)
+        n_ph, n_feat = int(mask.sum()), feats.shape[0] * feats.shape[1]
+        if n_ph != n_feat:
+            raise ValueError(f"{n_ph} image placeholder tokens but {n_feat} image features")
+        return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+
+    def image_prompt(self, num_tiles: int) -> str:
+        """``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) + ``</img>``, as InternVLProcessor writes it."""
+        return IMG_START + IMG_CONTEXT * (self.info.tokens_per_tile * num_tiles) + IMG_END
+
+    def tile_grid(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        """(columns, rows) of the tile grid the processor cuts a ``width`` x ``height`` image into.
+
+        Tiles come row-major, then a thumbnail of the whole image when there is more than
+        one tile (the processor's own rule, ``get_optimal_tiled_canvas``).
+        """
+        if max_tiles <= 1:
+            return 1, 1
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        size = self.image_processor.size
+        return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), 1, max_tiles)
+
+    def set_attention(self, implementation: str) -> None:
+        """Switch the attention kernel, e.g. to "eager" for a pass that returns attention maps
+        (SDPA computes none)."""
+        self.model.set_attn_implementation(implementation)
+
     # ---- identity, saving
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records so it is never applied to another backbone."""
@@ -276,9 +328,34 @@ class Backbone(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
-        self.model.save_pretrained(folder)
+        # The backbone is saved as transformers loads it: without LoRA adapters a task may
+        # have injected (those go to the checkpoint's own weights file).
+        self.model.save_pretrained(folder, state_dict=_without_lora(self.model))
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+
+
+def _without_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as if no peft LoRA layer had been injected."""
+    sd = model.state_dict()
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return sd
+    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
+    if not wrapped:
+        return sd
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        owner = next((w for w in wrapped if key.startswith(w + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1:]
+        if rest.startswith("base_layer."):
+            out[f"{owner}.{rest[len('base_layer.'):]}"] = value
+        # lora_A / lora_B / dropout entries belong to the adapter, not the backbone
+    return out
 
 
 _NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}

@@ -83,6 +83,33 @@ class LossConfig:
     relation: float = _f(0.1, "Weight of the spatial relation cross-entropy.")
     box_l1: float = _f(1.0, "Weight of L1 inside the box loss.")
     box_giou: float = _f(1.0, "Weight of GIoU inside the box loss.")
+    lm: float = _f(1.0, "Counting: weight of the token cross-entropy on the answer tokens (prompt masked).")
+    count: float = _f(1.0, "Counting: weight of the count-classification cross-entropy.")
+
+
+@dataclass
+class CountingConfig:
+    max_count: int = _f(3, "Largest count in the data; the head has max_count + 1 classes unless buckets are given.")
+    buckets: list[int] | None = _f(None, "Ascending lower bounds of count classes, first 0, e.g. [0, 1, 2] = 0 / 1 / 2+; none: one class per count.")
+    max_dynamic_patch: int = _f(4, "Most tiles an image is cut into (InternVL dynamic tiling, plus a thumbnail when > 1 tile); 1 = one square tile.")
+    question_max_tokens: int = _f(32, "Questions are truncated to this many tokens.")
+    answer_max_tokens: int = _f(24, "Answers (training targets) are truncated to this many tokens.")
+    lm_mode: Literal["lora", "full"] = _f("full", "How the 'language_model' component trains: LoRA adapters through peft, or all its weights (fine for the tiny preset).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                        "Linear layers of the language model that get LoRA adapters.")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(16, "Longest generated answer, in tokens.")
+    num_beams: int = _f(3, "Beams of the final evaluation's beam search.")
+    val_num_images: int = _f(8, "Validation: images answered by sampling each epoch (a quick look; 0 turns it off).")
+    val_do_sample: bool = _f(True, "Validation: sample (true) or decode greedily (false).")
+    val_top_p: float = _f(0.9, "Validation: nucleus sampling threshold.")
+    val_temperature: float = _f(0.7, "Validation: sampling temperature.")
 
 
 @dataclass
@@ -132,7 +159,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: Literal["retrieval"] = _f("retrieval", "The recipe.")
+    task: Literal["retrieval", "counting"] = _f("retrieval", "The recipe.")
     seed: int = _f(0, "Seed of everything random in a run.")
     backbone: BackboneConfig = _f(BackboneConfig(), "The frozen vision-language model.")
     data: DataConfig = _f(DataConfig(), "Annotation files or the synthetic set.")
@@ -142,6 +169,8 @@ class Config:
     optim: OptimConfig = _f(OptimConfig(), "Optimizer and schedule.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    counting: CountingConfig = _f(CountingConfig(), "Counting recipe: classes, tiling, prompt lengths, LoRA.")
+    generation: GenerationConfig = _f(GenerationConfig(), "Answer generation (counting): validation sampling, final beam search.")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -152,8 +181,12 @@ class Config:
 # Components a stage can train and loss terms it can switch on, per task. Backbone
 # components are shared by every task; each task adds its own trainable parts.
 BACKBONE_COMPONENTS = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
-TASK_COMPONENTS = {"retrieval": ("adapters", "heads") + BACKBONE_COMPONENTS}
-TASK_LOSSES = {"retrieval": ("contrastive", "matching", "box", "relation")}
+TASK_COMPONENTS = {
+    "retrieval": ("adapters", "heads") + BACKBONE_COMPONENTS,
+    # With counting.lm_mode=lora, 'language_model' means the LoRA adapters of the LM.
+    "counting": ("count_head",) + BACKBONE_COMPONENTS,
+}
+TASK_LOSSES = {"retrieval": ("contrastive", "matching", "box", "relation"), "counting": ("lm", "count")}
 
 
 def validate(cfg: Config) -> None:
@@ -182,11 +215,13 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     need(0 < m.temperature_min <= m.temperature_init <= m.temperature_max, "model.temperature_init",
          f"must lie in [temperature_min, temperature_max] = [{m.temperature_min}, {m.temperature_max}]")
-    for name in ("contrastive", "matching", "box", "relation", "box_l1", "box_giou"):
+    for name in ("contrastive", "matching", "box", "relation", "box_l1", "box_giou", "lm", "count"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     need(cfg.backbone.max_text_tokens >= 2, "backbone.max_text_tokens", "must be >= 2")
     need(cfg.data.synthetic.n >= 10, "data.synthetic.n", "must be >= 10")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    _validate_counting(cfg, need)
 
     components, losses = TASK_COMPONENTS[cfg.task], TASK_LOSSES[cfg.task]
     need(len(cfg.stages) >= 1, "stages", "needs at least one stage")
@@ -208,6 +243,29 @@ def validate(cfg: Config) -> None:
             need(st.vision_blocks == 0, f"{key}.vision_blocks", "is set but 'vision_blocks' is not in this stage's train list")
         for term in st.losses or []:
             need(term in losses, f"{key}.losses", f"unknown loss '{term}'; choose from {', '.join(losses)}")
+
+
+def _validate_counting(cfg: Config, need: Any) -> None:
+    c, g = cfg.counting, cfg.generation
+    need(c.max_count >= 1, "counting.max_count", f"must be >= 1, got {c.max_count}")
+    if c.buckets is not None:
+        b = c.buckets
+        need(len(b) >= 2, "counting.buckets", f"needs at least two classes, got {b}")
+        need(b[0] == 0, "counting.buckets", f"must start at 0, got {b}")
+        need(all(x < y for x, y in zip(b, b[1:])), "counting.buckets", f"must be strictly ascending, got {b}")
+        need(b[-1] <= c.max_count, "counting.buckets", f"last bound {b[-1]} is above counting.max_count ({c.max_count})")
+    need(1 <= c.max_dynamic_patch <= 40, "counting.max_dynamic_patch", f"must be in [1, 40], got {c.max_dynamic_patch}")
+    need(c.question_max_tokens >= 1, "counting.question_max_tokens", "must be >= 1")
+    need(c.answer_max_tokens >= 1, "counting.answer_max_tokens", "must be >= 1")
+    need(c.lora_r >= 1, "counting.lora_r", "must be >= 1")
+    need(c.lora_alpha >= 1, "counting.lora_alpha", "must be >= 1")
+    need(0 <= c.lora_dropout < 1, "counting.lora_dropout", "must be in [0, 1)")
+    need(len(c.lora_target_modules) > 0, "counting.lora_target_modules", "needs at least one module name")
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    need(g.num_beams >= 1, "generation.num_beams", "must be >= 1")
+    need(g.val_num_images >= 0, "generation.val_num_images", "must be >= 0")
+    need(0 < g.val_top_p <= 1, "generation.val_top_p", "must be in (0, 1]")
+    need(g.val_temperature > 0, "generation.val_temperature", "must be > 0")
 
 
 # --------------------------------------------------------------------------- parsing
