@@ -60,18 +60,41 @@ def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 4096) 
         best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
         for k0 in range(0, m, chunk_size):
             sim = q @ keys[k0 : k0 + chunk_size].float().T
-            # Stable sorts (not topk, whose tie order is unspecified) make the tie rule exact:
-            # within a block equal scores stay in key order, and in the merge the running
-            # best (all from earlier, lower-index blocks) precedes the block on ties.
-            s, i = sim.sort(dim=1, descending=True, stable=True)
-            kk = min(k, s.shape[1])
-            cat_s = torch.cat((best_s, s[:, :kk]), dim=1)
-            cat_i = torch.cat((best_i, i[:, :kk] + k0), dim=1)
+            s, i = _block_topk(sim, min(k, sim.shape[1]))
+            # Merge: the running best (all from earlier, lower-index blocks) precedes the
+            # block on ties, which a stable sort of the 2k candidates keeps.
+            cat_s = torch.cat((best_s, s), dim=1)
+            cat_i = torch.cat((best_i, i + k0), dim=1)
             order = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
             best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
         out_scores.append(best_s)
         out_indices.append(best_i)
     return torch.cat(out_scores), torch.cat(out_indices)
+
+
+def _block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of each row, descending, equal scores in column order.
+
+    ``torch.topk`` is fast but leaves the order of equal scores, and which of them make
+    the cut, unspecified. Within the k it returns, a stable re-sort by (score desc,
+    column asc) fixes the order; rows where the k-th score is tied with a value left
+    out (rare outside synthetic data) are redone with a full stable sort.
+    """
+    # One extra candidate tells whether the cut falls inside a run of equal scores:
+    # if the (k+1)-th score is below the k-th, nothing left out ties with what was kept.
+    extra = min(k + 1, sim.shape[1])
+    s, i = sim.topk(extra, dim=1)
+    tied = s[:, k - 1] == s[:, k] if extra > k else torch.zeros(sim.shape[0], dtype=torch.bool, device=sim.device)
+    s, i = s[:, :k], i[:, :k]
+    i, by_col = i.sort(dim=1)
+    s = s.gather(1, by_col)
+    order = s.argsort(dim=1, descending=True, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    if tied.any():
+        rows = tied.nonzero().flatten()
+        fs, fi = sim[rows].sort(dim=1, descending=True, stable=True)
+        s[rows], i[rows] = fs[:, :k], fi[:, :k]
+    return s, i
 
 
 def _validate(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Sequence[int], rerank_k: int) -> None:
