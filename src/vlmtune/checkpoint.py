@@ -67,23 +67,25 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Conf
         torch.save(trainer_state, tmp / "trainer_state.pt")
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    _move_into_place(tmp, folder)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    old = dst.with_name(dst.name + ".old")
+    _move_into_place(tmp, dst)
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Replace ``folder`` by the complete ``tmp``: renames only, so at any instant the
+    name holds either the whole old checkpoint or the whole new one (the old one
+    briefly as ``.old``)."""
+    old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
