@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_topk", "retrieval_metrics", "retrieval_metrics_reference", "RerankFn"]
+__all__ = ["chunked_topk", "chunked_topk_both", "retrieval_metrics", "retrieval_metrics_reference", "RerankFn"]
 
 # rerank(image_idx, text_idx) -> scores; 1-D tensors of equal length, higher is better.
 RerankFn = Callable[[Tensor, Tensor], Tensor]
@@ -61,15 +61,50 @@ def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 4096) 
         for k0 in range(0, m, chunk_size):
             sim = q @ keys[k0 : k0 + chunk_size].float().T
             s, i = _block_topk(sim, min(k, sim.shape[1]))
-            # Merge: the running best (all from earlier, lower-index blocks) precedes the
-            # block on ties, which a stable sort of the 2k candidates keeps.
-            cat_s = torch.cat((best_s, s), dim=1)
-            cat_i = torch.cat((best_i, i + k0), dim=1)
-            order = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
-            best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+            best_s, best_i = _merge(best_s, best_i, s, i + k0, k)
         out_scores.append(best_s)
         out_indices.append(best_i)
     return torch.cat(out_scores), torch.cat(out_indices)
+
+
+def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merge a running top-k with a block's top-k. The running best comes from earlier,
+    lower-index blocks, so it precedes the block on ties, which a stable sort keeps."""
+    cat_s = torch.cat((best_s, s), dim=1)
+    cat_i = torch.cat((best_i, i), dim=1)
+    order = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return cat_s.gather(1, order), cat_i.gather(1, order)
+
+
+def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Top-k texts of every image and top-k images of every text, in ONE pass.
+
+    Each similarity block is computed once and feeds both running top-k lists (its rows
+    for image-to-text, its columns for text-to-image), so the cost is one matrix
+    product of N x M, not two. Same ranking rule as :func:`chunked_topk`.
+    Returns (i2t indices [N, k_t], t2i indices [M, k_i]).
+    """
+    n, m = images.shape[0], texts.shape[0]
+    kt, ki = min(k, m), min(k, n)
+    device = images.device
+    col_s = torch.empty(m, 0, device=device)
+    col_i = torch.empty(m, 0, dtype=torch.long, device=device)
+    rows_out = []
+    for r0 in range(0, n, chunk_size):
+        q = images[r0 : r0 + chunk_size].float()
+        row_s = q.new_empty(q.shape[0], 0)
+        row_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+        col_parts_s, col_parts_i = [], []
+        for c0 in range(0, m, chunk_size):
+            sim = q @ texts[c0 : c0 + chunk_size].float().T
+            s, i = _block_topk(sim, min(kt, sim.shape[1]))
+            row_s, row_i = _merge(row_s, row_i, s, i + c0, kt)
+            s, i = _block_topk(sim.T, min(ki, sim.shape[0]))
+            col_parts_s.append(s)
+            col_parts_i.append(i + r0)
+        col_s, col_i = _merge(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
+        rows_out.append(row_i)
+    return torch.cat(rows_out), col_i
 
 
 def _block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -193,8 +228,7 @@ def retrieval_metrics(
     kmax = max(max(ks), rerank_k if rerank is not None else 0)
     t2i_map = text_to_image.to(image_emb.device).long()
 
-    _, i2t = chunked_topk(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
-    _, t2i = chunked_topk(text_emb.to(image_emb.device), image_emb, kmax, chunk_size)
+    i2t, t2i = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
     if rerank is not None:
         i2t = _rerank_head(i2t, True, rerank, rerank_k, rerank_batch_size)
         t2i = _rerank_head(t2i, False, rerank, rerank_k, rerank_batch_size)
