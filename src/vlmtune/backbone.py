@@ -313,6 +313,24 @@ class Backbone(nn.Module):
         (SDPA computes none)."""
         self.model.set_attn_implementation(implementation)
 
+    def vision_fingerprint(self) -> str:
+        """sha256 of the vision tower's current weights (cache keys must change when a
+        stage has trained it, which the architecture hash alone would not show)."""
+        h = hashlib.sha256()
+        for name, t in self.vision_tower.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def text_fingerprint(self) -> str:
+        """sha256 of the language model's weights and the tokenizer's vocabulary."""
+        h = hashlib.sha256()
+        for name, t in self.language_model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+        return h.hexdigest()
+
     # ---- identity, saving
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records so it is never applied to another backbone."""
@@ -367,7 +385,9 @@ def _architecture(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    """Captions for the text tower, padded on the right: a causal LM's states of the
+    real tokens then do not depend on the padding (so they can also be cached)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt", padding_side="right")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

@@ -94,6 +94,7 @@ class CountingConfig:
     max_dynamic_patch: int = _f(4, "Most tiles an image is cut into (InternVL dynamic tiling, plus a thumbnail when > 1 tile); 1 = one square tile.")
     question_max_tokens: int = _f(32, "Questions are truncated to this many tokens.")
     answer_max_tokens: int = _f(24, "Answers (training targets) are truncated to this many tokens.")
+    pooling: Literal["image", "prompt_last"] = _f("image", "Features of the count head: mean of the LM's states over the image tokens, or the state of the last prompt token.")
     lm_mode: Literal["lora", "full"] = _f("full", "How the 'language_model' component trains: LoRA adapters through peft, or all its weights (fine for the tiny preset).")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
@@ -158,6 +159,13 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = _f(True, "Cache a frozen tower's outputs (computed once, memory-mapped on disk) while a stage keeps it frozen.")
+    dir: str | None = _f(None, "Cache folder; default <output_dir>/cache. A shared folder lets runs reuse each other's features.")
+    dtype: Literal["float32", "float16"] = _f("float32", "Storage type of cached features (float16 halves the disk and memory).")
+
+
+@dataclass
 class Config:
     task: Literal["retrieval", "counting"] = _f("retrieval", "The recipe.")
     seed: int = _f(0, "Seed of everything random in a run.")
@@ -169,6 +177,7 @@ class Config:
     optim: OptimConfig = _f(OptimConfig(), "Optimizer and schedule.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    cache: CacheConfig = _f(CacheConfig(), "Frozen-feature cache.")
     counting: CountingConfig = _f(CountingConfig(), "Counting recipe: classes, tiling, prompt lengths, LoRA.")
     generation: GenerationConfig = _f(GenerationConfig(), "Answer generation (counting): validation sampling, final beam search.")
 

@@ -148,7 +148,8 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
         if main:
             log.info(stage_summary(stage, model))
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        loader = task.make_loader(train_records, backbone, cfg, True, cfg.seed)
+        cache = _cache_kwargs(cfg, task, stage, out)
+        loader = task.make_loader(train_records, backbone, cfg, True, cfg.seed, **cache)
         steps_per_epoch = max(1, math.ceil(len(loader) / (cfg.train.grad_accum * accelerator.num_processes)))
         total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
         # Accelerate steps a prepared scheduler once per process, so count in those units.
@@ -166,7 +167,8 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
             trainer_state = None
         history.write({"type": "stage", "stage": stage.index, "name": stage.name, "epoch": max(stage.start_epoch, state["epoch"]),
                        "step": state["step"], "train": stage.train, "losses": sorted(stage.losses),
-                       "trainable": trainable, "total": total})
+                       "trainable": trainable, "total": total,
+                       "cache": {k: str(v) if isinstance(v, Path) else v for k, v in cache.items()}})
         params = [p for g in groups for p in g["params"]]
 
         for epoch in range(max(stage.start_epoch, state["epoch"]), stage.end_epoch):
@@ -201,7 +203,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
                         history.write(rec)
                         running, n_running = {}, 0
 
-            val = task.evaluate(model, val_records, cfg, device, None, False)
+            val = task.validation()(model, val_records, cfg, device, None, False, **cache)
             last_val = val
             value = float(val.get(es.metric, float("nan")))
             if es.metric not in val:
@@ -260,6 +262,18 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
     if main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _cache_kwargs(cfg: Config, task: TaskSpec, stage: Any, out: Path) -> dict[str, Any]:
+    """Where a stage may read frozen features from the cache: the vision tower's while
+    no vision component trains, the language model's while it does not train."""
+    if not (cfg.cache.enabled and task.cacheable):
+        return {}
+    vision = not ({"vision_blocks", "vision_tower"} & set(stage.train))
+    text = "language_model" not in stage.train
+    if not (vision or text):
+        return {}
+    return {"cache_dir": Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", "cache_vision": vision, "cache_text": text}
 
 
 def _save(folder: Path, model: torch.nn.Module, names: set[str], cfg: Config, state: dict[str, Any],

@@ -9,36 +9,50 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmtune.backbone import preprocess_images, tokenize
+from vlmtune.data.cache import FeatureStore, content_key, text_key
 from vlmtune.data.formats import PairRecord, load_image
 
 
 class PairDataset(Dataset):
-    """One item per (image, caption) record; images are decoded here, in the workers."""
+    """One item per (image, caption) record.
 
-    def __init__(self, records: list[PairRecord]):
+    Live: the image is decoded here, in the workers. Cached: the frozen vision tower's
+    output for the image is read from a :class:`FeatureStore` (no decode, no tower),
+    and likewise the frozen language model's token states for the caption.
+    """
+
+    def __init__(self, records: list[PairRecord], store: FeatureStore | None = None,
+                 keys: dict[Any, str] | None = None, sizes: dict[Any, tuple[int, int]] | None = None,
+                 text_store: FeatureStore | None = None):
         self.records = records
+        self.store = store
+        self.keys = keys or {}
+        self.sizes = sizes or {}
+        self.text_store = text_store
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        image = load_image(r.image, r.source)
-        w, h = image.size
+        item: dict[str, Any] = {"index": i, "text": r.text, "image_id": r.image_id,
+                                "relation": -1 if r.relation is None else r.relation}
+        if self.store is not None:
+            item["vision_tokens"] = torch.from_numpy(self.store.get(self.keys[r.image]).astype("float32"))
+            w, h = self.sizes[r.image]
+        else:
+            image = load_image(r.image, r.source)
+            item["image"] = image
+            w, h = image.size
+        if self.text_store is not None:
+            item["text_hidden"] = torch.from_numpy(self.text_store.get(text_key(r.text)).astype("float32"))
         if r.bbox is not None:
             x, y, bw, bh = r.bbox
-            box = torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)
+            item["box"] = torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)
         else:
-            box = torch.full((4,), float("nan"))
-        return {
-            "index": i,
-            "image": image,
-            "text": r.text,
-            "image_id": r.image_id,
-            "box": box,
-            "relation": -1 if r.relation is None else r.relation,
-            "image_wh": torch.tensor([w, h], dtype=torch.float32),
-        }
+            item["box"] = torch.full((4,), float("nan"))
+        item["image_wh"] = torch.tensor([w, h], dtype=torch.float32)
+        return item
 
 
 @dataclass
@@ -54,11 +68,9 @@ class PairCollator:
     max_tokens: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixel_values, _ = preprocess_images(self.image_processor, [it["image"] for it in items], max_tiles=1)
         text = tokenize(self.tokenizer, [it["text"] for it in items], self.max_tokens)
-        return {
+        batch = {
             "index": torch.tensor([it["index"] for it in items]),
-            "pixel_values": pixel_values,
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "image_id": torch.tensor([it["image_id"] for it in items]),
@@ -66,3 +78,17 @@ class PairCollator:
             "relation": torch.tensor([it["relation"] for it in items]),
             "image_wh": torch.stack([it["image_wh"] for it in items]),
         }
+        if "text_hidden" in items[0]:
+            # Stored padded to max_tokens; the batch is padded to its longest caption.
+            t = text["input_ids"].shape[1]
+            batch["text_hidden"] = torch.stack([it["text_hidden"][:t] for it in items])
+        if "vision_tokens" in items[0]:
+            batch["vision_tokens"] = torch.stack([it["vision_tokens"] for it in items])
+        else:
+            batch["pixel_values"], _ = preprocess_images(self.image_processor, [it["image"] for it in items], max_tiles=1)
+        return batch
+
+
+def image_keys(records: list[PairRecord]) -> dict[Any, str]:
+    """Content key of every distinct image file of ``records``."""
+    return {path: content_key(path) for path in dict.fromkeys(r.image for r in records)}

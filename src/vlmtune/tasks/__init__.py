@@ -21,6 +21,11 @@ class TaskSpec:
     make_loader(records, backbone, cfg, train, seed) -> DataLoader.
     evaluate(model, records, cfg, device, train_records, progress) -> flat metrics.
     loss_weights(cfg) -> {term: weight}.
+    cacheable: make_loader and validate take ``cache_dir``, ``cache_vision`` and
+        ``cache_text`` keywords, and read frozen features from the cache there.
+    validate(...) -> flat metrics: the per-epoch validation pass, same arguments as
+        ``evaluate``; tasks whose final evaluation is costly (beam search) give a
+        cheaper one here. Default: ``evaluate``.
     """
 
     name: str
@@ -30,14 +35,23 @@ class TaskSpec:
     make_loader: Callable[..., DataLoader]
     evaluate: Callable[..., dict[str, Any]]
     loss_weights: Callable[..., dict[str, float]]
+    validate: Callable[..., dict[str, Any]] | None = None
+    # Tasks whose make_loader/validate accept cache_dir, cache_vision, cache_text.
+    cacheable: bool = False
+
+    def validation(self) -> Callable[..., dict[str, Any]]:
+        return self.validate or self.evaluate
 
 
 def get_task(name: str) -> TaskSpec:
     if name == "retrieval":
         from vlmtune.tasks import retrieval as m
+    elif name == "counting":
+        from vlmtune.tasks import counting as m
     else:  # pragma: no cover - the config rejects unknown tasks first
         raise KeyError(name)
-    return TaskSpec(name, m.build_model, m.resolve_data_paths, m.read_split, m.make_loader, m.evaluate, m.loss_weights)
+    return TaskSpec(name, m.build_model, m.resolve_data_paths, m.read_split, m.make_loader, m.evaluate, m.loss_weights,
+                    getattr(m, "validate", None), getattr(m, "CACHEABLE", False))
 
 
 __all__ = ["TaskSpec", "get_task"]

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmtune.backbone import Backbone
+from vlmtune.backbone import Backbone, tokenize
 from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.config import Config, LossConfig, ModelConfig
-from vlmtune.data.formats import RELATIONS, PairRecord, read_pairs
-from vlmtune.data.pairs import PairCollator, PairDataset
+from vlmtune.data.cache import FeatureStore, text_key
+from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
+from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.errors import DataError
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
 from vlmtune.losses import box_losses, contrastive_loss, sample_hard_negatives
@@ -83,14 +84,24 @@ class RetrievalModel(nn.Module):
         return self.log_scale.exp().clamp(1.0 / self.cfg.temperature_max, 1.0 / self.cfg.temperature_min)
 
     # ---- encoders
-    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (joint-space embedding [B, D], adapted patch tokens [B, N, D])."""
-        tokens = self.vision_adapter(self.backbone.vision_tokens(pixel_values).float())
+    def encode_image(self, pixel_values: torch.Tensor | None = None,
+                     vision_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (joint-space embedding [B, D], adapted patch tokens [B, N, D]).
+
+        ``vision_tokens`` are the frozen tower's cached output for the same pixels.
+        """
+        if vision_tokens is None:
+            vision_tokens = self.backbone.vision_tokens(pixel_values)
+        tokens = self.vision_adapter(vision_tokens.float())
         emb = self.vision_projector(pool_tokens(tokens, self.backbone.cfg.vision_pooling))
         return emb, tokens[:, 1:]
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        tokens = self.text_adapter(self.backbone.text_tokens(input_ids, attention_mask).float())
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    text_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_hidden``: the frozen language model's cached states for these tokens."""
+        if text_hidden is None:
+            text_hidden = self.backbone.text_tokens(input_ids, attention_mask)
+        tokens = self.text_adapter(text_hidden.float())
         return self.text_projector(masked_pool(tokens, attention_mask, self.backbone.cfg.text_pooling))
 
     def match_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -102,8 +113,8 @@ class RetrievalModel(nn.Module):
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active losses (plus diagnostics under 'diag/')."""
-        v, patches = self.encode_image(batch["pixel_values"])
-        t = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        v, patches = self.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"))
+        t = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
         ids = batch["image_id"]
         terms: dict[str, torch.Tensor] = {}
         if "contrastive" in active:
@@ -170,15 +181,83 @@ def read_split(path: str, cfg: Config) -> list[PairRecord]:
     return read_pairs(path)
 
 
-def make_loader(records: list[PairRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0) -> DataLoader:
-    """Training loaders shuffle (by a seeded generator) and drop the last partial batch."""
+# The engine may hand make_loader and evaluate a feature cache (see train._cache_kwargs).
+CACHEABLE = True
+
+
+def make_loader(records: list[PairRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0,
+                cache_dir: str | Path | None = None, cache_vision: bool = True, cache_text: bool = True) -> DataLoader:
+    """Training loaders shuffle (by a seeded generator) and drop the last partial batch.
+
+    With ``cache_dir`` the frozen vision tower's outputs (``cache_vision``) and the
+    frozen language model's (``cache_text``) come from the feature cache there, built
+    now for any image or caption not yet in it, instead of being recomputed.
+    """
     g = torch.Generator()
     g.manual_seed(seed)
+    dataset = PairDataset(records)
+    if cache_dir is not None:
+        store, keys, sizes = build_vision_cache(records, backbone, cfg, cache_dir) if cache_vision else (None, None, None)
+        text_store = build_text_cache(records, backbone, cfg, cache_dir) if cache_text else None
+        dataset = PairDataset(records, store, keys, sizes, text_store)
     return DataLoader(
-        PairDataset(records), batch_size=cfg.train.batch_size if train else cfg.eval.batch_size, shuffle=train,
+        dataset, batch_size=cfg.train.batch_size if train else cfg.eval.batch_size, shuffle=train,
         generator=g if train else None, num_workers=cfg.data.num_workers, drop_last=train and len(records) > cfg.train.batch_size,
         collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, cfg.backbone.max_text_tokens),
     )
+
+
+@torch.no_grad()
+def build_text_cache(records: list[PairRecord], backbone: Backbone, cfg: Config, cache_dir: str | Path) -> FeatureStore:
+    """The store holding the language model's token states of every caption, padded to
+    ``backbone.max_text_tokens`` (right padding, so real tokens never see the pads)."""
+    dtype = cfg.cache.dtype
+    max_tokens = cfg.backbone.max_text_tokens
+    ns = {"kind": "text_tokens", "backbone": backbone.identity(), "weights": backbone.text_fingerprint(),
+          "max_tokens": max_tokens, "dtype": dtype}
+    store = FeatureStore(cache_dir, ns)
+    by_key = {text_key(r.text): r.text for r in records}
+    device = next(backbone.parameters()).device
+
+    def compute(batch_keys: list[str]):
+        enc = tokenize(backbone.tokenizer, [by_key[k] for k in batch_keys], max_tokens)
+        hidden = backbone.text_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+        return torch.nn.functional.pad(hidden, (0, 0, 0, max_tokens - hidden.shape[1])).numpy()
+
+    store.ensure(list(by_key), compute, batch_size=cfg.eval.batch_size, dtype=dtype)
+    return store
+
+
+def vision_namespace(backbone: Backbone, dtype: str) -> dict[str, Any]:
+    """Everything besides the image that determines the cached vision tokens."""
+    return {"kind": "vision_tokens", "backbone": backbone.identity(), "weights": backbone.vision_fingerprint(),
+            "preprocess": backbone.preprocess_signature(), "max_tiles": 1, "dtype": dtype}
+
+
+@torch.no_grad()
+def build_vision_cache(records: list[PairRecord], backbone: Backbone, cfg: Config,
+                       cache_dir: str | Path) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
+    """The store holding the vision tokens of every image of ``records``."""
+    from PIL import Image
+
+    dtype = cfg.cache.dtype
+    store = FeatureStore(cache_dir, vision_namespace(backbone, dtype))
+    keys = image_keys(records)
+    by_key = {k: p for p, k in keys.items()}
+    sources = {r.image: r.source for r in records}
+    sizes: dict[Any, tuple[int, int]] = {}
+    for path in keys:
+        with Image.open(path) as im:  # header only
+            sizes[path] = im.size
+    device = next(backbone.parameters()).device
+
+    def compute(batch_keys: list[str]):
+        images = [load_image(by_key[k], sources[by_key[k]]) for k in batch_keys]
+        pv, _ = backbone.preprocess(images, max_tiles=1)
+        return backbone.vision_tokens(pv.to(device)).float().cpu().numpy()
+
+    store.ensure(list(keys.values()), compute, batch_size=cfg.eval.batch_size, dtype=dtype)
+    return store, keys, sizes
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -186,7 +265,7 @@ def make_loader(records: list[PairRecord], backbone: Backbone, cfg: Config, trai
 
 @torch.no_grad()
 def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, device: torch.device,
-             train_records: list[PairRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+             train_records: list[PairRecord] | None = None, progress: bool = False, **cache: Any) -> dict[str, Any]:
     """All retrieval, grounding and relation metrics of ``model`` on ``records``.
 
     Each image is embedded once; captions are embedded once; similarity is computed in
@@ -197,7 +276,7 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, devi
 
     was_training = model.training
     model.eval()
-    loader = make_loader(records, model.backbone, cfg, train=False)
+    loader = make_loader(records, model.backbone, cfg, train=False, **cache)
     image_emb: dict[int, torch.Tensor] = {}
     text_emb, text_img, box_pred, box_true, box_wh, rel_pred, rel_true = [], [], [], [], [], [], []
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
@@ -205,11 +284,11 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, devi
         ids = batch["image_id"]
         # Embed each image once: only the rows that introduce a new image id.
         first = _first_occurrences(ids, image_emb)
-        t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        t = model.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
         has_box = torch.isfinite(batch["box"]).all(dim=1)
         need_pixels = first.any() or has_box.any() or (batch["relation"] >= 0).any()
         if need_pixels:
-            v, patches = model.encode_image(batch["pixel_values"])
+            v, patches = model.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"))
             for i in first.nonzero().flatten().tolist():
                 image_emb[int(ids[i])] = v[i].float().cpu()
             if has_box.any():
