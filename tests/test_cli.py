@@ -96,7 +96,7 @@ def test_resume_continues_exactly(tmp_path: Path, fast: list[str], monkeypatch: 
         assert ma[key] == pytest.approx(mb[key]), key
     ha = [json.loads(x) for x in (straight / "history.jsonl").read_text().splitlines()]
     hb = [json.loads(x) for x in (broken / "history.jsonl").read_text().splitlines()]
-    strip = lambda h: [{k: v for k, v in x.items() if k not in ("wall_s", "peak_mem_mb", "cache")} for x in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in x.items() if k not in ("wall_s", "peak_mem_mb", "cache", "train_wall_s")} for x in h]  # noqa: E731
     assert strip(ha) == strip(hb)
 
 

@@ -76,42 +76,66 @@ def _tiny_tokenizer():
     )
 
 
-def build_tiny(cfg: BackboneConfig):
-    """The embedded preset: a real InternVL architecture at toy size, random weights."""
-    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+# Presets built from a config with random weights (no download). "tiny" is the embedded
+# default (seconds on a CPU); "internvl3-1b-shapes" has the real InternVL3-1B shapes
+# (InternViT-300M at 448 px, Qwen2.5-0.5B) so benchmarks pay the real model's costs.
+PRESETS = ("tiny", "internvl3-1b-shapes")
+
+
+def _preset_config(name: str, cfg: BackboneConfig, tokenizer: Any) -> tuple[Any, int]:
+    from transformers import InternVLConfig
+
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id)
+    if name == "tiny":
+        h, n_layers, size, patch = cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_image_size, 8
+        if size % (2 * patch):
+            raise ConfigError(f"backbone.tiny_image_size: must be a multiple of {2 * patch}, got {size}")
+        heads = max(1, h // 16)
+        vision = dict(hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, intermediate_size=2 * h,
+                      image_size=[size, size], patch_size=[patch, patch])
+        text = dict(model_type="qwen2", hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads,
+                    num_key_value_heads=max(1, heads // 2), intermediate_size=2 * h, vocab_size=len(tokenizer),
+                    max_position_embeddings=2048, tie_word_embeddings=True, **special)
+    else:  # internvl3-1b-shapes
+        size, patch = 448, 14
+        vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      image_size=[size, size], patch_size=[patch, patch])
+        # The real vocabulary size, so embedding and LM-head costs are the real ones;
+        # the stand-in tokenizer only uses the first few hundred ids.
+        text = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768,
+                    rope_theta=1000000.0, tie_word_embeddings=True, **special)
+    tokens_per_tile = (size // patch) ** 2 // 4  # pixel shuffle halves each side
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+                            image_seq_length=tokens_per_tile, downsample_ratio=0.5)
+    return config, size
+
+
+def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
+    """A real InternVL architecture built by transformers from a config, random weights."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
     tokenizer = _tiny_tokenizer()
-    h, n_layers, size = cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_image_size
-    patch = 8
-    if size % (2 * patch):
-        raise ConfigError(f"backbone.tiny_image_size: must be a multiple of {2 * patch}, got {size}")
-    heads = max(1, h // 16)
-    tokens_per_tile = (size // patch) ** 2 // 4  # pixel shuffle halves each side
-    config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, intermediate_size=2 * h,
-            image_size=[size, size], patch_size=[patch, patch],
-        ),
-        text_config=dict(
-            model_type="qwen2", hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2), intermediate_size=2 * h, vocab_size=len(tokenizer),
-            max_position_embeddings=2048, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
-        image_seq_length=tokens_per_tile,
-        downsample_ratio=0.5,
-    )
+    config, size = _preset_config(name, cfg, tokenizer)
+    config._attn_implementation = _attn_impl(cfg.attn_implementation)
     # The random weights stand in for pretrained ones, so they do not vary with the run's
-    # seed; they are also saved with every checkpoint (they are small).
+    # seed (and the tiny preset is also saved with every checkpoint).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = InternVLForConditionalGeneration(config)
+    if name != "tiny":
+        model = model.to(_resolve_dtype(cfg.dtype, device_type))
     processor = GotOcr2ImageProcessorPil(
         size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         crop_to_patches=False, max_patches=12,
     )
     return model, tokenizer, processor
+
+
+def build_tiny(cfg: BackboneConfig):
+    """The embedded preset: a real InternVL architecture at toy size, random weights."""
+    return build_preset("tiny", cfg)
 
 
 def _resolve_dtype(name: str, device_type: str) -> torch.dtype:
@@ -426,8 +450,8 @@ def load_backbone(cfg: BackboneConfig, device_type: str = "cpu", folder: str | P
     if folder is not None:
         model, tok, proc = load_pretrained(cfg, folder, device_type)
         return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
-    if cfg.name_or_path == "tiny":
-        model, tok, proc = build_tiny(cfg)
-        return Backbone(model, tok, proc, cfg, source="tiny")
+    if cfg.name_or_path in PRESETS:
+        model, tok, proc = build_preset(cfg.name_or_path, cfg, device_type)
+        return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
     model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
     return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)

@@ -20,6 +20,9 @@ KEY_METRICS = (
     "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
     "grounding/acc50", "grounding/baseline_acc50", "grounding/miou", "grounding/baseline_miou",
     "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
+    "count/accuracy", "count/baseline_accuracy", "count/macro_f1", "count/baseline_macro_f1",
+    "answer/count_accuracy", "answer/baseline_count_accuracy", "answer/parse_rate",
+    "text/bleu4", "text/rougeL", "text/perplexity",
     "train/epochs", "train/wall_s", "params/trainable", "params/total",
 )
 
@@ -50,6 +53,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
     print(f"wrote {dest / 'metrics.json'}")
     _print_metrics(metrics)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vlmtune.predict import predict_file
+
+    out = predict_file(args.checkpoint, args.image, args.question, args.attention_out)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from vlmtune.predict import attention_inside_receipts
+
+    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
     return 0
 
 
@@ -89,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval)")
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
+                        description="Generate the answer, the count head's class and confidence, and optionally a picture "
+                        "of the answer's attention over the image.")
+    pr.add_argument("checkpoint", help="counting checkpoint folder, e.g. runs/receipts/checkpoints/best")
+    pr.add_argument("--image", required=True, help="image file (any size; grayscale, RGBA, 16-bit and EXIF-rotated work)")
+    pr.add_argument("--question", default="How many receipts are in this image?", help="the question (default: %(default)s)")
+    pr.add_argument("--attention-out", help="write the attention overlay to this PNG")
+    pr.set_defaults(func=cmd_predict)
+
+    at = sub.add_parser("attention", help="share of answer attention inside the receipts (synthetic set)",
+                        description="Mean share of the answer's attention that falls inside the receipt polygons "
+                        "(boxes.json), beside the receipts' share of the image area, over images with a receipt.")
+    at.add_argument("checkpoint", help="counting checkpoint folder")
+    at.add_argument("--data", help="counting JSONL (default: the run's test split)")
+    at.add_argument("--boxes", help="boxes.json of the synthetic set (default: next to --data)")
+    at.add_argument("--limit", type=int, default=None, help="at most this many images")
+    at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
+    at.set_defaults(func=cmd_attention)
 
     d = sub.add_parser("data", help="generate synthetic data sets")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")

@@ -34,7 +34,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class BackboneConfig:
-    name_or_path: str = _f("tiny", "Hub id (e.g. OpenGVLab/InternVL3-1B-hf), a local folder, or 'tiny' for the embedded random-weight preset.")
+    name_or_path: str = _f("tiny", "Hub id (e.g. OpenGVLab/InternVL3-1B-hf), a local folder, or a random-weight preset: 'tiny' (the embedded default) or 'internvl3-1b-shapes' (the real model's sizes, for benchmarks).")
     trust_remote_code: bool = _f(False, "Allow code shipped with the model to run. Off unless you ask.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Weights dtype of the frozen backbone; auto = bfloat16 on GPU, float32 on CPU.")

@@ -122,7 +122,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
 
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "wall_s": 0.0,
-        "history_lines": 0, "stopped_early": False, "max_trainable": 0,
+        "history_lines": 0, "stopped_early": False, "max_trainable": 0, "samples": 0, "train_wall_s": 0.0,
         "backbone": backbone.identity(), "data_paths": paths, "metric": es.metric,
     }
     trainer_state = None
@@ -179,6 +179,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
             n_running = 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{stage.name}]",
                        disable=not (cfg.train.progress and main), leave=False)
+            t_epoch = time.time()
             for batch in bar:
                 with accelerator.accumulate(pmodel):
                     terms = pmodel(batch, stage.losses)
@@ -192,6 +193,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
                 for k, v in terms.items():
                     running[k] = running.get(k, 0.0) + float(v.detach())
                 running["loss"] = running.get("loss", 0.0) + float(loss.detach())
+                state["samples"] += len(batch["input_ids"]) * accelerator.num_processes
                 n_running += 1
                 if accelerator.sync_gradients:
                     state["step"] += 1
@@ -203,6 +205,8 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
                         history.write(rec)
                         running, n_running = {}, 0
 
+            # Training time alone (no validation), for samples per second.
+            state["train_wall_s"] += time.time() - t_epoch
             val = task.validation()(model, val_records, cfg, device, None, False, **cache)
             last_val = val
             value = float(val.get(es.metric, float("nan")))
@@ -218,6 +222,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
             state["wall_s"] = time.time() - t_start
             if main:
                 rec = {"type": "epoch", "epoch": epoch, "step": state["step"], "stage": stage.index,
+                       "samples": state["samples"], "train_wall_s": round(state["train_wall_s"], 3),
                        "wall_s": round(state["wall_s"], 3), "peak_mem_mb": round(peak_memory_mb(device), 1)}
                 rec.update({f"val/{k}": v for k, v in val.items() if not isinstance(v, list)})
                 history.write(rec)
@@ -252,6 +257,9 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
         "train/stopped_early": state["stopped_early"],
         "train/steps": state["step"],
         "train/wall_s": round(state["wall_s"], 3),
+        "train/train_wall_s": round(state["train_wall_s"], 3),
+        "train/samples": state["samples"],
+        "train/samples_per_s": round(state["samples"] / max(state["train_wall_s"], 1e-9), 2),
         "train/peak_mem_mb": round(peak_memory_mb(device), 1),
         "params/trainable": state["max_trainable"],
         "params/total": total,

@@ -1,0 +1,127 @@
+"""Dataset and collation for counting with answer generation.
+
+Each item becomes InternVL's chat prompt with the image's tiles in it, followed by the
+answer::
+
+    <|im_start|>user\\n<img><IMG_CONTEXT> x (tokens per tile x tiles)</img>\\n{question}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>
+
+Labels are -100 everywhere but on the answer tokens and the closing ``<|im_end|>``, so
+the language model learns to answer (and to stop), never to predict the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vlmtune.backbone import CHAT_END, CHAT_START, preprocess_images
+from vlmtune.data.formats import CountRecord, load_image
+
+IGNORE_INDEX = -100
+
+
+def count_class(count: int, buckets: list[int] | None) -> int:
+    """The class of a count: the count itself, or the index of its bucket."""
+    if buckets is None:
+        return count
+    from vlmtune.data.receipts import bucket_count
+
+    return bucket_count(count, buckets)
+
+
+class CountingDataset(Dataset):
+    """One item per counting record; images are decoded here (in the workers)."""
+
+    def __init__(self, records: list[CountRecord], buckets: list[int] | None = None):
+        self.records = records
+        self.buckets = buckets
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        return {"index": i, "image": load_image(r.image, r.source), "question": r.question, "answer": r.answer,
+                "label": count_class(r.count, self.buckets)}
+
+
+@dataclass
+class PromptBuilder:
+    """Token ids of the chat prompt and answer, built piece by piece so the boundary
+    between prompt and answer is exact whatever the tokenizer merges."""
+
+    tokenizer: Any
+    tokens_per_tile: int
+    question_max_tokens: int
+    answer_max_tokens: int
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
+        from vlmtune.backbone import IMG_CONTEXT, IMG_END, IMG_START
+
+        head = self._ids(f"{CHAT_START}user\n{IMG_START}")
+        image = self._ids(IMG_CONTEXT) * (self.tokens_per_tile * num_tiles)
+        tail = self._ids(f"{IMG_END}\n")
+        q = self._ids(question)[: self.question_max_tokens]
+        end = self._ids(f"{CHAT_END}\n{CHAT_START}assistant\n")
+        return head + image + tail + q + end
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self._ids(answer)[: self.answer_max_tokens] + self._ids(CHAT_END)
+
+    def example(self, question: str, answer: str, num_tiles: int) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of prompt + answer; labels are IGNORE_INDEX on the prompt."""
+        p, a = self.prompt_ids(question, num_tiles), self.answer_ids(answer)
+        return p + a, [IGNORE_INDEX] * len(p) + a
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad rows to one length -> (ids [B, L], attention mask [B, L]); left padding for generation."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(n - len(r), n) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@dataclass
+class CountingCollator:
+    """Items -> tensors: tiles of every image, the teacher-forced sequence (right padded)
+    with its labels, the prompt alone (left padded, for generation) and the count class."""
+
+    prompts: PromptBuilder
+    image_processor: Any
+    max_tiles: int
+    pad_id: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixel_values, tiles = preprocess_images(self.image_processor, [it["image"] for it in items], self.max_tiles)
+        full, labels, prompts = [], [], []
+        for it, n in zip(items, tiles.tolist()):
+            ids, lab = self.prompts.example(it["question"], it["answer"], int(n))
+            full.append(ids)
+            labels.append(lab)
+            prompts.append(self.prompts.prompt_ids(it["question"], int(n)))
+        input_ids, attention_mask = pad(full, self.pad_id)
+        label_ids, _ = pad(labels, IGNORE_INDEX)
+        prompt_ids, prompt_mask = pad(prompts, self.pad_id, left=True)
+        return {
+            "index": torch.tensor([it["index"] for it in items]),
+            "pixel_values": pixel_values,
+            "num_tiles": tiles.long(),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "count": torch.tensor([it["label"] for it in items]),
+        }

@@ -1,0 +1,328 @@
+"""Counting with answer generation: model, losses per batch, validation, evaluation.
+
+InternVL's own language model reads the image tokens and the chat prompt and answers
+in words ("There are 3 receipts."), trained with token cross-entropy on the answer
+tokens only; a count-classification head sits on pooled multimodal features. The
+training loop sums the two named terms ``lm`` and ``count`` with the weights
+``loss.lm`` and ``loss.count`` (the seed's "MultimodalLoss") and logs both.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlmtune.backbone import CHAT_END, Backbone
+from vlmtune.config import Config
+from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
+from vlmtune.data.formats import CountRecord, read_counting
+from vlmtune.errors import ConfigError, DataError
+from vlmtune.heads import mlp
+from vlmtune.metrics.classification import classification_metrics, majority_baseline
+from vlmtune.metrics.text import parse_count, perplexity, text_metrics
+
+
+def num_classes(cfg: Config) -> int:
+    c = cfg.counting
+    return len(c.buckets) if c.buckets is not None else c.max_count + 1
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Readable class labels: "0", "1", ... or bucket ranges such as "2+" and "1-2"."""
+    c = cfg.counting
+    if c.buckets is None:
+        return [str(i) for i in range(c.max_count + 1)]
+    b = c.buckets
+    names = []
+    for i, lo in enumerate(b):
+        hi = b[i + 1] - 1 if i + 1 < len(b) else None
+        names.append(f"{lo}+" if hi is None else str(lo) if hi == lo else f"{lo}-{hi}")
+    return names
+
+
+def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of next-token predictions on labelled positions -> (loss, tokens).
+
+    ``logits`` [B, L, V] predict position t+1 from position t; ``labels`` [B, L] are
+    IGNORE_INDEX on the prompt and padding.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep]), n
+
+
+class CountingModel(nn.Module):
+    """Backbone (optionally with LoRA adapters in its language model) + a count head."""
+
+    def __init__(self, backbone: Backbone, cfg: Config):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = cfg.counting.pooling
+        self.lm_mode = cfg.counting.lm_mode
+        self.count_head = mlp(backbone.info.text_hidden, cfg.model.head_hidden, num_classes(cfg), cfg.model.adapter_dropout)
+        if self.lm_mode == "lora":
+            self._inject_lora(cfg)
+
+    def _inject_lora(self, cfg: Config) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        c = cfg.counting
+        lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=list(c.lora_target_modules))
+        try:
+            inject_adapter_in_model(lora, self.backbone.language_model)
+        except ValueError as e:
+            raise ConfigError(f"counting.lora_target_modules: {str(e).splitlines()[0]}") from None
+        for p in self.backbone.model.parameters():
+            p.requires_grad_(False)
+
+    def lora_modules(self) -> list[nn.Module]:
+        """The LoRA A/B matrices of the language model, found by module type."""
+        from peft.tuners.lora import LoraLayer
+
+        out: list[nn.Module] = []
+        for m in self.backbone.language_model.modules():
+            if isinstance(m, LoraLayer):
+                out += [m.lora_A, m.lora_B]
+        return out
+
+    # ---- components for the stage plan
+    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
+        if name == "count_head":
+            return [self.count_head]
+        if name == "language_model" and self.lm_mode == "lora":
+            return self.lora_modules()
+        return self.backbone.component_modules(name, vision_blocks)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    # ---- forward
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the language model over image tokens + text, [B, L, Dt]."""
+        embeds = self.backbone.embed_multimodal(input_ids, pixel_values)
+        return self.backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
+        """Pooled multimodal features for the count head.
+
+        "image": the mean of the LM's states at the image-token positions. They hold the
+        LM's reading of every tile and come before the answer, so a teacher-forced answer
+        ("There are 3 ...") can never leak the label into the head, and the same pooling
+        works at prediction time, when there is no answer yet.
+        "prompt_last": the state of the last prompt token (the one that starts the
+        answer); it has seen the whole image and the question, and nothing of the answer.
+        """
+        if self.pooling == "prompt_last":
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), prompt_last]
+        mask = (input_ids == self.backbone.image_token_id).to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def count_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
+        return self.count_head(self.pool(hidden, input_ids, prompt_last).float())
+
+    def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
+        """Named, unweighted loss terms: ``lm`` (answer tokens) and ``count`` (head)."""
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        terms: dict[str, torch.Tensor] = {}
+        if "lm" in active:
+            logits = self.backbone.model.lm_head(hidden)
+            terms["lm"], _ = answer_token_loss(logits, batch["labels"])
+        if "count" in active:
+            logits = self.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
+            terms["count"] = F.cross_entropy(logits, batch["count"])
+        return terms
+
+
+def _prompt_last(labels: torch.Tensor) -> torch.Tensor:
+    """Index of the last prompt token of each row: the position before the first label."""
+    labelled = labels != IGNORE_INDEX
+    first = labelled.float().argmax(dim=1)  # first labelled position (answers are never empty)
+    return (first - 1).clamp_min(0)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """``<|im_end|>`` ends an answer; the tokenizer's own EOS stops generation as well."""
+    ids = [tokenizer.convert_tokens_to_ids(CHAT_END), tokenizer.eos_token_id]
+    unk = tokenizer.unk_token_id
+    return list(dict.fromkeys(i for i in ids if i is not None and i != unk))
+
+
+@torch.no_grad()
+def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: torch.Tensor,
+                     max_new_tokens: int, num_beams: int = 1, do_sample: bool = False, top_p: float = 1.0,
+                     temperature: float = 1.0, **kw: Any) -> Any:
+    """Answers to left-padded prompts. Returns the generated ids [B, T] (or generate's
+    output object when ``return_dict_in_generate`` is passed)."""
+    bb = model.backbone
+    embeds = bb.embed_multimodal(prompt_ids, pixel_values)
+    tok = bb.tokenizer
+    args: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                                eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+    if do_sample:
+        args.update(top_p=top_p, temperature=temperature)
+    else:
+        # Unset sampling knobs a hub generation_config may carry, so greedy/beam stays greedy.
+        args.update(top_p=None, top_k=None, temperature=None)
+    # Positions follow the mask, so left padding does not shift the real tokens.
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return bb.model.generate(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=position_ids, **args, **kw)
+
+
+def decode(tokenizer: Any, ids: torch.Tensor) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
+    """Annotation files from the config, or the synthetic receipts set, generated once."""
+    d = cfg.data
+    if d.train:
+        missing = [k for k in ("val", "test") if not getattr(d, k)]
+        if missing:
+            raise DataError(f"data.{missing[0]}: needed when data.train is given")
+        return {"train": d.train, "val": d.val, "test": d.test}  # type: ignore[dict-item]
+    from vlmtune.data.receipts import generate_receipts
+
+    folder = Path(d.synthetic_dir) if d.synthetic_dir else output_dir / "data"
+    if not (folder / "test.jsonl").is_file():
+        generate_receipts(folder, n=d.synthetic.n, seed=d.synthetic.seed, max_count=cfg.counting.max_count,
+                          image_size=d.synthetic.image_size)
+    return {split: str((folder / f"{split}.jsonl").resolve()) for split in ("train", "val", "test")}
+
+
+def build_model(backbone: Backbone, cfg: Config) -> CountingModel:
+    return CountingModel(backbone, cfg)
+
+
+def read_split(path: str, cfg: Config) -> list[CountRecord]:
+    return read_counting(path, max_count=cfg.counting.max_count)
+
+
+def prompt_builder(backbone: Backbone, cfg: Config) -> PromptBuilder:
+    return PromptBuilder(backbone.tokenizer, backbone.info.tokens_per_tile, cfg.counting.question_max_tokens,
+                         cfg.counting.answer_max_tokens)
+
+
+def make_loader(records: list[CountRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    collate = CountingCollator(prompt_builder(backbone, cfg), backbone.image_processor, cfg.counting.max_dynamic_patch,
+                               backbone.tokenizer.pad_token_id)
+    return DataLoader(
+        CountingDataset(records, cfg.counting.buckets), batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
+        shuffle=train, generator=g if train else None, num_workers=cfg.data.num_workers,
+        drop_last=train and len(records) > cfg.train.batch_size, collate_fn=collate,
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def validate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
+             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+    """The cheap pass after each epoch: head metrics, answer perplexity, and answers
+    sampled for the first ``generation.val_num_images`` images (a quick look)."""
+    g = cfg.generation
+    # Sampling draws from a forked RNG seeded by the run, so validation neither perturbs
+    # the training stream (resume stays exact) nor varies between identical runs.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return _evaluate(model, records, cfg, device, train_records, progress, n_generate=g.val_num_images,
+                         gen=dict(num_beams=1, do_sample=g.val_do_sample, top_p=g.val_top_p, temperature=g.val_temperature))
+
+
+def evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
+             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+    """The final evaluation: head metrics beside the majority class, perplexity, and a
+    beam-search answer for every image (BLEU, ROUGE, count parsed from the answer)."""
+    return _evaluate(model, records, cfg, device, train_records, progress, n_generate=len(records),
+                     gen=dict(num_beams=cfg.generation.num_beams, do_sample=False))
+
+
+@torch.no_grad()
+def _evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
+              train_records: list[CountRecord] | None, progress: bool, n_generate: int, gen: dict[str, Any]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    tok = model.backbone.tokenizer
+    k = num_classes(cfg)
+    preds, labels, generated, refs, true_counts = [], [], [], [], []
+    nll, n_tokens = 0.0, 0
+    loader = make_loader(records, model.backbone, cfg, train=False)
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        batch = {key: v.to(device) for key, v in batch.items()}
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits = model.backbone.model.lm_head(hidden)
+        loss, n = answer_token_loss(logits, batch["labels"])
+        nll += float(loss) * n
+        n_tokens += n
+        preds.append(model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"])).argmax(-1).cpu())
+        labels.append(batch["count"].cpu())
+        idx = batch["index"].tolist()
+        want = [j for j, i in enumerate(idx) if i < n_generate]
+        if want:
+            rows = torch.tensor(want, device=device)
+            ids = generate_answers(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                   _tiles_of(batch["pixel_values"], batch["num_tiles"], want),
+                                   max_new_tokens=cfg.generation.max_new_tokens, **gen)
+            generated += decode(tok, ids)
+            refs += [records[idx[j]].answer for j in want]
+            true_counts += [records[idx[j]].count for j in want]
+
+    p, y = torch.cat(preds), torch.cat(labels)
+    metrics: dict[str, Any] = classification_metrics(p, y, k, "count")
+    metrics["count/n"] = len(y)
+    metrics["count/classes"] = class_names(cfg)
+    if train_records:
+        train_y = torch.tensor([count_class(r.count, cfg.counting.buckets) for r in train_records])
+        metrics.update(majority_baseline(train_y, y, k, "count"))
+    metrics["text/perplexity"] = perplexity(nll, n_tokens) if n_tokens else float("nan")
+    metrics.update(answer_metrics(generated, refs, true_counts, train_records))
+    if len(generated) == len(records):  # BLEU/ROUGE only over the whole split
+        metrics.update(text_metrics(generated, refs))
+    model.train(was_training)
+    return metrics
+
+
+def _tiles_of(pixel_values: torch.Tensor, num_tiles: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The tiles of the chosen rows of a batch (tiles of all images are stacked in order)."""
+    starts = torch.cat([num_tiles.new_zeros(1), num_tiles.cumsum(0)]).tolist()
+    return torch.cat([pixel_values[starts[r]:starts[r + 1]] for r in rows])
+
+
+def answer_metrics(generated: list[str], references: list[str], counts: list[int],
+                   train_records: list[CountRecord] | None = None) -> dict[str, Any]:
+    """Share of answers that state a count, and of answers whose count is right (0-100),
+    beside always answering the most common training count."""
+    out: dict[str, Any] = {"answer/n_generated": len(generated)}
+    if not generated:
+        return out
+    parsed = [parse_count(t) for t in generated]
+    out["answer/parse_rate"] = 100.0 * sum(c is not None for c in parsed) / len(parsed)
+    out["answer/count_accuracy"] = 100.0 * sum(c == y for c, y in zip(parsed, counts)) / len(parsed)
+    if train_records:
+        majority = Counter(r.count for r in train_records).most_common(1)[0][0]
+        out["answer/baseline_count_accuracy"] = 100.0 * sum(y == majority for y in counts) / len(counts)
+    out["answer/sample"] = generated[0]
+    out["answer/examples"] = [{"reference": r, "generated": g} for r, g in list(zip(references, generated))[:5]]
+    return out
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    return {"lm": cfg.loss.lm, "count": cfg.loss.count}
