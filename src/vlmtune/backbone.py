@@ -222,6 +222,11 @@ class Backbone(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
+        # The tiny preset travels inside every checkpoint, as it was before any stage
+        # trained a block of it (trained blocks live in the checkpoint's weights), so
+        # each checkpoint's backbone folder is the same network.
+        self.pristine = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                         if source == "tiny" else None)
 
     # ---- components, by module
     @property
@@ -372,7 +377,8 @@ class Backbone(nn.Module):
         folder = Path(folder)
         # The backbone is saved as transformers loads it: without LoRA adapters a task may
         # have injected (those go to the checkpoint's own weights file).
-        self.model.save_pretrained(folder, state_dict=_without_lora(self.model))
+        state = self.pristine if self.pristine is not None else _without_lora(self.model)
+        self.model.save_pretrained(folder, state_dict=state)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
 

@@ -39,20 +39,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
     from vlmtune.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    metrics = train(cfg, args.output_dir, resume=args.resume)
-    print(f"finished: {args.output_dir}/metrics.json")
-    _print_metrics(metrics)
+    if args.seeds is None:
+        cfg = load_config(args.config, args.overrides)
+        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker)
+        print(f"finished: {args.output_dir}/metrics.json")
+        _print_metrics(metrics)
+        return 0
+    # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
+    seeds = _parse_seeds(args.seeds)
+    cfgs = {s: load_config(args.config, [*args.overrides, f"seed={s}"]) for s in seeds}  # all checked first
+    for s, cfg in cfgs.items():
+        out = Path(args.output_dir) / f"seed{s}"
+        metrics = train(cfg, out, resume=args.resume and (out / "checkpoints" / "last").exists(), tracker=args.tracker)
+        print(f"finished seed {s}: {out}/metrics.json")
+        _print_metrics(metrics)
+    print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmtune.train import evaluate_checkpoint
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VlmtuneError(f"--seeds: expected comma-separated integers like 0,1,2, got '{text}'") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise VlmtuneError(f"--seeds: expected distinct integers like 0,1,2, got '{text}'")
+    return seeds
 
-    metrics = evaluate_checkpoint(args.checkpoint, data=args.data, output_dir=args.output_dir)
-    dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
-    print(f"wrote {dest / 'metrics.json'}")
-    _print_metrics(metrics)
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many
+
+    if len(args.checkpoints) == 1 and not args.labels:
+        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir)
+        dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
+        print(f"wrote {dest / 'metrics.json'}")
+        _print_metrics(metrics)
+        return 0
+    if not args.output_dir:
+        raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
+    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir)
+    print((Path(args.output_dir) / "evaluation.md").read_text())
+    print(f"wrote {Path(args.output_dir) / 'evaluation.md'} and evaluation.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlmtune.report import compare
+
+    result = compare(args.run_dirs, args.output_dir, target_metric=args.metric, tolerance=args.tolerance, labels=args.labels)
+    print(result["verdict"]["text"])
+    print(f"wrote {Path(args.output_dir) / 'report.md'}, report.html and comparison.json")
     return 0
 
 
@@ -104,12 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-4")
     t.add_argument("--output-dir", required=True, help="run directory to write")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUTPUT_DIR/seedS, for vlmtune compare")
+    t.add_argument("--tracker", choices=("wandb", "tensorboard"),
+                   help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint", description="Evaluate a checkpoint on its own test split or on --data.")
-    e.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/checkpoints/best")
+    e = sub.add_parser("evaluate", help="evaluate one or several checkpoints",
+                       description="Evaluate a checkpoint on its own test split or on --data. With several checkpoints, "
+                       "all are evaluated on one data set (the backbone's features are computed once where it is shared) "
+                       "and one table is written.")
+    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folder(s), e.g. runs/demo/checkpoints/best")
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
-    e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval)")
+    e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
+    e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval); required with several")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
@@ -130,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit", type=int, default=None, help="at most this many images")
     at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
     at.set_defaults(func=cmd_attention)
+
+    c = sub.add_parser("compare", help="compare runs: tables over seeds, efficiency, plots",
+                       description="Group runs by config (seed aside) and write report.md, a self-contained report.html, "
+                       "comparison.json and PNG plots to --output-dir.")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.json, history.jsonl, config.yaml)")
+    c.add_argument("--output-dir", required=True, help="where to write the report")
+    c.add_argument("--metric", help="validation metric for time-to-target (default: the runs' early-stopping metric)")
+    c.add_argument("--tolerance", type=float, default=1.0,
+                   help="an epoch reaches the target when within this of the run's best value (default 1.0)")
+    c.add_argument("--labels", nargs="+", help="names of the groups, in order of first appearance")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("data", help="generate synthetic data sets")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")

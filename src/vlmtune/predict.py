@@ -33,13 +33,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vlmtune.backbone import load_backbone
-from vlmtune.checkpoint import check_identity, load_weights, open_checkpoint
+from vlmtune.checkpoint import open_checkpoint
+from vlmtune.evaluate import load_model
 from vlmtune.config import Config
 from vlmtune.data.formats import load_image, read_counting
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
-from vlmtune.tasks import get_task
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
 
 DEFAULT_QUESTION = "How many receipts are in this image?"
@@ -66,15 +65,10 @@ class Prediction:
 def load_counting_checkpoint(path: str | Path, device: torch.device | None = None) -> tuple[CountingModel, Config]:
     """A counting checkpoint's model with its trained weights, in eval mode."""
     ckpt = open_checkpoint(path)
-    cfg = ckpt.cfg
-    if cfg.task != "counting":
-        raise CheckpointError(f"{ckpt.folder}: is a '{cfg.task}' checkpoint; predict needs a counting one")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
-    check_identity(ckpt, backbone.identity())
-    model = get_task(cfg.task).build_model(backbone, cfg)
-    load_weights(model, ckpt.weights(), ckpt.folder)
-    return model.to(device).eval(), cfg
+    if ckpt.cfg.task != "counting":
+        raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; predict needs a counting one")
+    model, _ = load_model(ckpt, device)
+    return model, ckpt.cfg  # type: ignore[return-value]
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -33,14 +34,17 @@ from vlmtune.checkpoint import (
     set_rng_state,
 )
 from vlmtune.config import Config, config_to_dict, save_config
-from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.errors import ConfigError
 from vlmtune.stages import apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.tasks import TaskSpec, get_task
 
 log = logging.getLogger("vlmtune")
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+TRACKERS = ("wandb", "tensorboard")
+
+
+def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path | None = None) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -50,7 +54,37 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=tracker,
+        project_dir=str(project_dir) if project_dir else None,
     )
+
+
+def _start_tracker(accelerator: Accelerator, tracker: str, cfg: Config, out: Path) -> None:
+    """Accelerate's own tracker; every history record is mirrored to it."""
+    if tracker == "wandb" and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("wandb: no WANDB_API_KEY, logging offline into %s/wandb (wandb sync uploads it later)", out)
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in _flatten(config_to_dict(cfg)).items()}
+    try:
+        accelerator.init_trackers(tracker, config=flat, init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ConfigError(f"--tracker {tracker}: {e}; install it with pip install 'vlmtune[{tracker}]'") from None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _numeric(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {prefix + k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "type")}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -69,8 +103,9 @@ class History:
     """history.jsonl: one JSON line per logged step or epoch; truncated on resume to
     the lines the checkpoint had seen, so no line is written twice."""
 
-    def __init__(self, path: Path, keep_lines: int | None):
+    def __init__(self, path: Path, keep_lines: int | None, sink: Any = None):
         self.path = path
+        self.sink = sink  # e.g. a tracker: sink(record) for every new record
         lines = path.read_text().splitlines() if keep_lines and path.exists() else []
         self.lines = lines[:keep_lines] if keep_lines else []
         path.write_text("".join(ln + "\n" for ln in self.lines))
@@ -80,13 +115,19 @@ class History:
         self.lines.append(line)
         with self.path.open("a") as f:
             f.write(line + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
 
-def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``output_dir``; returns the final test metrics."""
+def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``output_dir``; returns the final test metrics.
+
+    ``tracker``: also log to "wandb" or "tensorboard" (through Accelerate) besides
+    history.jsonl.
+    """
     out = Path(output_dir)
     ckpt_dir = out / "checkpoints"
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, tracker, out)
     main = accelerator.is_main_process
     task: TaskSpec = get_task(cfg.task)
 
@@ -134,7 +175,13 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
         log.info("resuming from %s at epoch %d", resume_from.folder, state["epoch"])
     if main:
         save_config(cfg, out / "config.yaml")
-    history = History(out / "history.jsonl", state["history_lines"] if resume_from else None)
+    sink = None
+    if tracker and main:
+        _start_tracker(accelerator, tracker, cfg, out)
+        # Step lines carry loss/*, lr/*, diag/*; epoch lines val/*, wall time, peak
+        # memory, samples; stage lines the stage index and trainable count.
+        sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
+    history = History(out / "history.jsonl", state["history_lines"] if resume_from else None, sink)
     model.to(device)
     t_start = time.time() - state["wall_s"]
     last_val: dict[str, Any] = {}
@@ -269,6 +316,9 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str
         metrics["train/last_val"] = float(last_val.get(es.metric, float("nan")))
     if main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if tracker:
+            accelerator.log(_numeric(metrics, "test/"), step=state["step"])
+            accelerator.end_training()
     return metrics
 
 
@@ -304,32 +354,3 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
             if x != y:
                 return _first_difference(x, y, f"{prefix}[{i}]")
     return prefix or "config"
-
-
-def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
-    ckpt = open_checkpoint(path)
-    cfg = ckpt.cfg
-    task = get_task(cfg.task)
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
-    check_identity(ckpt, backbone.identity())
-    model = task.build_model(backbone, cfg)
-    load_weights(model, ckpt.weights(), ckpt.folder)
-    model.to(device)
-    paths = ckpt.state.get("data_paths", {})
-    source = data or paths.get("test")
-    if not source:
-        raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
-    records = task.read_split(source, cfg)
-    train_path = paths.get("train")
-    train_records = task.read_split(train_path, cfg) if train_path and Path(train_path).is_file() else None
-    metrics = task.evaluate(model, records, cfg, device, train_records, progress)
-    metrics["eval/data"] = str(source)
-    metrics["checkpoint"] = str(ckpt.folder)
-    dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics

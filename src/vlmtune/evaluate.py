@@ -1,0 +1,153 @@
+"""Evaluate checkpoints: one on its test split or any data file, or several in one table.
+
+Several checkpoints on one data set share what can be shared: a backbone is loaded
+once per distinct backbone config, and for tasks that cache frozen features the
+images are decoded and run through the backbone once; every checkpoint then
+evaluates its own heads from those features. A checkpoint that trained backbone
+blocks has other backbone weights, so it gets features of its own (the cache key
+holds a fingerprint of the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmtune.backbone import Backbone, load_backbone
+from vlmtune.checkpoint import Checkpoint, check_identity, load_weights, open_checkpoint
+from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.tasks import TaskSpec, get_task
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(ckpt: Checkpoint, device: torch.device | None = None,
+               backbone: Backbone | None = None) -> tuple[nn.Module, TaskSpec]:
+    """A checkpoint's model with its trained weights, in eval mode, on ``device``."""
+    device = device or default_device()
+    cfg = ckpt.cfg
+    task = get_task(cfg.task)
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
+    check_identity(ckpt, backbone.identity())
+    model = task.build_model(backbone, cfg)
+    load_weights(model, ckpt.weights(), ckpt.folder)
+    return model.to(device).eval(), task
+
+
+def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
+    paths = ckpt.state.get("data_paths", {})
+    source = data or paths.get("test")
+    if not source:
+        raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
+    train = paths.get("train")
+    return str(source), train if train and Path(train).is_file() else None
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
+    ckpt = open_checkpoint(path)
+    device = default_device()
+    model, task = load_model(ckpt, device)
+    source, train_path = _splits(ckpt, data)
+    records = task.read_split(source, ckpt.cfg)
+    train_records = task.read_split(train_path, ckpt.cfg) if train_path else None
+    metrics = task.evaluate(model, records, ckpt.cfg, device, train_records, progress)
+    metrics["eval/data"] = source
+    metrics["checkpoint"] = str(ckpt.folder)
+    dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
+                  output_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
+
+    ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
+    ``evaluation.json`` and ``LABEL/metrics.json`` for each checkpoint.
+    """
+    labels = labels or [_default_label(Path(p)) for p in paths]
+    if len(labels) != len(paths):
+        raise VlmtuneError(f"--labels: {len(labels)} labels for {len(paths)} checkpoints")
+    if len(set(labels)) != len(labels):
+        raise VlmtuneError(f"--labels: labels must be distinct, got {', '.join(labels)}")
+    ckpts = [open_checkpoint(p) for p in paths]
+    tasks = {c.cfg.task for c in ckpts}
+    if len(tasks) > 1:
+        raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
+    sources = {_splits(c, data)[0] for c in ckpts}
+    if len(sources) > 1:
+        raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    first = ckpts[0]
+    source, train_path = _splits(first, data)
+    task = get_task(first.cfg.task)
+    records = task.read_split(source, first.cfg)
+    train_records = task.read_split(train_path, first.cfg) if train_path else None
+
+    backbones: dict[str, Backbone] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for label, ckpt in zip(labels, ckpts):
+        # One backbone object per backbone config and source; a checkpoint's trained
+        # blocks are loaded into it and restored afterwards, so the next one starts clean.
+        key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.get("backbone")], sort_keys=True, default=str)
+        if key not in backbones:
+            backbones[key] = load_backbone(ckpt.cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
+        backbone = backbones[key]
+        pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
+        model, _ = load_model(ckpt, device, backbone)
+        extra = {"cache_dir": out / "cache"} if task.cacheable else {}
+        metrics = task.evaluate(model, records, ckpt.cfg, device, train_records, progress, **extra)
+        backbone.load_state_dict(pristine)
+        metrics["eval/data"] = source
+        metrics["checkpoint"] = str(ckpt.folder)
+        (out / label).mkdir(exist_ok=True)
+        (out / label / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        results[label] = metrics
+    (out / "evaluation.json").write_text(json.dumps(results, indent=2))
+    (out / "evaluation.md").write_text(metrics_table(results, f"Evaluation on {source}"))
+    return results
+
+
+def _default_label(path: Path) -> str:
+    # runs/NAME/checkpoints/best -> NAME/best
+    parts = path.resolve().parts
+    return f"{parts[-3]}/{parts[-1]}" if len(parts) >= 3 and parts[-2] == "checkpoints" else path.name
+
+
+def metrics_table(results: dict[str, dict[str, Any]], title: str) -> str:
+    """Markdown: one row per metric, one column per label; the best value in bold,
+    chance and baseline rows in italics and never marked."""
+    from vlmtune.report import direction, is_reference, order_metrics
+
+    keys = order_metrics(sorted({k for m in results.values() for k, v in m.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}))
+    labels = list(results)
+    lines = [f"# {title}", "", "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for k in keys:
+        vals = [results[lb].get(k) for lb in labels]
+        nums = [v for v in vals if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]
+        way = None if is_reference(k) else direction(k)
+        best = (max(nums) if way == "max" else min(nums)) if way and len(nums) > 1 else None
+        cells = []
+        for v in vals:
+            if v is None:
+                cells.append("—")
+                continue
+            s = f"{v:.2f}" if isinstance(v, float) else str(v)
+            cells.append(f"**{s}**" if best is not None and v == best else s)
+        name = f"*{k}*" if is_reference(k) else k
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
