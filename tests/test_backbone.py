@@ -62,3 +62,17 @@ def test_text_pooling_is_not_token_zero(tiny) -> None:
     for mode in ("last", "mean"):
         pooled = pool_text(hidden, enc["attention_mask"], mode)
         assert not torch.allclose(pooled[0], pooled[1])
+
+
+def test_flash_attention_falls_back_to_sdpa_with_a_warning(caplog) -> None:
+    """On a machine without flash-attn (or without a suitable GPU) the run goes on with SDPA."""
+    import logging
+
+    from vlmtune.backbone import _attn_impl
+
+    with caplog.at_level(logging.WARNING):
+        assert _attn_impl("flash_attention_2") == "sdpa"
+    assert "flash_attention_2 is not available" in caplog.text
+    assert _attn_impl("auto") == "sdpa" and _attn_impl("eager") == "eager"
+    b = load_backbone(BackboneConfig(attn_implementation="flash_attention_2"))
+    assert b.model.config._attn_implementation == "sdpa"

@@ -65,3 +65,40 @@ def test_gradients_reach_unfrozen_blocks_and_only_them(scenes) -> None:
     assert any(f"encoder.layer.{last}." in k for k in changed)
     assert not any("encoder.layer.0." in k for k in changed)
     assert not any("language_model" in k or "embeddings" in k for k in changed)
+
+
+def test_gradient_checkpointing_recomputes_trained_blocks_with_equal_gradients(scenes) -> None:
+    """With backbone.gradient_checkpointing the trained vision block runs twice per step
+    (forward, then recomputed in backward) and the gradients are the same."""
+    from vlmtune.data.formats import read_pairs
+    from vlmtune.tasks.retrieval import make_loader
+
+    cfg, model, plan = _model_and_plan()
+    stage = plan[1]
+    cfg.train.batch_size = 8
+    batch = next(iter(make_loader(read_pairs(scenes / "train.json"), model.backbone, cfg, train=True)))
+    model.heads_dropout = 0.0
+    grads = []
+    for checkpointing in (False, True):
+        apply_stage(model, stage, 1e-3, 0.0)
+        model.backbone.set_gradient_checkpointing(set(stage.train) if checkpointing else set())
+        model.train()
+        for m in model.modules():  # same network both times: no dropout in the heads
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        calls = []
+        # transformers checkpoints a layer's forward, so the hooks of its sub-modules run again.
+        hook = model.backbone.vision_blocks[-1].mlp.register_forward_hook(lambda *a: calls.append(1))
+        torch.manual_seed(0)
+        terms = model(batch, frozenset({"contrastive", "box"}))
+        (terms["contrastive"] + terms["box"]).backward()
+        hook.remove()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "encoder.layer.1" in n})
+        model.zero_grad()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    # The frozen parts of the backbone stay in eval mode.
+    assert model.backbone.vision_tower.is_activation_checkpointing
+    assert not model.backbone.language_model.training

@@ -145,14 +145,25 @@ def _resolve_dtype(name: str, device_type: str) -> torch.dtype:
 
 
 def _attn_impl(name: str) -> str:
+    """The attention kernel to load with. FlashAttention-2 needs the flash-attn package
+    and an Ampere-or-newer GPU; where either is missing InternVL users otherwise meet an
+    import error deep in loading, so fall back to SDPA (which itself uses a flash
+    kernel where PyTorch has one) and say so."""
     if name == "auto":
         return "sdpa"
     if name == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            log.warning("flash_attention_2 requested but flash-attn is not installed; using sdpa")
-            return "sdpa"
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            why = "no CUDA device"
+        elif torch.cuda.get_device_capability()[0] < 8:
+            why = f"GPU compute capability {torch.cuda.get_device_capability()} < (8, 0)"
+        elif importlib.util.find_spec("flash_attn") is None:
+            why = "the flash-attn package is not installed"
+        else:
+            return name
+        log.warning("backbone.attn_implementation=flash_attention_2 is not available (%s); using sdpa", why)
+        return "sdpa"
     return name
 
 
@@ -336,6 +347,44 @@ class Backbone(nn.Module):
 
         size = self.image_processor.size
         return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), 1, max_tiles)
+
+    # ---- training mode and gradient checkpointing
+    def train(self, mode: bool = True) -> "Backbone":
+        """The frozen backbone stays in eval mode (its dropout off) whatever ``mode`` is.
+
+        Two kinds of module follow ``mode``: LoRA layers (their dropout is part of the
+        method) and layers under gradient checkpointing, which transformers only
+        recomputes in training mode. InternVL's vision and text layers have no dropout
+        at their shipped rates (0.0), so this changes memory, not results.
+        """
+        super().train(False)
+        self.training = mode
+        for m in self._follow_mode():
+            m.train(mode)
+        return self
+
+    def _follow_mode(self) -> list[nn.Module]:
+        mods = list(getattr(self, "_checkpointed", []))
+        try:
+            from peft.tuners.lora import LoraLayer
+
+            mods += [m for m in self.modules() if isinstance(m, LoraLayer)]
+        except ImportError:  # pragma: no cover - peft is a dependency
+            pass
+        return mods
+
+    def set_gradient_checkpointing(self, components: set[str]) -> None:
+        """Recompute activations in the backward pass of the towers that ``components``
+        train (vision_blocks / vision_tower, language_model); off for the others."""
+        self._checkpointed: list[nn.Module] = []
+        kwargs = {"use_reentrant": False}
+        for tower, names in ((self.vision_tower, {"vision_blocks", "vision_tower"}), (self.language_model, {"language_model"})):
+            if tower.is_activation_checkpointing:
+                tower.activation_checkpointing_disable()
+            if names & components:
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                self._checkpointed.append(tower)
+        self.train(self.training)
 
     def set_attention(self, implementation: str) -> None:
         """Switch the attention kernel, e.g. to "eager" for a pass that returns attention maps

@@ -190,6 +190,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
         if stage.end_epoch <= state["epoch"] or state["stopped_early"]:
             continue
         groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
+        backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
         trainable, total = count_parameters(model)
         state["max_trainable"] = max(state["max_trainable"], trainable)
         if main:
@@ -221,7 +222,6 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
         for epoch in range(max(stage.start_epoch, state["epoch"]), stage.end_epoch):
             loader.set_epoch(epoch)
             model.train()
-            model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
             running: dict[str, float] = {}
             n_running = 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{stage.name}]",
