@@ -84,6 +84,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlmtune.bench import run_bench
+
+    sizes = []
+    for text in args.eval_sizes:
+        try:
+            n, m = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            raise VlmtuneError(f"--eval-sizes: expected NxM like 20000x100000, got '{text}'") from None
+        sizes.append((n, m))
+    run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
+              batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Fill the feature cache of a config's data up front (otherwise the first epoch does)."""
+    import torch
+
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import load_config
+    from vlmtune.tasks import get_task
+
+    cfg = load_config(args.config, args.overrides)
+    task = get_task(cfg.task)
+    if not task.cacheable:
+        raise VlmtuneError(f"task '{cfg.task}': has no feature cache")
+    out = Path(args.output_dir)
+    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
+    paths = task.resolve_data_paths(cfg, out)
+    for split in ("train", "val", "test"):
+        records = task.read_split(paths[split], cfg)
+        task.make_loader(records, backbone, cfg, False, cache_dir=cache_dir)
+        print(f"{split}: {len(records)} records cached")
+    print(f"cache: {cache_dir}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlmtune.report import compare
 
@@ -127,6 +169,18 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
     paths = generate_receipts(args.out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from vlmtune.data.validate import detect_kind, format_lines, to_json, validate_file
+
+    kind = args.kind or detect_kind(args.annotation_file)
+    scan = validate_file(args.annotation_file, kind, max_count=args.max_count, max_text_chars=args.max_text_chars)
+    if args.json:
+        print(json.dumps(to_json(scan, kind), indent=2))
+    else:
+        print("\n".join(format_lines(scan)))
+    return 1 if scan.errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", nargs="+", help="names of the groups, in order of first appearance")
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("data", help="generate synthetic data sets")
+    b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
+                       description="Measure, in one run, frozen-backbone training with and without the feature cache "
+                       "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
+                       "matmul, and on a GPU bf16 feature extraction. Writes bench.json and bench.md.")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
+                   help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
+    b.add_argument("--images", type=int, default=200, help="synthetic images (default 200)")
+    b.add_argument("--epochs", type=int, default=5, help="cached epochs (default 5)")
+    b.add_argument("--uncached-epochs", type=int, default=None, help="uncached epochs (default: --epochs)")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
+    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu"), help="default: all")
+    b.add_argument("--progress", action="store_true", help="show training progress bars")
+    b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("cache", help="fill the frozen-feature cache of a config's data up front",
+                       description="Compute the frozen towers' features for the train/val/test splits once, into "
+                       "cache.dir (default OUTPUT_DIR/cache); training reads them instead of recomputing.")
+    k.add_argument("config", help="YAML config")
+    k.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    k.add_argument("--output-dir", required=True, help="the run directory the cache belongs to")
+    k.set_defaults(func=cmd_cache)
+
+    d = sub.add_parser("data", help="generate synthetic data sets or check one")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
     s = dsub.add_parser("scenes", help="coloured shapes with captions, boxes and spatial relations (retrieval + grounding)")
     s.add_argument("--out", required=True, help="output folder")
@@ -202,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--width", type=int, default=128, help="image width in pixels (default 128)")
     r.add_argument("--height", type=int, default=None, help="image height (default: same as width)")
     r.set_defaults(func=cmd_data_receipts)
+    v = dsub.add_parser("validate", help="check an annotation file and its images; list every problem",
+                        description="Check an annotation file up front, decoding every image, and print every problem "
+                        "as 'FILE: record N: message' (notes, such as images converted to RGB, as 'FILE: record N: note: "
+                        "...') and a summary line. Exit status: 0 when there is no error, 1 when there is one.")
+    v.add_argument("annotation_file", help="retrieval/grounding/COCO JSON or counting JSONL")
+    v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")
+    v.add_argument("--max-count", type=int, default=None, help="counting: largest allowed count (default: no upper limit)")
+    v.add_argument("--max-text-chars", type=int, default=1000, help="longest caption, question or answer (default 1000)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=cmd_data_validate)
     return p
 
 
@@ -234,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except VlmtuneError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
+            print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,274 @@
+"""``vlmtune bench``: where users wait, measured side by side in one run.
+
+Sections (each writes into ``bench.json`` and a row block of ``bench.md``):
+
+training   frozen-backbone training of the retrieval recipe on the chosen preset, the
+           same data and config with the feature cache and without it: the time of one
+           feature-extraction pass over the training set (the physical floor of any
+           epoch that needs the towers), the time of each epoch, and the ratios
+           ``cached total / extraction pass`` and ``uncached epoch / cached epoch``.
+loader     dataloader throughput (decode + preprocess + tokenize), items/s.
+eval       retrieval evaluation of N images x M captions (random unit vectors) against
+           one bare matrix product of the same sizes, time and peak memory, each in a
+           fresh subprocess so the peak is clean.
+gpu        where CUDA is present: images/s of bf16 feature extraction and the fraction
+           of the device's measured peak bf16 matmul throughput it reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --------------------------------------------------------------------------- training
+
+
+def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int,
+                   out: Path, progress: bool = False) -> dict[str, Any]:
+    """Frozen-backbone training with and without the cache, same data, same config."""
+    from vlmtune.config import load_config
+    from vlmtune.data.formats import read_pairs
+    from vlmtune.data.scenes import generate_scenes
+    from vlmtune.train import train
+
+    data = out / "data"
+    if not (data / "test.json").is_file():
+        generate_scenes(data, n=images, seed=0, image_size=96)
+    base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
+            "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
+            f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
+            "train.log_every=1000000"]
+    res: dict[str, Any] = {"preset": preset, "images": images, "captions": len(read_pairs(data / "train.json"))}
+
+    # One feature-extraction pass: exactly the work the cache does once (both frozen
+    # towers over every training image and caption), timed on its own.
+    from vlmtune.backbone import load_backbone
+    from vlmtune.tasks.retrieval import build_text_cache, build_vision_cache
+
+    cfg = load_config(None, [*base, f"train.epochs={epochs}"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
+    records = read_pairs(data / "train.json")
+    shutil.rmtree(out / "extraction_cache", ignore_errors=True)
+    t0 = time.perf_counter()
+    build_vision_cache(records, backbone, cfg, out / "extraction_cache")
+    build_text_cache(records, backbone, cfg, out / "extraction_cache")
+    res["extraction_pass_s"] = time.perf_counter() - t0
+    del backbone
+
+    # Warm-up (first backward, allocator, threads) so neither timed run pays it.
+    shutil.rmtree(out / "run_warmup", ignore_errors=True)
+    train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "run_warmup")
+    runs = {"cached": (epochs, True), "uncached": (uncached_epochs, False)}
+    for name, (n_epochs, cached) in runs.items():
+        run_dir = out / f"run_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(out / f"cache_{name}", ignore_errors=True)
+        cfg = load_config(None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}",
+                                 f"cache.dir={out / f'cache_{name}'}"])
+        t0 = time.perf_counter()
+        train(cfg, run_dir)
+        total = time.perf_counter() - t0
+        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+        cum = [x["train_wall_s"] for x in lines if x["type"] == "epoch"]
+        per_epoch = [b - a for a, b in zip([0.0] + cum[:-1], cum)]
+        stage = next(x for x in lines if x["type"] == "stage")
+        res[name] = {"epochs": n_epochs, "epoch_train_s": [round(x, 3) for x in per_epoch], "run_total_s": round(total, 3),
+                     "samples_per_s": json.loads((run_dir / "metrics.json").read_text())["train/samples_per_s"],
+                     "cache": stage.get("cache", {})}
+    # The cached run's cache is built at its stage start, outside the epoch timer: the
+    # same work as the extraction pass measured above, so it is charged at that price.
+    cached_epochs = res["cached"]["epoch_train_s"]
+    res["cached_total_s"] = res["extraction_pass_s"] + sum(cached_epochs)
+    res["ratio_cached_total_to_extraction"] = res["cached_total_s"] / res["extraction_pass_s"]
+    later = cached_epochs[1:] or cached_epochs
+    res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (sum(later) / len(later))
+    return res
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int]) -> dict[str, Any]:
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import load_config
+    from vlmtune.data.formats import read_pairs
+    from vlmtune.tasks.retrieval import make_loader
+
+    cfg = load_config(None, [f"backbone.name_or_path={preset}", f"eval.batch_size={batch_size}"])
+    backbone = load_backbone(cfg.backbone)
+    records = read_pairs(data / "train.json")
+    out: dict[str, Any] = {}
+    for w in workers:
+        cfg.data.num_workers = w
+        loader = make_loader(records, backbone, cfg, train=False)
+        t0 = time.perf_counter()
+        n = sum(len(b["input_ids"]) for b in loader)
+        out[f"workers_{w}_items_per_s"] = n / (time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _eval_child(kind: str, n: int, m: int, dim: int, chunk: int) -> dict[str, float]:
+    from vlmtune.metrics.retrieval import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(m, dim, generator=g), dim=-1)
+    t2i = torch.arange(m) % n
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if kind == "matmul":
+        img @ txt.T
+    else:
+        retrieval_metrics(img, txt, t2i, chunk_size=chunk)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "peak_above_embeddings_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+
+
+def bench_eval(sizes: list[tuple[int, int]], dim: int = 256, chunk: int = 4096) -> list[dict[str, Any]]:
+    rows = []
+    for n, m in sizes:
+        res = {}
+        for kind in ("matmul", "retrieval_metrics"):
+            cmd = [sys.executable, "-m", "vlmtune.bench", kind, str(n), str(m), str(dim), str(chunk)]
+            res[kind] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        rows.append({"images": n, "captions": m, "dim": dim, "chunk": chunk,
+                     "matmul_s": res["matmul"]["wall_s"], "eval_s": res["retrieval_metrics"]["wall_s"],
+                     "ratio": res["retrieval_metrics"]["wall_s"] / res["matmul"]["wall_s"],
+                     "matmul_peak_mb": res["matmul"]["peak_above_embeddings_mb"],
+                     "eval_peak_mb": res["retrieval_metrics"]["peak_above_embeddings_mb"]})
+    return rows
+
+
+# --------------------------------------------------------------------------- gpu
+
+
+def bench_gpu(preset: str, batch_size: int = 32, steps: int = 10) -> dict[str, Any]:
+    """bf16 feature extraction images/s and its share of the measured peak bf16 matmul rate."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import BackboneConfig
+
+    dev = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    peak = 20 * 2 * 8192**3 / (time.perf_counter() - t0)
+    bb = load_backbone(BackboneConfig(name_or_path=preset, dtype="bfloat16"), device_type="cuda").to(dev)
+    size = bb.info.image_size
+    pv = torch.randn(batch_size, 3, size, size, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            bb.vision_tokens(pv[:1])
+        flops_per_image = fc.get_total_flops()
+        for _ in range(3):
+            bb.vision_tokens(pv)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            bb.vision_tokens(pv)
+        torch.cuda.synchronize()
+    ips = steps * batch_size / (time.perf_counter() - t0)
+    return {"images_per_s_bf16": ips, "flops_per_image": flops_per_image, "peak_bf16_matmul_flops": peak,
+            "fraction_of_peak": ips * flops_per_image / peak, "batch_size": batch_size,
+            "attn_implementation": bb.model.config._attn_implementation}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
+              batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = sections or ["training", "loader", "eval", "gpu"]
+    result: dict[str, Any] = {"machine": _machine(), "preset": preset}
+    if "training" in sections:
+        result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
+    if "loader" in sections:
+        if not (out / "data" / "train.json").is_file():
+            from vlmtune.data.scenes import generate_scenes
+
+            generate_scenes(out / "data", n=images, seed=0, image_size=96)
+        result["loader"] = bench_loader(out / "data", preset, batch_size, [0, 2])
+    if "eval" in sections:
+        result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
+    if "gpu" in sections:
+        result["gpu"] = bench_gpu(preset)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(render(result))
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"# vlmtune bench ({r['preset']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+             + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU"), ""]
+    if "training" in r:
+        t = r["training"]
+        c, u = t["cached"], t["uncached"]
+        lines += [f"## Frozen-backbone training: {t['images']} images, {t['captions']} captions", "",
+                  "| | seconds |", "|---|---|",
+                  f"| one feature-extraction pass (floor) | {t['extraction_pass_s']:.2f} |",
+                  f"| cached: {c['epochs']} epochs, extraction included | {t['cached_total_s']:.2f} |",
+                  f"| cached epochs | {', '.join(f'{x:.2f}' for x in c['epoch_train_s'])} |",
+                  f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
+                  f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
+                  f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
+                  f"| samples/s cached / uncached | {c['samples_per_s']:.0f} / {u['samples_per_s']:.0f} |", ""]
+    if "loader" in r:
+        lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
+        lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
+    if "eval" in r:
+        lines += ["## Retrieval evaluation vs one bare matmul", "",
+                  "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {e['images']} x {e['captions']} | {e['matmul_s']:.2f} | {e['eval_s']:.2f} | {e['ratio']:.2f} | "
+                  f"{e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |" for e in r["eval"]] + [""]
+    if "gpu" in r:
+        g = r["gpu"]
+        if "skipped" in g:
+            lines += [f"GPU section skipped: {g['skipped']}.", ""]
+        else:
+            lines += ["## GPU feature extraction (bf16)", "", f"{g['images_per_s_bf16']:.1f} images/s, "
+                      f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
+                      f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the eval section's subprocess: python -m vlmtune.bench KIND N M DIM CHUNK
+    kind, n, m, dim, chunk = sys.argv[1:6]
+    print(json.dumps(_eval_child(kind, int(n), int(m), int(dim), int(chunk))))
