@@ -308,3 +308,18 @@ def test_majority_baseline() -> None:
     # Ties go to the lowest class id.
     tie = majority_baseline(torch.tensor([1, 0, 1, 0]), torch.tensor([0, 0, 1]), num_classes=2, prefix="t")
     assert tie["t/baseline_accuracy"] == pytest.approx(200 / 3)
+
+
+def test_faiss_search_matches_the_full_matrix_reference() -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra")
+    from vlmtune.metrics.retrieval import retrieval_metrics, retrieval_metrics_reference
+
+    g = torch.Generator().manual_seed(7)
+    img = torch.nn.functional.normalize(torch.randn(60, 32, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(170, 32, generator=g), dim=-1)
+    t2i = torch.randint(0, 60, (170,), generator=g)
+    ref = retrieval_metrics_reference(img, txt, t2i)
+    got = retrieval_metrics(img, txt, t2i, search="faiss")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k]), k

@@ -107,6 +107,26 @@ def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4
     return torch.cat(rows_out), col_i
 
 
+def faiss_topk_both(images: Tensor, texts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k both ways with exact FAISS inner-product indexes (IndexFlatIP)."""
+    try:
+        import faiss
+    except ImportError:
+        from vlmtune.errors import ConfigError
+
+        raise ConfigError("eval.search: 'faiss' needs the faiss-cpu package (pip install faiss-cpu)") from None
+    img = images.detach().float().cpu().contiguous().numpy()
+    txt = texts.detach().float().cpu().contiguous().numpy()
+
+    def search(base, queries, kk):
+        index = faiss.IndexFlatIP(base.shape[1])
+        index.add(base)
+        _, idx = index.search(queries, min(kk, base.shape[0]))
+        return torch.from_numpy(idx).long()
+
+    return search(txt, img, k), search(img, txt, k)
+
+
 def _block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row, descending, equal scores in column order.
 
@@ -212,8 +232,13 @@ def retrieval_metrics(
     rerank_k: int = 16,
     *,
     rerank_batch_size: int = 1024,
+    search: str = "chunked",
 ) -> dict[str, float]:
     """Recall@K (percent) for i2t and t2i, their mean, and chance levels.
+
+    ``search``: "chunked" (blocks with a running top-k, exact, ties to the lower index)
+    or "faiss" (an exact inner-product FAISS index; needs the faiss-cpu package; the
+    same lists up to the order of exactly equal scores).
 
     Memory stays bounded by chunk_size: only the top-max(ks, rerank_k) list of each
     query is kept. With ``rerank``, each query's top ``rerank_k`` contrastive candidates
@@ -228,7 +253,11 @@ def retrieval_metrics(
     kmax = max(max(ks), rerank_k if rerank is not None else 0)
     t2i_map = text_to_image.to(image_emb.device).long()
 
-    i2t, t2i = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
+    if search == "faiss":
+        i2t, t2i = faiss_topk_both(image_emb, text_emb, kmax)
+        i2t, t2i = i2t.to(image_emb.device), t2i.to(image_emb.device)
+    else:
+        i2t, t2i = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
     if rerank is not None:
         i2t = _rerank_head(i2t, True, rerank, rerank_k, rerank_batch_size)
         t2i = _rerank_head(t2i, False, rerank, rerank_k, rerank_batch_size)
