@@ -158,7 +158,7 @@ OK = {"image": "img/a.png", "text": "fine"}
     ],
 )
 def test_bad_record(root: Path, bad: object, expected: str) -> None:
-    msg = _pairs_error(root, [OK, OK, bad])
+    msg = _pairs_error(root, [OK, {**OK, "text": "also fine"}, bad])
     assert "ann.json: record 2: " in msg
     assert expected in msg
 

@@ -3,17 +3,25 @@
 A checkpoint folder holds
   weights.safetensors   the task's own parts + any backbone block a stage trains
   config.yaml           the resolved config
-  state.json            epoch, step, stage, best metric, backbone identity, data paths
+  state.json            epoch, step, stage, best metric, backbone identity, data paths,
+                        and the sha256 of weights.safetensors and trainer_state.pt
   trainer_state.pt      optimizer, scheduler and RNG state (tensors and plain data
                         only; loaded with weights_only=True, so nothing unpickles code)
   backbone/             only for the tiny preset: its random weights and tokenizer
 It is written to a temporary folder and renamed into place, so a kill never leaves a
-half-written checkpoint under the real name.
+half-written checkpoint under the real name. Reading checks each file against its
+recorded sha256, so a truncated, corrupted or edited file is refused with a message
+naming it. (The digests catch accidents and casual edits, not a forger who also
+rewrites state.json; what keeps a forged file harmless is that nothing is unpickled:
+safetensors for weights, ``weights_only=True`` for the rest.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -23,12 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from vlmtune.config import Config, load_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
+# Files whose sha256 state.json records (under "sha256") and reading checks.
+HASHED_FILES = ("weights.safetensors", "trainer_state.pt")
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,38 +65,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: dict[str, Any],
-                    trainer_state: dict[str, Any] | None, backbone: Any | None) -> None:
-    """Write a checkpoint atomically (temporary folder, then rename)."""
+                    trainer_state: dict[str, Any] | None, backbone: Any | None, keep: int = 1) -> None:
+    """Write a checkpoint atomically (temporary folder, then rename); ``keep`` > 1 keeps
+    the previous ones as FOLDER-1 (the one before), FOLDER-2, ... up to FOLDER-(keep-1)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
     save_config(cfg, tmp / "config.yaml")
-    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=2, default=str))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    # state.json last: it records the digests of the files as written.
+    digests = {name: _sha256((tmp / name).read_bytes()) for name in HASHED_FILES if (tmp / name).is_file()}
+    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state, "sha256": digests},
+                                               indent=2, default=str))
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
-    _move_into_place(tmp, folder)
+    _move_into_place(tmp, folder, keep)
 
 
-def copy_checkpoint(src: Path, dst: Path) -> None:
+def copy_checkpoint(src: Path, dst: Path, keep: int = 1) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    _move_into_place(tmp, dst)
+    _move_into_place(tmp, dst, keep)
 
 
-def _move_into_place(tmp: Path, folder: Path) -> None:
+def _move_into_place(tmp: Path, folder: Path, keep: int = 1) -> None:
     """Replace ``folder`` by the complete ``tmp``: renames only, so at any instant the
     name holds either the whole old checkpoint or the whole new one (the old one
-    briefly as ``.old``)."""
+    briefly as ``.old``). With ``keep`` > 1 the old one becomes ``FOLDER-1`` and older
+    ones shift to ``-2``, ... ``-(keep-1)``; the oldest beyond that is deleted."""
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
+    if keep > 1 and old.exists():
+        older = [folder.with_name(f"{folder.name}-{i}") for i in range(1, keep)]
+        shutil.rmtree(older[-1], ignore_errors=True)
+        for i in range(len(older) - 1, 0, -1):
+            if older[i - 1].exists():
+                older[i - 1].rename(older[i])
+        old.rename(older[0])
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -100,21 +123,42 @@ class Checkpoint:
         f = self.folder / "backbone"
         return f if f.is_dir() else None
 
+    def _read(self, name: str) -> bytes:
+        """A file's bytes, checked against the sha256 that state.json recorded for it."""
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        expected = (self.state.get("sha256") or {}).get(name)
+        if expected is not None and _sha256(data) != expected:
+            raise CheckpointError(f"{path}: does not match its recorded sha256 (modified or truncated)")
+        return data
+
     def weights(self) -> dict[str, torch.Tensor]:
         path = self.folder / "weights.safetensors"
+        data = self._read("weights.safetensors")
         try:
-            return load_file(str(path))
+            return load_safetensors(data)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+            raise CheckpointError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
 
     def trainer_state(self) -> dict[str, Any]:
         path = self.folder / "trainer_state.pt"
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; this checkpoint cannot resume training")
+        data = self._read("trainer_state.pt")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise CheckpointError(f"{path}: cannot read trainer state ({str(e).splitlines()[0]})") from None
+            # weights_only: tensors and plain containers only; any other pickled object
+            # (a class, a function such as os.system) is refused, never called.
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data "
+                                  f"({_unpickling_reason(e)}); nothing in it was run") from None
+        except Exception as e:  # noqa: BLE001 - any other failure is a bad file
+            raise CheckpointError(f"{path}: cannot read trainer state ({_first_line(e)})") from None
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
@@ -136,6 +180,22 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     except ConfigError as e:
         raise CheckpointError(f"{folder / 'config.yaml'}: {e}") from None
     return Checkpoint(folder, cfg, state)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """The line of torch's weights_only message that names the refused object."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (named or lines or [type(e).__name__])[0]
 
 
 def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:

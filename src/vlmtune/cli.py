@@ -42,8 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seeds is None:
         cfg = load_config(args.config, args.overrides)
         metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker)
-        print(f"finished: {args.output_dir}/metrics.json")
-        _print_metrics(metrics)
+        if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
+            print(f"finished: {args.output_dir}/metrics.json")
+            _print_metrics(metrics)
         return 0
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
     seeds = _parse_seeds(args.seeds)

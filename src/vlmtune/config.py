@@ -63,6 +63,8 @@ class DataConfig:
     synthetic: SyntheticConfig = _f(SyntheticConfig(), "Settings of the generated data set when no files are given.")
     synthetic_dir: str | None = _f(None, "Where to write the generated data set; default: <output_dir>/data.")
     num_workers: int = _f(0, "DataLoader worker processes.")
+    on_error: Literal["raise", "skip"] = _f("raise", "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.")
+    max_text_chars: int = _f(1000, "Longest caption, question or answer, in characters; longer ones are bad records.")
 
 
 @dataclass
@@ -148,6 +150,8 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = _f(EarlyStoppingConfig(), "Early stopping on a validation metric.")
     log_every: int = _f(10, "Write a history line every N optimizer steps.")
     progress: bool = _f(True, "Show a progress bar.")
+    keep_last: int = _f(1, "Checkpoints to keep: checkpoints/last is the newest, last-1, last-2, ... the ones before it (1 = last only).")
+    max_bad_steps: int = _f(5, "A step whose loss is NaN or infinite is skipped (and counted); after this many in a row the run stops with a checkpoint.")
 
 
 @dataclass
@@ -156,6 +160,7 @@ class EvalConfig:
     ks: list[int] = _f([1, 5, 10], "K values of recall@K.")
     chunk_size: int = _f(4096, "Block size of the chunked similarity (bounds memory).")
     rerank_k: int = _f(0, "Re-rank the contrastive top-k with the matching head; 0 turns it off.")
+    search: Literal["chunked", "faiss"] = _f("chunked", "Top-k search: chunked similarity with a running top-k, or an exact FAISS index (pip install faiss-cpu).")
 
 
 @dataclass
@@ -214,6 +219,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (contrastive needs negatives)")
     need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     need(cfg.train.early_stopping.patience >= 0, "train.early_stopping.patience", "must be >= 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.eval.chunk_size >= 1, "eval.chunk_size", "must be >= 1")
@@ -229,6 +236,7 @@ def validate(cfg: Config) -> None:
     need(cfg.backbone.max_text_tokens >= 2, "backbone.max_text_tokens", "must be >= 2")
     need(cfg.data.synthetic.n >= 10, "data.synthetic.n", "must be >= 10")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.max_text_chars >= 1, "data.max_text_chars", "must be >= 1")
 
     _validate_counting(cfg, need)
 

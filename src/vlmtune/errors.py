@@ -22,3 +22,25 @@ class DataError(VlmtuneError):
 
 class CheckpointError(VlmtuneError):
     """A missing, truncated or foreign checkpoint."""
+
+
+class TrainingStopped(VlmtuneError):
+    """Training stopped before its end and left a checkpoint to resume from (or to
+    inspect). ``exit_code`` is what the CLI returns; ``label`` starts its message."""
+
+    exit_code = 2
+    label = "error"
+
+
+class Interrupted(TrainingStopped):
+    """SIGINT or SIGTERM: the current step finished, a checkpoint was saved."""
+
+    label = "interrupted"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class Diverged(TrainingStopped):
+    """The loss was NaN or infinite for train.max_bad_steps steps in a row."""

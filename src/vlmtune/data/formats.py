@@ -1,26 +1,50 @@
 """Readers of the documented annotation formats, and a safe image loader.
 
-Every problem with the user's data is raised as :class:`~vlmtune.errors.DataError` with a
+Every problem with the user's data is a :class:`~vlmtune.errors.DataError` with a
 one-line message that names the file and the record (JSON list index, 0-based) or the
 line (JSONL, 1-based), so the CLI can print it without a traceback.
+
+Each check exists once. A file is *scanned* record by record (:func:`scan_pairs`,
+:func:`scan_counting`): every field check runs on its own and what it finds becomes a
+:class:`Problem`, so one pass lists every problem of the file. The readers
+(:func:`read_pairs`, :func:`read_counting`) are that scan plus a policy:
+
+- ``on_error="raise"`` (the default): any problem stops with one DataError naming the
+  file, the number of problems and the first. Images get a cheap header check up front
+  (exists, is an image, size, not a decompression bomb); a truncated or corrupt body is
+  found when :func:`load_image` decodes it, and is a DataError naming file and record.
+- ``on_error="skip"``: every image is fully decoded up front, so the records left out
+  are known before training starts; they are logged (count and the first few) and the
+  rest is returned.
+
+``vlmtune data validate`` (:mod:`vlmtune.data.validate`) runs the same scan with full
+decoding and prints every problem, plus notes such as images converted to RGB.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmtune.errors import DataError
 
+log = logging.getLogger(__name__)
+
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below", "inside", "outside")
+
+# Longest caption, question or answer accepted, in characters (config: data.max_text_chars).
+MAX_TEXT_CHARS = 1000
+
+OnError = Literal["raise", "skip"]
 
 # EXIF orientations 5..8 rotate by 90 degrees, so the loaded image has width and height
 # swapped with respect to the stored header.
@@ -32,6 +56,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 # Slack for float boxes that touch the image border.
 _EPS = 1e-6
+
+# How many skipped records a reader names in its log before "... and N more".
+_LOG_FIRST = 5
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,53 @@ class CountRecord:
     answer: str
     count: int
     source: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (``level="error"``) or worth knowing (``"note"``) in a data file.
+
+    ``where`` is ``"FILE: record N"``, ``"FILE: line N"``, ``"FILE: image entry N"`` or
+    just ``"FILE"`` for the file as a whole; ``str(problem)`` is the one-line message.
+    """
+
+    where: str
+    message: str
+    level: Literal["error", "note"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class Scan:
+    """What a scan of one annotation file found: the good records and every problem.
+
+    ``n_records`` counts the file's records (list entries, COCO annotations or non-blank
+    JSONL lines), good or bad. A record with an error is not in ``records``.
+    """
+
+    path: Path
+    n_records: int = 0
+    records: list[Any] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def notes(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "note"]
+
+    @property
+    def bad_sources(self) -> list[str]:
+        """The records (and file-level spots) with at least one error, in file order."""
+        return list(dict.fromkeys(p.where for p in self.errors))
+
+
+class _Bad(Exception):
+    """A problem found by one check; the scan adds where it is."""
 
 
 # --------------------------------------------------------------------------- images
@@ -99,15 +173,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
         return img.convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
-    if has_alpha:
+    if _has_alpha(img):
         # Transparent pixels are composited onto white, as a viewer would show them.
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if mode == "RGB" else img.convert("RGB")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+
+
+def _decode(path: Path, source: str) -> Image.Image:
+    """Open and fully decode an image with its EXIF orientation applied (mode unchanged)."""
+    where = _where(path, source)
+    img = _open(path, source)
+    try:
+        with img, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            # exif_transpose returns a new image, so nothing refers to the closed file.
+            out = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{where}: too many pixels (possible decompression bomb): {e}") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{where}: truncated or corrupt image: {e}") from None
+    return out
 
 
 def load_image(path: Path, source: str = "") -> Image.Image:
@@ -116,60 +210,74 @@ def load_image(path: Path, source: str = "") -> Image.Image:
     Raises DataError naming the file (and ``source``, e.g. ``"train.json: record 3"``)
     when the file is missing, truncated, corrupt, not an image or too large.
     """
-    path = Path(path)
-    where = _where(path, source)
-    img = _open(path, source)
+    return _to_rgb(_decode(Path(path), source))
+
+
+def _header_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height as load_image will return them, from the header only."""
+    w, h = img.size
+    # Only look at EXIF already parsed from the header: asking a PNG for EXIF that sits
+    # after the pixel data would decode the whole image.
+    if "exif" in img.info:
+        try:
+            if img.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
+        except _DECODE_ERRORS:
+            pass  # unreadable EXIF: load_image will report it if it matters
+    return w, h
+
+
+def _mode_note(img: Image.Image) -> str | None:
+    """What load_image does to an image that is not plain 8-bit RGB (None when RGB)."""
+    mode = img.mode
+    if mode == "RGB" and not _has_alpha(img):
+        return None
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        how = "16-bit/integer/float values scaled to 8 bits"
+    elif _has_alpha(img):
+        how = "transparent pixels composited onto white"
+    elif mode == "P":
+        how = "palette expanded"
+    elif mode in ("L", "1"):
+        how = "grey copied to the three channels"
+    else:
+        how = "converted by Pillow"
+    return f"mode {mode} is converted to RGB ({how})"
+
+
+@dataclass(frozen=True)
+class _ImageInfo:
+    size: tuple[int, int]
+    note: str | None
+
+
+def _inspect_image(path: Path, deep: bool) -> _ImageInfo:
+    """Size and mode note of an image: from the header, or (``deep``) by decoding it all.
+
+    Raises DataError whose message starts with the path.
+    """
+    if deep:
+        img = _decode(path, "")
+        return _ImageInfo(img.size, _mode_note(img))
+    with _open(path, "") as img:
+        return _ImageInfo(_header_size(img), _mode_note(img))
+
+
+# --------------------------------------------------------------------------- field checks
+# Each raises _Bad with a message that does not say where; the scan adds the record.
+
+
+def _read_text(path: Path) -> str:
     try:
-        with img, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-            # exif_transpose returns a new image, so nothing refers to the closed file.
-            out = _to_rgb(ImageOps.exif_transpose(img))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{where}: too many pixels (possible decompression bomb): {e}") from None
-    except _DECODE_ERRORS as e:
-        raise DataError(f"{where}: truncated or corrupt image: {e}") from None
-    return out
-
-
-def _image_size(path: Path, source: str, cache: dict[Path, tuple[int, int]]) -> tuple[int, int]:
-    """Width and height as load_image will return them, read from the header only."""
-    if path not in cache:
-        with _open(path, source) as img:
-            w, h = img.size
-            # Only look at EXIF already parsed from the header: asking a PNG for EXIF
-            # that sits after the pixel data would decode the whole image.
-            if "exif" in img.info:
-                try:
-                    if img.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS:
-                        w, h = h, w
-                except _DECODE_ERRORS:
-                    pass  # unreadable EXIF: load_image will report it if it matters
-        cache[path] = (w, h)
-    return cache[path]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _read_json(path: Path) -> Any:
-    """Parse a whole JSON file, with DataErrors for missing or malformed files."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
+        raise _Bad("annotation file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not an annotation file") from None
+        raise _Bad("is a directory, not an annotation file") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+        raise _Bad(f"not UTF-8 text: {e}") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-        ) from None
+        raise _Bad(f"cannot read: {e.strerror or e}") from None
 
 
 def _type_name(value: Any) -> str:
@@ -184,213 +292,386 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _nonempty_str(rec: dict[str, Any], key: str, src: str) -> str:
+def _object(rec: Any) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise _Bad(f"must be an object, got {_type_name(rec)}")
+    return rec
+
+
+def _nonempty_str(rec: dict[str, Any], key: str) -> str:
     """A required, non-blank string field, stripped."""
     if key not in rec:
-        raise DataError(f"{src}: missing '{key}'")
+        raise _Bad(f"missing '{key}'")
     value = rec[key]
     if not isinstance(value, str):
-        raise DataError(f"{src}: '{key}' must be a string, got {_type_name(value)}")
+        raise _Bad(f"'{key}' must be a string, got {_type_name(value)}")
     if not value.strip():
-        raise DataError(f"{src}: '{key}' is empty")
+        raise _Bad(f"'{key}' is empty")
     return value.strip()
 
 
-def _image_path(rec: dict[str, Any], key: str, base: Path, src: str) -> Path:
-    """The record's image, resolved against the annotation file's folder; must exist."""
-    image = Path(_nonempty_str(rec, key, src))
-    path = (image if image.is_absolute() else base / image).resolve()
-    if not path.is_file():
-        raise DataError(f"{src}: image not found: {path}")
-    return path
+def _not_too_long(text: str, what: str, limit: int) -> str:
+    if len(text) > limit:
+        raise _Bad(f"{what} is {len(text)} characters long, more than data.max_text_chars ({limit})")
+    return text
 
 
-def _texts(rec: dict[str, Any], src: str) -> list[str]:
+def _text_field(rec: dict[str, Any], key: str, limit: int) -> str:
+    return _not_too_long(_nonempty_str(rec, key), f"'{key}'", limit)
+
+
+def _texts(rec: dict[str, Any], limit: int) -> list[str]:
     """The caption(s) of a retrieval record or the text of a grounding record."""
     if "caption" in rec and "text" in rec:
-        raise DataError(f"{src}: has both 'caption' and 'text'; use one")
+        raise _Bad("has both 'caption' and 'text'; use one")
     if "text" in rec:
-        return [_nonempty_str(rec, "text", src)]
+        return [_text_field(rec, "text", limit)]
     if "caption" not in rec:
-        raise DataError(f"{src}: missing 'caption' (retrieval) or 'text' (grounding)")
+        raise _Bad("missing 'caption' (retrieval) or 'text' (grounding)")
     caption = rec["caption"]
     if isinstance(caption, str):
-        return [_nonempty_str(rec, "caption", src)]
+        return [_text_field(rec, "caption", limit)]
     if not isinstance(caption, list):
-        raise DataError(
-            f"{src}: 'caption' must be a string or a list of strings, got {_type_name(caption)}"
-        )
+        raise _Bad(f"'caption' must be a string or a list of strings, got {_type_name(caption)}")
     if not caption:
-        raise DataError(f"{src}: 'caption' is an empty list")
+        raise _Bad("'caption' is an empty list")
     out = []
     for i, c in enumerate(caption):
         if not isinstance(c, str):
-            raise DataError(f"{src}: caption {i} must be a string, got {_type_name(c)}")
+            raise _Bad(f"caption {i} must be a string, got {_type_name(c)}")
         if not c.strip():
-            raise DataError(f"{src}: caption {i} is empty")
-        out.append(c.strip())
+            raise _Bad(f"caption {i} is empty")
+        out.append(_not_too_long(c.strip(), f"caption {i}", limit))
     return out
 
 
-def _bbox(
-    rec: dict[str, Any], image: Path, src: str, sizes: dict[Path, tuple[int, int]]
-) -> tuple[float, float, float, float] | None:
-    """Validate an optional [x, y, w, h] pixel box against the image's size."""
+def _bbox(rec: dict[str, Any], size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
+    """An optional [x, y, w, h] pixel box; checked against the image's size when known."""
     box = rec.get("bbox")
     if box is None:
         return None
     if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-        raise DataError(f"{src}: 'bbox' must be 4 numbers [x, y, w, h], got {json.dumps(box)}")
+        raise _Bad(f"'bbox' must be 4 numbers [x, y, w, h], got {json.dumps(box)}")
     x, y, w, h = (float(v) for v in box)
     if x < 0 or y < 0:
-        raise DataError(f"{src}: bbox has negative coordinates {json.dumps(box)}")
+        raise _Bad(f"bbox has negative coordinates {json.dumps(box)}")
     if w <= 0 or h <= 0:
-        raise DataError(
-            f"{src}: bbox has zero area (width and height must be > 0): {json.dumps(box)}"
-        )
-    img_w, img_h = _image_size(image, src, sizes)
-    if x + w > img_w + _EPS or y + h > img_h + _EPS:
-        raise DataError(
-            f"{src}: bbox {json.dumps(box)} extends outside the image ({img_w}x{img_h} pixels)"
-        )
+        raise _Bad(f"bbox has zero area (width and height must be > 0): {json.dumps(box)}")
+    if size is not None:
+        img_w, img_h = size
+        if x + w > img_w + _EPS or y + h > img_h + _EPS:
+            raise _Bad(f"bbox {json.dumps(box)} extends outside the image ({img_w}x{img_h} pixels)")
     return (x, y, w, h)
 
 
-def _relation(rec: dict[str, Any], src: str) -> int | None:
+def _relation(rec: dict[str, Any]) -> int | None:
     """Index of an optional relation label in RELATIONS."""
     rel = rec.get("relation")
     if rel is None:
         return None
     if not isinstance(rel, str) or rel not in RELATIONS:
-        raise DataError(
-            f"{src}: unknown relation {json.dumps(rel)}; expected one of {', '.join(RELATIONS)}"
-        )
+        raise _Bad(f"unknown relation {json.dumps(rel)}; expected one of {', '.join(RELATIONS)}")
     return RELATIONS.index(rel)
+
+
+def _count(rec: dict[str, Any], max_count: int | None) -> int:
+    if "count" not in rec:
+        raise _Bad("missing 'count'")
+    count = rec["count"]
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise _Bad(f"'count' must be an integer, got {json.dumps(count)}")
+    if count < 0:
+        raise _Bad(f"'count' is negative ({count})")
+    if max_count is not None and count > max_count:
+        raise _Bad(f"'count' {count} is above max_count {max_count}")
+    return count
+
+
+T = TypeVar("T")
+
+
+class _Checker:
+    """Runs the field checks of one file's records and collects what they find.
+
+    Images are checked once per distinct file (header, or full decode when ``deep``);
+    every record that uses a bad image gets the error, the first that uses an image
+    not in RGB gets the note.
+    """
+
+    def __init__(self, path: Path, deep: bool, max_text_chars: int):
+        self.path = path
+        self.base = path.parent.resolve()
+        self.deep = deep
+        self.max_text_chars = max_text_chars
+        self.scan = Scan(path)
+        self._images: dict[Path, _ImageInfo | str] = {}
+        self._seen: dict[tuple[Any, ...], str] = {}
+        self._where = ""
+        self._bad = False
+
+    def start(self, where: str) -> None:
+        """Begin a record: checks until the next start() are reported at ``where``."""
+        self._where, self._bad = where, False
+        self.scan.n_records += 1
+
+    @property
+    def ok(self) -> bool:
+        return not self._bad
+
+    def error(self, message: str, where: str | None = None) -> None:
+        self.scan.problems.append(Problem(where or self._where, message))
+        self._bad = True
+
+    def check(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)``, or None after recording its problem."""
+        try:
+            return fn(*args)
+        except _Bad as e:
+            self.error(str(e))
+            return None
+
+    def image_path(self, rec: dict[str, Any], key: str) -> Path:
+        """The record's image, resolved (symlinks too) against the annotation file's folder.
+
+        It must stay inside that folder: an annotation file cannot point at files elsewhere.
+        """
+        image = Path(_nonempty_str(rec, key))
+        path = (image if image.is_absolute() else self.base / image).resolve()
+        if not path.is_relative_to(self.base):
+            raise _Bad(f"image path '{image}' leads outside the data set's folder {self.base} (to {path})")
+        if not path.is_file():
+            raise _Bad(f"image not found: {path}")
+        return path
+
+    def image_size(self, path: Path) -> tuple[int, int]:
+        if path not in self._images:
+            try:
+                info: _ImageInfo | str = _inspect_image(path, self.deep)
+            except DataError as e:
+                info = str(e)
+            self._images[path] = info
+            if isinstance(info, _ImageInfo) and info.note:
+                self.scan.problems.append(Problem(self._where, f"image {path.name}: {info.note}", "note"))
+        info = self._images[path]
+        if isinstance(info, str):
+            raise _Bad(f"image {info}")
+        return info.size
+
+    def unique(self, key: tuple[Any, ...], what: str, label: str) -> None:
+        """Refuse a second record with the same ``key``; ``label`` names this one."""
+        first = self._seen.get(key)
+        if first is not None:
+            raise _Bad(f"duplicate of {first} (same {what})")
+        self._seen[key] = label
+
+
+# --------------------------------------------------------------------------- scans
+
+
+def _pair_rows(ck: _Checker, i: int, texts: list[str] | None, image: Path | None, bbox: Any,
+               relation: int | None) -> list[tuple[Path, str, Any, int | None, str]]:
+    """The pairs of one checked record (one per caption), or [] when it has an error."""
+    if not ck.ok or texts is None or image is None:
+        return []
+    what = "image and text" if bbox is None else "image, text and bbox"
+    labels = [f"record {i}" if len(texts) == 1 else f"record {i} caption {j}" for j in range(len(texts))]
+    for text, label in zip(texts, labels):
+        ck.check(ck.unique, ("pair", image, text, bbox), what, label)
+    if not ck.ok:
+        return []
+    where = f"{ck.path}: record {i}"
+    return [(image, text, bbox, relation, where) for text in texts]
+
+
+def _scan_pair_list(ck: _Checker, data: list[Any]) -> list[tuple[Path, str, Any, int | None, str]]:
+    """Retrieval and grounding lists; each record's own keys decide its kind."""
+    rows = []
+    for i, rec in enumerate(data):
+        ck.start(f"{ck.path}: record {i}")
+        rec = ck.check(_object, rec)
+        if rec is None:
+            continue
+        texts = ck.check(_texts, rec, ck.max_text_chars)
+        image = ck.check(ck.image_path, rec, "image")
+        size = ck.check(ck.image_size, image) if image is not None else None
+        bbox = ck.check(_bbox, rec, size)
+        relation = ck.check(_relation, rec)
+        rows += _pair_rows(ck, i, texts, image, bbox, relation)
+    return rows
+
+
+def _coco_image_entry(entry: Any, files: dict[int, Any]) -> tuple[int, str]:
+    entry = _object(entry)
+    key = entry.get("id")
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise _Bad("missing or non-integer 'id'")
+    if key in files:
+        raise _Bad(f"duplicate image id {key}")
+    return key, _nonempty_str(entry, "file_name")
+
+
+def _coco_image_id(ann: dict[str, Any], files: dict[int, Any], bad_ids: set[int]) -> int:
+    if "image_id" not in ann:
+        raise _Bad("missing 'image_id'")
+    key = ann["image_id"]
+    if not isinstance(key, bool) and isinstance(key, int) and key in bad_ids:
+        raise _Bad(f"image_id {key} refers to a bad entry of 'images' (reported above)")
+    if isinstance(key, bool) or not isinstance(key, int) or key not in files:
+        raise _Bad(f"image_id {json.dumps(key)} is not in 'images'")
+    return key
+
+
+def _scan_coco(ck: _Checker, data: dict[str, Any]) -> list[tuple[Path, str, Any, int | None, str]]:
+    """COCO captions: ``record N`` is the N-th entry of ``annotations``."""
+    images, annotations = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        ck.error("COCO 'images' and 'annotations' must be arrays", str(ck.path))
+        return []
+    files: dict[int, dict[str, Any]] = {}
+    bad_ids: set[int] = set()
+    for j, entry in enumerate(images):
+        try:
+            key, _ = _coco_image_entry(entry, files)
+            files[key] = entry
+        except _Bad as e:
+            ck.error(str(e), f"{ck.path}: image entry {j}")
+            if isinstance(entry, dict) and isinstance(entry.get("id"), int) and entry["id"] not in files:
+                bad_ids.add(entry["id"])
+    rows = []
+    for i, ann in enumerate(annotations):
+        ck.start(f"{ck.path}: record {i}")
+        ann = ck.check(_object, ann)
+        if ann is None:
+            continue
+        key = ck.check(_coco_image_id, ann, files, bad_ids)
+        text = ck.check(_text_field, ann, "caption", ck.max_text_chars)
+        image = ck.check(ck.image_path, files[key], "file_name") if key is not None else None
+        if image is not None:
+            ck.check(ck.image_size, image)
+        rows += _pair_rows(ck, i, None if text is None else [text], image, None, None)
+    return rows
+
+
+def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS) -> Scan:
+    """Check a retrieval, grounding or COCO-captions JSON file; collect every problem.
+
+    ``deep`` decodes every image in full (finds truncated and corrupt files); otherwise
+    images are checked from their header. ``records`` holds the good records as
+    :class:`PairRecord` (one per caption), ``image_id`` numbering their distinct images
+    0..n-1 in order of first appearance.
+    """
+    path = Path(path)
+    ck = _Checker(path, deep, max_text_chars)
+    try:
+        data = json.loads(_read_text(path))
+    except _Bad as e:
+        ck.error(str(e), str(path))
+        return ck.scan
+    except json.JSONDecodeError as e:
+        ck.error(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", str(path))
+        return ck.scan
+    if isinstance(data, list):
+        rows = _scan_pair_list(ck, data)
+    elif isinstance(data, dict) and "images" in data and "annotations" in data:
+        rows = _scan_coco(ck, data)
+    elif isinstance(data, dict):
+        ck.error("top level is an object but not COCO captions (needs 'images' and 'annotations'); "
+                 "expected a list of records", str(path))
+        return ck.scan
+    else:
+        ck.error(f"top level must be a list of records, got {_type_name(data)}", str(path))
+        return ck.scan
+    ids: dict[Path, int] = {}
+    ck.scan.records = [PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where)
+                       for image, text, bbox, rel, where in rows]
+    return ck.scan
+
+
+def scan_counting(path: str | Path, max_count: int | None = None, deep: bool = False,
+                  max_text_chars: int = MAX_TEXT_CHARS) -> Scan:
+    """Check a counting JSONL file (one ``{"image", "question", "answer", "count"}`` per
+    line; blank lines are skipped; ``line N`` is 1-based); collect every problem."""
+    path = Path(path)
+    ck = _Checker(path, deep, max_text_chars)
+    try:
+        lines = _read_text(path).splitlines()
+    except _Bad as e:
+        ck.error(str(e), str(path))
+        return ck.scan
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        ck.start(where)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            ck.error(f"not valid JSON: {e.msg} (column {e.colno})")
+            continue
+        rec = ck.check(_object, rec)
+        if rec is None:
+            continue
+        question = ck.check(_text_field, rec, "question", ck.max_text_chars)
+        answer = ck.check(_text_field, rec, "answer", ck.max_text_chars)
+        count = ck.check(_count, rec, max_count)
+        image = ck.check(ck.image_path, rec, "image")
+        if image is not None:
+            ck.check(ck.image_size, image)
+        if ck.ok:
+            ck.check(ck.unique, ("count", image, question), "image and question", f"line {n}")
+        if ck.ok:
+            ck.scan.records.append(CountRecord(image, question, answer, count, where))  # type: ignore[arg-type]
+    return ck.scan
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def _pairs_from_list(data: list[Any], path: Path) -> list[PairRecord]:
-    """Retrieval and grounding lists; each record's own keys decide its kind."""
-    base = path.parent
-    ids: dict[Path, int] = {}
-    sizes: dict[Path, tuple[int, int]] = {}
-    out: list[PairRecord] = []
-    for i, rec in enumerate(data):
-        src = f"{path}: record {i}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{src}: must be an object, got {_type_name(rec)}")
-        texts = _texts(rec, src)
-        image = _image_path(rec, "image", base, src)
-        bbox = _bbox(rec, image, src, sizes)
-        relation = _relation(rec, src)
-        image_id = ids.setdefault(image, len(ids))
-        out.extend(PairRecord(image, t, image_id, bbox, relation, src) for t in texts)
-    return out
+def _apply(scan: Scan, on_error: OnError) -> list[Any]:
+    """The reader's policy: raise on any error, or leave bad records out and say which."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path, errors = scan.path, scan.errors
+    whole_file = [p for p in errors if p.where == str(path)]
+    if whole_file:
+        raise DataError(str(whole_file[0]))  # nothing to skip: the file itself is bad
+    if errors and on_error == "raise":
+        if len(errors) == 1:
+            raise DataError(str(errors[0]))
+        raise DataError(f"{len(errors)} problems in {path}; first: {errors[0]}; "
+                        f"run `vlmtune data validate {path}` for the list")
+    if errors:
+        bad = scan.bad_sources
+        log.warning("%s: skipped %d of %d records with problems (data.on_error=skip):", path, len(bad), scan.n_records)
+        for p in errors[:_LOG_FIRST]:
+            log.warning("  skipped %s", p)
+        if len(errors) > _LOG_FIRST:
+            log.warning("  ... and %d more problems; run `vlmtune data validate %s` for the list",
+                        len(errors) - _LOG_FIRST, path)
+    if not scan.records:
+        if errors:
+            raise DataError(f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}")
+        raise DataError(f"{path}: no records")
+    return scan.records
 
 
-def _pairs_from_coco(data: dict[str, Any], path: Path) -> list[PairRecord]:
-    """COCO captions: ``record N`` is the N-th entry of ``annotations``."""
-    base = path.parent
-    images, annotations = data["images"], data["annotations"]
-    if not isinstance(images, list) or not isinstance(annotations, list):
-        raise DataError(f"{path}: COCO 'images' and 'annotations' must be arrays")
-    files: dict[int, Any] = {}
-    for j, entry in enumerate(images):
-        src = f"{path}: image entry {j}"
-        if not isinstance(entry, dict):
-            raise DataError(f"{src}: must be an object, got {_type_name(entry)}")
-        if "id" not in entry or not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
-            raise DataError(f"{src}: missing or non-integer 'id'")
-        if entry["id"] in files:
-            raise DataError(f"{src}: duplicate image id {entry['id']}")
-        _nonempty_str(entry, "file_name", src)
-        files[entry["id"]] = entry
-    ids: dict[Path, int] = {}
-    resolved: dict[int, Path] = {}
-    out: list[PairRecord] = []
-    for i, ann in enumerate(annotations):
-        src = f"{path}: record {i}"
-        if not isinstance(ann, dict):
-            raise DataError(f"{src}: must be an object, got {_type_name(ann)}")
-        if "image_id" not in ann:
-            raise DataError(f"{src}: missing 'image_id'")
-        key = ann["image_id"]
-        if isinstance(key, bool) or not isinstance(key, int) or key not in files:
-            raise DataError(f"{src}: image_id {json.dumps(key)} is not in 'images'")
-        text = _nonempty_str(ann, "caption", src)
-        if key not in resolved:
-            resolved[key] = _image_path(files[key], "file_name", base, src)
-        image = resolved[key]
-        out.append(PairRecord(image, text, ids.setdefault(image, len(ids)), None, None, src))
-    return out
-
-
-def read_pairs(path: str | Path) -> list[PairRecord]:
+def read_pairs(path: str | Path, on_error: OnError = "raise", max_text_chars: int = MAX_TEXT_CHARS) -> list[PairRecord]:
     """Read a retrieval, grounding or COCO-captions JSON file into image-text pairs.
 
     The format is detected from the top level (list of records or COCO dict) and each
     record's keys (``caption`` or ``text``). A caption list gives one pair per caption.
     ``image_id`` numbers distinct images 0..n-1 in order of first appearance.
+    ``on_error``: see the module docstring.
     """
-    path = Path(path)
-    data = _read_json(path)
-    if isinstance(data, list):
-        records = _pairs_from_list(data, path)
-    elif isinstance(data, dict) and "images" in data and "annotations" in data:
-        records = _pairs_from_coco(data, path)
-    elif isinstance(data, dict):
-        raise DataError(
-            f"{path}: top level is an object but not COCO captions (needs 'images' and "
-            "'annotations'); expected a list of records"
-        )
-    else:
-        raise DataError(f"{path}: top level must be a list of records, got {_type_name(data)}")
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+    return _apply(scan_pairs(path, deep=on_error == "skip", max_text_chars=max_text_chars), on_error)
 
 
-def read_counting(path: str | Path, max_count: int | None = None) -> list[CountRecord]:
+def read_counting(path: str | Path, max_count: int | None = None, on_error: OnError = "raise",
+                  max_text_chars: int = MAX_TEXT_CHARS) -> list[CountRecord]:
     """Read a counting JSONL file: one ``{"image", "question", "answer", "count"}`` per line.
 
-    Blank lines are skipped; errors name the 1-based line number.
+    Blank lines are skipped; errors name the 1-based line number. ``on_error``: see the
+    module docstring.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    base = path.parent
-    out: list[CountRecord] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        src = f"{path}: line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{src}: not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{src}: must be an object, got {_type_name(rec)}")
-        question = _nonempty_str(rec, "question", src)
-        answer = _nonempty_str(rec, "answer", src)
-        if "count" not in rec:
-            raise DataError(f"{src}: missing 'count'")
-        count = rec["count"]
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise DataError(f"{src}: 'count' must be an integer, got {json.dumps(count)}")
-        if count < 0:
-            raise DataError(f"{src}: 'count' is negative ({count})")
-        if max_count is not None and count > max_count:
-            raise DataError(f"{src}: 'count' {count} is above max_count {max_count}")
-        image = _image_path(rec, "image", base, src)
-        out.append(CountRecord(image, question, answer, count, src))
-    if not out:
-        raise DataError(f"{path}: no records")
-    return out
+    scan = scan_counting(path, max_count, deep=on_error == "skip", max_text_chars=max_text_chars)
+    return _apply(scan, on_error)

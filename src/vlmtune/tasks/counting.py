@@ -209,7 +209,9 @@ def build_model(backbone: Backbone, cfg: Config) -> CountingModel:
 
 
 def read_split(path: str, cfg: Config) -> list[CountRecord]:
-    return read_counting(path, max_count=cfg.counting.max_count)
+    """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
+    return read_counting(path, max_count=cfg.counting.max_count, on_error=cfg.data.on_error,
+                         max_text_chars=cfg.data.max_text_chars)
 
 
 def prompt_builder(backbone: Backbone, cfg: Config) -> PromptBuilder:

@@ -23,9 +23,10 @@ from vlmtune.config import Config, LossConfig, ModelConfig
 from vlmtune.data.cache import FeatureStore, text_key
 from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
+from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
 from vlmtune.errors import DataError
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
-from vlmtune.losses import box_losses, contrastive_loss, sample_hard_negatives
+from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.retrieval import retrieval_metrics
@@ -138,14 +139,10 @@ class RetrievalModel(nn.Module):
 
     def _matching_loss(self, v: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over {match, no match}: every positive pair, plus for each image a
-        hard negative caption and for each caption a hard negative image."""
-        positives = ids[:, None] == ids[None, :]
-        sim = (v @ t.T).detach()
-        neg_t, ok_t = sample_hard_negatives(sim, positives)
-        neg_v, ok_v = sample_hard_negatives(sim.T, positives.T)
-        images = torch.cat([v, v[ok_t], v[neg_v[ok_v]]])
-        texts = torch.cat([t, t[neg_t[ok_t]], t[ok_v]])
-        labels = torch.cat([torch.ones(len(v)), torch.zeros(int(ok_t.sum()) + int(ok_v.sum()))]).long().to(v.device)
+        hard negative caption and for each caption a hard negative image, drawn from the
+        global batch (all processes' rows, gathered with gradient as ALBEF does)."""
+        images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t),
+                                                    all_gather(ids))
         return F.cross_entropy(self.match_logits(images, texts), labels)
 
 
@@ -178,7 +175,8 @@ def build_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
 
 
 def read_split(path: str, cfg: Config) -> list[PairRecord]:
-    return read_pairs(path)
+    """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
+    return read_pairs(path, on_error=cfg.data.on_error, max_text_chars=cfg.data.max_text_chars)
 
 
 # The engine may hand make_loader and evaluate a feature cache (see train._cache_kwargs).
@@ -276,12 +274,21 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, devi
 
     was_training = model.training
     model.eval()
-    loader = make_loader(records, model.backbone, cfg, train=False, **cache)
+    # With several processes each embeds the records of its own images (image id modulo
+    # the number of processes, so every image is embedded once); all then gather the
+    # per-record outputs and score the whole set in record order, as one process does.
+    rank, world = rank_world()
+    rows = [i for i, r in enumerate(records) if r.image_id % world == rank] if world > 1 else list(range(len(records)))
+    shard = records if world == 1 else [records[i] for i in rows]
+    loader = make_loader(shard, model.backbone, cfg, train=False, **cache)
+    rows_t = torch.tensor(rows)
     image_emb: dict[int, torch.Tensor] = {}
-    text_emb, text_img, box_pred, box_true, box_wh, rel_pred, rel_true = [], [], [], [], [], [], []
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("text", "text_img", "text_rows", "box_pred", "box_true", "box_wh",
+                                                          "box_rows", "rel_pred", "rel_true", "rel_rows")}
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         ids = batch["image_id"]
+        row = rows_t[batch["index"].cpu()]  # record index in ``records``
         # Embed each image once: only the rows that introduce a new image id.
         first = _first_occurrences(ids, image_emb)
         t = model.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
@@ -294,45 +301,65 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, devi
             if has_box.any():
                 pred, _ = model.ground(t[has_box], patches[has_box])
                 wh = batch["image_wh"][has_box]
-                box_pred.append((cxcywh_to_xyxy(pred.float()) * wh.repeat(1, 2)).cpu())
-                box_true.append((cxcywh_to_xyxy(batch["box"][has_box]) * wh.repeat(1, 2)).cpu())
-                box_wh.append(wh.cpu())
+                out["box_pred"].append((cxcywh_to_xyxy(pred.float()) * wh.repeat(1, 2)).cpu())
+                out["box_true"].append((cxcywh_to_xyxy(batch["box"][has_box]) * wh.repeat(1, 2)).cpu())
+                out["box_wh"].append(wh.cpu())
+                out["box_rows"].append(row[has_box.cpu()])
             has_rel = batch["relation"] >= 0
             if has_rel.any():
-                rel_pred.append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
-                rel_true.append(batch["relation"][has_rel].cpu())
-        text_emb.append(t.float().cpu())
-        text_img.append(ids.cpu())
+                out["rel_pred"].append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
+                out["rel_true"].append(batch["relation"][has_rel].cpu())
+                out["rel_rows"].append(row[has_rel.cpu()])
+        out["text"].append(t.float().cpu())
+        out["text_img"].append(ids.cpu())
+        out["text_rows"].append(row)
+    shards = all_gather_objects((image_emb, {k: torch.cat(v) for k, v in out.items() if v}))
+    image_emb = {k: e for part, _ in shards for k, e in part.items()}
+    merged = _merge_by_row([part for _, part in shards])
 
     # Image ids are 0..n-1 in order of first appearance, so they index the gallery.
     n_img = max(image_emb) + 1
     gallery = torch.stack([image_emb[i] for i in range(n_img)])
-    texts = torch.cat(text_emb)
-    t2i = torch.cat(text_img)
+    texts = merged["text"]
+    t2i = merged["text_img"]
     rerank = None
     if cfg.eval.rerank_k > 0:
         def rerank(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
             logits = model.match_logits(gallery[img_idx].to(device), texts[txt_idx].to(device))
             return logits.float().log_softmax(-1)[:, 1].cpu()
     metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(cfg.eval.ks), chunk_size=cfg.eval.chunk_size,
-                                                rerank=rerank, rerank_k=max(cfg.eval.rerank_k, 1))
+                                                rerank=rerank, rerank_k=max(cfg.eval.rerank_k, 1), search=cfg.eval.search)
     metrics["retrieval/n_images"] = n_img
     metrics["retrieval/n_captions"] = len(texts)
     metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())
-    if box_pred:
-        pred, true, wh = torch.cat(box_pred), torch.cat(box_true), torch.cat(box_wh)
+    if "box_pred" in merged:
+        pred, true, wh = merged["box_pred"], merged["box_true"], merged["box_wh"]
         metrics.update(box_metrics(pred, true, wh))
         train_boxes = _train_boxes(train_records)
         if train_boxes is not None:
             metrics.update(constant_box_baseline(train_boxes, true, wh))
-    if rel_pred:
-        p, y = torch.cat(rel_pred), torch.cat(rel_true)
+    if "rel_pred" in merged:
+        p, y = merged["rel_pred"], merged["rel_true"]
         metrics.update(classification_metrics(p, y, len(RELATIONS), "spatial"))
         train_rel = [r.relation for r in train_records or [] if r.relation is not None]
         if train_rel:
             metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
     model.train(was_training)
     return metrics
+
+
+def _merge_by_row(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate the processes' per-record outputs and put them in record order; each
+    group ``X_rows`` orders the tensors sharing its prefix (``text_rows``: text, text_img)."""
+    merged: dict[str, torch.Tensor] = {}
+    for group in ("text", "box", "rel"):
+        rows = [p[f"{group}_rows"] for p in parts if f"{group}_rows" in p]
+        if not rows:
+            continue
+        order = torch.cat(rows).argsort(stable=True)
+        for key in {k for p in parts for k in p if k.split("_")[0] == group and k != f"{group}_rows"}:
+            merged[key] = torch.cat([p[key] for p in parts if key in p])[order]
+    return merged
 
 
 def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:

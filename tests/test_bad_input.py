@@ -1,0 +1,524 @@
+"""The bad-input catalogue: every kind of bad input, through the real commands.
+
+Each case runs ``vlmtune.cli.main`` as a user would (``data validate``, ``train``,
+``evaluate``) and checks the exit status and that the message names the file, the
+record or key, and the problem. Exit status: ``data validate`` 1 when it finds an error
+(0 when clean, notes included); every other command 2 on bad input, without a traceback.
+
+Cases: DATA_CASES x {validate, train} (counting cases train the counting recipe), a few
+through ``evaluate --data``, CONFIG_CASES, CHECKPOINT_CASES, and the cases that must
+*succeed* (images in other modes; ``data.on_error=skip``). ``test_catalogue_size``
+states how many there are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmtune.cli import main
+
+from conftest import CONFIGS
+
+RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
+COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
+ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
+QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE]
+COUNT_QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
+               "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]", "generation.num_beams=1",
+               "generation.val_num_images=0", "counting.max_dynamic_patch=1", "backbone.tiny_image_size=32"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pairs_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlmtune.data.scenes import generate_scenes
+
+    folder = tmp_path_factory.mktemp("pairs")
+    generate_scenes(folder, n=20, seed=5, image_size=64)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def count_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlmtune.data.receipts import generate_receipts
+
+    folder = tmp_path_factory.mktemp("counting")
+    generate_receipts(folder, n=20, seed=5, max_count=3, image_size=48)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, pairs_set: Path) -> tuple[Path, list[str]]:
+    """One tiny retrieval run; checkpoint cases tamper with copies of it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    overrides = [f"data.synthetic_dir={pairs_set}", "data.synthetic.n=20", *QUICK]
+    assert main(["train", RETRIEVAL, "--output-dir", str(out), *overrides]) == 0
+    return out, overrides
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err + cap.out
+    return code, cap.out, cap.err
+
+
+def _error_line(code: int, err: str) -> str:
+    """The one ``error:`` line of a failed command (exit status 2)."""
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _png_body_truncated(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, format="PNG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _jpeg_truncated(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bomb_png(path: Path, side: int = 30000) -> None:
+    """A valid PNG header claiming side x side pixels (900 M), with a tiny body: over
+    twice Pillow's default limit, so it is refused from the header, never allocated."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def _new_image(folder: Path, name: str, make: Callable[[Path], None]) -> str:
+    make(folder / "images" / name)
+    return f"images/{name}"
+
+
+# Each data case breaks a clean generated set: ``fn(folder, records)`` edits the records
+# (a list of dicts, changed in place) or returns the raw text of the annotation file.
+# ``expect`` must all appear in the message; ``bad.json``/``bad.jsonl`` always does.
+
+
+@dataclass(frozen=True)
+class DataCase:
+    id: str
+    kind: str  # "pairs" or "counting"
+    fn: Callable[[Path, list[dict[str, Any]]], str | None]
+    expect: tuple[str, ...]
+
+
+def _set(i: int, **fields: Any) -> Callable[[Path, list[dict[str, Any]]], None]:
+    def fn(folder: Path, recs: list[dict[str, Any]]) -> None:
+        recs[i].update(fields)
+    return fn
+
+
+def _image(i: int, name: str, make: Callable[[Path], None]) -> Callable[[Path, list[dict[str, Any]]], None]:
+    def fn(folder: Path, recs: list[dict[str, Any]]) -> None:
+        recs[i]["image"] = _new_image(folder, name, make)
+        recs[i].pop("bbox", None)
+    return fn
+
+
+def _outside(folder: Path, recs: list[dict[str, Any]]) -> None:
+    outside = folder.parent / f"{folder.name}_outside.png"
+    Image.new("RGB", (64, 64)).save(outside)  # a real image: refused for where it is, not what
+    recs[1]["image"] = f"../{outside.name}"
+
+
+def _absolute_outside(folder: Path, recs: list[dict[str, Any]]) -> None:
+    outside = folder.parent / f"{folder.name}_abs.png"
+    Image.new("RGB", (64, 64)).save(outside)
+    recs[1]["image"] = str(outside)
+
+
+def _symlink_outside(folder: Path, recs: list[dict[str, Any]]) -> None:
+    outside = folder.parent / f"{folder.name}_target.png"
+    Image.new("RGB", (64, 64)).save(outside)
+    os.symlink(outside, folder / "images" / "link.png")
+    recs[1]["image"] = "images/link.png"
+    recs[1].pop("bbox", None)
+
+
+def _duplicate(folder: Path, recs: list[dict[str, Any]]) -> None:
+    recs.append(dict(recs[0]))
+
+
+def _two_problems(folder: Path, recs: list[dict[str, Any]]) -> None:
+    recs[1]["text"] = ""
+    recs[3]["relation"] = "beside"
+
+
+def _raw(text: str) -> Callable[[Path, list[dict[str, Any]]], str]:
+    return lambda folder, recs: text
+
+
+def _jsonl_line(i: int, line: str) -> Callable[[Path, list[dict[str, Any]]], str]:
+    def fn(folder: Path, recs: list[dict[str, Any]]) -> str:
+        lines = [json.dumps(r) for r in recs]
+        lines[i] = line
+        return "\n".join(lines) + "\n"
+    return fn
+
+
+DATA_CASES = [
+    # images
+    DataCase("image-missing", "pairs", _set(1, image="images/nope.png"), ("record 1", "image not found", "nope.png")),
+    DataCase("image-not-an-image", "pairs", _image(1, "notes.png", lambda p: p.write_text("hello")),
+             ("record 1", "notes.png", "not an image")),
+    DataCase("image-truncated-png", "pairs", _image(1, "half.png", _png_body_truncated),
+             ("record 1", "half.png", "truncated or corrupt")),
+    DataCase("image-truncated-jpeg", "pairs", _image(1, "half.jpg", _jpeg_truncated),
+             ("record 1", "half.jpg", "truncated or corrupt")),
+    DataCase("image-decompression-bomb", "pairs", _image(1, "bomb.png", _bomb_png),
+             ("record 1", "bomb.png", "decompression bomb")),
+    DataCase("image-path-escapes", "pairs", _outside, ("record 1", "leads outside the data set's folder")),
+    DataCase("image-path-absolute-outside", "pairs", _absolute_outside, ("record 1", "leads outside the data set's folder")),
+    DataCase("image-symlink-outside", "pairs", _symlink_outside, ("record 1", "link.png", "leads outside")),
+    DataCase("image-path-etc-passwd", "pairs", _set(1, image="../../../../../../etc/passwd"), ("record 1", "leads outside")),
+    # boxes
+    DataCase("bbox-zero-area", "pairs", _set(1, bbox=[3, 3, 0, 5]), ("record 1", "zero area")),
+    DataCase("bbox-outside-image", "pairs", _set(1, bbox=[40, 40, 30, 10]), ("record 1", "outside the image (64x64")),
+    DataCase("bbox-negative", "pairs", _set(1, bbox=[-2, 3, 5, 5]), ("record 1", "negative coordinates")),
+    # text and labels
+    DataCase("caption-empty", "pairs", _set(1, text="   "), ("record 1", "'text' is empty")),
+    DataCase("caption-too-long", "pairs", _set(1, text="x" * 1001), ("record 1", "1001 characters", "max_text_chars")),
+    DataCase("relation-unknown", "pairs", _set(1, relation="beside"), ("record 1", 'unknown relation "beside"')),
+    # structure
+    DataCase("json-malformed", "pairs", _raw('[{"image": "images/scene_00000.png", "text": "x"'), ("not valid JSON", "line 1")),
+    DataCase("field-wrong-type", "pairs", _set(1, bbox="1,2,3,4"), ("record 1", "'bbox' must be 4 numbers")),
+    DataCase("field-wrong-type-text", "pairs", _set(1, text=["a"]), ("record 1", "'text' must be a string, got array")),
+    DataCase("record-duplicate", "pairs", _duplicate, ("duplicate of record 0",)),
+    DataCase("many-problems", "pairs", _two_problems, ("2 problems in", "first:", "record 1", "vlmtune data validate")),
+    # counting
+    DataCase("count-above-max", "counting", _set(1, count=9), ("line 2", "'count' 9 is above max_count 3")),
+    DataCase("count-negative", "counting", _set(1, count=-1), ("line 2", "'count' is negative")),
+    DataCase("count-wrong-type", "counting", _set(1, count="2"), ("line 2", "'count' must be an integer")),
+    DataCase("jsonl-malformed-line", "counting", _jsonl_line(2, '{"image": "x.png", "count": '), ("line 3", "not valid JSON")),
+    DataCase("question-empty", "counting", _set(1, question=""), ("line 2", "'question' is empty")),
+    DataCase("counting-duplicate", "counting", _duplicate, ("duplicate of line 1", "same image and question")),
+]
+
+
+def _write_bad_set(case: DataCase, src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    if case.kind == "pairs":
+        recs = json.loads((dst / "train.json").read_text())
+        path = dst / "bad.json"
+    else:
+        recs = [json.loads(x) for x in (dst / "train.jsonl").read_text().splitlines() if x.strip()]
+        path = dst / "bad.jsonl"
+    raw = case.fn(dst, recs)
+    if raw is None:
+        raw = json.dumps(recs) if case.kind == "pairs" else "".join(json.dumps(r) + "\n" for r in recs)
+    path.write_text(raw)
+    return path
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
+def test_bad_data(case: DataCase, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                  pairs_set: Path, count_set: Path) -> None:
+    path = _write_bad_set(case, pairs_set if case.kind == "pairs" else count_set, tmp_path / "data")
+    if command == "validate":
+        argv = ["data", "validate", str(path)] + (["--max-count", "3"] if case.kind == "counting" else [])
+        code, out, err = _run(capsys, argv)
+        assert code == 1, out + err
+        lines = out.strip().splitlines()
+        assert lines[-1].endswith(("error", "errors", "note", "notes")) and " 0 errors" not in lines[-1]
+        problems = [ln for ln in lines[:-1] if ": note: " not in ln]
+        assert problems and all(ln.startswith(f"{path}") for ln in problems)
+        msg = "\n".join(problems)
+        expect = [e for e in case.expect if e not in ("2 problems in", "first:", "vlmtune data validate")]
+    else:
+        config, quick = (RETRIEVAL, QUICK) if case.kind == "pairs" else (COUNTING, COUNT_QUICK)
+        out_dir = tmp_path / "run"
+        code, out, err = _run(capsys, ["train", config, "--output-dir", str(out_dir), *quick,
+                                       f"data.train={path}", f"data.val={path}", f"data.test={path}"])
+        msg = _error_line(code, err)
+        expect = list(case.expect)
+        assert not (out_dir / "checkpoints").exists()
+    assert path.name in msg
+    for e in expect:
+        assert e in msg, (e, msg)
+
+
+@pytest.mark.parametrize("case", [c for c in DATA_CASES if c.id in ("bbox-negative", "image-truncated-png")],
+                         ids=lambda c: c.id)
+def test_bad_data_in_evaluate(case: DataCase, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              pairs_set: Path, trained: tuple[Path, list[str]]) -> None:
+    """Evaluation reads data through the same checks as training."""
+    path = _write_bad_set(case, pairs_set, tmp_path / "data")
+    run, _ = trained
+    code, _, err = _run(capsys, ["evaluate", str(run / "checkpoints/last"), "--data", str(path),
+                                 "--output-dir", str(tmp_path / "ev")])
+    msg = _error_line(code, err)
+    assert path.name in msg and all(e in msg for e in case.expect)
+
+
+def test_validate_clean_set_and_json(capsys: pytest.CaptureFixture[str], pairs_set: Path, count_set: Path) -> None:
+    code, out, _ = _run(capsys, ["data", "validate", str(pairs_set / "train.json")])
+    assert code == 0 and out.strip().endswith(", 0 errors, 0 notes")
+    code, out, _ = _run(capsys, ["data", "validate", str(count_set / "val.jsonl"), "--max-count", "3", "--json"])
+    report = json.loads(out)
+    assert code == 0 and report["kind"] == "counting" and report["errors"] == [] and report["records"] == 2
+
+
+def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    """One run lists all problems, several in one record too, each with file and record."""
+    case = DataCase("all", "pairs", lambda folder, recs: None, ())
+    path = _write_bad_set(case, pairs_set, tmp_path / "data")
+    recs = json.loads(path.read_text())
+    recs[0].update(text="", relation="sideways")          # two problems in one record
+    recs[2]["bbox"] = [0, 0, 0, 0]
+    recs[4]["image"] = "images/gone.png"
+    recs.append(dict(recs[5]))
+    path.write_text(json.dumps(recs))
+    code, out, _ = _run(capsys, ["data", "validate", str(path), "--json"])
+    report = json.loads(out)
+    assert code == 1 and report["bad_records"] == 4
+    wheres = [e["where"].split(": ")[-1] for e in report["errors"]]
+    assert wheres == ["record 0", "record 0", "record 2", "record 4", f"record {len(recs) - 1}"]
+
+
+# --------------------------------------------------------------------------- succeeds
+
+
+def _modes_set(src: Path, dst: Path) -> Path:
+    """The clean set with four images replaced by L, RGBA, P and 16-bit versions of themselves."""
+    shutil.copytree(src, dst)
+    recs = json.loads((dst / "train.json").read_text())
+    images = list(dict.fromkeys(r["image"] for r in recs))[:4]
+    for rel, mode in zip(images, ("L", "RGBA", "P", "I;16")):
+        rgb = Image.open(dst / rel).convert("RGB")
+        if mode == "I;16":
+            arr = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+            Image.fromarray(arr).save(dst / rel)
+        else:
+            rgb.convert(mode).save(dst / rel)
+    return dst
+
+
+def test_other_image_modes_are_notes_and_train(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    data = _modes_set(pairs_set, tmp_path / "data")
+    code, out, _ = _run(capsys, ["data", "validate", str(data / "train.json")])
+    assert code == 0, out
+    notes = [ln for ln in out.splitlines() if ": note: " in ln]
+    for mode in ("mode L ", "mode RGBA ", "mode P ", "mode I;16"):
+        assert any(mode in ln and "converted to RGB" in ln for ln in notes), (mode, notes)
+    assert out.strip().endswith("0 errors, 4 notes")
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run"), *QUICK,
+                                 f"data.synthetic_dir={data}", "data.synthetic.n=20"])
+    assert code == 0, err
+
+
+def test_on_error_skip_trains_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(pairs_set, data)
+    recs = json.loads((data / "train.json").read_text())
+    recs[1]["bbox"] = [-1, 0, 4, 4]
+    recs[2]["image"] = _new_image(data, "half.png", _png_body_truncated)  # found only by decoding
+    recs[2].pop("bbox")
+    recs.append(dict(recs[0]))
+    (data / "train.json").write_text(json.dumps(recs))
+    out = tmp_path / "run"
+    argv = ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={data}", "data.synthetic.n=20"]
+    code, _, err = _run(capsys, argv)
+    msg = _error_line(code, err)  # raise, the default: stops with the count and the first
+    # Raise checks image headers only: the truncated body is not among the 2 found up front.
+    assert "2 problems in" in msg and "train.json: record 1" in msg
+    code, _, err = _run(capsys, [*argv, "data.on_error=skip"])
+    assert code == 0, err
+    assert f"skipped 3 of {len(recs)} records" in err
+    for where in ("record 1: bbox has negative", "record 2: image", f"record {len(recs) - 1}: duplicate"):
+        assert where in err, where
+    assert json.loads((out / "metrics.json").read_text())["train/epochs"] == 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+CONFIG_CASES = [
+    ("unknown-key", ["optim.learning_rate=1"], "optim.learning_rate: unknown key"),
+    ("unknown-nested-key", ["data.on_eror=skip"], "data.on_eror: unknown key"),
+    ("wrong-type", ["train.epochs=two"], "train.epochs: expected an integer"),
+    ("wrong-type-bool", ["backbone.trust_remote_code=maybe"], "backbone.trust_remote_code: expected true or false"),
+    ("bad-choice", ["data.on_error=ignore"], "data.on_error: 'ignore' is not one of"),
+    ("negative-lr", ["optim.lr=-1e-3"], "optim.lr: must be > 0"),
+    ("stages-out-of-order", ["train.epochs=4", "stages.1.start_epoch=0"], "stages[1].start_epoch: must be after"),
+    ("stage-never-runs", ["train.epochs=2", "stages.1.start_epoch=5"], "is not before train.epochs"),
+    ("too-many-vision-blocks", ["train.epochs=2", "stages.1.start_epoch=1", "stages.1.vision_blocks=9"], "only 2 blocks"),
+    ("max-text-chars-zero", ["data.max_text_chars=0"], "data.max_text_chars: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_fails_before_work(overrides: list[str], expected: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), f"data.synthetic_dir={pairs_set}",
+                                 "data.synthetic.n=20", "train.progress=false", *overrides])
+    assert expected in _error_line(code, err)
+    assert not (out / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _copy_ckpt(trained: tuple[Path, list[str]], tmp_path: Path) -> Path:
+    run, _ = trained
+    dst = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "last", dst)
+    return dst
+
+
+def _state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _put_state(ckpt: Path, state: dict[str, Any]) -> None:
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def _flip_byte(ckpt: Path) -> None:
+    path = ckpt / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor: still a valid file, other numbers
+    path.write_bytes(bytes(data))
+
+
+def _truncate(ckpt: Path) -> None:
+    path = ckpt / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _truncate_unrecorded(ckpt: Path) -> None:
+    """A checkpoint from before digests were recorded: safetensors itself must refuse it."""
+    _truncate(ckpt)
+    state = _state(ckpt)
+    state.pop("sha256")
+    _put_state(ckpt, state)
+
+
+def _foreign_backbone(ckpt: Path) -> None:
+    state = _state(ckpt)
+    state["backbone"]["config_sha256"] = "0" * 64
+    state["backbone"]["name_or_path"] = "OpenGVLab/InternVL3-1B-hf"
+    _put_state(ckpt, state)
+
+
+def _foreign_config(ckpt: Path) -> None:
+    """Weights of a model with embed_dim 256 next to a config that says 128."""
+    text = (ckpt / "config.yaml").read_text()
+    assert "embed_dim: 256" in text
+    (ckpt / "config.yaml").write_text(text.replace("embed_dim: 256", "embed_dim: 128"))
+
+
+CHECKPOINT_CASES = [
+    ("missing-folder", lambda c: shutil.rmtree(c), "checkpoint folder not found"),
+    ("missing-weights", lambda c: (c / "weights.safetensors").unlink(), "weights.safetensors is missing"),
+    ("missing-state", lambda c: (c / "state.json").unlink(), "state.json is missing"),
+    ("state-not-json", lambda c: (c / "state.json").write_text("{"), "state.json: not valid JSON"),
+    ("truncated-weights", _truncate, "weights.safetensors: does not match its recorded sha256 (modified or truncated)"),
+    ("truncated-weights-no-digest", _truncate_unrecorded, "weights.safetensors: cannot read weights"),
+    ("tampered-weights", _flip_byte, "weights.safetensors: does not match its recorded sha256"),
+    ("foreign-backbone", _foreign_backbone, "trained on backbone 'OpenGVLab/InternVL3-1B-hf'"),
+    ("foreign-config", _foreign_config, "has shape"),
+]
+
+
+@pytest.mark.parametrize(("break_it", "expected"), [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+def test_bad_checkpoint(break_it: Callable[[Path], None], expected: str, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]) -> None:
+    ckpt = _copy_ckpt(trained, tmp_path)
+    break_it(ckpt)
+    code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev")])
+    msg = _error_line(code, err)
+    assert "ckpt" in msg and expected in msg, msg
+
+
+class _Payload:
+    """Unpickling this calls os.system: the code a hostile trainer_state.pt would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("digest", ["stale", "forged"])
+def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          trained: tuple[Path, list[str]]) -> None:
+    """``train --resume`` on a run whose trainer_state.pt would run code when unpickled.
+
+    stale: the digest in state.json no longer matches (refused before unpickling);
+    forged: the attacker also rewrote the digest, so torch.load(weights_only=True) sees
+    the payload and refuses it. Either way the payload never runs.
+    """
+    import hashlib
+
+    import torch
+
+    src, overrides = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("cache"))
+    ckpt = run / "checkpoints" / "last"
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _Payload(marker)}, ckpt / "trainer_state.pt")
+    if digest == "forged":
+        state = _state(ckpt)
+        state["sha256"]["trainer_state.pt"] = hashlib.sha256((ckpt / "trainer_state.pt").read_bytes()).hexdigest()
+        _put_state(ckpt, state)
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(run), "--resume", *overrides])
+    msg = _error_line(code, err)
+    assert "trainer_state.pt" in msg
+    expected = "does not match its recorded sha256" if digest == "stale" else "refused: it holds pickled objects"
+    assert expected in msg and ("posix.system" in msg or digest == "stale"), msg
+    assert not marker.exists()
+    # The payload is live: a plain unpickle would have run it.
+    torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_untouched_checkpoint_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        trained: tuple[Path, list[str]]) -> None:
+    """The control: a copy nobody touched passes every check above."""
+    ckpt = _copy_ckpt(trained, tmp_path)
+    code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev")])
+    assert code == 0, err
+
+
+# --------------------------------------------------------------------------- size
+
+
+N_CASES = (2 * len(DATA_CASES) + 2 + len(CONFIG_CASES) + len(CHECKPOINT_CASES) + 2  # bad input, refused
+           + 2)  # modes accepted with notes; on_error=skip (raise, then skip)
+
+
+def test_catalogue_size() -> None:
+    """The note on the issue quotes this number; change both together."""
+    assert N_CASES == 77
