@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -41,6 +42,24 @@ class TaskSpec:
 
     def validation(self) -> Callable[..., dict[str, Any]]:
         return self.validate or self.evaluate
+
+
+def data_paths(cfg: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:
+    """The train/val/test annotation files a config names, or the task's synthetic set:
+    generated once by ``generate(folder)`` into data.synthetic_dir (default
+    OUTPUT_DIR/data) and reused while its test file exists."""
+    from vlmtune.errors import DataError
+
+    d = cfg.data
+    if d.train:
+        missing = [k for k in ("val", "test") if not getattr(d, k)]
+        if missing:
+            raise DataError(f"data.{missing[0]}: needed when data.train is given")
+        return {"train": d.train, "val": d.val, "test": d.test}
+    folder = Path(d.synthetic_dir) if d.synthetic_dir else Path(output_dir) / "data"
+    if not (folder / f"test{ext}").is_file():
+        generate(folder)
+    return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
 
 
 def get_task(name: str) -> TaskSpec:

@@ -22,7 +22,7 @@ from vlmtune.backbone import CHAT_END, Backbone
 from vlmtune.config import Config
 from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
 from vlmtune.data.formats import CountRecord, read_counting
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
@@ -189,19 +189,12 @@ def decode(tokenizer: Any, ids: torch.Tensor) -> list[str]:
 
 def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
     """Annotation files from the config, or the synthetic receipts set, generated once."""
-    d = cfg.data
-    if d.train:
-        missing = [k for k in ("val", "test") if not getattr(d, k)]
-        if missing:
-            raise DataError(f"data.{missing[0]}: needed when data.train is given")
-        return {"train": d.train, "val": d.val, "test": d.test}  # type: ignore[dict-item]
     from vlmtune.data.receipts import generate_receipts
+    from vlmtune.tasks import data_paths
 
-    folder = Path(d.synthetic_dir) if d.synthetic_dir else output_dir / "data"
-    if not (folder / "test.jsonl").is_file():
-        generate_receipts(folder, n=d.synthetic.n, seed=d.synthetic.seed, max_count=cfg.counting.max_count,
-                          image_size=d.synthetic.image_size)
-    return {split: str((folder / f"{split}.jsonl").resolve()) for split in ("train", "val", "test")}
+    s = cfg.data.synthetic
+    return data_paths(cfg, output_dir, lambda folder: generate_receipts(
+        folder, n=s.n, seed=s.seed, max_count=cfg.counting.max_count, image_size=s.image_size), ".jsonl")
 
 
 def build_model(backbone: Backbone, cfg: Config) -> CountingModel:

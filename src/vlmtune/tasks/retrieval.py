@@ -24,7 +24,6 @@ from vlmtune.data.cache import FeatureStore, text_key
 from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
-from vlmtune.errors import DataError
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
 from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
@@ -156,18 +155,11 @@ def _patch_size(backbone: Backbone) -> int:
 
 def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
     """Annotation files from the config, or the synthetic scenes set, generated once."""
-    d = cfg.data
-    if d.train:
-        missing = [k for k in ("val", "test") if not getattr(d, k)]
-        if missing:
-            raise DataError(f"data.{missing[0]}: needed when data.train is given")
-        return {"train": d.train, "val": d.val, "test": d.test}  # type: ignore[dict-item]
     from vlmtune.data.scenes import generate_scenes
+    from vlmtune.tasks import data_paths
 
-    folder = Path(d.synthetic_dir) if d.synthetic_dir else output_dir / "data"
-    if not (folder / "test.json").is_file():
-        generate_scenes(folder, n=d.synthetic.n, seed=d.synthetic.seed, image_size=d.synthetic.image_size)
-    return {split: str((folder / f"{split}.json").resolve()) for split in ("train", "val", "test")}
+    s = cfg.data.synthetic
+    return data_paths(cfg, output_dir, lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size), ".json")
 
 
 def build_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
@@ -322,11 +314,11 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, devi
     gallery = torch.stack([image_emb[i] for i in range(n_img)])
     texts = merged["text"]
     t2i = merged["text_img"]
-    rerank = None
-    if cfg.eval.rerank_k > 0:
-        def rerank(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-            logits = model.match_logits(gallery[img_idx].to(device), texts[txt_idx].to(device))
-            return logits.float().log_softmax(-1)[:, 1].cpu()
+    def match_score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        logits = model.match_logits(gallery[img_idx].to(device), texts[txt_idx].to(device))
+        return logits.float().log_softmax(-1)[:, 1].cpu()
+
+    rerank = match_score if cfg.eval.rerank_k > 0 else None
     metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(cfg.eval.ks), chunk_size=cfg.eval.chunk_size,
                                                 rerank=rerank, rerank_k=max(cfg.eval.rerank_k, 1), search=cfg.eval.search)
     metrics["retrieval/n_images"] = n_img
