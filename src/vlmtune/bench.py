@@ -248,7 +248,7 @@ def render(r: dict[str, Any]) -> str:
                   f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
                   f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
                   f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
-                  f"| samples/s cached / uncached | {c['samples_per_s']:.0f} / {u['samples_per_s']:.0f} |", ""]
+                  f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |", ""]
     if "loader" in r:
         lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
         lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
