@@ -323,3 +323,16 @@ def test_faiss_search_matches_the_full_matrix_reference() -> None:
     assert got.keys() == ref.keys()
     for k in ref:
         assert got[k] == pytest.approx(ref[k]), k
+
+
+@pytest.mark.parametrize("chunk_size", [2, 5, 16, 64, 4096])
+@pytest.mark.parametrize("step", [0.25, 1.0])  # 1.0: coarse values, many exact ties
+def test_chunked_topk_both_matches_full_matrix_in_both_directions(chunk_size: int, step: float) -> None:
+    """One pass feeds both lists; after the first rows the columns use the threshold path."""
+    from vlmtune.metrics.retrieval import chunked_topk_both
+
+    g = torch.Generator().manual_seed(chunk_size)
+    img, txt = _grid_emb(g, 70, 6, step), _grid_emb(g, 130, 6, step)
+    i2t, t2i = chunked_topk_both(img, txt, 10, chunk_size)
+    assert torch.equal(i2t, _full_topk(img, txt, 10)[1])
+    assert torch.equal(t2i, _full_topk(txt, img, 10)[1])

@@ -94,17 +94,57 @@ def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4
         q = images[r0 : r0 + chunk_size].float()
         row_s = q.new_empty(q.shape[0], 0)
         row_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
-        col_parts_s, col_parts_i = [], []
+        # Once every text has a full top-k list, a later (higher-index) image can only
+        # enter it with a score strictly above the list's k-th: a cheap comparison
+        # finds those few candidates instead of a column-wise top-k of every block,
+        # which costs about as much as the block's product itself.
+        full = col_s.shape[1] >= ki
+        col_parts_s, col_parts_i, cand = [], [], []
         for c0 in range(0, m, chunk_size):
             sim = q @ texts[c0 : c0 + chunk_size].float().T
             s, i = _block_topk(sim, min(kt, sim.shape[1]))
             row_s, row_i = _merge(row_s, row_i, s, i + c0, kt)
-            s, i = _block_topk(sim.T, min(ki, sim.shape[0]))
-            col_parts_s.append(s)
-            col_parts_i.append(i + r0)
-        col_s, col_i = _merge(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
+            if full:
+                r, c = (sim > col_s[c0 : c0 + sim.shape[1], -1]).nonzero(as_tuple=True)
+                cand.append((c + c0, sim[r, c], r + r0))
+            else:
+                s, i = _block_topk(sim.T, min(ki, sim.shape[0]))
+                col_parts_s.append(s)
+                col_parts_i.append(i + r0)
+        if full:
+            cols, vals, rows = (torch.cat(x) for x in zip(*cand))
+            col_s, col_i = _merge_candidates(col_s, col_i, cols, vals, rows)
+        else:
+            col_s, col_i = _merge(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
         rows_out.append(row_i)
     return torch.cat(rows_out), col_i
+
+
+def _merge_candidates(best_s: Tensor, best_i: Tensor, cols: Tensor, vals: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge scattered candidates (column, score, row) into full per-column top-k lists.
+
+    Only the columns that received a candidate are touched. Their k entries and their
+    candidates are ordered by (column, score desc, row asc); the running entries have
+    lower rows than any candidate, so on equal scores they stay first.
+    """
+    if cols.numel() == 0:
+        return best_s, best_i
+    k = best_s.shape[1]
+    touched = torch.unique(cols)
+    all_cols = torch.cat([touched.repeat_interleave(k), cols])
+    all_vals = torch.cat([best_s[touched].reshape(-1), vals])
+    all_rows = torch.cat([best_i[touched].reshape(-1), rows])
+    order = all_rows.argsort(stable=True)
+    order = order[all_vals[order].argsort(descending=True, stable=True)]
+    order = order[all_cols[order].argsort(stable=True)]
+    # Every touched column has at least k entries; take the first k of each group.
+    counts = torch.bincount(torch.searchsorted(touched, all_cols), minlength=len(touched))
+    starts = torch.cumsum(counts, 0) - counts
+    take = order[(starts[:, None] + torch.arange(k, device=cols.device)).reshape(-1)]
+    best_s, best_i = best_s.clone(), best_i.clone()
+    best_s[touched] = all_vals[take].view(-1, k)
+    best_i[touched] = all_rows[take].view(-1, k)
+    return best_s, best_i
 
 
 def faiss_topk_both(images: Tensor, texts: Tensor, k: int) -> tuple[Tensor, Tensor]:
