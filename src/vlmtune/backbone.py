@@ -133,11 +133,6 @@ def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
     return model, tokenizer, processor
 
 
-def build_tiny(cfg: BackboneConfig):
-    """The embedded preset: a real InternVL architecture at toy size, random weights."""
-    return build_preset("tiny", cfg)
-
-
 def _resolve_dtype(name: str, device_type: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -282,14 +277,6 @@ class Backbone(nn.Module):
         """Last hidden state of the language model over text alone, [B, T, Dt]."""
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def pool_vision(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.cfg.vision_pooling == "cls":
-            return tokens[:, 0]
-        return tokens[:, 1:].mean(dim=1)
-
-    def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return pool_text(hidden, attention_mask, self.cfg.text_pooling)
-
     # ---- inputs
     def tokenize(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
         return tokenize(self.tokenizer, texts, max_tokens or self.cfg.max_text_tokens)
@@ -394,20 +381,12 @@ class Backbone(nn.Module):
     def vision_fingerprint(self) -> str:
         """sha256 of the vision tower's current weights (cache keys must change when a
         stage has trained it, which the architecture hash alone would not show)."""
-        h = hashlib.sha256()
-        for name, t in self.vision_tower.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
+        return _weights_sha256(self.vision_tower)
 
     def text_fingerprint(self) -> str:
         """sha256 of the language model's weights and the tokenizer's vocabulary."""
-        h = hashlib.sha256()
-        for name, t in self.language_model.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
-        return h.hexdigest()
+        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
+        return hashlib.sha256(_weights_sha256(self.language_model).encode() + vocab).hexdigest()
 
     # ---- identity, saving
     def identity(self) -> dict[str, Any]:
@@ -453,6 +432,15 @@ def _without_lora(model: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{owner}.{rest[len('base_layer.'):]}"] = value
         # lora_A / lora_B / dropout entries belong to the adapter, not the backbone
     return out
+
+
+def _weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's named weights and buffers."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 _NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}

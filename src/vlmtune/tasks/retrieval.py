@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmtune.backbone import Backbone, tokenize
+from vlmtune.backbone import Backbone, pool_text, tokenize
 from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.config import Config, LossConfig, ModelConfig
 from vlmtune.data.cache import FeatureStore, text_key
@@ -34,12 +34,6 @@ from vlmtune.metrics.retrieval import retrieval_metrics
 def pool_tokens(tokens: torch.Tensor, mode: str) -> torch.Tensor:
     """Vision tokens [B, 1 + N, D] (CLS first) -> [B, D]."""
     return tokens[:, 0] if mode == "cls" else tokens[:, 1:].mean(dim=1)
-
-
-def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    from vlmtune.backbone import pool_text
-
-    return pool_text(hidden, mask, mode)
 
 
 class RetrievalModel(nn.Module):
@@ -102,7 +96,7 @@ class RetrievalModel(nn.Module):
         if text_hidden is None:
             text_hidden = self.backbone.text_tokens(input_ids, attention_mask)
         tokens = self.text_adapter(text_hidden.float())
-        return self.text_projector(masked_pool(tokens, attention_mask, self.backbone.cfg.text_pooling))
+        return self.text_projector(pool_text(tokens, attention_mask, self.backbone.cfg.text_pooling))
 
     def match_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.matching_head(pair_features(image, text))
