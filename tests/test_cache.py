@@ -109,3 +109,28 @@ def test_whole_run_with_and_without_cache_agree(tmp_path: Path, fast: list[str])
     assert stages[0]["cache"]["cache_vision"] is True and stages[0]["cache"]["cache_text"] is True
     assert stages[1]["cache"]["cache_vision"] is False and stages[1]["cache"]["cache_text"] is True
     assert any((tmp_path / "on" / "cache").iterdir()) and not (tmp_path / "off" / "cache").exists()
+
+
+def test_weight_fingerprint_follows_in_place_updates() -> None:
+    """The remembered digest changes exactly when a weight does."""
+    from vlmtune.backbone import _weights_sha256, load_backbone
+    from vlmtune.config import BackboneConfig
+
+    b = load_backbone(BackboneConfig())
+    first = b.vision_fingerprint()
+    assert b.vision_fingerprint() == first == _weights_sha256(b.vision_tower)
+    with torch.no_grad():
+        b.vision_blocks[-1].mlp.fc1.weight.add_(1.0)  # as an optimizer step would
+    changed = b.vision_fingerprint()
+    assert changed != first and changed == _weights_sha256(b.vision_tower)
+
+
+def test_content_key_sees_a_rewritten_file(tmp_path: Path) -> None:
+    import os
+
+    p = tmp_path / "a.png"
+    p.write_bytes(b"one")
+    k1 = content_key(p)
+    p.write_bytes(b"two!")
+    os.utime(p, ns=(1, 1))  # even with an old timestamp, the size differs
+    assert content_key(p) != k1

@@ -381,12 +381,24 @@ class Backbone(nn.Module):
     def vision_fingerprint(self) -> str:
         """sha256 of the vision tower's current weights (cache keys must change when a
         stage has trained it, which the architecture hash alone would not show)."""
-        return _weights_sha256(self.vision_tower)
+        return self._memo_sha256("vision", self.vision_tower)
+
+    def _memo_sha256(self, name: str, module: nn.Module) -> str:
+        """_weights_sha256, recomputed only when a weight changed: every in-place update
+        (optimizer step, load_state_dict) bumps a tensor's version counter, so the
+        versions of all tensors say whether the last digest still holds. Validation asks
+        for it every epoch; hashing a 300M-parameter tower each time is not free."""
+        tensors = [*module.parameters(), *module.buffers()]
+        stamp = tuple((id(t), t._version) for t in tensors)
+        memo = self.__dict__.setdefault("_digests", {})
+        if memo.get(name, (None,))[0] != stamp:
+            memo[name] = (stamp, _weights_sha256(module))
+        return memo[name][1]
 
     def text_fingerprint(self) -> str:
         """sha256 of the language model's weights and the tokenizer's vocabulary."""
         vocab = json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
-        return hashlib.sha256(_weights_sha256(self.language_model).encode() + vocab).hexdigest()
+        return hashlib.sha256(self._memo_sha256("text", self.language_model).encode() + vocab).hexdigest()
 
     # ---- identity, saving
     def identity(self) -> dict[str, Any]:

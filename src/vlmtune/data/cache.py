@@ -20,14 +20,22 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 
+_KEYS: dict[tuple[str, int, int], str] = {}
+
+
 def content_key(path: str | Path) -> str:
     """sha256 of a file's bytes: the same image under another name shares its features,
-    an edited image does not."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    an edited image does not. Remembered per (path, size, mtime) within a process, so
+    the validation set is not re-read every epoch; a rewritten file is hashed again."""
+    st = os.stat(path)
+    stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if stamp not in _KEYS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _KEYS[stamp] = h.hexdigest()
+    return _KEYS[stamp]
 
 
 def text_key(text: str) -> str:
