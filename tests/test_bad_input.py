@@ -416,11 +416,26 @@ def _truncate(ckpt: Path) -> None:
 
 
 def _truncate_unrecorded(ckpt: Path) -> None:
-    """A checkpoint from before digests were recorded: safetensors itself must refuse it."""
+    """Digests removed from state.json (which once turned the check off): refused."""
     _truncate(ckpt)
     state = _state(ckpt)
     state.pop("sha256")
     _put_state(ckpt, state)
+
+
+def _digest_emptied(ckpt: Path) -> None:
+    """One file's digest removed: that file is refused, not read unchecked."""
+    state = _state(ckpt)
+    state["sha256"].pop("weights.safetensors")
+    _put_state(ckpt, state)
+
+
+def _state_field(key: str, value: object):
+    def change(ckpt: Path) -> None:
+        state = _state(ckpt)
+        state[key] = value
+        _put_state(ckpt, state)
+    return change
 
 
 def _foreign_backbone(ckpt: Path) -> None:
@@ -443,7 +458,13 @@ CHECKPOINT_CASES = [
     ("missing-state", lambda c: (c / "state.json").unlink(), "state.json is missing"),
     ("state-not-json", lambda c: (c / "state.json").write_text("{"), "state.json: not valid JSON"),
     ("truncated-weights", _truncate, "weights.safetensors: does not match its recorded sha256 (modified or truncated)"),
-    ("truncated-weights-no-digest", _truncate_unrecorded, "weights.safetensors: cannot read weights"),
+    ("truncated-weights-no-digest", _truncate_unrecorded, "field 'sha256' must map file names to digests"),
+    ("digest-emptied", _digest_emptied, "weights.safetensors: has no recorded sha256 in state.json; refused"),
+    ("state-epoch-past-config", _state_field("epoch", 999), "epoch 999 is past the config's train.epochs"),
+    ("state-backbone-null", _state_field("backbone", None), "field 'backbone' must be an object"),
+    ("state-step-negative", _state_field("step", -1), "field 'step' must be a non-negative integer"),
+    ("state-best-string", _state_field("best", "high"), "field 'best' must be a finite number or null"),
+    ("state-unknown-field", _state_field("exec", "rm -rf /"), "unknown field 'exec'"),
     ("tampered-weights", _flip_byte, "weights.safetensors: does not match its recorded sha256"),
     ("foreign-backbone", _foreign_backbone, "trained on backbone 'OpenGVLab/InternVL3-1B-hf'"),
     ("foreign-config", _foreign_config, "has shape"),

@@ -58,16 +58,18 @@ def test_cached_training_gives_the_same_losses_as_live(scenes: Path, tmp_path: P
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
-    from vlmtune.tasks.retrieval import build_model, make_loader
+    from vlmtune.tasks import FeatureCache
+    from vlmtune.tasks.retrieval import RetrievalTask
 
     from conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "retrieval_two_stage.yaml", ["train.batch_size=8"])
-    model = build_model(load_backbone(cfg.backbone), cfg)
+    task = RetrievalTask.from_config(cfg)
+    model = task.build_model(load_backbone(cfg.backbone))
     model.eval()  # no dropout, so the two paths see the same network
     records = read_pairs(scenes / "train.json")
-    live = make_loader(records, model.backbone, cfg, train=True, seed=0)
-    cached = make_loader(records, model.backbone, cfg, train=True, seed=0, cache_dir=tmp_path / "cache")
+    live = task.make_loader(records, model.backbone, train=True, seed=0)
+    cached = task.make_loader(records, model.backbone, train=True, seed=0, cache=FeatureCache(tmp_path / "cache"))
     active = frozenset({"contrastive", "matching", "box", "relation"})
     n = 0
     for a, b in zip(live, cached):
@@ -84,7 +86,7 @@ def test_cached_training_gives_the_same_losses_as_live(scenes: Path, tmp_path: P
     # A second loader finds every image already stored.
     store_dir = next((tmp_path / "cache").iterdir())
     mtime = (store_dir / "features.npy").stat().st_mtime_ns
-    make_loader(records, model.backbone, cfg, train=True, seed=0, cache_dir=tmp_path / "cache")
+    task.make_loader(records, model.backbone, train=True, seed=0, cache=FeatureCache(tmp_path / "cache"))
     assert (store_dir / "features.npy").stat().st_mtime_ns == mtime
 
 
@@ -113,15 +115,16 @@ def test_whole_run_with_and_without_cache_agree(tmp_path: Path, fast: list[str])
 
 def test_weight_fingerprint_follows_in_place_updates() -> None:
     """The remembered digest changes exactly when a weight does."""
-    from vlmtune.backbone import _weights_sha256, load_backbone
+    from vlmtune.backbone import load_backbone
     from vlmtune.config import BackboneConfig
+    from vlmtune.data.cache import _weights_sha256, vision_fingerprint
 
     b = load_backbone(BackboneConfig())
-    first = b.vision_fingerprint()
-    assert b.vision_fingerprint() == first == _weights_sha256(b.vision_tower)
+    first = vision_fingerprint(b)
+    assert vision_fingerprint(b) == first == _weights_sha256(b.vision_tower)
     with torch.no_grad():
         b.vision_blocks[-1].mlp.fc1.weight.add_(1.0)  # as an optimizer step would
-    changed = b.vision_fingerprint()
+    changed = vision_fingerprint(b)
     assert changed != first and changed == _weights_sha256(b.vision_tower)
 
 

@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from vlmtune.cli import main
+from vlmtune.history import read_history
 
 from conftest import CONFIGS
 
@@ -28,7 +29,10 @@ def test_two_stage_run_writes_the_run_directory(tmp_path: Path, fast: list[str])
         assert key in m, key
     assert m["train/epochs"] == 2
     assert 0 <= m["retrieval/i2t_r1"] <= 100 and m["params/trainable"] < m["params/total"]
-    lines = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    # Every line follows the schema (vlmtune.history), and written through it again gives the same bytes.
+    text = (out / "history.jsonl").read_text().splitlines()
+    assert [json.dumps(r.to_json()) for r in read_history(out / "history.jsonl")] == text
+    lines = [json.loads(x) for x in text]
     stages = [x for x in lines if x["type"] == "stage"]
     assert [s["stage"] for s in stages] == [0, 1]
     assert stages[1]["trainable"] > stages[0]["trainable"]  # the last vision block joins

@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,49 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def _load_error(tmp_path: Path, text: str | bytes) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    return str(e.value)
+
+
+def test_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    err = _load_error(tmp_path, "optim:\n  lr: 0.1  # café\n".encode("latin-1"))
+    assert err == f"{tmp_path / 'c.yaml'}: not UTF-8 text (byte 23 is 0xe9)"
+
+
+def test_key_written_twice_is_named_with_its_lines(tmp_path: Path) -> None:
+    err = _load_error(tmp_path, "optim:\n  lr: 0.1\ntrain:\n  epochs: 2\noptim:\n  weight_decay: 0.0\n")
+    assert err == f"{tmp_path / 'c.yaml'}: line 5: key 'optim' appears twice in one mapping (first on line 1)"
+    assert "line 3: key 'lr'" in _load_error(tmp_path, "optim:\n  lr: 0.1\n  lr: 0.2\n")
+    # A YAML merge ('<<') is not a repeated key: the key written after it wins.
+    p = tmp_path / "merge.yaml"
+    p.write_text("optim:\n  <<: {lr: 0.1, weight_decay: 0.0}\n  lr: 0.2\n")
+    assert load_config(p).optim.lr == pytest.approx(0.2)
+    assert load_config(p).optim.weight_decay == 0.0
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    """A few hundred bytes whose value, written out, has 9**levels numbers."""
+    value = "&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for i in range(1, levels):
+        value = f"&a{i} [{value}, " + ", ".join([f"*a{i - 1}"] * 8) + "]"
+    return value
+
+
+@pytest.mark.parametrize("where", ["optim:\n  lr: {}\n", "eval:\n  ks: {}\n", "backbone:\n  dtype: {}\n"])
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: Path, where: str) -> None:
+    t0 = time.perf_counter()
+    err = _load_error(tmp_path, where.format(_alias_bomb()))
+    assert time.perf_counter() - t0 < 5
+    assert len(err) < 300 and "..." in err, err
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    for value in ("[" * 3000 + "]" * 3000, "{a: " * 3000 + "1" + "}" * 3000):
+        err = _load_error(tmp_path, f"optim:\n  lr: {value}\n")
+        assert err == f"{tmp_path / 'c.yaml'}: nested too deeply to be a config"

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vlmtune.cli import main
+from vlmtune.history import read_history
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
 
@@ -109,13 +110,13 @@ def test_prompt_and_labels_mask_everything_but_the_answer(tiny_cfg, backbone) ->
               + [sp("<|im_start|>")] + text("assistant") + text("\n"))
     target = text(answer) + [sp("<|im_end|>")]
 
-    ids, labels = prompt_builder(backbone, tiny_cfg).example(question, answer, num_tiles=1)
+    ids, labels = prompt_builder(backbone, tiny_cfg.counting).example(question, answer, num_tiles=1)
     assert ids == prompt + target
     assert labels == [IGNORE_INDEX] * len(prompt) + target
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == answer + "<|im_end|>"
 
     # In a batch: right padding for teacher forcing (pads unlabelled), left for generation.
-    collate = CountingCollator(prompt_builder(backbone, tiny_cfg), backbone.image_processor, 1, tok.pad_token_id)
+    collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 1, tok.pad_token_id)
     img = Image.new("RGB", (64, 64), "gray")
     batch = collate([{"index": 0, "image": img, "question": question, "answer": answer, "label": 2},
                      {"index": 1, "image": img, "question": "Count.", "answer": "I see no receipts.", "label": 0}])
@@ -128,15 +129,15 @@ def test_prompt_and_labels_mask_everything_but_the_answer(tiny_cfg, backbone) ->
 
 
 def test_tall_image_is_tiled_and_placeholders_match(tiny_cfg, backbone) -> None:
-    from vlmtune.data.counting import CountingCollator
+    from vlmtune.data.counting import CountingCollator, tile_grid
     from vlmtune.tasks.counting import prompt_builder
 
-    collate = CountingCollator(prompt_builder(backbone, tiny_cfg), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
+    collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
     tall, square = Image.new("RGB", (60, 190), "white"), Image.new("RGB", (64, 64), "white")
     batch = collate([{"index": i, "image": im, "question": "How many?", "answer": "There is 1 receipt.", "label": 1}
                      for i, im in enumerate([tall, square])])
     assert batch["num_tiles"].tolist() == [4, 1]  # a 1 x 3 column of tiles + thumbnail; one square tile
-    assert backbone.tile_grid(60, 190, 4) == (1, 3)
+    assert tile_grid(backbone.image_processor, 60, 190, 4) == (1, 3)
     assert batch["pixel_values"].shape[0] == 5
     per_row = (batch["input_ids"] == backbone.image_token_id).sum(1)
     assert per_row.tolist() == [4 * backbone.info.tokens_per_tile, backbone.info.tokens_per_tile]
@@ -149,8 +150,8 @@ def test_batched_beam_search_matches_one_image_at_a_time(tiny_cfg, backbone) -> 
     from vlmtune.data.counting import CountingCollator
     from vlmtune.tasks.counting import CountingModel, generate_answers, prompt_builder
 
-    model = CountingModel(backbone, tiny_cfg).eval()
-    collate = CountingCollator(prompt_builder(backbone, tiny_cfg), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
+    model = CountingModel(backbone, tiny_cfg.counting, tiny_cfg.model).eval()
+    collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
     rng = np.random.default_rng(0)
     items = [{"index": i, "image": Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), "question": q,
               "answer": "x", "label": 0} for i, ((h, w), q) in enumerate(zip([(200, 64), (64, 64), (128, 128)],
@@ -230,7 +231,10 @@ def test_three_stage_run_writes_the_run_directory(run: Path) -> None:
     assert m["train/epochs"] == 3 and m["answer/n_generated"] == m["count/n"]
     assert len(m["count/confusion"]) == 4 and sum(map(sum, m["count/confusion"])) == m["count/n"]
     assert m["count/baseline_accuracy"] == pytest.approx(25.0, abs=15)
-    lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    # Every line follows the schema (vlmtune.history), and written through it again gives the same bytes.
+    text = (run / "history.jsonl").read_text().splitlines()
+    assert [json.dumps(r.to_json()) for r in read_history(run / "history.jsonl")] == text
+    lines = [json.loads(x) for x in text]
     stages = [x for x in lines if x["type"] == "stage"]
     assert [s["stage"] for s in stages] == [0, 1, 2]
     assert stages[0]["trainable"] < stages[1]["trainable"] < stages[2]["trainable"] == stages[2]["total"]

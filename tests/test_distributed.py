@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vlmtune.cli import main
 from vlmtune.losses import contrastive_loss, contrastive_loss_local_rows, hard_negative_pairs
-from vlmtune.tasks.retrieval import _merge_by_row
+from vlmtune.tasks.retrieval import EvalOutputs
 
 from conftest import CONFIGS, ROOT
 
@@ -83,13 +83,14 @@ def test_one_process_hard_negatives_are_the_plain_in_batch_form() -> None:
     assert torch.equal(a[0][len(ids) + int(okt.sum()):], image[nv[okv]])
 
 
-def test_merge_by_row_restores_record_order() -> None:
-    p0 = {"text": torch.tensor([[0.0], [2.0]]), "text_img": torch.tensor([0, 1]), "text_rows": torch.tensor([0, 2])}
-    p1 = {"text": torch.tensor([[1.0], [3.0]]), "text_img": torch.tensor([5, 6]), "text_rows": torch.tensor([1, 3]),
-          "box_pred": torch.ones(1, 4), "box_rows": torch.tensor([3])}
-    m = _merge_by_row([p0, p1])
-    assert m["text"].flatten().tolist() == [0, 1, 2, 3] and m["text_img"].tolist() == [0, 5, 1, 6]
-    assert m["box_pred"].shape == (1, 4)
+def test_merge_restores_record_order() -> None:
+    p0 = EvalOutputs(text=[torch.tensor([[0.0], [2.0]])], text_image=[torch.tensor([0, 1])], text_rows=[torch.tensor([0, 2])])
+    p1 = EvalOutputs(text=[torch.tensor([[1.0], [3.0]])], text_image=[torch.tensor([5, 6])], text_rows=[torch.tensor([1, 3])],
+                     box_pred=[torch.ones(1, 4)], box_true=[torch.zeros(1, 4)], box_wh=[torch.ones(1, 2)],
+                     box_rows=[torch.tensor([3])])
+    m = EvalOutputs.merge([p0, p1])
+    assert m.cat("text").flatten().tolist() == [0, 1, 2, 3] and m.cat("text_image").tolist() == [0, 5, 1, 6]
+    assert m.cat("box_pred").shape == (1, 4) and m.cat("box_rows").tolist() == [3]
 
 
 def _torchrun(args: list[str], folder: Path) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlmtune.cli import main
+from vlmtune.history import read_history
 
 from conftest import CONFIGS, ROOT
 
@@ -39,6 +40,7 @@ def _fast(scenes: Path) -> list[str]:
 
 
 def _history(run: Path) -> list[dict]:
+    read_history(run / "history.jsonl")  # every line follows the schema (vlmtune.history)
     lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     return [{k: v for k, v in x.items() if k not in IGNORED} for x in lines]
 

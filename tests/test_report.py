@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.history import EpochRecord, StageRecord, StepRecord
 from vlmtune.report import compare, direction, order_metrics
 
 # Validation curves of val/retrieval/mean_recall, one per run, chosen so the epoch that
@@ -57,22 +58,29 @@ def _metrics(kind: str, seed: int) -> dict:
     }
 
 
-def _history(kind: str, seed: int, samples: bool) -> list[dict]:
-    lines = [{"type": "stage", "stage": 0, "name": "align", "epoch": 0, "step": 0}]
+def _stage(index: int, name: str, epoch: int, step: int) -> dict:
+    return StageRecord(stage=index, name=name, epoch=epoch, step=step, train={"heads": 1.0},
+                       losses=["box", "contrastive"], trainable=1000, total=100000, cache={}).to_json()
+
+
+def _history(kind: str, seed: int) -> list[dict]:
+    """25 steps, 5 epochs of 5 steps, a second stage from epoch 2; training time equals
+    wall time; base trains 100 samples an epoch, big 80."""
+    lines = [_stage(0, "align", 0, 0)]
     for step in range(1, 26):
         if step == 11:
-            lines.append({"type": "stage", "stage": 1, "name": "ground", "epoch": 2, "step": 10})
-        lines.append({"type": "step", "epoch": (step - 1) // 5, "step": step, "stage": int(step > 10),
-                      "loss": 3.0 / step + seed, "loss/contrastive": 2.0 / step, "loss/box": 1.0 / step,
-                      "diag/box_l1": 0.5, "lr/heads": 1e-3})
+            lines.append(_stage(1, "ground", 2, 10))
+        lines.append(StepRecord(epoch=(step - 1) // 5, step=step, stage=int(step > 10), loss=3.0 / step + seed,
+                                terms={"contrastive": 2.0 / step, "box": 1.0 / step}, diag={"box_l1": 0.5},
+                                lr={"heads": 1e-3}).to_json())
         if step % 5 == 0:
             e = step // 5 - 1
-            rec = {"type": "epoch", "epoch": e, "step": step, "stage": int(e >= 2),
-                   "wall_s": EPOCH_WALL[kind] * (e + 1), "peak_mem_mb": 500.0,
-                   "val/retrieval/mean_recall": CURVES[(kind, seed)][e], "val/grounding/l1": 0.5 - 0.01 * e}
-            if samples:
-                rec["samples"] = 100 * (e + 1)
-            lines.append(rec)
+            lines.append(EpochRecord(epoch=e, step=step, stage=int(e >= 2),
+                                     samples={"base": 100, "big": 80}[kind] * (e + 1),
+                                     train_wall_s=EPOCH_WALL[kind] * (e + 1), wall_s=EPOCH_WALL[kind] * (e + 1),
+                                     peak_mem_mb=500.0,
+                                     val={"retrieval/mean_recall": CURVES[(kind, seed)][e],
+                                          "grounding/l1": 0.5 - 0.01 * e}).to_json())
     return lines
 
 
@@ -86,13 +94,13 @@ def make_run(folder: Path, config: dict, metrics: dict, history: list[dict]) -> 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two configs x three seeds; base logs ``samples`` in its epoch lines, big does not."""
+    """Two configs x three seeds."""
     root = tmp_path_factory.mktemp("runs")
     out = []
     for kind, lr in (("base", 1e-3), ("big", 3e-4)):
         for seed in range(3):
             out.append(make_run(root / f"{kind}_seed{seed}", _config(seed, lr), _metrics(kind, seed),
-                                _history(kind, seed, samples=kind == "base")))
+                                _history(kind, seed)))
     return out
 
 
@@ -120,11 +128,11 @@ def test_groups_ignore_seed_and_take_the_dir_stem(report: tuple[dict, Path], run
 
 
 def test_any_other_difference_splits_a_group(tmp_path: Path) -> None:
-    a = make_run(tmp_path / "x" / "seed_0", _config(0, 1e-3), _metrics("base", 0), _history("base", 0, True))
-    b = make_run(tmp_path / "x" / "seed_1", _config(1, 1e-3), _metrics("base", 1), _history("base", 1, True))
+    a = make_run(tmp_path / "x" / "seed_0", _config(0, 1e-3), _metrics("base", 0), _history("base", 0))
+    b = make_run(tmp_path / "x" / "seed_1", _config(1, 1e-3), _metrics("base", 1), _history("base", 1))
     # Same top-level seed and lr, other data seed: a different config, not another seed.
     c = make_run(tmp_path / "y" / "seed_0", _config(0, 1e-3, synthetic_seed=5), _metrics("base", 2),
-                 _history("base", 2, True))
+                 _history("base", 2))
     result = compare([a, b, c], tmp_path / "out")
     assert [g["name"] for g in result["groups"]] == ["x", "y"]  # stem empty after the seed: the parent's name
     assert [g["n"] for g in result["groups"]] == [2, 1]
@@ -206,16 +214,14 @@ def test_efficiency_numbers(report: tuple[dict, Path]) -> None:
     assert eff["epochs_to_target"]["groups"]["base"]["std"] == pytest.approx(1.0)
     assert eff["epochs_to_target"]["groups"]["big"]["mean"] == pytest.approx(10 / 3)
     assert eff["epochs_to_target"]["best"] == ["base"]
-    # base logs samples (500 in 50 s); big does not: 25 steps x batch 8 x accum 2 = 400 in 100 s.
+    # base trains 500 samples in 50 s, big 400 in 100 s.
     assert [per_run[r]["samples_per_s"] for r in runs] == pytest.approx([10.0] * 3 + [4.0] * 3)
-    assert per_run[runs[0]]["samples_source"] == "history" and per_run[runs[3]]["samples_source"] != "history"
     assert eff["samples_per_s"]["best"] == ["base"]
     assert eff["peak_mem_mb"]["groups"]["big"]["mean"] == pytest.approx(901.0)
     assert eff["trainable_params"]["groups"]["big"]["mean"] == 5000
     md = (out / "report.md").read_text()
     assert _row(md, "epochs to target")[1:] == ["**3.00 ± 1.00**", "3.33 ± 2.08"]
     assert _row(md, "training samples / s")[1:] == ["**10.00 ± 0.00**", "4.00 ± 0.00"]
-    assert "no 'samples'" in md  # the derivation is disclosed
 
 
 def test_tolerance_changes_time_to_target(runs: list[Path], tmp_path: Path) -> None:
@@ -259,7 +265,7 @@ def test_plots_are_written_and_labelled(report: tuple[dict, Path]) -> None:
 
 def test_plots_without_data_are_skipped(tmp_path: Path) -> None:
     metrics = {k: v for k, v in _metrics("base", 0).items() if not k.startswith("retrieval/")}
-    history = [h for h in _history("base", 0, True) if h["type"] != "step"]
+    history = [h for h in _history("base", 0) if h["type"] != "step"]
     run = make_run(tmp_path / "r", _config(0, 1e-3), metrics, history)
     result = compare([run], tmp_path / "out")
     assert set(result["plots"]) == {"val_curve"}
@@ -279,7 +285,7 @@ def test_html_is_self_contained(report: tuple[dict, Path]) -> None:
 
 @pytest.mark.parametrize("missing", ["metrics.json", "history.jsonl", "config.yaml"])
 def test_missing_file_is_a_one_line_error_naming_it(missing: str, tmp_path: Path) -> None:
-    run = make_run(tmp_path / "r", _config(0, 1e-3), _metrics("base", 0), _history("base", 0, True))
+    run = make_run(tmp_path / "r", _config(0, 1e-3), _metrics("base", 0), _history("base", 0))
     (run / missing).unlink()
     with pytest.raises(DataError) as e:
         compare([run], tmp_path / "out")
@@ -291,7 +297,7 @@ def test_other_bad_input(runs: list[Path], tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such run directory"):
         compare([tmp_path / "nope"], tmp_path / "out")
     bad = make_run(tmp_path / "bad", _config(0, 1e-3), _metrics("base", 0), [])
-    (bad / "history.jsonl").write_text('{"type": "stage"}\n{not json\n')
+    (bad / "history.jsonl").write_text(json.dumps(_stage(0, "a", 0, 0)) + "\n{not json\n")
     with pytest.raises(DataError, match=r"history.jsonl: line 2: not valid JSON"):
         compare([bad], tmp_path / "out")
     with pytest.raises(VlmtuneError, match="given twice"):
@@ -300,3 +306,19 @@ def test_other_bad_input(runs: list[Path], tmp_path: Path) -> None:
         compare(runs, tmp_path / "out", target_metric="retrieval/nope")
     with pytest.raises(VlmtuneError, match="no run directories"):
         compare([], tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.pop("samples"), r"line 7: epoch line: missing key 'samples'"),  # a run from before it was logged
+    (lambda h: h.update(wall=h.pop("wall_s")), r"line 7: epoch line: missing key 'wall_s'"),  # a renamed key
+    (lambda h: h.update(epochs=1), r"line 7: epoch line: key 'epochs' is not in the schema"),
+    (lambda h: h.update(step="5"), r"line 7: epoch line: 'step' must be an integer"),
+])
+def test_a_history_line_off_the_schema_is_an_error_naming_file_line_and_key(change, message, tmp_path: Path) -> None:
+    history = _history("base", 0)
+    assert history[6]["type"] == "epoch"
+    change(history[6])
+    run = make_run(tmp_path / "r", _config(0, 1e-3), _metrics("base", 0), history)
+    with pytest.raises(DataError, match=message) as e:
+        compare([run], tmp_path / "out")
+    assert str(run / "history.jsonl") in str(e.value)

@@ -3,15 +3,16 @@ import torch
 from vlmtune.backbone import load_backbone
 from vlmtune.config import load_config
 from vlmtune.stages import apply_stage, build_plan, check_groups, count_parameters
-from vlmtune.tasks.retrieval import build_model, loss_weights
+from vlmtune.tasks.retrieval import RetrievalTask
 
 from conftest import CONFIGS
 
 
 def _model_and_plan():
     cfg = load_config(CONFIGS / "retrieval_two_stage.yaml", ["stages.1.vision_blocks=1"])
-    model = build_model(load_backbone(cfg.backbone), cfg)
-    return cfg, model, build_plan(cfg, loss_weights(cfg))
+    task = RetrievalTask.from_config(cfg)
+    model = task.build_model(load_backbone(cfg.backbone))
+    return cfg, model, build_plan(cfg, task.loss_weights())
 
 
 def test_groups_cover_every_trainable_parameter_once() -> None:
@@ -49,10 +50,9 @@ def test_gradients_reach_unfrozen_blocks_and_only_them(scenes) -> None:
     opt = torch.optim.AdamW(groups)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     from vlmtune.data.formats import read_pairs
-    from vlmtune.tasks.retrieval import make_loader
 
     cfg.train.batch_size = 8
-    loader = make_loader(read_pairs(scenes / "train.json"), model.backbone, cfg, train=True)
+    loader = RetrievalTask.from_config(cfg).make_loader(read_pairs(scenes / "train.json"), model.backbone, train=True)
     model.train()
     for _, batch in zip(range(3), loader):
         terms = model(batch, stage.losses)
@@ -71,12 +71,11 @@ def test_gradient_checkpointing_recomputes_trained_blocks_with_equal_gradients(s
     """With backbone.gradient_checkpointing the trained vision block runs twice per step
     (forward, then recomputed in backward) and the gradients are the same."""
     from vlmtune.data.formats import read_pairs
-    from vlmtune.tasks.retrieval import make_loader
 
     cfg, model, plan = _model_and_plan()
     stage = plan[1]
     cfg.train.batch_size = 8
-    batch = next(iter(make_loader(read_pairs(scenes / "train.json"), model.backbone, cfg, train=True)))
+    batch = next(iter(RetrievalTask.from_config(cfg).make_loader(read_pairs(scenes / "train.json"), model.backbone, train=True)))
     model.heads_dropout = 0.0
     grads = []
     for checkpointing in (False, True):

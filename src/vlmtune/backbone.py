@@ -6,12 +6,14 @@ weights and a BPE tokenizer trained locally by `tokenizers`). It reads hidden si
 from the loaded config, exposes vision tokens and text tokens with the pooling rules
 that are right for each tower, and names its components so a stage plan can unfreeze
 them by module, never by matching parameter names.
+
+What is built from a backbone lives with its users: cache fingerprints in
+``data/cache.py``, the identity a checkpoint records in ``checkpoint.py``, the chat
+prompt and tile grid of counting in ``data/counting.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -182,8 +184,7 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
         raise ConfigError(f"backbone.name_or_path: cannot load '{src}'{why}: {str(e).splitlines()[0]}") from None
-    vc = model.config.vision_config
-    size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+    size = _side(model.config.vision_config.image_size)
     try:
         # The PIL processor does InternVL's resizing and dynamic tiling without torchvision.
         processor = GotOcr2ImageProcessorPil.from_pretrained(src, **kw)
@@ -193,11 +194,18 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
     return model, tokenizer, processor
 
 
+def _side(size: int | list[int] | tuple[int, ...]) -> int:
+    """A vision config's image or patch size, stored as one int or as [height, width]
+    (square in InternVL)."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     vision_hidden: int
     text_hidden: int
     image_size: int
+    patch_size: int
     num_vision_blocks: int
     tokens_per_tile: int
 
@@ -205,23 +213,23 @@ class BackboneInfo:
 class Backbone(nn.Module):
     """InternVL with named components and pooled features."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, cfg: BackboneConfig, source: str):
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, source: str, revision: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.cfg = cfg
         self.source = source
+        self.revision = revision
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         mc = model.config
         vc = mc.vision_config
-        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        size, patch = _side(vc.image_size), _side(vc.patch_size)
         self.info = BackboneInfo(
             vision_hidden=vc.hidden_size,
             text_hidden=mc.text_config.hidden_size,
-            image_size=int(size),
+            image_size=size,
+            patch_size=patch,
             num_vision_blocks=len(self.vision_blocks),
             tokens_per_tile=int((size // patch) ** 2 * mc.downsample_ratio**2),
         )
@@ -277,17 +285,6 @@ class Backbone(nn.Module):
         """Last hidden state of the language model over text alone, [B, T, Dt]."""
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    # ---- inputs
-    def tokenize(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, texts, max_tokens or self.cfg.max_text_tokens)
-
-    def preprocess(self, images: list[Any], max_tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        return preprocess_images(self.image_processor, images, max_tiles)
-
-    def preprocess_signature(self) -> dict[str, Any]:
-        p = self.image_processor
-        return {"size": dict(p.size) if p.size else None, "mean": list(p.image_mean), "std": list(p.image_std), "resample": str(p.resample)}
-
     # ---- multimodal inputs (image tokens in the LM's sequence, as InternVL does)
     @property
     def image_token_id(self) -> int:
@@ -317,23 +314,6 @@ class Backbone(nn.Module):
         if n_ph != n_feat:
             raise ValueError(f"{n_ph} image placeholder tokens but {n_feat} image features")
         return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-
-    def image_prompt(self, num_tiles: int) -> str:
-        """``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) + ``</img>``, as InternVLProcessor writes it."""
-        return IMG_START + IMG_CONTEXT * (self.info.tokens_per_tile * num_tiles) + IMG_END
-
-    def tile_grid(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
-        """(columns, rows) of the tile grid the processor cuts a ``width`` x ``height`` image into.
-
-        Tiles come row-major, then a thumbnail of the whole image when there is more than
-        one tile (the processor's own rule, ``get_optimal_tiled_canvas``).
-        """
-        if max_tiles <= 1:
-            return 1, 1
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-
-        size = self.image_processor.size
-        return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), 1, max_tiles)
 
     # ---- training mode and gradient checkpointing
     def train(self, mode: bool = True) -> "Backbone":
@@ -378,41 +358,7 @@ class Backbone(nn.Module):
         (SDPA computes none)."""
         self.model.set_attn_implementation(implementation)
 
-    def vision_fingerprint(self) -> str:
-        """sha256 of the vision tower's current weights (cache keys must change when a
-        stage has trained it, which the architecture hash alone would not show)."""
-        return self._memo_sha256("vision", self.vision_tower)
-
-    def _memo_sha256(self, name: str, module: nn.Module) -> str:
-        """_weights_sha256, recomputed only when a weight changed: every in-place update
-        (optimizer step, load_state_dict) bumps a tensor's version counter, so the
-        versions of all tensors say whether the last digest still holds. Validation asks
-        for it every epoch; hashing a 300M-parameter tower each time is not free."""
-        tensors = [*module.parameters(), *module.buffers()]
-        stamp = tuple((id(t), t._version) for t in tensors)
-        memo = self.__dict__.setdefault("_digests", {})
-        if memo.get(name, (None,))[0] != stamp:
-            memo[name] = (stamp, _weights_sha256(module))
-        return memo[name][1]
-
-    def text_fingerprint(self) -> str:
-        """sha256 of the language model's weights and the tokenizer's vocabulary."""
-        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
-        return hashlib.sha256(self._memo_sha256("text", self.language_model).encode() + vocab).hexdigest()
-
-    # ---- identity, saving
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint records so it is never applied to another backbone."""
-        cfg_json = json.dumps(_architecture(self.model.config.to_dict()), sort_keys=True, default=str)
-        return {
-            "name_or_path": self.source,
-            "revision": self.cfg.revision,
-            "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
-            "vision_hidden": self.info.vision_hidden,
-            "text_hidden": self.info.text_hidden,
-            "num_vision_blocks": self.info.num_vision_blocks,
-        }
-
+    # ---- saving, loading's mirror
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         # The backbone is saved as transformers loads it: without LoRA adapters a task may
@@ -444,23 +390,6 @@ def _without_lora(model: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{owner}.{rest[len('base_layer.'):]}"] = value
         # lora_A / lora_B / dropout entries belong to the adapter, not the backbone
     return out
-
-
-def _weights_sha256(module: nn.Module) -> str:
-    """sha256 over a module's named weights and buffers."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-_NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}
-
-
-def _architecture(d: dict[str, Any]) -> dict[str, Any]:
-    """A model config without the keys that change on save/load but not the network."""
-    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _NOT_ARCHITECTURE}
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
@@ -504,9 +433,8 @@ def load_backbone(cfg: BackboneConfig, device_type: str = "cpu", folder: str | P
     """Build the backbone a config asks for; ``folder`` overrides the source (checkpoints)."""
     if folder is not None:
         model, tok, proc = load_pretrained(cfg, folder, device_type)
-        return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
-    if cfg.name_or_path in PRESETS:
+    elif cfg.name_or_path in PRESETS:
         model, tok, proc = build_preset(cfg.name_or_path, cfg, device_type)
-        return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
-    model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
-    return Backbone(model, tok, proc, cfg, source=cfg.name_or_path)
+    else:
+        model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
+    return Backbone(model, tok, proc, source=cfg.name_or_path, revision=cfg.revision)

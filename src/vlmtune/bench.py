@@ -63,16 +63,18 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     # One feature-extraction pass: exactly the work the cache does once (both frozen
     # towers over every training image and caption), timed on its own.
     from vlmtune.backbone import load_backbone
+    from vlmtune.evaluate import default_device
     from vlmtune.tasks.retrieval import build_text_cache, build_vision_cache
 
     cfg = load_config(None, [*base, f"train.epochs={epochs}"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
     records = read_pairs(data / "train.json")
     shutil.rmtree(out / "extraction_cache", ignore_errors=True)
     t0 = time.perf_counter()
-    build_vision_cache(records, backbone, cfg, out / "extraction_cache")
-    build_text_cache(records, backbone, cfg, out / "extraction_cache")
+    build_vision_cache(records, backbone, out / "extraction_cache", dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
+    build_text_cache(records, backbone, out / "extraction_cache", max_tokens=cfg.backbone.max_text_tokens,
+                     dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
     res["extraction_pass_s"] = time.perf_counter() - t0
     del backbone
 
@@ -120,8 +122,8 @@ def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int]) -
     records = read_pairs(data / "train.json")
     out: dict[str, Any] = {}
     for w in workers:
-        cfg.data.num_workers = w
-        loader = make_loader(records, backbone, cfg, train=False)
+        loader = make_loader(records, backbone, batch_size=cfg.eval.batch_size,
+                             max_text_tokens=cfg.backbone.max_text_tokens, num_workers=w)
         t0 = time.perf_counter()
         n = sum(len(b["input_ids"]) for b in loader)
         out[f"workers_{w}_items_per_s"] = n / (time.perf_counter() - t0)

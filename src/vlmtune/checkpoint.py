@@ -35,7 +35,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from vlmtune.config import Config, load_config, save_config
-from vlmtune.errors import CheckpointError, ConfigError
+from vlmtune.errors import CheckpointError, ConfigError, first_line
+from vlmtune.state import TrainState
 
 FORMAT_VERSION = 1
 # Files whose sha256 state.json records (under "sha256") and reading checks.
@@ -64,7 +65,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: dict[str, Any],
+def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: TrainState,
                     trainer_state: dict[str, Any] | None, backbone: Any | None, keep: int = 1) -> None:
     """Write a checkpoint atomically (temporary folder, then rename); ``keep`` > 1 keeps
     the previous ones as FOLDER-1 (the one before), FOLDER-2, ... up to FOLDER-(keep-1)."""
@@ -78,7 +79,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Conf
         torch.save(trainer_state, tmp / "trainer_state.pt")
     # state.json last: it records the digests of the files as written.
     digests = {name: _sha256((tmp / name).read_bytes()) for name in HASHED_FILES if (tmp / name).is_file()}
-    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state, "sha256": digests},
+    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json(), "sha256": digests},
                                                indent=2, default=str))
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
@@ -116,7 +117,8 @@ def _move_into_place(tmp: Path, folder: Path, keep: int = 1) -> None:
 class Checkpoint:
     folder: Path
     cfg: Config
-    state: dict[str, Any]
+    state: TrainState
+    digests: dict[str, str]  # sha256 of the files in HASHED_FILES, as recorded in state.json
 
     @property
     def backbone_folder(self) -> Path | None:
@@ -132,8 +134,10 @@ class Checkpoint:
             raise CheckpointError(f"{path}: missing") from None
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-        expected = (self.state.get("sha256") or {}).get(name)
-        if expected is not None and _sha256(data) != expected:
+        expected = self.digests.get(name)
+        if expected is None:
+            raise CheckpointError(f"{path}: has no recorded sha256 in state.json; refused")
+        if _sha256(data) != expected:
             raise CheckpointError(f"{path}: does not match its recorded sha256 (modified or truncated)")
         return data
 
@@ -158,7 +162,7 @@ class Checkpoint:
             raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data "
                                   f"({_unpickling_reason(e)}); nothing in it was run") from None
         except Exception as e:  # noqa: BLE001 - any other failure is a bad file
-            raise CheckpointError(f"{path}: cannot read trainer state ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot read trainer state ({first_line(e)})") from None
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
@@ -169,26 +173,29 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     for name in ("weights.safetensors", "config.yaml", "state.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({name} is missing)")
+    where = str(folder / "state.json")
     try:
-        state = json.loads((folder / "state.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'state.json'}: not valid JSON ({e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+        raw = json.loads((folder / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {str(raw.get('format_version'))[:40]} is not {FORMAT_VERSION}")
+    digests = raw.get("sha256")
+    if not isinstance(digests, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+        raise CheckpointError(f"{where}: field 'sha256' must map file names to digests")
+    state = TrainState.from_json(raw, where)
     try:
         cfg = load_config(folder / "config.yaml")
     except ConfigError as e:
         raise CheckpointError(f"{folder / 'config.yaml'}: {e}") from None
-    return Checkpoint(folder, cfg, state)
+    state.check_against(cfg.train.epochs, where)
+    return Checkpoint(folder, cfg, state, digests)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _unpickling_reason(e: BaseException) -> str:
@@ -198,9 +205,32 @@ def _unpickling_reason(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0]
 
 
+_NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}
+
+
+def _architecture(d: dict[str, Any]) -> dict[str, Any]:
+    """A model config without the keys that change on save/load but not the network."""
+    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _NOT_ARCHITECTURE}
+
+
+def backbone_identity(backbone: Any) -> dict[str, Any]:
+    """What a checkpoint records of a :class:`~vlmtune.backbone.Backbone` so its weights
+    are never applied to another backbone (state.json's ``backbone``)."""
+    cfg_json = json.dumps(_architecture(backbone.model.config.to_dict()), sort_keys=True, default=str)
+    info = backbone.info
+    return {
+        "name_or_path": backbone.source,
+        "revision": backbone.revision,
+        "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+        "vision_hidden": info.vision_hidden,
+        "text_hidden": info.text_hidden,
+        "num_vision_blocks": info.num_vision_blocks,
+    }
+
+
 def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:
-    """Refuse weights trained on top of a different backbone."""
-    saved = ckpt.state.get("backbone", {})
+    """Refuse weights trained on top of a different backbone (``identity``: :func:`backbone_identity`)."""
+    saved = ckpt.state.backbone
     for key in ("config_sha256", "vision_hidden", "text_hidden"):
         if saved.get(key) != identity.get(key):
             raise CheckpointError(

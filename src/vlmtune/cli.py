@@ -8,27 +8,22 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from vlmtune import __version__
 from vlmtune.errors import VlmtuneError
 
 log = logging.getLogger("vlmtune")
 
-KEY_METRICS = (
-    "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
-    "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
-    "grounding/acc50", "grounding/baseline_acc50", "grounding/miou", "grounding/baseline_miou",
-    "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
-    "count/accuracy", "count/baseline_accuracy", "count/macro_f1", "count/baseline_macro_f1",
-    "answer/count_accuracy", "answer/baseline_count_accuracy", "answer/parse_rate",
-    "text/bleu4", "text/rougeL", "text/perplexity",
-    "train/epochs", "train/wall_s", "params/trainable", "params/total",
-)
+def key_metrics() -> tuple[str, ...]:
+    """The metrics a command prints: each registered task's key metrics, then the run's."""
+    from vlmtune.tasks import RUN_KEY_METRICS, TASKS, task_class
+
+    return tuple(k for name in TASKS for k in task_class(name).key_metrics) + RUN_KEY_METRICS
 
 
 def _print_metrics(metrics: dict) -> None:
-    shown = [k for k in KEY_METRICS if k in metrics]
+    shown = [k for k in key_metrics() if k in metrics]
     width = max((len(k) for k in shown), default=0)
     for k in shown:
         v = metrics[k]
@@ -104,24 +99,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Fill the feature cache of a config's data up front (otherwise the first epoch does)."""
-    import torch
-
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
-    from vlmtune.tasks import get_task
+    from vlmtune.evaluate import default_device
+    from vlmtune.tasks import FeatureCache, build_task
 
     cfg = load_config(args.config, args.overrides)
-    task = get_task(cfg.task)
+    task = build_task(cfg)
     if not task.cacheable:
         raise VlmtuneError(f"task '{cfg.task}': has no feature cache")
     out = Path(args.output_dir)
     cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
-    paths = task.resolve_data_paths(cfg, out)
+    paths = task.data_paths(out)
     for split in ("train", "val", "test"):
-        records = task.read_split(paths[split], cfg)
-        task.make_loader(records, backbone, cfg, False, cache_dir=cache_dir)
+        records = task.read_split(paths[split])
+        task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir))
         print(f"{split}: {len(records)} records cached")
     print(f"cache: {cache_dir}")
     return 0
@@ -184,12 +178,22 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if scan.errors else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmtune", description="Staged fine-tuning of a frozen InternVL with small trainable parts.")
-    p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_config_explain(args: argparse.Namespace) -> int:
+    from vlmtune.config import explain, format_explain
 
+    print(format_explain(explain(args.section)))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from vlmtune.config import config_yaml, load_config
+
+    print(config_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _add_run_commands(sub: Any) -> None:
+    """Commands that train or use checkpoints: train, evaluate, predict, attention."""
     t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
                        "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config.")
     t.add_argument("config", help="YAML config (see configs/)")
@@ -230,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
     at.set_defaults(func=cmd_attention)
 
+
+def _add_analysis_commands(sub: Any) -> None:
+    """Commands that compare runs, measure speed or prepare the cache: compare, bench, cache."""
     c = sub.add_parser("compare", help="compare runs: tables over seeds, efficiency, plots",
                        description="Group runs by config (seed aside) and write report.md, a self-contained report.html, "
                        "comparison.json and PNG plots to --output-dir.")
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--output-dir", required=True, help="the run directory the cache belongs to")
     k.set_defaults(func=cmd_cache)
 
+
+def _add_data_commands(sub: Any) -> None:
+    """vlmtune data scenes | receipts | validate."""
     d = sub.add_parser("data", help="generate synthetic data sets or check one")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
     s = dsub.add_parser("scenes", help="coloured shapes with captions, boxes and spatial relations (retrieval + grounding)")
@@ -291,6 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-text-chars", type=int, default=1000, help="longest caption, question or answer (default 1000)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_data_validate)
+
+
+def _add_config_commands(sub: Any) -> None:
+    """vlmtune config explain | show."""
+    g = sub.add_parser("config", help="explain the config keys or show a resolved config")
+    gsub = g.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    x = gsub.add_parser("explain", help="every config key with its type, default and help",
+                        description="List the config keys in declaration order, each with its type, default and help. "
+                        "SECTION narrows the list: optim, train.early_stopping, stages, or one key such as optim.lr.")
+    x.add_argument("section", nargs="?", metavar="SECTION", help="dotted section or key (default: all)")
+    x.set_defaults(func=cmd_config_explain)
+    w = gsub.add_parser("show", help="print a config with its defaults and overrides applied, as YAML",
+                        description="Load and check a config as train would, then print every key as YAML.")
+    w.add_argument("config", help="YAML config")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-4")
+    w.set_defaults(func=cmd_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune", description="Staged fine-tuning of a frozen InternVL with small trainable parts.")
+    p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands):
+        add(sub)
     return p
 
 

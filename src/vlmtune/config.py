@@ -9,6 +9,9 @@ objects (or plain values taken from them), never a raw dict.
 from __future__ import annotations
 
 import dataclasses
+import re
+import reprlib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,7 +175,7 @@ class CacheConfig:
 
 @dataclass
 class Config:
-    task: Literal["retrieval", "counting"] = _f("retrieval", "The recipe.")
+    task: str = _f("retrieval", "The recipe: a registered task (vlmtune.tasks.TASKS): retrieval or counting.")
     seed: int = _f(0, "Seed of everything random in a run.")
     backbone: BackboneConfig = _f(BackboneConfig(), "The frozen vision-language model.")
     data: DataConfig = _f(DataConfig(), "Annotation files or the synthetic set.")
@@ -192,15 +195,9 @@ class Config:
 
 # --------------------------------------------------------------------------- checks
 
-# Components a stage can train and loss terms it can switch on, per task. Backbone
-# components are shared by every task; each task adds its own trainable parts.
+# Components a stage can train: the backbone's, shared by every task, and the task's
+# own (declared on its class, as are the loss terms a stage can switch on).
 BACKBONE_COMPONENTS = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
-TASK_COMPONENTS = {
-    "retrieval": ("adapters", "heads") + BACKBONE_COMPONENTS,
-    # With counting.lm_mode=lora, 'language_model' means the LoRA adapters of the LM.
-    "counting": ("count_head",) + BACKBONE_COMPONENTS,
-}
-TASK_LOSSES = {"retrieval": ("contrastive", "matching", "box", "relation"), "counting": ("lm", "count")}
 
 
 def validate(cfg: Config) -> None:
@@ -240,7 +237,11 @@ def validate(cfg: Config) -> None:
 
     _validate_counting(cfg, need)
 
-    components, losses = TASK_COMPONENTS[cfg.task], TASK_LOSSES[cfg.task]
+    from vlmtune.tasks import TASKS, task_class
+
+    need(cfg.task in TASKS, "task", f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    task = task_class(cfg.task)
+    components, losses = tuple(task.components) + BACKBONE_COMPONENTS, tuple(task.losses)
     need(len(cfg.stages) >= 1, "stages", "needs at least one stage")
     need(cfg.stages[0].start_epoch == 0, "stages[0].start_epoch", "the first stage must start at epoch 0")
     for i, st in enumerate(cfg.stages):
@@ -292,6 +293,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 120, 120
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, bounded: a YAML alias bomb is a small file
+    whose full repr would not fit in memory, let alone on one line."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -307,10 +319,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {_short(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise ConfigError(f"{key}: {_short(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -320,19 +332,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -342,11 +354,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
@@ -416,6 +428,26 @@ def _list_item(node: list, part: str, key: str) -> Any:
     return node[int(part)]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping: plain YAML loading
+    keeps the last one silently, so a second ``optim:`` section would drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges a mapping; not a key
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise ConfigError(f"line {line}: key {_short(key)} appears twice in one mapping "
+                                      f"(first on line {first[key]})")
+                first[key] = line
+            except TypeError:  # unhashable: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults) and apply dotted overrides."""
     data: dict[str, Any] = {}
@@ -424,9 +456,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to be a config") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -448,5 +486,96 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_yaml(cfg: Config) -> str:
+    """The whole config as YAML, every key written out, in declaration order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
+
+
+# --------------------------------------------------------------------------- help
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One config key as ``vlmtune config explain`` shows it."""
+
+    key: str  # dotted; an item of a list of sections is [N]: stages[N].name
+    type: str  # as the value is written: int, str | null, {max,min}, list[int]; "section" for a nested section
+    default: Any  # plain data (what config_to_dict gives); None for a section
+    help: str
+
+
+def _type_text(tp: Any) -> str:
+    """An annotation as the user writes the value: ``str | null``, ``{max,min}``, ``list[int]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return "null" if tp is type(None) else _type_name(tp)
+
+
+def _field_docs(cls: type, instance: Any, prefix: str) -> list[FieldDoc]:
+    """Docs of ``cls``'s fields, nested sections and list items included, defaults
+    taken from ``instance`` (so a parent's default for a section wins)."""
+    hints = typing.get_type_hints(cls)
+    docs: list[FieldDoc] = []
+    for f in dataclasses.fields(cls):
+        key, tp, value, help = prefix + f.name, hints[f.name], getattr(instance, f.name), f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            docs.append(FieldDoc(key, "section", None, help))
+            docs += _field_docs(tp, value, key + ".")
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        plain = [dataclasses.asdict(v) for v in value] if dataclasses.is_dataclass(item) else value
+        docs.append(FieldDoc(key, _type_text(tp), plain, help))
+        if dataclasses.is_dataclass(item):
+            docs += _field_docs(item, item(), key + "[N].")
+    return docs
+
+
+def explain(section: str | None = None) -> list[FieldDoc]:
+    """Every config key under ``section``, in declaration order; all keys when None.
+
+    ``section`` is dotted: ``optim``, ``train.early_stopping``, ``stages`` (or
+    ``stages.1`` / ``stages[1]``, shown as ``stages[N]``), or one key such as ``optim.lr``.
+    """
+    docs = _field_docs(Config, Config(), "")
+    if not section:
+        return docs
+    want = re.sub(r"\.(\d+)(?=\.|$)|\[(\d+|N)\]", "[N]", section.strip())
+    picked = [d for d in docs if d.key == want or d.key.startswith((want + ".", want + "["))]
+    if picked:
+        return picked
+    close = [d.key for d in docs if d.key.rsplit(".", 1)[-1] == want.rsplit(".", 1)[-1]]
+    hint = f"did you mean {', '.join(close)}?" if close else f"sections: {', '.join(f.name for f in dataclasses.fields(Config))}"
+    raise ConfigError(f"{section}: no such config section or key ({hint})")
+
+
+def _yaml_text(value: Any) -> str:
+    """A value on one line as YAML (and an override) writes it: null, true, [1, 5, 10]."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("\n...")
+
+
+def format_explain(docs: list[FieldDoc], width: int = 88) -> str:
+    """``key: type = default`` per key with its help wrapped and indented below it; a
+    blank line where a section starts or ends."""
+    def parent(key: str) -> str:
+        return key.rsplit(".", 1)[0] if "." in key else ""
+
+    lines: list[str] = []
+    prev: FieldDoc | None = None
+    for d in docs:
+        # No blank line between a section (or a list of sections) and its first key.
+        first_key = prev is not None and parent(d.key) in (prev.key, prev.key + "[N]")
+        if prev is not None and not first_key and (d.type == "section" or parent(d.key) != parent(prev.key)):
+            lines.append("")
+        lines.append(f"{d.key}: section" if d.type == "section" else f"{d.key}: {d.type} = {_yaml_text(d.default)}")
+        lines += textwrap.wrap(d.help, width, initial_indent="    ", subsequent_indent="    ")
+        prev = d
+    return "\n".join(lines)

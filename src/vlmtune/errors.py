@@ -44,3 +44,10 @@ class Interrupted(TrainingStopped):
 
 class Diverged(TrainingStopped):
     """The loss was NaN or infinite for train.max_bad_steps steps in a row."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for
+    one-line errors that quote a library's multi-line message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

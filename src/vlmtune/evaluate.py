@@ -19,31 +19,32 @@ import torch
 from torch import nn
 
 from vlmtune.backbone import Backbone, load_backbone
-from vlmtune.checkpoint import Checkpoint, check_identity, load_weights, open_checkpoint
+from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.tasks import TaskSpec, get_task
+from vlmtune.tasks import FeatureCache, Task, build_task
 
 
 def default_device() -> torch.device:
+    """The first GPU where CUDA is present, else the CPU (every single-device command)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None) -> tuple[nn.Module, TaskSpec]:
+               backbone: Backbone | None = None) -> tuple[nn.Module, Task]:
     """A checkpoint's model with its trained weights, in eval mode, on ``device``."""
     device = device or default_device()
     cfg = ckpt.cfg
-    task = get_task(cfg.task)
+    task = build_task(cfg)
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
-    check_identity(ckpt, backbone.identity())
-    model = task.build_model(backbone, cfg)
+    check_identity(ckpt, backbone_identity(backbone))
+    model = task.build_model(backbone)
     load_weights(model, ckpt.weights(), ckpt.folder)
     return model.to(device).eval(), task
 
 
 def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
-    paths = ckpt.state.get("data_paths", {})
+    paths = ckpt.state.data_paths
     source = data or paths.get("test")
     if not source:
         raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
@@ -58,9 +59,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     device = default_device()
     model, task = load_model(ckpt, device)
     source, train_path = _splits(ckpt, data)
-    records = task.read_split(source, ckpt.cfg)
-    train_records = task.read_split(train_path, ckpt.cfg) if train_path else None
-    metrics = task.evaluate(model, records, ckpt.cfg, device, train_records, progress)
+    records = task.read_split(source)
+    train_records = task.read_split(train_path) if train_path else None
+    metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
@@ -93,23 +94,24 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     device = default_device()
     first = ckpts[0]
     source, train_path = _splits(first, data)
-    task = get_task(first.cfg.task)
-    records = task.read_split(source, first.cfg)
-    train_records = task.read_split(train_path, first.cfg) if train_path else None
+    records_task = build_task(first.cfg)
+    records = records_task.read_split(source)
+    train_records = records_task.read_split(train_path) if train_path else None
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
     for label, ckpt in zip(labels, ckpts):
         # One backbone object per backbone config and source; a checkpoint's trained
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
-        key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.get("backbone")], sort_keys=True, default=str)
+        key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
         if key not in backbones:
             backbones[key] = load_backbone(ckpt.cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
         backbone = backbones[key]
         pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
-        model, _ = load_model(ckpt, device, backbone)
-        extra = {"cache_dir": out / "cache"} if task.cacheable else {}
-        metrics = task.evaluate(model, records, ckpt.cfg, device, train_records, progress, **extra)
+        model, task = load_model(ckpt, device, backbone)
+        cache = FeatureCache(out / "cache") if task.cacheable else None
+        metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress,
+                                cache=cache)
         backbone.load_state_dict(pristine)
         metrics["eval/data"] = source
         metrics["checkpoint"] = str(ckpt.folder)

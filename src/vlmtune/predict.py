@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from vlmtune.backbone import preprocess_images
 from vlmtune.checkpoint import open_checkpoint
 from vlmtune.evaluate import load_model
 from vlmtune.config import Config
+from vlmtune.data.counting import tile_grid
 from vlmtune.data.formats import load_image, read_counting
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
@@ -79,10 +81,10 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
     bb = model.backbone
     device = next(model.parameters()).device
     max_tiles = cfg.counting.max_dynamic_patch
-    pixel_values, tiles = bb.preprocess([image], max_tiles)
+    pixel_values, tiles = preprocess_images(bb.image_processor, [image], max_tiles)
     n = int(tiles[0])
     pixel_values = pixel_values.to(device)
-    prompt = torch.tensor([prompt_builder(bb, cfg).prompt_ids(question, n)], device=device)
+    prompt = torch.tensor([prompt_builder(bb, cfg.counting).prompt_ids(question, n)], device=device)
     mask = torch.ones_like(prompt)
 
     hidden = model.hidden_states(prompt, mask, pixel_values)
@@ -92,7 +94,7 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
     ids = generate_answers(model, prompt, mask, pixel_values, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams)
     answer = decode(bb.tokenizer, ids)[0]
 
-    cols, rows = bb.tile_grid(*image.size, max_tiles)
+    cols, rows = tile_grid(bb.image_processor, *image.size, max_tiles)
     expected = 1 if cols * rows == 1 else cols * rows + 1
     if expected != n:  # pragma: no cover - the processor and tile_grid share one rule
         raise RuntimeError(f"processor made {n} tiles, the grid {cols}x{rows} implies {expected}")
@@ -101,7 +103,7 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
         side = math.isqrt(bb.info.tokens_per_tile)
         for key, masses in answer_image_attentions(model, prompt, pixel_values, ids[0]).items():
             heat[key] = attention_heatmap(masses.reshape(n, side, side), (cols, rows), heatmap_size or image.size)
-    return Prediction(answer, k, class_names(cfg)[k], float(probs[k]), [float(p) for p in probs], n, (cols, rows),
+    return Prediction(answer, k, class_names(cfg.counting)[k], float(probs[k]), [float(p) for p in probs], n, (cols, rows),
                       heat["count"], heat["all"])
 
 
@@ -258,7 +260,7 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
     synthetic set's boxes.json (default: next to ``data``).
     """
     ckpt = open_checkpoint(checkpoint)
-    data = Path(data or ckpt.state.get("data_paths", {}).get("test", ""))
+    data = Path(data or ckpt.state.data_paths.get("test", ""))
     if not data.is_file():
         raise DataError(f"{data}: counting annotation file not found (pass --data)")
     boxes = Path(boxes) if boxes else data.parent / "boxes.json"

@@ -1,7 +1,7 @@
 """Compare finished runs: metrics over seeds, training efficiency, plots, a verdict.
 
 ``compare(run_dirs, output_dir)`` reads each run directory (``config.yaml``,
-``metrics.json``, ``history.jsonl``; see :mod:`vlmtune.train`), groups the runs whose
+``metrics.json``, ``history.jsonl``; see :mod:`vlmtune.history`), groups the runs whose
 resolved configs differ only in the top-level ``seed``, and writes to ``output_dir``:
 
 - ``report.md`` and ``report.html`` (self-contained: inline CSS, plots as data URIs),
@@ -33,12 +33,15 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.errors import DataError, VlmtuneError, first_line
+from vlmtune.history import EpochRecord, Record, StageRecord, StepRecord, read_history
+from vlmtune.tasks import report_sections
+from vlmtune.utils import flatten
 
 __all__ = ["compare", "direction", "group_runs", "is_reference", "load_run", "order_metrics", "run_efficiency", "Run"]
 
-# Sections of metrics.json in report order; anything unknown goes between these and TAIL.
-SECTIONS = ("retrieval", "grounding", "spatial", "count", "answer", "text")
+# Sections of metrics.json in report order: the registered tasks' own (declared on each
+# task class, vlmtune.tasks.report_sections()); anything unknown goes between those and TAIL.
 TAIL = ("train", "params")
 # The one rule for "lower is better": a key holding any of these substrings.
 LOWER_IS_BETTER = ("l1", "loss", "perplexity", "wall_s", "peak_mem")
@@ -77,13 +80,15 @@ def order_metrics(keys: list[str]) -> list[str]:
     params; first-seen order inside a section; each chance/baseline row right under the
     metric it refers to (``retrieval/chance_i2t_r1`` under ``retrieval/i2t_r1``)."""
 
+    sections = report_sections()
+
     def rank(k: str) -> int:
         section = k.split("/", 1)[0]
-        if section in SECTIONS:
-            return SECTIONS.index(section)
+        if section in sections:
+            return sections.index(section)
         if section in TAIL:
-            return len(SECTIONS) + 1 + TAIL.index(section)
-        return len(SECTIONS)
+            return len(sections) + 1 + TAIL.index(section)
+        return len(sections)
 
     first = {k: i for i, k in enumerate(keys)}
     refs: dict[str, list[str]] = {}
@@ -111,7 +116,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     metrics: dict[str, Any]
-    history: list[dict[str, Any]]
+    history: list[Record]  # checked against vlmtune.history's schema when read
 
     @property
     def seed(self) -> Any:
@@ -132,13 +137,17 @@ class Run:
         es = self.train_setting("early_stopping") or {}
         return es.get("mode") if isinstance(es, dict) else None
 
-    def lines(self, kind: str) -> list[dict[str, Any]]:
-        return [h for h in self.history if h.get("type") == kind]
+    @property
+    def stages(self) -> list[StageRecord]:
+        return [h for h in self.history if isinstance(h, StageRecord)]
 
+    @property
+    def steps(self) -> list[StepRecord]:
+        return [h for h in self.history if isinstance(h, StepRecord)]
 
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    @property
+    def epochs(self) -> list[EpochRecord]:
+        return [h for h in self.history if isinstance(h, EpochRecord)]
 
 
 def load_run(path: str | Path) -> Run:
@@ -154,7 +163,7 @@ def load_run(path: str | Path) -> Run:
     try:
         config = yaml.safe_load(files["config.yaml"].read_text())
     except yaml.YAMLError as e:
-        raise DataError(f"{files['config.yaml']}: not valid YAML ({_one_line(e)})") from None
+        raise DataError(f"{files['config.yaml']}: not valid YAML ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise DataError(f"{files['config.yaml']}: not a mapping of config sections")
     try:
@@ -163,18 +172,7 @@ def load_run(path: str | Path) -> Run:
         raise DataError(f"{files['metrics.json']}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(metrics, dict):
         raise DataError(f"{files['metrics.json']}: not a JSON object of metrics")
-    history = []
-    for i, line in enumerate(files["history.jsonl"].read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{files['history.jsonl']}: line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{files['history.jsonl']}: line {i}: not a JSON object")
-        history.append(rec)
-    return Run(folder, config, metrics, history)
+    return Run(folder, config, metrics, read_history(files["history.jsonl"]))
 
 
 def _number(v: Any) -> int | float | None:
@@ -198,20 +196,6 @@ def _without_seed(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "seed"}
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}.{i}"))
-        return out
-    return {prefix: value}
-
-
 def _stem(path: Path) -> str:
     """``runs/abl_seed0`` -> ``abl``; ``runs/abl/seed_0`` -> ``abl``."""
     stem = _SEED_SUFFIX.sub("", path.name)
@@ -228,7 +212,7 @@ def group_runs(runs: list[Run], labels: list[str] | None = None) -> list[Group]:
     for r in runs:
         buckets.setdefault(json.dumps(_without_seed(r.config), sort_keys=True, default=str), []).append(r)
     members = list(buckets.values())
-    flat = [_flatten(_without_seed(m[0].config)) for m in members]
+    flat = [flatten(_without_seed(m[0].config)) for m in members]
     all_keys = list(dict.fromkeys(k for f in flat for k in f))
     differing = [k for k in all_keys if len({json.dumps(f.get(k, "<absent>"), default=str) for f in flat}) > 1]
     differs = [{k: f.get(k, "<absent>") for k in differing} for f in flat]
@@ -277,37 +261,24 @@ def _best(stats: dict[str, dict[str, Any]], way: str | None) -> list[str]:
 def run_efficiency(run: Run, metric: str, mode: str, tolerance: float) -> dict[str, Any]:
     """Per-run efficiency: epochs and wall time to come within ``tolerance`` of the run's
     best validation ``metric``, total wall time, training samples/s, memory, parameters."""
-    epochs = run.lines("epoch")
-    curve = [(h, _number(h.get(f"val/{metric}"))) for h in epochs]
-    curve = [(h, v) for h, v in curve if v is not None]
+    # A validation metric may be missing from some epochs (or only be a test metric).
+    curve = [(h, v) for h in run.epochs if (v := _number(h.val.get(metric))) is not None]
     out: dict[str, Any] = {"epochs_to_target": None, "wall_to_target_s": None, "best_val": None}
     if curve:
         values = [v for _, v in curve]
         best = max(values) if mode == "max" else min(values)
         first = next(h for h, v in curve if (v >= best - tolerance if mode == "max" else v <= best + tolerance))
-        out.update(best_val=best, epochs_to_target=int(first.get("epoch", 0)) + 1,
-                   wall_to_target_s=_number(first.get("wall_s")))
-    last = epochs[-1] if epochs else {}
+        out.update(best_val=best, epochs_to_target=first.epoch + 1, wall_to_target_s=first.wall_s)
+    last = run.epochs[-1] if run.epochs else None
     wall = _number(run.metrics.get("train/wall_s"))
-    if wall is None:
-        wall = _number(last.get("wall_s"))
-    # Training time alone when the loop logs it; otherwise the run's wall time (which
-    # also holds validation), so samples/s is then a lower bound.
-    train_wall = _number(last.get("train_wall_s"))
-    samples = _number(last.get("samples"))
-    samples_source = "history"
-    if samples is None:
-        steps = _number(last.get("step"))
-        if steps is None:
-            steps = _number(run.metrics.get("train/steps"))
-        bs, ga = _number(run.train_setting("batch_size")), _number(run.train_setting("grad_accum", 1))
-        samples = steps * bs * ga if None not in (steps, bs, ga) else None
-        samples_source = "steps x batch_size x grad_accum"
-    seconds = train_wall if train_wall is not None else wall
+    if wall is None and last is not None:
+        wall = last.wall_s
+    # Samples over training time alone (validation left out), both cumulative in the last epoch line.
+    samples = last.samples if last is not None else None
+    seconds = last.train_wall_s if last is not None else None
     out.update(
         wall_s=wall,
         samples=samples,
-        samples_source=samples_source,
         samples_per_s=samples / seconds if samples is not None and seconds else None,
         peak_mem_mb=_number(run.metrics.get("train/peak_mem_mb")),
         trainable_params=_number(run.metrics.get("params/trainable")),
@@ -341,7 +312,7 @@ def _choose_target(runs: list[Run], target_metric: str | None) -> tuple[str, str
         if len(found) > 1:
             notes.append(f"The runs stop early on different metrics ({', '.join(found)}); compared on {metric}, "
                          "the first run's. Pass a target metric to choose another.")
-    logged = {k.removeprefix("val/") for r in runs for h in r.lines("epoch") for k in h if k.startswith("val/")}
+    logged = {k for r in runs for h in r.epochs for k in h.val}
     if metric not in logged and metric not in {k for r in runs for k in r.metrics}:
         raise VlmtuneError(f"target metric: '{metric}' is neither a validation metric in history.jsonl nor a key of "
                            f"metrics.json in any run (validation metrics: {', '.join(sorted(logged)) or 'none'})")
@@ -510,21 +481,26 @@ def _stage_marks(ax: Any, marks: dict[float, set[str]]) -> None:
                 va="top", ha="left", fontsize=7, color="0.25")
 
 
+def _losses(h: StepRecord) -> dict[str, float]:
+    """A step line's total loss (``"loss"``, when the window had a finite step) and terms (``"loss/<term>"``)."""
+    total = {"loss": h.loss} if h.loss is not None else {}
+    return total | {f"loss/{k}": v for k, v in h.terms.items()}
+
+
 def _plot_losses(groups: list[Group], colors: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     terms: list[str] = []
     for g in groups:
         for r in g.runs:
-            for h in r.lines("step"):
-                terms.extend(k for k in h if (k == "loss" or k.startswith("loss/")) and k not in terms)
+            for h in r.steps:
+                terms.extend(k for k in _losses(h) if k not in terms)
     if not terms:
         return None
     terms.sort(key=lambda k: k != "loss")  # the total first
     marks: dict[float, set[str]] = {}
     for g in groups:
         for r in g.runs:
-            for h in r.lines("stage"):
-                if _number(h.get("step")) is not None:
-                    marks.setdefault(float(h["step"]), set()).add(str(h.get("name", h.get("stage", "?"))))
+            for h in r.stages:
+                marks.setdefault(float(h.step), set()).add(h.name)
     ncols = min(3, len(terms))
     nrows = math.ceil(len(terms) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows), layout="constrained")
@@ -532,8 +508,7 @@ def _plot_losses(groups: list[Group], colors: dict[str, Any], folder: Path) -> d
     for ax, term in zip(axes, terms):
         for g in groups:
             for i, r in enumerate(g.runs):
-                pts = [(h["step"], _number(h.get(term))) for h in r.lines("step") if "step" in h]
-                pts = [(x, y) for x, y in pts if y is not None]
+                pts = [(h.step, y) for h in r.steps if (y := _number(_losses(h).get(term))) is not None]
                 if pts:
                     ax.plot(*zip(*pts), color=colors[g.name], linewidth=1.2, alpha=0.85,
                             label=g.name if i == 0 else None)
@@ -557,13 +532,11 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
     for g in groups:
         per_epoch: dict[int, list[float]] = {}
         for r in g.runs:
-            for h in r.lines("epoch"):
-                v = _number(h.get(f"val/{metric}"))
-                if v is not None and "epoch" in h:
-                    per_epoch.setdefault(int(h["epoch"]) + 1, []).append(v)
-            for h in r.lines("stage"):
-                if _number(h.get("epoch")) is not None:
-                    marks.setdefault(float(h["epoch"]) + 0.5, set()).add(str(h.get("name", h.get("stage", "?"))))
+            for h in r.epochs:
+                if (v := _number(h.val.get(metric))) is not None:
+                    per_epoch.setdefault(h.epoch + 1, []).append(v)
+            for h in r.stages:
+                marks.setdefault(h.epoch + 0.5, set()).add(h.name)
         if not per_epoch:
             continue
         xs = sorted(per_epoch)
@@ -667,10 +640,6 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
     no_curve = [str(r.path) for r in runs if per_run[str(r.path)]["epochs_to_target"] is None]
     if no_curve:
         notes.append(f"history.jsonl has no val/{metric}, so no time to target, in: {', '.join(no_curve)}.")
-    derived = [str(r.path) for r in runs if per_run[str(r.path)]["samples_source"] != "history"]
-    if derived:
-        notes.append("Epoch lines carry no 'samples'; samples = steps x batch_size x grad_accum (an upper bound "
-                     f"when the last batch is short) in: {', '.join(derived)}.")
     for g in groups:
         seeds = [r.seed for r in g.runs]
         if len(set(map(str, seeds))) < len(seeds):
@@ -752,8 +721,8 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
     b += [("h2", "Training efficiency (mean ± sample std over seeds)"),
           ("p", f"Epochs and wall time to target: the first epoch whose validation {metric} is within {tol:g} of "
                 "that run's best validation value. Total wall time is train/wall_s (training and validation). "
-                "Samples/s: training samples processed over training wall time (samples from history.jsonl's "
-                "epoch lines, else steps x batch_size x grad_accum)."),
+                "Samples/s: training samples processed over training wall time (validation left out), both "
+                "from history.jsonl's last epoch line."),
           ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows)]
 
     captions = {"losses": "Loss terms per optimizer step", "val_curve": f"Validation {metric} per epoch",

@@ -37,13 +37,6 @@ def build_plan(cfg: Config, weights: dict[str, float]) -> list[Stage]:
     return stages
 
 
-def stage_at(plan: list[Stage], epoch: int) -> Stage:
-    for st in reversed(plan):
-        if epoch >= st.start_epoch:
-            return st
-    return plan[0]
-
-
 def _params(items: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
     out: list[nn.Parameter] = []
     for it in items:

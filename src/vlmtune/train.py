@@ -8,6 +8,7 @@ pass, a history line, the ``last`` checkpoint (and ``best`` when the metric impr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,17 +17,21 @@ import resource
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import (
+    Checkpoint,
+    backbone_identity,
     check_identity,
     copy_checkpoint,
     load_weights,
@@ -37,9 +42,12 @@ from vlmtune.checkpoint import (
 )
 from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.distributed import all_reduce_sum
-from vlmtune.errors import ConfigError, Diverged, Interrupted
-from vlmtune.stages import apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
-from vlmtune.tasks import TaskSpec, get_task
+from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
+from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
+from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
+from vlmtune.state import TrainState
+from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.utils import flatten
 
 log = logging.getLogger("vlmtune")
 
@@ -76,22 +84,11 @@ def _start_tracker(accelerator: Accelerator, tracker: str, cfg: Config, out: Pat
     if tracker == "wandb" and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
         log.info("wandb: no WANDB_API_KEY, logging offline into %s/wandb (wandb sync uploads it later)", out)
-    flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in _flatten(config_to_dict(cfg)).items()}
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flatten(config_to_dict(cfg)).items()}
     try:
         accelerator.init_trackers(tracker, config=flat, init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
     except (ImportError, ModuleNotFoundError) as e:
         raise ConfigError(f"--tracker {tracker}: {e}; install it with pip install 'vlmtune[{tracker}]'") from None
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def _numeric(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -109,31 +106,6 @@ def _is_better(value: float, best: float | None, mode: str, min_delta: float) ->
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value > best + min_delta if mode == "max" else value < best - min_delta
-
-
-class History:
-    """history.jsonl: one JSON line per logged step or epoch; truncated on resume to
-    the lines the checkpoint had seen, so no line is written twice. Only the main
-    process writes it (``enabled``)."""
-
-    def __init__(self, path: Path, keep_lines: int | None, sink: Any = None, enabled: bool = True):
-        self.path = path
-        self.sink = sink  # e.g. a tracker: sink(record) for every new record
-        self.enabled = enabled
-        lines = path.read_text().splitlines() if keep_lines and path.exists() else []
-        self.lines = lines[:keep_lines] if keep_lines else []
-        if enabled:
-            path.write_text("".join(ln + "\n" for ln in self.lines))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record)
-        self.lines.append(line)
-        with self.path.open("a") as f:
-            f.write(line + "\n")
-        if self.sink is not None:
-            self.sink(record)
 
 
 class StopRequest:
@@ -166,6 +138,71 @@ class StopRequest:
         self.restore()
 
 
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built once by :func:`prepare_run`."""
+
+    cfg: Config
+    out: Path
+    accelerator: Accelerator
+    task: Task
+    backbone: Backbone
+    model: nn.Module
+    plan: list[Stage]
+    weights: dict[str, float]       # loss term -> weight
+    saved_names: set[str]           # state-dict keys a checkpoint holds
+    paths: dict[str, str]           # train/val/test annotation files
+    train_records: list[Any]
+    val_records: list[Any]
+    state: TrainState
+    history: History
+    stopper: StopRequest
+    tracker: str | None = None
+    # From the checkpoint being resumed, until the stage it was saved in has started.
+    trainer_state: dict[str, Any] | None = None
+    pending_rng: Any = None         # RNG state to set once the resumed epoch's iterator exists
+    last_val: dict[str, Any] = field(default_factory=dict)
+    t_start: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class StageRun:
+    """One stage's prepared parts: the wrapped model, optimizer, schedule and loader."""
+
+    stage: Stage
+    pmodel: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    params: list[nn.Parameter]
+    cache: FeatureCache | None
+
+
+@dataclass
+class EpochProgress:
+    """The history line in progress and the bad-step window of the current epoch."""
+
+    running: dict[str, float]
+    n_running: int
+    bad_window: bool = False
+    stop: bool = False
+
+
 def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``output_dir``; returns the final test metrics.
 
@@ -175,68 +212,46 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     and raise :class:`Diverged`.
     """
     with StopRequest() as stopper:
-        return _train(cfg, output_dir, resume, tracker, stopper)
+        run = prepare_run(cfg, Path(output_dir), resume, tracker, stopper)
+        st: StageRun | None = None
+        for stage in remaining_stages(run):
+            st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
+            st = start_stage(run, stage)
+            for epoch in range(max(stage.start_epoch, run.state.epoch), stage.end_epoch):
+                train_epoch(run, st, epoch)
+                if end_epoch(run, st, epoch):
+                    break
+            run.state.bad_evals = 0
+        stopper.restore()  # from here on a signal stops at once; --resume redoes only the final evaluation
+        return final_evaluation(run)
 
 
-def _train(cfg: Config, output_dir: str | Path, resume: bool, tracker: str | None, stopper: StopRequest) -> dict[str, Any]:
-    out = Path(output_dir)
-    ckpt_dir = out / "checkpoints"
+def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest) -> Run:
+    """Accelerator, backbone, model, data, stage plan and state (restored on resume)."""
     accelerator = make_accelerator(cfg, tracker, out)
     main = accelerator.is_main_process
-    task: TaskSpec = get_task(cfg.task)
-
-    resume_from = None
-    source = _resume_source(ckpt_dir) if resume else None
-    if resume and source is None and main:
-        log.info("--resume: no checkpoint yet in %s; starting from the beginning", ckpt_dir)
-    if source is not None:
-        resume_from = open_checkpoint(source)
-        saved, now = config_to_dict(resume_from.cfg), config_to_dict(cfg)
-        if saved != now:
-            key = _first_difference(saved, now)
-            raise ConfigError(f"{key}: differs from the config of the run being resumed ({resume_from.folder})")
-    elif (ckpt_dir / "last").exists():
-        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it or choose another --output-dir")
-
+    resume_from = _open_resume(cfg, out / "checkpoints", resume, main)
     if main:  # only the main process writes into the run directory
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    device = accelerator.device
-    backbone_folder = resume_from.backbone_folder if resume_from else None
-    backbone: Backbone = load_backbone(cfg.backbone, device_type=device.type, folder=backbone_folder)
-    model = task.build_model(backbone, cfg)
-
+    task = build_task(cfg)
+    backbone = load_backbone(cfg.backbone, device_type=accelerator.device.type,
+                             folder=resume_from.backbone_folder if resume_from else None)
+    model = task.build_model(backbone)
     with accelerator.main_process_first():
-        paths = task.resolve_data_paths(cfg, out)
-    train_records = task.read_split(paths["train"], cfg)
-    val_records = task.read_split(paths["val"], cfg)
-
-    weights = task.loss_weights(cfg)
+        paths = task.data_paths(out)
+    train_records, val_records = task.read_split(paths["train"]), task.read_split(paths["val"])
+    weights = task.loss_weights()
     plan = build_plan(cfg, weights)
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
-    saved_names = trained_anywhere(model, plan) | set(model.head_state_dict())
-    es = cfg.train.early_stopping
-
-    state: dict[str, Any] = {
-        "epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "wall_s": 0.0,
-        "history_lines": 0, "stopped_early": False, "max_trainable": 0, "samples": 0, "train_wall_s": 0.0,
-        "backbone": backbone.identity(), "data_paths": paths, "metric": es.metric,
-        # Mid-epoch checkpoints (a signal, a run of bad steps): batches of epoch "epoch"
-        # already trained, and the running sums of the history line in progress.
-        "epoch_batches": 0, "running": {}, "n_running": 0, "bad_steps": 0, "bad_in_row": 0,
-    }
-    trainer_state = None
+    state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, metric=cfg.train.early_stopping.metric)
+    run = Run(cfg, out, accelerator, task, backbone, model, plan, weights,
+              trained_anywhere(model, plan) | set(model.head_state_dict()), paths, train_records, val_records, state,
+              history=None, stopper=stopper, tracker=tracker)  # type: ignore[arg-type]
     if resume_from is not None:
-        check_identity(resume_from, backbone.identity())
-        load_weights(model, resume_from.weights(), resume_from.folder)
-        state.update({k: v for k, v in resume_from.state.items() if k in state and k not in ("backbone", "data_paths")})
-        trainer_state = resume_from.trainer_state()
-        if main:
-            log.info("resuming from %s at epoch %d%s", resume_from.folder, state["epoch"] + 1,
-                     f", after its batch {state['epoch_batches']}" if state["epoch_batches"] else "")
-            _repair_best(resume_from, ckpt_dir / "best")
+        _restore_run(run, resume_from)
     if main:
         save_config(cfg, out / "config.yaml")
     sink = None
@@ -245,233 +260,299 @@ def _train(cfg: Config, output_dir: str | Path, resume: bool, tracker: str | Non
         # Step lines carry loss/*, lr/*, diag/*; epoch lines val/*, wall time, peak
         # memory, samples; stage lines the stage index and trainable count.
         sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
-    history = History(out / "history.jsonl", state["history_lines"] if resume_from else None, sink, enabled=main)
-    model.to(device)
-    t_start = time.time() - state["wall_s"]
-    last_val: dict[str, Any] = {}
-    pmodel: Any = None
-    pending_rng = None
+    run.history = History(out / "history.jsonl", run.state.history_lines if resume_from else None, sink, enabled=main)
+    model.to(run.device)
+    run.t_start = time.time() - run.state.wall_s
+    return run
 
-    for stage in plan:
-        if stage.end_epoch <= state["epoch"] or state["stopped_early"]:
-            continue
-        groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
-        backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
-        trainable, total = count_parameters(model)
-        state["max_trainable"] = max(state["max_trainable"], trainable)
-        if main:
-            log.info(stage_summary(stage, model))
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        cache = _cache_kwargs(cfg, task, stage, out)
-        # The main process fills the feature cache; the others then only read it.
-        with accelerator.main_process_first():
-            loader = task.make_loader(train_records, backbone, cfg, True, cfg.seed, **cache)
-            if cache and accelerator.num_processes > 1:  # validation is sharded: fill its part now
-                task.make_loader(val_records, backbone, cfg, False, **cache)
-        # The previous stage's wrapper (DDP: its gradient hooks) must be gone before the
-        # model is wrapped again with this stage's trainable set.
-        pmodel = None
-        accelerator.free_memory()
-        # Prepared first, so its length is this process's batches (what the loop steps over).
-        loader = accelerator.prepare(loader)
-        steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
-        total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
-        # Accelerate steps a prepared scheduler once per process, so count in those units.
-        n = accelerator.num_processes
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * n, total_steps * n)
-        pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        if trainer_state is not None:
-            # Optimizer and schedule belong to the stage they were saved in; a resume at
-            # a stage boundary starts the new stage's fresh ones, as the straight run did.
-            if trainer_state["stage"] == stage.index:
-                optimizer.load_state_dict(trainer_state["optimizer"])
-                scheduler.load_state_dict(trainer_state["scheduler"])
-            if state["epoch_batches"]:
-                # Saved after a step inside an epoch: restored once the epoch's iterator
-                # exists (creating it may draw from the RNG, as it did in the saved run).
-                pending_rng = trainer_state["rng"]
-            else:
-                set_rng_state(trainer_state["rng"])
-            trainer_state = None
-        # Resumed inside a stage: its line is already in the (truncated) history.
-        if state["epoch"] == stage.start_epoch and not state["epoch_batches"]:
-            history.write({"type": "stage", "stage": stage.index, "name": stage.name, "epoch": stage.start_epoch,
-                           "step": state["step"], "train": stage.train, "losses": sorted(stage.losses),
-                           "trainable": trainable, "total": total,
-                           "cache": {k: str(v) if isinstance(v, Path) else v for k, v in cache.items()}})
-        params = [p for g in groups for p in g["params"]]
-        terms_logged = sorted(stage.losses)
 
-        for epoch in range(max(stage.start_epoch, state["epoch"]), stage.end_epoch):
-            loader.set_epoch(epoch)
-            # A mid-epoch checkpoint: the seedable sampler gives this epoch's order again;
-            # skip the batches already trained.
-            skip = state["epoch_batches"]
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            model.train()
-            model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
-            running: dict[str, float] = dict(state["running"]) if skip else {}
-            n_running = state["n_running"] if skip else 0
-            bad_window = stop = False
-            bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{stage.name}]", initial=skip,
-                       total=len(loader), disable=not (cfg.train.progress and main), leave=False)
-            t_epoch = time.time()
-            for batch in bar:
-                if pending_rng is not None:
-                    set_rng_state(pending_rng)
-                    pending_rng = None
-                with accelerator.accumulate(pmodel):
-                    terms = pmodel(batch, stage.losses)
-                    loss = sum(weights[k] * terms[k] for k in stage.losses if k in terms)
-                    # Agreed by all processes, so they skip (or stop at) the same step.
-                    bad, stop_now, values = _step_values(loss, terms, terms_logged, stopper.signum, device)
-                    bad_window, stop = bad_window or bad, stop or stop_now
-                    accelerator.backward(loss)  # also when bad: DDP expects every process's backward
-                    skip_update = accelerator.sync_gradients and bad_window
-                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0 and not skip_update:
-                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    if not skip_update:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()  # at the end of a bad window this drops its NaN gradients
-                if not bad:
-                    for k, v in values.items():
-                        running[k] = running.get(k, 0.0) + v
-                    n_running += 1
-                state["samples"] += len(batch["input_ids"]) * accelerator.num_processes
-                state["epoch_batches"] += 1
-                if accelerator.sync_gradients:
-                    state["step"] += 1
-                    if bad_window:
-                        state["bad_steps"] += 1
-                        state["bad_in_row"] += 1
-                        if main:
-                            log.warning("step %d: loss is not finite; step skipped (%d in a row)",
-                                        state["step"], state["bad_in_row"])
-                    else:
-                        state["bad_in_row"] = 0
-                    bad_window = False
-                    bar.set_postfix(loss=f"{values['loss']:.3f}")
-                    if state["step"] % cfg.train.log_every == 0:
-                        rec = {"type": "step", "epoch": epoch, "step": state["step"], "stage": stage.index}
-                        rec.update({k if k.startswith("diag/") or k == "loss" else f"loss/{k}": v / n_running
-                                    for k, v in running.items()})
-                        rec.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
-                        if state["bad_steps"]:
-                            rec["bad_steps"] = state["bad_steps"]
-                        history.write(rec)
-                        running, n_running = {}, 0
-                    diverged = state["bad_in_row"] >= cfg.train.max_bad_steps
-                    if stop or diverged:
-                        state.update(running=running, n_running=n_running, history_lines=len(history.lines),
-                                     wall_s=time.time() - t_start)
-                        state["train_wall_s"] += time.time() - t_epoch
-                        if main:
-                            _save(ckpt_dir / "last", model, saved_names, cfg, state, backbone, optimizer, scheduler,
-                                  stage.index, cfg.train.keep_last)
-                        accelerator.wait_for_everyone()
-                        where = f"epoch {epoch + 1}, step {state['step']}"
-                        if diverged:
-                            raise Diverged(
-                                f"loss was NaN or infinite for {state['bad_in_row']} steps in a row ({where}; "
-                                f"{state['bad_steps']} in all); stopped with a checkpoint in {ckpt_dir / 'last'} holding "
-                                f"the weights from before them. Lower optim.lr, set optim.grad_clip, or check the data")
-                        raise Interrupted(_interrupted_message(stopper.signum or signal.SIGTERM, where, ckpt_dir, out),
-                                          stopper.signum or signal.SIGTERM)
-            if pending_rng is not None:  # the checkpoint was taken after the epoch's last batch
-                set_rng_state(pending_rng)
-                pending_rng = None
-            state.update(epoch_batches=0, running={}, n_running=0)
+def remaining_stages(run: Run) -> Iterator[Stage]:
+    """The stages still to train: not finished before a resume, none after an early stop."""
+    for stage in run.plan:
+        if stage.end_epoch > run.state.epoch and not run.state.stopped_early:
+            yield stage
 
-            # Training time alone (no validation), for samples per second.
-            state["train_wall_s"] += time.time() - t_epoch
-            val = task.validation()(model, val_records, cfg, device, None, False, **cache)
-            last_val = val
-            value = float(val.get(es.metric, float("nan")))
-            if es.metric not in val:
-                raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
-                                  f"({', '.join(k for k in sorted(val) if not k.startswith('retrieval/chance'))})")
-            improved = _is_better(value, state["best"], es.mode, es.min_delta)
-            if improved:
-                state.update(best=value, best_epoch=epoch, bad_evals=0)
-            else:
-                state["bad_evals"] += 1
-            state["epoch"] = epoch + 1
-            state["wall_s"] = time.time() - t_start
-            if main:
-                rec = {"type": "epoch", "epoch": epoch, "step": state["step"], "stage": stage.index,
-                       "samples": state["samples"], "train_wall_s": round(state["train_wall_s"], 3),
-                       "wall_s": round(state["wall_s"], 3), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-                rec.update({f"val/{k}": v for k, v in val.items() if not isinstance(v, list)})
-                history.write(rec)
-                log.info("epoch %d: %s = %.3f%s", epoch + 1, es.metric, value, " (best)" if improved else "")
-            stop = es.patience > 0 and state["bad_evals"] >= es.patience
-            # A new stage gets a fresh patience: its first epochs often dip before they help.
-            if stop and epoch + 1 < stage.end_epoch:
-                state["stopped_early"] = True
-            state["history_lines"] = len(history.lines)
-            if main:
-                # A kill between these two leaves `best` behind `last`; a resume repairs it
-                # (_repair_best).
-                _save(ckpt_dir / "last", model, saved_names, cfg, state, backbone, optimizer, scheduler, stage.index,
-                      cfg.train.keep_last)
-                if improved:
-                    copy_checkpoint(ckpt_dir / "last", ckpt_dir / "best")
-            accelerator.wait_for_everyone()
-            # A signal during the last steps or the validation: the epoch's checkpoint is it.
-            if _step_values(torch.zeros(()), {}, [], stopper.signum, device)[1]:
-                raise Interrupted(_interrupted_message(stopper.signum or signal.SIGTERM, f"end of epoch {epoch + 1}",
-                                                       ckpt_dir, out), stopper.signum or signal.SIGTERM)
-            if state["stopped_early"]:
-                if main:
-                    log.info("early stopping: no improvement of %s for %d evaluations", es.metric, es.patience)
-                break
-        state["bad_evals"] = 0
 
-    stopper.restore()  # from here on a signal stops at once; --resume redoes only the final evaluation
-    accelerator.wait_for_everyone()
-    # Final evaluation on the test split, with the best weights.
-    best = ckpt_dir / "best" if (ckpt_dir / "best").exists() else ckpt_dir / "last"
-    load_weights(model, open_checkpoint(best).weights(), best)
-    test_records = task.read_split(paths["test"], cfg)
-    metrics = task.evaluate(model, test_records, cfg, device, train_records, cfg.train.progress and main)
-    _, total = count_parameters(model)
+def start_stage(run: Run, stage: Stage) -> StageRun:
+    """Freeze for the stage, build its parameter groups, optimizer, schedule and loader."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
+    run.backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
+    trainable, total = count_parameters(model)
+    run.state.max_trainable = max(run.state.max_trainable, trainable)
+    if run.main:
+        log.info(stage_summary(stage, model))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    cache = _stage_cache(cfg, run.task, stage, run.out)
+    # The main process fills the feature cache; the others then only read it.
+    with accelerator.main_process_first():
+        loader = run.task.make_loader(run.train_records, run.backbone, train=True, seed=cfg.seed, cache=cache)
+        if cache and accelerator.num_processes > 1:  # validation is sharded: fill its part now
+            run.task.make_loader(run.val_records, run.backbone, train=False, cache=cache)
+    accelerator.free_memory()
+    # Prepared first, so its length is this process's batches (what the loop steps over).
+    loader = accelerator.prepare(loader)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
+    total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
+    # Accelerate steps a prepared scheduler once per process, so count in those units.
+    n = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * n, total_steps * n)
+    pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    st = StageRun(stage, pmodel, optimizer, scheduler, loader, [p for g in groups for p in g["params"]], cache)
+    if run.trainer_state is not None:
+        _restore_stage(run, st)
+    # Resumed inside a stage: its line is already in the (truncated) history.
+    if run.state.epoch == stage.start_epoch and not run.state.epoch_batches:
+        run.history.write(StageRecord(stage=stage.index, name=stage.name, epoch=stage.start_epoch, step=run.state.step,
+                                      train=stage.train, losses=sorted(stage.losses), trainable=trainable, total=total,
+                                      cache=_cache_record(cache)))
+    return st
+
+
+def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
+    """One epoch of steps (the rest of it after a mid-epoch checkpoint). Saves a
+    checkpoint and raises on a stop signal or a run of non-finite losses."""
+    state, accelerator = run.state, run.accelerator
+    st.loader.set_epoch(epoch)
+    # A mid-epoch checkpoint: the seedable sampler gives this epoch's order again;
+    # skip the batches already trained.
+    skip = state.epoch_batches
+    epoch_loader = accelerator.skip_first_batches(st.loader, skip) if skip else st.loader
+    run.model.train()
+    run.model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
+    progress = EpochProgress(dict(state.running) if skip else {}, state.n_running if skip else 0)
+    bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs} [{st.stage.name}]", initial=skip,
+               total=len(st.loader), disable=not (run.cfg.train.progress and run.main), leave=False)
+    t_epoch = time.time()
+    for batch in bar:
+        if run.pending_rng is not None:
+            set_rng_state(run.pending_rng)
+            run.pending_rng = None
+        values = _train_step(run, st, batch, progress)
+        state.samples += len(batch["input_ids"]) * accelerator.num_processes
+        state.epoch_batches += 1
+        if accelerator.sync_gradients:
+            _end_step(run, st, epoch, progress, values, t_epoch)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+    if run.pending_rng is not None:  # the checkpoint was taken after the epoch's last batch
+        set_rng_state(run.pending_rng)
+        run.pending_rng = None
+    state.epoch_batches, state.running, state.n_running = 0, {}, 0
+    # Training time alone (no validation), for samples per second.
+    state.train_wall_s += time.time() - t_epoch
+
+
+def _train_step(run: Run, st: StageRun, batch: dict[str, Any], progress: EpochProgress) -> dict[str, float]:
+    """Forward, backward and (at the end of an accumulation window) the update, skipped
+    when any process's loss in the window was not finite. Returns the values to log."""
+    accelerator, cfg, losses = run.accelerator, run.cfg, st.stage.losses
+    with accelerator.accumulate(st.pmodel):
+        terms = st.pmodel(batch, losses)
+        loss = sum(run.weights[k] * terms[k] for k in losses if k in terms)
+        # Agreed by all processes, so they skip (or stop at) the same step.
+        bad, stop_now, values = _step_values(loss, terms, sorted(losses), run.stopper.signum, run.device)
+        progress.bad_window, progress.stop = progress.bad_window or bad, progress.stop or stop_now
+        accelerator.backward(loss)  # also when bad: DDP expects every process's backward
+        skip_update = accelerator.sync_gradients and progress.bad_window
+        if accelerator.sync_gradients and cfg.optim.grad_clip > 0 and not skip_update:
+            accelerator.clip_grad_norm_(st.params, cfg.optim.grad_clip)
+        if not skip_update:
+            st.optimizer.step()
+        st.scheduler.step()
+        st.optimizer.zero_grad()  # at the end of a bad window this drops its NaN gradients
+    if not bad:
+        for k, v in values.items():
+            progress.running[k] = progress.running.get(k, 0.0) + v
+        progress.n_running += 1
+    return values
+
+
+def _end_step(run: Run, st: StageRun, epoch: int, progress: EpochProgress, values: dict[str, float],
+              t_epoch: float) -> None:
+    """After an optimizer step: count it, log the history line, stop when asked or diverged."""
+    state, cfg = run.state, run.cfg
+    state.step += 1
+    if progress.bad_window:
+        state.bad_steps += 1
+        state.bad_in_row += 1
+        if run.main:
+            log.warning("step %d: loss is not finite; step skipped (%d in a row)", state.step, state.bad_in_row)
+    else:
+        state.bad_in_row = 0
+    progress.bad_window = False
+    if state.step % cfg.train.log_every == 0:
+        means = {k: v / progress.n_running for k, v in progress.running.items()}
+        lrs = {g["name"]: g["lr"] for g in st.optimizer.param_groups}
+        run.history.write(StepRecord.from_means(epoch, state.step, st.stage.index, means, lrs, state.bad_steps))
+        progress.running, progress.n_running = {}, 0
+    diverged = state.bad_in_row >= cfg.train.max_bad_steps
+    if not (progress.stop or diverged):
+        return
+    state.running, state.n_running = progress.running, progress.n_running
+    state.history_lines = len(run.history.lines)
+    state.wall_s = time.time() - run.t_start
+    state.train_wall_s += time.time() - t_epoch
+    if run.main:
+        _save(run, st)
+    run.accelerator.wait_for_everyone()
+    where = f"epoch {epoch + 1}, step {state.step}"
+    if diverged:
+        raise Diverged(
+            f"loss was NaN or infinite for {state.bad_in_row} steps in a row ({where}; "
+            f"{state.bad_steps} in all); stopped with a checkpoint in {run.ckpt_dir / 'last'} holding "
+            f"the weights from before them. Lower optim.lr, set optim.grad_clip, or check the data")
+    signum = run.stopper.signum or signal.SIGTERM
+    raise Interrupted(_interrupted_message(signum, where, run.ckpt_dir, run.out), signum)
+
+
+def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
+    """Validate, update the best metric and early stopping, write the history line and
+    the checkpoints. Returns True when the run stops early."""
+    state, es = run.state, run.cfg.train.early_stopping
+    val = run.task.validate(run.model, run.val_records, device=run.device, cache=st.cache)
+    run.last_val = val
+    if es.metric not in val:
+        raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
+                          f"({', '.join(k for k in sorted(val) if not k.startswith('retrieval/chance'))})")
+    value = float(val[es.metric])
+    improved = _is_better(value, state.best, es.mode, es.min_delta)
+    if improved:
+        state.best, state.best_epoch, state.bad_evals = value, epoch, 0
+    else:
+        state.bad_evals += 1
+    state.epoch = epoch + 1
+    state.wall_s = time.time() - run.t_start
+    if run.main:
+        run.history.write(EpochRecord(epoch=epoch, step=state.step, stage=st.stage.index, samples=state.samples,
+                                      train_wall_s=round(state.train_wall_s, 3), wall_s=round(state.wall_s, 3),
+                                      peak_mem_mb=round(peak_memory_mb(run.device), 1),
+                                      val={k: v for k, v in val.items() if not isinstance(v, list)}))
+        log.info("epoch %d: %s = %.3f%s", epoch + 1, es.metric, value, " (best)" if improved else "")
+    # A new stage gets a fresh patience: its first epochs often dip before they help.
+    if es.patience > 0 and state.bad_evals >= es.patience and epoch + 1 < st.stage.end_epoch:
+        state.stopped_early = True
+    state.history_lines = len(run.history.lines)
+    if run.main:
+        # A kill between these two leaves `best` behind `last`; a resume repairs it (_repair_best).
+        _save(run, st)
+        if improved:
+            copy_checkpoint(run.ckpt_dir / "last", run.ckpt_dir / "best")
+    run.accelerator.wait_for_everyone()
+    # A signal during the last steps or the validation: the epoch's checkpoint is it.
+    if _step_values(torch.zeros(()), {}, [], run.stopper.signum, run.device)[1]:
+        signum = run.stopper.signum or signal.SIGTERM
+        raise Interrupted(_interrupted_message(signum, f"end of epoch {epoch + 1}", run.ckpt_dir, run.out), signum)
+    if state.stopped_early and run.main:
+        log.info("early stopping: no improvement of %s for %d evaluations", es.metric, es.patience)
+    return state.stopped_early
+
+
+def final_evaluation(run: Run) -> dict[str, Any]:
+    """The test split with the best weights; writes metrics.json."""
+    state, cfg, device = run.state, run.cfg, run.device
+    run.accelerator.wait_for_everyone()
+    best = run.ckpt_dir / "best" if (run.ckpt_dir / "best").exists() else run.ckpt_dir / "last"
+    load_weights(run.model, open_checkpoint(best).weights(), best)
+    test_records = run.task.read_split(run.paths["test"])
+    metrics = run.task.evaluate(run.model, test_records, device=device, train_records=run.train_records,
+                                progress=cfg.train.progress and run.main)
+    _, total = count_parameters(run.model)
     metrics.update({
-        "train/epochs": state["epoch"],
-        "train/best_epoch": state["best_epoch"],
-        "train/best_val": state["best"],
-        "train/stopped_early": state["stopped_early"],
-        "train/steps": state["step"],
-        "train/bad_steps": state["bad_steps"],
-        "train/wall_s": round(state["wall_s"], 3),
-        "train/train_wall_s": round(state["train_wall_s"], 3),
-        "train/samples": state["samples"],
-        "train/samples_per_s": round(state["samples"] / max(state["train_wall_s"], 1e-9), 2),
+        "train/epochs": state.epoch,
+        "train/best_epoch": state.best_epoch,
+        "train/best_val": state.best,
+        "train/stopped_early": state.stopped_early,
+        "train/steps": state.step,
+        "train/bad_steps": state.bad_steps,
+        "train/wall_s": round(state.wall_s, 3),
+        "train/train_wall_s": round(state.train_wall_s, 3),
+        "train/samples": state.samples,
+        "train/samples_per_s": round(state.samples / max(state.train_wall_s, 1e-9), 2),
         "train/peak_mem_mb": round(peak_memory_mb(device), 1),
-        "params/trainable": state["max_trainable"],
+        "params/trainable": state.max_trainable,
         "params/total": total,
         "checkpoint": str(best),
     })
-    if last_val:
-        metrics["train/last_val"] = float(last_val.get(es.metric, float("nan")))
-    if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if tracker:
-            accelerator.log(_numeric(metrics, "test/"), step=state["step"])
-            accelerator.end_training()
+    if run.last_val:
+        metrics["train/last_val"] = float(run.last_val.get(cfg.train.early_stopping.metric, float("nan")))
+    if run.main:
+        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if run.tracker:
+            run.accelerator.log(_numeric(metrics, "test/"), step=state.step)
+            run.accelerator.end_training()
     return metrics
 
 
-def _cache_kwargs(cfg: Config, task: TaskSpec, stage: Any, out: Path) -> dict[str, Any]:
+# --------------------------------------------------------------------------- resume
+
+
+def _open_resume(cfg: Config, ckpt_dir: Path, resume: bool, main: bool) -> Checkpoint | None:
+    """The checkpoint to continue from (its config must equal ``cfg``), or None for a
+    fresh run, which a folder already holding a run refuses."""
+    source = _resume_source(ckpt_dir) if resume else None
+    if source is None:
+        if resume and main:
+            log.info("--resume: no checkpoint yet in %s; starting from the beginning", ckpt_dir)
+        if not resume and (ckpt_dir / "last").exists():
+            raise ConfigError(f"{ckpt_dir.parent}: already holds a run; pass --resume to continue it or choose another "
+                              f"--output-dir")
+        return None
+    ckpt = open_checkpoint(source)
+    saved, now = config_to_dict(ckpt.cfg), config_to_dict(cfg)
+    if saved != now:
+        key = _first_difference(saved, now)
+        raise ConfigError(f"{key}: differs from the config of the run being resumed ({ckpt.folder})")
+    return ckpt
+
+
+def _restore_run(run: Run, ckpt: Checkpoint) -> None:
+    """Weights and loop state from the checkpoint; its optimizer, schedule and RNG wait
+    for their stage (:func:`_restore_stage`)."""
+    check_identity(ckpt, backbone_identity(run.backbone))
+    load_weights(run.model, ckpt.weights(), ckpt.folder)
+    # This run's backbone identity and data paths; everything else continues.
+    run.state = dataclasses.replace(ckpt.state, backbone=run.state.backbone, data_paths=run.state.data_paths)
+    run.trainer_state = ckpt.trainer_state()
+    if run.main:
+        log.info("resuming from %s at epoch %d%s", ckpt.folder, run.state.epoch + 1,
+                 f", after its batch {run.state.epoch_batches}" if run.state.epoch_batches else "")
+        _repair_best(ckpt, run.ckpt_dir / "best")
+
+
+def _restore_stage(run: Run, st: StageRun) -> None:
+    """The first stage started after a resume takes the saved trainer state."""
+    saved, run.trainer_state = run.trainer_state, None
+    assert saved is not None
+    # Optimizer and schedule belong to the stage they were saved in; a resume at a
+    # stage boundary starts the new stage's fresh ones, as the straight run did.
+    if saved["stage"] == st.stage.index:
+        st.optimizer.load_state_dict(saved["optimizer"])
+        st.scheduler.load_state_dict(saved["scheduler"])
+    if run.state.epoch_batches:
+        # Saved after a step inside an epoch: restored once the epoch's iterator exists
+        # (creating it may draw from the RNG, as it did in the saved run).
+        run.pending_rng = saved["rng"]
+    else:
+        set_rng_state(saved["rng"])
+
+
+def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path) -> FeatureCache | None:
     """Where a stage may read frozen features from the cache: the vision tower's while
     no vision component trains, the language model's while it does not train."""
     if not (cfg.cache.enabled and task.cacheable):
-        return {}
+        return None
     vision = not ({"vision_blocks", "vision_tower"} & set(stage.train))
     text = "language_model" not in stage.train
     if not (vision or text):
+        return None
+    return FeatureCache(Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", vision=vision, text=text)
+
+
+def _cache_record(cache: FeatureCache | None) -> dict[str, Any]:
+    """The stage line's description of the cache it reads."""
+    if cache is None:
         return {}
-    return {"cache_dir": Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", "cache_vision": vision, "cache_text": text}
+    return {"cache_dir": str(cache.dir), "cache_vision": cache.vision, "cache_text": cache.text}
 
 
 def _step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor], keys: list[str], signum: int,
@@ -509,29 +590,29 @@ def _resume_source(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def _repair_best(last: Any, best: Path) -> None:
+def _repair_best(last: Checkpoint, best: Path) -> None:
     """``best`` is copied from ``last`` after it is saved; a kill in between leaves
     ``best`` one improvement behind, which ``last``'s state reveals: copy it again."""
     st = last.state
-    if st.get("epoch_batches") or st.get("best_epoch") is None or st["best_epoch"] != st["epoch"] - 1:
+    if st.epoch_batches or st.best_epoch is None or st.best_epoch != st.epoch - 1:
         return
     try:
-        best_epoch = json.loads((best / "state.json").read_text()).get("epoch")
-    except (OSError, json.JSONDecodeError):
+        best_epoch = open_checkpoint(best).state.epoch if best.exists() else None
+    except CheckpointError:
         best_epoch = None
-    if best_epoch != st["epoch"]:
+    if best_epoch != st.epoch:
         log.info("copying %s to %s: the run stopped before it was copied", last.folder, best)
         copy_checkpoint(last.folder, best)
 
 
-def _save(folder: Path, model: torch.nn.Module, names: set[str], cfg: Config, state: dict[str, Any],
-          backbone: Backbone, optimizer: Any, scheduler: Any, stage_index: int, keep: int = 1) -> None:
-    sd = model.state_dict()
-    weights = {k: sd[k] for k in sorted(names)}
-    trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                     "stage": stage_index}
-    save_checkpoint(folder, weights=weights, cfg=cfg, state=state, trainer_state=trainer_state,
-                    backbone=backbone if backbone.source == "tiny" else None, keep=keep)
+def _save(run: Run, st: StageRun) -> None:
+    """The ``last`` checkpoint: trained weights, config, state and trainer state."""
+    sd = run.model.state_dict()
+    weights = {k: sd[k] for k in sorted(run.saved_names)}
+    trainer_state = {"optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(), "rng": rng_state(),
+                     "stage": st.stage.index}
+    save_checkpoint(run.ckpt_dir / "last", weights=weights, cfg=run.cfg, state=run.state, trainer_state=trainer_state,
+                    backbone=run.backbone if run.backbone.source == "tiny" else None, keep=run.cfg.train.keep_last)
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

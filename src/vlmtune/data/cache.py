@@ -14,10 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vlmtune.backbone import Backbone
 
 
 _KEYS: dict[tuple[str, int, int], str] = {}
@@ -44,6 +50,53 @@ def text_key(text: str) -> str:
 
 def namespace_id(namespace: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(namespace, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- fingerprints
+# What a namespace holds of the backbone besides its identity: the weights, which a
+# stage may have trained, and the preprocessing.
+
+def vision_fingerprint(backbone: Backbone) -> str:
+    """sha256 of the vision tower's current weights (cache keys must change when a
+    stage has trained it, which the architecture hash alone would not show)."""
+    return _memo_sha256(backbone.vision_tower)
+
+
+def text_fingerprint(backbone: Backbone) -> str:
+    """sha256 of the language model's weights and the tokenizer's vocabulary."""
+    vocab = json.dumps(sorted(backbone.tokenizer.get_vocab().items())).encode()
+    return hashlib.sha256(_memo_sha256(backbone.language_model).encode() + vocab).hexdigest()
+
+
+def preprocess_signature(processor: Any) -> dict[str, Any]:
+    """The image processor's settings that decide the pixels a tower sees."""
+    p = processor
+    return {"size": dict(p.size) if p.size else None, "mean": list(p.image_mean), "std": list(p.image_std), "resample": str(p.resample)}
+
+
+# module -> (tensor versions, digest); forgotten with the module.
+_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], str]] = weakref.WeakKeyDictionary()
+
+
+def _memo_sha256(module: nn.Module) -> str:
+    """_weights_sha256, recomputed only when a weight changed: every in-place update
+    (optimizer step, load_state_dict) bumps a tensor's version counter, so the
+    versions of all tensors say whether the last digest still holds. Validation asks
+    for it every epoch; hashing a 300M-parameter tower each time is not free."""
+    tensors = [*module.parameters(), *module.buffers()]
+    stamp = tuple((id(t), t._version) for t in tensors)
+    if _DIGESTS.get(module, (None,))[0] != stamp:
+        _DIGESTS[module] = (stamp, _weights_sha256(module))
+    return _DIGESTS[module][1]
+
+
+def _weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's named weights and buffers."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class FeatureStore:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlmtune.backbone import CHAT_END, CHAT_START, preprocess_images
+from vlmtune.backbone import CHAT_END, CHAT_START, IMG_CONTEXT, IMG_END, IMG_START, preprocess_images
 from vlmtune.data.formats import CountRecord, load_image
 
 IGNORE_INDEX = -100
@@ -63,8 +63,6 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
-        from vlmtune.backbone import IMG_CONTEXT, IMG_END, IMG_START
-
         head = self._ids(f"{CHAT_START}user\n{IMG_START}")
         image = self._ids(IMG_CONTEXT) * (self.tokens_per_tile * num_tiles)
         tail = self._ids(f"{IMG_END}\n")
@@ -79,6 +77,20 @@ class PromptBuilder:
         """(input ids, labels) of prompt + answer; labels are IGNORE_INDEX on the prompt."""
         p, a = self.prompt_ids(question, num_tiles), self.answer_ids(answer)
         return p + a, [IGNORE_INDEX] * len(p) + a
+
+
+def tile_grid(processor: Any, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+    """(columns, rows) of the tile grid ``processor`` cuts a ``width`` x ``height`` image into.
+
+    Tiles come row-major, then a thumbnail of the whole image when there is more than
+    one tile (the processor's own rule, ``get_optimal_tiled_canvas``).
+    """
+    if max_tiles <= 1:
+        return 1, 1
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    size = processor.size
+    return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), 1, max_tiles)
 
 
 def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,76 +1,134 @@
-"""Tasks: what differs between recipes, behind one small interface the engine uses."""
+"""Tasks: what differs between recipes, behind one small interface the engine uses.
+
+A task is a class implementing :class:`Task`. It is built once, at the edge, from the
+config (``from_config``), keeps the plain config sections it needs, and offers the
+engine keyword-only methods. What the rest of vlmtune must know about a task (its
+trainable components, loss terms, key metrics, report sections) is declared on the
+class and read from there by config validation, the CLI and the report.
+
+Adding a task: write ``vlmtune/tasks/NAME.py`` with a class implementing ``Task`` and
+add one line to :data:`TASKS`.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
-from torch import nn
-from torch.utils.data import DataLoader
+if TYPE_CHECKING:  # the registry stays importable without torch for config checks
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from vlmtune.backbone import Backbone
+    from vlmtune.config import Config
+
+# name -> "module:Class" (imported on first use) or the class itself.
+TASKS: dict[str, str | type] = {
+    "retrieval": "vlmtune.tasks.retrieval:RetrievalTask",
+    "counting": "vlmtune.tasks.counting:CountingTask",
+}
+
+# Metrics every task's run writes (train loop, parameter counts); shown after the task's own.
+RUN_KEY_METRICS = ("train/epochs", "train/wall_s", "params/trainable", "params/total")
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """The functions a task provides to the training loop and the commands.
+class FeatureCache:
+    """Where a loader may read a frozen tower's features from: ``vision`` while no
+    vision component trains, ``text`` while the language model does not."""
 
-    build_model(backbone, cfg) -> nn.Module with ``forward(batch, active_losses)``
-        returning named unweighted loss terms, ``component_modules(name, n)``,
-        ``head_state_dict()`` and ``backbone``.
-    resolve_data_paths(cfg, output_dir) -> {"train", "val", "test"} annotation files.
-    read_split(path, cfg) -> records.
-    make_loader(records, backbone, cfg, train, seed) -> DataLoader.
-    evaluate(model, records, cfg, device, train_records, progress) -> flat metrics.
-    loss_weights(cfg) -> {term: weight}.
-    cacheable: make_loader and validate take ``cache_dir``, ``cache_vision`` and
-        ``cache_text`` keywords, and read frozen features from the cache there.
-    validate(...) -> flat metrics: the per-epoch validation pass, same arguments as
-        ``evaluate``; tasks whose final evaluation is costly (beam search) give a
-        cheaper one here. Default: ``evaluate``.
+    dir: Path
+    vision: bool = True
+    text: bool = True
+
+
+class Task(Protocol):
+    """The engine's view of a recipe.
+
+    The model a task builds is an ``nn.Module`` with ``forward(batch, active_losses)``
+    returning named, unweighted loss terms (and diagnostics under ``diag/``),
+    ``component_modules(name, vision_blocks)``, ``head_state_dict()`` and ``backbone``.
     """
 
-    name: str
-    build_model: Callable[..., nn.Module]
-    resolve_data_paths: Callable[..., dict[str, str]]
-    read_split: Callable[..., list[Any]]
-    make_loader: Callable[..., DataLoader]
-    evaluate: Callable[..., dict[str, Any]]
-    loss_weights: Callable[..., dict[str, float]]
-    validate: Callable[..., dict[str, Any]] | None = None
-    # Tasks whose make_loader/validate accept cache_dir, cache_vision, cache_text.
-    cacheable: bool = False
+    name: ClassVar[str]
+    # Trainable parts of the task's own model; the backbone's components come on top.
+    components: ClassVar[tuple[str, ...]]
+    # Loss terms a stage can switch on (each with a weight in the ``loss`` section).
+    losses: ClassVar[tuple[str, ...]]
+    # Metrics the CLI prints after a run or an evaluation, in order.
+    key_metrics: ClassVar[tuple[str, ...]]
+    # Metric-name prefixes ("retrieval/...") in the order reports show them.
+    report_sections: ClassVar[tuple[str, ...]]
+    # Whether make_loader / validate / evaluate accept a FeatureCache.
+    cacheable: ClassVar[bool]
 
-    def validation(self) -> Callable[..., dict[str, Any]]:
-        return self.validate or self.evaluate
+    @classmethod
+    def from_config(cls, cfg: Config) -> Task: ...
+
+    def build_model(self, backbone: Backbone) -> nn.Module: ...
+
+    def data_paths(self, output_dir: Path) -> dict[str, str]:
+        """{"train", "val", "test"}: annotation files, or the task's synthetic set."""
+        ...
+
+    def read_split(self, path: str) -> list[Any]: ...
+
+    def loss_weights(self) -> dict[str, float]: ...
+
+    def make_loader(self, records: list[Any], backbone: Backbone, *, train: bool, seed: int = 0,
+                    cache: FeatureCache | None = None) -> DataLoader: ...
+
+    def validate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """The per-epoch validation pass (tasks with a costly final evaluation give a cheaper one)."""
+        ...
+
+    def evaluate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+                 train_records: list[Any] | None = None, progress: bool = False,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """All metrics on ``records``; with ``train_records``, baselines beside them."""
+        ...
 
 
-def data_paths(cfg: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:
-    """The train/val/test annotation files a config names, or the task's synthetic set:
-    generated once by ``generate(folder)`` into data.synthetic_dir (default
-    OUTPUT_DIR/data) and reused while its test file exists."""
+def task_class(name: str) -> type[Task]:
+    """The registered class of task ``name``."""
+    entry = TASKS[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry  # type: ignore[return-value]
+
+
+def build_task(cfg: Config) -> Task:
+    return task_class(cfg.task).from_config(cfg)
+
+
+def report_sections() -> tuple[str, ...]:
+    """Every registered task's report sections, in registry order."""
+    out: list[str] = []
+    for name in TASKS:
+        out += [s for s in task_class(name).report_sections if s not in out]
+    return tuple(out)
+
+
+def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:
+    """The train/val/test annotation files a ``data`` config section names, or the
+    task's synthetic set: generated once by ``generate(folder)`` into
+    data.synthetic_dir (default OUTPUT_DIR/data) and reused while its test file exists."""
     from vlmtune.errors import DataError
 
-    d = cfg.data
-    if d.train:
-        missing = [k for k in ("val", "test") if not getattr(d, k)]
+    if data.train:
+        missing = [k for k in ("val", "test") if not getattr(data, k)]
         if missing:
             raise DataError(f"data.{missing[0]}: needed when data.train is given")
-        return {"train": d.train, "val": d.val, "test": d.test}
-    folder = Path(d.synthetic_dir) if d.synthetic_dir else Path(output_dir) / "data"
+        return {"train": data.train, "val": data.val, "test": data.test}
+    folder = Path(data.synthetic_dir) if data.synthetic_dir else Path(output_dir) / "data"
     if not (folder / f"test{ext}").is_file():
         generate(folder)
     return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
 
 
-def get_task(name: str) -> TaskSpec:
-    if name == "retrieval":
-        from vlmtune.tasks import retrieval as m
-    elif name == "counting":
-        from vlmtune.tasks import counting as m
-    else:  # pragma: no cover - the config rejects unknown tasks first
-        raise KeyError(name)
-    return TaskSpec(name, m.build_model, m.resolve_data_paths, m.read_split, m.make_loader, m.evaluate, m.loss_weights,
-                    getattr(m, "validate", None), getattr(m, "CACHEABLE", False))
-
-
-__all__ = ["TaskSpec", "get_task"]
+__all__ = ["TASKS", "FeatureCache", "Task", "build_task", "data_paths", "report_sections", "task_class"]

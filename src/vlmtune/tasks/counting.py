@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,23 +19,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlmtune.backbone import CHAT_END, Backbone
-from vlmtune.config import Config
+from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
 from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
 from vlmtune.data.formats import CountRecord, read_counting
 from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
+from vlmtune.tasks import FeatureCache, data_paths
 
 
-def num_classes(cfg: Config) -> int:
-    c = cfg.counting
+def num_classes(c: CountingConfig) -> int:
     return len(c.buckets) if c.buckets is not None else c.max_count + 1
 
 
-def class_names(cfg: Config) -> list[str]:
+def class_names(c: CountingConfig) -> list[str]:
     """Readable class labels: "0", "1", ... or bucket ranges such as "2+" and "1-2"."""
-    c = cfg.counting
     if c.buckets is None:
         return [str(i) for i in range(c.max_count + 1)]
     b = c.buckets
@@ -63,19 +62,18 @@ def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 class CountingModel(nn.Module):
     """Backbone (optionally with LoRA adapters in its language model) + a count head."""
 
-    def __init__(self, backbone: Backbone, cfg: Config):
+    def __init__(self, backbone: Backbone, counting: CountingConfig, model: ModelConfig):
         super().__init__()
         self.backbone = backbone
-        self.pooling = cfg.counting.pooling
-        self.lm_mode = cfg.counting.lm_mode
-        self.count_head = mlp(backbone.info.text_hidden, cfg.model.head_hidden, num_classes(cfg), cfg.model.adapter_dropout)
+        self.pooling = counting.pooling
+        self.lm_mode = counting.lm_mode
+        self.count_head = mlp(backbone.info.text_hidden, model.head_hidden, num_classes(counting), model.adapter_dropout)
         if self.lm_mode == "lora":
-            self._inject_lora(cfg)
+            self._inject_lora(counting)
 
-    def _inject_lora(self, cfg: Config) -> None:
+    def _inject_lora(self, c: CountingConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        c = cfg.counting
         lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=list(c.lora_target_modules))
         try:
             inject_adapter_in_model(lora, self.backbone.language_model)
@@ -187,79 +185,40 @@ def decode(tokenizer: Any, ids: torch.Tensor) -> list[str]:
 # --------------------------------------------------------------------------- data
 
 
-def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
-    """Annotation files from the config, or the synthetic receipts set, generated once."""
-    from vlmtune.data.receipts import generate_receipts
-    from vlmtune.tasks import data_paths
-
-    s = cfg.data.synthetic
-    return data_paths(cfg, output_dir, lambda folder: generate_receipts(
-        folder, n=s.n, seed=s.seed, max_count=cfg.counting.max_count, image_size=s.image_size), ".jsonl")
+def prompt_builder(backbone: Backbone, c: CountingConfig) -> PromptBuilder:
+    return PromptBuilder(backbone.tokenizer, backbone.info.tokens_per_tile, c.question_max_tokens, c.answer_max_tokens)
 
 
-def build_model(backbone: Backbone, cfg: Config) -> CountingModel:
-    return CountingModel(backbone, cfg)
-
-
-def read_split(path: str, cfg: Config) -> list[CountRecord]:
-    """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
-    return read_counting(path, max_count=cfg.counting.max_count, on_error=cfg.data.on_error,
-                         max_text_chars=cfg.data.max_text_chars)
-
-
-def prompt_builder(backbone: Backbone, cfg: Config) -> PromptBuilder:
-    return PromptBuilder(backbone.tokenizer, backbone.info.tokens_per_tile, cfg.counting.question_max_tokens,
-                         cfg.counting.answer_max_tokens)
-
-
-def make_loader(records: list[CountRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0) -> DataLoader:
+def make_loader(records: list[CountRecord], backbone: Backbone, c: CountingConfig, *, batch_size: int,
+                train: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
-    collate = CountingCollator(prompt_builder(backbone, cfg), backbone.image_processor, cfg.counting.max_dynamic_patch,
+    collate = CountingCollator(prompt_builder(backbone, c), backbone.image_processor, c.max_dynamic_patch,
                                backbone.tokenizer.pad_token_id)
     return DataLoader(
-        CountingDataset(records, cfg.counting.buckets), batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
-        shuffle=train, generator=g if train else None, num_workers=cfg.data.num_workers,
-        drop_last=train and len(records) > cfg.train.batch_size, collate_fn=collate,
+        CountingDataset(records, c.buckets), batch_size=batch_size, shuffle=train, generator=g if train else None,
+        num_workers=num_workers, drop_last=train and len(records) > batch_size, collate_fn=collate,
     )
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def validate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
-             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
-    """The cheap pass after each epoch: head metrics, answer perplexity, and answers
-    sampled for the first ``generation.val_num_images`` images (a quick look)."""
-    g = cfg.generation
-    # Sampling draws from a forked RNG seeded by the run, so validation neither perturbs
-    # the training stream (resume stays exact) nor varies between identical runs.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        return _evaluate(model, records, cfg, device, train_records, progress, n_generate=g.val_num_images,
-                         gen=dict(num_beams=1, do_sample=g.val_do_sample, top_p=g.val_top_p, temperature=g.val_temperature))
-
-
-def evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
-             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
-    """The final evaluation: head metrics beside the majority class, perplexity, and a
-    beam-search answer for every image (BLEU, ROUGE, count parsed from the answer)."""
-    return _evaluate(model, records, cfg, device, train_records, progress, n_generate=len(records),
-                     gen=dict(num_beams=cfg.generation.num_beams, do_sample=False))
-
-
 @torch.no_grad()
-def _evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, device: torch.device,
-              train_records: list[CountRecord] | None, progress: bool, n_generate: int, gen: dict[str, Any]) -> dict[str, Any]:
+def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoader, device: torch.device, *,
+             counting: CountingConfig, max_new_tokens: int, n_generate: int, gen: dict[str, Any],
+             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Head metrics beside the majority class, answer perplexity, and answers generated
+    (with the ``gen`` settings of ``generate``) for the first ``n_generate`` records;
+    BLEU and ROUGE when every record got one."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     tok = model.backbone.tokenizer
-    k = num_classes(cfg)
+    k = num_classes(counting)
     preds, labels, generated, refs, true_counts = [], [], [], [], []
     nll, n_tokens = 0.0, 0
-    loader = make_loader(records, model.backbone, cfg, train=False)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         batch = {key: v.to(device) for key, v in batch.items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -275,7 +234,7 @@ def _evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, dev
             rows = torch.tensor(want, device=device)
             ids = generate_answers(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                    _tiles_of(batch["pixel_values"], batch["num_tiles"], want),
-                                   max_new_tokens=cfg.generation.max_new_tokens, **gen)
+                                   max_new_tokens=max_new_tokens, **gen)
             generated += decode(tok, ids)
             refs += [records[idx[j]].answer for j in want]
             true_counts += [records[idx[j]].count for j in want]
@@ -283,9 +242,9 @@ def _evaluate(model: CountingModel, records: list[CountRecord], cfg: Config, dev
     p, y = torch.cat(preds), torch.cat(labels)
     metrics: dict[str, Any] = classification_metrics(p, y, k, "count")
     metrics["count/n"] = len(y)
-    metrics["count/classes"] = class_names(cfg)
+    metrics["count/classes"] = class_names(counting)
     if train_records:
-        train_y = torch.tensor([count_class(r.count, cfg.counting.buckets) for r in train_records])
+        train_y = torch.tensor([count_class(r.count, counting.buckets) for r in train_records])
         metrics.update(majority_baseline(train_y, y, k, "count"))
     metrics["text/perplexity"] = perplexity(nll, n_tokens) if n_tokens else float("nan")
     metrics.update(answer_metrics(generated, refs, true_counts, train_records))
@@ -319,5 +278,80 @@ def answer_metrics(generated: list[str], references: list[str], counts: list[int
     return out
 
 
-def loss_weights(cfg: Config) -> dict[str, float]:
-    return {"lm": cfg.loss.lm, "count": cfg.loss.count}
+# --------------------------------------------------------------------------- the task
+
+
+class CountingTask:
+    """Counting with answer generation (implements ``Task``)."""
+
+    name: ClassVar[str] = "counting"
+    # With counting.lm_mode=lora, the backbone's 'language_model' means the LoRA adapters of the LM.
+    components: ClassVar[tuple[str, ...]] = ("count_head",)
+    losses: ClassVar[tuple[str, ...]] = ("lm", "count")
+    key_metrics: ClassVar[tuple[str, ...]] = (
+        "count/accuracy", "count/baseline_accuracy", "count/macro_f1", "count/baseline_macro_f1",
+        "answer/count_accuracy", "answer/baseline_count_accuracy", "answer/parse_rate",
+        "text/bleu4", "text/rougeL", "text/perplexity",
+    )
+    report_sections: ClassVar[tuple[str, ...]] = ("count", "answer", "text")
+    cacheable: ClassVar[bool] = False
+
+    def __init__(self, *, counting: CountingConfig, generation: GenerationConfig, model: ModelConfig, data: DataConfig,
+                 loss_weights: dict[str, float], train_batch_size: int, eval_batch_size: int, seed: int = 0):
+        self.counting, self.generation, self.model_cfg, self.data = counting, generation, model, data
+        self.weights = dict(loss_weights)
+        self.train_batch_size, self.eval_batch_size = train_batch_size, eval_batch_size
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "CountingTask":
+        return cls(counting=cfg.counting, generation=cfg.generation, model=cfg.model, data=cfg.data,
+                   loss_weights={name: getattr(cfg.loss, name) for name in cls.losses},
+                   train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed)
+
+    def build_model(self, backbone: Backbone) -> CountingModel:
+        return CountingModel(backbone, self.counting, self.model_cfg)
+
+    def data_paths(self, output_dir: Path) -> dict[str, str]:
+        """Annotation files from the config, or the synthetic receipts set, generated once."""
+        from vlmtune.data.receipts import generate_receipts
+
+        s = self.data.synthetic
+        return data_paths(self.data, output_dir, lambda folder: generate_receipts(
+            folder, n=s.n, seed=s.seed, max_count=self.counting.max_count, image_size=s.image_size), ".jsonl")
+
+    def read_split(self, path: str) -> list[CountRecord]:
+        """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
+        return read_counting(path, max_count=self.counting.max_count, on_error=self.data.on_error,
+                             max_text_chars=self.data.max_text_chars)
+
+    def loss_weights(self) -> dict[str, float]:
+        return dict(self.weights)
+
+    def make_loader(self, records: list[CountRecord], backbone: Backbone, *, train: bool, seed: int = 0,
+                    cache: FeatureCache | None = None) -> DataLoader:
+        return make_loader(records, backbone, self.counting, batch_size=self.train_batch_size if train else self.eval_batch_size,
+                           train=train, seed=seed, num_workers=self.data.num_workers)
+
+    def validate(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """The cheap pass after each epoch: head metrics, answer perplexity, and answers
+        sampled for the first ``generation.val_num_images`` images (a quick look)."""
+        g = self.generation
+        # Sampling draws from a forked RNG seeded by the run, so validation neither perturbs
+        # the training stream (resume stays exact) nor varies between identical runs.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
+                            counting=self.counting, max_new_tokens=g.max_new_tokens, n_generate=g.val_num_images,
+                            gen=dict(num_beams=1, do_sample=g.val_do_sample, top_p=g.val_top_p, temperature=g.val_temperature))
+
+    def evaluate(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
+                 train_records: list[CountRecord] | None = None, progress: bool = False,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """The final evaluation: head metrics beside the majority class, perplexity, and a
+        beam-search answer for every image (BLEU, ROUGE, count parsed from the answer)."""
+        return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
+                        counting=self.counting, max_new_tokens=self.generation.max_new_tokens, n_generate=len(records),
+                        gen=dict(num_beams=self.generation.num_beams, do_sample=False), train_records=train_records,
+                        progress=progress)

@@ -9,18 +9,20 @@ spatial relation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmtune.backbone import Backbone, pool_text, tokenize
+from vlmtune.backbone import Backbone, pool_text, preprocess_images, tokenize
 from vlmtune.boxes import cxcywh_to_xyxy
-from vlmtune.config import Config, LossConfig, ModelConfig
-from vlmtune.data.cache import FeatureStore, text_key
+from vlmtune.checkpoint import backbone_identity
+from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig
+from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
 from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
@@ -29,6 +31,7 @@ from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.retrieval import retrieval_metrics
+from vlmtune.tasks import FeatureCache, data_paths
 
 
 def pool_tokens(tokens: torch.Tensor, mode: str) -> torch.Tensor:
@@ -45,10 +48,12 @@ class RetrievalModel(nn.Module):
         "heads": ("matching_head", "relation_head", "grounding_head"),
     }
 
-    def __init__(self, backbone: Backbone, cfg: ModelConfig, loss: LossConfig | None = None):
+    def __init__(self, backbone: Backbone, cfg: ModelConfig, loss: LossConfig | None = None, *,
+                 vision_pooling: str = "mean", text_pooling: str = "mean"):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
         loss = loss or LossConfig()
         self.box_weights = (loss.box_l1, loss.box_giou)
         d, info = cfg.embed_dim, backbone.info
@@ -61,7 +66,7 @@ class RetrievalModel(nn.Module):
         self.matching_head = mlp(4 * d, cfg.head_hidden, 2, cfg.adapter_dropout)
         self.relation_head = mlp(4 * d, cfg.head_hidden, len(RELATIONS), cfg.adapter_dropout)
         self.grounding_head = GroundingHead(d, cfg.head_hidden, cfg.adapter_dropout)
-        grid = info.image_size // _patch_size(backbone)
+        grid = info.image_size // info.patch_size
         self.register_buffer("centres", patch_centres(grid), persistent=False)
 
     # ---- components for the stage plan
@@ -87,7 +92,7 @@ class RetrievalModel(nn.Module):
         if vision_tokens is None:
             vision_tokens = self.backbone.vision_tokens(pixel_values)
         tokens = self.vision_adapter(vision_tokens.float())
-        emb = self.vision_projector(pool_tokens(tokens, self.backbone.cfg.vision_pooling))
+        emb = self.vision_projector(pool_tokens(tokens, self.vision_pooling))
         return emb, tokens[:, 1:]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -96,7 +101,7 @@ class RetrievalModel(nn.Module):
         if text_hidden is None:
             text_hidden = self.backbone.text_tokens(input_ids, attention_mask)
         tokens = self.text_adapter(text_hidden.float())
-        return self.text_projector(pool_text(tokens, attention_mask, self.backbone.cfg.text_pooling))
+        return self.text_projector(pool_text(tokens, attention_mask, self.text_pooling))
 
     def match_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.matching_head(pair_features(image, text))
@@ -139,65 +144,40 @@ class RetrievalModel(nn.Module):
         return F.cross_entropy(self.match_logits(images, texts), labels)
 
 
-def _patch_size(backbone: Backbone) -> int:
-    p = backbone.model.config.vision_config.patch_size
-    return int(p[0] if isinstance(p, (list, tuple)) else p)
-
-
 # --------------------------------------------------------------------------- data
 
 
-def resolve_data_paths(cfg: Config, output_dir: Path) -> dict[str, str]:
-    """Annotation files from the config, or the synthetic scenes set, generated once."""
-    from vlmtune.data.scenes import generate_scenes
-    from vlmtune.tasks import data_paths
-
-    s = cfg.data.synthetic
-    return data_paths(cfg, output_dir, lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size), ".json")
-
-
-def build_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
-    return RetrievalModel(backbone, cfg.model, cfg.loss)
-
-
-def read_split(path: str, cfg: Config) -> list[PairRecord]:
-    """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
-    return read_pairs(path, on_error=cfg.data.on_error, max_text_chars=cfg.data.max_text_chars)
-
-
-# The engine may hand make_loader and evaluate a feature cache (see train._cache_kwargs).
-CACHEABLE = True
-
-
-def make_loader(records: list[PairRecord], backbone: Backbone, cfg: Config, train: bool, seed: int = 0,
-                cache_dir: str | Path | None = None, cache_vision: bool = True, cache_text: bool = True) -> DataLoader:
+def make_loader(records: list[PairRecord], backbone: Backbone, *, batch_size: int, max_text_tokens: int,
+                train: bool = False, seed: int = 0, num_workers: int = 0, cache: FeatureCache | None = None,
+                cache_dtype: str = "float32", cache_batch_size: int = 64) -> DataLoader:
     """Training loaders shuffle (by a seeded generator) and drop the last partial batch.
 
-    With ``cache_dir`` the frozen vision tower's outputs (``cache_vision``) and the
-    frozen language model's (``cache_text``) come from the feature cache there, built
-    now for any image or caption not yet in it, instead of being recomputed.
+    With ``cache`` the frozen vision tower's outputs (``cache.vision``) and the frozen
+    language model's (``cache.text``) come from the feature cache in ``cache.dir``,
+    built now for any image or caption not yet in it, instead of being recomputed.
     """
     g = torch.Generator()
     g.manual_seed(seed)
     dataset = PairDataset(records)
-    if cache_dir is not None:
-        store, keys, sizes = build_vision_cache(records, backbone, cfg, cache_dir) if cache_vision else (None, None, None)
-        text_store = build_text_cache(records, backbone, cfg, cache_dir) if cache_text else None
+    if cache is not None:
+        store, keys, sizes = (build_vision_cache(records, backbone, cache.dir, dtype=cache_dtype, batch_size=cache_batch_size)
+                              if cache.vision else (None, None, None))
+        text_store = (build_text_cache(records, backbone, cache.dir, max_tokens=max_text_tokens, dtype=cache_dtype,
+                                       batch_size=cache_batch_size) if cache.text else None)
         dataset = PairDataset(records, store, keys, sizes, text_store)
     return DataLoader(
-        dataset, batch_size=cfg.train.batch_size if train else cfg.eval.batch_size, shuffle=train,
-        generator=g if train else None, num_workers=cfg.data.num_workers, drop_last=train and len(records) > cfg.train.batch_size,
-        collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, cfg.backbone.max_text_tokens),
+        dataset, batch_size=batch_size, shuffle=train, generator=g if train else None, num_workers=num_workers,
+        drop_last=train and len(records) > batch_size,
+        collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, max_text_tokens),
     )
 
 
 @torch.no_grad()
-def build_text_cache(records: list[PairRecord], backbone: Backbone, cfg: Config, cache_dir: str | Path) -> FeatureStore:
+def build_text_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, max_tokens: int,
+                     dtype: str = "float32", batch_size: int = 64) -> FeatureStore:
     """The store holding the language model's token states of every caption, padded to
-    ``backbone.max_text_tokens`` (right padding, so real tokens never see the pads)."""
-    dtype = cfg.cache.dtype
-    max_tokens = cfg.backbone.max_text_tokens
-    ns = {"kind": "text_tokens", "backbone": backbone.identity(), "weights": backbone.text_fingerprint(),
+    ``max_tokens`` (right padding, so real tokens never see the pads)."""
+    ns = {"kind": "text_tokens", "backbone": backbone_identity(backbone), "weights": text_fingerprint(backbone),
           "max_tokens": max_tokens, "dtype": dtype}
     store = FeatureStore(cache_dir, ns)
     by_key = {text_key(r.text): r.text for r in records}
@@ -208,23 +188,22 @@ def build_text_cache(records: list[PairRecord], backbone: Backbone, cfg: Config,
         hidden = backbone.text_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
         return torch.nn.functional.pad(hidden, (0, 0, 0, max_tokens - hidden.shape[1])).numpy()
 
-    store.ensure(list(by_key), compute, batch_size=cfg.eval.batch_size, dtype=dtype)
+    store.ensure(list(by_key), compute, batch_size=batch_size, dtype=dtype)
     return store
 
 
 def vision_namespace(backbone: Backbone, dtype: str) -> dict[str, Any]:
     """Everything besides the image that determines the cached vision tokens."""
-    return {"kind": "vision_tokens", "backbone": backbone.identity(), "weights": backbone.vision_fingerprint(),
-            "preprocess": backbone.preprocess_signature(), "max_tiles": 1, "dtype": dtype}
+    return {"kind": "vision_tokens", "backbone": backbone_identity(backbone), "weights": vision_fingerprint(backbone),
+            "preprocess": preprocess_signature(backbone.image_processor), "max_tiles": 1, "dtype": dtype}
 
 
 @torch.no_grad()
-def build_vision_cache(records: list[PairRecord], backbone: Backbone, cfg: Config,
-                       cache_dir: str | Path) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
+def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, dtype: str = "float32",
+                       batch_size: int = 64) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
     """The store holding the vision tokens of every image of ``records``."""
     from PIL import Image
 
-    dtype = cfg.cache.dtype
     store = FeatureStore(cache_dir, vision_namespace(backbone, dtype))
     keys = image_keys(records)
     by_key = {k: p for p, k in keys.items()}
@@ -237,115 +216,152 @@ def build_vision_cache(records: list[PairRecord], backbone: Backbone, cfg: Confi
 
     def compute(batch_keys: list[str]):
         images = [load_image(by_key[k], sources[by_key[k]]) for k in batch_keys]
-        pv, _ = backbone.preprocess(images, max_tiles=1)
+        pv, _ = preprocess_images(backbone.image_processor, images, max_tiles=1)
         return backbone.vision_tokens(pv.to(device)).float().cpu().numpy()
 
-    store.ensure(list(keys.values()), compute, batch_size=cfg.eval.batch_size, dtype=dtype)
+    store.ensure(list(keys.values()), compute, batch_size=batch_size, dtype=dtype)
     return store, keys, sizes
 
 
 # --------------------------------------------------------------------------- evaluation
+#
+# embed (each process its share of the records) -> gather (all processes' outputs, put
+# back in record order) -> score (one process's arithmetic on the whole set).
 
 
-@torch.no_grad()
-def evaluate(model: RetrievalModel, records: list[PairRecord], cfg: Config, device: torch.device,
-             train_records: list[PairRecord] | None = None, progress: bool = False, **cache: Any) -> dict[str, Any]:
-    """All retrieval, grounding and relation metrics of ``model`` on ``records``.
+@dataclass
+class EvalOutputs:
+    """Per-record outputs of the embedding pass. ``*_rows`` give the record index of each
+    row of the tensors beside them, so outputs from several processes merge in order."""
 
-    Each image is embedded once; captions are embedded once; similarity is computed in
-    chunks with a running top-k. With ``train_records``, baselines (constant box,
-    majority relation) are written beside the metrics.
-    """
+    images: dict[int, torch.Tensor] = field(default_factory=dict)  # image id -> embedding
+    text: list[torch.Tensor] = field(default_factory=list)         # caption embeddings
+    text_image: list[torch.Tensor] = field(default_factory=list)   # image id of each caption
+    text_rows: list[torch.Tensor] = field(default_factory=list)
+    box_pred: list[torch.Tensor] = field(default_factory=list)     # xyxy in pixels
+    box_true: list[torch.Tensor] = field(default_factory=list)
+    box_wh: list[torch.Tensor] = field(default_factory=list)
+    box_rows: list[torch.Tensor] = field(default_factory=list)
+    rel_pred: list[torch.Tensor] = field(default_factory=list)
+    rel_true: list[torch.Tensor] = field(default_factory=list)
+    rel_rows: list[torch.Tensor] = field(default_factory=list)
+
+    # The per-record fields of each group, and the field that orders them.
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "text_rows": ("text", "text_image"),
+        "box_rows": ("box_pred", "box_true", "box_wh"),
+        "rel_rows": ("rel_pred", "rel_true"),
+    }
+
+    @classmethod
+    def merge(cls, parts: list["EvalOutputs"]) -> "EvalOutputs":
+        """All processes' outputs in one, each group concatenated in record order."""
+        out = EvalOutputs(images={k: e for p in parts for k, e in p.images.items()})
+        for rows_name, names in cls.GROUPS.items():
+            rows = [torch.cat(getattr(p, rows_name)) for p in parts if getattr(p, rows_name)]
+            if not rows:
+                continue
+            order = torch.cat(rows).argsort(stable=True)
+            setattr(out, rows_name, [torch.cat(rows)[order]])
+            for name in names:
+                setattr(out, name, [torch.cat([t for p in parts for t in getattr(p, name)])[order]])
+        return out
+
+    def cat(self, name: str) -> torch.Tensor | None:
+        parts = getattr(self, name)
+        return torch.cat(parts) if parts else None
+
+
+def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device: torch.device,
+           progress: bool) -> EvalOutputs:
+    """Each image embedded once, each caption once; boxes and relations predicted."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
-    # With several processes each embeds the records of its own images (image id modulo
-    # the number of processes, so every image is embedded once); all then gather the
-    # per-record outputs and score the whole set in record order, as one process does.
-    rank, world = rank_world()
-    rows = [i for i, r in enumerate(records) if r.image_id % world == rank] if world > 1 else list(range(len(records)))
-    shard = records if world == 1 else [records[i] for i in rows]
-    loader = make_loader(shard, model.backbone, cfg, train=False, **cache)
-    rows_t = torch.tensor(rows)
-    image_emb: dict[int, torch.Tensor] = {}
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("text", "text_img", "text_rows", "box_pred", "box_true", "box_wh",
-                                                          "box_rows", "rel_pred", "rel_true", "rel_rows")}
+    out = EvalOutputs()
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         ids = batch["image_id"]
-        row = rows_t[batch["index"].cpu()]  # record index in ``records``
-        # Embed each image once: only the rows that introduce a new image id.
-        first = _first_occurrences(ids, image_emb)
+        row = rows[batch["index"].cpu()]  # record index in the whole set
+        first = _first_occurrences(ids, out.images)  # only rows that introduce a new image id
         t = model.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
         has_box = torch.isfinite(batch["box"]).all(dim=1)
-        need_pixels = first.any() or has_box.any() or (batch["relation"] >= 0).any()
-        if need_pixels:
+        has_rel = batch["relation"] >= 0
+        if first.any() or has_box.any() or has_rel.any():
             v, patches = model.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"))
             for i in first.nonzero().flatten().tolist():
-                image_emb[int(ids[i])] = v[i].float().cpu()
+                out.images[int(ids[i])] = v[i].float().cpu()
             if has_box.any():
                 pred, _ = model.ground(t[has_box], patches[has_box])
                 wh = batch["image_wh"][has_box]
-                out["box_pred"].append((cxcywh_to_xyxy(pred.float()) * wh.repeat(1, 2)).cpu())
-                out["box_true"].append((cxcywh_to_xyxy(batch["box"][has_box]) * wh.repeat(1, 2)).cpu())
-                out["box_wh"].append(wh.cpu())
-                out["box_rows"].append(row[has_box.cpu()])
-            has_rel = batch["relation"] >= 0
+                out.box_pred.append((cxcywh_to_xyxy(pred.float()) * wh.repeat(1, 2)).cpu())
+                out.box_true.append((cxcywh_to_xyxy(batch["box"][has_box]) * wh.repeat(1, 2)).cpu())
+                out.box_wh.append(wh.cpu())
+                out.box_rows.append(row[has_box.cpu()])
             if has_rel.any():
-                out["rel_pred"].append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
-                out["rel_true"].append(batch["relation"][has_rel].cpu())
-                out["rel_rows"].append(row[has_rel.cpu()])
-        out["text"].append(t.float().cpu())
-        out["text_img"].append(ids.cpu())
-        out["text_rows"].append(row)
-    shards = all_gather_objects((image_emb, {k: torch.cat(v) for k, v in out.items() if v}))
-    image_emb = {k: e for part, _ in shards for k, e in part.items()}
-    merged = _merge_by_row([part for _, part in shards])
+                out.rel_pred.append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
+                out.rel_true.append(batch["relation"][has_rel].cpu())
+                out.rel_rows.append(row[has_rel.cpu()])
+        out.text.append(t.float().cpu())
+        out.text_image.append(ids.cpu())
+        out.text_rows.append(row)
+    return out
 
+
+def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: EvalConfig,
+           train_records: list[PairRecord] | None) -> dict[str, Any]:
+    """Retrieval, grounding and relation metrics of the merged outputs."""
     # Image ids are 0..n-1 in order of first appearance, so they index the gallery.
-    n_img = max(image_emb) + 1
-    gallery = torch.stack([image_emb[i] for i in range(n_img)])
-    texts = merged["text"]
-    t2i = merged["text_img"]
+    n_img = max(out.images) + 1
+    gallery = torch.stack([out.images[i] for i in range(n_img)])
+    texts, t2i = out.cat("text"), out.cat("text_image")
+
     def match_score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
         logits = model.match_logits(gallery[img_idx].to(device), texts[txt_idx].to(device))
         return logits.float().log_softmax(-1)[:, 1].cpu()
 
-    rerank = match_score if cfg.eval.rerank_k > 0 else None
-    metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(cfg.eval.ks), chunk_size=cfg.eval.chunk_size,
-                                                rerank=rerank, rerank_k=max(cfg.eval.rerank_k, 1), search=cfg.eval.search)
+    rerank = match_score if ev.rerank_k > 0 else None
+    metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
+                                                rerank=rerank, rerank_k=max(ev.rerank_k, 1), search=ev.search)
     metrics["retrieval/n_images"] = n_img
     metrics["retrieval/n_captions"] = len(texts)
     metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())
-    if "box_pred" in merged:
-        pred, true, wh = merged["box_pred"], merged["box_true"], merged["box_wh"]
-        metrics.update(box_metrics(pred, true, wh))
+    if out.box_pred:
+        true, wh = out.cat("box_true"), out.cat("box_wh")
+        metrics.update(box_metrics(out.cat("box_pred"), true, wh))
         train_boxes = _train_boxes(train_records)
         if train_boxes is not None:
             metrics.update(constant_box_baseline(train_boxes, true, wh))
-    if "rel_pred" in merged:
-        p, y = merged["rel_pred"], merged["rel_true"]
-        metrics.update(classification_metrics(p, y, len(RELATIONS), "spatial"))
+    if out.rel_pred:
+        y = out.cat("rel_true")
+        metrics.update(classification_metrics(out.cat("rel_pred"), y, len(RELATIONS), "spatial"))
         train_rel = [r.relation for r in train_records or [] if r.relation is not None]
         if train_rel:
             metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
-    model.train(was_training)
     return metrics
 
 
-def _merge_by_row(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate the processes' per-record outputs and put them in record order; each
-    group ``X_rows`` orders the tensors sharing its prefix (``text_rows``: text, text_img)."""
-    merged: dict[str, torch.Tensor] = {}
-    for group in ("text", "box", "rel"):
-        rows = [p[f"{group}_rows"] for p in parts if f"{group}_rows" in p]
-        if not rows:
-            continue
-        order = torch.cat(rows).argsort(stable=True)
-        for key in {k for p in parts for k in p if k.split("_")[0] == group and k != f"{group}_rows"}:
-            merged[key] = torch.cat([p[key] for p in parts if key in p])[order]
-    return merged
+@torch.no_grad()
+def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device, ev: EvalConfig,
+             train_records: list[PairRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+    """All retrieval, grounding and relation metrics of ``model`` on ``records``.
+
+    ``loader_for(records)`` makes the evaluation loader of a list of records. With
+    several processes each embeds the records of its own images (image id modulo the
+    number of processes, so every image is embedded once); all then gather the
+    per-record outputs and score the whole set in record order, as one process does.
+    With ``train_records``, baselines (constant box, majority relation) are written
+    beside the metrics.
+    """
+    was_training = model.training
+    model.eval()
+    rank, world = rank_world()
+    rows = [i for i, r in enumerate(records) if r.image_id % world == rank] if world > 1 else list(range(len(records)))
+    shard = records if world == 1 else [records[i] for i in rows]
+    mine = _embed(model, loader_for(shard), torch.tensor(rows), device, progress)
+    merged = EvalOutputs.merge(all_gather_objects(mine))
+    metrics = _score(model, merged, device, ev, train_records)
+    model.train(was_training)
+    return metrics
 
 
 def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
@@ -375,6 +391,73 @@ def _train_boxes(records: list[PairRecord] | None) -> torch.Tensor | None:
     return torch.tensor(rows, dtype=torch.float64) if rows else None
 
 
-def loss_weights(cfg: Config) -> dict[str, float]:
-    w = cfg.loss
-    return {"contrastive": w.contrastive, "matching": w.matching, "box": w.box, "relation": w.relation}
+# --------------------------------------------------------------------------- the task
+
+
+class RetrievalTask:
+    """Cross-modal retrieval with grounding and spatial relations (implements ``Task``)."""
+
+    name: ClassVar[str] = "retrieval"
+    components: ClassVar[tuple[str, ...]] = tuple(RetrievalModel.COMPONENTS)
+    losses: ClassVar[tuple[str, ...]] = ("contrastive", "matching", "box", "relation")
+    key_metrics: ClassVar[tuple[str, ...]] = (
+        "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
+        "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
+        "grounding/acc50", "grounding/baseline_acc50", "grounding/miou", "grounding/baseline_miou",
+        "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
+    )
+    report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
+    cacheable: ClassVar[bool] = True
+
+    def __init__(self, *, model: ModelConfig, loss: LossConfig, data: DataConfig, eval: EvalConfig,
+                 train_batch_size: int, max_text_tokens: int, vision_pooling: str = "mean",
+                 text_pooling: str = "mean", cache_dtype: str = "float32"):
+        self.model_cfg, self.loss_cfg, self.data, self.eval_cfg = model, loss, data, eval
+        self.train_batch_size = train_batch_size
+        self.max_text_tokens = max_text_tokens
+        self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
+        self.cache_dtype = cache_dtype
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RetrievalTask":
+        return cls(model=cfg.model, loss=cfg.loss, data=cfg.data, eval=cfg.eval, train_batch_size=cfg.train.batch_size,
+                   max_text_tokens=cfg.backbone.max_text_tokens, vision_pooling=cfg.backbone.vision_pooling,
+                   text_pooling=cfg.backbone.text_pooling, cache_dtype=cfg.cache.dtype)
+
+    def build_model(self, backbone: Backbone) -> RetrievalModel:
+        return RetrievalModel(backbone, self.model_cfg, self.loss_cfg, vision_pooling=self.vision_pooling,
+                              text_pooling=self.text_pooling)
+
+    def data_paths(self, output_dir: Path) -> dict[str, str]:
+        """Annotation files from the config, or the synthetic scenes set, generated once."""
+        from vlmtune.data.scenes import generate_scenes
+
+        s = self.data.synthetic
+        return data_paths(self.data, output_dir,
+                          lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size), ".json")
+
+    def read_split(self, path: str) -> list[PairRecord]:
+        """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
+        return read_pairs(path, on_error=self.data.on_error, max_text_chars=self.data.max_text_chars)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {name: getattr(self.loss_cfg, name) for name in self.losses}
+
+    def make_loader(self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0,
+                    cache: FeatureCache | None = None) -> DataLoader:
+        return make_loader(records, backbone, batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
+                           max_text_tokens=self.max_text_tokens, train=train, seed=seed,
+                           num_workers=self.data.num_workers, cache=cache, cache_dtype=self.cache_dtype,
+                           cache_batch_size=self.eval_cfg.batch_size)
+
+    def validate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        return self.evaluate(model, records, device=device, cache=cache)
+
+    def evaluate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
+                 train_records: list[PairRecord] | None = None, progress: bool = False,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        def loader_for(shard: list[PairRecord]) -> DataLoader:
+            return self.make_loader(shard, model.backbone, train=False, cache=cache)
+
+        return evaluate(model, records, loader_for, device, self.eval_cfg, train_records, progress)

@@ -1,0 +1,144 @@
+"""The task boundary: a third task is one new class plus one registry line.
+
+``ToyTask`` below is a complete task (a linear probe on the frozen vision tower's mean
+token predicting the spatial relation of the synthetic scenes). Registering it is the
+only change to vlmtune: config validation, the stage plan, the training loop, the CLI's
+metric printout and the report's section order all read what the class declares.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlmtune import tasks
+from vlmtune.cli import main
+from vlmtune.config import load_config
+from vlmtune.errors import ConfigError
+
+
+class ToyModel(nn.Module):
+    def __init__(self, backbone: Any, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.probe = nn.Linear(backbone.info.vision_hidden, n_classes)
+
+    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module]:
+        return [self.probe] if name == "probe" else self.backbone.component_modules(name, vision_blocks)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.probe(self.backbone.vision_tokens(batch["pixel_values"])[:, 1:].mean(1).float())
+
+    def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str]) -> dict[str, torch.Tensor]:
+        return {"toy": F.cross_entropy(self.logits(batch), batch["relation"].clamp_min(0))}
+
+
+class ToyTask:
+    name: ClassVar[str] = "toy"
+    components: ClassVar[tuple[str, ...]] = ("probe",)
+    losses: ClassVar[tuple[str, ...]] = ("toy",)
+    key_metrics: ClassVar[tuple[str, ...]] = ("toy/accuracy",)
+    report_sections: ClassVar[tuple[str, ...]] = ("toy",)
+    cacheable: ClassVar[bool] = False
+
+    def __init__(self, *, data: Any, batch_size: int, max_text_tokens: int):
+        self.data, self.batch_size, self.max_text_tokens = data, batch_size, max_text_tokens
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ToyTask":
+        return cls(data=cfg.data, batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens)
+
+    def build_model(self, backbone: Any) -> ToyModel:
+        from vlmtune.data.formats import RELATIONS
+
+        return ToyModel(backbone, len(RELATIONS))
+
+    def data_paths(self, output_dir: Path) -> dict[str, str]:
+        from vlmtune.data.scenes import generate_scenes
+
+        return tasks.data_paths(self.data, output_dir, lambda f: generate_scenes(f, n=20, seed=0), ".json")
+
+    def read_split(self, path: str) -> list[Any]:
+        from vlmtune.data.formats import read_pairs
+
+        return read_pairs(path)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"toy": 1.0}
+
+    def make_loader(self, records: list[Any], backbone: Any, *, train: bool, seed: int = 0,
+                    cache: Any = None) -> DataLoader:
+        from vlmtune.data.pairs import PairCollator, PairDataset
+
+        return DataLoader(PairDataset(records), batch_size=self.batch_size, shuffle=train,
+                          generator=torch.Generator().manual_seed(seed) if train else None,
+                          collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, self.max_text_tokens))
+
+    def validate(self, model: ToyModel, records: list[Any], *, device: torch.device, cache: Any = None) -> dict[str, Any]:
+        return self.evaluate(model, records, device=device)
+
+    @torch.no_grad()
+    def evaluate(self, model: ToyModel, records: list[Any], *, device: torch.device, train_records: Any = None,
+                 progress: bool = False, cache: Any = None) -> dict[str, Any]:
+        right = total = 0
+        for batch in self.make_loader(records, model.backbone, train=False):
+            keep = batch["relation"] >= 0
+            right += int((model.logits(batch).argmax(-1) == batch["relation"])[keep].sum())
+            total += int(keep.sum())
+        return {"toy/accuracy": 100.0 * right / max(total, 1), "toy/n": total}
+
+
+@pytest.fixture()
+def toy_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(tasks.TASKS, "toy", ToyTask)  # the one registry line
+
+
+TOY = ["task=toy", "stages=[{name: probe, start_epoch: 0, train: {probe: 1.0}}]",
+       "train.early_stopping.metric=toy/accuracy", "train.epochs=2", "train.batch_size=8", "train.progress=false"]
+
+
+def test_config_reads_components_and_losses_from_the_task_class(toy_registered: None) -> None:
+    assert load_config(None, TOY).task == "toy"
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.train\.adapters: unknown component; choose from probe"):
+        load_config(None, [*TOY, "stages.0.train={adapters: 1.0}"])
+    with pytest.raises(ConfigError, match=r"unknown loss 'contrastive'; choose from toy"):
+        load_config(None, [*TOY, "stages.0.losses=[contrastive]"])
+    # Backbone components come on top of every task's own.
+    assert load_config(None, [*TOY, "stages.0.train={probe: 1.0, vision_tower: 0.1}"]).stages[0].train["vision_tower"] == 0.1
+
+
+def test_unregistered_task_is_an_error_naming_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"^task: unknown task 'toy'; choose from retrieval, counting"):
+        load_config(None, ["task=toy"])
+
+
+def test_a_registered_task_trains_evaluates_and_reports(toy_registered: None, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    config = tmp_path / "toy.yaml"
+    config.write_text("task: toy\nstages: [{name: probe, start_epoch: 0, train: {probe: 1.0}}]\n"
+                      "train: {early_stopping: {metric: toy/accuracy}}\n")
+    assert main(["train", str(config), *TOY[3:], "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["toy/accuracy"] <= 100.0 and metrics["toy/n"] > 0
+    assert metrics["train/epochs"] == 2
+    assert "toy/accuracy" in capsys.readouterr().out  # the CLI prints the task's key metrics
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["train"] for h in history if h["type"] == "stage"] == [{"probe": 1.0}]
+    assert all("val/toy/accuracy" in h for h in history if h["type"] == "epoch")
+
+    from vlmtune.report import order_metrics
+
+    assert tasks.report_sections()[-1] == "toy"
+    assert order_metrics(["train/epochs", "toy/accuracy", "zzz/x", "retrieval/i2t_r1"]) == [
+        "retrieval/i2t_r1", "toy/accuracy", "zzz/x", "train/epochs"]
