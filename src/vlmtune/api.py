@@ -135,7 +135,7 @@ class Model:
     def logit_scale(self) -> float:
         """The learnt scale (1 / temperature) that turns cosines into contrastive logits."""
         self._require("similarity")
-        return float(self.model.logit_scale())
+        return float(self.model.logit_scale().detach())
 
     @staticmethod
     def _image(item: ImageInput) -> Image.Image:

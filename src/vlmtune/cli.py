@@ -91,7 +91,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise VlmtuneError(f"--eval-sizes: expected NxM like 20000x100000, got '{text}'") from None
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
-              batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress)
+              batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
+              search_size=args.search_size)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -351,7 +352,7 @@ def _add_analysis_commands(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
                        "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
-                       "matmul, and on a GPU bf16 feature extraction. Writes bench.json and bench.md.")
+                       "matmul, on a GPU bf16 feature extraction, and exact search over stored embeddings. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
@@ -360,7 +361,9 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--uncached-epochs", type=int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
+    b.add_argument("--search-size", type=int, default=100_000,
+                   help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
 

@@ -130,7 +130,7 @@ def image_files(root: Path) -> list[Path]:
             p = Path(folder) / name
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                 out.append(p)
-    return out
+    return sorted(out)
 
 
 def read_texts(path: Path) -> list[str]:
