@@ -552,6 +552,7 @@ def _rerank(index: Index, model: Model, queries: list[dict[str, Any]], emb: Tens
         if ("image" in q) == gallery_images:
             raise VlmtuneError(f"--rerank: the matching head scores image-text pairs; a {'image' if 'image' in q else 'text'} "
                                f"query against a gallery of {index.kind} has none")
+    r = min(r, rows.shape[1])  # a gallery smaller than the list asked for
     valid = rows.clamp_min(0)
     qidx = torch.arange(len(rows)).unsqueeze(1).expand_as(valid).reshape(-1)
     flat = valid.reshape(-1)
