@@ -402,19 +402,63 @@ def image_index(model: vlmtune.Model, scenes: Path, tmp_path_factory: pytest.Tem
     (["--text", "x", "--image", "y.png"], "exactly one of --text, --image or --queries"),
     (["--image", "missing.png"], "missing.png: file not found"),
     (["--image", "IMG", "--rerank"], "--rerank: the matching head scores image-text pairs"),
+    (["--queries", "LATIN1"], "not UTF-8"),
+    (["--queries", "BOTH"], "query 1: needs exactly one of 'text' or 'image'"),
 ])
-def test_search_bad_input_is_one_line(image_index: Path, scenes: Path, capsys, args, message) -> None:
+def test_search_bad_input_is_one_line(image_index: Path, scenes: Path, tmp_path: Path, capsys, args, message) -> None:
     idx = image_index
     capsys.readouterr()
-    args = [str(next((scenes / "images").iterdir())) if a == "IMG" else a for a in args]
+    (tmp_path / "q.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": "a", "image": "b.png"}) + "\n")
+    named = {"IMG": str(next((scenes / "images").iterdir())), "LATIN1": str(tmp_path / "q.txt"),
+             "BOTH": str(tmp_path / "q.jsonl")}
+    args = [named.get(a, a) for a in args]
     assert main(["search", str(idx), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
-def test_index_refuses_a_folder_that_is_not_an_embed_folder(tmp_path: Path, capsys) -> None:
-    assert main(["index", str(tmp_path), "--out", str(tmp_path / "idx")]) == 2
-    assert "embed.json is missing" in capsys.readouterr().err
+def _fake_embed_folder(folder: Path, n_img: int = 3, n_txt: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"images": torch.randn(n_img, 8, generator=g), "texts": torch.randn(n_txt, 8, generator=g)},
+              str(folder / "embeddings.safetensors"))
+    rows = [{"id": i, "kind": "image", "path": f"i{i}.png"} for i in range(n_img)]
+    rows += [{"id": i, "kind": "text", "text": f"t{i}"} for i in range(n_txt)]
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "embed.json").write_text(json.dumps({"checkpoint": "c", "fingerprint": "f"}))
+    return folder
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda f: (f / "embed.json").unlink(), "embed.json is missing"),
+    (lambda f: (f / "embed.json").write_text("{"), "embed.json: not valid JSON"),
+    (lambda f: (f / "embeddings.safetensors").write_bytes(b"garbage"), "embeddings.safetensors: cannot read"),
+    (lambda f: (f / "items.jsonl").write_text('{"id": 5, "kind": "image", "path": "x"}\n'), "do not number the 3 rows"),
+    (lambda f: (f / "items.jsonl").write_text("not json\n"), "items.jsonl: line 1: not valid JSON"),
+])
+def test_index_refuses_a_bad_embed_folder(tmp_path: Path, capsys, spoil, message) -> None:
+    folder = _fake_embed_folder(tmp_path / "emb")
+    spoil(folder)
+    assert main(["index", str(folder), "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "idx").exists()
+
+
+def test_index_writes_only_a_new_folder(tmp_path: Path, capsys) -> None:
+    folder = _fake_embed_folder(tmp_path / "emb")
+    (tmp_path / "file").write_text("x")
+    assert main(["index", str(folder), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["index", str(folder), "--out", str(folder)]) == 2  # never into the embed folder
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["index", str(folder), "--out", str(tmp_path / "idx"), "--kind", "texts"]) == 0
+    info = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert info["count"] == 2 and info["kind"] == "texts" and info["search"] == "exact"
+    g = load_file(str(tmp_path / "idx" / "gallery.safetensors"))["gallery"]
+    torch.testing.assert_close(g.norm(dim=1), torch.ones(2))
 
 
 def test_bench_search_section(tmp_path: Path) -> None:

@@ -104,6 +104,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -118,6 +122,35 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- embed
+
+
+def read_embed_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], list[dict[str, Any]]]:
+    """embed.json, the tensors and the items of an embed folder, checked against each
+    other: both tensors [rows, D] of one D, and the items of each kind numbered
+    0..rows-1 in order."""
+    meta = _read_json(folder / "embed.json", "an embed folder (run vlmtune embed first)")
+    tensors = _load_tensors(folder / "embeddings.safetensors")
+    items = _read_jsonl(folder / "items.jsonl")
+    where = folder / "embeddings.safetensors"
+    dims = set()
+    for name in ("images", "texts"):
+        t = tensors.get(name)
+        if t is None or t.ndim != 2 or not t.dtype.is_floating_point:
+            raise DataError(f"{where}: needs a 2-D float tensor '{name}'")
+        dims.add(t.shape[1])
+    if len(dims) != 1:
+        raise DataError(f"{where}: 'images' and 'texts' have different widths {sorted(dims)}")
+    for kind, name, field in (("image", "images", "path"), ("text", "texts", "text")):
+        rows = [r for r in items if r.get("kind") == kind]
+        if [r.get("id") for r in rows] != list(range(len(tensors[name]))) or not all(isinstance(r.get(field), str) for r in rows):
+            raise DataError(f"{folder / 'items.jsonl'}: its {kind} lines do not number the {len(tensors[name])} rows of "
+                            f"'{name}' in order (id 0, 1, ..., each with a '{field}')")
+    return meta, {k: tensors[k] for k in ("images", "texts")}, items
+
+
+def _new_folder(out: Path, what: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise VlmtuneError(f"{out}: is a file, not a folder for {what}")
 
 
 def image_files(root: Path) -> list[Path]:
@@ -140,6 +173,8 @@ def read_texts(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     out = []
@@ -189,27 +224,30 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
     if (images is None) == (data is None):
         raise VlmtuneError("embed: give exactly one of --images DIR or --data FILE")
     out = Path(out)
+    if images is not None and not Path(images).is_dir():
+        raise DataError(f"{images}: folder not found")
+    if data is not None and not Path(data).is_file():
+        raise DataError(f"{data}: annotation file not found")
+    _new_folder(out, "embeddings")
+    extra_texts = read_texts(Path(texts)) if texts is not None else []
     m = model or load(checkpoint)
     m._require("embed_images")
     dim = int(m.cfg.model.embed_dim)
     source = {"images": str(Path(images).resolve()) if images else None,
               "data": str(Path(data).resolve()) if data else None,
               "texts": str(Path(texts).resolve()) if texts else None}
-    if images is not None and not Path(images).is_dir():
-        raise DataError(f"{images}: folder not found")
 
     # What is there already (a previous run into the same folder).
     old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}
     old_txt: dict[str, Tensor] = {}
     if (out / "embed.json").is_file():
-        meta = _read_json(out / "embed.json", "an embed folder")
+        meta, tensors, old_items = read_embed_folder(out)
         if meta.get("fingerprint") != m.fingerprint:
             raise CheckpointError(f"{out}: holds embeddings made by another checkpoint ({meta.get('checkpoint')}); "
                                   f"choose another --out")
         if (meta.get("source") or {}).get("images") != source["images"] or (meta.get("source") or {}).get("data") != source["data"]:
             raise DataError(f"{out}: holds embeddings of {meta.get('source')}, not of this source; choose another --out")
-        tensors = _load_tensors(out / "embeddings.safetensors")
-        for row in _read_jsonl(out / "items.jsonl"):
+        for row in old_items:
             if row.get("kind") == "image":
                 old_img[row["path"]] = (row, tensors["images"][row["id"]])
             elif row.get("kind") == "text":
@@ -234,12 +272,17 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
         order = [str(Path(by_id[i]).resolve()) for i in sorted(by_id)]
         captions = [(r.text, r.image_id) for r in records]
     removed = [p for p in old_img if p not in set(order)]
-    extra_texts = read_texts(Path(texts)) if texts is not None else []
 
     img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}
     todo, changed = [], 0
-    for p in order:
-        size, mtime = _stamp(Path(p))
+    unreadable: dict[str, str] = {}
+    for p in list(order):
+        try:
+            size, mtime = _stamp(Path(p))
+        except OSError as e:  # gone or unreadable since the folder was listed
+            unreadable[p] = f"{p}: cannot read ({e.strerror or e})"
+            log.warning("skipped %s", unreadable[p])
+            continue
         prev = old_img.get(p)
         if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
             img_rows[p] = prev
@@ -248,7 +291,6 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
             img_rows[p] = None
             todo.append((p, size, mtime))
 
-    unreadable: dict[str, str] = {}
     text_rows: list[dict[str, Any]] = []
     txt_emb: dict[str, Tensor] = dict(old_txt)
 
@@ -374,9 +416,7 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
     """``vlmtune index``: the gallery of an embed folder as an exact (and optionally a
     FAISS IVF or HNSW) index in ``out``."""
     embed_dir, out = Path(embed_dir), Path(out)
-    meta = _read_json(embed_dir / "embed.json", "an embed folder (run vlmtune embed first)")
-    tensors = _load_tensors(embed_dir / "embeddings.safetensors")
-    items = _read_jsonl(embed_dir / "items.jsonl")
+    meta, tensors, items = read_embed_folder(embed_dir)
     kind = kind or ("images" if len(tensors.get("images", [])) else "texts")
     if kind not in ("images", "texts"):
         raise VlmtuneError(f"--kind: expected images or texts, got '{kind}'")
@@ -385,6 +425,7 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
         raise DataError(f"{embed_dir}: holds no {kind} to index")
     if faiss_kind not in (None, "ivf", "hnsw"):
         raise VlmtuneError(f"--faiss: expected ivf or hnsw, got '{faiss_kind}'")
+    _new_folder(out, "the index")
     if out.exists() and any(out.iterdir()):
         raise VlmtuneError(f"{out}: exists and is not empty; choose a new folder for the index")
     one = kind[:-1]
