@@ -298,6 +298,22 @@ def test_search_top5_hit_rate_equals_evaluated_r5(model: vlmtune.Model, ckpt: Pa
     assert 100.0 * hits / len(captions) == pytest.approx(r5, abs=1e-9)
     assert r5 < 100.0  # a real test: some captions miss
 
+    # --rerank ranks as evaluation's re-rank does: the same hit rate as retrieval_metrics
+    # with the matching head re-scoring the top 8.
+    from vlmtune.metrics.retrieval import retrieval_metrics
+    from vlmtune.search import Index, search
+
+    t = load_file(str(emb / "embeddings.safetensors"))
+    t2i = torch.tensor([c["image"] for c in captions])
+
+    def rerank_fn(img_idx, txt_idx):
+        return model.match_scores(t["images"][img_idx], t["texts"][txt_idx])
+
+    want = retrieval_metrics(t["images"], t["texts"], t2i, ks=(5,), rerank=rerank_fn, rerank_k=8)["retrieval/t2i_r5"]
+    reranked = search(Index(idx), model, [{"text": c["text"]} for c in captions], k=5, rerank=True, rerank_k=8)
+    hits = sum(images[c["image"]] in [r["path"] for r in line["results"]] for c, line in zip(captions, reranked))
+    assert 100.0 * hits / len(captions) == pytest.approx(want, abs=1e-9)
+
     # One query: a table, JSON, the same order as the batch run; an image query of a text gallery.
     capsys.readouterr()
     assert main(["search", str(idx), "--text", captions[0]["text"], "-k", "3"]) == 0

@@ -321,7 +321,7 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
         _save_tensors(out / "embeddings.safetensors", {"images": img_t, "texts": txt_t})
         _write_jsonl(out / "items.jsonl", items)
         meta = {"format": EMBED_FORMAT, "checkpoint": str(Path(m.folder).resolve()), "fingerprint": m.fingerprint,
-                "task": m.task_name, "dim": dim, "source": source, "images": len(img_t), "texts": len(txt_t),
+                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": dim, "source": source, "images": len(img_t), "texts": len(txt_t),
                 "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()], "complete": final}
         _write_atomic(out / "embed.json", lambda f: f.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
         return meta
@@ -432,6 +432,7 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
     rows = [r for r in items if r.get("kind") == one]
     info: dict[str, Any] = {"format": INDEX_FORMAT, "kind": kind, "count": len(gallery), "dim": gallery.shape[1],
                             "checkpoint": meta.get("checkpoint"), "fingerprint": meta.get("fingerprint"),
+                            "weights_sha256": meta.get("weights_sha256"),
                             "embed_dir": str(embed_dir.resolve()), "search": faiss_kind or "exact"}
     index = None
     if faiss_kind:
