@@ -274,7 +274,7 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
     removed = [p for p in old_img if p not in set(order)]
 
     img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}
-    todo, changed = [], 0
+    todo, changed, kept = [], 0, 0
     unreadable: dict[str, str] = {}
     for p in list(order):
         try:
@@ -286,6 +286,7 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
         prev = old_img.get(p)
         if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
             img_rows[p] = prev
+            kept += 1
         else:
             changed += prev is not None
             img_rows[p] = None
@@ -321,7 +322,8 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
         _save_tensors(out / "embeddings.safetensors", {"images": img_t, "texts": txt_t})
         _write_jsonl(out / "items.jsonl", items)
         meta = {"format": EMBED_FORMAT, "checkpoint": str(Path(m.folder).resolve()), "fingerprint": m.fingerprint,
-                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": dim, "source": source, "images": len(img_t), "texts": len(txt_t),
+                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": dim,
+                "source": source, "images": len(img_t), "texts": len(txt_t),
                 "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()], "complete": final}
         _write_atomic(out / "embed.json", lambda f: f.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
         return meta
@@ -362,7 +364,6 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
         emb = m.embed_texts(new_texts, progress=progress)
         txt_emb.update(zip(new_texts, emb))
     meta = save(final=True)
-    kept = len(order) - len(todo)
     return {**meta, "embedded_images": n_images - kept, "kept_images": kept, "changed_images": changed,
             "removed_images": len(removed), "embedded_texts": len(new_texts), "out": str(out)}
 
