@@ -235,6 +235,38 @@ def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Mode
     torch.testing.assert_close(t2["images"][0], t["images"][0])  # a.png kept as it was
 
 
+def test_embed_interrupted_keeps_what_it_saved(model: vlmtune.Model, scenes: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmtune.search as vs
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for p in sorted((scenes / "images").iterdir())[:6]:
+        shutil.copy(p, root / p.name)
+    monkeypatch.setattr(model, "batch_size", 2)
+    monkeypatch.setattr(vs, "FLUSH_EVERY", 2)
+    real = model.embed_images
+    calls = {"n": 0}
+
+    def dies_on_third_batch(images, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(images, **kw)
+
+    monkeypatch.setattr(model, "embed_images", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        vs.embed(model.folder, tmp_path / "emb", images=root, progress=False, model=model)
+    assert len(load_file(str(tmp_path / "emb" / "embeddings.safetensors"))["images"]) == 4  # two batches saved
+    monkeypatch.setattr(model, "embed_images", real)
+    r = vs.embed(model.folder, tmp_path / "emb", images=root, progress=False, model=model)
+    assert (r["embedded_images"], r["kept_images"], r["images"], r["complete"]) == (2, 4, 6, True)
+    t = load_file(str(tmp_path / "emb" / "embeddings.safetensors"))["images"]
+    paths = [x["path"] for x in _items(tmp_path / "emb") if x["kind"] == "image"]
+    assert paths == sorted(str(p.resolve()) for p in root.iterdir())
+    torch.testing.assert_close(t, model.embed_images(paths), atol=1e-5, rtol=1e-5)
+
+
 def test_embed_refuses_what_it_cannot_do(model: vlmtune.Model, tmp_path: Path, scenes: Path, capsys) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
