@@ -13,6 +13,10 @@ eval       retrieval evaluation of N images x M captions (random unit vectors) a
            fresh subprocess so the peak is clean.
 gpu        where CUDA is present: images/s of bf16 feature extraction and the fraction
            of the device's measured peak bf16 matmul throughput it reaches.
+search     ``vlmtune search``'s exact search over N stored embeddings (random unit
+           vectors, D=256, saved and opened as an index folder): milliseconds per
+           single text query (its embedding given), median and 95th percentile, and
+           the index's load time.
 """
 
 from __future__ import annotations
@@ -207,15 +211,59 @@ def bench_gpu(preset: str, batch_size: int = 32, steps: int = 10) -> dict[str, A
             "attn_implementation": bb.model.config._attn_implementation}
 
 
+# --------------------------------------------------------------------------- search
+
+
+def bench_search(n: int = 100_000, dim: int = 256, k: int = 10, queries: int = 200, out: Path | None = None) -> dict[str, Any]:
+    """Exact search as ``vlmtune search`` runs it, one query at a time, over ``n``
+    stored unit vectors; the index is written and opened from disk like a real one."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from vlmtune.search import INDEX_FORMAT, Index
+
+    g = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=-1)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        folder = Path(tmp)
+        save_file({"gallery": gallery}, str(folder / "gallery.safetensors"))
+        (folder / "items.jsonl").write_text("".join(json.dumps({"id": i, "kind": "image", "path": f"img{i}.jpg"}) + "\n"
+                                                    for i in range(n)))
+        (folder / "index.json").write_text(json.dumps({"format": INDEX_FORMAT, "kind": "images", "count": n, "dim": dim,
+                                                       "search": "exact"}))
+        t0 = time.perf_counter()
+        index = Index(folder)
+        load_s = time.perf_counter() - t0
+    for i in range(5):  # warm-up: threads, allocator
+        index.topk(q[i:i + 1], k)
+    import os
+
+    times = []
+    c0 = time.process_time()
+    for i in range(queries):
+        t0 = time.perf_counter()
+        index.topk(q[i:i + 1], k)
+        times.append(1000 * (time.perf_counter() - t0))
+    cpu_ms = 1000 * (time.process_time() - c0) / queries
+    times.sort()
+    # Wall time depends on what else runs on the machine: the CPU time per query (all
+    # threads together) and the load average say how much of it was waiting.
+    return {"n": n, "dim": dim, "k": k, "queries": queries, "threads": torch.get_num_threads(),
+            "median_ms": times[len(times) // 2], "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
+            "cpu_ms_per_query": cpu_ms, "load_average": os.getloadavg()[0], "index_load_s": load_s}
+
+
 # --------------------------------------------------------------------------- report
 
 
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, search_size: int = 100_000) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = sections or ["training", "loader", "eval", "gpu"]
+    sections = sections or ["training", "loader", "eval", "gpu", "search"]
     result: dict[str, Any] = {"machine": _machine(), "preset": preset}
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
@@ -229,6 +277,8 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
     if "gpu" in sections:
         result["gpu"] = bench_gpu(preset)
+    if "search" in sections:
+        result["search"] = bench_search(search_size, out=out)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render(result))
     return result
@@ -268,6 +318,13 @@ def render(r: dict[str, Any]) -> str:
             lines += ["## GPU feature extraction (bf16)", "", f"{g['images_per_s_bf16']:.1f} images/s, "
                       f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
                       f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}", ""]
+    if "search" in r:
+        sr = r["search"]
+        lines += ["## Exact search (vlmtune search), one text query at a time", "",
+                  "| stored embeddings | dim | k | median ms | p95 ms | CPU ms / query | torch threads | load average | index load s |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
+                  f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |", ""]
     return "\n".join(lines)
 
 

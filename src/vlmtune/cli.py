@@ -91,7 +91,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise VlmtuneError(f"--eval-sizes: expected NxM like 20000x100000, got '{text}'") from None
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
-              batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress)
+              batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
+              search_size=args.search_size)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -192,6 +193,106 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from vlmtune.search import embed
+
+    r = embed(args.checkpoint, args.out, images=args.images, data=args.data, texts=args.texts, progress=not args.no_progress)
+    print(f"embedded {r['embedded_images']} images ({r['kept_images']} kept from before, {r['changed_images']} changed, "
+          f"{r['removed_images']} removed, {len(r['unreadable'])} unreadable) and {r['embedded_texts']} new texts; "
+          f"{r['images']} images and {r['texts']} texts in {Path(args.out) / 'embeddings.safetensors'}")
+    for u in r["unreadable"]:
+        print(f"unreadable: {u['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from vlmtune.search import build_index
+
+    info = build_index(args.embed_dir, args.out, kind=args.kind, faiss_kind=args.faiss, nlist=args.nlist,
+                       nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    print(f"indexed {info['count']} {info['kind']} ({info['dim']}-d, {info['search']} search) into {args.out}")
+    if "recall_at_10" in info:
+        q = info["recall_queries"]
+        print(f"recall@10 against exact search: {info['recall_at_10']:.2f}% ({q['count']} queries from {q['from']}; "
+              f"{json.dumps(info['faiss'])})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from vlmtune.search import Index, format_table, open_query_model, read_queries, search
+
+    given = [x is not None for x in (args.text, args.image, args.queries)]
+    if sum(given) != 1:
+        raise VlmtuneError("search: give exactly one of --text, --image or --queries")
+    index = Index(args.index)
+    model = open_query_model(index, args.checkpoint)
+    if args.queries:
+        queries = read_queries(Path(args.queries))
+    else:
+        queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
+        if args.text is not None and not args.text.strip():
+            raise VlmtuneError("--text: the query is empty")
+    results = search(index, model, queries, k=args.k, rerank=args.rerank, rerank_k=args.rerank_k)
+    if args.queries:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(lines, encoding="utf-8")
+            print(f"wrote {len(results)} result lines to {args.out}")
+        else:
+            print(lines, end="")
+    elif args.json:
+        print(json.dumps(results[0], indent=2, ensure_ascii=False))
+    else:
+        print(format_table(results[0]))
+    return 0
+
+
+def _add_use_commands(sub: Any) -> None:
+    """Commands that use a trained model on new data: embed, index, search."""
+    em = sub.add_parser("embed", help="embed a folder of images or a data set with a retrieval checkpoint",
+                        description="Write embeddings.safetensors (images [N, D], texts [M, D], L2-normalised), "
+                        "items.jsonl (one line per row) and embed.json to --out. A second run into the same --out "
+                        "embeds only new or changed files (keyed by path, size and mtime) and new texts.")
+    em.add_argument("checkpoint", help="retrieval checkpoint folder, e.g. runs/r2/checkpoints/best")
+    src = em.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images, searched recursively (unreadable files are reported and skipped)")
+    src.add_argument("--data", help="annotation file in a documented format: its images and captions")
+    em.add_argument("--texts", help="also embed these texts: one per line, or JSONL with a 'text' field")
+    em.add_argument("--out", required=True, help="output folder (only this folder is written)")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
+    em.set_defaults(func=cmd_embed)
+
+    ix = sub.add_parser("index", help="build a search index from embed's output",
+                        description="Store the normalised gallery matrix for exact search (default), and with --faiss an "
+                        "approximate FAISS index whose recall@10 against exact search is measured and reported.")
+    ix.add_argument("embed_dir", metavar="EMBED_DIR", help="folder written by vlmtune embed")
+    ix.add_argument("--out", required=True, help="new folder for the index")
+    ix.add_argument("--kind", choices=("images", "texts"), help="what to search (default: images, or texts when there are none)")
+    ix.add_argument("--faiss", choices=("ivf", "hnsw"), help="also build a FAISS IVF or HNSW index (needs faiss-cpu)")
+    ix.add_argument("--nlist", type=int, help="IVF: number of lists (default: about 4 sqrt(N))")
+    ix.add_argument("--nprobe", type=int, help="IVF: lists probed per query (default: max(16, nlist/8), at most nlist)")
+    ix.add_argument("--hnsw-m", type=int, default=32, help="HNSW: neighbours per node (default 32)")
+    ix.add_argument("--ef-search", type=int, default=128, help="HNSW: search breadth (default 128)")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="search an index by text or image",
+                        description="Embed the query with the checkpoint that built the index (refusing another) and "
+                        "print the top k as a table (rank, cosine score, item) or JSON. --queries runs many queries and "
+                        "writes one JSONL line per query.")
+    se.add_argument("index", metavar="INDEX", help="folder written by vlmtune index")
+    se.add_argument("--text", help="a text query")
+    se.add_argument("--image", help="an image query (path)")
+    se.add_argument("--queries", help="file of queries: text lines, or JSONL with 'text' or 'image' per line")
+    se.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    se.add_argument("--rerank", action="store_true", help="re-order the top candidates by the matching head, as evaluation's re-rank")
+    se.add_argument("--rerank-k", type=int, help="candidates the matching head re-scores (default: k)")
+    se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    se.add_argument("--out", help="with --queries: write the JSONL here instead of to stdout")
+    se.add_argument("--checkpoint", help="the checkpoint to embed queries with, if it moved (its fingerprint must match)")
+    se.set_defaults(func=cmd_search)
+
+
 def _add_run_commands(sub: Any) -> None:
     """Commands that train or use checkpoints: train, evaluate, predict, attention."""
     t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
@@ -251,7 +352,7 @@ def _add_analysis_commands(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
                        "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
-                       "matmul, and on a GPU bf16 feature extraction. Writes bench.json and bench.md.")
+                       "matmul, on a GPU bf16 feature extraction, and exact search over stored embeddings. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
@@ -260,7 +361,9 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--uncached-epochs", type=int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
+    b.add_argument("--search-size", type=int, default=100_000,
+                   help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
 
@@ -324,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands):
+    for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands,
+                _add_use_commands):
         add(sub)
     return p
 

@@ -1,0 +1,340 @@
+"""The public Python API: use a trained checkpoint outside the CLI.
+
+```python
+import vlmtune
+m = vlmtune.load("runs/r2/checkpoints/best")          # any task's checkpoint
+img = m.embed_images(["a.jpg", pil_image])            # [N, D] float32 torch tensor, L2-normalised
+txt = m.embed_texts(["a red circle left of a star"])  # [M, D]
+m.similarity(img, txt)                                 # [N, M]: cosine x the model's learnt logit scale
+m.ground("a.jpg", "the red circle")                   # Grounding(box=(x0, y0, x1, y1) in pixels, score)
+m.ask("receipts.jpg", "How many receipts?")           # counting: Prediction(answer, count, probabilities, ...)
+```
+
+A :class:`Model` is built by :func:`load` through the same steps as ``vlmtune
+evaluate`` (``checkpoint.open_checkpoint``, then ``evaluate.load_model``), so every
+check a checkpoint gets there (file digests, backbone identity, tensor names and
+shapes) holds here too, and the embeddings are the ones evaluation ranks: images go
+through the backbone's image processor as one square tile and the vision tower,
+adapter and projector; captions through the backbone's tokenizer (right padding,
+``backbone.max_text_tokens``) and the text tower, adapter and projector. Work is done
+in batches of ``eval.batch_size`` on the checkpoint's device (the first GPU where CUDA
+is present, else the CPU, or ``device=``); results come back as float32 tensors on the
+CPU.
+
+With ``cache_dir`` the frozen towers' outputs are kept in the frozen-feature cache
+(``vlmtune.data.cache.FeatureStore``, the same namespaces training and evaluation use),
+keyed by the image file's content or the caption's text, so embedding the same files
+again skips the towers. PIL images passed directly are always computed live.
+
+A method the checkpoint's task cannot serve (``ask`` on a retrieval checkpoint,
+``embed_images`` on a counting one) raises :class:`~vlmtune.errors.VlmtuneError`
+naming the task and the method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, Union
+
+import torch
+
+from vlmtune.errors import DataError, VlmtuneError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlmtune.checkpoint import Checkpoint
+    from vlmtune.predict import Prediction
+
+ImageInput = Union[str, Path, "Image.Image"]
+
+# Which task serves which method.
+_SERVES = {
+    "retrieval": ("embed_images", "embed_texts", "similarity", "ground"),
+    "counting": ("ask",),
+}
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """Where a phrase is in an image.
+
+    ``box``: (x0, y0, x1, y1) in pixels of the image as loaded (EXIF orientation
+    applied), the grounding head's prediction; ``score``: the matching head's
+    probability that the phrase describes the image (0..1).
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+
+    @property
+    def box_xywh(self) -> tuple[float, float, float, float]:
+        """The box as (x, y, width, height) in pixels, the annotation format."""
+        x0, y0, x1, y1 = self.box
+        return (x0, y0, x1 - x0, y1 - y0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"box": [round(v, 3) for v in self.box], "box_xywh": [round(v, 3) for v in self.box_xywh],
+                "score": round(self.score, 6)}
+
+
+def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
+    """What identifies the model a checkpoint computes: the sha256 of its trained
+    weights (recorded in state.json and checked on reading), the backbone's identity,
+    the task and the settings that shape embeddings (pooling, text length, the
+    adapter/projector config). The same model re-saved elsewhere has the same
+    fingerprint; another training run, epoch or backbone does not."""
+    cfg = ckpt.cfg
+    ident = {
+        "task": cfg.task,
+        "weights": ckpt.digests.get("weights.safetensors"),
+        "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
+        "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
+        "model": asdict(cfg.model),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Model:
+    """A trained checkpoint, ready to embed, ground or answer. Build it with :func:`load`."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device | None = None, cache_dir: str | Path | None = None):
+        from vlmtune.evaluate import default_device, load_model
+
+        self.checkpoint = ckpt
+        self.folder = ckpt.folder
+        self.cfg = ckpt.cfg
+        self.task_name = ckpt.cfg.task
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size = ckpt.cfg.eval.batch_size
+        self.model, self.task = load_model(ckpt, self.device)
+        self.fingerprint = checkpoint_fingerprint(ckpt)
+
+    def __repr__(self) -> str:
+        return f"vlmtune.Model(task={self.task_name!r}, folder='{self.folder}', device='{self.device}')"
+
+    # ------------------------------------------------------------------ helpers
+    def _require(self, method: str) -> None:
+        if method not in _SERVES.get(self.task_name, ()):
+            able = [t for t, ms in _SERVES.items() if method in ms]
+            serves = ", ".join(f"{m}()" for m in _SERVES.get(self.task_name, ())) or "nothing"
+            raise VlmtuneError(f"{self.folder}: a '{self.task_name}' checkpoint cannot {method}() (that needs a "
+                               f"{' or '.join(able)} checkpoint); it serves {serves}")
+
+    @property
+    def dim(self) -> int:
+        """Size of the joint embedding space (retrieval checkpoints)."""
+        self._require("embed_images")
+        return int(self.cfg.model.embed_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        """The learnt scale (1 / temperature) that turns cosines into contrastive logits."""
+        self._require("similarity")
+        return float(self.model.logit_scale().detach())
+
+    @staticmethod
+    def _image(item: ImageInput) -> Image.Image:
+        """A path (read as evaluation reads it) or a PIL image, as 8-bit RGB."""
+        from PIL import Image as PILImage
+
+        from vlmtune.data.formats import _to_rgb, load_image
+
+        if isinstance(item, PILImage.Image):
+            from PIL import ImageOps
+
+            return _to_rgb(ImageOps.exif_transpose(item))
+        if isinstance(item, (str, Path)):
+            return load_image(Path(item))
+        raise DataError(f"expected an image path or a PIL image, got {type(item).__name__}")
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def _vision_tokens(self, items: Sequence[ImageInput]) -> torch.Tensor:
+        """The frozen vision tower's tokens of ``items`` [B, 1 + N, Dv], from the cache where possible."""
+        from vlmtune.backbone import preprocess_images
+
+        bb = self.model.backbone
+        store, keys = None, {}
+        if self.cache_dir is not None:
+            from vlmtune.data.cache import FeatureStore, content_key
+            from vlmtune.tasks.retrieval import vision_namespace
+
+            store = FeatureStore(self.cache_dir, vision_namespace(bb, self.cfg.cache.dtype))
+            for i, it in enumerate(items):
+                if isinstance(it, (str, Path)):
+                    try:
+                        keys[i] = content_key(it)
+                    except OSError:
+                        pass  # reported by load_image below, naming the file
+        out: list[torch.Tensor | None] = [None] * len(items)
+        live = [i for i in range(len(items)) if i not in keys]
+        if store is not None and keys:
+            by_key = {k: items[i] for i, k in keys.items()}
+
+            def compute(batch_keys: list[str]):
+                pv, _ = preprocess_images(bb.image_processor, [self._image(by_key[k]) for k in batch_keys], max_tiles=1)
+                return bb.vision_tokens(pv.to(self.device)).float().cpu().numpy()
+
+            store.ensure(list(keys.values()), compute, batch_size=self.batch_size, dtype=self.cfg.cache.dtype)
+            for i, k in keys.items():
+                out[i] = torch.from_numpy(store.get(k).astype("float32"))
+        for s in range(0, len(live), self.batch_size):
+            idx = live[s:s + self.batch_size]
+            pv, _ = preprocess_images(bb.image_processor, [self._image(items[i]) for i in idx], max_tiles=1)
+            tokens = bb.vision_tokens(pv.to(self.device)).float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def _encode_images(self, items: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, D], adapted patch tokens [B, N, D]) on the model's device."""
+        if self.cache_dir is not None:
+            return self.model.encode_image(vision_tokens=self._vision_tokens(items).to(self.device))
+        from vlmtune.backbone import preprocess_images
+
+        pv, _ = preprocess_images(self.model.backbone.image_processor, [self._image(it) for it in items], max_tiles=1)
+        return self.model.encode_image(pv.to(self.device))
+
+    def embed_images(self, images: Sequence[ImageInput] | ImageInput, progress: bool = False) -> torch.Tensor:
+        """Joint-space embeddings of images (paths or PIL images): [N, D] float32 on the
+        CPU, each row L2-normalised. A single image gives [1, D]."""
+        from tqdm.auto import tqdm
+
+        self._require("embed_images")
+        items = _as_list(images)
+        parts = [torch.zeros(0, self.cfg.model.embed_dim)]
+        for s in tqdm(range(0, len(items), self.batch_size), desc="images", disable=not progress, leave=False):
+            emb, _ = self._encode_images(items[s:s + self.batch_size])
+            parts.append(emb.float().cpu())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        from vlmtune.backbone import tokenize
+
+        bb = self.model.backbone
+        max_tokens = self.cfg.backbone.max_text_tokens
+        enc = tokenize(bb.tokenizer, texts, max_tokens)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        hidden = None
+        if self.cache_dir is not None:
+            from vlmtune.data.cache import FeatureStore, text_fingerprint, text_key
+            from vlmtune.checkpoint import backbone_identity
+
+            dtype = self.cfg.cache.dtype
+            ns = {"kind": "text_tokens", "backbone": backbone_identity(bb), "weights": text_fingerprint(bb),
+                  "max_tokens": max_tokens, "dtype": dtype}  # build_text_cache's namespace
+            store = FeatureStore(self.cache_dir, ns)
+            by_key = {text_key(t): t for t in texts}
+
+            def compute(batch_keys: list[str]):
+                e = tokenize(bb.tokenizer, [by_key[k] for k in batch_keys], max_tokens)
+                h = bb.text_tokens(e["input_ids"].to(self.device), e["attention_mask"].to(self.device)).float().cpu()
+                return torch.nn.functional.pad(h, (0, 0, 0, max_tokens - h.shape[1])).numpy()
+
+            store.ensure(list(by_key), compute, batch_size=self.batch_size, dtype=dtype)
+            t = ids.shape[1]
+            hidden = torch.stack([torch.from_numpy(store.get(text_key(x)).astype("float32"))[:t] for x in texts])
+            hidden = hidden.to(self.device)
+        return self.model.encode_text(ids, mask, hidden)
+
+    def embed_texts(self, texts: Sequence[str] | str, progress: bool = False) -> torch.Tensor:
+        """Joint-space embeddings of captions: [M, D] float32 on the CPU, L2-normalised."""
+        from tqdm.auto import tqdm
+
+        self._require("embed_texts")
+        items = [texts] if isinstance(texts, str) else list(texts)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
+        parts = [torch.zeros(0, self.cfg.model.embed_dim)]
+        for s in tqdm(range(0, len(items), self.batch_size), desc="texts", disable=not progress, leave=False):
+            parts.append(self._encode_texts(items[s:s + self.batch_size]).float().cpu())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """[N, M] contrastive logits: cosine of each image and text embedding times the
+        model's learnt logit scale (``logit_scale``), as the contrastive loss uses them."""
+        self._require("similarity")
+        images, texts = torch.as_tensor(images).float(), torch.as_tensor(texts).float()
+        if images.ndim == 1:
+            images = images[None]
+        if texts.ndim == 1:
+            texts = texts[None]
+        if images.shape[-1] != texts.shape[-1]:
+            raise VlmtuneError(f"similarity: image embeddings have {images.shape[-1]} dimensions, texts {texts.shape[-1]}")
+        cos = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+        return cos * self.logit_scale
+
+    @torch.no_grad()
+    def match_scores(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """The matching head's log-probability that each (image, text) pair matches:
+        1-D, one per row of the equal-length embedding batches. This is the score
+        evaluation's re-rank (``eval.rerank_k``) and ``vlmtune search --rerank`` sort by."""
+        self._require("similarity")
+        out = []
+        for s in range(0, len(images), 1024):
+            logits = self.model.match_logits(images[s:s + 1024].to(self.device), texts[s:s + 1024].to(self.device))
+            out.append(logits.float().log_softmax(-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def ground(self, image: ImageInput, text: str | Sequence[str]) -> Grounding | list[Grounding]:
+        """The box the grounding head gives for ``text`` in ``image``, in pixels (xyxy),
+        with the matching head's probability as its score. A list of texts gives a list."""
+        from vlmtune.boxes import cxcywh_to_xyxy
+
+        self._require("ground")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        im = self._image(image)
+        w, h = im.size
+        v, patches = self._encode_images([im])
+        results = []
+        for s in range(0, len(texts), self.batch_size):
+            chunk = texts[s:s + self.batch_size]
+            t = self._encode_texts(list(chunk))
+            pred, _ = self.model.ground(t, patches.expand(len(chunk), -1, -1))
+            boxes = cxcywh_to_xyxy(pred.float()).cpu() * torch.tensor([w, h, w, h], dtype=torch.float32)
+            prob = self.model.match_logits(v.expand(len(chunk), -1), t).float().softmax(-1)[:, 1].cpu()
+            results += [Grounding(tuple(float(x) for x in b), float(p)) for b, p in zip(boxes, prob)]  # type: ignore[arg-type]
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ counting
+    def ask(self, image: ImageInput, question: str | None = None, attention: bool = False) -> Prediction:
+        """Answer a counting question: a :class:`~vlmtune.predict.Prediction` with the
+        generated ``answer``, the count head's ``count`` (class index), ``count_label``,
+        ``confidence`` and ``probabilities`` (and the answer's attention map with
+        ``attention=True``), exactly as ``vlmtune predict`` gives them."""
+        from vlmtune.predict import DEFAULT_QUESTION, predict_image
+
+        self._require("ask")
+        return predict_image(self.model, self.cfg, self._image(image), question or DEFAULT_QUESTION, attention=attention)
+
+
+def _as_list(images: Any) -> list[Any]:
+    from PIL import Image as PILImage
+
+    if isinstance(images, (str, Path, PILImage.Image)):
+        return [images]
+    return list(images)
+
+
+def load(path: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None) -> Model:
+    """Open a checkpoint folder (``runs/NAME/checkpoints/best``, or a folder written by
+    ``vlmtune export --format vlmtune``) with every check evaluation applies, and load
+    its model on ``device`` (default: the first GPU, else the CPU). ``cache_dir``: keep
+    the frozen towers' features there (optional)."""
+    from vlmtune.checkpoint import open_checkpoint
+
+    return Model(open_checkpoint(path), device, cache_dir)
+
+
+__all__ = ["Grounding", "Model", "checkpoint_fingerprint", "load"]
