@@ -192,6 +192,31 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmtune.export import export_checkpoint
+
+    summary = export_checkpoint(args.checkpoint, args.out, args.format)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_export_command(sub: Any) -> None:
+    """vlmtune export."""
+    x = sub.add_parser("export", help="write a checkpoint as a peft adapter, a merged Hugging Face model or a "
+                       "self-contained vlmtune checkpoint",
+                       description="Export a checkpoint to a new folder. peft: the LoRA of a counting checkpoint "
+                       "(counting.lm_mode=lora) as adapter_config.json + adapter_model.safetensors for "
+                       "PeftModel.from_pretrained(internvl, OUT), other trained InternVL parts as modules_to_save, the "
+                       "heads beside as vlmtune_heads.safetensors. merged: InternVL with trained blocks and merged LoRA "
+                       "by save_pretrained (AutoModelForImageTextToText.from_pretrained(OUT)), beside it the heads as a "
+                       "vlmtune checkpoint (vlmtune evaluate OUT works). vlmtune: a self-contained checkpoint with the "
+                       "backbone in Hugging Face form under backbone/.")
+    x.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/checkpoints/best")
+    x.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    x.add_argument("--format", choices=("peft", "merged", "vlmtune"), default="vlmtune", help="default: %(default)s")
+    x.set_defaults(func=cmd_export)
+
+
 def _add_run_commands(sub: Any) -> None:
     """Commands that train or use checkpoints: train, evaluate, predict, attention."""
     t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
@@ -324,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands):
+    for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands,
+                _add_export_command):
         add(sub)
     return p
 
