@@ -67,11 +67,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vlmtune.evaluate import evaluate_checkpoint, evaluate_many
 
     if len(args.checkpoints) == 1 and not args.labels:
-        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir)
+        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
+                                      rankings=args.rankings, rankings_k=args.rankings_k, examples=args.examples)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
+        if args.rankings:
+            files = sorted(p.name for p in dest.glob("rankings_*.jsonl"))
+            page = " and examples.html" if args.examples else ""
+            print(f"wrote {', '.join(files)}{page} to {dest}")
         _print_metrics(metrics)
         return 0
+    if args.rankings:
+        raise VlmtuneError("--rankings: evaluate one checkpoint at a time")
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
     evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir)
@@ -238,6 +245,13 @@ def _add_run_commands(sub: Any) -> None:
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
     e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval); required with several")
+    e.add_argument("--rankings", action="store_true",
+                   help="also write per-query results: rankings_t2i.jsonl / rankings_i2t.jsonl (each caption's and each "
+                   "image's top-k with scores, ground truth marked, boxes for grounding) or rankings_counting.jsonl, and "
+                   "examples.html, a self-contained page of sample queries (worst first)")
+    e.add_argument("--rankings-k", type=int, default=10, help="length of each query's list in the rankings (default 10)")
+    e.add_argument("--examples", type=int, default=24,
+                   help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
