@@ -158,16 +158,17 @@ def _t2i_card(tag: str, row: dict[str, Any], thumbs: _Thumbs) -> str:
     if "box_true" in row:  # grounding: the caption's own image with both boxes
         image, scale = _thumb(_open(row["image"]))
         _draw_boxes(image, scale, [(row["box_true"], GREEN), (row["box_pred"], RED)])
-        cap = f"boxes: true (green), predicted (red), IoU {row['iou']:.2f}"
+        cap = (f"its image (ground truth, rank {row['gt_rank']})<br>"
+               f"boxes: true (green), predicted (red), IoU {row['iou']:.2f}")
         if "relation_true" in row:
             cap += f"<br>relation: {html.escape(row['relation_pred'])} (true {html.escape(row['relation_true'])})"
-        figs.append(f'<figure class="query">{_img(data_uri(image), "query image with boxes")}<figcaption>{cap}</figcaption></figure>')
+        figs.append(f'<figure class="gt">{_img(data_uri(image), "query image with boxes")}<figcaption>{cap}</figcaption></figure>')
         figs.append('<div class="sep"></div>')
     for e in row["top"][:TOP_SHOWN]:
         cls = "gt" if e["gt"] else ""
         label = f"#{e['rank']} <span class=\"score\">{_score_text(e)}</span>" + ("<br>ground truth" if e["gt"] else "")
         figs.append(f'<figure class="{cls}">{_img(thumbs(e["image"]), Path(e["image"]).name)}<figcaption>{label}</figcaption></figure>')
-    if not any(e["gt"] for e in row["top"][:TOP_SHOWN]):
+    if not any(e["gt"] for e in row["top"][:TOP_SHOWN]) and "box_true" not in row:  # else shown first already
         figs.append('<div class="sep"></div>')
         figs.append(f'<figure class="gt">{_img(thumbs(row["image"]), Path(row["image"]).name)}'
                     f'<figcaption>ground truth, rank {row["gt_rank"]}</figcaption></figure>')
