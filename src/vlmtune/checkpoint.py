@@ -123,7 +123,11 @@ class Checkpoint:
     @property
     def backbone_folder(self) -> Path | None:
         f = self.folder / "backbone"
-        return f if f.is_dir() else None
+        if f.is_dir():
+            return f
+        # A merged export (vlmtune export --format merged) holds the Hugging Face model
+        # at its top, beside the checkpoint's own files.
+        return self.folder if (self.folder / "config.json").is_file() else None
 
     def _read(self, name: str) -> bytes:
         """A file's bytes, checked against the sha256 that state.json recorded for it."""

@@ -67,11 +67,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vlmtune.evaluate import evaluate_checkpoint, evaluate_many
 
     if len(args.checkpoints) == 1 and not args.labels:
-        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir)
+        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
+                                      rankings=args.rankings, rankings_k=args.rankings_k, examples=args.examples)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
+        if args.rankings:
+            files = sorted(p.name for p in dest.glob("rankings_*.jsonl"))
+            page = " and examples.html" if args.examples else ""
+            print(f"wrote {', '.join(files)}{page} to {dest}")
         _print_metrics(metrics)
         return 0
+    if args.rankings:
+        raise VlmtuneError("--rankings: evaluate one checkpoint at a time")
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
     evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir)
@@ -293,6 +300,31 @@ def _add_use_commands(sub: Any) -> None:
     se.set_defaults(func=cmd_search)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmtune.export import export_checkpoint
+
+    summary = export_checkpoint(args.checkpoint, args.out, args.format)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_export_command(sub: Any) -> None:
+    """vlmtune export."""
+    x = sub.add_parser("export", help="write a checkpoint as a peft adapter, a merged Hugging Face model or a "
+                       "self-contained vlmtune checkpoint",
+                       description="Export a checkpoint to a new folder. peft: the LoRA of a counting checkpoint "
+                       "(counting.lm_mode=lora) as adapter_config.json + adapter_model.safetensors for "
+                       "PeftModel.from_pretrained(internvl, OUT), other trained InternVL parts as modules_to_save, the "
+                       "heads beside as vlmtune_heads.safetensors. merged: InternVL with trained blocks and merged LoRA "
+                       "by save_pretrained (AutoModelForImageTextToText.from_pretrained(OUT)), beside it the heads as a "
+                       "vlmtune checkpoint (vlmtune evaluate OUT works). vlmtune: a self-contained checkpoint with the "
+                       "backbone in Hugging Face form under backbone/.")
+    x.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/checkpoints/best")
+    x.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    x.add_argument("--format", choices=("peft", "merged", "vlmtune"), default="vlmtune", help="default: %(default)s")
+    x.set_defaults(func=cmd_export)
+
+
 def _add_run_commands(sub: Any) -> None:
     """Commands that train or use checkpoints: train, evaluate, predict, attention."""
     t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
@@ -314,6 +346,13 @@ def _add_run_commands(sub: Any) -> None:
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
     e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval); required with several")
+    e.add_argument("--rankings", action="store_true",
+                   help="also write per-query results: rankings_t2i.jsonl / rankings_i2t.jsonl (each caption's and each "
+                   "image's top-k with scores, ground truth marked, boxes for grounding) or rankings_counting.jsonl, and "
+                   "examples.html, a self-contained page of sample queries (worst first)")
+    e.add_argument("--rankings-k", type=int, default=10, help="length of each query's list in the rankings (default 10)")
+    e.add_argument("--examples", type=int, default=24,
+                   help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
@@ -428,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run_commands, _add_analysis_commands, _add_data_commands, _add_config_commands,
-                _add_use_commands):
+                _add_use_commands, _add_export_command):
         add(sub)
     return p
 

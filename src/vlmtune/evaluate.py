@@ -53,20 +53,43 @@ def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
+                        progress: bool = True, rankings: bool = False, rankings_k: int = 10,
+                        examples: int = 24) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json.
+
+    With ``rankings``, also the per-query results of the same pass (``rankings_*.jsonl``,
+    see :mod:`vlmtune.examples`) and, unless ``examples`` is 0, ``examples.html`` showing
+    ``examples`` queries of each kind.
+    """
+    if rankings_k < 1:
+        raise VlmtuneError(f"--rankings-k: must be >= 1, got {rankings_k}")
+    if examples < 0:
+        raise VlmtuneError(f"--examples: must be >= 0, got {examples}")
     ckpt = open_checkpoint(path)
     device = default_device()
     model, task = load_model(ckpt, device)
     source, train_path = _splits(ckpt, data)
     records = task.read_split(source)
     train_records = task.read_split(train_path) if train_path else None
-    metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
+    if rankings:
+        if not hasattr(task, "evaluate_with_rankings"):
+            raise VlmtuneError(f"--rankings: task '{ckpt.cfg.task}' has no per-query results")
+        metrics, details = task.evaluate_with_rankings(model, records, device=device, rankings_k=rankings_k,
+                                                       train_records=train_records, progress=progress)
+    else:
+        metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if rankings:
+        from vlmtune.examples import write_examples, write_rankings
+
+        write_rankings(dest, details)
+        if examples:
+            write_examples(dest / "examples.html", ckpt.cfg.task, details, checkpoint=str(ckpt.folder), data=source,
+                           metrics=metrics, model=model, cfg=ckpt.cfg, n=examples, seed=ckpt.cfg.seed)
     return metrics
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_topk", "chunked_topk_both", "retrieval_metrics", "retrieval_metrics_reference", "RerankFn"]
+__all__ = ["chunked_topk", "chunked_topk_both", "ground_truth_ranks", "retrieval_metrics", "retrieval_metrics_reference",
+           "RerankFn", "RetrievalRankings"]
 
 # rerank(image_idx, text_idx) -> scores; 1-D tensors of equal length, higher is better.
 RerankFn = Callable[[Tensor, Tensor], Tensor]
@@ -76,20 +78,22 @@ def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tupl
     return cat_s.gather(1, order), cat_i.gather(1, order)
 
 
-def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4096, *,
+                      with_scores: bool = False) -> tuple[Tensor, ...]:
     """Top-k texts of every image and top-k images of every text, in ONE pass.
 
     Each similarity block is computed once and feeds both running top-k lists (its rows
     for image-to-text, its columns for text-to-image), so the cost is one matrix
     product of N x M, not two. Same ranking rule as :func:`chunked_topk`.
-    Returns (i2t indices [N, k_t], t2i indices [M, k_i]).
+    Returns (i2t indices [N, k_t], t2i indices [M, k_i]); with ``with_scores`` also their
+    similarities (i2t scores [N, k_t], t2i scores [M, k_i]), which the pass has anyway.
     """
     n, m = images.shape[0], texts.shape[0]
     kt, ki = min(k, m), min(k, n)
     device = images.device
     col_s = torch.empty(m, 0, device=device)
     col_i = torch.empty(m, 0, dtype=torch.long, device=device)
-    rows_out = []
+    rows_out, rows_s = [], []
     for r0 in range(0, n, chunk_size):
         q = images[r0 : r0 + chunk_size].float()
         row_s = q.new_empty(q.shape[0], 0)
@@ -117,6 +121,9 @@ def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4
         else:
             col_s, col_i = _merge(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
         rows_out.append(row_i)
+        rows_s.append(row_s)
+    if with_scores:
+        return torch.cat(rows_out), col_i, torch.cat(rows_s), col_s
     return torch.cat(rows_out), col_i
 
 
@@ -147,8 +154,9 @@ def _merge_candidates(best_s: Tensor, best_i: Tensor, cols: Tensor, vals: Tensor
     return best_s, best_i
 
 
-def faiss_topk_both(images: Tensor, texts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k both ways with exact FAISS inner-product indexes (IndexFlatIP)."""
+def faiss_topk_both(images: Tensor, texts: Tensor, k: int, *, with_scores: bool = False) -> tuple[Tensor, ...]:
+    """Top-k both ways with exact FAISS inner-product indexes (IndexFlatIP); with
+    ``with_scores`` also the similarities, as :func:`chunked_topk_both`."""
     try:
         import faiss
     except ImportError:
@@ -161,10 +169,11 @@ def faiss_topk_both(images: Tensor, texts: Tensor, k: int) -> tuple[Tensor, Tens
     def search(base, queries, kk):
         index = faiss.IndexFlatIP(base.shape[1])
         index.add(base)
-        _, idx = index.search(queries, min(kk, base.shape[0]))
-        return torch.from_numpy(idx).long()
+        sc, idx = index.search(queries, min(kk, base.shape[0]))
+        return torch.from_numpy(idx).long(), torch.from_numpy(sc).float()
 
-    return search(txt, img, k), search(img, txt, k)
+    (i2t, i2t_s), (t2i, t2i_s) = search(txt, img, k), search(img, txt, k)
+    return (i2t, t2i, i2t_s, t2i_s) if with_scores else (i2t, t2i)
 
 
 def _block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -236,9 +245,18 @@ def _rerank_head(
 ) -> Tensor:
     """Re-order the first rerank_k candidates of each row by rerank scores (stable, so
     rerank ties keep contrastive order); later candidates keep their contrastive order."""
+    return _rerank_head_scored(cand, queries_are_images, rerank, rerank_k, batch_size)[0]
+
+
+def _rerank_head_scored(
+    cand: Tensor, queries_are_images: bool, rerank: RerankFn, rerank_k: int, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_rerank_head`, also returning the head's new order (positions into the
+    old head, [rows, r]) and its rerank scores in that order."""
     r = min(rerank_k, cand.shape[1])
     if r == 0:
-        return cand
+        empty = cand[:, :0]
+        return cand, empty, empty.float()
     head = cand[:, :r]
     query_idx = torch.arange(cand.shape[0], device=cand.device).unsqueeze(1).expand(-1, r)
     img, txt = (query_idx, head) if queries_are_images else (head, query_idx)
@@ -251,7 +269,7 @@ def _rerank_head(
         parts.append(scores.detach().float().to(cand.device))
     scores = torch.cat(parts).view(-1, r)
     order = scores.argsort(dim=1, descending=True, stable=True)
-    return torch.cat((head.gather(1, order), cand[:, r:]), dim=1)
+    return torch.cat((head.gather(1, order), cand[:, r:]), dim=1), order, scores.gather(1, order)
 
 
 def _finish(recalls: dict[str, float], chance: dict[str, float]) -> dict[str, float]:
@@ -273,8 +291,15 @@ def retrieval_metrics(
     *,
     rerank_batch_size: int = 1024,
     search: str = "chunked",
-) -> dict[str, float]:
+    rankings_k: int = 0,
+    return_rankings: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], "RetrievalRankings"]:
     """Recall@K (percent) for i2t and t2i, their mean, and chance levels.
+
+    With ``return_rankings`` it returns ``(metrics, RetrievalRankings)``: the top
+    max(ks, rerank_k, ``rankings_k``) list of every query with its scores, as the pass
+    computed them (nothing is recomputed), and each query's ground-truth rank (one more
+    chunked pass of comparisons, see :func:`ground_truth_ranks`).
 
     ``search``: "chunked" (blocks with a running top-k, exact, ties to the lower index)
     or "faiss" (an exact inner-product FAISS index; needs the faiss-cpu package; the
@@ -290,17 +315,20 @@ def retrieval_metrics(
     """
     _validate(image_emb, text_emb, text_to_image, ks, rerank_k)
     n = image_emb.shape[0]
-    kmax = max(max(ks), rerank_k if rerank is not None else 0)
+    kmax = max(max(ks), rerank_k if rerank is not None else 0, rankings_k)
     t2i_map = text_to_image.to(image_emb.device).long()
 
     if search == "faiss":
-        i2t, t2i = faiss_topk_both(image_emb, text_emb, kmax)
-        i2t, t2i = i2t.to(image_emb.device), t2i.to(image_emb.device)
+        i2t, t2i, i2t_s, t2i_s = (x.to(image_emb.device) for x in faiss_topk_both(image_emb, text_emb, kmax, with_scores=True))
     else:
-        i2t, t2i = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size)
+        i2t, t2i, i2t_s, t2i_s = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size,
+                                                   with_scores=True)
+    i2t_match = t2i_match = None
     if rerank is not None:
-        i2t = _rerank_head(i2t, True, rerank, rerank_k, rerank_batch_size)
-        t2i = _rerank_head(t2i, False, rerank, rerank_k, rerank_batch_size)
+        i2t, order, i2t_match = _rerank_head_scored(i2t, True, rerank, rerank_k, rerank_batch_size)
+        i2t_s = torch.cat((i2t_s[:, : order.shape[1]].gather(1, order), i2t_s[:, order.shape[1]:]), dim=1)
+        t2i, order, t2i_match = _rerank_head_scored(t2i, False, rerank, rerank_k, rerank_batch_size)
+        t2i_s = torch.cat((t2i_s[:, : order.shape[1]].gather(1, order), t2i_s[:, order.shape[1]:]), dim=1)
 
     i2t_hits = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)  # [N, kmax]
     t2i_hits = t2i == t2i_map.unsqueeze(1)  # [M, kmax]
@@ -316,7 +344,90 @@ def retrieval_metrics(
         recalls[f"retrieval/i2t_r{k}"] = recall(i2t_hits, k)
     for k in ks:
         recalls[f"retrieval/t2i_r{k}"] = recall(t2i_hits, k)
-    return _finish(recalls, _chance_levels(text_to_image, n, ks))
+    metrics = _finish(recalls, _chance_levels(text_to_image, n, ks))
+    if not return_rankings:
+        return metrics
+    i2t_rank, t2i_rank = ground_truth_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    # Where the ground truth is in the (possibly re-ranked) list, its place there is its
+    # rank; further down the order is the contrastive one, which the count gives.
+    i2t_all = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)
+    for ranks, hits in ((i2t_rank, i2t_all), (t2i_rank, t2i == t2i_map.unsqueeze(1))):
+        found = hits.any(dim=1)
+        ranks[found.cpu()] = (hits.float().argmax(dim=1) + 1)[found].cpu()
+    return metrics, RetrievalRankings(i2t.cpu(), i2t_s.float().cpu(), t2i.cpu(), t2i_s.float().cpu(),
+                                      None if i2t_match is None else i2t_match.cpu(),
+                                      None if t2i_match is None else t2i_match.cpu(), i2t_rank, t2i_rank)
+
+
+@dataclass
+class RetrievalRankings:
+    """Every query's ranked list, as :func:`retrieval_metrics` computed it.
+
+    ``*_match``: the re-rank scores of the first ``rerank_k`` entries of each list (None
+    without re-ranking). ``*_gt_rank``: 1-based rank of each query's first ground truth
+    in the final order (i2t: -1 for images without captions).
+    """
+
+    i2t: Tensor          # [N, k] caption indices per image
+    i2t_scores: Tensor   # [N, k] similarities
+    t2i: Tensor          # [M, k] image indices per caption
+    t2i_scores: Tensor
+    i2t_match: Tensor | None
+    t2i_match: Tensor | None
+    i2t_gt_rank: Tensor  # [N]
+    t2i_gt_rank: Tensor  # [M]
+
+
+@torch.no_grad()
+def ground_truth_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
+                       chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """1-based rank of each query's first ground truth under the ranking rule (score
+    descending, ties to the lower index), without the N x M matrix.
+
+    t2i: the rank of a caption's image is 1 + the number of images scoring above it (or
+    equal with a lower index). i2t: the image's best caption (highest score, lowest
+    index on ties) is its first hit; its rank is counted the same way. Images without
+    captions get -1. One chunked pass of products and comparisons. The ground truth's
+    own score is a dot product computed apart from the blocks; another key within float
+    rounding of it may fall on either side (the ranked lists themselves are exact).
+    """
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    device = image_emb.device
+    texts = text_emb.to(device)
+    t2i_map = text_to_image.to(device).long()
+    # Score of each caption with its own image.
+    gt_t = torch.cat([(texts[c0 : c0 + chunk_size].float() * image_emb[t2i_map[c0 : c0 + chunk_size]].float()).sum(1)
+                      for c0 in range(0, m, chunk_size)])
+    # Best caption of each image: highest score, lowest caption index on ties.
+    best_s = torch.full((n,), float("-inf"), device=device)
+    best_c = torch.full((n,), m, dtype=torch.long, device=device)
+    seen = torch.zeros(n, dtype=torch.bool, device=device)
+    order = torch.argsort(gt_t, descending=True, stable=True)
+    order = order[torch.argsort(t2i_map[order], stable=True)]  # by image, then score desc, index asc
+    imgs = t2i_map[order]
+    first = torch.ones_like(imgs, dtype=torch.bool)
+    first[1:] = imgs[1:] != imgs[:-1]
+    seen[imgs[first]] = True
+    best_c[imgs[first]] = order[first]
+    best_s[imgs[first]] = gt_t[order[first]]
+    t2i_above = torch.zeros(m, dtype=torch.long, device=device)
+    i2t_above = torch.zeros(n, dtype=torch.long, device=device)
+    cols_all = torch.arange(m, device=device)
+    for r0 in range(0, n, chunk_size):
+        q = image_emb[r0 : r0 + chunk_size].float()
+        rows = torch.arange(r0, r0 + q.shape[0], device=device)
+        for c0 in range(0, m, chunk_size):
+            sim = q @ texts[c0 : c0 + chunk_size].float().T
+            cols = cols_all[c0 : c0 + sim.shape[1]]
+            g = gt_t[cols]
+            # The ground truth itself is never counted (its product here may differ from
+            # the one above in the last bit).
+            gt_row = t2i_map[cols]
+            t2i_above[cols] += (((sim > g) | ((sim == g) & (rows[:, None] < gt_row))) & (rows[:, None] != gt_row)).sum(0)
+            b, bc = best_s[rows, None], best_c[rows, None]
+            i2t_above[rows] += (((sim > b) | ((sim == b) & (cols[None, :] < bc))) & (cols[None, :] != bc)).sum(1)
+    i2t_rank = torch.where(seen, i2t_above + 1, torch.full_like(i2t_above, -1))
+    return i2t_rank.cpu(), (t2i_above + 1).cpu()
 
 
 @torch.no_grad()

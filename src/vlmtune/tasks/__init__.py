@@ -92,6 +92,14 @@ class Task(Protocol):
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         ...
 
+    def evaluate_with_rankings(self, model: nn.Module, records: list[Any], *, device: torch.device, rankings_k: int,
+                               train_records: list[Any] | None = None, progress: bool = False,
+                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """:meth:`evaluate` plus per-query results of the same pass, JSON-ready rows by
+        kind of query ({"t2i": [...], "i2t": [...]} or {"counting": [...]}), for
+        ``vlmtune evaluate --rankings`` (rankings_KIND.jsonl and examples.html)."""
+        ...
+
 
 def task_class(name: str) -> type[Task]:
     """The registered class of task ``name``."""

@@ -207,10 +207,12 @@ def make_loader(records: list[CountRecord], backbone: Backbone, c: CountingConfi
 @torch.no_grad()
 def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoader, device: torch.device, *,
              counting: CountingConfig, max_new_tokens: int, n_generate: int, gen: dict[str, Any],
-             train_records: list[CountRecord] | None = None, progress: bool = False) -> dict[str, Any]:
+             train_records: list[CountRecord] | None = None, progress: bool = False,
+             record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Head metrics beside the majority class, answer perplexity, and answers generated
     (with the ``gen`` settings of ``generate``) for the first ``n_generate`` records;
-    BLEU and ROUGE when every record got one."""
+    BLEU and ROUGE when every record got one. With ``record_rows`` (a list), one JSON-ready
+    row per record is appended to it (see :func:`per_record_rows`)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -218,6 +220,8 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoade
     tok = model.backbone.tokenizer
     k = num_classes(counting)
     preds, labels, generated, refs, true_counts = [], [], [], [], []
+    probs: list[torch.Tensor] = []
+    answer_of: dict[int, str] = {}
     nll, n_tokens = 0.0, 0
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         batch = {key: v.to(device) for key, v in batch.items()}
@@ -226,7 +230,9 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoade
         loss, n = answer_token_loss(logits, batch["labels"])
         nll += float(loss) * n
         n_tokens += n
-        preds.append(model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"])).argmax(-1).cpu())
+        count_logits = model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
+        preds.append(count_logits.argmax(-1).cpu())
+        probs.append(count_logits.float().softmax(-1).cpu())
         labels.append(batch["count"].cpu())
         idx = batch["index"].tolist()
         want = [j for j, i in enumerate(idx) if i < n_generate]
@@ -235,7 +241,9 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoade
             ids = generate_answers(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                    _tiles_of(batch["pixel_values"], batch["num_tiles"], want),
                                    max_new_tokens=max_new_tokens, **gen)
-            generated += decode(tok, ids)
+            answers = decode(tok, ids)
+            generated += answers
+            answer_of.update({idx[j]: a for j, a in zip(want, answers)})
             refs += [records[idx[j]].answer for j in want]
             true_counts += [records[idx[j]].count for j in want]
 
@@ -250,8 +258,33 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoade
     metrics.update(answer_metrics(generated, refs, true_counts, train_records))
     if len(generated) == len(records):  # BLEU/ROUGE only over the whole split
         metrics.update(text_metrics(generated, refs))
+    if record_rows is not None:
+        record_rows += per_record_rows(records, torch.cat(probs), answer_of, counting)
     model.train(was_training)
     return metrics
+
+
+def per_record_rows(records: list[CountRecord], probs: torch.Tensor, answers: dict[int, str],
+                    counting: CountingConfig) -> list[dict[str, Any]]:
+    """One row per record: the image, question, true count and answer, the count head's
+    class with its probability (and every class's), the generated answer and the count
+    parsed from it (None where it states none)."""
+    names = class_names(counting)
+    out = []
+    for i, r in enumerate(records):
+        p = probs[i]
+        k = int(p.argmax())
+        true_class = count_class(r.count, counting.buckets)
+        answer = answers.get(i)
+        parsed = parse_count(answer) if answer is not None else None
+        out.append({
+            "query": i, "image": str(r.image), "question": r.question, "count_true": r.count,
+            "answer_true": r.answer, "count_pred": names[k], "count_pred_class": k, "count_true_class": true_class,
+            "confidence": round(float(p[k]), 4), "prob_true": round(float(p[true_class]), 4),
+            "probabilities": [round(float(x), 4) for x in p], "head_correct": k == true_class,
+            "answer": answer, "answer_count": parsed, "answer_correct": None if answer is None else parsed == r.count,
+        })
+    return out
 
 
 def _tiles_of(pixel_values: torch.Tensor, num_tiles: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -355,3 +388,15 @@ class CountingTask:
                         counting=self.counting, max_new_tokens=self.generation.max_new_tokens, n_generate=len(records),
                         gen=dict(num_beams=self.generation.num_beams, do_sample=False), train_records=train_records,
                         progress=progress)
+
+    def evaluate_with_rankings(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
+                               rankings_k: int, train_records: list[CountRecord] | None = None, progress: bool = False,
+                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """:meth:`evaluate` plus one row per record: {"counting": [...]} (``rankings_k`` is
+        unused: a counting query has one answer, not a ranked list)."""
+        rows: list[dict[str, Any]] = []
+        metrics = evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
+                           counting=self.counting, max_new_tokens=self.generation.max_new_tokens,
+                           n_generate=len(records), gen=dict(num_beams=self.generation.num_beams, do_sample=False),
+                           train_records=train_records, progress=progress, record_rows=rows)
+        return metrics, {"counting": rows}

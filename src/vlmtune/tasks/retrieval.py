@@ -30,7 +30,7 @@ from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features,
 from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
-from vlmtune.metrics.retrieval import retrieval_metrics
+from vlmtune.metrics.retrieval import RetrievalRankings, retrieval_metrics
 from vlmtune.tasks import FeatureCache, data_paths
 
 
@@ -308,8 +308,9 @@ def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device
 
 
 def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: EvalConfig,
-           train_records: list[PairRecord] | None) -> dict[str, Any]:
-    """Retrieval, grounding and relation metrics of the merged outputs."""
+           train_records: list[PairRecord] | None, rankings_k: int = 0) -> tuple[dict[str, Any], RetrievalRankings | None]:
+    """Retrieval, grounding and relation metrics of the merged outputs; with
+    ``rankings_k`` also every query's ranked list (at least ``rankings_k`` long)."""
     # Image ids are 0..n-1 in order of first appearance, so they index the gallery.
     n_img = max(out.images) + 1
     gallery = torch.stack([out.images[i] for i in range(n_img)])
@@ -320,8 +321,12 @@ def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: Ev
         return logits.float().log_softmax(-1)[:, 1].cpu()
 
     rerank = match_score if ev.rerank_k > 0 else None
-    metrics: dict[str, Any] = retrieval_metrics(gallery, texts, t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size,
-                                                rerank=rerank, rerank_k=max(ev.rerank_k, 1), search=ev.search)
+    rankings = None
+    result = retrieval_metrics(gallery, texts, t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size, rerank=rerank,
+                               rerank_k=max(ev.rerank_k, 1), search=ev.search, rankings_k=rankings_k,
+                               return_rankings=rankings_k > 0)
+    metrics: dict[str, Any]
+    metrics, rankings = result if rankings_k > 0 else (result, None)
     metrics["retrieval/n_images"] = n_img
     metrics["retrieval/n_captions"] = len(texts)
     metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())
@@ -337,7 +342,7 @@ def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: Ev
         train_rel = [r.relation for r in train_records or [] if r.relation is not None]
         if train_rel:
             metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
-    return metrics
+    return metrics, rankings
 
 
 @torch.no_grad()
@@ -352,6 +357,15 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, 
     With ``train_records``, baselines (constant box, majority relation) are written
     beside the metrics.
     """
+    return evaluate_with_rankings(model, records, loader_for, device, ev, train_records, progress)[0]
+
+
+@torch.no_grad()
+def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device,
+                           ev: EvalConfig, train_records: list[PairRecord] | None = None, progress: bool = False,
+                           rankings_k: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """:func:`evaluate`, plus with ``rankings_k`` > 0 the per-query results of the same
+    pass: {"t2i": one row per caption, "i2t": one row per image} (see :func:`ranking_rows`)."""
     was_training = model.training
     model.eval()
     rank, world = rank_world()
@@ -359,9 +373,81 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, 
     shard = records if world == 1 else [records[i] for i in rows]
     mine = _embed(model, loader_for(shard), torch.tensor(rows), device, progress)
     merged = EvalOutputs.merge(all_gather_objects(mine))
-    metrics = _score(model, merged, device, ev, train_records)
+    metrics, rankings = _score(model, merged, device, ev, train_records, rankings_k)
     model.train(was_training)
-    return metrics
+    details = ranking_rows(records, merged, rankings, rankings_k) if rankings is not None else {}
+    return metrics, details
+
+
+def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRankings,
+                 k: int) -> dict[str, list[dict[str, Any]]]:
+    """Per-query results as JSON-ready rows.
+
+    t2i (one per caption, in record order): the caption, its image, the 1-based rank of
+    that image, and the top ``k`` images with their similarity (``match``: the matching
+    head's log-probability where re-ranked) and whether each is the ground truth; for
+    grounding records the predicted and true boxes (x0, y0, x1, y1 in pixels) and their
+    IoU, for relation records the predicted and true relation. i2t (one per image):
+    its captions, the rank of the first one, and the top ``k`` captions likewise.
+    """
+    from vlmtune.boxes import paired_box_iou
+
+    path_of: dict[int, str] = {}
+    captions_of: dict[int, list[int]] = {}
+    text_rows = out.cat("text_rows").tolist()
+    for j, rec_index in enumerate(text_rows):
+        r = records[rec_index]
+        path_of.setdefault(r.image_id, str(r.image))
+        captions_of.setdefault(r.image_id, []).append(j)
+    boxes: dict[int, tuple[list[float], list[float]]] = {}
+    if out.box_rows:
+        for i, p, t in zip(out.cat("box_rows").tolist(), out.cat("box_pred").tolist(), out.cat("box_true").tolist()):
+            boxes[i] = (p, t)
+    relations: dict[int, tuple[int, int]] = {}
+    if out.rel_rows:
+        for i, p, t in zip(out.cat("rel_rows").tolist(), out.cat("rel_pred").tolist(), out.cat("rel_true").tolist()):
+            relations[i] = (p, t)
+
+    def entries(idx: torch.Tensor, scores: torch.Tensor, match: torch.Tensor | None, is_gt, describe) -> list[dict]:
+        rows = []
+        for pos, (key, score) in enumerate(zip(idx[:k].tolist(), scores[:k].tolist())):
+            e = {"rank": pos + 1, **describe(key), "score": round(score, 6), "gt": bool(is_gt(key))}
+            if match is not None and pos < match.shape[0]:
+                e["match"] = round(float(match[pos]), 6)
+            rows.append(e)
+        return rows
+
+    t2i_rows = []
+    for j, rec_index in enumerate(text_rows):
+        r = records[rec_index]
+        row: dict[str, Any] = {
+            "query": j, "record": rec_index, "text": r.text, "image": path_of[r.image_id], "image_id": r.image_id,
+            "gt_rank": int(rk.t2i_gt_rank[j]),
+            "top": entries(rk.t2i[j], rk.t2i_scores[j], None if rk.t2i_match is None else rk.t2i_match[j],
+                           lambda i, gt=r.image_id: i == gt, lambda i: {"image_id": i, "image": path_of[i]}),
+        }
+        if rec_index in boxes:
+            pred, true = boxes[rec_index]
+            row["box_pred"] = [round(v, 2) for v in pred]
+            row["box_true"] = [round(v, 2) for v in true]
+            row["iou"] = round(float(paired_box_iou(torch.tensor([pred]), torch.tensor([true]))[0]), 4)
+        if rec_index in relations:
+            pred_rel, true_rel = relations[rec_index]
+            row["relation_pred"], row["relation_true"] = RELATIONS[pred_rel], RELATIONS[true_rel]
+        t2i_rows.append(row)
+
+    texts = [records[i].text for i in text_rows]
+    i2t_rows = []
+    for image_id in sorted(path_of):
+        own = set(captions_of[image_id])
+        i2t_rows.append({
+            "query": image_id, "image": path_of[image_id], "captions": [texts[j] for j in captions_of[image_id]],
+            "gt_rank": int(rk.i2t_gt_rank[image_id]),
+            "top": entries(rk.i2t[image_id], rk.i2t_scores[image_id],
+                           None if rk.i2t_match is None else rk.i2t_match[image_id],
+                           lambda j, own=own: j in own, lambda j: {"text_index": j, "text": texts[j]}),
+        })
+    return {"t2i": t2i_rows, "i2t": i2t_rows}
 
 
 def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
@@ -461,3 +547,13 @@ class RetrievalTask:
             return self.make_loader(shard, model.backbone, train=False, cache=cache)
 
         return evaluate(model, records, loader_for, device, self.eval_cfg, train_records, progress)
+
+    def evaluate_with_rankings(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
+                               rankings_k: int, train_records: list[PairRecord] | None = None, progress: bool = False,
+                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """:meth:`evaluate` plus per-query results: {"t2i": [...], "i2t": [...]} rows."""
+        def loader_for(shard: list[PairRecord]) -> DataLoader:
+            return self.make_loader(shard, model.backbone, train=False, cache=cache)
+
+        return evaluate_with_rankings(model, records, loader_for, device, self.eval_cfg, train_records, progress,
+                                      rankings_k=rankings_k)

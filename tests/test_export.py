@@ -1,0 +1,188 @@
+"""vlmtune export: peft adapter, merged Hugging Face model, self-contained checkpoint.
+
+Each format is loaded back the way its users would (PeftModel.from_pretrained on the
+base InternVL, AutoModelForImageTextToText.from_pretrained, vlmtune's own loader and
+`vlmtune evaluate`) and must give the checkpoint's outputs to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmtune.cli import main
+
+ATOL = 1e-4
+
+
+@pytest.fixture()
+def lora_ckpt(lora_counting_checkpoint: Path) -> Path:
+    return lora_counting_checkpoint
+
+
+@pytest.fixture()
+def retrieval_ckpt(retrieval_checkpoint: Path) -> Path:
+    return retrieval_checkpoint
+
+
+def _load(folder: Path):
+    from vlmtune.checkpoint import open_checkpoint
+    from vlmtune.evaluate import load_model
+
+    ckpt = open_checkpoint(folder)
+    model, _ = load_model(ckpt, torch.device("cpu"))
+    return model, ckpt.cfg
+
+
+def _counting_inputs(model, cfg, image_path: Path):
+    """(input_ids [1, L], pixel_values [tiles, 3, S, S]) of one question about one image."""
+    from vlmtune.backbone import preprocess_images
+    from vlmtune.tasks.counting import prompt_builder
+
+    bb = model.backbone
+    pv, tiles = preprocess_images(bb.image_processor, [Image.open(image_path).convert("RGB")],
+                                  cfg.counting.max_dynamic_patch)
+    ids = prompt_builder(bb, cfg.counting).prompt_ids("How many receipts are in this image?", int(tiles[0]))
+    return torch.tensor([ids]), pv
+
+
+def _first_image(ckpt: Path) -> Path:
+    from vlmtune.checkpoint import open_checkpoint
+
+    test = Path(open_checkpoint(ckpt).state.data_paths["test"])
+    return test.parent / json.loads(test.read_text().splitlines()[0])["image"]
+
+
+@torch.no_grad()
+def _counting_outputs(model, ids, pv):
+    """LM logits over the prompt and the count head's logits, as vlmtune computes them."""
+    logits = model.backbone.model(input_ids=ids, pixel_values=pv).logits
+    hidden = model.hidden_states(ids, torch.ones_like(ids), pv)
+    return logits, model.count_logits(hidden, ids, torch.tensor([ids.shape[1] - 1]))
+
+
+def test_peft_adapter_loads_with_peftmodel_and_matches(lora_ckpt: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(lora_ckpt), "--out", str(out), "--format", "peft"]) == 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "vlmtune_heads.safetensors"} <= {p.name for p in out.iterdir()}
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 4
+    # The trained projector and vision block travel as modules_to_save.
+    assert "model.multi_modal_projector.linear_1" in adapter_cfg["modules_to_save"]
+    assert "model.vision_tower.encoder.layer.1" in adapter_cfg["modules_to_save"]
+
+    model, cfg = _load(lora_ckpt)
+    ids, pv = _counting_inputs(model, cfg, _first_image(lora_ckpt))
+    want, want_count = _counting_outputs(model, ids, pv)
+
+    base = AutoModelForImageTextToText.from_pretrained(lora_ckpt / "backbone").eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids, pixel_values=pv).logits
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter changes the model: the check below means something
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    # LoRA only where vlmtune injected it: the language model, never the vision tower.
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n.split(".")[-1]]
+    assert wrapped and all(".language_model." in n for n in wrapped)
+    assert len(wrapped) == 2 * cfg.backbone.tiny_layers  # q_proj and v_proj of each layer
+    with torch.no_grad():
+        got = peft_model(input_ids=ids, pixel_values=pv).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+
+    heads = load_file(str(out / "vlmtune_heads.safetensors"))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("count_head.")}
+    assert set(heads) == set(own) and all(torch.equal(heads[k], own[k]) for k in own)
+    assert torch.isfinite(want_count).all()
+
+
+def test_merged_loads_in_transformers_and_in_vlmtune(lora_ckpt: Path, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "merged"
+    assert main(["export", str(lora_ckpt), "--out", str(out), "--format", "merged"]) == 0
+    model, cfg = _load(lora_ckpt)
+    ids, pv = _counting_inputs(model, cfg, _first_image(lora_ckpt))
+    want, want_count = _counting_outputs(model, ids, pv)
+
+    hf = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in hf.named_parameters())
+    with torch.no_grad():
+        got = hf(input_ids=ids, pixel_values=pv).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+
+    # vlmtune reads the same folder back: heads beside the merged backbone, no LoRA left.
+    back, back_cfg = _load(out)
+    assert back_cfg.counting.lm_mode == "full"
+    got, got_count = _counting_outputs(back, ids, pv)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(got_count, want_count, atol=ATOL, rtol=1e-4)
+
+    # ...and evaluates it to the checkpoint's own metrics.
+    capsys.readouterr()
+    assert main(["evaluate", str(lora_ckpt), "--output-dir", str(tmp_path / "e0")]) == 0
+    assert main(["evaluate", str(out), "--output-dir", str(tmp_path / "e1")]) == 0
+    m0 = json.loads((tmp_path / "e0/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "e1/metrics.json").read_text())
+    assert m1["count/accuracy"] == m0["count/accuracy"]
+    assert m1["text/perplexity"] == pytest.approx(m0["text/perplexity"], rel=1e-4)
+
+
+def test_vlmtune_format_is_a_self_contained_checkpoint(lora_ckpt: Path, retrieval_ckpt: Path, tmp_path: Path) -> None:
+    from vlmtune.backbone import preprocess_images, tokenize
+
+    out = tmp_path / "counting"
+    assert main(["export", str(lora_ckpt), "--out", str(out), "--format", "vlmtune"]) == 0
+    assert (out / "backbone" / "config.json").is_file() and not (out / "trainer_state.pt").exists()
+    model, cfg = _load(lora_ckpt)
+    ids, pv = _counting_inputs(model, cfg, _first_image(lora_ckpt))
+    want = _counting_outputs(model, ids, pv)
+    back, _ = _load(out)
+    for g, w in zip(_counting_outputs(back, ids, pv), want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=1e-4)
+
+    # A retrieval checkpoint with a trained vision block, in both formats that fit it.
+    model, cfg = _load(retrieval_ckpt)
+    bb = model.backbone
+    pv, _ = preprocess_images(bb.image_processor, [Image.open(_first_image_retrieval(retrieval_ckpt)).convert("RGB")])
+    enc = tokenize(bb.tokenizer, ["a red circle left of a blue square", "a star"], cfg.backbone.max_text_tokens)
+    with torch.no_grad():
+        want_img, want_txt = model.encode_image(pv)[0], model.encode_text(enc["input_ids"], enc["attention_mask"])
+    for fmt in ("vlmtune", "merged"):
+        dest = tmp_path / f"retrieval_{fmt}"
+        assert main(["export", str(retrieval_ckpt), "--out", str(dest), "--format", fmt]) == 0
+        back, _ = _load(dest)
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode_image(pv)[0], want_img, atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(back.encode_text(enc["input_ids"], enc["attention_mask"]), want_txt,
+                                       atol=ATOL, rtol=1e-4)
+
+
+def _first_image_retrieval(ckpt: Path) -> Path:
+    from vlmtune.checkpoint import open_checkpoint
+
+    test = Path(open_checkpoint(ckpt).state.data_paths["test"])
+    return test.parent / json.loads(test.read_text())[0]["image"]
+
+
+def test_export_refusals(retrieval_ckpt: Path, tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["export", str(retrieval_ckpt), "--out", str(tmp_path / "a"), "--format", "peft"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "retrieval" in err and "no LoRA" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
+
+    full = tmp_path / "taken"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main(["export", str(retrieval_ckpt), "--out", str(full), "--format", "vlmtune"]) == 2
+    assert "not empty" in capsys.readouterr().err and (full / "keep.txt").read_text() == "mine"
+
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")]) == 2
+    assert "not found" in capsys.readouterr().err
