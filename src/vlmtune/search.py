@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,17 +196,6 @@ def read_texts(path: Path) -> list[str]:
     return out
 
 
-@dataclass
-class _Rows:
-    """Rows of one kind (images or texts): their items.jsonl entries and embeddings."""
-
-    items: list[dict[str, Any]]
-    emb: list[Tensor]
-
-    def tensor(self, dim: int) -> Tensor:
-        return torch.stack(self.emb) if self.emb else torch.zeros(0, dim)
-
-
 def _stamp(p: Path) -> tuple[int, int]:
     st = p.stat()
     return st.st_size, st.st_mtime_ns
@@ -217,8 +205,6 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
           texts: str | Path | None = None, progress: bool = True, model: Model | None = None) -> dict[str, Any]:
     """``vlmtune embed``: embeddings of a folder's images or a data set's images and
     captions (plus ``texts``) into ``out``; only rows not already there are computed."""
-    from tqdm.auto import tqdm
-
     from vlmtune.api import load
 
     if (images is None) == (data is None):
@@ -232,140 +218,166 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
     extra_texts = read_texts(Path(texts)) if texts is not None else []
     m = model or load(checkpoint)
     m._require("embed_images")
-    dim = int(m.cfg.model.embed_dim)
-    source = {"images": str(Path(images).resolve()) if images else None,
-              "data": str(Path(data).resolve()) if data else None,
-              "texts": str(Path(texts).resolve()) if texts else None}
+    job = _EmbedJob(m, out, {"images": str(Path(images).resolve()) if images else None,
+                             "data": str(Path(data).resolve()) if data else None,
+                             "texts": str(Path(texts).resolve()) if texts else None})
+    job.read_previous()
+    job.plan(images, data)
+    job.embed_images(progress)
+    n_images = sum(r is not None for r in job.img_rows.values())
+    if n_images == 0:
+        raise DataError(f"{images or data}: none of the {len(job.order)} image files could be read "
+                        f"(first: {next(iter(job.unreadable.items()), ('', ''))[1]})")
+    new_texts = job.embed_texts(extra_texts, progress)
+    meta = job.save(final=True)
+    return {**meta, "embedded_images": n_images - job.kept, "kept_images": job.kept, "changed_images": job.changed,
+            "removed_images": len(job.removed), "embedded_texts": len(new_texts), "out": str(out)}
 
-    # What is there already (a previous run into the same folder).
-    old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}
-    old_txt: dict[str, Tensor] = {}
-    if (out / "embed.json").is_file():
+
+class _EmbedJob:
+    """One ``vlmtune embed`` run: what the output folder already holds, what to embed,
+    and the writer of the folder's files (saved every FLUSH_EVERY images and at the end)."""
+
+    def __init__(self, model: Model, out: Path, source: dict[str, str | None]):
+        self.m, self.out, self.source = model, out, source
+        self.dim = int(model.cfg.model.embed_dim)
+        self.old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}  # path -> (row, embedding) from before
+        self.txt_emb: dict[str, Tensor] = {}                          # text -> embedding (before and now)
+        self.order: list[str] = []                                     # image paths, in output order
+        self.captions: list[tuple[str, int | None]] = []               # a data set's (caption, image id)
+        self.img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}  # None: still to embed
+        self.text_rows: list[dict[str, Any]] = []
+        self.todo: list[tuple[str, int, int]] = []                     # (path, size, mtime_ns) to embed
+        self.unreadable: dict[str, str] = {}
+        self.removed: list[str] = []
+        self.kept = self.changed = 0
+        self.from_folder = source["images"] is not None
+
+    def read_previous(self) -> None:
+        """Rows of a previous run into the same folder (same checkpoint and source only)."""
+        out = self.out
+        if not (out / "embed.json").is_file():
+            if out.exists() and any(out.iterdir()):
+                raise VlmtuneError(f"{out}: exists and is not an embed folder (no embed.json); choose an empty or new folder")
+            return
         meta, tensors, old_items = read_embed_folder(out)
-        if meta.get("fingerprint") != m.fingerprint:
+        if meta.get("fingerprint") != self.m.fingerprint:
             raise CheckpointError(f"{out}: holds embeddings made by another checkpoint ({meta.get('checkpoint')}); "
                                   f"choose another --out")
-        if (meta.get("source") or {}).get("images") != source["images"] or (meta.get("source") or {}).get("data") != source["data"]:
+        before = meta.get("source") or {}
+        if before.get("images") != self.source["images"] or before.get("data") != self.source["data"]:
             raise DataError(f"{out}: holds embeddings of {meta.get('source')}, not of this source; choose another --out")
         for row in old_items:
             if row.get("kind") == "image":
-                old_img[row["path"]] = (row, tensors["images"][row["id"]])
+                self.old_img[row["path"]] = (row, tensors["images"][row["id"]])
             elif row.get("kind") == "text":
-                old_txt.setdefault(row["text"], tensors["texts"][row["id"]])
-    elif out.exists() and any(out.iterdir()):
-        raise VlmtuneError(f"{out}: exists and is not an embed folder (no embed.json); choose an empty or new folder")
+                self.txt_emb.setdefault(row["text"], tensors["texts"][row["id"]])
 
-    # The images wanted, in order: kept rows first (as they were), then new files.
-    captions: list[tuple[str, int | None]] = []
-    if images is not None:
-        files = image_files(Path(images))
-        if not files:
-            raise DataError(f"{images}: holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        wanted = [str(p.resolve()) for p in files]
-        present = set(wanted)
-        order = [p for p in old_img if p in present] + [p for p in wanted if p not in old_img]
-    else:
-        records = m.task.read_split(str(data))
-        by_id: dict[int, Path] = {}
-        for r in records:
-            by_id.setdefault(r.image_id, r.image)
-        order = [str(Path(by_id[i]).resolve()) for i in sorted(by_id)]
-        captions = [(r.text, r.image_id) for r in records]
-    removed = [p for p in old_img if p not in set(order)]
-
-    img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}
-    todo, changed, kept = [], 0, 0
-    unreadable: dict[str, str] = {}
-    for p in list(order):
-        try:
-            size, mtime = _stamp(Path(p))
-        except OSError as e:  # gone or unreadable since the folder was listed
-            unreadable[p] = f"{p}: cannot read ({e.strerror or e})"
-            log.warning("skipped %s", unreadable[p])
-            continue
-        prev = old_img.get(p)
-        if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
-            img_rows[p] = prev
-            kept += 1
+    def plan(self, images: str | Path | None, data: str | Path | None) -> None:
+        """The images wanted, in order (kept rows first, as they were, then new files), and
+        which of them need embedding (new, or changed in size or mtime)."""
+        if images is not None:
+            files = image_files(Path(images))
+            if not files:
+                raise DataError(f"{images}: holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            wanted = [str(p.resolve()) for p in files]
+            present = set(wanted)
+            self.order = [p for p in self.old_img if p in present] + [p for p in wanted if p not in self.old_img]
         else:
-            changed += prev is not None
-            img_rows[p] = None
-            todo.append((p, size, mtime))
+            records = self.m.task.read_split(str(data))
+            by_id: dict[int, Path] = {}
+            for r in records:
+                by_id.setdefault(r.image_id, r.image)
+            self.order = [str(Path(by_id[i]).resolve()) for i in sorted(by_id)]
+            self.captions = [(r.text, r.image_id) for r in records]
+        self.removed = [p for p in self.old_img if p not in set(self.order)]
+        for p in self.order:
+            try:
+                size, mtime = _stamp(Path(p))
+            except OSError as e:  # gone or unreadable since the folder was listed
+                self.unreadable[p] = f"{p}: cannot read ({e.strerror or e})"
+                log.warning("skipped %s", self.unreadable[p])
+                continue
+            prev = self.old_img.get(p)
+            if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
+                self.img_rows[p] = prev
+                self.kept += 1
+            else:
+                self.changed += prev is not None
+                self.img_rows[p] = None
+                self.todo.append((p, size, mtime))
 
-    text_rows: list[dict[str, Any]] = []
-    txt_emb: dict[str, Tensor] = dict(old_txt)
+    def embed_images(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
 
-    def rows_now() -> tuple[list[dict[str, Any]], Tensor, Tensor]:
+        from vlmtune.data.formats import load_image
+
+        bar = tqdm(total=len(self.todo), desc="embed images", unit="img", disable=not progress)
+        since_save = 0
+        for s in range(0, len(self.todo), self.m.batch_size):
+            batch = self.todo[s:s + self.m.batch_size]
+            loaded = []
+            for p, size, mtime in batch:
+                try:
+                    loaded.append((p, size, mtime, load_image(Path(p))))
+                except DataError as e:
+                    self.unreadable[p] = str(e)
+                    log.warning("skipped %s", e)
+            if loaded:
+                emb = self.m.embed_images([x[3] for x in loaded])
+                for (p, size, mtime, _), e in zip(loaded, emb):
+                    self.img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, e)
+            bar.update(len(batch))
+            since_save += len(batch)
+            if since_save >= FLUSH_EVERY:
+                self.save()
+                since_save = 0
+        bar.close()
+
+    def embed_texts(self, extra_texts: list[str], progress: bool) -> list[str]:
+        """Captions (the data set's, in record order, then --texts); each distinct text
+        embedded once. Returns the texts embedded now."""
+        rows = [{"text": t, "image": i} for t, i in self.captions if self.order[i] not in self.unreadable]
+        self.text_rows = rows + [{"text": t} for t in extra_texts]
+        new_texts = list(dict.fromkeys(r["text"] for r in self.text_rows if r["text"] not in self.txt_emb))
+        if new_texts:
+            self.txt_emb.update(zip(new_texts, self.m.embed_texts(new_texts, progress=progress)))
+        return new_texts
+
+    def rows(self) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
+        """items.jsonl rows and the image and text matrices, as they stand now."""
         items, img_e = [], []
         id_of: dict[str, int] = {}
-        for p in order:
-            r = img_rows.get(p)
+        for p in self.order:
+            r = self.img_rows.get(p)
             if r is None:
                 continue
             id_of[p] = len(img_e)
             items.append({**r[0], "id": len(img_e)})
             img_e.append(r[1])
         t_e = []
-        for row in text_rows:
+        for row in self.text_rows:
             entry = {"id": len(t_e), "kind": "text", "text": row["text"]}
             if row.get("image") is not None:
-                img = order[row["image"]] if images is None else None
+                img = self.order[row["image"]] if not self.from_folder else None
                 entry["image"] = id_of.get(img) if img is not None else None
             items.append(entry)
-            t_e.append(txt_emb[row["text"]])
-        return (items, torch.stack(img_e) if img_e else torch.zeros(0, dim),
-                torch.stack(t_e) if t_e else torch.zeros(0, dim))
+            t_e.append(self.txt_emb[row["text"]])
+        return (items, torch.stack(img_e) if img_e else torch.zeros(0, self.dim),
+                torch.stack(t_e) if t_e else torch.zeros(0, self.dim))
 
-    def save(final: bool = False) -> dict[str, Any]:
-        items, img_t, txt_t = rows_now()
+    def save(self, final: bool = False) -> dict[str, Any]:
+        items, img_t, txt_t = self.rows()
+        out, m = self.out, self.m
         out.mkdir(parents=True, exist_ok=True)
         _save_tensors(out / "embeddings.safetensors", {"images": img_t, "texts": txt_t})
         _write_jsonl(out / "items.jsonl", items)
         meta = {"format": EMBED_FORMAT, "checkpoint": str(Path(m.folder).resolve()), "fingerprint": m.fingerprint,
-                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": dim,
-                "source": source, "images": len(img_t), "texts": len(txt_t),
-                "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()], "complete": final}
+                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": self.dim,
+                "source": self.source, "images": len(img_t), "texts": len(txt_t),
+                "unreadable": [{"path": p, "error": e} for p, e in self.unreadable.items()], "complete": final}
         _write_atomic(out / "embed.json", lambda f: f.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
         return meta
-
-    from vlmtune.data.formats import load_image
-
-    bar = tqdm(total=len(todo), desc="embed images", unit="img", disable=not progress)
-    since_save = 0
-    for s in range(0, len(todo), m.batch_size):
-        batch = todo[s:s + m.batch_size]
-        loaded = []
-        for p, size, mtime in batch:
-            try:
-                loaded.append((p, size, mtime, load_image(Path(p))))
-            except DataError as e:
-                unreadable[p] = str(e)
-                log.warning("skipped %s", e)
-        if loaded:
-            emb = m.embed_images([x[3] for x in loaded])
-            for (p, size, mtime, _), e in zip(loaded, emb):
-                img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, e)
-        bar.update(len(batch))
-        since_save += len(batch)
-        if since_save >= FLUSH_EVERY:
-            save()
-            since_save = 0
-    bar.close()
-    n_images = sum(r is not None for r in img_rows.values())
-    if n_images == 0:
-        raise DataError(f"{images or data}: none of the {len(order)} image files could be read "
-                        f"(first: {next(iter(unreadable.items()), ('', ''))[1]})")
-
-    # Captions: the data set's (record order), then --texts; each distinct text embedded once.
-    text_rows = [{"text": t, "image": i} for t, i in captions if order[i] not in unreadable] if captions else []
-    text_rows += [{"text": t} for t in extra_texts]
-    new_texts = list(dict.fromkeys(r["text"] for r in text_rows if r["text"] not in txt_emb))
-    if new_texts:
-        emb = m.embed_texts(new_texts, progress=progress)
-        txt_emb.update(zip(new_texts, emb))
-    meta = save(final=True)
-    return {**meta, "embedded_images": n_images - kept, "kept_images": kept, "changed_images": changed,
-            "removed_images": len(removed), "embedded_texts": len(new_texts), "out": str(out)}
 
 
 # --------------------------------------------------------------------------- exact search
