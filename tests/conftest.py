@@ -9,6 +9,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread, here and in the commands tests start as processes: the tiny models
+# gain nothing from a second one (measured on 2 cores), and when other work shares the
+# cores, OpenMP threads waiting on each other made whole runs 5-10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,13 +31,45 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def small_set(scenes: Path) -> list[str]:
+    """Overrides that make any retrieval config run in seconds on the small set."""
+    return [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.batch_size=8", "train.progress=false",
+            "eval.batch_size=16"]
+
+
 @pytest.fixture()
 def fast(scenes: Path) -> list[str]:
-    """Overrides that make any retrieval config run in seconds on the small set."""
-    return [
-        f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2", "train.batch_size=8",
-        "train.progress=false", "eval.batch_size=16",
-    ]
+    """small_set, two epochs."""
+    return [*small_set(scenes), "train.epochs=2"]
+
+
+TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
+ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
+# With small_set: 88 training records, batch 8: 11 steps an epoch, stage 2 from epoch 2.
+RESUMABLE = ["stages.1.start_epoch=1", "train.epochs=3", "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Path:
+    """The uninterrupted two-stage run (small_set + RESUMABLE) that every interrupted and
+    resumed run must end equal to. Shared by several tests: read it, never write into it."""
+    from vlmtune.cli import main
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", TWO_STAGE, "--output-dir", str(out), *small_set(scenes), *RESUMABLE]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def one_stage_run(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Path:
+    """One epoch of the two-stage config's first stage alone (adapters and heads) on the
+    small set: a run whose checkpoints tests evaluate or load. Shared by several tests:
+    copy a checkpoint before writing into it."""
+    from vlmtune.cli import main
+
+    out = tmp_path_factory.mktemp("one_stage") / "run"
+    assert main(["train", TWO_STAGE, "--output-dir", str(out), *small_set(scenes), "train.epochs=1", ONE_STAGE]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

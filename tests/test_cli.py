@@ -1,6 +1,7 @@
 """Whole commands through main(argv): the run-directory contract, evaluate, resume, errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from vlmtune.cli import main
 from vlmtune.history import read_history
 
-from conftest import CONFIGS
+from conftest import CONFIGS, RESUMABLE, small_set
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 STAGES = ["stages.1.start_epoch=1"]
@@ -55,22 +56,21 @@ def test_two_stage_run_writes_the_run_directory(tmp_path: Path, fast: list[str])
         assert again[key] == pytest.approx(m[key]), key
 
 
-def test_evaluate_on_another_data_file(tmp_path: Path, fast: list[str], scenes: Path) -> None:
-    out = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=1", "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"]) == 0
-    assert main(["evaluate", str(out / "checkpoints/last"), "--data", str(scenes / "val.json")]) == 0
-    m = json.loads((out / "checkpoints/last/eval/metrics.json").read_text())
+def test_evaluate_on_another_data_file(tmp_path: Path, one_stage_run: Path, scenes: Path) -> None:
+    ckpt = tmp_path / "last"  # a copy: evaluate writes into the checkpoint folder
+    shutil.copytree(one_stage_run / "checkpoints/last", ckpt)
+    assert main(["evaluate", str(ckpt), "--data", str(scenes / "val.json")]) == 0
+    m = json.loads((ckpt / "eval/metrics.json").read_text())
     assert m["eval/data"].endswith("val.json")
     n_val = len({r["image"] for r in json.loads((scenes / "val.json").read_text())})
     assert m["retrieval/n_images"] == n_val
 
 
-def test_resume_continues_exactly(tmp_path: Path, fast: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_exactly(tmp_path: Path, scenes: Path, straight: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A run stopped after its first epoch and resumed ends with the same weights and
-    metrics as one that ran straight through."""
-    args = [*fast, *STAGES, "train.epochs=3"]
-    straight = tmp_path / "straight"
-    assert main(["train", TWO_STAGE, "--output-dir", str(straight), *args]) == 0
+    metrics as one that ran straight through (conftest's `straight`, same arguments)."""
+    args = [*small_set(scenes), *RESUMABLE]
 
     import vlmtune.train as tr
 
@@ -133,8 +133,6 @@ def test_missing_data_file_is_named(tmp_path: Path, capsys, fast: list[str]) -> 
 
 
 def test_corrupt_image_is_named(tmp_path: Path, capsys, fast: list[str], scenes: Path) -> None:
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(scenes, data)
     first = json.loads((data / "train.json").read_text())[0]["image"]
@@ -177,11 +175,9 @@ def test_early_stopping_accumulation_and_rerank(tmp_path: Path, fast: list[str],
     assert m["train/steps"] == 2 * -(-batches // 2)
 
 
-def test_evaluate_retrieval_format_without_boxes(tmp_path: Path, fast: list[str], scenes: Path) -> None:
+def test_evaluate_retrieval_format_without_boxes(tmp_path: Path, one_stage_run: Path, scenes: Path) -> None:
     """A plain retrieval file (caption lists, no boxes or relations) evaluates retrieval only."""
-    out = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=1",
-                 "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"]) == 0
+    out = one_stage_run
     records = json.loads((scenes / "test.json").read_text())
     by_image: dict[str, list[str]] = {}
     for r in records:

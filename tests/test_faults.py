@@ -18,25 +18,10 @@ from safetensors.torch import load_file
 from vlmtune.cli import main
 from vlmtune.history import read_history
 
-from conftest import CONFIGS, ROOT
+from conftest import RESUMABLE, ROOT, TWO_STAGE, small_set
 
-TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
-# 88 training records, batch 8: 11 steps an epoch, stage 2 from epoch 2.
-EXTRA = ["stages.1.start_epoch=1", "train.epochs=3", "train.log_every=1"]
+# The uninterrupted reference run is conftest's `straight`: small_set + RESUMABLE.
 IGNORED = ("wall_s", "peak_mem_mb", "cache", "train_wall_s")
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Path:
-    """The uninterrupted reference run."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *_fast(scenes), *EXTRA]) == 0
-    return out
-
-
-def _fast(scenes: Path) -> list[str]:
-    return [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.batch_size=8", "train.progress=false",
-            "eval.batch_size=16"]
 
 
 def _history(run: Path) -> list[dict]:
@@ -94,7 +79,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path: Path, scenes: Pat
 
     _counting_forward(monkeypatch, sigterm_at_15)
     run = tmp_path / "run"
-    args = ["train", TWO_STAGE, "--output-dir", str(run), *_fast(scenes), *EXTRA]
+    args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]
     assert main(args) == 143
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -117,7 +102,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path: Path, scenes: Path,
 
     _counting_forward(monkeypatch, nan_some)
     run = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(run), *_fast(scenes), "stages.1.start_epoch=1",
+    assert main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "stages.1.start_epoch=1",
                  "train.epochs=2", "train.log_every=1", "train.max_bad_steps=3"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["train/bad_steps"] == 2 and m["train/steps"] == 22
@@ -132,7 +117,7 @@ def test_a_run_of_non_finite_losses_stops_with_a_checkpoint(tmp_path: Path, scen
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _counting_forward(monkeypatch, lambda n, t: dict(t, contrastive=t["contrastive"] * float("inf")) if n >= 3 else t)
     run = tmp_path / "run"
-    code = main(["train", TWO_STAGE, "--output-dir", str(run), *_fast(scenes), "train.epochs=1",
+    code = main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "train.epochs=1",
                  "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]", "train.max_bad_steps=2"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -145,7 +130,7 @@ def test_a_run_of_non_finite_losses_stops_with_a_checkpoint(tmp_path: Path, scen
 
 def test_keep_last_rotates_older_checkpoints(tmp_path: Path, scenes: Path) -> None:
     run = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(run), *_fast(scenes), "train.epochs=3", "train.keep_last=2",
+    assert main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "train.epochs=3", "train.keep_last=2",
                  "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]"]) == 0
     folders = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert folders == ["best", "last", "last-1"]
@@ -178,17 +163,46 @@ def _step_lines(run: Path) -> int:
         return 0
 
 
-def test_sigkill_at_several_points_then_resume(tmp_path: Path, scenes: Path, straight: Path) -> None:
-    """`vlmtune train` as a process, killed with SIGKILL after its first checkpoint
-    appears, in the middle of an epoch, right after a checkpoint's rename, and stopped
-    by SIGTERM; each time `--resume` continues; the end equals the straight run."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vlmtune.cli", "train", TWO_STAGE, "--output-dir", str(run), *_fast(scenes), *EXTRA]
+def _starter(run: Path, scenes: Path):
+    """``start(resume)`` starts `vlmtune train` (the straight run's arguments) into ``run``
+    as a process of its own."""
+    cmd = [sys.executable, "-m", "vlmtune.cli", "train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes),
+           *RESUMABLE]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def start(resume: bool) -> subprocess.Popen:
         return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    return start
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path: Path, scenes: Path, straight: Path) -> None:
+    """`vlmtune train` as a process, killed with SIGKILL in the middle of its second epoch:
+    the last checkpoint is the first epoch's, the history has step lines past it, and
+    `--resume` ends exactly as the straight run. (Three more points: the slow test below.)"""
+    run = tmp_path / "run"
+    start = _starter(run, scenes)
+    p = start(False)
+    _wait(p, lambda: _step_lines(run) >= 14, "step 14")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    st = _state(run)
+    assert st["epoch"] == 1  # nothing newer was saved
+    assert st["history_lines"] < len((run / "history.jsonl").read_text().splitlines())  # lines a resume must drop
+    p = start(True)
+    _, err = p.communicate(timeout=400)
+    assert p.returncode == 0, err
+    _assert_same_run(straight, run)
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume(tmp_path: Path, scenes: Path, straight: Path) -> None:
+    """`vlmtune train` as a process, killed with SIGKILL after its first checkpoint
+    appears, in the middle of an epoch, right after a checkpoint's rename, and stopped
+    by SIGTERM; each time `--resume` continues; the end equals the straight run."""
+    run = tmp_path / "run"
+    start = _starter(run, scenes)
 
     # 1. right after the first checkpoint appears
     p = start(False)
