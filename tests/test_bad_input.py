@@ -216,7 +216,7 @@ DATA_CASES = [
     # counting
     DataCase("count-above-max", "counting", _set(1, count=9), ("line 2", "'count' 9 is above max_count 3")),
     DataCase("count-negative", "counting", _set(1, count=-1), ("line 2", "'count' is negative")),
-    DataCase("count-wrong-type", "counting", _set(1, count="2"), ("line 2", "'count' must be an integer")),
+    DataCase("count-wrong-type", "counting", _set(1, count="2.5"), ("line 2", "'count' must be an integer")),
     DataCase("jsonl-malformed-line", "counting", _jsonl_line(2, '{"image": "x.png", "count": '), ("line 3", "not valid JSON")),
     DataCase("question-empty", "counting", _set(1, question=""), ("line 2", "'question' is empty")),
     DataCase("counting-duplicate", "counting", _duplicate, ("duplicate of line 1", "same image and question")),

@@ -10,6 +10,7 @@ holds a fingerprint of the weights).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.tasks import FeatureCache, Task, build_task, read_split
 
 
 def default_device() -> torch.device:
@@ -52,15 +53,28 @@ def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
     return str(source), train if train and Path(train).is_file() else None
 
 
+def _records(ckpt: Checkpoint, source: str, train_path: str | None,
+             image_root: str | None) -> tuple[list[Any], list[Any] | None]:
+    """The test split of ``source`` (read with ``image_root`` where given, as --image-root
+    asks) and the checkpoint's training split for the baselines (read as it trained)."""
+    task = build_task(ckpt.cfg)
+    source_task = task
+    if image_root is not None:
+        cfg = dataclasses.replace(ckpt.cfg, data=dataclasses.replace(ckpt.cfg.data, image_root=image_root))
+        source_task = build_task(cfg)
+    records = read_split(source_task, source, "test")
+    return records, read_split(task, train_path, "train") if train_path else None
+
+
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
+                        progress: bool = True, image_root: str | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data`` (images under
+    ``image_root`` where given); writes metrics.json."""
     ckpt = open_checkpoint(path)
     device = default_device()
     model, task = load_model(ckpt, device)
     source, train_path = _splits(ckpt, data)
-    records = task.read_split(source)
-    train_records = task.read_split(train_path) if train_path else None
+    records, train_records = _records(ckpt, source, train_path, image_root)
     metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
@@ -71,7 +85,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
 
 
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
-                  output_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]]:
+                  output_dir: str | Path, progress: bool = True, image_root: str | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -94,9 +108,7 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     device = default_device()
     first = ckpts[0]
     source, train_path = _splits(first, data)
-    records_task = build_task(first.cfg)
-    records = records_task.read_split(source)
-    train_records = records_task.read_split(train_path) if train_path else None
+    records, train_records = _records(first, source, train_path, image_root)
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
