@@ -504,12 +504,19 @@ def hf_rows(ck: _Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
     if path.name.lower() in ("metadata.jsonl", "metadata.csv"):
         return _metadata_rows(ck, path, "")
     ds_mod = _datasets()
+    if not path.is_dir():
+        # A parquet file is read straight through pyarrow (datasets' own engine), so
+        # nothing is written to a cache: read-only data and no side effects.
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(str(path))
+        except Exception as e:  # pyarrow raises several kinds for a bad file
+            raise _bad(f"cannot read as parquet: {type(e).__name__}: {e}") from None
+        return [(f"record {i}", _hf_image(rec)) for i, rec in enumerate(table.to_pylist())]
     try:
-        if path.is_dir():
-            loaded = ds_mod.load_from_disk(str(path))
-        else:
-            loaded = ds_mod.Dataset.from_parquet(str(path), cache_dir=None, keep_in_memory=True)
-    except Exception as e:  # datasets raises many kinds for a bad folder or file
+        loaded = ds_mod.load_from_disk(str(path))  # memory-maps the arrow files; writes nothing
+    except Exception as e:  # datasets raises many kinds for a bad folder
         raise _bad(f"cannot load with datasets: {type(e).__name__}: {e}") from None
     parts = dict(loaded) if isinstance(loaded, ds_mod.DatasetDict) else {"": loaded}
     rows = []
