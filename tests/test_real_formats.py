@@ -87,6 +87,21 @@ def test_without_the_image_root_the_message_says_how(tmp_path: Path, capsys: pyt
     assert code == 1 and "image not found" in out and "--image-root" in out
 
 
+def test_image_root_symlink_works_and_links_out_stay_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = ff.coco_captions(tmp_path / "coco")
+    link = tmp_path / "shared"  # the declared root is itself a symlink to "shared storage"
+    link.symlink_to(layout.image_root, target_is_directory=True)
+    code, out, _ = _run(capsys, ["data", "validate", str(layout.train), "--image-root", str(link)])
+    assert code == 0, out
+    outside = tmp_path / "elsewhere.jpg"
+    ff._image(outside, 0)
+    first = layout.image_root / "COCO_val2014_000000000100.jpg"
+    first.unlink()
+    first.symlink_to(outside)
+    code, out, _ = _run(capsys, ["data", "validate", str(layout.train), "--image-root", str(link)])
+    assert code == 1 and "record 0: image path 'COCO_val2014_000000000100.jpg' leads outside the data set's folder" in out
+
+
 def test_one_file_all_splits(tmp_path: Path) -> None:
     """Karpathy and refer: each split takes its own records; restval trains; test = testA + testB."""
     k = ff.karpathy_coco(tmp_path / "k")

@@ -50,7 +50,7 @@ def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
     if not source:
         raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
     train = paths.get("train")
-    return str(source), train if train and Path(train).is_file() else None
+    return str(source), train if train and Path(train).exists() else None
 
 
 def _records(ckpt: Checkpoint, source: str, train_path: str | None,

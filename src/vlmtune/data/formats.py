@@ -765,7 +765,7 @@ def _apply(scan: Scan, on_error: OnError) -> list[Any]:
 
 def _report(scan: Scan) -> None:
     """Say in the log what was detected and what a reader changed or left out on purpose."""
-    if scan.format:
+    if scan.splits:  # the format itself was logged when detected
         splits = f" ({', '.join(f'{k} {v}' for k, v in scan.splits.items())} records by split)" if scan.splits else ""
         log.info("%s: read as format '%s'%s", scan.path, scan.format, splits)
     for what, n in scan.counts.items():

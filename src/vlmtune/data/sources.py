@@ -190,8 +190,12 @@ def pair_items(ck: _Checker, path: Path) -> list[Item]:
         return _refer_items(ck, path)
     data = _load_json(path) if data is None else data
     if fmt == "coco":
+        if not (isinstance(data, dict) and "images" in data and "annotations" in data):
+            raise _bad("format 'coco' expects an object with 'images' and 'annotations' (COCO captions)")
         return _coco_items(ck, data)
     if fmt == "karpathy":
+        if not (isinstance(data, dict) and "images" in data):
+            raise _bad("format 'karpathy' expects an object with 'images' (dataset_coco.json, dataset_flickr30k.json)")
         return _karpathy_items(ck, data)
     if not isinstance(data, list):
         raise _bad(f"format '{fmt}' expects a list of records at the top level")
