@@ -285,3 +285,12 @@ def test_read_only_data_trains_and_evaluates(tmp_path: Path, capsys: pytest.Capt
     finally:
         for p in [folder, *folder.rglob("*")]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_missing_hf_extra_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = _build("hf-parquet", tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError) as e:
+        read_counting(layout.train)
+    msg = str(e.value)
+    assert msg.startswith(str(layout.train)) and "pip install 'vlmtune[hf]'" in msg and "\n" not in msg

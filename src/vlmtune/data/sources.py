@@ -491,11 +491,14 @@ def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
 # --------------------------------------------------------------------------- Hugging Face datasets
 
 
+_NEEDS_HF = "reading a Hugging Face datasets layout needs the 'hf' extra: pip install 'vlmtune[hf]'"
+
+
 def _datasets() -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError("reading Hugging Face datasets layouts needs the 'hf' extra: pip install 'vlmtune[hf]'") from None
+        raise _bad(_NEEDS_HF) from None
     return datasets
 
 
@@ -511,7 +514,10 @@ def hf_rows(ck: _Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_dir():
         # A parquet file is read straight through pyarrow (datasets' own engine), so
         # nothing is written to a cache: read-only data and no side effects.
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise _bad(_NEEDS_HF) from None
 
         try:
             table = pq.read_table(str(path))
