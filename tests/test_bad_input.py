@@ -216,7 +216,7 @@ DATA_CASES = [
     # counting
     DataCase("count-above-max", "counting", _set(1, count=9), ("line 2", "'count' 9 is above max_count 3")),
     DataCase("count-negative", "counting", _set(1, count=-1), ("line 2", "'count' is negative")),
-    DataCase("count-wrong-type", "counting", _set(1, count="2"), ("line 2", "'count' must be an integer")),
+    DataCase("count-wrong-type", "counting", _set(1, count="2.5"), ("line 2", "'count' must be an integer")),
     DataCase("jsonl-malformed-line", "counting", _jsonl_line(2, '{"image": "x.png", "count": '), ("line 3", "not valid JSON")),
     DataCase("question-empty", "counting", _set(1, question=""), ("line 2", "'question' is empty")),
     DataCase("counting-duplicate", "counting", _duplicate, ("duplicate of line 1", "same image and question")),
@@ -358,6 +358,110 @@ def test_on_error_skip_trains_and_reports(tmp_path: Path, capsys: pytest.Capture
     assert json.loads((out / "metrics.json").read_text())["train/epochs"] == 1
 
 
+# --------------------------------------------------------------------------- the real formats' bad cases
+# Each breaks one record (or the file) of a faithful copy of a downloaded layout
+# (tests/formats_fixtures.py) and runs validate (exit 1) and train (exit 2) on it with
+# the image root the format uses; the message names the file and the record.
+
+
+def _edit_json(path: Path, fn: Callable[[Any], None]) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_refs(path: Path, fn: Callable[[Any], None]) -> None:
+    import pickle
+
+    refs = pickle.loads(path.read_bytes())
+    fn(refs)
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+
+
+def _edit_lines(path: Path, i: int, line: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[i] = line
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class FormatCase:
+    id: str
+    layout: str  # a formats_fixtures.BUILDERS name
+    fn: Callable[[Any], Any]  # breaks the layout's training file (or an image it uses)
+    expect: tuple[str, ...]
+
+
+FORMAT_CASES = [
+    FormatCase("coco-image-id-unknown", "coco",
+               lambda L: _edit_json(L.train, lambda d: d["annotations"][3].update(image_id=999)),
+               ("captions_val2014.json: record 3", "image_id 999 is not in 'images'")),
+    FormatCase("coco-instances-bbox", "coco",
+               lambda L: _edit_json(L.train, lambda d: d["annotations"][1].update(bbox=[1, 2, 3, 4])),
+               ("record 1", "field 'bbox' carries a box that format 'coco' does not read")),
+    FormatCase("karpathy-sentence-without-raw", "karpathy-flickr30k",
+               lambda L: _edit_json(L.train, lambda d: d["images"][2]["sentences"].__setitem__(1, {"sentid": 11})),
+               ("dataset_flickr30k.json: record 2", "sentence 1 has no 'raw' text")),
+    FormatCase("karpathy-image-missing", "karpathy-flickr30k",
+               lambda L: (L.image_root / "1000092795.jpg").unlink(),
+               ("dataset_flickr30k.json: record 0", "image not found", "1000092795.jpg")),
+    FormatCase("albef-path-escapes-image-root", "albef",
+               lambda L: _edit_json(L.train, lambda d: d[1].update(image="../data/coco_train.json")),
+               ("coco_train.json: record 1", "leads outside the data set's folder")),
+    FormatCase("refer-ann-id-unknown", "refcoco-refer",
+               lambda L: _edit_refs(L.train, lambda r: r[1].update(ann_id=123)),
+               ("refs(unc).p: record 1", "ann_id 123 is not in instances.json")),
+    FormatCase("refer-pickle-names-a-class", "refcoco-refer",
+               lambda L: _edit_refs(L.train, lambda r: r[0].update(split=Path("train"))),
+               ("refs(unc).p", "refuses to build 'pathlib", "only plain data")),
+    FormatCase("geotext-sentences-bboxes-mismatch", "geotext",
+               lambda L: _edit_json(L.train, lambda d: d[2]["bboxes"].pop()),
+               ("train.json: record 2", "3 sentences but 2 bboxes")),
+    FormatCase("geotext-box-in-pixels", "geotext",
+               lambda L: _edit_json(L.train, lambda d: d[1]["bboxes"].__setitem__(0, [20, 20, 10, 10])),
+               ("train.json: record 1 sentence 0", "is not normalised to 0-1")),
+    FormatCase("csv-count-not-whole", "csv", lambda L: _edit_lines(L.train, 3, "receipt_0002.jpg,2.5"),
+               ("train.csv: line 4", "'count' must be an integer", "2.5")),
+    FormatCase("csv-row-too-long", "csv", lambda L: _edit_lines(L.train, 2, "receipt_0001.jpg,1,extra"),
+               ("train.csv: line 3", "cells but the header has 2")),
+    FormatCase("csv-no-count-column", "csv", lambda L: _edit_lines(L.train, 0, "filename,receipts"),
+               ("train.csv", "needs an image column", "count column")),
+    FormatCase("counting-unread-bbox", "counting",
+               lambda L: _edit_lines(L.train, 1, json.dumps({"image": "images/1.png", "count": 1, "bbox": [1, 1, 2, 2]})),
+               ("counts.jsonl: line 2", "field 'bbox' carries a box that format 'counting' does not read")),
+    FormatCase("hf-imagefolder-file-missing", "hf-imagefolder",
+               lambda L: (L.train / "train" / "1.png").unlink(),
+               ("train metadata.jsonl line 2", "image not found")),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[c.id for c in FORMAT_CASES])
+def test_bad_real_format(case: FormatCase, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import formats_fixtures as ff
+
+    layout = ff.BUILDERS[case.layout](tmp_path / "data")
+    case.fn(layout)
+    path = layout.train
+    root = ["--image-root", str(layout.image_root)] if layout.image_root else []
+    if command == "validate":
+        code, out, err = _run(capsys, ["data", "validate", str(path), *root])
+        assert code == 1, out + err
+        lines = [ln for ln in out.strip().splitlines()[:-1] if ": note: " not in ln]
+        assert lines and all(ln.startswith(str(path)) for ln in lines), out
+        msg = "\n".join(lines)
+    else:
+        config, quick = (COUNTING, COUNT_QUICK) if layout.kind == "counting" else (RETRIEVAL, [*QUICK, "loss.relation=0"])
+        if layout.kind != "counting" and not layout.has_boxes:
+            quick = [*quick, "loss.box=0"]
+        out_dir = tmp_path / "run"
+        code, out, err = _run(capsys, ["train", config, "--output-dir", str(out_dir), *quick, *layout.overrides()])
+        msg = _error_line(code, err)
+        assert not (out_dir / "checkpoints").exists()
+    for e in case.expect:
+        assert e in msg, (e, msg)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -372,6 +476,12 @@ CONFIG_CASES = [
     ("stage-never-runs", ["train.epochs=2", "stages.1.start_epoch=5"], "is not before train.epochs"),
     ("too-many-vision-blocks", ["train.epochs=2", "stages.1.start_epoch=1", "stages.1.vision_blocks=9"], "only 2 blocks"),
     ("max-text-chars-zero", ["data.max_text_chars=0"], "data.max_text_chars: must be >= 1"),
+    ("box-tolerance-negative", ["data.box_tolerance_px=-1"], "data.box_tolerance_px: must be >= 0"),
+    ("duplicates-bad-choice", ["data.duplicates=ignore"], "data.duplicates: 'ignore' is not one of"),
+    ("answer-templates-keys", ["counting.answer_templates={zero: [none]}"], "counting.answer_templates: needs exactly the keys"),
+    ("answer-template-field", ["counting.answer_templates={zero: [a], one: [b], many: ['{count}']}"],
+     "counting.answer_templates.many: '{count}' is not a template with only {n}"),
+    ("image-root-not-a-folder", ["data.image_root=/nonexistent/images"], "data.image_root /nonexistent/images: not a folder"),
 ]
 
 
@@ -537,9 +647,10 @@ def test_untouched_checkpoint_evaluates(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 N_CASES = (2 * len(DATA_CASES) + 2 + len(CONFIG_CASES) + len(CHECKPOINT_CASES) + 2  # bad input, refused
+           + 2 * len(FORMAT_CASES)  # the real formats' bad cases, validate and train
            + 2)  # modes accepted with notes; on_error=skip (raise, then skip)
 
 
 def test_catalogue_size() -> None:
     """The note on the issue quotes this number; change both together."""
-    assert N_CASES == 83
+    assert N_CASES == 116

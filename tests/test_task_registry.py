@@ -68,7 +68,7 @@ class ToyTask:
 
         return tasks.data_paths(self.data, output_dir, lambda f: generate_scenes(f, n=20, seed=0), ".json")
 
-    def read_split(self, path: str) -> list[Any]:
+    def read_split(self, path: str, split: str | None = None) -> list[Any]:
         from vlmtune.data.formats import read_pairs
 
         return read_pairs(path)

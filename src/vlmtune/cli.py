@@ -68,7 +68,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if len(args.checkpoints) == 1 and not args.labels:
         metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
-                                      rankings=args.rankings, rankings_k=args.rankings_k, examples=args.examples)
+                                      image_root=args.image_root, rankings=args.rankings,
+                                      rankings_k=args.rankings_k, examples=args.examples)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
         if args.rankings:
@@ -81,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise VlmtuneError("--rankings: evaluate one checkpoint at a time")
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
-    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir)
+    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir, image_root=args.image_root)
     print((Path(args.output_dir) / "evaluation.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'evaluation.md'} and evaluation.json")
     return 0
@@ -122,7 +123,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
     paths = task.data_paths(out)
     for split in ("train", "val", "test"):
-        records = task.read_split(paths[split])
+        records = task.read_split(paths[split], split)
         task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir))
         print(f"{split}: {len(records)} records cached")
     print(f"cache: {cache_dir}")
@@ -149,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from vlmtune.predict import attention_inside_receipts
 
-    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit)
+    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2))
@@ -174,16 +175,46 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_options(args: argparse.Namespace) -> Any:
+    """ReadOptions from the data commands' --format, --image-root, --split, ... options."""
+    from vlmtune.data.formats import ReadOptions
+
+    return ReadOptions(image_root=args.image_root, format=args.format, split=args.split,
+                       box_tolerance_px=args.box_tolerance_px, duplicates=args.duplicates,
+                       max_text_chars=getattr(args, "max_text_chars", 1000))
+
+
 def cmd_data_validate(args: argparse.Namespace) -> int:
     from vlmtune.data.validate import detect_kind, format_lines, to_json, validate_file
 
-    kind = args.kind or detect_kind(args.annotation_file)
-    scan = validate_file(args.annotation_file, kind, max_count=args.max_count, max_text_chars=args.max_text_chars)
+    opts = _read_options(args)
+    kind = args.kind or detect_kind(args.annotation_file, opts.format, opts)
+    scan = validate_file(args.annotation_file, kind, max_count=args.max_count, opts=opts)
     if args.json:
         print(json.dumps(to_json(scan, kind), indent=2))
     else:
         print("\n".join(format_lines(scan)))
     return 1 if scan.errors else 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from vlmtune.data.validate import format_inspect, inspect_file
+
+    info = inspect_file(args.annotation_file, _read_options(args))
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def _add_read_options(p: Any) -> None:
+    """How data commands read a file: the data.* keys that training takes from the config."""
+    from vlmtune.data.sources import FORMATS
+
+    p.add_argument("--format", choices=FORMATS, default="auto", help="annotation format (default: detected from the file)")
+    p.add_argument("--image-root", help="folder image paths resolve against (data.image_root; default: the annotation file's folder)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="for files holding every split (Karpathy, refer, datasets dicts): read only this one (default: all)")
+    p.add_argument("--box-tolerance-px", type=float, default=0.0, help="clip boxes overrunning the image by at most this (default 0)")
+    p.add_argument("--duplicates", choices=("error", "keep", "drop"), default="error", help="repeated records (default: error)")
 
 
 def cmd_config_explain(args: argparse.Namespace) -> int:
@@ -344,6 +375,7 @@ def _add_run_commands(sub: Any) -> None:
                        "and one table is written.")
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folder(s), e.g. runs/demo/checkpoints/best")
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
+    e.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
     e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval); required with several")
     e.add_argument("--rankings", action="store_true",
@@ -370,6 +402,7 @@ def _add_run_commands(sub: Any) -> None:
     at.add_argument("checkpoint", help="counting checkpoint folder")
     at.add_argument("--data", help="counting JSONL (default: the run's test split)")
     at.add_argument("--boxes", help="boxes.json of the synthetic set (default: next to --data)")
+    at.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     at.add_argument("--limit", type=int, default=None, help="at most this many images")
     at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
     at.set_defaults(func=cmd_attention)
@@ -437,12 +470,22 @@ def _add_data_commands(sub: Any) -> None:
                         description="Check an annotation file up front, decoding every image, and print every problem "
                         "as 'FILE: record N: message' (notes, such as images converted to RGB, as 'FILE: record N: note: "
                         "...') and a summary line. Exit status: 0 when there is no error, 1 when there is one.")
-    v.add_argument("annotation_file", help="retrieval/grounding/COCO JSON or counting JSONL")
+    v.add_argument("annotation_file", help="annotation file or folder in any format of README 'Your data' (retrieval, grounding, "
+                   "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)")
     v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")
     v.add_argument("--max-count", type=int, default=None, help="counting: largest allowed count (default: no upper limit)")
     v.add_argument("--max-text-chars", type=int, default=1000, help="longest caption, question or answer (default 1000)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_read_options(v)
     v.set_defaults(func=cmd_data_validate)
+    n = dsub.add_parser("inspect", help="what a data set holds and which losses and metrics it can feed",
+                        description="Detect the format and summarise a data set: split sizes, images, captions per image, "
+                        "boxes, relations, counts, and which losses and metrics it can feed. Images are checked from their "
+                        "headers only (data validate decodes them all).")
+    n.add_argument("annotation_file", help="annotation file or folder")
+    n.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_read_options(n)
+    n.set_defaults(func=cmd_data_inspect)
 
 
 def _add_config_commands(sub: Any) -> None:

@@ -22,6 +22,18 @@ import yaml
 
 from vlmtune.errors import ConfigError
 
+# The synthetic receipts set's own questions and answers: the counting templates' defaults.
+DEFAULT_QUESTIONS: tuple[str, ...] = (
+    "How many receipts are in this image?", "How many receipts do you see?", "Count the receipts in the picture.",
+    "How many receipts are there?", "What is the number of receipts in this photo?",
+    "How many receipts can you count in the image?",
+)
+DEFAULT_ANSWERS: dict[str, tuple[str, ...]] = {
+    "zero": ("There are no receipts.", "I see no receipts.", "I can see no receipts."),
+    "one": ("There is 1 receipt.", "I see 1 receipt.", "I can see 1 receipt."),
+    "many": ("There are {n} receipts.", "I see {n} receipts.", "I can see {n} receipts."),
+}
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with help text; mutable defaults go through a factory."""
@@ -68,6 +80,10 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes.")
     on_error: Literal["raise", "skip"] = _f("raise", "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.")
     max_text_chars: int = _f(1000, "Longest caption, question or answer, in characters; longer ones are bad records.")
+    image_root: str | None = _f(None, "Folder image paths resolve against (e.g. COCO's val2014/, Flickr30k's flickr30k-images/); default: the annotation file's folder. Images must stay inside it (.., absolute paths and symlinks out of it are refused).")
+    format: Literal["auto", "pairs", "coco", "karpathy", "albef", "refcoco", "geotext", "grounding", "counting", "csv", "hf"] = _f("auto", "Annotation format; auto detects it from the file's shape and logs which. See README 'Your data'.")
+    box_tolerance_px: float = _f(0.0, "Boxes that overrun the image by at most this many pixels are clipped to it (and counted in the log); beyond it they are bad records.")
+    duplicates: Literal["error", "keep", "drop"] = _f("error", "Records repeating an earlier one (same image and text, and box): error, keep them, or drop them (counted in the log). RefCOCO repeats short expressions legitimately.")
 
 
 @dataclass
@@ -101,6 +117,9 @@ class CountingConfig:
     answer_max_tokens: int = _f(24, "Answers (training targets) are truncated to this many tokens.")
     pooling: Literal["image", "prompt_last"] = _f("image", "Features of the count head: mean of the LM's states over the image tokens, or the state of the last prompt token.")
     lm_mode: Literal["lora", "full"] = _f("full", "How the 'language_model' component trains: LoRA adapters through peft, or all its weights (fine for the tiny preset).")
+    question_templates: list[str] = _f(list(DEFAULT_QUESTIONS), "Questions given to counting records that have none (one picked per image).")
+    answer_templates: dict[str, list[str]] = _f({k: list(v) for k, v in DEFAULT_ANSWERS.items()},
+                                                "Answers given to counting records that have none, by count: zero, one, many ({n} is the count).")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
@@ -234,6 +253,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.synthetic.n >= 10, "data.synthetic.n", "must be >= 10")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.max_text_chars >= 1, "data.max_text_chars", "must be >= 1")
+    need(cfg.data.box_tolerance_px >= 0, "data.box_tolerance_px", f"must be >= 0, got {cfg.data.box_tolerance_px}")
 
     _validate_counting(cfg, need)
 
@@ -275,6 +295,17 @@ def _validate_counting(cfg: Config, need: Any) -> None:
     need(1 <= c.max_dynamic_patch <= 40, "counting.max_dynamic_patch", f"must be in [1, 40], got {c.max_dynamic_patch}")
     need(c.question_max_tokens >= 1, "counting.question_max_tokens", "must be >= 1")
     need(c.answer_max_tokens >= 1, "counting.answer_max_tokens", "must be >= 1")
+    need(len(c.question_templates) > 0 and all(q.strip() for q in c.question_templates),
+         "counting.question_templates", "needs at least one non-empty question")
+    need(set(c.answer_templates) == {"zero", "one", "many"}, "counting.answer_templates",
+         f"needs exactly the keys zero, one, many, got {', '.join(sorted(c.answer_templates)) or 'none'}")
+    for key, options in c.answer_templates.items():
+        need(len(options) > 0, f"counting.answer_templates.{key}", "needs at least one answer")
+        for a in options:
+            try:
+                a.format(n=2)
+            except (KeyError, IndexError, ValueError) as e:
+                need(False, f"counting.answer_templates.{key}", f"{a!r} is not a template with only {{n}}: {e}")
     need(c.lora_r >= 1, "counting.lora_r", "must be >= 1")
     need(c.lora_alpha >= 1, "counting.lora_alpha", "must be >= 1")
     need(0 <= c.lora_dropout < 1, "counting.lora_dropout", "must be in [0, 1)")

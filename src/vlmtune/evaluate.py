@@ -10,6 +10,7 @@ holds a fingerprint of the weights).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -49,13 +50,27 @@ def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
     if not source:
         raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
     train = paths.get("train")
-    return str(source), train if train and Path(train).is_file() else None
+    return str(source), train if train and Path(train).exists() else None
+
+
+def _records(ckpt: Checkpoint, source: str, train_path: str | None,
+             image_root: str | None) -> tuple[list[Any], list[Any] | None]:
+    """The test split of ``source`` (read with ``image_root`` where given, as --image-root
+    asks) and the checkpoint's training split for the baselines (read as it trained)."""
+    task = build_task(ckpt.cfg)
+    source_task = task
+    if image_root is not None:
+        cfg = dataclasses.replace(ckpt.cfg, data=dataclasses.replace(ckpt.cfg.data, image_root=image_root))
+        source_task = build_task(cfg)
+    records = source_task.read_split(source, "test")
+    return records, task.read_split(train_path, "train") if train_path else None
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True, rankings: bool = False, rankings_k: int = 10,
-                        examples: int = 24) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json.
+                        progress: bool = True, image_root: str | None = None, rankings: bool = False,
+                        rankings_k: int = 10, examples: int = 24) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data`` (images under
+    ``image_root`` where given); writes metrics.json.
 
     With ``rankings``, also the per-query results of the same pass (``rankings_*.jsonl``,
     see :mod:`vlmtune.examples`) and, unless ``examples`` is 0, ``examples.html`` showing
@@ -69,8 +84,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     device = default_device()
     model, task = load_model(ckpt, device)
     source, train_path = _splits(ckpt, data)
-    records = task.read_split(source)
-    train_records = task.read_split(train_path) if train_path else None
+    records, train_records = _records(ckpt, source, train_path, image_root)
     if rankings:
         if not hasattr(task, "evaluate_with_rankings"):
             raise VlmtuneError(f"--rankings: task '{ckpt.cfg.task}' has no per-query results")
@@ -94,7 +108,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
 
 
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
-                  output_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]]:
+                  output_dir: str | Path, progress: bool = True, image_root: str | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -117,9 +131,7 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     device = default_device()
     first = ckpts[0]
     source, train_path = _splits(first, data)
-    records_task = build_task(first.cfg)
-    records = records_task.read_split(source)
-    train_records = records_task.read_split(train_path) if train_path else None
+    records, train_records = _records(first, source, train_path, image_root)
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}

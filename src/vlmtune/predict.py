@@ -38,7 +38,7 @@ from vlmtune.checkpoint import open_checkpoint
 from vlmtune.evaluate import load_model
 from vlmtune.config import Config
 from vlmtune.data.counting import tile_grid
-from vlmtune.data.formats import load_image, read_counting
+from vlmtune.data.formats import load_image, options_from_config, read_counting
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
@@ -252,7 +252,7 @@ def receipt_mask(quads: list[list[list[float]]], size: tuple[int, int]) -> np.nd
 
 
 def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = None, boxes: str | Path | None = None,
-                              limit: int | None = None) -> dict[str, Any]:
+                              limit: int | None = None, image_root: str | Path | None = None) -> dict[str, Any]:
     """Share of the answer's attention inside the receipts vs their share of the image
     area, averaged over the images with at least one receipt.
 
@@ -269,7 +269,8 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
     quads = {(boxes.parent / k).resolve(): v for k, v in json.loads(boxes.read_text()).items()}
     model, cfg = load_counting_checkpoint(checkpoint)
     inside, inside_all, area, rows = [], [], [], []
-    records = [r for r in read_counting(data) if r.count >= 1]
+    opts = options_from_config(ckpt.cfg.data, ckpt.cfg.counting, split="test", image_root=image_root)
+    records = [r for r in read_counting(data, opts=opts) if r.count >= 1]
     for r in records[:limit]:
         if r.image not in quads:
             raise DataError(f"{r.source}: image {r.image} has no entry in {boxes}")

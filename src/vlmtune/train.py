@@ -46,7 +46,7 @@ from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
-from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.tasks import FeatureCache, Task, build_task, check_loss_targets
 from vlmtune.utils import flatten
 
 log = logging.getLogger("vlmtune")
@@ -240,9 +240,10 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     model = task.build_model(backbone)
     with accelerator.main_process_first():
         paths = task.data_paths(out)
-    train_records, val_records = task.read_split(paths["train"]), task.read_split(paths["val"])
+    train_records, val_records = task.read_split(paths["train"], "train"), task.read_split(paths["val"], "val")
     weights = task.loss_weights()
     plan = build_plan(cfg, weights)
+    check_loss_targets(task, train_records, plan, paths["train"])
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
@@ -453,7 +454,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     best = run.ckpt_dir / "best" if (run.ckpt_dir / "best").exists() else run.ckpt_dir / "last"
     load_weights(run.model, open_checkpoint(best).weights(), best)
-    test_records = run.task.read_split(run.paths["test"])
+    test_records = run.task.read_split(run.paths["test"], "test")
     metrics = run.task.evaluate(run.model, test_records, device=device, train_records=run.train_records,
                                 progress=cfg.train.progress and run.main)
     _, total = count_parameters(run.model)

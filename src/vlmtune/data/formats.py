@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Iterable, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +47,29 @@ RELATIONS: tuple[str, ...] = ("left", "right", "above", "below", "inside", "outs
 MAX_TEXT_CHARS = 1000
 
 OnError = Literal["raise", "skip"]
+Duplicates = Literal["error", "keep", "drop"]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a file is read, beyond its records: the ``data.*`` keys a reader needs.
+
+    ``image_root``: the folder image paths resolve against (default: the annotation
+    file's folder; a folder annotation, e.g. a ``datasets`` folder, is its own root).
+    ``format``: ``auto`` detects it from the file's shape. ``split``: for files that hold
+    every split (Karpathy, refer, ``datasets`` dicts), the one to take; None takes all.
+    ``question_templates`` / ``answer_templates``: counting records without a question
+    or answer get one from these (None: the synthetic set's own, ``vlmtune.data.receipts``).
+    """
+
+    image_root: str | Path | None = None
+    format: str = "auto"
+    split: str | None = None
+    box_tolerance_px: float = 0.0
+    duplicates: Duplicates = "error"
+    max_text_chars: int = MAX_TEXT_CHARS
+    question_templates: tuple[str, ...] | None = None
+    answer_templates: dict[str, tuple[str, ...]] | None = None
 
 # EXIF orientations 5..8 rotate by 90 degrees, so the loaded image has width and height
 # swapped with respect to the stored header.
@@ -112,6 +137,13 @@ class Scan:
     n_records: int = 0
     records: list[Any] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # The format the file was read as (``data.format``, or what ``auto`` detected).
+    format: str = ""
+    # What a reader changed or left out on purpose, by name: boxes clipped within
+    # data.box_tolerance_px, duplicates dropped, null boxes skipped, questions templated.
+    counts: dict[str, int] = field(default_factory=dict)
+    # Records per split, for files that hold several (Karpathy, refer).
+    splits: dict[str, int] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -129,6 +161,17 @@ class Scan:
 
 class _Bad(Exception):
     """A problem found by one check; the scan adds where it is."""
+
+
+def options_from_config(data: Any, counting: Any = None, split: str | None = None,
+                        image_root: str | Path | None = None) -> ReadOptions:
+    """ReadOptions from the ``data`` (and ``counting``) config sections; ``image_root``
+    overrides data.image_root (the ``--image-root`` option)."""
+    return ReadOptions(
+        image_root=image_root if image_root is not None else data.image_root, format=data.format, split=split,
+        box_tolerance_px=data.box_tolerance_px, duplicates=data.duplicates, max_text_chars=data.max_text_chars,
+        question_templates=tuple(counting.question_templates) if counting is not None else None,
+        answer_templates={k: tuple(v) for k, v in counting.answer_templates.items()} if counting is not None else None)
 
 
 # --------------------------------------------------------------------------- images
@@ -345,23 +388,56 @@ def _texts(rec: dict[str, Any], limit: int) -> list[str]:
     return out
 
 
-def _bbox(rec: dict[str, Any], size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
-    """An optional [x, y, w, h] pixel box; checked against the image's size when known."""
+def _bbox(rec: dict[str, Any], size: tuple[int, int] | None,
+          tolerance: float = 0.0) -> tuple[tuple[float, float, float, float] | None, bool]:
+    """An optional [x, y, w, h] pixel box, checked against the image's size when known.
+
+    Returns (box, clipped): a box that overruns the image (or starts left of or above
+    it) by at most ``tolerance`` pixels is clipped to the image; beyond that it is an error.
+    """
     box = rec.get("bbox")
     if box is None:
-        return None
+        return None, False
     if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
         raise _Bad(f"'bbox' must be 4 numbers [x, y, w, h], got {json.dumps(box)}")
-    x, y, w, h = (float(v) for v in box)
-    if x < 0 or y < 0:
-        raise _Bad(f"bbox has negative coordinates {json.dumps(box)}")
+    return _pixel_box(tuple(float(v) for v in box), json.dumps(box), size, tolerance)  # type: ignore[arg-type]
+
+
+def _pixel_box(box: tuple[float, float, float, float], shown: str, size: tuple[int, int] | None,
+               tolerance: float) -> tuple[tuple[float, float, float, float], bool]:
+    x, y, w, h = box
+    slack = tolerance + _EPS
+    if x < -slack or y < -slack:
+        raise _Bad(f"bbox has negative coordinates {shown}")
     if w <= 0 or h <= 0:
-        raise _Bad(f"bbox has zero area (width and height must be > 0): {json.dumps(box)}")
+        raise _Bad(f"bbox has zero area (width and height must be > 0): {shown}")
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), x + w, y + h
     if size is not None:
         img_w, img_h = size
-        if x + w > img_w + _EPS or y + h > img_h + _EPS:
-            raise _Bad(f"bbox {json.dumps(box)} extends outside the image ({img_w}x{img_h} pixels)")
-    return (x, y, w, h)
+        if x2 > img_w + slack or y2 > img_h + slack:
+            raise _Bad(f"bbox {shown} extends outside the image ({img_w}x{img_h} pixels)")
+        x2, y2 = min(x2, float(img_w)), min(y2, float(img_h))
+        if x2 <= x1 or y2 <= y1:
+            raise _Bad(f"bbox {shown} lies outside the image ({img_w}x{img_h} pixels)")
+    clipped = (x1, y1, x2 - x1, y2 - y1)
+    moved = max(abs(a - b) for a, b in zip(clipped, box)) > _EPS
+    return (clipped if moved else box), moved
+
+
+def _norm_box(rec: dict[str, Any], size: tuple[int, int] | None,
+              tolerance: float) -> tuple[tuple[float, float, float, float] | None, bool]:
+    """A GeoText box: [cx, cy, w, h] as fractions of the image, converted to pixel xywh."""
+    box = rec.get("bbox_norm")
+    if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+        raise _Bad(f"box must be 4 numbers [cx, cy, w, h] (fractions of the image) or null, got {json.dumps(box)}")
+    if any(v < -1e-3 or v > 1 + 1e-3 for v in box):
+        raise _Bad(f"box {json.dumps(box)} is not normalised to 0-1 [cx, cy, w, h]")
+    if size is None:
+        return None, False
+    cx, cy, w, h = (float(v) for v in box)
+    img_w, img_h = size
+    pixels = ((cx - w / 2) * img_w, (cy - h / 2) * img_h, w * img_w, h * img_h)
+    return _pixel_box(pixels, f"{json.dumps(box)} (normalised; {[round(v, 2) for v in pixels]} in pixels)", size, tolerance)
 
 
 def _relation(rec: dict[str, Any]) -> int | None:
@@ -378,8 +454,10 @@ def _count(rec: dict[str, Any], max_count: int | None) -> int:
     if "count" not in rec:
         raise _Bad("missing 'count'")
     count = rec["count"]
+    if isinstance(count, str) and re.fullmatch(r"\s*\+?\d+\s*", count):
+        count = int(count)  # a count written as text (a CSV cell, a JSON string) is read as its integer
     if isinstance(count, bool) or not isinstance(count, int):
-        raise _Bad(f"'count' must be an integer, got {json.dumps(count)}")
+        raise _Bad(f"'count' must be an integer (a whole number), got {json.dumps(count)}")
     if count < 0:
         raise _Bad(f"'count' is negative ({count})")
     if max_count is not None and count > max_count:
@@ -390,6 +468,22 @@ def _count(rec: dict[str, Any], max_count: int | None) -> int:
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Item:
+    """One record as a format reader hands it to the checks.
+
+    ``label`` names it in messages (``record 3``, ``line 4``, ``record 2 sentence 1``);
+    ``get()`` returns its fields in the documented pairs or counting shape, or raises
+    ``_Bad`` for what is wrong with the record as its format has it. ``new`` is False for
+    the further records one source record yields (a GeoText sentence), so counts stay
+    per source record.
+    """
+
+    label: str
+    get: Callable[[], dict[str, Any]]
+    new: bool = True
+
+
 class _Checker:
     """Runs the field checks of one file's records and collects what they find.
 
@@ -398,9 +492,14 @@ class _Checker:
     not in RGB gets the note.
     """
 
-    def __init__(self, path: Path, deep: bool, max_text_chars: int):
+    def __init__(self, path: Path, deep: bool, max_text_chars: int, opts: ReadOptions | None = None):
         self.path = path
-        self.base = path.parent.resolve()
+        self.opts = opts or ReadOptions(max_text_chars=max_text_chars)
+        self.declared_root = self.opts.image_root is not None
+        # The declared root is resolved first, so a root that is itself a symlink (to
+        # shared storage) works; every image must then stay inside what it points at.
+        root = Path(self.opts.image_root) if self.declared_root else (path if path.is_dir() else path.parent)
+        self.base = root.resolve()
         self.deep = deep
         self.max_text_chars = max_text_chars
         self.scan = Scan(path)
@@ -409,10 +508,13 @@ class _Checker:
         self._where = ""
         self._bad = False
 
-    def start(self, where: str) -> None:
+    def start(self, where: str, new: bool = True) -> None:
         """Begin a record: checks until the next start() are reported at ``where``."""
         self._where, self._bad = where, False
-        self.scan.n_records += 1
+        self.scan.n_records += int(new)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.scan.counts[what] = self.scan.counts.get(what, 0) + n
 
     @property
     def ok(self) -> bool:
@@ -430,8 +532,15 @@ class _Checker:
             self.error(str(e))
             return None
 
+    def root_problem(self) -> str | None:
+        """Why the declared image root cannot be used, or None."""
+        if self.declared_root and not self.base.is_dir():
+            return f"data.image_root {self.opts.image_root}: not a folder"
+        return None
+
     def image_path(self, rec: dict[str, Any], key: str) -> Path:
-        """The record's image, resolved (symlinks too) against the annotation file's folder.
+        """The record's image, resolved (symlinks too) against the image root: the
+        declared ``data.image_root``, else the annotation file's folder.
 
         It must stay inside that folder: an annotation file cannot point at files elsewhere.
         """
@@ -440,7 +549,8 @@ class _Checker:
         if not path.is_relative_to(self.base):
             raise _Bad(f"image path '{image}' leads outside the data set's folder {self.base} (to {path})")
         if not path.is_file():
-            raise _Bad(f"image not found: {path}")
+            hint = "" if self.declared_root else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+            raise _Bad(f"image not found: {path}{hint}")
         return path
 
     def image_size(self, path: Path) -> tuple[int, int]:
@@ -457,170 +567,168 @@ class _Checker:
             raise _Bad(f"image {info}")
         return info.size
 
-    def unique(self, key: tuple[Any, ...], what: str, label: str) -> None:
-        """Refuse a second record with the same ``key``; ``label`` names this one."""
+    def box(self, rec: dict[str, Any], size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
+        """The record's pixel box (``bbox``, or GeoText's ``bbox_norm`` converted), clipped
+        within data.box_tolerance_px (and counted)."""
+        tol = self.opts.box_tolerance_px
+        box, clipped = _norm_box(rec, size, tol) if "bbox_norm" in rec else _bbox(rec, size, tol)
+        if clipped:
+            self.count("boxes clipped to the image")
+        return box
+
+    def unique(self, key: tuple[Any, ...], what: str, label: str) -> bool:
+        """Refuse a second record with the same ``key`` (``label`` names this one), or,
+        per data.duplicates, keep it or drop it (counted); False when dropped."""
+        policy = self.opts.duplicates
+        if policy == "keep":
+            return True
         first = self._seen.get(key)
         if first is not None:
-            raise _Bad(f"duplicate of {first} (same {what})")
+            if policy == "drop":
+                self.count("duplicates dropped")
+                return False
+            raise _Bad(f"duplicate of {first} (same {what}; data.duplicates=keep or drop allows it)")
         self._seen[key] = label
+        return True
 
 
 # --------------------------------------------------------------------------- scans
 
 
-def _pair_rows(ck: _Checker, i: int, texts: list[str] | None, image: Path | None, bbox: Any,
+def _pair_rows(ck: _Checker, label: str, texts: list[str] | None, image: Path | None, bbox: Any,
                relation: int | None) -> list[tuple[Path, str, Any, int | None, str]]:
     """The pairs of one checked record (one per caption), or [] when it has an error."""
     if not ck.ok or texts is None or image is None:
         return []
     what = "image and text" if bbox is None else "image, text and bbox"
-    labels = [f"record {i}" if len(texts) == 1 else f"record {i} caption {j}" for j in range(len(texts))]
-    for text, label in zip(texts, labels):
-        ck.check(ck.unique, ("pair", image, text, bbox), what, label)
+    labels = [label if len(texts) == 1 else f"{label} caption {j}" for j in range(len(texts))]
+    keep = []
+    for text, lab in zip(texts, labels):
+        keep.append(ck.check(ck.unique, ("pair", image, text, bbox), what, lab))
     if not ck.ok:
         return []
-    where = f"{ck.path}: record {i}"
-    return [(image, text, bbox, relation, where) for text in texts]
+    where = f"{ck.path}: {label}"
+    return [(image, text, bbox, relation, where) for text, k in zip(texts, keep) if k]
 
 
-def _scan_pair_list(ck: _Checker, data: list[Any]) -> list[tuple[Path, str, Any, int | None, str]]:
-    """Retrieval and grounding lists; each record's own keys decide its kind."""
+def _scan_pair_items(ck: _Checker, items: Iterable[Item]) -> list[tuple[Path, str, Any, int | None, str]]:
+    """Image-text records in the documented shape, whatever format they came from."""
     rows = []
-    for i, rec in enumerate(data):
-        ck.start(f"{ck.path}: record {i}")
+    for it in items:
+        ck.start(f"{ck.path}: {it.label}", it.new)
+        rec = ck.check(it.get)
+        if rec is None:
+            continue
         rec = ck.check(_object, rec)
         if rec is None:
             continue
         texts = ck.check(_texts, rec, ck.max_text_chars)
         image = ck.check(ck.image_path, rec, "image")
         size = ck.check(ck.image_size, image) if image is not None else None
-        bbox = ck.check(_bbox, rec, size)
+        bbox = ck.check(ck.box, rec, size) if ("bbox" in rec or "bbox_norm" in rec) else None
         relation = ck.check(_relation, rec)
-        rows += _pair_rows(ck, i, texts, image, bbox, relation)
+        rows += _pair_rows(ck, it.label, texts, image, bbox, relation)
     return rows
 
 
-def _coco_image_entry(entry: Any, files: dict[int, Any]) -> tuple[int, str]:
-    entry = _object(entry)
-    key = entry.get("id")
-    if not isinstance(key, int) or isinstance(key, bool):
-        raise _Bad("missing or non-integer 'id'")
-    if key in files:
-        raise _Bad(f"duplicate image id {key}")
-    return key, _nonempty_str(entry, "file_name")
-
-
-def _coco_image_id(ann: dict[str, Any], files: dict[int, Any], bad_ids: set[int]) -> int:
-    if "image_id" not in ann:
-        raise _Bad("missing 'image_id'")
-    key = ann["image_id"]
-    if not isinstance(key, bool) and isinstance(key, int) and key in bad_ids:
-        raise _Bad(f"image_id {key} refers to a bad entry of 'images' (reported above)")
-    if isinstance(key, bool) or not isinstance(key, int) or key not in files:
-        raise _Bad(f"image_id {json.dumps(key)} is not in 'images'")
-    return key
-
-
-def _scan_coco(ck: _Checker, data: dict[str, Any]) -> list[tuple[Path, str, Any, int | None, str]]:
-    """COCO captions: ``record N`` is the N-th entry of ``annotations``."""
-    images, annotations = data["images"], data["annotations"]
-    if not isinstance(images, list) or not isinstance(annotations, list):
-        ck.error("COCO 'images' and 'annotations' must be arrays", str(ck.path))
-        return []
-    files: dict[int, dict[str, Any]] = {}
-    bad_ids: set[int] = set()
-    for j, entry in enumerate(images):
-        try:
-            key, _ = _coco_image_entry(entry, files)
-            files[key] = entry
-        except _Bad as e:
-            ck.error(str(e), f"{ck.path}: image entry {j}")
-            if isinstance(entry, dict) and isinstance(entry.get("id"), int) and entry["id"] not in files:
-                bad_ids.add(entry["id"])
-    rows = []
-    for i, ann in enumerate(annotations):
-        ck.start(f"{ck.path}: record {i}")
-        ann = ck.check(_object, ann)
-        if ann is None:
-            continue
-        key = ck.check(_coco_image_id, ann, files, bad_ids)
-        text = ck.check(_text_field, ann, "caption", ck.max_text_chars)
-        image = ck.check(ck.image_path, files[key], "file_name") if key is not None else None
-        if image is not None:
-            ck.check(ck.image_size, image)
-        rows += _pair_rows(ck, i, None if text is None else [text], image, None, None)
-    return rows
-
-
-def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS) -> Scan:
-    """Check a retrieval, grounding or COCO-captions JSON file; collect every problem.
+def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS,
+               opts: ReadOptions | None = None) -> Scan:
+    """Check an image-text annotation file (retrieval or grounding, any pair format of
+    :mod:`vlmtune.data.sources`); collect every problem.
 
     ``deep`` decodes every image in full (finds truncated and corrupt files); otherwise
     images are checked from their header. ``records`` holds the good records as
     :class:`PairRecord` (one per caption), ``image_id`` numbering their distinct images
     0..n-1 in order of first appearance.
     """
+    from vlmtune.data.sources import pair_items
+
     path = Path(path)
-    ck = _Checker(path, deep, max_text_chars)
+    opts = opts or ReadOptions(max_text_chars=max_text_chars)
+    ck = _Checker(path, deep, opts.max_text_chars, opts)
+    if (why := ck.root_problem()) is not None:
+        ck.error(why, str(path))
+        return ck.scan
     try:
-        data = json.loads(_read_text(path))
+        items = pair_items(ck, path)
     except _Bad as e:
         ck.error(str(e), str(path))
         return ck.scan
-    except json.JSONDecodeError as e:
-        ck.error(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", str(path))
-        return ck.scan
-    if isinstance(data, list):
-        rows = _scan_pair_list(ck, data)
-    elif isinstance(data, dict) and "images" in data and "annotations" in data:
-        rows = _scan_coco(ck, data)
-    elif isinstance(data, dict):
-        ck.error("top level is an object but not COCO captions (needs 'images' and 'annotations'); "
-                 "expected a list of records", str(path))
-        return ck.scan
-    else:
-        ck.error(f"top level must be a list of records, got {_type_name(data)}", str(path))
-        return ck.scan
+    rows = _scan_pair_items(ck, items)
     ids: dict[Path, int] = {}
     ck.scan.records = [PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where)
                        for image, text, bbox, rel, where in rows]
     return ck.scan
 
 
-def scan_counting(path: str | Path, max_count: int | None = None, deep: bool = False,
-                  max_text_chars: int = MAX_TEXT_CHARS) -> Scan:
-    """Check a counting JSONL file (one ``{"image", "question", "answer", "count"}`` per
-    line; blank lines are skipped; ``line N`` is 1-based); collect every problem."""
-    path = Path(path)
-    ck = _Checker(path, deep, max_text_chars)
-    try:
-        lines = _read_text(path).splitlines()
-    except _Bad as e:
-        ck.error(str(e), str(path))
-        return ck.scan
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {n}"
-        ck.start(where)
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            ck.error(f"not valid JSON: {e.msg} (column {e.colno})")
+def _fill_from_templates(ck: _Checker, rec: dict[str, Any], count: int, image: Path) -> tuple[str | None, str | None]:
+    """Question and answer of a counting record; a missing one comes from the templates."""
+    from vlmtune.data.receipts import ANSWER_TEMPLATES, QUESTIONS
+
+    question = ck.check(_text_field, rec, "question", ck.max_text_chars) if "question" in rec else None
+    answer = ck.check(_text_field, rec, "answer", ck.max_text_chars) if "answer" in rec else None
+    if "question" in rec and "answer" in rec:
+        return question, answer
+    # A stable choice per image, so a file reads the same every time.
+    pick = zlib.crc32(str(image).encode())
+    if "question" not in rec:
+        qs = ck.opts.question_templates or QUESTIONS
+        question = qs[pick % len(qs)]
+    if "answer" not in rec:
+        templates = ck.opts.answer_templates or ANSWER_TEMPLATES
+        key = "zero" if count == 0 else "one" if count == 1 else "many"
+        options = templates[key]
+        answer = options[pick % len(options)].format(n=count)
+    ck.count("questions or answers from counting templates")
+    return question, answer
+
+
+def _scan_count_items(ck: _Checker, items: Iterable[Item], max_count: int | None) -> None:
+    for it in items:
+        ck.start(f"{ck.path}: {it.label}", it.new)
+        rec = ck.check(it.get)
+        if rec is None:
             continue
         rec = ck.check(_object, rec)
         if rec is None:
             continue
-        question = ck.check(_text_field, rec, "question", ck.max_text_chars)
-        answer = ck.check(_text_field, rec, "answer", ck.max_text_chars)
         count = ck.check(_count, rec, max_count)
         image = ck.check(ck.image_path, rec, "image")
         if image is not None:
             ck.check(ck.image_size, image)
-        if ck.ok:
-            ck.check(ck.unique, ("count", image, question), "image and question", f"line {n}")
-        if ck.ok:
-            ck.scan.records.append(CountRecord(image, question, answer, count, where))  # type: ignore[arg-type]
+        if count is None or image is None:
+            # Still report a bad question or answer given in the record.
+            for key in ("question", "answer"):
+                if key in rec:
+                    ck.check(_text_field, rec, key, ck.max_text_chars)
+            continue
+        question, answer = _fill_from_templates(ck, rec, count, image)
+        if not ck.ok:
+            continue
+        keep = ck.check(ck.unique, ("count", image, question), "image and question", it.label)
+        if ck.ok and keep:
+            ck.scan.records.append(CountRecord(image, question, answer, count, f"{ck.path}: {it.label}"))  # type: ignore[arg-type]
+
+
+def scan_counting(path: str | Path, max_count: int | None = None, deep: bool = False,
+                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None) -> Scan:
+    """Check a counting file (JSONL ``{"image", "count", "question"?, "answer"?}`` per line,
+    a CSV with a header, or a ``datasets`` layout); collect every problem. ``line N`` is
+    1-based (a CSV's header is line 1); blank JSONL lines are skipped."""
+    from vlmtune.data.sources import count_items
+
+    path = Path(path)
+    opts = opts or ReadOptions(max_text_chars=max_text_chars)
+    ck = _Checker(path, deep, opts.max_text_chars, opts)
+    if (why := ck.root_problem()) is not None:
+        ck.error(why, str(path))
+        return ck.scan
+    try:
+        items = count_items(ck, path)
+    except _Bad as e:
+        ck.error(str(e), str(path))
+        return ck.scan
+    _scan_count_items(ck, items, max_count)
     return ck.scan
 
 
@@ -655,23 +763,41 @@ def _apply(scan: Scan, on_error: OnError) -> list[Any]:
     return scan.records
 
 
-def read_pairs(path: str | Path, on_error: OnError = "raise", max_text_chars: int = MAX_TEXT_CHARS) -> list[PairRecord]:
-    """Read a retrieval, grounding or COCO-captions JSON file into image-text pairs.
+def _report(scan: Scan) -> None:
+    """Say in the log what was detected and what a reader changed or left out on purpose."""
+    if scan.splits:  # the format itself was logged when detected
+        splits = f" ({', '.join(f'{k} {v}' for k, v in scan.splits.items())} records by split)" if scan.splits else ""
+        log.info("%s: read as format '%s'%s", scan.path, scan.format, splits)
+    for what, n in scan.counts.items():
+        log.info("%s: %d %s", scan.path, n, what)
 
-    The format is detected from the top level (list of records or COCO dict) and each
-    record's keys (``caption`` or ``text``). A caption list gives one pair per caption.
+
+def read_pairs(path: str | Path, on_error: OnError = "raise", max_text_chars: int = MAX_TEXT_CHARS,
+               opts: ReadOptions | None = None) -> list[PairRecord]:
+    """Read an image-text annotation file (any pair format) into image-text pairs.
+
+    The format is ``opts.format`` or detected from the file's shape (see
+    :mod:`vlmtune.data.sources`). A caption list gives one pair per caption.
     ``image_id`` numbers distinct images 0..n-1 in order of first appearance.
     ``on_error``: see the module docstring.
     """
-    return _apply(scan_pairs(path, deep=on_error == "skip", max_text_chars=max_text_chars), on_error)
+    opts = opts or ReadOptions(max_text_chars=max_text_chars)
+    scan = scan_pairs(path, deep=on_error == "skip", opts=opts)
+    records = _apply(scan, on_error)
+    _report(scan)
+    return records
 
 
 def read_counting(path: str | Path, max_count: int | None = None, on_error: OnError = "raise",
-                  max_text_chars: int = MAX_TEXT_CHARS) -> list[CountRecord]:
-    """Read a counting JSONL file: one ``{"image", "question", "answer", "count"}`` per line.
+                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None) -> list[CountRecord]:
+    """Read a counting file: JSONL ``{"image", "count", "question"?, "answer"?}`` per line,
+    a CSV with a header, or a ``datasets`` layout.
 
     Blank lines are skipped; errors name the 1-based line number. ``on_error``: see the
     module docstring.
     """
-    scan = scan_counting(path, max_count, deep=on_error == "skip", max_text_chars=max_text_chars)
-    return _apply(scan, on_error)
+    opts = opts or ReadOptions(max_text_chars=max_text_chars)
+    scan = scan_counting(path, max_count, deep=on_error == "skip", opts=opts)
+    records = _apply(scan, on_error)
+    _report(scan)
+    return records

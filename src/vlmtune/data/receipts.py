@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from vlmtune.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
+
 __all__ = [
     "ANSWER_TEMPLATES",
     "MAX_HIDDEN_FRACTION",
@@ -38,22 +40,11 @@ __all__ = [
     "generate_receipts",
 ]
 
-QUESTIONS: tuple[str, ...] = (
-    "How many receipts are in this image?",
-    "How many receipts do you see?",
-    "Count the receipts in the picture.",
-    "How many receipts are there?",
-    "What is the number of receipts in this photo?",
-    "How many receipts can you count in the image?",
-)
-
-# Counts >= 1 are written as digits and zero as "no": one consistent style that
-# vlmtune.metrics.text.parse_count reads back (checked by the tests for every record).
-ANSWER_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "zero": ("There are no receipts.", "I see no receipts.", "I can see no receipts."),
-    "one": ("There is 1 receipt.", "I see 1 receipt.", "I can see 1 receipt."),
-    "many": ("There are {n} receipts.", "I see {n} receipts.", "I can see {n} receipts."),
-}
+# The questions and answers (counts >= 1 as digits, zero as "no": one consistent style
+# that vlmtune.metrics.text.parse_count reads back) are the counting templates' defaults
+# (counting.question_templates / answer_templates), defined with the config.
+QUESTIONS: tuple[str, ...] = DEFAULT_QUESTIONS
+ANSWER_TEMPLATES: dict[str, tuple[str, ...]] = DEFAULT_ANSWERS
 
 MAX_HIDDEN_FRACTION = 0.3
 """At most this fraction of any receipt's area is covered by receipts drawn above it."""

@@ -12,28 +12,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from vlmtune.data.formats import MAX_TEXT_CHARS, Problem, Scan, scan_counting, scan_pairs
+from vlmtune.data.formats import MAX_TEXT_CHARS, Problem, ReadOptions, Scan, scan_counting, scan_pairs
 
 Kind = Literal["pairs", "counting"]
 
 
-def detect_kind(path: str | Path) -> Kind:
-    """Counting sets are JSONL; retrieval, grounding and COCO captions are JSON."""
-    return "counting" if Path(path).suffix.lower() == ".jsonl" else "pairs"
+def detect_kind(path: str | Path, fmt: str = "auto", opts: ReadOptions | None = None) -> Kind:
+    """Counting sets are JSONL or CSV (or a ``datasets`` layout with a count column);
+    everything else holds image-text pairs."""
+    from vlmtune.data.formats import _Bad, _Checker
+    from vlmtune.data.sources import COUNT_FORMATS, hf_rows
+
+    path = Path(path)
+    if fmt in COUNT_FORMATS and fmt != "hf":
+        return "counting"
+    if fmt not in ("auto", "hf"):
+        return "pairs"
+    name, suffix = path.name.lower(), path.suffix.lower()
+    if suffix in (".jsonl", ".csv") and name not in ("metadata.jsonl", "metadata.csv"):
+        return "counting" if fmt == "auto" else "pairs"
+    if fmt == "hf" or path.is_dir() or suffix == ".parquet" or name in ("metadata.jsonl", "metadata.csv"):
+        try:  # a datasets layout: its columns say
+            rows = hf_rows(_Checker(path, False, MAX_TEXT_CHARS, opts or ReadOptions()), path)
+        except (_Bad, OSError):
+            return "pairs"  # the pairs reader reports what is wrong with it
+        keys = set(rows[0][1]) if rows and isinstance(rows[0][1], dict) else set()
+        return "counting" if keys & {"count", "receipt_count"} else "pairs"
+    return "pairs"
 
 
 def validate_file(path: str | Path, kind: Kind | None = None, max_count: int | None = None,
-                  max_text_chars: int = MAX_TEXT_CHARS) -> Scan:
+                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None, deep: bool = True) -> Scan:
     """Scan an annotation file with full image decoding; the scan holds every problem.
 
     A file with no records at all gets an error of its own (the readers refuse it).
+    ``opts``: image root, format, split, box tolerance, duplicates (default: as training's defaults).
     """
     path = Path(path)
-    kind = kind or detect_kind(path)
+    opts = opts or ReadOptions(max_text_chars=max_text_chars)
+    kind = kind or detect_kind(path, opts.format, opts)
     if kind == "counting":
-        scan = scan_counting(path, max_count=max_count, deep=True, max_text_chars=max_text_chars)
+        scan = scan_counting(path, max_count=max_count, deep=deep, opts=opts)
     else:
-        scan = scan_pairs(path, deep=True, max_text_chars=max_text_chars)
+        scan = scan_pairs(path, deep=deep, opts=opts)
     if scan.n_records == 0 and not scan.errors:
         scan.problems.append(Problem(str(path), "no records"))
     return scan
@@ -56,6 +77,69 @@ def to_json(scan: Scan, kind: Kind) -> dict[str, Any]:
         return {"where": p.where, "message": p.message, "text": str(p)}
 
     return {
-        "file": str(scan.path), "kind": kind, "records": scan.n_records, "bad_records": len(scan.bad_sources),
-        "errors": [item(p) for p in scan.errors], "notes": [item(p) for p in scan.notes], "summary": summary(scan),
+        "file": str(scan.path), "kind": kind, "format": scan.format, "records": scan.n_records,
+        "bad_records": len(scan.bad_sources), "errors": [item(p) for p in scan.errors],
+        "notes": [item(p) for p in scan.notes], "counts": scan.counts, "splits": scan.splits, "summary": summary(scan),
     }
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind | None = None) -> dict[str, Any]:
+    """What a data set holds and what it can train and evaluate: format, split sizes,
+    images, captions per image, boxes, relations, counts, and the losses and metrics it
+    can feed. Images are checked from their headers (``data validate`` decodes them all)."""
+    from collections import Counter
+
+    from vlmtune.data.formats import RELATIONS
+
+    path = Path(path)
+    opts = opts or ReadOptions()
+    kind = kind or detect_kind(path, opts.format, opts)
+    scan = validate_file(path, kind, opts=opts, deep=False)
+    recs = scan.records
+    out: dict[str, Any] = {"file": str(path), "format": scan.format, "kind": kind, "records": scan.n_records,
+                           "usable": len(recs), "errors": len(scan.errors), "first_error": str(scan.errors[0]) if scan.errors else None,
+                           "splits": scan.splits, "images": len({r.image for r in recs}), "counts": scan.counts}
+    if kind == "pairs":
+        per_image = Counter(r.image for r in recs)
+        boxes = sum(r.bbox is not None for r in recs)
+        relations = Counter(RELATIONS[r.relation] for r in recs if r.relation is not None)
+        sizes = list(per_image.values()) or [0]
+        out.update(pairs=len(recs), captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
+                   boxes=boxes, relations=dict(relations))
+        losses = ["contrastive", "matching"] + (["box"] if boxes else []) + (["relation"] if relations else [])
+        metrics = ["retrieval/i2t_r@k", "retrieval/t2i_r@k", "retrieval/mean_recall"]
+        metrics += ["grounding/miou", "grounding/acc50", "grounding/giou", "grounding/l1"] if boxes else []
+        metrics += ["spatial/accuracy", "spatial/macro_f1"] if relations else []
+    else:
+        hist = Counter(r.count for r in recs)
+        out.update(count_histogram={str(k): hist[k] for k in sorted(hist)})
+        losses = ["lm", "count"]
+        metrics = ["count/accuracy", "count/macro_f1", "answer/count_accuracy", "answer/parse_rate", "text/bleu1..4",
+                   "text/rouge1|2|L", "text/perplexity"]
+    out.update(losses=losses, metrics=metrics)
+    return out
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The inspect report as a short two-column table."""
+    rows = [("file", info["file"]), ("format", info["format"]), ("task data", "image-text pairs" if info["kind"] == "pairs" else "counting"),
+            ("records", f"{info['records']} ({info['usable']} usable, {info['errors']} with errors)")]
+    if info["splits"]:
+        rows.append(("splits", ", ".join(f"{k} {v}" for k, v in info["splits"].items())))
+    rows.append(("images", str(info["images"])))
+    if info["kind"] == "pairs":
+        c = info["captions_per_image"]
+        rows += [("pairs", str(info["pairs"])), ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
+                 ("boxes", str(info["boxes"])),
+                 ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0")]
+    else:
+        rows.append(("counts", ", ".join(f"{k}: {v}" for k, v in info["count_histogram"].items()) or "none"))
+    rows += [(k, str(v)) for k, v in info["counts"].items()]
+    rows += [("losses it can feed", ", ".join(info["losses"])), ("metrics", ", ".join(info["metrics"]))]
+    if info["first_error"]:
+        rows.append(("first error", info["first_error"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -74,7 +74,10 @@ class Task(Protocol):
         """{"train", "val", "test"}: annotation files, or the task's synthetic set."""
         ...
 
-    def read_split(self, path: str) -> list[Any]: ...
+    def read_split(self, path: str, split: str | None = None) -> list[Any]:
+        """Records of ``path``; ``split`` ("train", "val", "test") picks one from a file
+        that holds every split (Karpathy, refer), and is ignored by other files."""
+        ...
 
     def loss_weights(self) -> dict[str, float]: ...
 
@@ -110,6 +113,23 @@ def task_class(name: str) -> type[Task]:
     return entry  # type: ignore[return-value]
 
 
+def check_loss_targets(task: Task, records: list[Any], plan: Any, source: str) -> None:
+    """A stage whose active loss has no target anywhere in the training data is an error
+    naming the stage and the loss (``task.loss_targets(records)`` says what is missing)."""
+    from vlmtune.errors import ConfigError
+
+    targets = getattr(task, "loss_targets", None)
+    if targets is None:
+        return
+    missing = targets(records)
+    for stage in plan:
+        for loss in sorted(stage.losses):
+            if missing.get(loss):
+                raise ConfigError(
+                    f"stages[{stage.index}] '{stage.name}': loss '{loss}' has no target in the training data "
+                    f"{source} ({missing[loss]}); set loss.{loss}=0 or leave '{loss}' out of stages[{stage.index}].losses")
+
+
 def build_task(cfg: Config) -> Task:
     return task_class(cfg.task).from_config(cfg)
 
@@ -139,4 +159,5 @@ def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext
     return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
 
 
-__all__ = ["TASKS", "FeatureCache", "Task", "build_task", "data_paths", "report_sections", "task_class"]
+__all__ = ["TASKS", "FeatureCache", "Task", "build_task", "check_loss_targets", "data_paths",
+           "report_sections", "task_class"]

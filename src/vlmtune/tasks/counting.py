@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from vlmtune.backbone import CHAT_END, Backbone
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
 from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
-from vlmtune.data.formats import CountRecord, read_counting
+from vlmtune.data.formats import CountRecord, options_from_config, read_counting
 from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
@@ -353,10 +353,11 @@ class CountingTask:
         return data_paths(self.data, output_dir, lambda folder: generate_receipts(
             folder, n=s.n, seed=s.seed, max_count=self.counting.max_count, image_size=s.image_size), ".jsonl")
 
-    def read_split(self, path: str) -> list[CountRecord]:
-        """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
+    def read_split(self, path: str, split: str | None = None) -> list[CountRecord]:
+        """Records of one split; bad records raise or are skipped (and logged) per data.on_error.
+        Records without a question or answer get them from counting.*_templates."""
         return read_counting(path, max_count=self.counting.max_count, on_error=self.data.on_error,
-                             max_text_chars=self.data.max_text_chars)
+                             opts=options_from_config(self.data, self.counting, split=split))
 
     def loss_weights(self) -> dict[str, float]:
         return dict(self.weights)

@@ -23,7 +23,7 @@ from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig
 from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
-from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
+from vlmtune.data.formats import RELATIONS, PairRecord, load_image, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
@@ -522,9 +522,15 @@ class RetrievalTask:
         return data_paths(self.data, output_dir,
                           lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size), ".json")
 
-    def read_split(self, path: str) -> list[PairRecord]:
-        """Records of one split; bad records raise or are skipped (and logged) per data.on_error."""
-        return read_pairs(path, on_error=self.data.on_error, max_text_chars=self.data.max_text_chars)
+    def read_split(self, path: str, split: str | None = None) -> list[PairRecord]:
+        """Records of one split; bad records raise or are skipped (and logged) per data.on_error.
+        ``split`` picks a split from a file that holds them all (Karpathy, refer)."""
+        return read_pairs(path, on_error=self.data.on_error, opts=options_from_config(self.data, split=split))
+
+    def loss_targets(self, records: list[PairRecord]) -> dict[str, str | None]:
+        """Per loss, None when some record gives it a target, else what is missing."""
+        return {"box": None if any(r.bbox is not None for r in records) else "no record has a box",
+                "relation": None if any(r.relation is not None for r in records) else "no record has a relation"}
 
     def loss_weights(self) -> dict[str, float]:
         return {name: getattr(self.loss_cfg, name) for name in self.losses}
