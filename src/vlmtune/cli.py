@@ -124,10 +124,10 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many
+    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many, refuse_run_folder
 
     if args.output_dir is not None:
-        output_folder(args.output_dir)
+        refuse_run_folder(output_folder(args.output_dir))
     if len(args.checkpoints) == 1 and not args.labels:
         metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
@@ -495,8 +495,13 @@ def describe_error(e: BaseException) -> str:
 
 
 def _shorten(text: str, limit: int) -> str:
-    text = " ".join(str(text).split())  # one line: newlines and runs of blanks become one space
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """One line of at most ``limit`` characters: newlines and runs of blanks become one
+    space; a longer text keeps its start and its end (where the cause usually is)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = (limit - 5) * 2 // 3
+    return text[:head] + " ... " + text[len(text) - (limit - 5 - head):]
 
 
 def _say(message: str) -> None:

@@ -514,10 +514,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if "\x00" in str(path):
+            raise ConfigError(f"{_short(str(path))}: the file name contains a NUL character")
         try:
             found = p.is_file()
         except (OSError, ValueError) as e:  # a NUL in the name, a name too long, a link loop
             raise ConfigError(f"{_short(str(p))}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+        if not found and p.is_symlink():
+            raise ConfigError(f"{_short(str(p))}: a symbolic link to nothing or a link loop, not a config file")
         if not found:
             raise ConfigError(f"{_short(str(p))}: config file not found")
         try:

@@ -66,13 +66,13 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
-    _refuse_run_folder(dest)
+    refuse_run_folder(dest)
     make_folder(dest)
     write_text(dest / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
-def _refuse_run_folder(folder: Path) -> None:
+def refuse_run_folder(folder: Path) -> None:
     """Evaluation output never replaces a training run's own metrics.json."""
     if (folder / "config.yaml").exists() or (folder / "history.jsonl").exists():
         raise VlmtuneError(f"--output-dir {folder}: holds a training run, whose metrics.json would be replaced; "
@@ -108,7 +108,7 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     if len(sources) > 1:
         raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
     out = Path(output_dir)
-    _refuse_run_folder(out)
+    refuse_run_folder(out)
     refuse_links(out, ("cache", "evaluation.json", "evaluation.md", *folders))
     make_folder(out)
     device = default_device()

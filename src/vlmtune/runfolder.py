@@ -114,10 +114,10 @@ def run_artifacts(folder: Path) -> list[str]:
     return found
 
 
-def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> None:
     """Checks before a run writes into ``folder`` (main process, lock held): no links;
     a folder holding a run needs --resume or --overwrite; --overwrite removes
-    :data:`OVERWRITTEN`."""
+    :data:`OVERWRITTEN` (not with ``check_only``)."""
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite: choose one (continue the run, or replace it)")
     refuse_links(folder)
@@ -127,6 +127,8 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise VlmtuneError(f"{folder}: already holds a run ({', '.join(found)}); pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --output-dir")
+    if check_only:
+        return
     for name in OVERWRITTEN:
         p = folder / name
         if p.is_dir() and not p.is_symlink():
@@ -294,6 +296,8 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, RuntimeError) and "loop" in str(e).lower():  # pathlib's resolve() on a link loop
+        return "too many levels of symbolic links (a link loop)"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower() if e.errno != errno.ELOOP else "too many levels of symbolic links (a link loop)"
     return str(e)[:200] or type(e).__name__

@@ -218,10 +218,12 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     out = output_folder(output_dir)
     lock = None
     if os.environ.get("RANK", "0") == "0":  # the main process of a distributed run holds the lock for all
+        if out.is_dir():  # a refused folder is left as it is: checked before the lock file is made
+            prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
         make_folder(out)
         lock = RunLock(out).acquire()
     try:
-        if lock is not None:
+        if lock is not None:  # again, under the lock: another process may have written meanwhile
             prepare_run_folder(out, resume=resume, overwrite=overwrite)
         return _train(cfg, out, resume, tracker)
     finally:
