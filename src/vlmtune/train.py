@@ -44,7 +44,7 @@ from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.distributed import all_reduce_sum
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
-from vlmtune.runfolder import RunLock, make_folder, output_folder, prepare_run_folder, write_text
+from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
@@ -217,13 +217,16 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     """
     out = output_folder(output_dir)
     lock = None
-    if os.environ.get("RANK", "0") == "0":  # the main process of a distributed run holds the lock for all
-        if out.is_dir():  # a refused folder is left as it is: checked before the lock file is made
-            prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
-        make_folder(out)
-        lock = RunLock(out).acquire()
     try:
-        if lock is not None:  # again, under the lock: another process may have written meanwhile
+        if os.environ.get("RANK", "0") == "0":  # the main process of a distributed run holds the lock for all
+            lock_file = out / LOCK_NAME
+            if lock_file.exists() or lock_file.is_symlink():  # a run was here: is it still running?
+                lock = RunLock(out).acquire()
+            if out.is_dir():  # a refused folder is left as it is: checked before a lock file is made
+                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
+            make_folder(out)
+            lock = lock or RunLock(out).acquire()
+            # Again, under the lock: another process may have written meanwhile.
             prepare_run_folder(out, resume=resume, overwrite=overwrite)
         return _train(cfg, out, resume, tracker)
     finally:
