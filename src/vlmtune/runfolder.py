@@ -177,7 +177,7 @@ class RunLock:
 
         if self.path.is_symlink():
             raise VlmtuneError(f"{self.path}: is a symbolic link; remove it")
-        lock = FileLock(str(self.path), is_singleton=False)
+        lock = FileLock(str(self.path))
         try:
             lock.acquire(timeout=0)
         except Timeout:
