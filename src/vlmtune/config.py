@@ -231,12 +231,12 @@ def validate(cfg: Config) -> None:
     for name in ("contrastive", "matching", "box", "relation", "box_l1", "box_giou", "lm", "count"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     need(cfg.backbone.max_text_tokens >= 2, "backbone.max_text_tokens", "must be >= 2")
-    _validate_sizes(cfg, need)
     need(cfg.data.synthetic.n >= 10, "data.synthetic.n", "must be >= 10")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.max_text_chars >= 1, "data.max_text_chars", "must be >= 1")
 
     _validate_counting(cfg, need)
+    _validate_sizes(cfg, need)
 
     from vlmtune.tasks import TASKS, task_class
 
