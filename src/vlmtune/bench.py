@@ -215,7 +215,7 @@ def bench_gpu(preset: str, batch_size: int = 32, steps: int = 10) -> dict[str, A
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
               progress: bool = False) -> dict[str, Any]:
-    from vlmtune.runfolder import make_folder, output_folder
+    from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
@@ -235,8 +235,8 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
     if "gpu" in sections:
         result["gpu"] = bench_gpu(preset)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(render(result))
+    write_text(out / "bench.json", json.dumps(result, indent=2))
+    write_text(out / "bench.md", render(result))
     return result
 
 
