@@ -223,6 +223,21 @@ DATA_CASES = [
 ]
 
 
+def _link_loop(folder: Path, recs: list[dict[str, Any]]) -> None:
+    os.symlink(folder / "images" / "loop_b.png", folder / "images" / "loop_a.png")
+    os.symlink(folder / "images" / "loop_a.png", folder / "images" / "loop_b.png")
+    recs[1]["image"] = "images/loop_a.png"
+
+
+# Image paths the file system refuses (issue 10): one line each, never a traceback.
+DATA_CASES += [
+    DataCase("image-path-nul", "pairs", _set(1, image="images/scene\x00.png"), ("record 1", "contains a NUL character")),
+    DataCase("image-path-too-long", "pairs", _set(1, image="images/" + "n" * 5000 + ".png"),
+             ("record 1", "nnnn", "file name too long")),
+    DataCase("image-symlink-loop", "pairs", _link_loop, ("record 1", "loop_a.png", "link loop")),
+]
+
+
 def _write_bad_set(case: DataCase, src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     if case.kind == "pairs":
@@ -653,4 +668,441 @@ N_CASES = (2 * len(DATA_CASES) + 2 + len(CONFIG_CASES) + len(CHECKPOINT_CASES) +
 
 def test_catalogue_size() -> None:
     """The note on the issue quotes this number; change both together."""
-    assert N_CASES == 116
+    assert N_CASES == 122
+
+
+# --------------------------------------------------------------------------- writes (issue 10)
+# Each case builds a small tree under tmp_path (the working directory is tmp_path/cwd),
+# runs one command and checks: exit status 2, one ``error:`` line naming the culprit, and
+# that no file outside the run folder changed (contents, mtimes, links).
+
+
+def _snapshot(root: Path, skip: Path | None = None) -> dict[str, Any]:
+    """Every file, folder and link under ``root`` (not following links), ``skip`` aside."""
+    import hashlib
+
+    seen: dict[str, Any] = {}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        if skip is not None and (here == skip or skip in here.parents):
+            dirs[:] = []
+            continue
+        for name in dirs + files:
+            p = here / name
+            if skip is not None and p == skip:
+                continue
+            if p.is_symlink():
+                seen[str(p)] = ("link", os.readlink(p))
+            elif p.is_file():
+                st = p.stat()
+                seen[str(p)] = ("file", st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                seen[str(p)] = ("dir",)
+    return seen
+
+
+@dataclass(frozen=True)
+class WriteCase:
+    id: str
+    # (tmp, pairs_set) -> (argv, run folder or None); the run folder is where writes may happen
+    setup: Callable[[Path, Path], tuple[list[str], Path | None]]
+    expect: tuple[str, ...]
+
+
+def _train(tmp: Path, data: Path, out: str | Path, *extra: str) -> list[str]:
+    return ["train", RETRIEVAL, "--output-dir", str(out), f"data.synthetic_dir={data}", "data.synthetic.n=20", *QUICK,
+            *extra]
+
+
+def _out_arg(text: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    return lambda tmp, data: (_train(tmp, data, text), None)
+
+
+def _out_is_file(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    (tmp / "cwd" / "notes.txt").write_text("mine")
+    return _train(tmp, data, tmp / "cwd" / "notes.txt"), None
+
+
+def _out_under_file(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    (tmp / "cwd" / "notes.txt").write_text("mine")
+    return _train(tmp, data, tmp / "cwd" / "notes.txt" / "run"), None
+
+
+def _out_cwd_link(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    os.symlink(tmp / "cwd", tmp / "here")
+    return _train(tmp, data, tmp / "here"), None
+
+
+def _out_cwd_spelling(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    (tmp / "cwd" / "sub").mkdir()
+    return _train(tmp, data, "./sub/../"), None
+
+
+def _out_long_name(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    return _train(tmp, data, tmp / ("x" * 5000)), None
+
+
+def _out_link_loop(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    os.symlink(tmp / "loop_b", tmp / "loop_a")
+    os.symlink(tmp / "loop_a", tmp / "loop_b")
+    return _train(tmp, data, tmp / "loop_a" / "run"), None
+
+
+def _holds(*names: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    """A folder with some of a run's artifacts (e.g. checkpoints/best and history.jsonl, last gone)."""
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        run = tmp / "run"
+        for name in names:
+            (run / name).parent.mkdir(parents=True, exist_ok=True)
+            if name.startswith("checkpoints/"):
+                (run / name).mkdir()
+                (run / name / "state.json").write_text("{}")
+            else:
+                (run / name).write_text("earlier run\n")
+        # The run folder itself must stay untouched too: snapshot it as "outside" (no skip).
+        return _train(tmp, data, run), None
+    return setup
+
+
+def _linked(name: str, *extra: str, folder: bool = False) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    """A run folder in which ``name`` is a symbolic link to a file (or folder) outside it."""
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        run = tmp / "run"
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        target = tmp / "outside" / "target"
+        target.parent.mkdir()
+        if folder:
+            target.mkdir()
+            (target / "keep.txt").write_text("keep")
+        else:
+            target.write_text("not yours\n")
+        os.symlink(target, run / name)
+        return _train(tmp, data, run, *extra), None
+    return setup
+
+
+def _lock_held(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    from vlmtune.runfolder import RunLock
+
+    run = tmp / "run"
+    run.mkdir()
+    lock = RunLock(run).acquire()  # released when the test's tmp tree goes; held during main()
+    _HELD.append(lock)
+    return _train(tmp, data, run), None
+
+
+_HELD: list[Any] = []
+
+
+def _user_synthetic(*files: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    """data.synthetic_dir naming a folder of the user's own files (no generator marker)."""
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        mine = tmp / "mine"
+        mine.mkdir()
+        for f in files:
+            (mine / f).write_text("[]" if f.endswith(".json") else "mine")
+        return ["train", RETRIEVAL, "--output-dir", str(tmp / "run"), f"data.synthetic_dir={mine}", *QUICK], tmp / "run"
+    return setup
+
+
+def _generator_into(kind: str, *extra: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        out = tmp / "set"
+        out.mkdir()
+        (out / "train.json").write_text("[]")  # an existing data set
+        return ["data", kind, "--out", str(out), "--n", "10", *extra], None
+    return setup
+
+
+def _evaluate_into_run(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "metrics.json").write_text("{}")
+    return ["evaluate", str(tmp / "ckpt"), "--output-dir", str(run)], None
+
+
+def _labels_collide(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+    return ["evaluate", str(tmp / "a"), str(tmp / "b"), "--labels", "x/y", "x_y", "--output-dir", str(tmp / "ev")], tmp / "ev"
+
+
+def _config_file(text: str | bytes) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        path = tmp / "cfg.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["train", str(path), "--output-dir", str(tmp / "run")], tmp / "run"
+    return setup
+
+
+def _config_path(name: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
+        if name == "loop":
+            os.symlink(tmp / "c_b.yaml", tmp / "c_a.yaml")
+            os.symlink(tmp / "c_a.yaml", tmp / "c_b.yaml")
+            path = str(tmp / "c_a.yaml")
+        else:
+            path = name
+        return ["train", path, "--output-dir", str(tmp / "run")], tmp / "run"
+    return setup
+
+
+def _argv(*argv: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    return lambda tmp, data: ([a.replace("TMP", str(tmp)) for a in argv], tmp / "out")
+
+
+def _override(*overrides: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
+    return lambda tmp, data: (_train(tmp, data, tmp / "run", *overrides), tmp / "run")
+
+
+WRITE_CASES = [
+    # the output folder: named, not the current one, not a file, reachable
+    WriteCase("out-empty", _out_arg(""), ("--output-dir: empty",)),
+    WriteCase("out-dot", _out_arg("."), ("--output-dir .", "is the current folder")),
+    WriteCase("out-dot-slash", _out_arg("./"), ("is the current folder",)),
+    WriteCase("out-cwd-other-spelling", _out_cwd_spelling, ("./sub/../", "is the current folder")),
+    WriteCase("out-cwd-through-link", _out_cwd_link, ("here", "is the current folder")),
+    WriteCase("out-is-a-file", _out_is_file, ("notes.txt", "is a file")),
+    WriteCase("out-under-a-file", _out_under_file, ("notes.txt", "cannot create the folder", "not a directory")),
+    WriteCase("out-name-too-long", _out_long_name, ("xxxx", "file name too long")),
+    WriteCase("out-link-loop", _out_link_loop, ("loop_a", "link loop")),
+    WriteCase("seeds-out-dot", lambda tmp, data: (_train(tmp, data, ".", "--seeds", "0,1"), None),
+              ("--output-dir .", "is the current folder")),
+    # a folder holding a run: --resume or --overwrite
+    WriteCase("holds-best-and-history", _holds("history.jsonl", "checkpoints/best"),
+              ("run: already holds a run (history.jsonl, checkpoints)", "--resume", "--overwrite")),
+    WriteCase("holds-config-only", _holds("config.yaml"), ("already holds a run (config.yaml)",)),
+    WriteCase("holds-metrics-only", _holds("metrics.json"), ("already holds a run (metrics.json)",)),
+    WriteCase("resume-and-overwrite", lambda tmp, data: (_train(tmp, data, tmp / "run", "--resume", "--overwrite"), tmp / "run"),
+              ("--resume and --overwrite: choose one",)),
+    # links inside a run folder are refused, never written through
+    WriteCase("link-config-yaml", _linked("config.yaml"), ("run/config.yaml: is a symbolic link",)),
+    WriteCase("link-config-yaml-overwrite", _linked("config.yaml", "--overwrite"), ("run/config.yaml: is a symbolic link",)),
+    WriteCase("link-history-resume", _linked("history.jsonl", "--resume"), ("run/history.jsonl: is a symbolic link",)),
+    WriteCase("link-metrics", _linked("metrics.json", "--resume"), ("run/metrics.json: is a symbolic link",)),
+    WriteCase("link-checkpoints", _linked("checkpoints", folder=True), ("run/checkpoints: is a symbolic link",)),
+    WriteCase("link-checkpoint-last", _linked("checkpoints/last", "--resume", folder=True),
+              ("checkpoints/last: is a symbolic link",)),
+    WriteCase("link-cache", _linked("cache", folder=True), ("run/cache: is a symbolic link",)),
+    WriteCase("link-lock-file", _linked(".vlmtune.lock"), (".vlmtune.lock: is a symbolic link",)),
+    # one writer per run folder
+    WriteCase("lock-held", _lock_held, ("run: another vlmtune process (PID {pid})", "is writing to this run folder")),
+    # generated data never over the user's files
+    WriteCase("synthetic-dir-user-annotations", _user_synthetic("train.json", "val.json"),
+              ("data.synthetic_dir", "mine: holds train.json, val.json", "no .vlmtune-generated.json", "data.train")),
+    WriteCase("synthetic-dir-user-files", _user_synthetic("notes.txt"), ("data.synthetic_dir", "mine: is not empty (notes.txt")),
+    WriteCase("scenes-out-not-empty", _generator_into("scenes"), ("set: not empty (train.json)", "--overwrite")),
+    WriteCase("receipts-out-not-empty", _generator_into("receipts"), ("set: not empty (train.json)", "--overwrite")),
+    WriteCase("scenes-out-dot", _argv("data", "scenes", "--out", ".", "--n", "10"), ("--out .", "is the current folder")),
+    WriteCase("receipts-out-empty", _argv("data", "receipts", "--out", ""), ("--out: empty",)),
+    # evaluate writes inside its --output-dir only
+    WriteCase("evaluate-into-a-run", _evaluate_into_run, ("run: holds a training run", "metrics.json would be replaced")),
+    WriteCase("evaluate-out-dot", _argv("evaluate", "TMP/ckpt", "--output-dir", "."), ("is the current folder",)),
+    WriteCase("evaluate-labels-collide", _labels_collide, ("--labels", "'x/y' and 'x_y'", "folder name 'x_y'")),
+    # config files and paths the file system refuses
+    WriteCase("config-not-utf8", _config_file(b"seed: 1\ntask: \xff\xfe\n"), ("cfg.yaml", "not UTF-8")),
+    WriteCase("config-nested-deeply", _config_file("a: " + "[" * 5000 + "]" * 5000 + "\n"), ("cfg.yaml",)),
+    WriteCase("config-5000-digits", _config_file("seed: " + "9" * 5000 + "\n"), ("cfg.yaml",)),
+    WriteCase("config-path-nul", _config_path("conf\x00ig.yaml"), ("conf\\x00ig.yaml", "NUL character")),
+    WriteCase("config-path-too-long", _config_path("c" * 5000 + ".yaml"), ("cccc", "name too long")),
+    WriteCase("config-link-loop", _config_path("loop"), ("c_a.yaml", "link loop")),
+    WriteCase("override-5000-digits", _override("seed=" + "9" * 5000), ("seed",)),
+    WriteCase("override-key-5000-chars", _override("k" * 5000 + "=1"), ("kkkk", "unknown key")),
+    # sizes and counts: config keys ...
+    WriteCase("size-tiny-hidden-0", _override("backbone.tiny_hidden_size=0"), ("backbone.tiny_hidden_size", "got 0")),
+    WriteCase("size-tiny-hidden-odd", _override("backbone.tiny_hidden_size=80"), ("backbone.tiny_hidden_size", "multiple of 32")),
+    WriteCase("size-tiny-layers-0", _override("backbone.tiny_layers=0"), ("backbone.tiny_layers", "got 0")),
+    WriteCase("size-tiny-image-20", _override("backbone.tiny_image_size=20"), ("backbone.tiny_image_size", "multiple of 16")),
+    WriteCase("size-tiny-image-huge", _override("backbone.tiny_image_size=65536"), ("backbone.tiny_image_size", "between")),
+    WriteCase("size-head-hidden-neg", _override("model.head_hidden=-1"), ("model.head_hidden", "got -1")),
+    WriteCase("size-embed-dim-0", _override("model.embed_dim=0"), ("model.embed_dim",)),
+    WriteCase("size-eval-ks-0", _override("eval.ks=[1, 0]"), ("eval.ks",)),
+    WriteCase("size-eval-ks-huge", _override("eval.ks=[1, 1000000000000]"), ("eval.ks",)),
+    WriteCase("size-seed-negative", _override("seed=-1"), ("seed: must be between 0",)),
+    WriteCase("size-synthetic-image-0", _override("data.synthetic.image_size=0"), ("data.synthetic.image_size",)),
+    WriteCase("size-counting-patch-0", _override("counting.max_dynamic_patch=0"), ("counting.max_dynamic_patch",)),
+    WriteCase("size-counting-max-count-huge", _override("counting.max_count=100000000"), ("counting.max_count",)),
+    WriteCase("size-generation-beams-0", _override("generation.num_beams=0"), ("generation.num_beams",)),
+    WriteCase("size-generation-tokens-neg", _override("generation.max_new_tokens=-5"), ("generation.max_new_tokens",)),
+    WriteCase("size-vision-blocks-neg", _override("stages.0.vision_blocks=-1"), ("stages[0].vision_blocks",)),
+    # ... and command flags
+    WriteCase("flag-scenes-n-0", _argv("data", "scenes", "--out", "TMP/out", "--n", "0"), ("--n", "got 0")),
+    WriteCase("flag-scenes-n-1", _argv("data", "scenes", "--out", "TMP/out", "--n", "1"), ("--n 1", "too small")),
+    WriteCase("flag-scenes-image-size-0", _argv("data", "scenes", "--out", "TMP/out", "--image-size", "0"),
+              ("--image-size", "got 0")),
+    WriteCase("flag-scenes-image-size-20", _argv("data", "scenes", "--out", "TMP/out", "--image-size", "20"),
+              ("--image-size", "between 48")),
+    WriteCase("flag-scenes-seed-neg", _argv("data", "scenes", "--out", "TMP/out", "--seed", "-3"), ("--seed",)),
+    WriteCase("flag-receipts-width-0", _argv("data", "receipts", "--out", "TMP/out", "--width", "0"), ("--width", "got 0")),
+    WriteCase("flag-receipts-max-count-neg", _argv("data", "receipts", "--out", "TMP/out", "--max-count", "-1"),
+              ("--max-count", "got -1")),
+    WriteCase("flag-receipts-n-word", _argv("data", "receipts", "--out", "TMP/out", "--n", "ten"), ("--n", "'ten'")),
+    WriteCase("flag-bench-images-0", _argv("bench", "--out", "TMP/out", "--images", "0"), ("--images", "got 0")),
+    WriteCase("flag-bench-batch-0", _argv("bench", "--out", "TMP/out", "--batch-size", "0"), ("--batch-size", "got 0")),
+    WriteCase("flag-bench-eval-size-0", _argv("bench", "--out", "TMP/out", "--sections", "eval", "--eval-sizes", "0x5"),
+              ("--eval-sizes", "'0x5'")),
+    WriteCase("flag-attention-limit-0", _argv("attention", "TMP/ckpt", "--limit", "0"), ("--limit", "got 0")),
+    WriteCase("flag-validate-max-chars-0", _argv("data", "validate", "TMP/x.json", "--max-text-chars", "0"),
+              ("--max-text-chars", "got 0")),
+    WriteCase("flag-compare-tolerance-neg", _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "-1"),
+              ("--tolerance", "got -1")),
+    WriteCase("flag-compare-tolerance-nan", _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "nan"),
+              ("--tolerance",)),
+    WriteCase("flag-unknown", _argv("data", "scenes", "--out", "TMP/out", "--colour", "red"), ("unrecognized arguments",)),
+]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES, ids=[c.id for c in WRITE_CASES])
+def test_bad_write(case: WriteCase, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "config.yaml").write_text("# the user's own file\n")  # what `--output-dir .` once overwrote
+    monkeypatch.chdir(cwd)
+    argv, run = case.setup(tmp_path, pairs_set)
+    before = _snapshot(tmp_path, run)
+    try:
+        code, _, err = _run(capsys, argv)
+    finally:
+        while _HELD:
+            _HELD.pop().release()
+    msg = _error_line(code, err)
+    assert len(msg) <= 500, len(msg)
+    for e in case.expect:
+        assert e.format(pid=os.getpid()) in msg, (e, msg)
+    assert _snapshot(tmp_path, run) == before  # nothing outside the run folder changed
+    if run is not None:
+        assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+
+
+INJECTED = [
+    ("enospc", OSError(28, "No space left on device", "/runs/a/metrics.json"), ("/runs/a/metrics.json", "no space left")),
+    ("erofs", OSError(30, "Read-only file system", "/mnt/ro/run"), ("/mnt/ro/run", "read-only")),
+    ("enametoolong", OSError(36, "File name too long", "/x/" + "n" * 3000), ("/x/nnn", "too long")),
+    ("eloop", OSError(40, "Too many levels of symbolic links", "/x/loop"), ("/x/loop", "link loop")),
+    ("eisdir", IsADirectoryError(21, "Is a directory", "/x/metrics.json"), ("/x/metrics.json", "is a directory")),
+    ("enotdir", NotADirectoryError(20, "Not a directory", "/x/file/run"), ("/x/file/run", "not a directory")),
+    ("eacces", PermissionError(13, "Permission denied", "/x/run"), ("/x/run", "permission denied")),
+    ("rename", OSError(18, "Invalid cross-device link", "/x/a.tmp", None, "/y/a"), ("/x/a.tmp -> /y/a", "cross-device")),
+    ("unicode", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), ("not UTF-8",)),
+    ("recursion", RecursionError("maximum recursion depth exceeded"), ("nested too deeply",)),
+    ("value", ValueError("embedded null byte\n" + "x" * 5000), ("embedded null byte", "--debug")),
+    ("torch-disk-full", RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write "
+                                     "failed"), ("file write failed", "disk full")),
+    ("unexpected", KeyError("boom"), ("unexpected KeyError", "--debug")),
+]
+
+
+@pytest.mark.parametrize(("exc", "expect"), [c[1:] for c in INJECTED], ids=[c[0] for c in INJECTED])
+def test_any_error_is_one_line(exc: BaseException, expect: tuple[str, ...], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that no check turned into a VlmtuneError (disk full, read-only disk, ...):
+    one line naming the file and the cause, exit status 2; --debug raises it."""
+    import vlmtune.train
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise exc
+
+    monkeypatch.setattr(vlmtune.train, "train", fail)
+    argv = ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run")]
+    code, _, err = _run(capsys, argv)
+    msg = _error_line(code, err)
+    assert len(msg) <= 500 and "\n" not in msg.strip()
+    for e in expect:
+        assert e in msg, (e, msg)
+    with pytest.raises(type(exc)):
+        main(["--debug", *argv])
+
+
+def test_evaluate_labels_stay_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     trained: tuple[Path, list[str]]) -> None:
+    """`evaluate --labels ../x /abs/path`: the labels head the table; their folders are
+    made safe, so everything is written inside --output-dir and nothing outside."""
+    run, _ = trained
+    ckpt = run / "checkpoints" / "last"
+    ev = tmp_path / "work" / "ev"
+    (tmp_path / "work").mkdir()
+    before = _snapshot(tmp_path, ev)
+    code, out, err = _run(capsys, ["evaluate", str(ckpt), str(ckpt), "--labels", "../x", str(tmp_path / "abs"),
+                                   "--output-dir", str(ev)])
+    assert code == 0, err
+    assert _snapshot(tmp_path, ev) == before
+    assert not (tmp_path / "work" / "x").exists() and not (tmp_path / "abs").exists()
+    assert (ev / "_x" / "metrics.json").is_file()
+    assert (ev / safe_name(str(tmp_path / "abs")) / "metrics.json").is_file()
+    table = (ev / "evaluation.md").read_text()
+    assert f"| metric | ../x | {tmp_path / 'abs'} |" in table
+    assert set(json.loads((ev / "evaluation.json").read_text())) == {"../x", str(tmp_path / "abs")}
+
+
+def safe_name(label: str) -> str:
+    from vlmtune.runfolder import safe_name as f
+
+    return f(label)
+
+
+def test_overwrite_replaces_only_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    """--overwrite on a folder whose checkpoints/last is gone but best and history.jsonl
+    remain: the earlier run's artifacts are replaced, other files are kept."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    (run / "checkpoints" / "best" / "state.json").write_text("{}")
+    (run / "history.jsonl").write_text('{"type": "old"}\n')
+    (run / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, _train(tmp_path, pairs_set, run, "--overwrite"))
+    assert code == 0, err
+    assert "old" not in (run / "history.jsonl").read_text()
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "checkpoints" / "best" / "state.json").read_text())["epoch"] == 1
+
+
+def test_generators_refuse_then_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data scenes --out` an existing set: refused; with --overwrite regenerated, the
+    earlier generation's files gone, the user's other files kept; the marker lists all."""
+    out = tmp_path / "set"
+    assert main(["data", "scenes", "--out", str(out), "--n", "12", "--image-size", "48"]) == 0
+    marker = json.loads((out / ".vlmtune-generated.json").read_text())
+    assert marker["complete"] and "images/scene_00011.png" in marker["files"] and "test.json" in marker["files"]
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, ["data", "scenes", "--out", str(out), "--n", "10", "--image-size", "48"])
+    assert "not empty" in _error_line(code, err)
+    assert main(["data", "scenes", "--out", str(out), "--n", "10", "--image-size", "48", "--overwrite"]) == 0
+    assert not (out / "images" / "scene_00011.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / ".vlmtune-generated.json").read_text())["n"] == 10
+
+
+def test_synthetic_dir_regenerates_only_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted generation (marker says incomplete) is generated again; a complete
+    one is reused as it is."""
+    from vlmtune.config import load_config
+    from vlmtune.tasks import build_task
+
+    data = tmp_path / "data"
+    cfg = load_config(RETRIEVAL, [f"data.synthetic_dir={data}", "data.synthetic.n=10", "data.synthetic.image_size=48"])
+    task = build_task(cfg)
+    paths = task.data_paths(tmp_path / "run")
+    first = Path(paths["test"]).stat().st_mtime_ns
+    assert task.data_paths(tmp_path / "run") == paths and Path(paths["test"]).stat().st_mtime_ns == first  # reused
+    marker = json.loads((data / ".vlmtune-generated.json").read_text())
+    (data / ".vlmtune-generated.json").write_text(json.dumps(dict(marker, complete=False)))
+    (data / "test.json").unlink()
+    assert task.data_paths(tmp_path / "run") == paths and Path(paths["test"]).is_file()
+
+
+def test_write_text_refuses_a_link(tmp_path: Path) -> None:
+    """The last line of defence, at the write itself (O_NOFOLLOW): a link planted after
+    the checks is refused by name and its target untouched."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.runfolder import write_text
+
+    target = tmp_path / "target.txt"
+    target.write_text("keep")
+    os.symlink(target, tmp_path / "history.jsonl")
+    for append in (False, True):
+        with pytest.raises(VlmtuneError, match="history.jsonl: is a symbolic link"):
+            write_text(tmp_path / "history.jsonl", "x\n", append=append)
+    assert target.read_text() == "keep"
+
+
+def test_write_catalogue_size() -> None:
+    """Issue 10's cases: output folders, links, locks, generated data, sizes, errors."""
+    assert len(WRITE_CASES) + len(INJECTED) == 85

@@ -233,3 +233,73 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path, scenes: Path, str
     _, err = p.communicate(timeout=400)
     assert p.returncode == 0, err
     _assert_same_run(straight, run)
+
+
+def _lock_pid(run: Path) -> int | None:
+    try:
+        text = (run / ".vlmtune.lock").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def test_one_writer_per_run_folder_and_a_killed_run_resumes(tmp_path: Path, scenes: Path, capsys) -> None:
+    """A second `train` on a folder that a running `train` holds fails at once with one
+    line naming the folder and the holder's PID (with --resume too); after the holder
+    is SIGKILLed its lock is free, and --resume finishes the run."""
+    run = tmp_path / "run"
+    args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "stages.1.start_epoch=1", "train.epochs=2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", *args], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(p, lambda: _lock_pid(run) == p.pid, "the lock")
+        for extra in ([], ["--resume"]):
+            assert main([*args, *extra]) == 2
+            assert p.poll() is None  # refused while the holder runs: it did not wait for the lock
+            err = capsys.readouterr().err
+            line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+            assert len(line) == 1 and "Traceback" not in err
+            assert f"{run}: another vlmtune process (PID {p.pid})" in line[0], line[0]
+        _wait(p, lambda: _state(run).get("epoch") == 1, "the first checkpoint")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert _lock_pid(run) == p.pid  # the killed run's PID is still in the file, its lock is gone
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["train/epochs"] == 2
+    assert _lock_pid(run) == os.getpid()
+
+
+def test_kill_during_final_evaluation_then_resume(tmp_path: Path, scenes: Path, straight: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run dies in its final evaluation (after the last checkpoint); --resume only
+    redoes that evaluation, and metrics.json equals the uninterrupted run's, train/last_val
+    included (kept in the checkpoint's state), wall-time fields aside."""
+    from vlmtune.tasks.retrieval import RetrievalTask
+
+    real = RetrievalTask.evaluate
+
+    def die(self, model, records, **kw):
+        if kw.get("train_records") is None:  # a per-epoch validation (validate() calls evaluate())
+            return real(self, model, records, **kw)
+        raise RuntimeError("killed during the final evaluation")
+
+    monkeypatch.setattr(RetrievalTask, "evaluate", die)
+    run = tmp_path / "run"
+    args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "killed during the final evaluation" in err, err
+    assert not (run / "metrics.json").exists()
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["epoch"] == 3
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    wall = ("train/wall_s", "train/train_wall_s", "train/samples_per_s", "train/peak_mem_mb")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    assert "train/last_val" in ma
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        if k not in wall and k != "checkpoint":
+            assert ma[k] == mb[k], k
+    assert Path(mb["checkpoint"]).name == Path(ma["checkpoint"]).name

@@ -108,7 +108,7 @@ def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
     generate_receipts(c, n=8, seed=12, image_size=64)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert len(files) == 8 + 5
+    assert len(files) == 8 + 6  # images, 3 splits, boxes.json, meta.json, .vlmtune-generated.json
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / "boxes.json").read_bytes() != (c / "boxes.json").read_bytes()

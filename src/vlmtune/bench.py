@@ -55,9 +55,11 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     from vlmtune.data.scenes import generate_scenes
     from vlmtune.train import train
 
+    from vlmtune.runfolder import check_synthetic_dir
+
     data = out / "data"
-    if not (data / "test.json").is_file():
-        generate_scenes(data, n=images, seed=0, image_size=96)
+    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
+        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
     base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
             "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
             f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
@@ -261,17 +263,21 @@ def bench_search(n: int = 100_000, dim: int = 256, k: int = 10, queries: int = 2
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
               progress: bool = False, search_size: int = 100_000) -> dict[str, Any]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from vlmtune.runfolder import make_folder, output_folder, write_text
+
+    out = output_folder(out, "--out")
+    make_folder(out, "--out")
     sections = sections or ["training", "loader", "eval", "gpu", "search"]
     result: dict[str, Any] = {"machine": _machine(), "preset": preset}
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
     if "loader" in sections:
-        if not (out / "data" / "train.json").is_file():
+        from vlmtune.runfolder import check_synthetic_dir
+
+        if check_synthetic_dir(out / "data", ("train.json", "val.json", "test.json")):
             from vlmtune.data.scenes import generate_scenes
 
-            generate_scenes(out / "data", n=images, seed=0, image_size=96)
+            generate_scenes(out / "data", n=images, seed=0, image_size=96, overwrite=True)
         result["loader"] = bench_loader(out / "data", preset, batch_size, [0, 2])
     if "eval" in sections:
         result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
@@ -279,8 +285,8 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["gpu"] = bench_gpu(preset)
     if "search" in sections:
         result["search"] = bench_search(search_size, out=out)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(render(result))
+    write_text(out / "bench.json", json.dumps(result, indent=2))
+    write_text(out / "bench.md", render(result))
     return result
 
 

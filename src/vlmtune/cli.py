@@ -12,8 +12,66 @@ from typing import Any, Callable
 
 from vlmtune import __version__
 from vlmtune.errors import VlmtuneError
+from vlmtune.runfolder import OVERWRITE_HELP, output_folder, write_text
 
 log = logging.getLogger("vlmtune")
+
+# No message is longer than this: a value quoted from the input is shortened.
+MAX_MESSAGE = 500
+GENERATOR_OVERWRITE_HELP = ("generate into a folder that is not empty: files of the same names are replaced, the "
+                            "files an earlier generation listed in its .vlmtune-generated.json are removed first, "
+                            "other files are kept")
+
+
+# --------------------------------------------------------------------------- flag types
+
+
+def _int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{_shorten(text, 40)}'") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {_shorten(text, 40)}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count or a size: 1 .. 10^9."""
+    return _int(text, 1, 10**9)
+
+
+def non_negative_int(text: str) -> int:
+    return _int(text, 0, 10**9)
+
+
+def seed_int(text: str) -> int:
+    """What numpy and torch accept as a seed."""
+    return _int(text, 0, 2**32 - 1)
+
+
+def non_negative_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{_shorten(text, 40)}'") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {_shorten(text, 40)}")
+    return value
+
+
+class _UsageError(VlmtuneError):
+    """A bad command line (argparse's own checks and the flag types above)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error:`` line and exit status 2 from
+    :func:`main` (not a usage block and ``SystemExit``)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 def key_metrics() -> tuple[str, ...]:
     """The metrics a command prints: each registered task's key metrics, then the run's."""
@@ -36,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.seeds is None:
         cfg = load_config(args.config, args.overrides)
-        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker)
+        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite)
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
             print(f"finished: {args.output_dir}/metrics.json")
             _print_metrics(metrics)
@@ -44,9 +102,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
     seeds = _parse_seeds(args.seeds)
     cfgs = {s: load_config(args.config, [*args.overrides, f"seed={s}"]) for s in seeds}  # all checked first
+    output_folder(args.output_dir)
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
-        metrics = train(cfg, out, resume=args.resume and (out / "checkpoints" / "last").exists(), tracker=args.tracker)
+        # --resume: a seed's run goes on (or starts, when it has no checkpoint yet).
+        metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite)
         print(f"finished seed {s}: {out}/metrics.json")
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
@@ -64,8 +124,10 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many
+    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many, refuse_run_folder
 
+    if args.output_dir is not None:
+        refuse_run_folder(output_folder(args.output_dir))
     if len(args.checkpoints) == 1 and not args.labels:
         metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
                                       image_root=args.image_root, rankings=args.rankings,
@@ -96,7 +158,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             n, m = (int(x) for x in text.lower().split("x"))
         except ValueError:
-            raise VlmtuneError(f"--eval-sizes: expected NxM like 20000x100000, got '{text}'") from None
+            raise VlmtuneError(f"--eval-sizes: expected NxM like 20000x100000, got '{_shorten(text, 60)}'") from None
+        if not (1 <= n <= 10**8 and 1 <= m <= 10**8):
+            raise VlmtuneError(f"--eval-sizes: both sizes must be between 1 and 100000000, got '{_shorten(text, 60)}'")
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
               batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
@@ -114,6 +178,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from vlmtune.tasks import FeatureCache, build_task
 
     cfg = load_config(args.config, args.overrides)
+    output_folder(args.output_dir)
     task = build_task(cfg)
     if not task.cacheable:
         raise VlmtuneError(f"task '{cfg.task}': has no feature cache")
@@ -133,6 +198,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlmtune.report import compare
 
+    output_folder(args.output_dir)
     result = compare(args.run_dirs, args.output_dir, target_metric=args.metric, tolerance=args.tolerance, labels=args.labels)
     print(result["verdict"]["text"])
     print(f"wrote {Path(args.output_dir) / 'report.md'}, report.html and comparison.json")
@@ -153,7 +219,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        write_text(Path(args.output), json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
     return 0
 
@@ -161,7 +227,13 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_data_scenes(args: argparse.Namespace) -> int:
     from vlmtune.data.scenes import generate_scenes
 
-    paths = generate_scenes(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    out = output_folder(args.out, "--out")
+    _check_range("--image-size", args.image_size, 48, 4096)
+    _check_range("--n", args.n, 1, 10**6)
+    try:
+        paths = generate_scenes(out, n=args.n, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite)
+    except ValueError as e:  # n too small for three splits
+        raise VlmtuneError(f"--n {args.n}: {e}") from None
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -170,7 +242,16 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
     from vlmtune.data.receipts import generate_receipts
 
     size = (args.width, args.height) if args.height else args.width
-    paths = generate_receipts(args.out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size)
+    out = output_folder(args.out, "--out")
+    _check_range("--width", args.width, 16, 4096)
+    _check_range("--height", args.height or args.width, 16, 4096)
+    _check_range("--n", args.n, 1, 10**6)
+    _check_range("--max-count", args.max_count, 1, 100)
+    try:
+        paths = generate_receipts(out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size,
+                                  overwrite=args.overwrite)
+    except ValueError as e:
+        raise VlmtuneError(f"--n {args.n}: {e}") from None
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -182,6 +263,11 @@ def _read_options(args: argparse.Namespace) -> Any:
     return ReadOptions(image_root=args.image_root, format=args.format, split=args.split,
                        box_tolerance_px=args.box_tolerance_px, duplicates=args.duplicates,
                        max_text_chars=getattr(args, "max_text_chars", 1000))
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise VlmtuneError(f"{flag}: must be between {low} and {high}, got {value}")
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
@@ -364,6 +450,8 @@ def _add_run_commands(sub: Any) -> None:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-4")
     t.add_argument("--output-dir", required=True, help="run directory to write")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (a folder holding a run is refused "
+                   "without --resume or --overwrite)")
     t.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUTPUT_DIR/seedS, for vlmtune compare")
     t.add_argument("--tracker", choices=("wandb", "tensorboard"),
                    help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)")
@@ -403,7 +491,7 @@ def _add_run_commands(sub: Any) -> None:
     at.add_argument("--data", help="counting JSONL (default: the run's test split)")
     at.add_argument("--boxes", help="boxes.json of the synthetic set (default: next to --data)")
     at.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
-    at.add_argument("--limit", type=int, default=None, help="at most this many images")
+    at.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
     at.set_defaults(func=cmd_attention)
 
@@ -416,7 +504,7 @@ def _add_analysis_commands(sub: Any) -> None:
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.json, history.jsonl, config.yaml)")
     c.add_argument("--output-dir", required=True, help="where to write the report")
     c.add_argument("--metric", help="validation metric for time-to-target (default: the runs' early-stopping metric)")
-    c.add_argument("--tolerance", type=float, default=1.0,
+    c.add_argument("--tolerance", type=non_negative_float, default=1.0,
                    help="an epoch reaches the target when within this of the run's best value (default 1.0)")
     c.add_argument("--labels", nargs="+", help="names of the groups, in order of first appearance")
     c.set_defaults(func=cmd_compare)
@@ -428,10 +516,10 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
-    b.add_argument("--images", type=int, default=200, help="synthetic images (default 200)")
-    b.add_argument("--epochs", type=int, default=5, help="cached epochs (default 5)")
-    b.add_argument("--uncached-epochs", type=int, default=None, help="uncached epochs (default: --epochs)")
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200)")
+    b.add_argument("--epochs", type=positive_int, default=5, help="cached epochs (default 5)")
+    b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
+    b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
     b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
     b.add_argument("--search-size", type=int, default=100_000,
@@ -453,18 +541,20 @@ def _add_data_commands(sub: Any) -> None:
     d = sub.add_parser("data", help="generate synthetic data sets or check one")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
     s = dsub.add_parser("scenes", help="coloured shapes with captions, boxes and spatial relations (retrieval + grounding)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--n", type=int, default=400, help="number of images (default 400)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
+    s.add_argument("--out", required=True, help="output folder (refused when not empty, unless --overwrite)")
+    s.add_argument("--n", type=positive_int, default=400, help="number of images (default 400)")
+    s.add_argument("--seed", type=seed_int, default=0)
+    s.add_argument("--image-size", type=positive_int, default=96, help="image side in pixels, 48 to 4096 (default 96)")
+    s.add_argument("--overwrite", action="store_true", help=GENERATOR_OVERWRITE_HELP)
     s.set_defaults(func=cmd_data_scenes)
     r = dsub.add_parser("receipts", help="receipt-like papers to count, with questions and answers")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--n", type=int, default=400, help="number of images (default 400)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-count", type=int, default=3, help="largest number of receipts in an image (default 3)")
-    r.add_argument("--width", type=int, default=128, help="image width in pixels (default 128)")
-    r.add_argument("--height", type=int, default=None, help="image height (default: same as width)")
+    r.add_argument("--out", required=True, help="output folder (refused when not empty, unless --overwrite)")
+    r.add_argument("--n", type=positive_int, default=400, help="number of images (default 400)")
+    r.add_argument("--seed", type=seed_int, default=0)
+    r.add_argument("--max-count", type=positive_int, default=3, help="largest number of receipts in an image (default 3)")
+    r.add_argument("--width", type=positive_int, default=128, help="image width in pixels, 16 to 4096 (default 128)")
+    r.add_argument("--height", type=positive_int, default=None, help="image height (default: same as width)")
+    r.add_argument("--overwrite", action="store_true", help=GENERATOR_OVERWRITE_HELP)
     r.set_defaults(func=cmd_data_receipts)
     v = dsub.add_parser("validate", help="check an annotation file and its images; list every problem",
                         description="Check an annotation file up front, decoding every image, and print every problem "
@@ -473,8 +563,9 @@ def _add_data_commands(sub: Any) -> None:
     v.add_argument("annotation_file", help="annotation file or folder in any format of README 'Your data' (retrieval, grounding, "
                    "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)")
     v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")
-    v.add_argument("--max-count", type=int, default=None, help="counting: largest allowed count (default: no upper limit)")
-    v.add_argument("--max-text-chars", type=int, default=1000, help="longest caption, question or answer (default 1000)")
+    v.add_argument("--max-count", type=non_negative_int, default=None,
+                   help="counting: largest allowed count (default: no upper limit)")
+    v.add_argument("--max-text-chars", type=positive_int, default=1000, help="longest caption, question or answer (default 1000)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_read_options(v)
     v.set_defaults(func=cmd_data_validate)
@@ -505,7 +596,7 @@ def _add_config_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmtune", description="Staged fine-tuning of a frozen InternVL with small trainable parts.")
+    p = _Parser(prog="vlmtune", description="Staged fine-tuning of a frozen InternVL with small trainable parts.")
     p.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -519,10 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (argparse cannot intermix a
     # trailing positional list with a subcommand's options by itself).
-    args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "overrides", None) is None]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        stray = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "overrides", None) is None]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    except _UsageError as e:
+        _say(f"error: {e}")
+        return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", force=True)
@@ -544,12 +639,61 @@ def main(argv: list[str] | None = None) -> int:
     except VlmtuneError as e:
         if args.debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
-            print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+        _say(f"{getattr(e, 'label', 'error')}: {e}")
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if args.debug:
+            raise
+        _say(f"error: {describe_error(e)}")
+        return 2
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error that was not raised as a VlmtuneError: the file and the
+    system's reason for an OSError (disk full, read-only disk, name too long, a link
+    loop, ...), the cause for the rest; unexpected ones say how to see the traceback."""
+    import errno
+
+    from vlmtune.errors import first_line
+
+    if isinstance(e, OSError):
+        reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                  errno.ENAMETOOLONG: "the name is too long for the file system",
+                  errno.ELOOP: "too many levels of symbolic links (a link loop)",
+                  errno.EDQUOT: "disk quota exceeded"}.get(e.errno or -1, (e.strerror or first_line(e)).lower())
+        names = " -> ".join(_shorten(str(f), 160) for f in (e.filename, e.filename2) if f is not None)
+        return f"{names}: {reason}" if names else f"{reason} ({type(e).__name__})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text (byte {e.start}: {e.reason}); check the input files"
+    if isinstance(e, RecursionError):
+        return "the input is nested too deeply to be read"
+    if isinstance(e, MemoryError):
+        return "out of memory (an input or a size in the config is too large)"
+    text = first_line(e)
+    if isinstance(e, RuntimeError) and ("write" in text.lower() or "No space" in text):
+        return f"cannot write a file ({text}); is the disk full?"
+    if isinstance(e, (ValueError, RuntimeError, OverflowError)):
+        return f"{text} ({type(e).__name__}; run with --debug for the traceback)"
+    return f"unexpected {type(e).__name__}: {text} (a bug in vlmtune? run with --debug for the traceback)"
+
+
+def _shorten(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters: newlines and runs of blanks become one
+    space; a longer text keeps its start and its end (where the cause usually is)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = (limit - 5) * 2 // 3
+    return text[:head] + " ... " + text[len(text) - (limit - 5 - head):]
+
+
+def _say(message: str) -> None:
+    """One line on stderr, at most MAX_MESSAGE characters; from the main process only."""
+    if os.environ.get("RANK", "0") == "0":  # one message, not one per process
+        print(_shorten(message, MAX_MESSAGE), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.box_tolerance_px >= 0, "data.box_tolerance_px", f"must be >= 0, got {cfg.data.box_tolerance_px}")
 
     _validate_counting(cfg, need)
+    _validate_sizes(cfg, need)
 
     from vlmtune.tasks import TASKS, task_class
 
@@ -281,6 +282,64 @@ def validate(cfg: Config) -> None:
             need(st.vision_blocks == 0, f"{key}.vision_blocks", "is set but 'vision_blocks' is not in this stage's train list")
         for term in st.losses or []:
             need(term in losses, f"{key}.losses", f"unknown loss '{term}'; choose from {', '.join(losses)}")
+
+
+# Sizes and counts: each must lie in [low, high]. The upper bounds keep a typo (an
+# extra zero or two) from allocating the machine's memory before anything is checked.
+_SIZES: tuple[tuple[str, int, int], ...] = (
+    ("seed", 0, 2**32 - 1),
+    ("backbone.max_text_tokens", 2, 65536),
+    ("backbone.tiny_image_size", 16, 1024),
+    ("backbone.tiny_hidden_size", 8, 4096),
+    ("backbone.tiny_layers", 1, 64),
+    ("data.synthetic.n", 10, 10**6),
+    ("data.synthetic.seed", 0, 2**32 - 1),
+    ("data.synthetic.image_size", 16, 4096),
+    ("data.num_workers", 0, 1024),
+    ("data.max_text_chars", 1, 10**6),
+    ("model.embed_dim", 1, 65536),
+    ("model.head_hidden", 1, 65536),
+    ("train.epochs", 1, 100000),
+    ("train.batch_size", 2, 10**6),
+    ("train.grad_accum", 1, 10**6),
+    ("train.log_every", 1, 10**9),
+    ("train.keep_last", 1, 1000),
+    ("train.max_bad_steps", 1, 10**9),
+    ("train.early_stopping.patience", 0, 100000),
+    ("eval.batch_size", 1, 10**6),
+    ("eval.chunk_size", 1, 10**8),
+    ("eval.rerank_k", 0, 10**6),
+    ("counting.max_count", 1, 1000),
+    ("counting.max_dynamic_patch", 1, 40),
+    ("counting.question_max_tokens", 1, 65536),
+    ("counting.answer_max_tokens", 1, 65536),
+    ("counting.lora_r", 1, 65536),
+    ("counting.lora_alpha", 1, 10**6),
+    ("generation.max_new_tokens", 1, 65536),
+    ("generation.num_beams", 1, 64),
+    ("generation.val_num_images", 0, 10**6),
+)
+
+
+def _validate_sizes(cfg: Config, need: Any) -> None:
+    for key, low, high in _SIZES:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        need(low <= value <= high, key, f"must be between {low} and {high}, got {_short(value, 40)}")
+    need(len(cfg.eval.ks) <= 100 and all(1 <= k <= 10**8 for k in cfg.eval.ks), "eval.ks",
+         f"must be at most 100 integers between 1 and 100000000, got {_short(cfg.eval.ks, 60)}")
+    for i, st in enumerate(cfg.stages):
+        need(0 <= st.vision_blocks <= 1000, f"stages[{i}].vision_blocks", f"must be between 0 and 1000, got {st.vision_blocks}")
+        need(0 <= st.start_epoch, f"stages[{i}].start_epoch", f"must be >= 0, got {st.start_epoch}")
+    bb = cfg.backbone
+    need(bb.tiny_image_size % 16 == 0, "backbone.tiny_image_size", f"must be a multiple of 16, got {bb.tiny_image_size}")
+    # The tiny preset has hidden/16 attention heads and half as many key-value heads: 16 or a multiple of 32.
+    need(bb.tiny_hidden_size == 16 or bb.tiny_hidden_size % 32 == 0, "backbone.tiny_hidden_size",
+         f"must be 16 or a multiple of 32, got {bb.tiny_hidden_size}")
+    b = cfg.counting.buckets or []
+    need(all(0 <= x <= 1000 for x in b), "counting.buckets", "bounds must be between 0 and 1000")
+    need(len(cfg.counting.lora_target_modules) <= 100, "counting.lora_target_modules", "at most 100 names")
 
 
 def _validate_counting(cfg: Config, need: Any) -> None:
@@ -431,6 +490,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except (ValueError, RecursionError) as e:  # a number of thousands of digits, deep nesting
+        raise ConfigError(f"{_short(key)}: cannot read the value ({_short(str(e) or type(e).__name__, 120)})") from None
     node: Any = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -484,8 +545,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        if "\x00" in str(path):
+            raise ConfigError(f"{_short(str(path))}: the file name contains a NUL character")
+        try:
+            found = p.is_file()
+        except (OSError, ValueError) as e:  # a NUL in the name, a name too long, a link loop
+            raise ConfigError(f"{_short(str(p))}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+        if not found and p.is_symlink():
+            raise ConfigError(f"{_short(str(p))}: a symbolic link to nothing or a link loop, not a config file")
+        if not found:
+            raise ConfigError(f"{_short(str(p))}: config file not found")
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except UnicodeDecodeError as e:
@@ -494,6 +563,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         except RecursionError:
             raise ConfigError(f"{p}: nested too deeply to be a config") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"{p}: {_short(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
         if loaded is None:
@@ -523,7 +596,9 @@ def config_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(config_yaml(cfg))
+    from vlmtune.runfolder import write_text
+
+    write_text(Path(path), config_yaml(cfg))  # a symbolic link at ``path`` is refused, not written through
 
 
 # --------------------------------------------------------------------------- help

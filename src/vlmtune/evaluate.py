@@ -22,6 +22,7 @@ from torch import nn
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.runfolder import make_folder, refuse_links, safe_name, write_text
 from vlmtune.tasks import FeatureCache, Task, build_task
 
 
@@ -95,8 +96,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    refuse_run_folder(dest)
+    make_folder(dest)
+    write_text(dest / "metrics.json", json.dumps(metrics, indent=2))
     if rankings:
         from vlmtune.examples import write_examples, write_rankings
 
@@ -107,18 +109,34 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     return metrics
 
 
+def refuse_run_folder(folder: Path) -> None:
+    """Evaluation output never replaces a training run's own metrics.json."""
+    if (folder / "config.yaml").exists() or (folder / "history.jsonl").exists():
+        raise VlmtuneError(f"--output-dir {folder}: holds a training run, whose metrics.json would be replaced; "
+                           f"choose another folder")
+
+
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
                   output_dir: str | Path, progress: bool = True, image_root: str | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
-    ``evaluation.json`` and ``LABEL/metrics.json`` for each checkpoint.
+    ``evaluation.json`` and ``LABEL/metrics.json`` for each checkpoint, LABEL made a
+    safe folder name (:func:`~vlmtune.runfolder.safe_name`: 'run/best' -> 'run_best').
     """
     labels = labels or [_default_label(Path(p)) for p in paths]
     if len(labels) != len(paths):
         raise VlmtuneError(f"--labels: {len(labels)} labels for {len(paths)} checkpoints")
     if len(set(labels)) != len(labels):
         raise VlmtuneError(f"--labels: labels must be distinct, got {', '.join(labels)}")
+    # A label names a column of the table and a folder of the output: that folder is the
+    # label made safe (safe_name), so '../x' or '/abs/path' stay inside output_dir.
+    folders = [safe_name(lb) for lb in labels]
+    for i, f in enumerate(folders):
+        if f in folders[:i]:
+            first = labels[folders.index(f)]
+            raise VlmtuneError(f"--labels: '{first[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
+                               f"choose labels that differ in letters or digits")
     ckpts = [open_checkpoint(p) for p in paths]
     tasks = {c.cfg.task for c in ckpts}
     if len(tasks) > 1:
@@ -127,7 +145,9 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     if len(sources) > 1:
         raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_run_folder(out)
+    refuse_links(out, ("cache", "evaluation.json", "evaluation.md", *folders))
+    make_folder(out)
     device = default_device()
     first = ckpts[0]
     source, train_path = _splits(first, data)
@@ -135,7 +155,7 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
-    for label, ckpt in zip(labels, ckpts):
+    for label, folder, ckpt in zip(labels, folders, ckpts):
         # One backbone object per backbone config and source; a checkpoint's trained
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
         key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
@@ -150,11 +170,11 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
         backbone.load_state_dict(pristine)
         metrics["eval/data"] = source
         metrics["checkpoint"] = str(ckpt.folder)
-        (out / label).mkdir(exist_ok=True)
-        (out / label / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / folder).mkdir(exist_ok=True)
+        write_text(out / folder / "metrics.json", json.dumps(metrics, indent=2))
         results[label] = metrics
-    (out / "evaluation.json").write_text(json.dumps(results, indent=2))
-    (out / "evaluation.md").write_text(metrics_table(results, f"Evaluation on {source}"))
+    write_text(out / "evaluation.json", json.dumps(results, indent=2))
+    write_text(out / "evaluation.md", metrics_table(results, f"Evaluation on {source}"))
     return results
 
 
@@ -172,7 +192,8 @@ def metrics_table(results: dict[str, dict[str, Any]], title: str) -> str:
     keys = order_metrics(sorted({k for m in results.values() for k, v in m.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}))
     labels = list(results)
-    lines = [f"# {title}", "", "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    heads = [" ".join(lb.split()).replace("|", "\\|") for lb in labels]  # a label cannot break the table
+    lines = [f"# {title}", "", "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(labels)]
     for k in keys:
         vals = [results[lb].get(k) for lb in labels]
         nums = [v for v in vals if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Union
 
 from vlmtune.errors import DataError
+from vlmtune.runfolder import write_text
 
 __all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "parse_record", "read_history"]
 
@@ -224,7 +225,7 @@ class History:
         lines = path.read_text().splitlines() if keep_lines and path.exists() else []
         self.lines = lines[:keep_lines] if keep_lines else []
         if enabled:
-            path.write_text("".join(ln + "\n" for ln in self.lines))
+            write_text(path, "".join(ln + "\n" for ln in self.lines))  # never through a symbolic link
 
     def write(self, record: Record) -> None:
         if not self.enabled:
@@ -232,7 +233,6 @@ class History:
         data = record.to_json()
         line = json.dumps(data)
         self.lines.append(line)
-        with self.path.open("a") as f:
-            f.write(line + "\n")
+        write_text(self.path, line + "\n", append=True)
         if self.sink is not None:
             self.sink(data)

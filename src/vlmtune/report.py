@@ -675,9 +675,11 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
         "files": {"markdown": "report.md", "html": "report.html", "json": "comparison.json"},
     }
     blocks = _blocks(result, groups)
-    (out / "report.md").write_text(_render_md(blocks))
-    (out / "report.html").write_text(_render_html(blocks, out, "vlmtune run comparison"))
-    (out / "comparison.json").write_text(json.dumps(result, indent=2, default=str))
+    from vlmtune.runfolder import write_text  # never through a symbolic link
+
+    write_text(out / "report.md", _render_md(blocks))
+    write_text(out / "report.html", _render_html(blocks, out, "vlmtune run comparison"))
+    write_text(out / "comparison.json", json.dumps(result, indent=2, default=str))
     return result
 
 

@@ -39,6 +39,9 @@ class TrainState:
     n_running: int = 0
     bad_steps: int = 0              # non-finite steps skipped in all
     bad_in_row: int = 0             # ... and in a row, now
+    # The early-stopping metric of the last validation (NaN when it was NaN), so a run
+    # resumed after its last epoch reports train/last_val as the uninterrupted one did.
+    last_val: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,10 +56,10 @@ class TrainState:
         unknown = sorted(set(data) - set(names) - {"format_version", "sha256"})
         if unknown:
             raise CheckpointError(f"{where}: unknown field '{unknown[0][:80]}'")
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in _OPTIONAL]
         if missing:
             raise CheckpointError(f"{where}: field '{missing[0]}' is missing")
-        values = {n: _check(n, data[n], where) for n in names}
+        values = {n: _check(n, data[n], where) for n in names if n in data}
         st = cls(**values)
         if st.best_epoch is not None and st.best_epoch >= st.epoch:
             raise CheckpointError(f"{where}: best_epoch {st.best_epoch} is not before epoch {st.epoch}")
@@ -73,6 +76,8 @@ class TrainState:
 _COUNTERS = ("epoch", "step", "bad_evals", "history_lines", "max_trainable", "samples", "epoch_batches", "n_running",
              "bad_steps", "bad_in_row")
 _SECONDS = ("wall_s", "train_wall_s")
+# Fields added after checkpoints were first written: absent in older ones, they take their default.
+_OPTIONAL = ("last_val",)
 
 
 def _check(name: str, value: Any, where: str) -> Any:
@@ -92,6 +97,12 @@ def _check(name: str, value: Any, where: str) -> Any:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("must be a finite number or null")
+        return float(value)
+    if name == "last_val":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            raise bad("must be a number, NaN or null")
         return float(value)
     if name == "best_epoch":
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

@@ -44,6 +44,7 @@ from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.distributed import all_reduce_sum
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
+from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task, check_loss_targets
@@ -203,16 +204,39 @@ class EpochProgress:
     stop: bool = False
 
 
-def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``output_dir``; returns the final test metrics.
 
     ``tracker``: also log to "wandb" or "tensorboard" (through Accelerate) besides
     history.jsonl. SIGINT/SIGTERM save a checkpoint after the current step and raise
     :class:`Interrupted`; ``train.max_bad_steps`` non-finite losses in a row save one
-    and raise :class:`Diverged`.
+    and raise :class:`Diverged`. A folder that already holds a run needs ``resume``
+    or ``overwrite``; one process at a time may write into a folder (a lock held for
+    the whole run by the main process).
     """
+    out = output_folder(output_dir)
+    lock = None
+    try:
+        if os.environ.get("RANK", "0") == "0":  # the main process of a distributed run holds the lock for all
+            lock_file = out / LOCK_NAME
+            if lock_file.exists() or lock_file.is_symlink():  # a run was here: is it still running?
+                lock = RunLock(out).acquire()
+            if out.is_dir():  # a refused folder is left as it is: checked before a lock file is made
+                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
+            make_folder(out)
+            lock = lock or RunLock(out).acquire()
+            # Again, under the lock: another process may have written meanwhile.
+            prepare_run_folder(out, resume=resume, overwrite=overwrite)
+        return _train(cfg, out, resume, tracker)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, out: Path, resume: bool, tracker: str | None) -> dict[str, Any]:
     with StopRequest() as stopper:
-        run = prepare_run(cfg, Path(output_dir), resume, tracker, stopper)
+        run = prepare_run(cfg, out, resume, tracker, stopper)
         st: StageRun | None = None
         for stage in remaining_stages(run):
             st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
@@ -416,6 +440,7 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
         raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
                           f"({', '.join(k for k in sorted(val) if not k.startswith('retrieval/chance'))})")
     value = float(val[es.metric])
+    state.last_val = value  # in the checkpoint: a resume that only redoes the final evaluation reports it too
     improved = _is_better(value, state.best, es.mode, es.min_delta)
     if improved:
         state.best, state.best_epoch, state.bad_evals = value, epoch, 0
@@ -476,8 +501,10 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     })
     if run.last_val:
         metrics["train/last_val"] = float(run.last_val.get(cfg.train.early_stopping.metric, float("nan")))
+    elif state.last_val is not None:  # resumed after the last epoch: the value its checkpoint kept
+        metrics["train/last_val"] = state.last_val
     if run.main:
-        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
         if run.tracker:
             run.accelerator.log(_numeric(metrics, "test/"), step=state.step)
             run.accelerator.end_training()

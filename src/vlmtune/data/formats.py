@@ -544,13 +544,21 @@ class _Checker:
 
         It must stay inside that folder: an annotation file cannot point at files elsewhere.
         """
-        image = Path(_nonempty_str(rec, key))
-        path = (image if image.is_absolute() else self.base / image).resolve()
-        if not path.is_relative_to(self.base):
-            raise _Bad(f"image path '{image}' leads outside the data set's folder {self.base} (to {path})")
-        if not path.is_file():
-            hint = "" if self.declared_root else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
-            raise _Bad(f"image not found: {path}{hint}")
+        text = _nonempty_str(rec, key)
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        if "\x00" in text:
+            raise _Bad(f"image path {shown!r} contains a NUL character")
+        image = Path(text)
+        try:
+            path = (image if image.is_absolute() else self.base / image).resolve()
+            if not path.is_relative_to(self.base):
+                raise _Bad(f"image path '{shown}' leads outside the data set's folder {self.base} (to {str(path)[:120]})")
+            if not path.is_file():
+                hint = "" if self.declared_root else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+                raise _Bad(f"image not found: {str(path)[:200]}{hint}")
+        except (OSError, RuntimeError) as e:  # a name too long for the file system, a link loop
+            reason = "a symbolic link loop" if isinstance(e, RuntimeError) or e.errno == 40 else (e.strerror or str(e))
+            raise _Bad(f"image path '{shown}': {reason.lower()}") from None
         return path
 
     def image_size(self, path: Path) -> tuple[int, int]:

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vlmtune.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
+from vlmtune.runfolder import claim_generated, finish_generated
 
 __all__ = [
     "ANSWER_TEMPLATES",
@@ -88,8 +89,12 @@ def generate_receipts(
     max_count: int = 3,
     image_size: tuple[int, int] | int = 128,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``n`` synthetic receipt images with train/val/test JSONL annotations.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``; the folder gets a marker
+    (``.vlmtune-generated.json``) listing the files written.
 
     ``image_size`` is ``(width, height)`` or one int for a square. Splits take
     ``round(n * fraction)`` images (test takes the rest); within each split the counts
@@ -107,7 +112,10 @@ def generate_receipts(
         raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
 
     out = Path(out_dir)
+    params = {"n": n, "seed": seed, "max_count": max_count, "image_size": [width, height]}
+    claim_generated(out, "vlmtune.data.receipts", params, overwrite)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     n_train = round(n * split_fractions[0])
     n_val = min(round(n * split_fractions[1]), n - n_train)
     sizes = {"train": n_train, "val": n_val, "test": n - n_train - n_val}
@@ -129,6 +137,7 @@ def generate_receipts(
             image, quads = _render_image(rng, width, height, int(count))
             rel = f"images/receipts_{index:05d}.png"
             image.save(out / rel)
+            written.append(out / rel)
             boxes[rel] = [[[round(x, 2), round(y, 2)] for x, y in q] for q in quads]
             records.append({
                 "image": rel,
@@ -152,6 +161,8 @@ def generate_receipts(
         "splits": {s: {"n": sizes[s], "count_histogram": histograms[s]} for s in sizes},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    finish_generated(out, "vlmtune.data.receipts", params,
+                     [*written, *paths.values(), out / "boxes.json", out / "meta.json"])
     return paths
 
 

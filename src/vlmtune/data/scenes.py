@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmtune.data.formats import RELATIONS
+from vlmtune.runfolder import claim_generated, finish_generated
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -264,10 +265,13 @@ def generate_scenes(
     seed: int = 0,
     image_size: int = 96,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``n`` scene images and train/val/test grounding JSON files under ``out_dir``.
 
     Deterministic for a given seed. Splits are by image. Returns the three JSON paths.
+    A non-empty ``out_dir`` is refused unless ``overwrite``; the folder gets a marker
+    (``.vlmtune-generated.json``) listing the files written.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -275,7 +279,10 @@ def generate_scenes(
         raise ValueError(f"image_size must be >= 48 for shapes to fit, got {image_size}")
     counts = _split_counts(n, split_fractions)
     out = Path(out_dir)
+    params = {"n": n, "seed": seed, "image_size": image_size}
+    claim_generated(out, "vlmtune.data.scenes", params, overwrite)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
 
     records: list[list[dict[str, object]]] = []
     for i in range(n):
@@ -295,6 +302,7 @@ def generate_scenes(
         _draw(img, objs, rng)
         rel_path = f"images/scene_{i:05d}.png"
         img.save(out / rel_path)
+        written.append(out / rel_path)
         records.append([
             {"image": rel_path, "text": _caption(sub, ref, rel, rng),
              "bbox": list(sub.box), "relation": rel}
@@ -326,4 +334,5 @@ def generate_scenes(
         "relations": {rel: all_rel.count(rel) for rel in RELATIONS},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    finish_generated(out, "vlmtune.data.scenes", params, [*written, *paths.values(), out / "meta.json"])
     return paths

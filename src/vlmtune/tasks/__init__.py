@@ -145,7 +145,9 @@ def report_sections() -> tuple[str, ...]:
 def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:
     """The train/val/test annotation files a ``data`` config section names, or the
     task's synthetic set: generated once by ``generate(folder)`` into
-    data.synthetic_dir (default OUTPUT_DIR/data) and reused while its test file exists."""
+    data.synthetic_dir (default OUTPUT_DIR/data) and reused while it is complete.
+    ``generate`` may write over the folder (the generators' ``overwrite=True``): it is
+    called only on an empty folder or an incomplete generation of vlmtune's."""
     from vlmtune.errors import DataError
 
     if data.train:
@@ -153,8 +155,12 @@ def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext
         if missing:
             raise DataError(f"data.{missing[0]}: needed when data.train is given")
         return {"train": data.train, "val": data.val, "test": data.test}
+    from vlmtune.runfolder import check_synthetic_dir
+
     folder = Path(data.synthetic_dir) if data.synthetic_dir else Path(output_dir) / "data"
-    if not (folder / f"test{ext}").is_file():
+    # Generated only into an empty folder or one vlmtune generated (its marker lists
+    # the files); a folder holding the user's own files is refused, never overwritten.
+    if check_synthetic_dir(folder, tuple(f"{split}{ext}" for split in ("train", "val", "test"))):
         generate(folder)
     return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
 

@@ -351,7 +351,8 @@ class CountingTask:
 
         s = self.data.synthetic
         return data_paths(self.data, output_dir, lambda folder: generate_receipts(
-            folder, n=s.n, seed=s.seed, max_count=self.counting.max_count, image_size=s.image_size), ".jsonl")
+            folder, n=s.n, seed=s.seed, max_count=self.counting.max_count, image_size=s.image_size,
+            overwrite=True), ".jsonl")  # data_paths has checked that the folder is empty or generated
 
     def read_split(self, path: str, split: str | None = None) -> list[CountRecord]:
         """Records of one split; bad records raise or are skipped (and logged) per data.on_error.

@@ -520,7 +520,8 @@ class RetrievalTask:
 
         s = self.data.synthetic
         return data_paths(self.data, output_dir,
-                          lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size), ".json")
+                          lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size,
+                                                         overwrite=True), ".json")  # checked: empty or generated
 
     def read_split(self, path: str, split: str | None = None) -> list[PairRecord]:
         """Records of one split; bad records raise or are skipped (and logged) per data.on_error.
