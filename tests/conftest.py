@@ -19,7 +19,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlmtune.data.scenes import generate_scenes
 
     folder = tmp_path_factory.mktemp("scenes")
-    generate_scenes(folder, n=40, seed=3, image_size=64)
+    # Val and test of 10 images each: eval.ks [1, 5, 10] must fit the gallery.
+    generate_scenes(folder, n=40, seed=3, image_size=64, split_fractions=(0.5, 0.25, 0.25))
     return folder
 
 

@@ -33,7 +33,7 @@ from conftest import CONFIGS
 RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
 ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
-QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE]
+QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE, "eval.ks=[1,2]"]
 COUNT_QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
                "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]", "generation.num_beams=1",
                "generation.val_num_images=0", "counting.max_dynamic_patch=1", "backbone.tiny_image_size=32"]
@@ -400,7 +400,30 @@ def _state(ckpt: Path) -> dict[str, Any]:
 
 
 def _put_state(ckpt: Path, state: dict[str, Any]) -> None:
+    """Rewrite state.json as a forger would: the manifest resealed, so what refuses the
+    file is state.json's own validation."""
+    from vlmtune.checkpoint import write_manifest
+
     (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)
+
+
+def _resealed(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``change``, then the manifest rewritten to match (a forger's edit)."""
+    def fn(ckpt: Path) -> None:
+        from vlmtune.checkpoint import write_manifest
+
+        change(ckpt)
+        write_manifest(ckpt)
+    return fn
+
+
+def _manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "manifest.json").read_text())
+
+
+def _put_manifest(ckpt: Path, manifest: dict[str, Any]) -> None:
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _flip_byte(ckpt: Path) -> None:
@@ -416,18 +439,24 @@ def _truncate(ckpt: Path) -> None:
 
 
 def _truncate_unrecorded(ckpt: Path) -> None:
-    """Digests removed from state.json (which once turned the check off): refused."""
+    """The manifest removed (digests in state.json once could be, which turned the
+    check off): refused."""
     _truncate(ckpt)
-    state = _state(ckpt)
-    state.pop("sha256")
-    _put_state(ckpt, state)
+    (ckpt / "manifest.json").unlink()
 
 
 def _digest_emptied(ckpt: Path) -> None:
-    """One file's digest removed: that file is refused, not read unchecked."""
-    state = _state(ckpt)
-    state["sha256"].pop("weights.safetensors")
-    _put_state(ckpt, state)
+    """One file's digest emptied: the manifest is refused, the file not read unchecked."""
+    manifest = _manifest(ckpt)
+    manifest["files"]["weights.safetensors"] = ""
+    _put_manifest(ckpt, manifest)
+
+
+def _digest_removed(ckpt: Path) -> None:
+    """One file's entry removed from the manifest: the file is unlisted, refused."""
+    manifest = _manifest(ckpt)
+    manifest["files"].pop("weights.safetensors")
+    _put_manifest(ckpt, manifest)
 
 
 def _state_field(key: str, value: object):
@@ -450,22 +479,27 @@ def _foreign_config(ckpt: Path) -> None:
     text = (ckpt / "config.yaml").read_text()
     assert "embed_dim: 256" in text
     (ckpt / "config.yaml").write_text(text.replace("embed_dim: 256", "embed_dim: 128"))
+    from vlmtune.checkpoint import write_manifest
+
+    write_manifest(ckpt)  # resealed: what refuses it is the shape check
 
 
 CHECKPOINT_CASES = [
     ("missing-folder", lambda c: shutil.rmtree(c), "checkpoint folder not found"),
     ("missing-weights", lambda c: (c / "weights.safetensors").unlink(), "weights.safetensors is missing"),
     ("missing-state", lambda c: (c / "state.json").unlink(), "state.json is missing"),
-    ("state-not-json", lambda c: (c / "state.json").write_text("{"), "state.json: not valid JSON"),
-    ("truncated-weights", _truncate, "weights.safetensors: does not match its recorded sha256 (modified or truncated)"),
-    ("truncated-weights-no-digest", _truncate_unrecorded, "field 'sha256' must map file names to digests"),
-    ("digest-emptied", _digest_emptied, "weights.safetensors: has no recorded sha256 in state.json; refused"),
+    ("state-not-json", _resealed(lambda c: (c / "state.json").write_text("{")), "state.json: not valid JSON"),
+    ("state-edited", lambda c: (c / "state.json").write_text("{}"), "state.json: does not match its sha256 in manifest.json"),
+    ("truncated-weights", _truncate, "weights.safetensors: does not match its sha256 in manifest.json (modified or truncated)"),
+    ("truncated-weights-no-digest", _truncate_unrecorded, "manifest.json is missing"),
+    ("digest-emptied", _digest_emptied, "'weights.safetensors' has no valid sha256"),
+    ("digest-removed", _digest_removed, "weights.safetensors: not listed in manifest.json; refused"),
     ("state-epoch-past-config", _state_field("epoch", 999), "epoch 999 is past the config's train.epochs"),
     ("state-backbone-null", _state_field("backbone", None), "field 'backbone' must be an object"),
     ("state-step-negative", _state_field("step", -1), "field 'step' must be a non-negative integer"),
     ("state-best-string", _state_field("best", "high"), "field 'best' must be a finite number or null"),
     ("state-unknown-field", _state_field("exec", "rm -rf /"), "unknown field 'exec'"),
-    ("tampered-weights", _flip_byte, "weights.safetensors: does not match its recorded sha256"),
+    ("tampered-weights", _flip_byte, "weights.safetensors: does not match its sha256 in manifest.json"),
     ("foreign-backbone", _foreign_backbone, "trained on backbone 'OpenGVLab/InternVL3-1B-hf'"),
     ("foreign-config", _foreign_config, "has shape"),
 ]
@@ -496,7 +530,7 @@ def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: p
                                           trained: tuple[Path, list[str]]) -> None:
     """``train --resume`` on a run whose trainer_state.pt would run code when unpickled.
 
-    stale: the digest in state.json no longer matches (refused before unpickling);
+    stale: the digest in manifest.json no longer matches (refused before unpickling);
     forged: the attacker also rewrote the digest, so torch.load(weights_only=True) sees
     the payload and refuses it. Either way the payload never runs.
     """
@@ -511,13 +545,13 @@ def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: p
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _Payload(marker)}, ckpt / "trainer_state.pt")
     if digest == "forged":
-        state = _state(ckpt)
-        state["sha256"]["trainer_state.pt"] = hashlib.sha256((ckpt / "trainer_state.pt").read_bytes()).hexdigest()
-        _put_state(ckpt, state)
+        manifest = _manifest(ckpt)
+        manifest["files"]["trainer_state.pt"] = hashlib.sha256((ckpt / "trainer_state.pt").read_bytes()).hexdigest()
+        _put_manifest(ckpt, manifest)
     code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(run), "--resume", *overrides])
     msg = _error_line(code, err)
     assert "trainer_state.pt" in msg
-    expected = "does not match its recorded sha256" if digest == "stale" else "refused: it holds pickled objects"
+    expected = "does not match its sha256 in manifest.json" if digest == "stale" else "refused: it holds pickled objects"
     assert expected in msg and ("posix.system" in msg or digest == "stale"), msg
     assert not marker.exists()
     # The payload is live: a plain unpickle would have run it.

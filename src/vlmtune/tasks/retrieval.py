@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,12 @@ from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerpr
 from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
+from vlmtune.errors import ConfigError
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
 from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
-from vlmtune.metrics.retrieval import retrieval_metrics
+from vlmtune.metrics.retrieval import ks_beyond_gallery, retrieval_metrics
 from vlmtune.tasks import FeatureCache, data_paths
 
 
@@ -221,6 +222,18 @@ def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir:
 
     store.ensure(list(keys.values()), compute, batch_size=batch_size, dtype=dtype)
     return store, keys, sizes
+
+
+def check_ks(ks: Sequence[int], *, n_images: int, n_captions: int, where: str) -> None:
+    """Refuse (ConfigError naming eval.ks) a K larger than either gallery of ``where``."""
+    if not n_images or not n_captions:
+        return  # an empty split is reported by the reader
+    gallery = min(n_images, n_captions)
+    too_big = ks_beyond_gallery(ks, n_images, n_captions)
+    if too_big:
+        side = "images" if n_images <= n_captions else "captions"
+        raise ConfigError(f"eval.ks: K={max(too_big)} is larger than the retrieval gallery of {where} ({n_images} images, "
+                          f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -450,6 +463,12 @@ class RetrievalTask:
                            num_workers=self.data.num_workers, cache=cache, cache_dtype=self.cache_dtype,
                            cache_batch_size=self.eval_cfg.batch_size)
 
+    def check_eval_records(self, records: list[PairRecord], where: str) -> None:
+        """eval.ks must fit the gallery of each direction: the captions an image query
+        ranks (i2t) and the images a caption query ranks (t2i). A K beyond it scores 100
+        whatever the model, and the best checkpoint would be picked by that number."""
+        check_ks(self.eval_cfg.ks, n_images=len({r.image_id for r in records}), n_captions=len(records), where=where)
+
     def validate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         return self.evaluate(model, records, device=device, cache=cache)
@@ -457,6 +476,8 @@ class RetrievalTask:
     def evaluate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                  train_records: list[PairRecord] | None = None, progress: bool = False,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
+        self.check_eval_records(records, records[0].source.split(": record")[0] if records else "the evaluation data")
+
         def loader_for(shard: list[PairRecord]) -> DataLoader:
             return self.make_loader(shard, model.backbone, train=False, cache=cache)
 
