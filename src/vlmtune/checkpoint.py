@@ -50,9 +50,8 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # Files every checkpoint has (trainer_state.pt and backbone/ are optional).
 REQUIRED_FILES = ("weights.safetensors", "config.yaml", "state.json")
-# A manifest or a backbone JSON file larger than this is not one vlmtune wrote.
+# A manifest larger than this is not one vlmtune wrote.
 _MAX_MANIFEST_BYTES = 16 << 20
-_MAX_CONFIG_JSON_BYTES = 256 << 20
 # Keys of a transformers JSON file that make it import code from the folder or the hub.
 _REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 # Files that are code (Python source or compiled, native libraries).
@@ -221,25 +220,22 @@ def check_no_remote_code(folder: str | Path) -> None:
     Python or native-code file. Runs before transformers reads the folder: an auto_map
     in config.json imports its module while the model is being loaded."""
     folder = Path(folder)
-    for root, _dirs, files in os.walk(folder, followlinks=False):
-        for name in sorted(files):
-            path = Path(root) / name
-            if name.lower().endswith(_CODE_SUFFIXES):
-                raise CheckpointError(f"{path}: the model folder ships code; refused (pass --trust-remote-code, or set "
-                                      f"backbone.trust_remote_code=true, only if you trust its author)")
-            if not name.lower().endswith(".json"):
-                continue
-            try:
-                if path.stat().st_size > _MAX_CONFIG_JSON_BYTES:
-                    continue  # no transformers config file is this large
-                data = json.loads(path.read_bytes().decode("utf-8"))
-            except (OSError, ValueError, RecursionError):
-                continue  # not JSON transformers could read either
-            key = _remote_code_key(data)
-            if key:
-                raise CheckpointError(f"{path}: asks to run code shipped with the model ('{key}'); refused (pass "
-                                      f"--trust-remote-code, or set backbone.trust_remote_code=true, only if you "
-                                      f"trust its author)")
+    paths = sorted(Path(root) / name for root, _dirs, files in os.walk(folder, followlinks=False) for name in files)
+    advice = "pass --trust-remote-code, or set backbone.trust_remote_code=true, only if you trust its author"
+    # The JSON files first: the one that asks for code is the better culprit to name.
+    for path in sorted(paths, key=lambda p: not p.name.lower().endswith(".json")):
+        name = path.name.lower()
+        if name.endswith(_CODE_SUFFIXES):
+            raise CheckpointError(f"{path}: the model folder ships code; refused ({advice})")
+        if not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # not JSON that transformers could read either
+        key = _remote_code_key(data)
+        if key:
+            raise CheckpointError(f"{path}: asks to run code shipped with the model ('{key}'); refused ({advice})")
 
 
 def _remote_code_key(data: Any) -> str | None:

@@ -23,7 +23,7 @@ from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig
 from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
-from vlmtune.data.formats import RELATIONS, PairRecord, load_image, read_pairs
+from vlmtune.data.formats import RELATIONS, PairRecord, image_size, load_image, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
 from vlmtune.errors import ConfigError
@@ -202,17 +202,15 @@ def vision_namespace(backbone: Backbone, dtype: str) -> dict[str, Any]:
 @torch.no_grad()
 def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, dtype: str = "float32",
                        batch_size: int = 64) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
-    """The store holding the vision tokens of every image of ``records``."""
-    from PIL import Image
-
+    """The store holding the vision tokens of every image of ``records``; the sizes are
+    those :func:`load_image` returns (EXIF orientation applied), as live loading uses."""
     store = FeatureStore(cache_dir, vision_namespace(backbone, dtype))
     keys = image_keys(records)
     by_key = {k: p for p, k in keys.items()}
     sources = {r.image: r.source for r in records}
     sizes: dict[Any, tuple[int, int]] = {}
     for path in keys:
-        with Image.open(path) as im:  # header only
-            sizes[path] = im.size
+        sizes[path] = image_size(path, sources[path])  # header only
     device = next(backbone.parameters()).device
 
     def compute(batch_keys: list[str]):
@@ -389,15 +387,12 @@ def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
 
 def _train_boxes(records: list[PairRecord] | None) -> torch.Tensor | None:
     """Training boxes as normalised xyxy, for the constant-box baseline."""
-    from PIL import Image
-
     rows, sizes = [], {}
     for r in records or []:
         if r.bbox is None:
             continue
         if r.image not in sizes:
-            with Image.open(r.image) as im:
-                sizes[r.image] = im.size
+            sizes[r.image] = image_size(r.image, r.source)
         w, h = sizes[r.image]
         x, y, bw, bh = r.bbox
         rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
