@@ -118,8 +118,9 @@ INDEX_VERSION = 2
 _SPACE_MARGIN = 16 << 20
 
 
-def _row_digest(row: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest()
+def _row_digest(key: str, row: np.ndarray) -> str:
+    """sha256 of a row's key and bytes: a row moved under another key fails too."""
+    return hashlib.sha256(key.encode() + b"\0" + np.ascontiguousarray(row).tobytes()).hexdigest()
 
 
 class FeatureStore:
@@ -202,12 +203,16 @@ class FeatureStore:
             self._ok = _VERIFIED.setdefault(key, set())
         return self._ok
 
-    def _bad_rows(self, rows: Iterable[int]) -> list[int]:
-        """Rows (not yet checked in this process) whose bytes differ from their digest."""
+    def _bad_rows(self, keys: Iterable[str]) -> list[int]:
+        """Rows of ``keys`` (not yet checked in this process) whose key and bytes differ
+        from their digest."""
         done = self._verified()
         bad = []
-        for r in sorted(set(rows) - done):
-            if _row_digest(self.data[r]) == self._digests[r]:
+        for k in sorted(set(keys), key=self.index.__getitem__):
+            r = self.index[k]
+            if r in done:
+                continue
+            if _row_digest(k, self.data[r]) == self._digests[r]:
                 done.add(r)
             else:
                 bad.append(r)
@@ -231,8 +236,7 @@ class FeatureStore:
             return True  # empty, or damaged and already discarded
         if not self._open_data():
             return False
-        rows = self.index.values() if keys is None else [self.index[k] for k in keys if k in self.index]
-        bad = self._bad_rows(rows)
+        bad = self._bad_rows(self.index if keys is None else [k for k in keys if k in self.index])
         if bad:
             self._discard(f"{len(bad)} of its rows do not match their sha256 (corrupt; first: row {bad[0]})")
             return False
@@ -291,7 +295,7 @@ class FeatureStore:
             out[row:row + len(batch)] = arr
             for k in batch:
                 index[k] = row
-                digests.append(_row_digest(out[row]))
+                digests.append(_row_digest(k, out[row]))
                 row += 1
             if progress:
                 progress(len(batch))
@@ -310,7 +314,7 @@ class FeatureStore:
     def get(self, key: str) -> np.ndarray:
         row = self.index[key]
         ok = self._ok if self._ok is not None and self._data is not None else self._verified()
-        if row not in ok and self._bad_rows([row]):
+        if row not in ok and self._bad_rows([key]):
             raise CacheCorrupt(f"feature cache {self.dir}: row {row} does not match its sha256 (the cache changed "
                                f"while in use); run the command again to rebuild it")
         return self.data[row]

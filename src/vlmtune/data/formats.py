@@ -248,8 +248,9 @@ def _header_size(img: Image.Image, path: Path | None = None) -> tuple[int, int]:
     return w, h
 
 
-# Formats whose EXIF (with the orientation) Pillow reads with the header.
-_HEADER_EXIF_FORMATS = {"JPEG", "MPO", "WEBP", "TIFF"}
+# Formats whose EXIF (with the orientation) Pillow reads with the header. (Not TIFF:
+# Pillow reports a TIFF's size with its orientation already applied.)
+_HEADER_EXIF_FORMATS = {"JPEG", "MPO", "WEBP"}
 
 
 def _png_has_exif_chunk(path: Path) -> bool:
