@@ -673,6 +673,35 @@ def test_checkpoint_remote_code_never_runs(json_name: str, nested: bool, expecte
     assert _tree(tmp_path) == before  # nothing written, not even the output folder
 
 
+def test_trust_remote_code_is_the_users_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            trained: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's config says true: transformers is told false; --trust-remote-code says true."""
+    import vlmtune.backbone as bb
+    from vlmtune.checkpoint import write_manifest
+
+    seen: list[bool] = []
+    real = bb.load_pretrained
+    monkeypatch.setattr(bb, "load_pretrained", lambda cfg, *a, **k: seen.append(cfg.trust_remote_code) or real(cfg, *a, **k))
+    ckpt = _copy_ckpt(trained, tmp_path)
+    text = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text(text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    write_manifest(ckpt)
+    for flag, expected in (([], False), (["--trust-remote-code"], True)):
+        code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev"), *flag])
+        assert code == 0, err
+        assert seen.pop() is expected
+
+
+def test_default_eval_folder_is_not_part_of_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           trained: tuple[Path, list[str]]) -> None:
+    """``evaluate CHECKPOINT`` writes CHECKPOINT/eval/metrics.json; the checkpoint still opens."""
+    ckpt = _copy_ckpt(trained, tmp_path)
+    for _ in range(2):
+        code, _, err = _run(capsys, ["evaluate", str(ckpt)])
+        assert code == 0, err
+    assert (ckpt / "eval" / "metrics.json").is_file()
+
+
 def test_unsealed_planted_code_is_refused_by_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           trained: tuple[Path, list[str]]) -> None:
     """The same plant without resealing: the manifest names the first unlisted file."""
@@ -829,9 +858,9 @@ def test_cache_needs_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not list((out / "cache").glob("*/features*.npy"))
 
 
-N_TRUST_CASES = len(REMOTE_CODE_CASES) + 9
+N_TRUST_CASES = len(REMOTE_CODE_CASES) + 11
 
 
 def test_trust_catalogue_size() -> None:
     """Issue 10's trust and integrity cases beyond CHECKPOINT_CASES."""
-    assert N_TRUST_CASES == 15
+    assert N_TRUST_CASES == 17

@@ -48,6 +48,9 @@ from vlmtune.state import TrainState
 # 2: every file is listed in manifest.json (1 kept two digests in state.json).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# ``vlmtune evaluate CHECKPOINT`` writes its metrics here by default: not part of the
+# checkpoint, not in the manifest, and nothing in it is ever loaded.
+EVAL_DIR = "eval"
 # Files every checkpoint has (trainer_state.pt and backbone/ are optional).
 REQUIRED_FILES = ("weights.safetensors", "config.yaml", "state.json")
 # A manifest larger than this is not one vlmtune wrote.
@@ -118,19 +121,22 @@ def _listing(folder: Path) -> dict[str, Path]:
     itself excluded). Symbolic links and special files are refused, never followed."""
     out: dict[str, Path] = {}
     for root, dirs, files in os.walk(folder, followlinks=False):
+        if Path(root) == folder and EVAL_DIR in dirs and not (folder / EVAL_DIR).is_symlink():
+            dirs.remove(EVAL_DIR)  # evaluate's default output, never read when loading
         for name in sorted(dirs + files):
             path = Path(root) / name
             try:
                 mode = os.lstat(path).st_mode
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+            rel = path.relative_to(folder).as_posix()
             if stat.S_ISLNK(mode):
-                raise CheckpointError(f"{path}: is a symbolic link; a checkpoint holds only plain files; refused")
+                raise CheckpointError(f"{folder}/{_shown(rel)}: is a symbolic link; a checkpoint holds only plain "
+                                      f"files; refused")
             if stat.S_ISDIR(mode):
                 continue
             if not stat.S_ISREG(mode):
-                raise CheckpointError(f"{path}: is not a regular file; refused")
-            rel = path.relative_to(folder).as_posix()
+                raise CheckpointError(f"{folder}/{_shown(rel)}: is not a regular file; refused")
             if rel != MANIFEST:
                 out[rel] = path
     return out
@@ -186,8 +192,14 @@ def read_manifest(folder: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: 'files' must map file names to sha256 digests")
     for name, digest in files.items():
         if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise CheckpointError(f"{path}: '{name[:80]}' has no valid sha256 (got {str(digest)[:80]!r}); refused")
+            raise CheckpointError(f"{path}: '{_shown(name)}' has no valid sha256 (got {_shown(str(digest))!r}); refused")
     return files
+
+
+def _shown(name: str, limit: int = 200) -> str:
+    """A file name as one short line (control characters escaped), for messages."""
+    text = json.dumps(name)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def verify_manifest(folder: str | Path) -> dict[str, str]:
@@ -202,10 +214,10 @@ def verify_manifest(folder: str | Path) -> dict[str, str]:
     extra = sorted(set(present) - set(files))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{folder / extra[0]}: not listed in {MANIFEST}{more}; refused")
+        raise CheckpointError(f"{folder}/{_shown(extra[0])}: not listed in {MANIFEST}{more}; refused")
     missing = sorted(set(files) - set(present))
     if missing:
-        raise CheckpointError(f"{folder}: {missing[0][:200]} is missing (listed in {MANIFEST})")
+        raise CheckpointError(f"{folder}: {_shown(missing[0])} is missing (listed in {MANIFEST})")
     # The small files first, so a tampered config is named before a large file is hashed.
     for name in sorted(files, key=lambda n: present[n].stat().st_size):
         if _file_sha256(present[name]) != files[name]:
@@ -335,9 +347,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     """Open a checkpoint folder: every file checked against the manifest first (see
     :func:`verify_manifest`), then state.json validated and config.yaml parsed."""
     folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir():
-        what = "is a symbolic link; refused" if folder.is_symlink() else "checkpoint folder not found"
-        raise CheckpointError(f"{folder}: {what}")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
     digests = verify_manifest(folder)
     where = str(folder / "state.json")
     try:

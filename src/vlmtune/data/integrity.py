@@ -52,9 +52,10 @@ def check_data_unchanged(saved: dict[str, str], now: dict[str, str], paths: dict
         return
     names = ", ".join(f"{s} ({paths.get(s, '?')})" for s in changed)
     if not accept:
+        also = f"; also changed: {', '.join(changed[1:])}" if len(changed) > 1 else ""
         raise DataError(f"{paths.get(changed[0], changed[0])}: the {changed[0]} data file changed since the run in "
-                        f"{run} started (sha256 differs; changed: {names}); pass --accept-changed-data to continue "
-                        f"on the new data")
+                        f"{run} started (its sha256 differs{also}); pass --accept-changed-data to continue on the "
+                        f"new data")
     log.warning("--accept-changed-data: continuing %s on changed data: %s", run, names)
 
 
@@ -73,8 +74,10 @@ def split_overlaps(records: dict[str, Iterable[Any]]) -> list[tuple[str, str, in
     """(split a, split b, shared images, shared records) for every pair of splits that
     overlap, in train/val/test order."""
     names = [s for s in SPLITS if s in records] + sorted(s for s in records if s not in SPLITS)
-    images = {s: {_image_key(r) for r in records[s]} for s in names}
-    recs = {s: {_record_key(r) for r in records[s]} for s in names}
+    # Records without an image (a task of another kind) take no part.
+    kept = {s: [r for r in records[s] if getattr(r, "image", None) is not None] for s in names}
+    images = {s: {_image_key(r) for r in kept[s]} for s in names}
+    recs = {s: {_record_key(r) for r in kept[s]} for s in names}
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
