@@ -245,12 +245,12 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     with accelerator.main_process_first():
         paths = task.data_paths(out)
     train_records, val_records = task.read_split(paths["train"]), task.read_split(paths["val"])
-    _check_splits(task, paths, train_records, val_records, main)
     weights = task.loss_weights()
     plan = build_plan(cfg, weights)
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
+    _check_splits(task, paths, train_records, val_records, main)
     state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
                        metric=cfg.train.early_stopping.metric)
     run = Run(cfg, out, accelerator, task, backbone, model, plan, weights,
