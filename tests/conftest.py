@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,17 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("scenes")
     generate_scenes(folder, n=40, seed=3, image_size=64)
+    # Six more images each for val and test (10 in all): eval.ks [1, 5, 10] must fit the
+    # retrieval gallery. The training split stays as it was (the fault tests count its steps).
+    extra = tmp_path_factory.mktemp("scenes_extra")
+    generate_scenes(extra, n=12, seed=4, image_size=64, split_fractions=(0.0, 0.5, 0.5))
+    shutil.copytree(extra / "images", folder / "images_extra")
+    for split in ("val", "test"):
+        more = json.loads((extra / f"{split}.json").read_text())
+        for r in more:
+            r["image"] = r["image"].replace("images/", "images_extra/", 1)
+        recs = json.loads((folder / f"{split}.json").read_text()) + more
+        (folder / f"{split}.json").write_text(json.dumps(recs, indent=1) + "\n")
     return folder
 
 

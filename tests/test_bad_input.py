@@ -33,7 +33,7 @@ from conftest import CONFIGS
 RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
 ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
-QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE]
+QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE, "eval.ks=[1,2]"]
 COUNT_QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
                "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]", "generation.num_beams=1",
                "generation.val_num_images=0", "counting.max_dynamic_patch=1", "backbone.tiny_image_size=32"]
@@ -525,7 +525,30 @@ def _state(ckpt: Path) -> dict[str, Any]:
 
 
 def _put_state(ckpt: Path, state: dict[str, Any]) -> None:
+    """Rewrite state.json as a forger would: the manifest resealed, so what refuses the
+    file is state.json's own validation."""
+    from vlmtune.checkpoint import write_manifest
+
     (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)
+
+
+def _resealed(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``change``, then the manifest rewritten to match (a forger's edit)."""
+    def fn(ckpt: Path) -> None:
+        from vlmtune.checkpoint import write_manifest
+
+        change(ckpt)
+        write_manifest(ckpt)
+    return fn
+
+
+def _manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "manifest.json").read_text())
+
+
+def _put_manifest(ckpt: Path, manifest: dict[str, Any]) -> None:
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _flip_byte(ckpt: Path) -> None:
@@ -541,18 +564,24 @@ def _truncate(ckpt: Path) -> None:
 
 
 def _truncate_unrecorded(ckpt: Path) -> None:
-    """Digests removed from state.json (which once turned the check off): refused."""
+    """The manifest removed (digests in state.json once could be, which turned the
+    check off): refused."""
     _truncate(ckpt)
-    state = _state(ckpt)
-    state.pop("sha256")
-    _put_state(ckpt, state)
+    (ckpt / "manifest.json").unlink()
 
 
 def _digest_emptied(ckpt: Path) -> None:
-    """One file's digest removed: that file is refused, not read unchecked."""
-    state = _state(ckpt)
-    state["sha256"].pop("weights.safetensors")
-    _put_state(ckpt, state)
+    """One file's digest emptied: the manifest is refused, the file not read unchecked."""
+    manifest = _manifest(ckpt)
+    manifest["files"]["weights.safetensors"] = ""
+    _put_manifest(ckpt, manifest)
+
+
+def _digest_removed(ckpt: Path) -> None:
+    """One file's entry removed from the manifest: the file is unlisted, refused."""
+    manifest = _manifest(ckpt)
+    manifest["files"].pop("weights.safetensors")
+    _put_manifest(ckpt, manifest)
 
 
 def _state_field(key: str, value: object):
@@ -561,6 +590,24 @@ def _state_field(key: str, value: object):
         state[key] = value
         _put_state(ckpt, state)
     return change
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _merge_json(path: Path, changes: dict[str, Any]) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _symlinked_config(ckpt: Path) -> None:
+    """config.yaml replaced by a link to an identical file outside: same bytes, refused."""
+    outside = ckpt.parent / "elsewhere.yaml"
+    shutil.copy(ckpt / "config.yaml", outside)
+    (ckpt / "config.yaml").unlink()
+    (ckpt / "config.yaml").symlink_to(outside)
 
 
 def _foreign_backbone(ckpt: Path) -> None:
@@ -575,24 +622,45 @@ def _foreign_config(ckpt: Path) -> None:
     text = (ckpt / "config.yaml").read_text()
     assert "embed_dim: 256" in text
     (ckpt / "config.yaml").write_text(text.replace("embed_dim: 256", "embed_dim: 128"))
+    from vlmtune.checkpoint import write_manifest
+
+    write_manifest(ckpt)  # resealed: what refuses it is the shape check
 
 
 CHECKPOINT_CASES = [
     ("missing-folder", lambda c: shutil.rmtree(c), "checkpoint folder not found"),
     ("missing-weights", lambda c: (c / "weights.safetensors").unlink(), "weights.safetensors is missing"),
     ("missing-state", lambda c: (c / "state.json").unlink(), "state.json is missing"),
-    ("state-not-json", lambda c: (c / "state.json").write_text("{"), "state.json: not valid JSON"),
-    ("truncated-weights", _truncate, "weights.safetensors: does not match its recorded sha256 (modified or truncated)"),
-    ("truncated-weights-no-digest", _truncate_unrecorded, "field 'sha256' must map file names to digests"),
-    ("digest-emptied", _digest_emptied, "weights.safetensors: has no recorded sha256 in state.json; refused"),
+    ("state-not-json", _resealed(lambda c: (c / "state.json").write_text("{")), "state.json: not valid JSON"),
+    ("state-edited", lambda c: (c / "state.json").write_text("{}"), "state.json: does not match its sha256 in manifest.json"),
+    ("truncated-weights", _truncate, "weights.safetensors: does not match its sha256 in manifest.json (modified or truncated)"),
+    ("truncated-weights-no-digest", _truncate_unrecorded, "manifest.json is missing"),
+    ("digest-emptied", _digest_emptied, "'weights.safetensors' has no valid sha256"),
+    ("digest-removed", _digest_removed, "weights.safetensors: not listed in manifest.json; refused"),
     ("state-epoch-past-config", _state_field("epoch", 999), "epoch 999 is past the config's train.epochs"),
     ("state-backbone-null", _state_field("backbone", None), "field 'backbone' must be an object"),
     ("state-step-negative", _state_field("step", -1), "field 'step' must be a non-negative integer"),
     ("state-best-string", _state_field("best", "high"), "field 'best' must be a finite number or null"),
     ("state-unknown-field", _state_field("exec", "rm -rf /"), "unknown field 'exec'"),
-    ("tampered-weights", _flip_byte, "weights.safetensors: does not match its recorded sha256"),
+    ("tampered-weights", _flip_byte, "weights.safetensors: does not match its sha256 in manifest.json"),
     ("foreign-backbone", _foreign_backbone, "trained on backbone 'OpenGVLab/InternVL3-1B-hf'"),
     ("foreign-config", _foreign_config, "has shape"),
+    # Every file is in the manifest, the backbone folder's included (issue 10).
+    ("backbone-weights-altered", lambda c: _flip(c / "backbone" / "model.safetensors"),
+     "backbone/model.safetensors: does not match its sha256 in manifest.json"),
+    ("backbone-tokenizer-altered", lambda c: _merge_json(c / "backbone" / "tokenizer.json", {"added_tokens": []}),
+     "backbone/tokenizer.json: does not match its sha256 in manifest.json"),
+    ("backbone-file-removed", lambda c: (c / "backbone" / "tokenizer.json").unlink(),
+     "backbone/tokenizer.json is missing (listed in manifest.json)"),
+    ("extra-backbone-file", lambda c: (c / "backbone" / "notes.txt").write_text("hi"),
+     "backbone/notes.txt: not listed in manifest.json; refused"),
+    ("extra-planted-code", lambda c: (c / "backbone" / "modeling_evil.py").write_text("import os\n"),
+     "backbone/modeling_evil.py: not listed in manifest.json; refused"),
+    ("manifest-not-json", lambda c: (c / "manifest.json").write_text("[1,"), "manifest.json: not valid JSON"),
+    ("manifest-emptied", lambda c: (c / "manifest.json").write_text("{}"), "manifest.json: expected an object"),
+    ("manifest-files-emptied", lambda c: _put_manifest(c, {**_manifest(c), "files": {}}), ": not listed in manifest.json"),
+    ("manifest-old-format", lambda c: _put_manifest(c, {**_manifest(c), "format_version": 1}), "checkpoint format 1 is not 2"),
+    ("symlinked-config", _symlinked_config, "config.yaml: is a symbolic link"),
 ]
 
 
@@ -621,7 +689,7 @@ def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: p
                                           trained: tuple[Path, list[str]]) -> None:
     """``train --resume`` on a run whose trainer_state.pt would run code when unpickled.
 
-    stale: the digest in state.json no longer matches (refused before unpickling);
+    stale: the digest in manifest.json no longer matches (refused before unpickling);
     forged: the attacker also rewrote the digest, so torch.load(weights_only=True) sees
     the payload and refuses it. Either way the payload never runs.
     """
@@ -636,13 +704,13 @@ def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: p
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _Payload(marker)}, ckpt / "trainer_state.pt")
     if digest == "forged":
-        state = _state(ckpt)
-        state["sha256"]["trainer_state.pt"] = hashlib.sha256((ckpt / "trainer_state.pt").read_bytes()).hexdigest()
-        _put_state(ckpt, state)
+        manifest = _manifest(ckpt)
+        manifest["files"]["trainer_state.pt"] = hashlib.sha256((ckpt / "trainer_state.pt").read_bytes()).hexdigest()
+        _put_manifest(ckpt, manifest)
     code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(run), "--resume", *overrides])
     msg = _error_line(code, err)
     assert "trainer_state.pt" in msg
-    expected = "does not match its recorded sha256" if digest == "stale" else "refused: it holds pickled objects"
+    expected = "does not match its sha256 in manifest.json" if digest == "stale" else "refused: it holds pickled objects"
     assert expected in msg and ("posix.system" in msg or digest == "stale"), msg
     assert not marker.exists()
     # The payload is live: a plain unpickle would have run it.
@@ -668,7 +736,7 @@ N_CASES = (2 * len(DATA_CASES) + 2 + len(CONFIG_CASES) + len(CHECKPOINT_CASES) +
 
 def test_catalogue_size() -> None:
     """The note on the issue quotes this number; change both together."""
-    assert N_CASES == 122
+    assert N_CASES == 134  # 83 before issue 10 + 33 real-format and config cases (issue 11) + 6 write-path data cases + 12 manifest and backbone-folder cases
 
 
 # --------------------------------------------------------------------------- writes (issue 10)
@@ -1106,3 +1174,257 @@ def test_write_text_refuses_a_link(tmp_path: Path) -> None:
 def test_write_catalogue_size() -> None:
     """Issue 10's cases: output folders, links, locks, generated data, sizes, errors."""
     assert len(WRITE_CASES) + len(INJECTED) == 85
+
+
+
+# --------------------------------------------------------------------------- trust and data integrity (issue 10)
+#
+# Only the user decides that code may run; a checkpoint's own config.yaml asking for it
+# (backbone.trust_remote_code: true) is ignored. The planted files below are resealed in
+# the manifest, as a forger would, so what refuses them is the remote-code check, which
+# runs before transformers reads the folder (an auto_map in config.json imports its module
+# while the model loads). The marker file is what the planted code would create.
+
+
+def _plant(json_name: str, marker: Path, nested: bool = False) -> Callable[[Path], None]:
+    def fn(backbone: Path) -> None:
+        (backbone / "evil_code.py").write_text(
+            f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+            "class EvilTokenizer: pass\nclass EvilConfig: pass\nclass EvilModel: pass\n")
+        if not json_name:
+            return  # code next to the model, no auto_map
+        path = backbone / json_name
+        data = json.loads(path.read_text()) if path.exists() else {}
+        auto_map = ({"AutoTokenizer": ["evil_code.EvilTokenizer", None]} if json_name == "tokenizer_config.json"
+                    else {"AutoConfig": "evil_code.EvilConfig", "AutoModel": "evil_code.EvilModel",
+                          "AutoImageProcessor": "evil_code.EvilModel", "AutoProcessor": "evil_code.EvilModel"})
+        if nested:
+            data.setdefault("text_config", {})["auto_map"] = auto_map
+        else:
+            data["auto_map"] = auto_map
+        path.write_text(json.dumps(data))
+    return fn
+
+
+REMOTE_CODE_CASES = [
+    ("tokenizer-config", "tokenizer_config.json", False, "backbone/tokenizer_config.json: asks to run code"),
+    ("model-config", "config.json", False, "backbone/config.json: asks to run code"),
+    ("model-config-nested", "config.json", True, "backbone/config.json: asks to run code"),
+    ("preprocessor-config", "preprocessor_config.json", False, "backbone/preprocessor_config.json: asks to run code"),
+    ("processor-config", "processor_config.json", False, "backbone/processor_config.json: asks to run code"),
+    ("code-file-only", "", False, "backbone/evil_code.py: the model folder ships code"),
+]
+
+
+@pytest.mark.parametrize(("json_name", "nested", "expected"), [c[1:] for c in REMOTE_CODE_CASES],
+                         ids=[c[0] for c in REMOTE_CODE_CASES])
+def test_checkpoint_remote_code_never_runs(json_name: str, nested: bool, expected: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]) -> None:
+    from vlmtune.checkpoint import write_manifest
+
+    ckpt = _copy_ckpt(trained, tmp_path)
+    marker = tmp_path / "pwned"
+    _plant(json_name, marker, nested)(ckpt / "backbone")
+    cfg_text = (ckpt / "config.yaml").read_text()
+    assert "trust_remote_code: false" in cfg_text
+    (ckpt / "config.yaml").write_text(cfg_text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    write_manifest(ckpt)
+    before = _tree(tmp_path)
+    code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev")])
+    msg = _error_line(code, err)
+    assert expected in msg and "--trust-remote-code" in msg, msg
+    assert not marker.exists()
+    assert _tree(tmp_path) == before  # nothing written, not even the output folder
+
+
+def test_trust_remote_code_is_the_users_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            trained: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's config says true: transformers is told false; --trust-remote-code says true."""
+    import vlmtune.backbone as bb
+    from vlmtune.checkpoint import write_manifest
+
+    seen: list[bool] = []
+    real = bb.load_pretrained
+    monkeypatch.setattr(bb, "load_pretrained", lambda cfg, *a, **k: seen.append(cfg.trust_remote_code) or real(cfg, *a, **k))
+    ckpt = _copy_ckpt(trained, tmp_path)
+    text = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text(text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    write_manifest(ckpt)
+    for flag, expected in (([], False), (["--trust-remote-code"], True)):
+        code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev"), *flag])
+        assert code == 0, err
+        assert seen.pop() is expected
+
+
+def test_default_eval_folder_is_not_part_of_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           trained: tuple[Path, list[str]]) -> None:
+    """``evaluate CHECKPOINT`` writes CHECKPOINT/eval/metrics.json; the checkpoint still opens."""
+    ckpt = _copy_ckpt(trained, tmp_path)
+    for _ in range(2):
+        code, _, err = _run(capsys, ["evaluate", str(ckpt)])
+        assert code == 0, err
+    assert (ckpt / "eval" / "metrics.json").is_file()
+
+
+def test_unsealed_planted_code_is_refused_by_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          trained: tuple[Path, list[str]]) -> None:
+    """The same plant without resealing: the manifest names the first unlisted file."""
+    ckpt = _copy_ckpt(trained, tmp_path)
+    marker = tmp_path / "pwned"
+    _plant("config.json", marker)(ckpt / "backbone")
+    code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev"), "--trust-remote-code"])
+    msg = _error_line(code, err)
+    assert "backbone/evil_code.py: not listed in manifest.json" in msg, msg
+    assert not marker.exists()
+
+
+def test_user_model_folder_with_remote_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       trained: tuple[Path, list[str]]) -> None:
+    """backbone.name_or_path naming a local folder that asks for code: refused unless the
+    user's config says backbone.trust_remote_code=true."""
+    run, overrides = trained
+    folder = tmp_path / "model"
+    shutil.copytree(run / "checkpoints" / "last" / "backbone", folder)
+    marker = tmp_path / "pwned"
+    _plant("config.json", marker)(folder)
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *overrides,
+                                 f"backbone.name_or_path={folder}"])
+    msg = _error_line(code, err)
+    assert f"{folder}/config.json: asks to run code" in msg, msg
+    assert not marker.exists() and not (out / "checkpoints").exists()
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime: what a command changed."""
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if not p.is_dir()}
+
+
+def test_copied_and_rotated_checkpoints_keep_valid_manifests(tmp_path: Path, trained: tuple[Path, list[str]]) -> None:
+    from vlmtune.checkpoint import copy_checkpoint, verify_manifest
+
+    run, _ = trained
+    last = run / "checkpoints" / "last"
+    copy_checkpoint(last, tmp_path / "best", keep=3)
+    copy_checkpoint(last, tmp_path / "best", keep=3)  # the first becomes best-1
+    for name in ("best", "best-1"):
+        assert set(verify_manifest(tmp_path / name)) == set(verify_manifest(last))
+    (tmp_path / "src").mkdir()
+    bad = tmp_path / "src" / "last"
+    shutil.copytree(last, bad)
+    (bad / "weights.safetensors").write_bytes(b"x")
+    from vlmtune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="weights.safetensors: does not match"):
+        copy_checkpoint(bad, tmp_path / "best", keep=3)
+    assert set(verify_manifest(tmp_path / "best")) == set(verify_manifest(last))  # the good one stays
+
+
+def _small_data(pairs_set: Path, dst: Path) -> Path:
+    shutil.copytree(pairs_set, dst)
+    return dst
+
+
+def test_resume_refuses_changed_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    data = _small_data(pairs_set, tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={data}", "data.synthetic.n=20"]
+    code, _, err = _run(capsys, argv)
+    assert code == 0, err
+    recs = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps(recs[:-1]))  # one record fewer
+    before = _tree(out)
+    code, _, err = _run(capsys, [*argv, "--resume"])
+    msg = _error_line(code, err)
+    assert f"{data / 'train.json'}: the train data file changed" in msg and "--accept-changed-data" in msg, msg
+    assert _tree(out) == before
+    code, _, err = _run(capsys, [*argv, "--resume", "--accept-changed-data"])
+    assert code == 0, err
+    assert "--accept-changed-data: continuing" in err and "train (" in err
+
+
+def test_overlapping_splits_are_warned(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    train = pairs_set / "train.json"
+    recs = json.loads(train.read_text())
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.train={train}",
+                                 f"data.val={pairs_set / 'val.json'}", f"data.test={train}"])
+    assert code == 0, err
+    n_images = len({r["image"] for r in recs})
+    assert (f"the train and test splits overlap: {n_images} shared images, {len(recs)} identical records "
+            f"({train} and {train})") in err, err
+    assert "the train and val splits overlap" not in err and "the val and test splits overlap" not in err
+
+
+def test_eval_ks_beyond_the_gallery_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          pairs_set: Path) -> None:
+    out = tmp_path / "run"
+    n_val = len({r["image"] for r in json.loads((pairs_set / "val.json").read_text())})
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={pairs_set}",
+                                 "data.synthetic.n=20", "eval.ks=[1,50]"])
+    msg = _error_line(code, err)
+    assert "eval.ks: K=50 is larger than the retrieval gallery" in msg and f"({n_val} images" in msg, msg
+    assert not (out / "checkpoints").exists()
+
+
+def test_eval_ks_beyond_the_gallery_in_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                trained: tuple[Path, list[str]], pairs_set: Path) -> None:
+    """The checkpoint's eval.ks [1, 2] on a data file of one image: refused, nothing written."""
+    recs = json.loads((pairs_set / "val.json").read_text())
+    one = [r for r in recs if r["image"] == recs[0]["image"]]
+    data = pairs_set / "one_image.json"  # image paths are relative to the file's folder
+    data.write_text(json.dumps(one))
+    try:
+        ckpt = _copy_ckpt(trained, tmp_path)
+        code, _, err = _run(capsys, ["evaluate", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "ev")])
+    finally:
+        data.unlink()
+    msg = _error_line(code, err)
+    assert f"eval.ks: K=2 is larger than the retrieval gallery of {data} (1 images" in msg, msg
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_corrupt_feature_cache_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+    """A zeroed features.npy in a shared cache.dir once trained to other metrics with exit
+    0: now its rows fail their digests, it is rebuilt with a warning, metrics are equal."""
+    cache = tmp_path / "shared_cache"
+    base = ["train", RETRIEVAL, *QUICK, f"data.synthetic_dir={pairs_set}", "data.synthetic.n=20", f"cache.dir={cache}"]
+    code, _, err = _run(capsys, [*base, "--output-dir", str(tmp_path / "a")])
+    assert code == 0, err
+    stores = sorted(cache.glob("*/features.npy"))
+    assert stores
+    for f in stores:
+        raw = bytearray(f.read_bytes())
+        header = 128  # .npy v1 header; the rows after it
+        raw[header:] = bytes(len(raw) - header)
+        f.write_bytes(bytes(raw))
+    code, _, err = _run(capsys, [*base, "--output-dir", str(tmp_path / "b")])
+    assert code == 0, err
+    assert "do not match their sha256" in err and "will be rebuilt" in err, err
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    for key in ("retrieval/mean_recall", "grounding/miou", "train/steps"):
+        assert ma[key] == mb[key], key
+
+
+def test_cache_needs_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk would turn the memory-mapped write into SIGBUS: refused up front."""
+    import vlmtune.data.cache as cache_mod
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={pairs_set}",
+                                 "data.synthetic.n=20"])
+    msg = _error_line(code, err)
+    assert f"feature cache {out / 'cache'}/" in msg and "bytes, only 4096 free" in msg, msg
+    assert not list((out / "cache").glob("*/features*.npy"))
+
+
+N_TRUST_CASES = len(REMOTE_CODE_CASES) + 11
+
+
+def test_trust_catalogue_size() -> None:
+    """Issue 10's trust and integrity cases beyond CHECKPOINT_CASES."""
+    assert N_TRUST_CASES == 17

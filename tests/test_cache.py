@@ -2,6 +2,7 @@
 training from it gives the same losses as live features."""
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -137,3 +138,134 @@ def test_content_key_sees_a_rewritten_file(tmp_path: Path) -> None:
     p.write_bytes(b"two!")
     os.utime(p, ns=(1, 1))  # even with an old timestamp, the size differs
     assert content_key(p) != k1
+
+
+# --------------------------------------------------------------------------- integrity (issue 10)
+
+
+def _filled_store(root: Path) -> tuple[FeatureStore, list[str], list[list[str]]]:
+    compute, calls = _compute_counter()
+    keys = ["aa" * 32, "bb" * 32, "cc" * 32]
+    store = FeatureStore(root, {"size": 64})
+    store.ensure(keys, compute, batch_size=2)
+    return store, keys, calls
+
+
+def _zero_rows(f: Path) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[128:] = bytes(len(raw) - 128)  # .npy v1 header is 128 bytes; the rows follow
+    f.write_bytes(bytes(raw))
+
+
+def _damage_index(rows: object) -> "Callable[[Path], None]":
+    def fn(folder: Path) -> None:
+        import json
+
+        idx = json.loads((folder / "index.json").read_text())
+        idx["rows"] = rows
+        (folder / "index.json").write_text(json.dumps(idx))
+    return fn
+
+
+CORRUPTIONS = {
+    "zeroed": lambda d: _zero_rows(d / "features.npy"),
+    "truncated": lambda d: (d / "features.npy").write_bytes((d / "features.npy").read_bytes()[:150]),
+    "header-damaged": lambda d: (d / "features.npy").write_bytes(b"\0" * 300),
+    "index-not-json": lambda d: (d / "index.json").write_text("{"),
+    "index-old-format": lambda d: (d / "index.json").write_text('{"' + "aa" * 32 + '": 0}'),
+    "index-row-out-of-range": _damage_index({"aa" * 32: 7}),
+    "index-rows-swapped": _damage_index({"aa" * 32: 1, "bb" * 32: 0, "cc" * 32: 2}),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPTIONS), ids=list(CORRUPTIONS))
+def test_corrupt_store_is_rebuilt_never_used(damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import importlib
+
+    cache_mod = importlib.import_module("vlmtune.data.cache")
+    store, keys, _ = _filled_store(tmp_path)
+    CORRUPTIONS[damage](store.dir)
+    cache_mod._VERIFIED.clear()  # a new process: nothing checked yet
+    compute, calls = _compute_counter()
+    again = FeatureStore(tmp_path, {"size": 64})
+    with caplog.at_level("WARNING", logger="vlmtune"):
+        n = again.ensure(keys, compute, batch_size=2)
+    assert any("will be rebuilt" in r.getMessage() and str(store.dir) in r.getMessage() for r in caplog.records)
+    assert sum(len(c) for c in calls) == len(keys) == n  # rebuilt whole
+    for k in keys:
+        assert np.array_equal(again.get(k), np.full((3, 2), float(int(k[:6], 16) % 97)))
+
+
+def test_rows_are_checked_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmtune.data.cache as cache_mod
+
+    store, keys, _ = _filled_store(tmp_path)
+    hashed = []
+    real = cache_mod._row_digest
+    monkeypatch.setattr(cache_mod, "_row_digest", lambda key, row: hashed.append(1) or real(key, row))
+    cache_mod._VERIFIED.clear()
+    compute, _ = _compute_counter()
+    for _ in range(3):  # three epochs open the store again
+        s = FeatureStore(tmp_path, {"size": 64})
+        assert s.ensure(keys, compute, batch_size=2) == 0
+        for k in keys:
+            s.get(k)
+    assert len(hashed) == len(keys)
+
+
+def test_store_changed_while_in_use_is_refused(tmp_path: Path) -> None:
+    import vlmtune.data.cache as cache_mod
+
+    store, keys, _ = _filled_store(tmp_path)
+    cache_mod._VERIFIED.clear()
+    s = FeatureStore(tmp_path, {"size": 64})
+    _zero_rows(s.dir / "features.npy")
+    with pytest.raises(cache_mod.CacheCorrupt, match="does not match its sha256"):
+        s.get(keys[0])
+
+
+def test_full_disk_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import vlmtune.data.cache as cache_mod
+    from vlmtune.errors import VlmtuneError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    compute, _ = _compute_counter()
+    store = FeatureStore(tmp_path, {"size": 64})
+    with pytest.raises(VlmtuneError, match=r"feature cache .*: needs \d+ bytes, only 100 free"):
+        store.ensure(["aa" * 32], compute, batch_size=2)
+    assert not list(store.dir.glob("features*.npy"))
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_rotated_jpeg_cached_and_live_boxes_agree(orientation: int, tmp_path: Path) -> None:
+    """A phone photo stored 48x32 with EXIF orientation 6/8 loads as 32x48; a box drawn
+    on the photo as seen must normalise inside [0, 1] on both paths, identically."""
+    import json
+
+    from PIL import Image
+
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import BackboneConfig
+    from vlmtune.data.formats import image_size, load_image, read_pairs
+    from vlmtune.data.pairs import PairDataset
+    from vlmtune.tasks.retrieval import build_vision_cache
+
+    img = Image.new("RGB", (48, 32), (30, 120, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "photo.jpg").size == image_size(tmp_path / "photo.jpg") == (32, 48)
+    box = [4, 30, 24, 16]  # x, y, w, h in the upright 32x48 picture; below y=32 of the stored header
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "photo.jpg", "caption": "a blue photo", "bbox": box}]))
+    records = read_pairs(tmp_path / "a.json")
+    backbone = load_backbone(BackboneConfig())
+    store, keys, sizes = build_vision_cache(records, backbone, tmp_path / "cache")
+    cached = PairDataset(records, store, keys, sizes)[0]
+    live = PairDataset(records)[0]
+    assert torch.equal(cached["box"], live["box"]) and torch.equal(cached["image_wh"], live["image_wh"])
+    cx, cy, w, h = live["box"].tolist()
+    assert 0 <= cx - w / 2 and cx + w / 2 <= 1 and 0 <= cy - h / 2 and cy + h / 2 <= 1
+    assert live["image_wh"].tolist() == [32, 48]

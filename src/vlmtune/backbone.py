@@ -172,6 +172,12 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
     is_dir = Path(src).is_dir()
     if not is_dir and ("/" not in src or src.startswith((".", "/"))):
         raise ConfigError(f"backbone.name_or_path: '{src}' is neither a folder nor a hub id (owner/name) nor 'tiny'")
+    if is_dir and not cfg.trust_remote_code:
+        # Before transformers opens anything: an auto_map in config.json imports the
+        # folder's module while the model loads, whatever trust_remote_code says later.
+        from vlmtune.checkpoint import check_no_remote_code
+
+        check_no_remote_code(src)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision and not is_dir:
         kw["revision"] = cfg.revision

@@ -47,6 +47,16 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- training
 
 
+def _ks_that_fit(data: Path) -> list[int]:
+    """Recall@K for the Ks of 1, 5, 10 that fit the smaller of the val and test galleries
+    (eval.ks beyond a gallery is an error; a small benchmark set has few images)."""
+    from vlmtune.data.formats import read_pairs
+
+    gallery = min(min(len({r.image_id for r in recs}), len(recs))
+                  for recs in (read_pairs(data / "val.json"), read_pairs(data / "test.json")))
+    return [k for k in (1, 5, 10) if k <= gallery] or [1]
+
+
 def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int,
                    out: Path, progress: bool = False) -> dict[str, Any]:
     """Frozen-backbone training with and without the cache, same data, same config."""
@@ -63,7 +73,7 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
             "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
             f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
-            "train.log_every=1000000"]
+            "train.log_every=1000000", f"eval.ks={_ks_that_fit(data)}"]
     res: dict[str, Any] = {"preset": preset, "images": images, "captions": len(read_pairs(data / "train.json"))}
 
     # One feature-extraction pass: exactly the work the cache does once (both frozen

@@ -3,25 +3,32 @@
 A checkpoint folder holds
   weights.safetensors   the task's own parts + any backbone block a stage trains
   config.yaml           the resolved config
-  state.json            epoch, step, stage, best metric, backbone identity, data paths,
-                        and the sha256 of weights.safetensors and trainer_state.pt
+  state.json            epoch, step, stage, best metric, backbone identity, data paths
+                        and their sha256 (validated field by field when read)
   trainer_state.pt      optimizer, scheduler and RNG state (tensors and plain data
                         only; loaded with weights_only=True, so nothing unpickles code)
   backbone/             only for the tiny preset: its random weights and tokenizer
+  manifest.json         every other file of the folder with its sha256; written last
 It is written to a temporary folder and renamed into place, so a kill never leaves a
-half-written checkpoint under the real name. Reading checks each file against its
-recorded sha256, so a truncated, corrupted or edited file is refused with a message
-naming it. (The digests catch accidents and casual edits, not a forger who also
-rewrites state.json; what keeps a forged file harmless is that nothing is unpickled:
-safetensors for weights, ``weights_only=True`` for the rest.)
+half-written checkpoint under the real name. Opening one requires the manifest and
+checks the folder against it before anything is parsed: a missing, modified or
+unlisted file (a planted ``backbone/*.py``), a symbolic link or a special file is
+refused with a message naming it. (The digests catch accidents and casual edits, not
+a forger who also rewrites the manifest; what keeps a forged file harmless is that
+nothing is unpickled -- safetensors for weights, ``weights_only=True`` for the rest --
+and that no code shipped in ``backbone/`` runs unless the user passes
+``--trust-remote-code``: see :func:`check_no_remote_code`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 import pickle
+import stat
 import random
 import shutil
 from dataclasses import dataclass
@@ -38,9 +45,20 @@ from vlmtune.config import Config, load_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
 from vlmtune.state import TrainState
 
-FORMAT_VERSION = 1
-# Files whose sha256 state.json records (under "sha256") and reading checks.
-HASHED_FILES = ("weights.safetensors", "trainer_state.pt")
+# 2: every file is listed in manifest.json (1 kept two digests in state.json).
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+# ``vlmtune evaluate CHECKPOINT`` writes its metrics here by default: not part of the
+# checkpoint, not in the manifest, and nothing in it is ever loaded.
+EVAL_DIR = "eval"
+# Files every checkpoint has (trainer_state.pt and backbone/ are optional).
+REQUIRED_FILES = ("weights.safetensors", "config.yaml", "state.json")
+# A manifest larger than this is not one vlmtune wrote.
+_MAX_MANIFEST_BYTES = 16 << 20
+# Keys of a transformers JSON file that make it import code from the folder or the hub.
+_REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+# Files that are code (Python source or compiled, native libraries).
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".pyw", ".so", ".dylib", ".dll")
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,20 +95,174 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Conf
     save_config(cfg, tmp / "config.yaml")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
-    # state.json last: it records the digests of the files as written.
-    digests = {name: _sha256((tmp / name).read_bytes()) for name in HASHED_FILES if (tmp / name).is_file()}
-    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json(), "sha256": digests},
+    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json()},
                                                indent=2, default=str))
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
+    write_manifest(tmp)  # last: it lists the files as written
     _move_into_place(tmp, folder, keep)
 
 
 def copy_checkpoint(src: Path, dst: Path, keep: int = 1) -> None:
+    """Copy a checkpoint (``last`` to ``best``); the copy is checked against the
+    manifest before it is renamed into place, so a bad copy never takes the name."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, symlinks=True)
+    verify_manifest(tmp)
     _move_into_place(tmp, dst, keep)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _listing(folder: Path) -> dict[str, Path]:
+    """Every regular file under ``folder`` by its relative POSIX path (the manifest
+    itself excluded). Symbolic links and special files are refused, never followed."""
+    out: dict[str, Path] = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        if Path(root) == folder and EVAL_DIR in dirs and not (folder / EVAL_DIR).is_symlink():
+            dirs.remove(EVAL_DIR)  # evaluate's default output, never read when loading
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+            rel = path.relative_to(folder).as_posix()
+            if stat.S_ISLNK(mode):
+                raise CheckpointError(f"{folder}/{_shown(rel)}: is a symbolic link; a checkpoint holds only plain "
+                                      f"files; refused")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise CheckpointError(f"{folder}/{_shown(rel)}: is not a regular file; refused")
+            if rel != MANIFEST:
+                out[rel] = path
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> dict[str, str]:
+    """List every file of a checkpoint folder with its sha256 in ``manifest.json``."""
+    folder = Path(folder)
+    files = {rel: _file_sha256(path) for rel, path in sorted(_listing(folder).items())}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2))
+    os.replace(tmp, folder / MANIFEST)
+    return files
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    """The manifest's file -> sha256 map, its shape checked (not yet the files)."""
+    path = folder / MANIFEST
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({MANIFEST} is missing; checkpoints written "
+                              f"before manifests cannot be opened)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: is not a regular file; refused")
+    if st.st_size > _MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path}: {st.st_size} bytes is too large for a manifest; refused")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(raw, dict) or set(raw) != {"format_version", "files"}:
+        raise CheckpointError(f"{path}: expected an object with 'format_version' and 'files'")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {str(raw['format_version'])[:40]} is not {FORMAT_VERSION}")
+    files = raw["files"]
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: 'files' must map file names to sha256 digests")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CheckpointError(f"{path}: '{_shown(name)}' has no valid sha256 (got {_shown(str(digest))!r}); refused")
+    return files
+
+
+def _shown(name: str, limit: int = 200) -> str:
+    """A file name as one short line (control characters escaped), for messages."""
+    text = json.dumps(name)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def verify_manifest(folder: str | Path) -> dict[str, str]:
+    """Check a checkpoint folder against its manifest: every listed file present and
+    unchanged, no file unlisted, no link. Returns the manifest (file -> sha256)."""
+    folder = Path(folder)
+    files = read_manifest(folder)
+    present = _listing(folder)
+    for name in REQUIRED_FILES:
+        if name not in files and name not in present:
+            raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({name} is missing)")
+    extra = sorted(set(present) - set(files))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{folder}/{_shown(extra[0])}: not listed in {MANIFEST}{more}; refused")
+    missing = sorted(set(files) - set(present))
+    if missing:
+        raise CheckpointError(f"{folder}: {_shown(missing[0])} is missing (listed in {MANIFEST})")
+    # The small files first, so a tampered config is named before a large file is hashed.
+    for name in sorted(files, key=lambda n: present[n].stat().st_size):
+        if _file_sha256(present[name]) != files[name]:
+            raise CheckpointError(f"{present[name]}: does not match its sha256 in {MANIFEST} (modified or truncated)")
+    return files
+
+
+def check_no_remote_code(folder: str | Path) -> None:
+    """Refuse a model folder that asks transformers to run code it ships: an ``auto_map``
+    (or ``custom_pipelines``) in any of its JSON files -- config.json,
+    tokenizer_config.json, preprocessor_config.json, processor_config.json, ... -- or a
+    Python or native-code file. Runs before transformers reads the folder: an auto_map
+    in config.json imports its module while the model is being loaded."""
+    folder = Path(folder)
+    paths = sorted(Path(root) / name for root, _dirs, files in os.walk(folder, followlinks=False) for name in files)
+    advice = "pass --trust-remote-code, or set backbone.trust_remote_code=true, only if you trust its author"
+    # The JSON files first: the one that asks for code is the better culprit to name.
+    for path in sorted(paths, key=lambda p: not p.name.lower().endswith(".json")):
+        name = path.name.lower()
+        if name.endswith(_CODE_SUFFIXES):
+            raise CheckpointError(f"{path}: the model folder ships code; refused ({advice})")
+        if not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # not JSON that transformers could read either
+        key = _remote_code_key(data)
+        if key:
+            raise CheckpointError(f"{path}: asks to run code shipped with the model ('{key}'); refused ({advice})")
+
+
+def _remote_code_key(data: Any) -> str | None:
+    """The first remote-code key anywhere in a parsed JSON document (iterative: depth-proof)."""
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _REMOTE_CODE_KEYS and v not in (None, {}, [], ""):
+                    return k
+                todo.append(v)
+        elif isinstance(node, list):
+            todo.extend(node)
+    return None
 
 
 def _move_into_place(tmp: Path, folder: Path, keep: int = 1) -> None:
@@ -118,7 +290,7 @@ class Checkpoint:
     folder: Path
     cfg: Config
     state: TrainState
-    digests: dict[str, str]  # sha256 of the files in HASHED_FILES, as recorded in state.json
+    digests: dict[str, str]  # manifest.json: every file's sha256, checked when opened
 
     @property
     def backbone_folder(self) -> Path | None:
@@ -130,7 +302,8 @@ class Checkpoint:
         return self.folder if (self.folder / "config.json").is_file() else None
 
     def _read(self, name: str) -> bytes:
-        """A file's bytes, checked against the sha256 that state.json recorded for it."""
+        """A file's bytes, checked (again: the file may have changed since it was opened)
+        against its sha256 in the manifest."""
         path = self.folder / name
         try:
             data = path.read_bytes()
@@ -140,10 +313,15 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         expected = self.digests.get(name)
         if expected is None:
-            raise CheckpointError(f"{path}: has no recorded sha256 in state.json; refused")
+            raise CheckpointError(f"{path}: not listed in {MANIFEST}; refused")
         if _sha256(data) != expected:
-            raise CheckpointError(f"{path}: does not match its recorded sha256 (modified or truncated)")
+            raise CheckpointError(f"{path}: does not match its sha256 in {MANIFEST} (modified or truncated)")
         return data
+
+    def backbone_config(self, trust_remote_code: bool = False) -> Any:
+        """The checkpoint's backbone config with ``trust_remote_code`` as the *user*
+        decided it (a command-line flag), never as the checkpoint's config.yaml says."""
+        return dataclasses.replace(self.cfg.backbone, trust_remote_code=trust_remote_code)
 
     def weights(self) -> dict[str, torch.Tensor]:
         path = self.folder / "weights.safetensors"
@@ -170,13 +348,12 @@ class Checkpoint:
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
-    """Open a checkpoint folder, checking that its files are present and readable."""
+    """Open a checkpoint folder: every file checked against the manifest first (see
+    :func:`verify_manifest`), then state.json validated and config.yaml parsed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    for name in ("weights.safetensors", "config.yaml", "state.json"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({name} is missing)")
+    digests = verify_manifest(folder)
     where = str(folder / "state.json")
     try:
         raw = json.loads((folder / "state.json").read_text())
@@ -186,9 +363,6 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: checkpoint format {str(raw.get('format_version'))[:40]} is not {FORMAT_VERSION}")
-    digests = raw.get("sha256")
-    if not isinstance(digests, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
-        raise CheckpointError(f"{where}: field 'sha256' must map file names to digests")
     state = TrainState.from_json(raw, where)
     try:
         cfg = load_config(folder / "config.yaml")

@@ -94,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.seeds is None:
         cfg = load_config(args.config, args.overrides)
-        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite)
+        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
+                        accept_changed_data=args.accept_changed_data)
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
             print(f"finished: {args.output_dir}/metrics.json")
             _print_metrics(metrics)
@@ -106,7 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
         # --resume: a seed's run goes on (or starts, when it has no checkpoint yet).
-        metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite)
+        metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
+                        accept_changed_data=args.accept_changed_data)
         print(f"finished seed {s}: {out}/metrics.json")
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
@@ -131,7 +133,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(args.checkpoints) == 1 and not args.labels:
         metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
                                       image_root=args.image_root, rankings=args.rankings,
-                                      rankings_k=args.rankings_k, examples=args.examples)
+                                      rankings_k=args.rankings_k, examples=args.examples,
+                                      trust_remote_code=args.trust_remote_code)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
         if args.rankings:
@@ -144,7 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise VlmtuneError("--rankings: evaluate one checkpoint at a time")
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
-    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir, image_root=args.image_root)
+    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir, image_root=args.image_root,
+                  trust_remote_code=args.trust_remote_code)
     print((Path(args.output_dir) / "evaluation.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'evaluation.md'} and evaluation.json")
     return 0
@@ -208,7 +212,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vlmtune.predict import predict_file
 
-    out = predict_file(args.checkpoint, args.image, args.question, args.attention_out)
+    out = predict_file(args.checkpoint, args.image, args.question, args.attention_out,
+                       trust_remote_code=args.trust_remote_code)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -216,7 +221,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from vlmtune.predict import attention_inside_receipts
 
-    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root)
+    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root,
+                                       trust_remote_code=args.trust_remote_code)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(args.output), json.dumps(report, indent=2))
@@ -452,6 +458,9 @@ def _add_run_commands(sub: Any) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (a folder holding a run is refused "
                    "without --resume or --overwrite)")
+    t.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: continue although a train/val/test file changed since the run started "
+                   "(its sha256 differs; refused without this flag)")
     t.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUTPUT_DIR/seedS, for vlmtune compare")
     t.add_argument("--tracker", choices=("wandb", "tensorboard"),
                    help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)")
@@ -473,6 +482,7 @@ def _add_run_commands(sub: Any) -> None:
     e.add_argument("--rankings-k", type=int, default=10, help="length of each query's list in the rankings (default 10)")
     e.add_argument("--examples", type=int, default=24,
                    help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)")
+    _add_trust_flag(e)
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
@@ -482,6 +492,7 @@ def _add_run_commands(sub: Any) -> None:
     pr.add_argument("--image", required=True, help="image file (any size; grayscale, RGBA, 16-bit and EXIF-rotated work)")
     pr.add_argument("--question", default="How many receipts are in this image?", help="the question (default: %(default)s)")
     pr.add_argument("--attention-out", help="write the attention overlay to this PNG")
+    _add_trust_flag(pr)
     pr.set_defaults(func=cmd_predict)
 
     at = sub.add_parser("attention", help="share of answer attention inside the receipts (synthetic set)",
@@ -493,7 +504,17 @@ def _add_run_commands(sub: Any) -> None:
     at.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     at.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     at.add_argument("--output", help="also write the report (with per-image figures) to this JSON file")
+    _add_trust_flag(at)
     at.set_defaults(func=cmd_attention)
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """Only the user decides that code shipped with a checkpoint may run: a checkpoint
+    whose backbone folder asks for it (an auto_map, a .py file) is refused without this,
+    and its config.yaml's backbone.trust_remote_code is ignored."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow code shipped in the checkpoint's backbone folder (auto_map, *.py) to run; "
+                        "off unless you pass it (the checkpoint's own config is never asked)")
 
 
 def _add_analysis_commands(sub: Any) -> None:

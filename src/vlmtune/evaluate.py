@@ -32,13 +32,17 @@ def default_device() -> torch.device:
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None) -> tuple[nn.Module, Task]:
-    """A checkpoint's model with its trained weights, in eval mode, on ``device``."""
+               backbone: Backbone | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, Task]:
+    """A checkpoint's model with its trained weights, in eval mode, on ``device``.
+
+    ``trust_remote_code`` is the user's (``--trust-remote-code``); the checkpoint's own
+    config.yaml is never asked whether its code may run."""
     device = device or default_device()
     cfg = ckpt.cfg
     task = build_task(cfg)
     if backbone is None:
-        backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
+        backbone = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
+                                 folder=ckpt.backbone_folder)
     check_identity(ckpt, backbone_identity(backbone))
     model = task.build_model(backbone)
     load_weights(model, ckpt.weights(), ckpt.folder)
@@ -69,13 +73,14 @@ def _records(ckpt: Checkpoint, source: str, train_path: str | None,
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
                         progress: bool = True, image_root: str | None = None, rankings: bool = False,
-                        rankings_k: int = 10, examples: int = 24) -> dict[str, Any]:
+                        rankings_k: int = 10, examples: int = 24, trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint on its own test split or on ``data`` (images under
     ``image_root`` where given); writes metrics.json.
 
     With ``rankings``, also the per-query results of the same pass (``rankings_*.jsonl``,
     see :mod:`vlmtune.examples`) and, unless ``examples`` is 0, ``examples.html`` showing
-    ``examples`` queries of each kind.
+    ``examples`` queries of each kind. ``trust_remote_code`` is the user's word only,
+    never the checkpoint's.
     """
     if rankings_k < 1:
         raise VlmtuneError(f"--rankings-k: must be >= 1, got {rankings_k}")
@@ -83,7 +88,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
         raise VlmtuneError(f"--examples: must be >= 0, got {examples}")
     ckpt = open_checkpoint(path)
     device = default_device()
-    model, task = load_model(ckpt, device)
+    model, task = load_model(ckpt, device, trust_remote_code=trust_remote_code)
     source, train_path = _splits(ckpt, data)
     records, train_records = _records(ckpt, source, train_path, image_root)
     if rankings:
@@ -117,7 +122,8 @@ def refuse_run_folder(folder: Path) -> None:
 
 
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
-                  output_dir: str | Path, progress: bool = True, image_root: str | None = None) -> dict[str, dict[str, Any]]:
+                  output_dir: str | Path, progress: bool = True, image_root: str | None = None,
+                  trust_remote_code: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -160,10 +166,11 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
         key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
         if key not in backbones:
-            backbones[key] = load_backbone(ckpt.cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
+            backbones[key] = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
+                                           folder=ckpt.backbone_folder)
         backbone = backbones[key]
         pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
-        model, task = load_model(ckpt, device, backbone)
+        model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code)
         cache = FeatureCache(out / "cache") if task.cacheable else None
         metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress,
                                 cache=cache)

@@ -64,12 +64,14 @@ class Prediction:
                 "num_tiles": self.num_tiles, "grid": list(self.grid)}
 
 
-def load_counting_checkpoint(path: str | Path, device: torch.device | None = None) -> tuple[CountingModel, Config]:
-    """A counting checkpoint's model with its trained weights, in eval mode."""
+def load_counting_checkpoint(path: str | Path, device: torch.device | None = None,
+                             trust_remote_code: bool = False) -> tuple[CountingModel, Config]:
+    """A counting checkpoint's model with its trained weights, in eval mode
+    (``trust_remote_code``: the user's flag; the checkpoint's config is not asked)."""
     ckpt = open_checkpoint(path)
     if ckpt.cfg.task != "counting":
         raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; predict needs a counting one")
-    model, _ = load_model(ckpt, device)
+    model, _ = load_model(ckpt, device, trust_remote_code=trust_remote_code)
     return model, ckpt.cfg  # type: ignore[return-value]
 
 
@@ -222,9 +224,9 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
 
 
 def predict_file(checkpoint: str | Path, image_path: str | Path, question: str = DEFAULT_QUESTION,
-                 attention_out: str | Path | None = None) -> dict[str, Any]:
+                 attention_out: str | Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """``vlmtune predict``: load, answer, optionally write the attention picture."""
-    model, cfg = load_counting_checkpoint(checkpoint)
+    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     image = load_image(Path(image_path))
     # The overlay is drawn at most 768 px on its long side; any photo size works.
     scale = min(1.0, 768 / max(image.size))
@@ -252,7 +254,8 @@ def receipt_mask(quads: list[list[list[float]]], size: tuple[int, int]) -> np.nd
 
 
 def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = None, boxes: str | Path | None = None,
-                              limit: int | None = None, image_root: str | Path | None = None) -> dict[str, Any]:
+                              limit: int | None = None, image_root: str | Path | None = None,
+                              trust_remote_code: bool = False) -> dict[str, Any]:
     """Share of the answer's attention inside the receipts vs their share of the image
     area, averaged over the images with at least one receipt.
 
@@ -267,7 +270,7 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
     if not boxes.is_file():
         raise DataError(f"{boxes}: receipt boxes not found (the synthetic set writes boxes.json; pass --boxes)")
     quads = {(boxes.parent / k).resolve(): v for k, v in json.loads(boxes.read_text()).items()}
-    model, cfg = load_counting_checkpoint(checkpoint)
+    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
     inside, inside_all, area, rows = [], [], [], []
     opts = options_from_config(ckpt.cfg.data, ckpt.cfg.counting, split="test", image_root=image_root)
     records = [r for r in read_counting(data, opts=opts) if r.count >= 1]

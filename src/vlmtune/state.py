@@ -31,6 +31,7 @@ class TrainState:
     train_wall_s: float = 0.0       # training time alone (no validation)
     backbone: dict[str, Any] = field(default_factory=dict)   # identity of the backbone trained on
     data_paths: dict[str, str] = field(default_factory=dict)  # train/val/test annotation files
+    data_sha256: dict[str, str] = field(default_factory=dict)  # ... and their sha256 (--resume compares)
     metric: str = ""                # the early-stopping metric
     # Mid-epoch checkpoints (a signal, a run of bad steps): batches of epoch ``epoch``
     # already trained, and the running sums of the history line in progress.
@@ -49,11 +50,11 @@ class TrainState:
     @classmethod
     def from_json(cls, data: Any, where: str = "state.json") -> "TrainState":
         """Validate and build; unknown keys other than the checkpoint's own bookkeeping
-        (``format_version``, ``sha256``) are refused, as are missing ones."""
+        (``format_version``) are refused, as are missing ones."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names) - {"format_version", "sha256"})
+        unknown = sorted(set(data) - set(names) - {"format_version"})
         if unknown:
             raise CheckpointError(f"{where}: unknown field '{unknown[0][:80]}'")
         missing = [n for n in names if n not in data and n not in _OPTIONAL]
@@ -123,6 +124,12 @@ def _check(name: str, value: Any, where: str) -> Any:
     if name == "data_paths":
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise bad("must map split names to file paths")
+        return value
+    if name == "data_sha256":
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+                for k, v in value.items()):
+            raise bad("must map split names to sha256 digests")
         return value
     if name == "running":
         if not isinstance(value, dict) or not all(

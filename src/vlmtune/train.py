@@ -41,6 +41,7 @@ from vlmtune.checkpoint import (
     set_rng_state,
 )
 from vlmtune.config import Config, config_to_dict, save_config
+from vlmtune.data.integrity import check_data_unchanged, data_digests, warn_overlaps
 from vlmtune.distributed import all_reduce_sum
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
@@ -205,7 +206,7 @@ class EpochProgress:
 
 
 def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, accept_changed_data: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``output_dir``; returns the final test metrics.
 
     ``tracker``: also log to "wandb" or "tensorboard" (through Accelerate) besides
@@ -213,7 +214,8 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     :class:`Interrupted`; ``train.max_bad_steps`` non-finite losses in a row save one
     and raise :class:`Diverged`. A folder that already holds a run needs ``resume``
     or ``overwrite``; one process at a time may write into a folder (a lock held for
-    the whole run by the main process).
+    the whole run by the main process). ``accept_changed_data``: a resume goes on
+    although a data file changed since the run started (warned); otherwise that is refused.
     """
     out = output_folder(output_dir)
     lock = None
@@ -228,15 +230,15 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
             lock = lock or RunLock(out).acquire()
             # Again, under the lock: another process may have written meanwhile.
             prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        return _train(cfg, out, resume, tracker)
+        return _train(cfg, out, resume, tracker, accept_changed_data)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, out: Path, resume: bool, tracker: str | None) -> dict[str, Any]:
+def _train(cfg: Config, out: Path, resume: bool, tracker: str | None, accept_changed_data: bool) -> dict[str, Any]:
     with StopRequest() as stopper:
-        run = prepare_run(cfg, out, resume, tracker, stopper)
+        run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         st: StageRun | None = None
         for stage in remaining_stages(run):
             st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
@@ -250,7 +252,8 @@ def _train(cfg: Config, out: Path, resume: bool, tracker: str | None) -> dict[st
         return final_evaluation(run)
 
 
-def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest) -> Run:
+def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest, *,
+                accept_changed_data: bool = False) -> Run:
     """Accelerator, backbone, model, data, stage plan and state (restored on resume)."""
     accelerator = make_accelerator(cfg, tracker, out)
     main = accelerator.is_main_process
@@ -271,12 +274,14 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
-    state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, metric=cfg.train.early_stopping.metric)
+    _check_splits(task, paths, train_records, val_records, main)
+    state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
+                       metric=cfg.train.early_stopping.metric)
     run = Run(cfg, out, accelerator, task, backbone, model, plan, weights,
               trained_anywhere(model, plan) | set(model.head_state_dict()), paths, train_records, val_records, state,
               history=None, stopper=stopper, tracker=tracker)  # type: ignore[arg-type]
     if resume_from is not None:
-        _restore_run(run, resume_from)
+        _restore_run(run, resume_from, accept_changed_data=accept_changed_data)
     if main:
         save_config(cfg, out / "config.yaml")
     sink = None
@@ -289,6 +294,20 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     model.to(run.device)
     run.t_start = time.time() - run.state.wall_s
     return run
+
+
+def _check_splits(task: Task, paths: dict[str, str], train_records: list[Any], val_records: list[Any],
+                  main: bool) -> None:
+    """Before any work: the evaluation settings fit the val and test splits (a task's
+    ``check_eval_records``, e.g. eval.ks within the gallery), and splits that share
+    images or records are reported (a warning, not an error)."""
+    test_records = task.read_split(paths["test"])
+    check = getattr(task, "check_eval_records", None)
+    if check is not None:
+        check(val_records, paths["val"])
+        check(test_records, paths["test"])
+    if main:
+        warn_overlaps({"train": train_records, "val": val_records, "test": test_records}, paths)
 
 
 def remaining_stages(run: Run) -> Iterator[Stage]:
@@ -533,13 +552,17 @@ def _open_resume(cfg: Config, ckpt_dir: Path, resume: bool, main: bool) -> Check
     return ckpt
 
 
-def _restore_run(run: Run, ckpt: Checkpoint) -> None:
+def _restore_run(run: Run, ckpt: Checkpoint, accept_changed_data: bool = False) -> None:
     """Weights and loop state from the checkpoint; its optimizer, schedule and RNG wait
-    for their stage (:func:`_restore_stage`)."""
+    for their stage (:func:`_restore_stage`). The data files must be those the run
+    started with (their sha256), unless ``accept_changed_data``."""
+    check_data_unchanged(ckpt.state.data_sha256, run.state.data_sha256, run.paths, accept=accept_changed_data,
+                         run=str(run.out))
     check_identity(ckpt, backbone_identity(run.backbone))
     load_weights(run.model, ckpt.weights(), ckpt.folder)
-    # This run's backbone identity and data paths; everything else continues.
-    run.state = dataclasses.replace(ckpt.state, backbone=run.state.backbone, data_paths=run.state.data_paths)
+    # This run's backbone identity and data paths (and digests); everything else continues.
+    run.state = dataclasses.replace(ckpt.state, backbone=run.state.backbone, data_paths=run.state.data_paths,
+                                    data_sha256=run.state.data_sha256)
     run.trainer_state = ckpt.trainer_state()
     if run.main:
         log.info("resuming from %s at epoch %d%s", ckpt.folder, run.state.epoch + 1,

@@ -11,20 +11,27 @@ has another content key, so its row is recomputed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from vlmtune.errors import VlmtuneError
 
 if TYPE_CHECKING:
     from torch import nn
 
     from vlmtune.backbone import Backbone
 
+
+log = logging.getLogger("vlmtune")
 
 _KEYS: dict[tuple[str, int, int], str] = {}
 
@@ -99,20 +106,70 @@ def _weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+class CacheCorrupt(VlmtuneError):
+    """A cache row no longer matches its digest (the file changed after it was checked)."""
+
+
+# Rows already checked in this process: (store folder, features.npy identity) -> rows.
+# A store is opened again every epoch (validation); its rows are hashed once.
+_VERIFIED: dict[tuple[str, tuple[int, int, int, int]], set[int]] = {}
+INDEX_VERSION = 2
+# Room beyond the array itself when checking free space (header, index, slack).
+_SPACE_MARGIN = 16 << 20
+
+
+def _row_digest(key: str, row: np.ndarray) -> str:
+    """sha256 of a row's key and bytes: a row moved under another key fails too."""
+    return hashlib.sha256(key.encode() + b"\0" + np.ascontiguousarray(row).tobytes()).hexdigest()
+
+
 class FeatureStore:
-    """Rows of a fixed shape, addressed by content key, in a memory-mapped ``.npy``."""
+    """Rows of a fixed shape, addressed by content key, in a memory-mapped ``.npy``.
+
+    ``index.json`` maps each key to its row and keeps each row's sha256. A row is
+    checked against its digest the first time a process uses it (:meth:`ensure` checks
+    the rows it is asked for, :meth:`get` any other), so a damaged store -- zeroed,
+    truncated, an index that does not fit -- is found before its numbers are used; it
+    is then rebuilt with a warning. Hashing runs at memory speed (sha256, about 1.5
+    GB/s here), once per row per process, not once per epoch.
+    """
 
     def __init__(self, root: str | Path, namespace: dict[str, Any]):
         self.dir = Path(root) / namespace_id(namespace)
         self.namespace = namespace
         self._index: dict[str, int] | None = None
+        self._digests: list[str] = []
         self._data: np.ndarray | None = None
+        self._ok: set[int] | None = None
+
+    # ---- reading and checking
+    def _load_index(self) -> None:
+        """Read index.json; a damaged one resets the store (rebuilt by ensure)."""
+        path = self.dir / "index.json"
+        self._index, self._digests = {}, []
+        if not path.is_file():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            ok = (isinstance(raw, dict) and raw.get("version") == INDEX_VERSION and isinstance(raw.get("rows"), dict)
+                  and isinstance(raw.get("sha256"), list))
+            rows, digests = (raw["rows"], raw["sha256"]) if ok else ({}, [])
+            n = len(digests)
+            ok = ok and all(isinstance(d, str) and len(d) == 64 for d in digests) and all(
+                isinstance(k, str) and isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n
+                for k, r in rows.items())
+        except (OSError, ValueError, RecursionError):
+            ok = False
+        if not ok:
+            self._discard("its index.json is damaged or from an older version")
+            return
+        self._index, self._digests = rows, digests
 
     @property
     def index(self) -> dict[str, int]:
         if self._index is None:
-            path = self.dir / "index.json"
-            self._index = json.loads(path.read_text()) if path.is_file() else {}
+            self._load_index()
+        assert self._index is not None
         return self._index
 
     @property
@@ -120,6 +177,70 @@ class FeatureStore:
         if self._data is None:
             self._data = np.load(self.dir / "features.npy", mmap_mode="r")
         return self._data
+
+    def _open_data(self) -> bool:
+        """Open features.npy and check it fits the index; False (store discarded) if not."""
+        if not self.index:
+            return True
+        try:
+            data = self.data
+            ok = data.ndim >= 1 and data.shape[0] == len(self._digests)
+        except (OSError, ValueError, EOFError) as e:  # truncated, not an .npy, header damaged
+            self._data = None
+            self._discard(f"its features.npy cannot be read ({str(e)[:100]})")
+            return False
+        if not ok:
+            self._discard(f"its features.npy has {data.shape[0] if data.ndim else 0} rows, the index {len(self._digests)}")
+            return False
+        return True
+
+    def _verified(self) -> set[int]:
+        """The rows of the open features.npy already checked in this process (shared by
+        every store object on the same file; remembered while this one keeps it open)."""
+        if self._ok is None or self._data is None:
+            st = os.stat(self.dir / "features.npy")
+            key = (str(self.dir.resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            self._ok = _VERIFIED.setdefault(key, set())
+        return self._ok
+
+    def _bad_rows(self, keys: Iterable[str]) -> list[int]:
+        """Rows of ``keys`` (not yet checked in this process) whose key and bytes differ
+        from their digest."""
+        done = self._verified()
+        bad = []
+        for k in sorted(set(keys), key=self.index.__getitem__):
+            r = self.index[k]
+            if r in done:
+                continue
+            if _row_digest(k, self.data[r]) == self._digests[r]:
+                done.add(r)
+            else:
+                bad.append(r)
+        return bad
+
+    def _discard(self, why: str) -> None:
+        """Forget a damaged store (a warning says why); ensure rebuilds what is asked."""
+        log.warning("feature cache %s: %s; it is not used and will be rebuilt", self.dir, why)
+        self._data = None
+        self._index, self._digests = {}, []
+        for name in ("features.npy", "index.json"):
+            try:
+                (self.dir / name).unlink()
+            except FileNotFoundError:
+                pass
+
+    def check(self, keys: Sequence[str] | None = None) -> bool:
+        """Check the rows of ``keys`` (default: all) against their digests once per
+        process; a damaged store is discarded (True if it was sound)."""
+        if not self.index:
+            return True  # empty, or damaged and already discarded
+        if not self._open_data():
+            return False
+        bad = self._bad_rows(self.index if keys is None else [k for k in keys if k in self.index])
+        if bad:
+            self._discard(f"{len(bad)} of its rows do not match their sha256 (corrupt; first: row {bad[0]})")
+            return False
+        return True
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         seen: set[str] = set()
@@ -130,29 +251,43 @@ class FeatureStore:
                 out.append(k)
         return out
 
+    # ---- writing
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse before a memory-mapped write that the disk cannot hold (on a full disk
+        a write to a mapped page is a SIGBUS, not an error)."""
+        free = shutil.disk_usage(self.dir).free
+        if free < nbytes + _SPACE_MARGIN:
+            raise VlmtuneError(f"feature cache {self.dir}: needs {nbytes + _SPACE_MARGIN} bytes, only {free} free on "
+                               f"its disk; free space, point cache.dir elsewhere or set cache.enabled=false")
+
     def ensure(self, keys: Sequence[str], compute: Callable[[list[str]], np.ndarray], batch_size: int,
                dtype: str = "float32", progress: Callable[[int], Any] | None = None) -> int:
         """Compute and store the rows of ``keys`` not yet in the store; returns how many.
 
-        ``compute(keys)`` returns an array [len(keys), ...] for a batch. The new file is
-        written beside the old one and renamed into place with the index, so an
-        interrupted build leaves the previous store intact.
+        The rows of ``keys`` already stored are checked first (once per process); a
+        damaged store is rebuilt. ``compute(keys)`` returns an array [len(keys), ...]
+        for a batch. The new file is written beside the old one and renamed into place
+        with the index, so an interrupted build leaves the previous store intact.
         """
+        self.check(list(keys))
         todo = self.missing(keys)
         if not todo:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "namespace.json").write_text(json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
-        old_rows = len(self.index)
+        old_rows = len(self._digests)
         first = np.asarray(compute(todo[:batch_size]))
         shape = (old_rows + len(todo), *first.shape[1:])
+        if old_rows and self.data.shape[1:] != first.shape[1:]:
+            raise ValueError(f"{self.dir}: stored rows have shape {self.data.shape[1:]}, new ones {first.shape[1:]}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self._check_space(nbytes)
         tmp = self.dir / "features.tmp.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        _reserve(tmp, self.dir)
         if old_rows:
-            if self.data.shape[1:] != first.shape[1:]:
-                raise ValueError(f"{self.dir}: stored rows have shape {self.data.shape[1:]}, new ones {first.shape[1:]}")
             out[:old_rows] = self.data
-        index = dict(self.index)
+        index, digests = dict(self.index), list(self._digests)
         row = old_rows
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -160,24 +295,49 @@ class FeatureStore:
             out[row:row + len(batch)] = arr
             for k in batch:
                 index[k] = row
+                digests.append(_row_digest(k, out[row]))
                 row += 1
             if progress:
                 progress(len(batch))
         out.flush()
         del out
-        self._data = None
+        self._data, self._ok = None, None
+        verified = set(range(row))  # old rows were checked above, new ones hashed as written
         os.replace(tmp, self.dir / "features.npy")
         tmp_index = self.dir / "index.tmp.json"
-        tmp_index.write_text(json.dumps(index))
+        tmp_index.write_text(json.dumps({"version": INDEX_VERSION, "rows": index, "sha256": digests}))
         os.replace(tmp_index, self.dir / "index.json")
-        self._index = index
+        self._index, self._digests = index, digests
+        self._verified().update(verified)
         return len(todo)
 
     def get(self, key: str) -> np.ndarray:
-        return self.data[self.index[key]]
+        row = self.index[key]
+        ok = self._ok if self._ok is not None and self._data is not None else self._verified()
+        if row not in ok and self._bad_rows([key]):
+            raise CacheCorrupt(f"feature cache {self.dir}: row {row} does not match its sha256 (the cache changed "
+                               f"while in use); run the command again to rebuild it")
+        return self.data[row]
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def _reserve(path: Path, where: Path) -> None:
+    """Allocate the file's blocks now, so writing through the memory map cannot run out
+    of disk (where the file system supports it; the free-space check covers the rest)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            return  # EOPNOTSUPP, EINVAL: the file system cannot reserve; the free-space check stands
+        path.unlink(missing_ok=True)
+        raise VlmtuneError(f"feature cache {where}: no space left on its disk for {size} bytes of features; free "
+                           f"space, point cache.dir elsewhere or set cache.enabled=false") from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import struct
 import warnings
@@ -256,18 +257,63 @@ def load_image(path: Path, source: str = "") -> Image.Image:
     return _to_rgb(_decode(Path(path), source))
 
 
-def _header_size(img: Image.Image) -> tuple[int, int]:
-    """Width and height as load_image will return them, from the header only."""
+def image_size(path: str | Path, source: str = "") -> tuple[int, int]:
+    """(width, height) of the image exactly as :func:`load_image` returns it -- its EXIF
+    orientation applied, so a phone photo stored landscape with orientation 6 or 8 is
+    portrait -- read from the header wherever the format allows.
+
+    Every place that turns a box in pixels into a normalised one uses this (the
+    feature cache, the baselines) or the loaded image's own size (live loading), so
+    the two paths give the same targets. Raises DataError naming the file.
+    """
+    path = Path(path)
+    with _open(path, source) as img:
+        return _header_size(img, path)
+
+
+def _header_size(img: Image.Image, path: Path | None = None) -> tuple[int, int]:
+    """Width and height as load_image will return them, from the header where it can."""
     w, h = img.size
-    # Only look at EXIF already parsed from the header: asking a PNG for EXIF that sits
-    # after the pixel data would decode the whole image.
-    if "exif" in img.info:
-        try:
-            if img.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS:
-                w, h = h, w
-        except _DECODE_ERRORS:
-            pass  # unreadable EXIF: load_image will report it if it matters
+    if img.format == "PNG" and "exif" not in img.info:
+        # EXIF may sit after the pixel data (an eXIf chunk after IDAT), where the header
+        # parse does not reach and load_image's exif_transpose does: look for the chunk
+        # (a walk over chunk headers, no decompression); if there is one, decode.
+        if path is None or not _png_has_exif_chunk(path):
+            return w, h
+        return _decode(path, "").size
+    if img.format not in _HEADER_EXIF_FORMATS and "exif" not in img.info:
+        return w, h
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS:
+            w, h = h, w
+    except _DECODE_ERRORS:
+        pass  # unreadable EXIF: exif_transpose ignores it too
     return w, h
+
+
+# Formats whose EXIF (with the orientation) Pillow reads with the header. (Not TIFF:
+# Pillow reports a TIFF's size with its orientation already applied.)
+_HEADER_EXIF_FORMATS = {"JPEG", "MPO", "WEBP"}
+
+
+def _png_has_exif_chunk(path: Path) -> bool:
+    """Whether a PNG file has an eXIf chunk anywhere (chunk headers only)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"eXIf":
+                    return True
+                if kind == b"IEND":
+                    return False
+                f.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return False
 
 
 def _mode_note(img: Image.Image) -> str | None:
@@ -303,7 +349,7 @@ def _inspect_image(path: Path, deep: bool) -> _ImageInfo:
         img = _decode(path, "")
         return _ImageInfo(img.size, _mode_note(img))
     with _open(path, "") as img:
-        return _ImageInfo(_header_size(img), _mode_note(img))
+        return _ImageInfo(_header_size(img, path), _mode_note(img))
 
 
 # --------------------------------------------------------------------------- field checks

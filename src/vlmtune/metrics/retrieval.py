@@ -221,6 +221,15 @@ def _validate(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Se
         raise ValueError(f"rerank_k must be >= 0, got {rerank_k}")
 
 
+def ks_beyond_gallery(ks: Sequence[int], n_images: int, n_captions: int) -> list[int]:
+    """The Ks larger than a gallery: i2t ranks ``n_captions`` captions, t2i ranks
+    ``n_images`` images, and recall@K over fewer than K items is 100 whatever the
+    ranking. :func:`retrieval_metrics` computes such a K as it is; callers that report
+    or select by it (the retrieval task) refuse it first."""
+    gallery = min(n_images, n_captions)
+    return sorted(int(k) for k in ks if int(k) > gallery)
+
+
 def _chance_levels(text_to_image: Tensor, n_images: int, ks: Sequence[int]) -> dict[str, float]:
     """Exact expected recall@K (percent) of a uniformly random ranking."""
     m = text_to_image.numel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,15 @@ from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig
 from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
-from vlmtune.data.formats import RELATIONS, PairRecord, load_image, options_from_config, read_pairs
+from vlmtune.data.formats import RELATIONS, PairRecord, image_size, load_image, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
+from vlmtune.errors import ConfigError
 from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
 from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
-from vlmtune.metrics.retrieval import RetrievalRankings, retrieval_metrics
+from vlmtune.metrics.retrieval import RetrievalRankings, ks_beyond_gallery, retrieval_metrics
 from vlmtune.tasks import FeatureCache, data_paths
 
 
@@ -201,17 +202,15 @@ def vision_namespace(backbone: Backbone, dtype: str) -> dict[str, Any]:
 @torch.no_grad()
 def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, dtype: str = "float32",
                        batch_size: int = 64) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
-    """The store holding the vision tokens of every image of ``records``."""
-    from PIL import Image
-
+    """The store holding the vision tokens of every image of ``records``; the sizes are
+    those :func:`load_image` returns (EXIF orientation applied), as live loading uses."""
     store = FeatureStore(cache_dir, vision_namespace(backbone, dtype))
     keys = image_keys(records)
     by_key = {k: p for p, k in keys.items()}
     sources = {r.image: r.source for r in records}
     sizes: dict[Any, tuple[int, int]] = {}
     for path in keys:
-        with Image.open(path) as im:  # header only
-            sizes[path] = im.size
+        sizes[path] = image_size(path, sources[path])  # header only
     device = next(backbone.parameters()).device
 
     def compute(batch_keys: list[str]):
@@ -221,6 +220,18 @@ def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir:
 
     store.ensure(list(keys.values()), compute, batch_size=batch_size, dtype=dtype)
     return store, keys, sizes
+
+
+def check_ks(ks: Sequence[int], *, n_images: int, n_captions: int, where: str) -> None:
+    """Refuse (ConfigError naming eval.ks) a K larger than either gallery of ``where``."""
+    if not n_images or not n_captions:
+        return  # an empty split is reported by the reader
+    gallery = min(n_images, n_captions)
+    too_big = ks_beyond_gallery(ks, n_images, n_captions)
+    if too_big:
+        side = "images" if n_images <= n_captions else "captions"
+        raise ConfigError(f"eval.ks: K={max(too_big)} is larger than the retrieval gallery of {where} ({n_images} images, "
+                          f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -462,15 +473,12 @@ def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
 
 def _train_boxes(records: list[PairRecord] | None) -> torch.Tensor | None:
     """Training boxes as normalised xyxy, for the constant-box baseline."""
-    from PIL import Image
-
     rows, sizes = [], {}
     for r in records or []:
         if r.bbox is None:
             continue
         if r.image not in sizes:
-            with Image.open(r.image) as im:
-                sizes[r.image] = im.size
+            sizes[r.image] = image_size(r.image, r.source)
         w, h = sizes[r.image]
         x, y, bw, bh = r.bbox
         rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
@@ -543,6 +551,12 @@ class RetrievalTask:
                            num_workers=self.data.num_workers, cache=cache, cache_dtype=self.cache_dtype,
                            cache_batch_size=self.eval_cfg.batch_size)
 
+    def check_eval_records(self, records: list[PairRecord], where: str) -> None:
+        """eval.ks must fit the gallery of each direction: the captions an image query
+        ranks (i2t) and the images a caption query ranks (t2i). A K beyond it scores 100
+        whatever the model, and the best checkpoint would be picked by that number."""
+        check_ks(self.eval_cfg.ks, n_images=len({r.image_id for r in records}), n_captions=len(records), where=where)
+
     def validate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         return self.evaluate(model, records, device=device, cache=cache)
@@ -550,6 +564,8 @@ class RetrievalTask:
     def evaluate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                  train_records: list[PairRecord] | None = None, progress: bool = False,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
+        self.check_eval_records(records, records[0].source.split(": record")[0] if records else "the evaluation data")
+
         def loader_for(shard: list[PairRecord]) -> DataLoader:
             return self.make_loader(shard, model.backbone, train=False, cache=cache)
 
