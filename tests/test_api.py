@@ -299,8 +299,8 @@ def _other_checkpoint(ckpt: Path, dest: Path) -> Path:
     w = c.weights()
     name = next(k for k in w if k.startswith("text_projector"))
     w[name] = w[name] + 0.01
-    save_checkpoint(dest / "ckpt", weights=w, cfg=c.cfg, state=c.state, trainer_state=None, backbone=None)
-    shutil.copytree(ckpt / "backbone", dest / "ckpt" / "backbone")
+    save_checkpoint(dest / "ckpt", weights=w, cfg=c.cfg, state=c.state, trainer_state=None, backbone=None,
+                    extra_files=lambda folder: shutil.copytree(ckpt / "backbone", folder / "backbone"))
     return dest / "ckpt"
 
 

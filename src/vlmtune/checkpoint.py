@@ -33,7 +33,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,9 +84,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: TrainState,
-                    trainer_state: dict[str, Any] | None, backbone: Any | None, keep: int = 1) -> None:
+                    trainer_state: dict[str, Any] | None, backbone: Any | None, keep: int = 1,
+                    extra_files: Callable[[Path], None] | None = None) -> None:
     """Write a checkpoint atomically (temporary folder, then rename); ``keep`` > 1 keeps
-    the previous ones as FOLDER-1 (the one before), FOLDER-2, ... up to FOLDER-(keep-1)."""
+    the previous ones as FOLDER-1 (the one before), FOLDER-2, ... up to FOLDER-(keep-1).
+    ``extra_files(folder)`` writes more files into the folder before the manifest lists
+    them (an export's Hugging Face model beside the heads)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +102,8 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Conf
                                                indent=2, default=str))
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
+    if extra_files is not None:
+        extra_files(tmp)
     write_manifest(tmp)  # last: it lists the files as written
     _move_into_place(tmp, folder, keep)
 

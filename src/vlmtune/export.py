@@ -183,11 +183,15 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     # The folder's own config describes what it now holds: no LoRA left to inject.
     cfg = load_config(ckpt.folder / "config.yaml", ["counting.lm_mode=full"] if n_merged else [])
     heads = _head_weights(model.state_dict())
-    save_checkpoint(dest, weights=heads, cfg=cfg, state=ckpt.state, trainer_state=None, backbone=None)
     bb = model.backbone
-    bb.model.save_pretrained(dest, safe_serialization=True)
-    bb.tokenizer.save_pretrained(dest)
-    bb.image_processor.save_pretrained(dest)
+
+    def hf_model(folder: Path) -> None:
+        bb.model.save_pretrained(folder, safe_serialization=True)
+        bb.tokenizer.save_pretrained(folder)
+        bb.image_processor.save_pretrained(folder)
+
+    save_checkpoint(dest, weights=heads, cfg=cfg, state=ckpt.state, trainer_state=None, backbone=None,
+                    extra_files=hf_model)
     return {"lora_layers_merged": n_merged, "head_tensors": len(heads)}
 
 
