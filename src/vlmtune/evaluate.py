@@ -21,7 +21,8 @@ from torch import nn
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.config import Config
+from vlmtune.tasks import FeatureCache, Task, build_task, evaluation_config
 
 
 def default_device() -> torch.device:
@@ -30,10 +31,11 @@ def default_device() -> torch.device:
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None) -> tuple[nn.Module, Task]:
-    """A checkpoint's model with its trained weights, in eval mode, on ``device``."""
+               backbone: Backbone | None = None, cfg: Config | None = None) -> tuple[nn.Module, Task]:
+    """A checkpoint's model with its trained weights, in eval mode, on ``device``.
+    ``cfg``: the checkpoint's config with evaluation overrides (:func:`evaluation_config`)."""
     device = device or default_device()
-    cfg = ckpt.cfg
+    cfg = cfg or ckpt.cfg
     task = build_task(cfg)
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
@@ -43,27 +45,35 @@ def load_model(ckpt: Checkpoint, device: torch.device | None = None,
     return model.to(device).eval(), task
 
 
-def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
+def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tuple[str, str | None]:
+    """(the data to evaluate on, the training split for baselines): --data, else a
+    ``data.test=FILE`` override, else the run's own test split."""
     paths = ckpt.state.data_paths
-    source = data or paths.get("test")
+    cfg = cfg or ckpt.cfg
+    changed = {k: getattr(cfg.data, k) for k in ("train", "test") if getattr(cfg.data, k) != getattr(ckpt.cfg.data, k)}
+    source = data or changed.get("test") or paths.get("test")
     if not source:
         raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
-    train = paths.get("train")
+    train = changed.get("train") or paths.get("train")
     return str(source), train if train and Path(train).is_file() else None
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json."""
+                        progress: bool = True, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own test split or on ``data``; writes metrics.json.
+    ``overrides``: ``key=value`` for the task's evaluation sections (data.*, eval.*, ...)."""
     ckpt = open_checkpoint(path)
+    cfg = evaluation_config(ckpt.cfg, overrides)
     device = default_device()
-    model, task = load_model(ckpt, device)
-    source, train_path = _splits(ckpt, data)
+    model, task = load_model(ckpt, device, cfg=cfg)
+    source, train_path = _splits(ckpt, data, cfg)
     records = task.read_split(source)
     train_records = task.read_split(train_path) if train_path else None
     metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
+    if overrides:
+        metrics["eval/overrides"] = " ".join(overrides)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -71,7 +81,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
 
 
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
-                  output_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]]:
+                  output_dir: str | Path, progress: bool = True,
+                  overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -83,24 +94,25 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     if len(set(labels)) != len(labels):
         raise VlmtuneError(f"--labels: labels must be distinct, got {', '.join(labels)}")
     ckpts = [open_checkpoint(p) for p in paths]
+    cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]
     tasks = {c.cfg.task for c in ckpts}
     if len(tasks) > 1:
         raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
-    sources = {_splits(c, data)[0] for c in ckpts}
+    sources = {_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)}
     if len(sources) > 1:
         raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = default_device()
     first = ckpts[0]
-    source, train_path = _splits(first, data)
-    records_task = build_task(first.cfg)
+    source, train_path = _splits(first, data, cfgs[0])
+    records_task = build_task(cfgs[0])
     records = records_task.read_split(source)
     train_records = records_task.read_split(train_path) if train_path else None
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
-    for label, ckpt in zip(labels, ckpts):
+    for label, ckpt, cfg in zip(labels, ckpts, cfgs):
         # One backbone object per backbone config and source; a checkpoint's trained
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
         key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
@@ -108,13 +120,22 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
             backbones[key] = load_backbone(ckpt.cfg.backbone, device_type=device.type, folder=ckpt.backbone_folder)
         backbone = backbones[key]
         pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
-        model, task = load_model(ckpt, device, backbone)
+        model, task = load_model(ckpt, device, backbone, cfg=cfg)
         cache = FeatureCache(out / "cache") if task.cacheable else None
         metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress,
                                 cache=cache)
-        backbone.load_state_dict(pristine)
+        if backbone.state_dict().keys() == pristine.keys():
+            backbone.load_state_dict(pristine)
+        else:
+            # Building the model changed the backbone's modules (LoRA adapters injected
+            # into the language model): it cannot be restored in place, and a second
+            # checkpoint's adapters must not stack on these. The next one loads afresh.
+            del backbones[key]
+        del model, pristine
         metrics["eval/data"] = source
         metrics["checkpoint"] = str(ckpt.folder)
+        if overrides:
+            metrics["eval/overrides"] = " ".join(overrides)
         (out / label).mkdir(exist_ok=True)
         (out / label / "metrics.json").write_text(json.dumps(metrics, indent=2))
         results[label] = metrics

@@ -399,6 +399,10 @@ class RetrievalTask:
 
     name: ClassVar[str] = "retrieval"
     components: ClassVar[tuple[str, ...]] = tuple(RetrievalModel.COMPONENTS)
+    # The towers only: pooled vision tokens and the LM's text states; no mm_projector.
+    backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "language_model")
+    # Config sections that evaluate / predict may override on top of a checkpoint's config.
+    evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
     losses: ClassVar[tuple[str, ...]] = ("contrastive", "matching", "box", "relation")
     key_metrics: ClassVar[tuple[str, ...]] = (
         "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
@@ -442,6 +446,16 @@ class RetrievalTask:
 
     def loss_weights(self) -> dict[str, float]:
         return {name: getattr(self.loss_cfg, name) for name in self.losses}
+
+    def loss_targets(self, records: list[PairRecord]) -> set[str]:
+        """Pairs feed the contrastive and matching losses; a box or a relation on any
+        record feeds the box or relation loss."""
+        targets = {"contrastive", "matching"} if records else set()
+        if any(getattr(r, "bbox", None) is not None for r in records):
+            targets.add("box")
+        if any(getattr(r, "relation", None) is not None for r in records):
+            targets.add("relation")
+        return targets
 
     def make_loader(self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0,
                     cache: FeatureCache | None = None) -> DataLoader:
