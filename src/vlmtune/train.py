@@ -714,13 +714,14 @@ def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Pat
         raise CheckpointError(f"train.init_from: {e}") from None
     weights = ckpt.weights()
     own = model.state_dict()
-    for k, v in weights.items():
-        if k not in own:
-            raise CheckpointError(f"train.init_from: {source}: tensor '{k}' has no place in this model "
-                                  f"(another model config: check model.*, counting.* and the stage plan)")
-        if own[k].shape != v.shape:
-            raise CheckpointError(f"train.init_from: {source}: tensor '{k}' has shape {tuple(v.shape)}, this model's has "
-                                  f"{tuple(own[k].shape)} (another model config: check model.* and counting.*)")
+    unknown = sorted(k for k in weights if k not in own)
+    if unknown:
+        raise CheckpointError(f"train.init_from: {source}: tensor '{unknown[0]}' has no place in this model "
+                              f"(another model config: check model.* and counting.*)")
+    for k in (k for k in own if k in weights):  # the model's order: the first mismatch is reported
+        if own[k].shape != weights[k].shape:
+            raise CheckpointError(f"train.init_from: {source}: tensor '{k}' has shape {tuple(weights[k].shape)}, this "
+                                  f"model's has {tuple(own[k].shape)} (another model config: check model.* and counting.*)")
     sha = ckpt.digests.get("weights.safetensors", "")
     record = out / INIT_RECORD
     if resuming and record.is_file():
