@@ -184,6 +184,21 @@ def test_component_the_task_never_uses_is_a_config_error(capsys) -> None:
     load_config(RECEIPTS, ["stages.0.train.mm_projector=1.0"])  # counting feeds the LM through the projector
 
 
+def test_retrieval_language_model_component_leaves_the_unused_lm_head_out() -> None:
+    from vlmtune.backbone import load_backbone
+    from vlmtune.stages import apply_stage, build_plan
+    from vlmtune.tasks import build_task
+
+    cfg = load_config(TWO_STAGE, ["stages.1.train.language_model=0.1"])
+    task = build_task(cfg)
+    model = task.build_model(load_backbone(cfg.backbone))
+    apply_stage(model, build_plan(cfg, task.loss_weights())[1], 1e-3, 0.0)
+    lm_head = {id(p) for p in model.backbone.model.lm_head.parameters()}
+    lm = {id(p) for p in model.backbone.language_model.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert lm <= trainable and not (lm_head - lm) & trainable  # tied to the embeddings or frozen
+
+
 # --------------------------------------------------------------------------- warm start
 
 

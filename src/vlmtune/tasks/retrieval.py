@@ -73,6 +73,8 @@ class RetrievalModel(nn.Module):
     def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
         if name in self.COMPONENTS:
             return [getattr(self, attr) for attr in self.COMPONENTS[name]]
+        if name == "language_model":  # text states only: the LM head never runs here, so it does not train
+            return [self.backbone.language_model]
         return self.backbone.component_modules(name, vision_blocks)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
