@@ -168,7 +168,7 @@ def test_box_loss_without_boxes_is_an_error_at_start(tmp_path: Path, capsys: pyt
     layout = ff.pairs(tmp_path / "p")
     out = tmp_path / "run"
     code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, *layout.overrides()])
-    assert code == 2 and "stages[0] 'all': loss 'box' has no target" in err and "pairs.json" in err
+    assert code == 2 and "stages[0] 'all': the 'box' loss is active but no training record" in err and "pairs.json" in err
     assert not (out / "checkpoints").exists()
 
 

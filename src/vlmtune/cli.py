@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmtune import __version__
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import Interrupted, VlmtuneError
 from vlmtune.runfolder import OVERWRITE_HELP, output_folder, write_text
 
 log = logging.getLogger("vlmtune")
@@ -93,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.train import train
 
     if args.seeds is None:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _with_init_from(load_config(args.config, args.overrides), args.init_from)
         metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
                         accept_changed_data=args.accept_changed_data)
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
@@ -102,17 +104,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
     seeds = _parse_seeds(args.seeds)
-    cfgs = {s: load_config(args.config, [*args.overrides, f"seed={s}"]) for s in seeds}  # all checked first
+    cfgs = {s: _with_init_from(load_config(args.config, [*args.overrides, f"seed={s}"]), args.init_from)
+            for s in seeds}  # all checked first
     output_folder(args.output_dir)
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
-        # --resume: a seed's run goes on (or starts, when it has no checkpoint yet).
-        metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
-                        accept_changed_data=args.accept_changed_data)
+        try:
+            # --resume: a seed's run goes on (or starts, when it has no checkpoint yet).
+            metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
+                            accept_changed_data=args.accept_changed_data)
+        except Interrupted as e:
+            # The per-run hint (--resume --output-dir DIR/seedS) would drop seed=S; the
+            # sweep's own command with --resume continues this seed and runs the rest.
+            where = str(e).split(";", 1)[0]
+            raise Interrupted(f"{where} (seed {s} of --seeds {args.seeds}); continue the sweep with: "
+                              f"{_sweep_resume_command(args)}", e.exit_code - 128) from None
         print(f"finished seed {s}: {out}/metrics.json")
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
     return 0
+
+
+def _with_init_from(cfg: Any, init_from: str | None) -> Any:
+    """``--init-from CKPT`` is ``train.init_from`` (absolute, so a resume from another
+    folder names the same checkpoint); it is recorded in the run's config.yaml."""
+    if init_from is not None:
+        if not init_from.strip():
+            raise VlmtuneError("--init-from: needs a checkpoint folder")
+        cfg.train.init_from = str(Path(init_from).resolve())
+    return cfg
+
+
+def _sweep_resume_command(args: argparse.Namespace) -> str:
+    """The ``vlmtune train ... --seeds ...`` command as given, with --resume."""
+    parts = ["vlmtune", "train", args.config, *args.overrides, "--output-dir", args.output_dir, "--seeds", args.seeds]
+    if args.init_from:
+        parts += ["--init-from", args.init_from]
+    if args.tracker:
+        parts += ["--tracker", args.tracker]
+    return shlex.join([str(p) for p in parts] + ["--resume"])
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -134,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
                                       image_root=args.image_root, rankings=args.rankings,
                                       rankings_k=args.rankings_k, examples=args.examples,
-                                      trust_remote_code=args.trust_remote_code)
+                                      trust_remote_code=args.trust_remote_code, overrides=args.overrides)
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
         if args.rankings:
@@ -148,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
     evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir, image_root=args.image_root,
-                  trust_remote_code=args.trust_remote_code)
+                  trust_remote_code=args.trust_remote_code, overrides=args.overrides)
     print((Path(args.output_dir) / "evaluation.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'evaluation.md'} and evaluation.json")
     return 0
@@ -213,7 +243,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vlmtune.predict import predict_file
 
     out = predict_file(args.checkpoint, args.image, args.question, args.attention_out,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, overrides=args.overrides)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -222,7 +252,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from vlmtune.predict import attention_inside_receipts
 
     report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code, overrides=args.overrides)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(args.output), json.dumps(report, indent=2))
@@ -448,6 +478,23 @@ def _add_export_command(sub: Any) -> None:
     x.set_defaults(func=cmd_export)
 
 
+EVAL_OVERRIDES_HELP = ("overrides of the checkpoint's config for this command: data.* and eval.* keys (and generation.* "
+                       "for counting), e.g. eval.rerank_k=5 data.on_error=skip; any other key is an error")
+# KEY=VALUE with a config-like key: an override, not a checkpoint path (a folder of that name wins).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+
+
+def _split_checkpoints(args: argparse.Namespace) -> None:
+    """``evaluate A B eval.rerank_k=5``: argparse gives every positional to the
+    checkpoint list; move the overrides out of it."""
+    paths = [x for x in args.checkpoints if not (_OVERRIDE.match(x) and not Path(x).exists())]
+    if len(paths) != len(args.checkpoints):
+        args.overrides = [x for x in args.checkpoints if x not in paths] + list(args.overrides)
+        args.checkpoints = paths
+    if not args.checkpoints:
+        raise VlmtuneError("evaluate: give at least one CHECKPOINT folder before the KEY=VALUE overrides")
+
+
 def _add_run_commands(sub: Any) -> None:
     """Commands that train or use checkpoints: train, evaluate, predict, attention."""
     t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
@@ -462,6 +509,9 @@ def _add_run_commands(sub: Any) -> None:
                    help="with --resume: continue although a train/val/test file changed since the run started "
                    "(its sha256 differs; refused without this flag)")
     t.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUTPUT_DIR/seedS, for vlmtune compare")
+    t.add_argument("--init-from", metavar="CKPT",
+                   help="warm start: begin from the trained weights of another run's checkpoint (same backbone, "
+                   "matching shapes), with a fresh schedule and history; recorded as train.init_from")
     t.add_argument("--tracker", choices=("wandb", "tensorboard"),
                    help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)")
     t.set_defaults(func=cmd_train)
@@ -471,6 +521,7 @@ def _add_run_commands(sub: Any) -> None:
                        "all are evaluated on one data set (the backbone's features are computed once where it is shared) "
                        "and one table is written.")
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folder(s), e.g. runs/demo/checkpoints/best")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
@@ -489,6 +540,7 @@ def _add_run_commands(sub: Any) -> None:
                         description="Generate the answer, the count head's class and confidence, and optionally a picture "
                         "of the answer's attention over the image.")
     pr.add_argument("checkpoint", help="counting checkpoint folder, e.g. runs/receipts/checkpoints/best")
+    pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     pr.add_argument("--image", required=True, help="image file (any size; grayscale, RGBA, 16-bit and EXIF-rotated work)")
     pr.add_argument("--question", default="How many receipts are in this image?", help="the question (default: %(default)s)")
     pr.add_argument("--attention-out", help="write the attention overlay to this PNG")
@@ -499,6 +551,7 @@ def _add_run_commands(sub: Any) -> None:
                         description="Mean share of the answer's attention that falls inside the receipt polygons "
                         "(boxes.json), beside the receipts' share of the image area, over images with a receipt.")
     at.add_argument("checkpoint", help="counting checkpoint folder")
+    at.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     at.add_argument("--data", help="counting JSONL (default: the run's test split)")
     at.add_argument("--boxes", help="boxes.json of the synthetic set (default: next to --data)")
     at.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
@@ -656,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if getattr(args, "checkpoints", None) is not None:
+            _split_checkpoints(args)
         return func(args)
     except VlmtuneError as e:
         if args.debug:

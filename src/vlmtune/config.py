@@ -9,6 +9,7 @@ objects (or plain values taken from them), never a raw dict.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import reprlib
 import textwrap
@@ -140,7 +141,10 @@ class GenerationConfig:
 @dataclass
 class StageConfig:
     name: str = _f("stage", "Name shown in logs.")
-    start_epoch: int = _f(0, "First epoch (0-based) of this stage.")
+    start_epoch: int | None = _f(None, "First epoch (0-based) of this stage. Give this or 'start', not both; the first stage starts at 0 (its default).")
+    start: float | None = _f(None, "First epoch of this stage as a fraction of train.epochs, in [0, 1): epoch = round(start * train.epochs) "
+                             "(halves round up), and at least the previous stage's first epoch + 1, so a shorter run keeps every stage. "
+                             "Give this or 'start_epoch', not both; a command-line override of one replaces the other.")
     train: dict[str, float] = _f({}, "Components that train in this stage, each with its LR multiplier.")
     vision_blocks: int = _f(0, "How many of the vision tower's LAST blocks the 'vision_blocks' component unfreezes.")
     losses: list[str] | None = _f(None, "Loss terms active in this stage (default: all with weight > 0).")
@@ -174,6 +178,10 @@ class TrainConfig:
     progress: bool = _f(True, "Show a progress bar.")
     keep_last: int = _f(1, "Checkpoints to keep: checkpoints/last is the newest, last-1, last-2, ... the ones before it (1 = last only).")
     max_bad_steps: int = _f(5, "A step whose loss is NaN or infinite is skipped (and counted); after this many in a row the run stops with a checkpoint.")
+    num_threads: int | None = _f(None, "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
+                                 "On a shared or small CPU, 1 is often much faster than the default.")
+    init_from: str | None = _f(None, "Warm start: a checkpoint of another run whose trained weights this run starts from (fresh schedule and history; "
+                               "set by 'vlmtune train --init-from CKPT'). Checked against the backbone and the model's shapes; --resume re-checks it.")
 
 
 @dataclass
@@ -200,7 +208,7 @@ class Config:
     data: DataConfig = _f(DataConfig(), "Annotation files or the synthetic set.")
     model: ModelConfig = _f(ModelConfig(), "Adapters, projectors and heads.")
     loss: LossConfig = _f(LossConfig(), "Loss weights.")
-    stages: list[StageConfig] = _f([StageConfig(name="all", train={"adapters": 1.0, "heads": 1.0})], "The stage plan.")
+    stages: list[StageConfig] = _f([StageConfig(name="all", start_epoch=0, train={"adapters": 1.0, "heads": 1.0})], "The stage plan.")
     optim: OptimConfig = _f(OptimConfig(), "Optimizer and schedule.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
@@ -237,6 +245,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
     need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(cfg.train.num_threads is None or cfg.train.num_threads >= 0, "train.num_threads",
+         f"must be >= 1 (or 0 / null: PyTorch's default), got {cfg.train.num_threads}")
+    need(cfg.train.init_from is None or cfg.train.init_from.strip() != "", "train.init_from",
+         "must name a checkpoint folder (or be null)")
     need(cfg.train.early_stopping.patience >= 0, "train.early_stopping.patience", "must be >= 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.eval.chunk_size >= 1, "eval.chunk_size", "must be >= 1")
@@ -263,18 +275,19 @@ def validate(cfg: Config) -> None:
     need(cfg.task in TASKS, "task", f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
     task = task_class(cfg.task)
     components, losses = tuple(task.components) + BACKBONE_COMPONENTS, tuple(task.losses)
+    # The backbone components the task's model reads; training another would count as
+    # trainable and never change (retrieval never runs the projector into the LM).
+    used = tuple(getattr(task, "backbone_components", BACKBONE_COMPONENTS))
     need(len(cfg.stages) >= 1, "stages", "needs at least one stage")
-    need(cfg.stages[0].start_epoch == 0, "stages[0].start_epoch", "the first stage must start at epoch 0")
+    stage_starts(cfg.stages, cfg.train.epochs)
     for i, st in enumerate(cfg.stages):
         key = f"stages[{i}]"
-        if i > 0:
-            prev = cfg.stages[i - 1].start_epoch
-            need(st.start_epoch > prev, f"{key}.start_epoch", f"must be after stages[{i - 1}].start_epoch ({prev})")
-        need(st.start_epoch < cfg.train.epochs, f"{key}.start_epoch",
-             f"{st.start_epoch} is not before train.epochs ({cfg.train.epochs}); the stage would never run")
         need(len(st.train) > 0, f"{key}.train", "no component trains in this stage")
         for comp, mult in st.train.items():
             need(comp in components, f"{key}.train.{comp}", f"unknown component; choose from {', '.join(components)}")
+            need(comp in used or comp not in BACKBONE_COMPONENTS, f"{key}.train.{comp}",
+                 f"the {cfg.task} task never uses the backbone's {comp} (it would count as trainable and never change); "
+                 f"choose from {', '.join(tuple(task.components) + used)}")
             need(mult > 0, f"{key}.train.{comp}", f"LR multiplier must be > 0, got {mult}")
         if "vision_blocks" in st.train:
             need(st.vision_blocks >= 1, f"{key}.vision_blocks", "must be >= 1 when the 'vision_blocks' component trains")
@@ -340,6 +353,50 @@ def _validate_sizes(cfg: Config, need: Any) -> None:
     b = cfg.counting.buckets or []
     need(all(0 <= x <= 1000 for x in b), "counting.buckets", "bounds must be between 0 and 1000")
     need(len(cfg.counting.lora_target_modules) <= 100, "counting.lora_target_modules", "at most 100 names")
+
+
+def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
+    """The first epoch of each stage: ``start_epoch`` as given, or ``start`` (a fraction
+    of ``epochs``) as ``floor(start * epochs + 0.5)`` (halves round up), raised to the
+    previous stage's first epoch + 1 where rounding would make the two meet. Every
+    stage must begin before ``epochs``. A bad value is a :class:`ConfigError` naming it."""
+    starts: list[int] = []
+    for i, st in enumerate(stages):
+        key = f"stages[{i}]"
+        if st.start_epoch is not None and st.start is not None:
+            raise ConfigError(f"{key}: give start_epoch ({st.start_epoch}) or start ({st.start}), not both")
+        if i == 0:
+            if st.start_epoch not in (None, 0):
+                raise ConfigError(f"{key}.start_epoch: the first stage must start at epoch 0")
+            if st.start not in (None, 0):
+                raise ConfigError(f"{key}.start: the first stage must start at 0")
+            starts.append(0)
+            continue
+        prev, prev_st = starts[-1], stages[i - 1]
+        if st.start_epoch is None and st.start is None:
+            raise ConfigError(f"{key}.start_epoch: missing; give start_epoch (an epoch, 0-based) or start "
+                              f"(a fraction of train.epochs, e.g. 0.25)")
+        if st.start_epoch is not None:
+            if st.start_epoch <= prev:
+                where = (f"stages[{i - 1}].start_epoch ({prev})" if prev_st.start is None
+                         else f"stages[{i - 1}]'s first epoch ({prev}, from start={prev_st.start:g})")
+                raise ConfigError(f"{key}.start_epoch: must be after {where}")
+            if st.start_epoch >= epochs:
+                raise ConfigError(f"{key}.start_epoch: {st.start_epoch} is not before train.epochs ({epochs}); "
+                                  f"the stage would never run")
+            starts.append(st.start_epoch)
+            continue
+        frac = float(st.start)  # type: ignore[arg-type]
+        if not 0 < frac < 1:
+            raise ConfigError(f"{key}.start: must be a fraction of train.epochs in (0, 1), got {frac:g}")
+        if prev_st.start is not None and frac <= prev_st.start:
+            raise ConfigError(f"{key}.start: must be above stages[{i - 1}].start ({prev_st.start:g}), got {frac:g}")
+        epoch = max(math.floor(frac * epochs + 0.5), prev + 1)
+        if epoch >= epochs:
+            raise ConfigError(f"{key}.start: {frac:g} of train.epochs ({epochs}) gives epoch {epoch}, which is not before "
+                              f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})")
+        starts.append(epoch)
+    return starts
 
 
 def _validate_counting(cfg: Config, need: Any) -> None:
@@ -514,6 +571,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node[last] = value
 
 
+def with_overrides(cfg: Config, overrides: list[str] | None, sections: tuple[str, ...], what: str) -> Config:
+    """``cfg`` (a checkpoint's training config) with ``key=value`` overrides applied to
+    the keys under ``sections`` only (evaluate / predict: ``data.*``, ``eval.*``, ...);
+    any other key is a :class:`ConfigError` naming it, since the model's shape and
+    training come from the checkpoint. ``what`` names the command in the message."""
+    if not overrides:
+        return cfg
+    data = config_to_dict(cfg)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"{ov}: overrides look like key.sub=value")
+        key = ov.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] not in sections or "." not in key:
+            raise ConfigError(f"{key}: cannot be set for {what}; only {', '.join(s + '.*' for s in sections)} keys can "
+                              f"(the rest comes from the checkpoint's training config)")
+        apply_override(data, ov)
+    return config_from_dict(data)
+
+
 def _list_item(node: list, part: str, key: str) -> Any:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"{key}: no such list item (the list has {len(node)})")
@@ -578,8 +654,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config_from_dict(data)
     merged = _merge(config_to_dict(Config()), data)
     for ov in overrides or []:
+        _clear_other_start(merged, ov)
         apply_override(merged, ov)
     return config_from_dict(merged)
+
+
+_START_KEY = re.compile(r"^\s*stages\.(\d+)\.(start_epoch|start)\s*=(.*)$", re.S)
+
+
+def _clear_other_start(data: dict[str, Any], override: str) -> None:
+    """``stages.N.start_epoch=E`` on the command line replaces the stage's ``start``
+    fraction from the file, and ``stages.N.start=F`` its ``start_epoch``: a stage has
+    exactly one of the two, and an override says which the user means now."""
+    m = _START_KEY.match(override)
+    stages = data.get("stages")
+    if not m or not isinstance(stages, list) or int(m.group(1)) >= len(stages) or not m.group(3).strip():
+        return
+    try:
+        if yaml.safe_load(m.group(3)) is None:
+            return
+    except yaml.YAMLError:
+        return
+    stage = stages[int(m.group(1))]
+    if isinstance(stage, dict):
+        stage["start" if m.group(2) == "start_epoch" else "start_epoch"] = None
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

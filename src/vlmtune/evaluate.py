@@ -21,9 +21,10 @@ from torch import nn
 
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
+from vlmtune.config import Config
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.runfolder import make_folder, refuse_links, safe_name, write_text
-from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.tasks import FeatureCache, Task, build_task, evaluation_config
 
 
 def default_device() -> torch.device:
@@ -32,14 +33,15 @@ def default_device() -> torch.device:
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, Task]:
+               backbone: Backbone | None = None, trust_remote_code: bool = False,
+               cfg: Config | None = None) -> tuple[nn.Module, Task]:
     """A checkpoint's model with its trained weights, in eval mode, on ``device``.
 
     ``trust_remote_code`` is the user's (``--trust-remote-code``); the checkpoint's own
-    config.yaml is never asked whether its code may run."""
+    config.yaml is never asked whether its code may run. ``cfg``: the checkpoint's config
+    with evaluation overrides (:func:`~vlmtune.tasks.evaluation_config`)."""
     device = device or default_device()
-    cfg = ckpt.cfg
-    task = build_task(cfg)
+    task = build_task(cfg or ckpt.cfg)
     if backbone is None:
         backbone = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
                                  folder=ckpt.backbone_folder)
@@ -49,48 +51,56 @@ def load_model(ckpt: Checkpoint, device: torch.device | None = None,
     return model.to(device).eval(), task
 
 
-def _splits(ckpt: Checkpoint, data: str | None) -> tuple[str, str | None]:
+def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tuple[str, str | None]:
+    """(the data to evaluate on, the training split for baselines): --data, else a
+    ``data.test=FILE`` override, else the run's own test split."""
     paths = ckpt.state.data_paths
-    source = data or paths.get("test")
+    cfg = cfg or ckpt.cfg
+    changed = {k: getattr(cfg.data, k) for k in ("train", "test") if getattr(cfg.data, k) != getattr(ckpt.cfg.data, k)}
+    source = data or changed.get("test") or paths.get("test")
     if not source:
         raise CheckpointError(f"{ckpt.folder}: records no test split; pass --data")
-    train = paths.get("train")
+    train = changed.get("train") or paths.get("train")
     return str(source), train if train and Path(train).exists() else None
 
 
-def _records(ckpt: Checkpoint, source: str, train_path: str | None,
+def _records(ckpt: Checkpoint, cfg: Config, source: str, train_path: str | None,
              image_root: str | None) -> tuple[list[Any], list[Any] | None]:
     """The test split of ``source`` (read with ``image_root`` where given, as --image-root
-    asks) and the checkpoint's training split for the baselines (read as it trained)."""
-    task = build_task(ckpt.cfg)
-    source_task = task
-    if image_root is not None:
-        cfg = dataclasses.replace(ckpt.cfg, data=dataclasses.replace(ckpt.cfg.data, image_root=image_root))
-        source_task = build_task(cfg)
+    asks) and the training split for the baselines (read with the image root it trained
+    with); both with the evaluation overrides in ``cfg`` (data.on_error, ...)."""
+    def with_root(root: str | None) -> Config:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_root=root))
+
+    source_task = build_task(with_root(image_root) if image_root is not None else cfg)
+    train_task = build_task(with_root(ckpt.cfg.data.image_root) if image_root is not None else cfg)
     records = source_task.read_split(source, "test")
-    return records, task.read_split(train_path, "train") if train_path else None
+    return records, train_task.read_split(train_path, "train") if train_path else None
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
                         progress: bool = True, image_root: str | None = None, rankings: bool = False,
-                        rankings_k: int = 10, examples: int = 24, trust_remote_code: bool = False) -> dict[str, Any]:
+                        rankings_k: int = 10, examples: int = 24, trust_remote_code: bool = False,
+                        overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on its own test split or on ``data`` (images under
     ``image_root`` where given); writes metrics.json.
 
     With ``rankings``, also the per-query results of the same pass (``rankings_*.jsonl``,
     see :mod:`vlmtune.examples`) and, unless ``examples`` is 0, ``examples.html`` showing
     ``examples`` queries of each kind. ``trust_remote_code`` is the user's word only,
-    never the checkpoint's.
+    never the checkpoint's. ``overrides``: ``key=value`` for the task's evaluation
+    sections (data.*, eval.*, ...).
     """
     if rankings_k < 1:
         raise VlmtuneError(f"--rankings-k: must be >= 1, got {rankings_k}")
     if examples < 0:
         raise VlmtuneError(f"--examples: must be >= 0, got {examples}")
     ckpt = open_checkpoint(path)
+    cfg = evaluation_config(ckpt.cfg, overrides)
     device = default_device()
-    model, task = load_model(ckpt, device, trust_remote_code=trust_remote_code)
-    source, train_path = _splits(ckpt, data)
-    records, train_records = _records(ckpt, source, train_path, image_root)
+    model, task = load_model(ckpt, device, trust_remote_code=trust_remote_code, cfg=cfg)
+    source, train_path = _splits(ckpt, data, cfg)
+    records, train_records = _records(ckpt, cfg, source, train_path, image_root)
     if rankings:
         if not hasattr(task, "evaluate_with_rankings"):
             raise VlmtuneError(f"--rankings: task '{ckpt.cfg.task}' has no per-query results")
@@ -100,6 +110,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
         metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
     metrics["checkpoint"] = str(ckpt.folder)
+    if overrides:
+        metrics["eval/overrides"] = " ".join(overrides)
     dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
     refuse_run_folder(dest)
     make_folder(dest)
@@ -110,7 +122,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
         write_rankings(dest, details)
         if examples:
             write_examples(dest / "examples.html", ckpt.cfg.task, details, checkpoint=str(ckpt.folder), data=source,
-                           metrics=metrics, model=model, cfg=ckpt.cfg, n=examples, seed=ckpt.cfg.seed)
+                           metrics=metrics, model=model, cfg=cfg, n=examples, seed=cfg.seed)
     return metrics
 
 
@@ -123,7 +135,7 @@ def refuse_run_folder(folder: Path) -> None:
 
 def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
                   output_dir: str | Path, progress: bool = True, image_root: str | None = None,
-                  trust_remote_code: bool = False) -> dict[str, dict[str, Any]]:
+                  trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -144,10 +156,11 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
             raise VlmtuneError(f"--labels: '{first[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
                                f"choose labels that differ in letters or digits")
     ckpts = [open_checkpoint(p) for p in paths]
+    cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]
     tasks = {c.cfg.task for c in ckpts}
     if len(tasks) > 1:
         raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
-    sources = {_splits(c, data)[0] for c in ckpts}
+    sources = {_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)}
     if len(sources) > 1:
         raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
     out = Path(output_dir)
@@ -156,12 +169,12 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     make_folder(out)
     device = default_device()
     first = ckpts[0]
-    source, train_path = _splits(first, data)
-    records, train_records = _records(first, source, train_path, image_root)
+    source, train_path = _splits(first, data, cfgs[0])
+    records, train_records = _records(first, cfgs[0], source, train_path, image_root)
 
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
-    for label, folder, ckpt in zip(labels, folders, ckpts):
+    for label, folder, ckpt, cfg in zip(labels, folders, ckpts, cfgs):
         # One backbone object per backbone config and source; a checkpoint's trained
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
         key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
@@ -170,13 +183,22 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
                                            folder=ckpt.backbone_folder)
         backbone = backbones[key]
         pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
-        model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code)
+        model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code, cfg=cfg)
         cache = FeatureCache(out / "cache") if task.cacheable else None
         metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress,
                                 cache=cache)
-        backbone.load_state_dict(pristine)
+        if backbone.state_dict().keys() == pristine.keys():
+            backbone.load_state_dict(pristine)
+        else:
+            # Building the model changed the backbone's modules (LoRA adapters injected
+            # into the language model): it cannot be restored in place, and a second
+            # checkpoint's adapters must not stack on these. The next one loads afresh.
+            del backbones[key]
+        del model, pristine
         metrics["eval/data"] = source
         metrics["checkpoint"] = str(ckpt.folder)
+        if overrides:
+            metrics["eval/overrides"] = " ".join(overrides)
         (out / folder).mkdir(exist_ok=True)
         write_text(out / folder / "metrics.json", json.dumps(metrics, indent=2))
         results[label] = metrics

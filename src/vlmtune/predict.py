@@ -23,6 +23,7 @@ set (``boxes.json``) against the receipts' share of the image area.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,9 +39,10 @@ from vlmtune.checkpoint import open_checkpoint
 from vlmtune.evaluate import load_model
 from vlmtune.config import Config
 from vlmtune.data.counting import tile_grid
-from vlmtune.data.formats import load_image, options_from_config, read_counting
+from vlmtune.data.formats import load_image
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
+from vlmtune.tasks import build_task, evaluation_config
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
 
 DEFAULT_QUESTION = "How many receipts are in this image?"
@@ -65,14 +67,17 @@ class Prediction:
 
 
 def load_counting_checkpoint(path: str | Path, device: torch.device | None = None,
-                             trust_remote_code: bool = False) -> tuple[CountingModel, Config]:
-    """A counting checkpoint's model with its trained weights, in eval mode
+                             trust_remote_code: bool = False, overrides: list[str] | None = None,
+                             what: str = "predict") -> tuple[CountingModel, Config]:
+    """A counting checkpoint's model with its trained weights, in eval mode, and its
+    config with ``overrides`` (generation.*, data.*, eval.* only) applied
     (``trust_remote_code``: the user's flag; the checkpoint's config is not asked)."""
     ckpt = open_checkpoint(path)
     if ckpt.cfg.task != "counting":
-        raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; predict needs a counting one")
-    model, _ = load_model(ckpt, device, trust_remote_code=trust_remote_code)
-    return model, ckpt.cfg  # type: ignore[return-value]
+        raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; {what} needs a counting one")
+    cfg = evaluation_config(ckpt.cfg, overrides, what)
+    model, _ = load_model(ckpt, device, trust_remote_code=trust_remote_code, cfg=cfg)
+    return model, cfg  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -208,7 +213,14 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
     fig_w = 6.0
     fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 0.9), dpi=110)
     ax.imshow(image, extent=(0, w, h, 0))
-    ax.imshow(heat / max(heat.max(), 1e-12), cmap="jet", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear")
+    # The map is the count token's attention mass per pixel (it sums to 1 over the
+    # image), shown against an even spread: 1 = the uniform share, 4 = four times it.
+    relative = heat * heat.size
+    shown = ax.imshow(relative, cmap="jet", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear",
+                      vmin=0.0, vmax=max(float(relative.max()), 1e-12))
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("count token's attention / even spread (1 = uniform)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     cols, rows = pred.grid
     for c in range(1, cols):
         ax.axvline(c * w / cols, color="white", lw=0.8, ls="--")
@@ -224,9 +236,10 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
 
 
 def predict_file(checkpoint: str | Path, image_path: str | Path, question: str = DEFAULT_QUESTION,
-                 attention_out: str | Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+                 attention_out: str | Path | None = None, trust_remote_code: bool = False,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
     """``vlmtune predict``: load, answer, optionally write the attention picture."""
-    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides)
     image = load_image(Path(image_path))
     # The overlay is drawn at most 768 px on its long side; any photo size works.
     scale = min(1.0, 768 / max(image.size))
@@ -255,7 +268,7 @@ def receipt_mask(quads: list[list[list[float]]], size: tuple[int, int]) -> np.nd
 
 def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = None, boxes: str | Path | None = None,
                               limit: int | None = None, image_root: str | Path | None = None,
-                              trust_remote_code: bool = False) -> dict[str, Any]:
+                              trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Share of the answer's attention inside the receipts vs their share of the image
     area, averaged over the images with at least one receipt.
 
@@ -270,10 +283,13 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
     if not boxes.is_file():
         raise DataError(f"{boxes}: receipt boxes not found (the synthetic set writes boxes.json; pass --boxes)")
     quads = {(boxes.parent / k).resolve(): v for k, v in json.loads(boxes.read_text()).items()}
-    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides,
+                                          what="attention")
     inside, inside_all, area, rows = [], [], [], []
-    opts = options_from_config(ckpt.cfg.data, ckpt.cfg.counting, split="test", image_root=image_root)
-    records = [r for r in read_counting(data, opts=opts) if r.count >= 1]
+    # The task's reader: data.on_error, data.max_text_chars, ... as overridden; --image-root as given.
+    if image_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_root=str(image_root)))
+    records = [r for r in build_task(cfg).read_split(str(data), "test") if r.count >= 1]
     for r in records[:limit]:
         if r.image not in quads:
             raise DataError(f"{r.source}: image {r.image} has no entry in {boxes}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vlmtune.config import Config
+from vlmtune.config import Config, stage_starts
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,12 @@ class Stage:
 def build_plan(cfg: Config, weights: dict[str, float]) -> list[Stage]:
     """Stages with their epoch ranges; a stage's losses default to all with weight > 0."""
     stages: list[Stage] = []
+    starts = stage_starts(cfg.stages, cfg.train.epochs) + [cfg.train.epochs]
     for i, st in enumerate(cfg.stages):
-        end = cfg.stages[i + 1].start_epoch if i + 1 < len(cfg.stages) else cfg.train.epochs
+        end = starts[i + 1]
         losses = frozenset(st.losses) if st.losses is not None else frozenset(k for k, w in weights.items() if w > 0)
         losses = frozenset(k for k in losses if weights.get(k, 0) > 0)
-        stages.append(Stage(i, st.name, st.start_epoch, end, dict(st.train), st.vision_blocks, losses))
+        stages.append(Stage(i, st.name, starts[i], end, dict(st.train), st.vision_blocks, losses))
     return stages
 
 

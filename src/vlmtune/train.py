@@ -8,6 +8,7 @@ pass, a history line, the ``last`` checkpoint (and ``best`` when the metric impr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +49,7 @@ from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
 from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
-from vlmtune.tasks import FeatureCache, Task, build_task, check_loss_targets
+from vlmtune.tasks import FeatureCache, Task, build_task
 from vlmtune.utils import flatten
 
 log = logging.getLogger("vlmtune")
@@ -237,7 +238,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
 
 
 def _train(cfg: Config, out: Path, resume: bool, tracker: str | None, accept_changed_data: bool) -> dict[str, Any]:
-    with StopRequest() as stopper:
+    with StopRequest() as stopper, torch_threads(cfg.train.num_threads):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         st: StageRun | None = None
         for stage in remaining_stages(run):
@@ -270,16 +271,21 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     train_records, val_records = task.read_split(paths["train"], "train"), task.read_split(paths["val"], "val")
     weights = task.loss_weights()
     plan = build_plan(cfg, weights)
-    check_loss_targets(task, train_records, plan, paths["train"])
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
     _check_splits(task, paths, train_records, val_records, main)
+    check_loss_targets(cfg, task, plan, train_records, paths["train"])
+    init = open_init_source(cfg, backbone, model, out, resume_from is not None, main) if cfg.train.init_from else None
     state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
                        metric=cfg.train.early_stopping.metric)
     run = Run(cfg, out, accelerator, task, backbone, model, plan, weights,
               trained_anywhere(model, plan) | set(model.head_state_dict()), paths, train_records, val_records, state,
               history=None, stopper=stopper, tracker=tracker)  # type: ignore[arg-type]
+    if init is not None:
+        run.saved_names |= init.backbone_names  # a block the source trained stays in this run's checkpoints
+        if resume_from is None:
+            load_init_weights(run, init)
     if resume_from is not None:
         _restore_run(run, resume_from, accept_changed_data=accept_changed_data)
     if main:
@@ -522,6 +528,13 @@ def final_evaluation(run: Run) -> dict[str, Any]:
         metrics["train/last_val"] = float(run.last_val.get(cfg.train.early_stopping.metric, float("nan")))
     elif state.last_val is not None:  # resumed after the last epoch: the value its checkpoint kept
         metrics["train/last_val"] = state.last_val
+    metrics["train/num_threads"] = torch.get_num_threads()
+    if cfg.train.init_from:
+        record = json.loads((run.out / INIT_RECORD).read_text()) if (run.out / INIT_RECORD).is_file() else {}
+        metrics["init/from"] = cfg.train.init_from
+        metrics["init/weights_sha256"] = record.get("weights_sha256", "")
+        metrics["init/loaded"] = record.get("loaded", 0)
+        metrics["init/left_at_init"] = len(record.get("left_at_init", []))
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
         if run.tracker:
@@ -676,3 +689,112 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
             if x != y:
                 return _first_difference(x, y, f"{prefix}[{i}]")
     return prefix or "config"
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the run (``train.num_threads``), the previous
+    count restored afterwards; None or 0 leaves PyTorch's default."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+        log.info("train.num_threads: PyTorch uses %d CPU thread%s (default here: %d)", n, "s" * (n != 1), before)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- loss targets
+
+
+def check_loss_targets(cfg: Config, task: Task, plan: list[Stage], records: list[Any], path: str) -> None:
+    """A stage whose active loss has no target anywhere in the training data (a box loss
+    and no record with a box) is an error naming the stage and the loss, not a loss
+    that silently never trains. Tasks say which targets records hold (``loss_targets``)."""
+    targets_of = getattr(task, "loss_targets", None)
+    if targets_of is None:
+        return
+    targets = targets_of(records)
+    for stage in plan:
+        missing = sorted(stage.losses - targets)
+        if not missing:
+            continue
+        loss = missing[0]
+        how = (f"remove it from stages[{stage.index}].losses" if cfg.stages[stage.index].losses is not None
+               else f"set loss.{loss}=0 or list this stage's losses in stages[{stage.index}].losses")
+        raise ConfigError(f"stages[{stage.index}] '{stage.name}': the '{loss}' loss is active but no training record "
+                          f"({path}, {len(records)} records) has a target for it; use data that has one, or {how}")
+
+
+# --------------------------------------------------------------------------- warm start
+
+INIT_RECORD = "init_from.json"  # in the run directory: what --init-from loaded, for --resume to re-check
+
+
+@dataclass
+class InitSource:
+    """The checkpoint a warm start (``train.init_from``) loads, checked against the model."""
+
+    ckpt: Checkpoint
+    weights: dict[str, torch.Tensor]
+    sha256: str
+    backbone_names: set[str]   # backbone tensors the source trained (kept in this run's checkpoints)
+
+
+def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Path, resuming: bool,
+                     main: bool) -> InitSource:
+    """Open ``train.init_from`` and check it fits: same task, same backbone (identity),
+    every tensor it holds present in this model with the same shape. On ``--resume``
+    the source must also be the very file the run started from (init_from.json)."""
+    source = Path(cfg.train.init_from)  # type: ignore[arg-type]
+    try:
+        ckpt = open_checkpoint(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    if ckpt.cfg.task != cfg.task:
+        raise CheckpointError(f"train.init_from: {source} is a '{ckpt.cfg.task}' checkpoint; this run's task is '{cfg.task}'")
+    try:
+        check_identity(ckpt, backbone_identity(backbone))
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    weights = ckpt.weights()
+    own = model.state_dict()
+    unknown = sorted(k for k in weights if k not in own)
+    if unknown:
+        raise CheckpointError(f"train.init_from: {source}: tensor '{unknown[0]}' has no place in this model "
+                              f"(another model config: check model.* and counting.*)")
+    for k in (k for k in own if k in weights):  # the model's order: the first mismatch is reported
+        if own[k].shape != weights[k].shape:
+            raise CheckpointError(f"train.init_from: {source}: tensor '{k}' has shape {tuple(weights[k].shape)}, this "
+                                  f"model's has {tuple(own[k].shape)} (another model config: check model.* and counting.*)")
+    sha = ckpt.digests.get("weights.safetensors", "")
+    record = out / INIT_RECORD
+    if resuming and record.is_file():
+        before = json.loads(record.read_text()).get("weights_sha256")
+        if before != sha:
+            raise CheckpointError(f"train.init_from: {source}: its weights changed since this run started from them "
+                                  f"(sha256 {str(before)[:12]}... then, {sha[:12]}... now)")
+    return InitSource(ckpt, weights, sha, {k for k in weights if k.startswith("backbone.")})
+
+
+def load_init_weights(run: Run, init: InitSource) -> None:
+    """Copy the source's weights into the fresh model; tensors the source lacks (a part
+    only this run trains, e.g. a vision block the first run kept frozen) keep their
+    initial values and are listed in the log and init_from.json."""
+    run.model.load_state_dict(init.weights, strict=False)
+    left = sorted(k for k in run.saved_names if k not in init.weights)
+    if run.main:
+        log.info("train.init_from: %d tensors from %s (weights sha256 %s...)", len(init.weights), init.ckpt.folder,
+                 init.sha256[:12])
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            log.info("train.init_from: %d tensors this run trains are not in the source and keep their initial "
+                     "values: %s", len(left), shown)
+        (run.out / INIT_RECORD).write_text(json.dumps({
+            "checkpoint": str(init.ckpt.folder), "weights_sha256": init.sha256, "source_epoch": init.ckpt.state.epoch,
+            "loaded": len(init.weights), "left_at_init": left}, indent=2))

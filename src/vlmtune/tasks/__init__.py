@@ -56,6 +56,12 @@ class Task(Protocol):
     name: ClassVar[str]
     # Trainable parts of the task's own model; the backbone's components come on top.
     components: ClassVar[tuple[str, ...]]
+    # The backbone components (config.BACKBONE_COMPONENTS) the task's model reads; a
+    # stage that trains another one is a config error (it would never change).
+    backbone_components: ClassVar[tuple[str, ...]]
+    # Config sections ``evaluate`` / ``predict`` may override (``eval.rerank_k=5``) on top
+    # of a checkpoint's config; every other key is fixed by the training run.
+    evaluation_sections: ClassVar[tuple[str, ...]]
     # Loss terms a stage can switch on (each with a weight in the ``loss`` section).
     losses: ClassVar[tuple[str, ...]]
     # Metrics the CLI prints after a run or an evaluation, in order.
@@ -80,6 +86,12 @@ class Task(Protocol):
         ...
 
     def loss_weights(self) -> dict[str, float]: ...
+
+    def loss_targets(self, records: list[Any]) -> set[str]:
+        """The loss terms for which ``records`` hold a target somewhere (a box for a box
+        loss, ...). A stage whose active loss has none in the training data is an error
+        at start-up rather than a loss that silently never trains."""
+        ...
 
     def make_loader(self, records: list[Any], backbone: Backbone, *, train: bool, seed: int = 0,
                     cache: FeatureCache | None = None) -> DataLoader: ...
@@ -113,25 +125,17 @@ def task_class(name: str) -> type[Task]:
     return entry  # type: ignore[return-value]
 
 
-def check_loss_targets(task: Task, records: list[Any], plan: Any, source: str) -> None:
-    """A stage whose active loss has no target anywhere in the training data is an error
-    naming the stage and the loss (``task.loss_targets(records)`` says what is missing)."""
-    from vlmtune.errors import ConfigError
-
-    targets = getattr(task, "loss_targets", None)
-    if targets is None:
-        return
-    missing = targets(records)
-    for stage in plan:
-        for loss in sorted(stage.losses):
-            if missing.get(loss):
-                raise ConfigError(
-                    f"stages[{stage.index}] '{stage.name}': loss '{loss}' has no target in the training data "
-                    f"{source} ({missing[loss]}); set loss.{loss}=0 or leave '{loss}' out of stages[{stage.index}].losses")
-
-
 def build_task(cfg: Config) -> Task:
     return task_class(cfg.task).from_config(cfg)
+
+
+def evaluation_config(cfg: Config, overrides: list[str] | None, what: str = "evaluate") -> Config:
+    """A checkpoint's config with the ``evaluate`` / ``predict`` overrides applied: only
+    the sections its task declares (``evaluation_sections``; data.* and eval.* by default)."""
+    from vlmtune.config import with_overrides
+
+    sections = tuple(getattr(task_class(cfg.task), "evaluation_sections", ("data", "eval")))
+    return with_overrides(cfg, overrides, sections, what)
 
 
 def report_sections() -> tuple[str, ...]:
@@ -165,5 +169,5 @@ def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext
     return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
 
 
-__all__ = ["TASKS", "FeatureCache", "Task", "build_task", "check_loss_targets", "data_paths",
-           "report_sections", "task_class"]
+__all__ = ["TASKS", "FeatureCache", "Task", "build_task", "data_paths", "evaluation_config", "report_sections",
+           "task_class"]

@@ -320,6 +320,9 @@ class CountingTask:
     name: ClassVar[str] = "counting"
     # With counting.lm_mode=lora, the backbone's 'language_model' means the LoRA adapters of the LM.
     components: ClassVar[tuple[str, ...]] = ("count_head",)
+    backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
+    # Config sections that evaluate / predict may override: decoding settings included.
+    evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval", "generation")
     losses: ClassVar[tuple[str, ...]] = ("lm", "count")
     key_metrics: ClassVar[tuple[str, ...]] = (
         "count/accuracy", "count/baseline_accuracy", "count/macro_f1", "count/baseline_macro_f1",
@@ -362,6 +365,14 @@ class CountingTask:
 
     def loss_weights(self) -> dict[str, float]:
         return dict(self.weights)
+
+    def loss_targets(self, records: list[CountRecord]) -> set[str]:
+        """Every counting record has a count (the head's target); the answer tokens are
+        the LM loss's target wherever a record has a non-empty answer."""
+        targets = {"count"} if records else set()
+        if any(str(getattr(r, "answer", "") or "").strip() for r in records):
+            targets.add("lm")
+        return targets
 
     def make_loader(self, records: list[CountRecord], backbone: Backbone, *, train: bool, seed: int = 0,
                     cache: FeatureCache | None = None) -> DataLoader:

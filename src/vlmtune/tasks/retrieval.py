@@ -74,6 +74,8 @@ class RetrievalModel(nn.Module):
     def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
         if name in self.COMPONENTS:
             return [getattr(self, attr) for attr in self.COMPONENTS[name]]
+        if name == "language_model":  # text states only: the LM head never runs here, so it does not train
+            return [self.backbone.language_model]
         return self.backbone.component_modules(name, vision_blocks)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
@@ -493,6 +495,10 @@ class RetrievalTask:
 
     name: ClassVar[str] = "retrieval"
     components: ClassVar[tuple[str, ...]] = tuple(RetrievalModel.COMPONENTS)
+    # The towers only: pooled vision tokens and the LM's text states; no mm_projector.
+    backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "language_model")
+    # Config sections that evaluate / predict may override on top of a checkpoint's config.
+    evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
     losses: ClassVar[tuple[str, ...]] = ("contrastive", "matching", "box", "relation")
     key_metrics: ClassVar[tuple[str, ...]] = (
         "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
@@ -536,13 +542,18 @@ class RetrievalTask:
         ``split`` picks a split from a file that holds them all (Karpathy, refer)."""
         return read_pairs(path, on_error=self.data.on_error, opts=options_from_config(self.data, split=split))
 
-    def loss_targets(self, records: list[PairRecord]) -> dict[str, str | None]:
-        """Per loss, None when some record gives it a target, else what is missing."""
-        return {"box": None if any(r.bbox is not None for r in records) else "no record has a box",
-                "relation": None if any(r.relation is not None for r in records) else "no record has a relation"}
-
     def loss_weights(self) -> dict[str, float]:
         return {name: getattr(self.loss_cfg, name) for name in self.losses}
+
+    def loss_targets(self, records: list[PairRecord]) -> set[str]:
+        """Pairs feed the contrastive and matching losses; a box or a relation on any
+        record feeds the box or relation loss."""
+        targets = {"contrastive", "matching"} if records else set()
+        if any(getattr(r, "bbox", None) is not None for r in records):
+            targets.add("box")
+        if any(getattr(r, "relation", None) is not None for r in records):
+            targets.add("relation")
+        return targets
 
     def make_loader(self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0,
                     cache: FeatureCache | None = None) -> DataLoader:
