@@ -344,7 +344,7 @@ def _validate_sizes(cfg: Config, need: Any) -> None:
          f"must be at most 100 integers between 1 and 100000000, got {_short(cfg.eval.ks, 60)}")
     for i, st in enumerate(cfg.stages):
         need(0 <= st.vision_blocks <= 1000, f"stages[{i}].vision_blocks", f"must be between 0 and 1000, got {st.vision_blocks}")
-        need(0 <= st.start_epoch, f"stages[{i}].start_epoch", f"must be >= 0, got {st.start_epoch}")
+        need(st.start_epoch is None or 0 <= st.start_epoch, f"stages[{i}].start_epoch", f"must be >= 0, got {st.start_epoch}")
     bb = cfg.backbone
     need(bb.tiny_image_size % 16 == 0, "backbone.tiny_image_size", f"must be a multiple of 16, got {bb.tiny_image_size}")
     # The tiny preset has hidden/16 attention heads and half as many key-value heads: 16 or a multiple of 32.
