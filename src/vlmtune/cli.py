@@ -30,6 +30,17 @@ def _print_metrics(metrics: dict) -> None:
         print(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
+def _print_best_stage(metrics: dict) -> None:
+    """The summary line saying where the evaluated (best) checkpoint comes from."""
+    if metrics.get("train/best_epoch") is None or metrics.get("train/best_stage") is None:
+        return
+    line = (f"best checkpoint: epoch {metrics['train/best_epoch'] + 1}, stage {metrics['train/best_stage']} "
+            f"'{metrics['train/best_stage_name']}' (validation {metrics['train/best_val']:.3f})")
+    if metrics.get("train/later_stages_improved") is False:
+        line += "; the later stages never beat stage 0"
+    print(line)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
     from vlmtune.train import train
@@ -39,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker)
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
             print(f"finished: {args.output_dir}/metrics.json")
+            _print_best_stage(metrics)
             _print_metrics(metrics)
         return 0
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
@@ -48,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.output_dir) / f"seed{s}"
         metrics = train(cfg, out, resume=args.resume and (out / "checkpoints" / "last").exists(), tracker=args.tracker)
         print(f"finished seed {s}: {out}/metrics.json")
+        _print_best_stage(metrics)
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
     return 0
