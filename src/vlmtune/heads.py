@@ -86,6 +86,8 @@ class RelationHead(nn.Module):
     reference) attend over the adapted patch tokens; the head classifies the pair
     features [v, t, v*t, |v-t|] together with what each query found (its attended
     features and soft arg-max position) and the offset between the two positions.
+    The positions are returned too: training pulls the subject's towards the centre of
+    the record's box (the subject's), which teaches the queries to find the objects.
     """
 
     def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float):
@@ -96,12 +98,13 @@ class RelationHead(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor,
-                centres: torch.Tensor) -> torch.Tensor:
-        """image [B, D], masked text [B, D], patch tokens [B, N, D], centres [N, 2] -> logits [B, C]."""
+                centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, D], masked text [B, D], patch tokens [B, N, D], centres [N, 2] ->
+        (logits [B, C], positions [B, 2, 2]: (x, y) in [0, 1] of the subject and the reference)."""
         b, d = text.shape
         queries = self.query(text).view(b, 2, d)
         attn = (torch.einsum("bqd,bnd->bqn", queries, self.key(tokens)) * self.scale).softmax(dim=-1)
         context = torch.einsum("bqn,bnd->bqd", attn, tokens)
         where = attn @ centres.to(attn.dtype)  # [B, 2, 2]: subject and reference positions
         feats = [pair_features(image, text), context.flatten(1), where.flatten(1), where[:, 0] - where[:, 1]]
-        return self.out(torch.cat(feats, dim=-1))
+        return self.out(torch.cat(feats, dim=-1)), where
