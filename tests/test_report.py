@@ -246,7 +246,58 @@ def test_verdict_is_whatever_the_data_say(report: tuple[dict, Path], runs: list[
     assert not tie["separated"] and "do not separate" in tie["text"]
     # One seed per group: never separated, however large the gap.
     one = compare([runs[0], runs[3]], tmp_path / "one")["verdict"]
-    assert one["best"] == "big" and not one["separated"] and "single seed" in one["text"]
+    assert one["best"] == "big" and not one["separated"] and "too few seeds to tell" in one["text"]
+
+
+def _seed_runs(root: Path, means: dict[str, float], spreads: list[float]) -> list[Path]:
+    """One run per (group, seed) whose test retrieval/mean_recall is mean + spread[seed]."""
+    out = []
+    for kind, lr in (("base", 1e-3), ("big", 3e-4)):
+        for seed, delta in enumerate(spreads):
+            m = _metrics(kind, 0)
+            m["retrieval/mean_recall"] = means[kind] + delta
+            out.append(make_run(root / f"{kind}_seed{seed}", _config(seed, lr), m, _history(kind, 0)))
+    return out
+
+
+def test_two_seeds_cannot_tell(tmp_path: Path) -> None:
+    """n=2 per group: no interval and no winner called, however large the gap."""
+    runs = _seed_runs(tmp_path, {"base": 40.0, "big": 60.0}, [-0.5, 0.5])
+    v = compare(runs, tmp_path / "out")["verdict"]
+    assert v["best"] == "big" and not v["separated"]
+    assert v["comparisons"][0]["interval"] is None
+    assert "too few seeds to tell" in v["text"] and "n=2 and 2" in v["text"]
+
+
+def test_five_seeds_give_an_interval_that_excludes_zero(tmp_path: Path) -> None:
+    from scipy import stats
+
+    spreads = [-1.0, -0.5, 0.0, 0.7, 0.8]
+    runs = _seed_runs(tmp_path, {"base": 40.0, "big": 45.0}, spreads)
+    result = compare(runs, tmp_path / "out")
+    v = result["verdict"]
+    c = v["comparisons"][0]
+    assert v["best"] == "big" and v["separated"] and c["difference"] == pytest.approx(5.0)
+    # Welch's interval, computed by hand: diff ± t(0.975, df) * se with the
+    # Welch-Satterthwaite df (equal variances here, so df = 2 (n - 1)).
+    s2 = statistics.variance(spreads)
+    se = (2 * s2 / 5) ** 0.5
+    half = stats.t.ppf(0.975, 8) * se
+    assert c["interval"]["low"] == pytest.approx(5.0 - half)
+    assert c["interval"]["high"] == pytest.approx(5.0 + half)
+    assert c["interval"]["df"] == pytest.approx(8.0)
+    assert 0 < c["interval"]["low"] < c["interval"]["high"]
+    assert "95% interval" in v["text"] and "excludes 0" in v["text"]
+    assert v["text"] in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "comparison.json").read_text())["verdict"]["comparisons"][0]["interval"]
+
+
+def test_equal_groups_give_an_interval_that_includes_zero(tmp_path: Path) -> None:
+    runs = _seed_runs(tmp_path, {"base": 40.0, "big": 40.0}, [-1.0, 2.0, 0.0, -0.5, 1.5])
+    v = compare(runs, tmp_path / "out")["verdict"]
+    c = v["comparisons"][0]
+    assert not v["separated"] and c["interval"]["low"] < 0 < c["interval"]["high"]
+    assert "includes 0" in v["text"] and "do not separate" in v["text"]
 
 
 def test_plots_are_written_and_labelled(report: tuple[dict, Path]) -> None:

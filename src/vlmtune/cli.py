@@ -90,6 +90,17 @@ def _print_metrics(metrics: dict) -> None:
         print(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
+def _print_best_stage(metrics: dict) -> None:
+    """The summary line saying where the evaluated (best) checkpoint comes from."""
+    if metrics.get("train/best_epoch") is None or metrics.get("train/best_stage") is None:
+        return
+    line = (f"best checkpoint: epoch {metrics['train/best_epoch'] + 1}, stage {metrics['train/best_stage']} "
+            f"'{metrics['train/best_stage_name']}' (validation {metrics['train/best_val']:.3f})")
+    if metrics.get("train/later_stages_improved") is False:
+        line += "; the later stages never beat stage 0"
+    print(line)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
     from vlmtune.train import train
@@ -100,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         accept_changed_data=args.accept_changed_data)
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
             print(f"finished: {args.output_dir}/metrics.json")
+            _print_best_stage(metrics)
             _print_metrics(metrics)
         return 0
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
@@ -120,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise Interrupted(f"{where} (seed {s} of --seeds {args.seeds}); continue the sweep with: "
                               f"{_sweep_resume_command(args)}", e.exit_code - 128) from None
         print(f"finished seed {s}: {out}/metrics.json")
+        _print_best_stage(metrics)
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
     return 0

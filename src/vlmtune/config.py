@@ -102,7 +102,7 @@ class LossConfig:
     contrastive: float = _f(1.0, "Weight of the symmetric InfoNCE loss.")
     matching: float = _f(1.0, "Weight of the image-text matching loss (hard negatives).")
     box: float = _f(0.1, "Weight of the box loss (L1 + GIoU).")
-    relation: float = _f(0.1, "Weight of the spatial relation cross-entropy.")
+    relation: float = _f(0.1, "Weight of the spatial relation loss: cross-entropy, plus the L1 distance of the relation head's subject position to the centre of the record's box where it has one.")
     box_l1: float = _f(1.0, "Weight of L1 inside the box loss.")
     box_giou: float = _f(1.0, "Weight of GIoU inside the box loss.")
     lm: float = _f(1.0, "Counting: weight of the token cross-entropy on the answer tokens (prompt masked).")

@@ -76,3 +76,35 @@ def patch_centres(grid: int, device: torch.device | None = None) -> torch.Tensor
     c = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
     y, x = torch.meshgrid(c, c, indexing="ij")
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+
+
+class RelationHead(nn.Module):
+    """Spatial relation of the two objects a caption names, read from the image.
+
+    The caption it gets has its relation phrase masked, so the answer has to come from
+    where the objects are. Two queries from the text (one for the subject, one for the
+    reference) attend over the adapted patch tokens; the head classifies the pair
+    features [v, t, v*t, |v-t|] together with what each query found (its attended
+    features and soft arg-max position) and the offset between the two positions.
+    The positions are returned too: training pulls the subject's towards the centre of
+    the record's box (the subject's), which teaches the queries to find the objects.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.query = nn.Linear(dim, 2 * dim)
+        self.key = nn.Linear(dim, dim)
+        self.out = mlp(4 * dim + 2 * dim + 6, hidden, num_classes, dropout)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor,
+                centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, D], masked text [B, D], patch tokens [B, N, D], centres [N, 2] ->
+        (logits [B, C], positions [B, 2, 2]: (x, y) in [0, 1] of the subject and the reference)."""
+        b, d = text.shape
+        queries = self.query(text).view(b, 2, d)
+        attn = (torch.einsum("bqd,bnd->bqn", queries, self.key(tokens)) * self.scale).softmax(dim=-1)
+        context = torch.einsum("bqn,bnd->bqd", attn, tokens)
+        where = attn @ centres.to(attn.dtype)  # [B, 2, 2]: subject and reference positions
+        feats = [pair_features(image, text), context.flatten(1), where.flatten(1), where[:, 0] - where[:, 1]]
+        return self.out(torch.cat(feats, dim=-1)), where

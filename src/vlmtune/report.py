@@ -11,9 +11,10 @@ resolved configs differ only in the top-level ``seed``, and writes to ``output_d
 
 Which direction is better is decided in one place, :func:`direction`. Chance levels and
 baselines (keys holding ``chance`` or ``baseline``) are rows of their own, placed under
-the metric they belong to and never marked best. The verdict calls two groups apart only
-when their means differ by more than one (sample) standard deviation of either group,
-with at least two seeds in each.
+the metric they belong to and never marked best. The verdict gives Welch's t 95%
+interval of the difference between the best group and each other (scipy.stats) and
+calls two groups apart only when it excludes 0, with at least three seeds in each;
+with fewer it says there are too few seeds to tell.
 """
 
 from __future__ import annotations
@@ -321,7 +322,31 @@ def _choose_target(runs: list[Run], target_metric: str | None) -> tuple[str, str
     return metric, mode, notes
 
 
+# Seeds per group below which compare does not call a difference either way.
+MIN_SEEDS = 3
+CONFIDENCE = 0.95
+
+
+def difference_interval(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Welch's t confidence interval of mean(a) - mean(b) (scipy.stats.ttest_ind with
+    unequal variances): {"low", "high", "df", "confidence", "method"}. Two groups with
+    no spread at all give the point interval [diff, diff]."""
+    from scipy import stats as sps
+
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
+        return {"low": diff, "high": diff, "df": float(len(a) + len(b) - 2), "confidence": confidence,
+                "method": "welch_t"}
+    res = sps.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence_level=confidence)
+    return {"low": float(ci.low), "high": float(ci.high), "df": float(res.df), "confidence": confidence,
+            "method": "welch_t"}
+
+
 def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
+    """Best group by mean; against each other group, Welch's t interval of the difference.
+    The data separate two groups only when the interval excludes 0, with at least
+    MIN_SEEDS runs in each; fewer, and the verdict says there are too few seeds to tell."""
     have = {g: s for g, s in stats.items() if s["n"] > 0}
     better = "higher" if mode == "max" else "lower"
     if len(have) < 2:
@@ -336,16 +361,22 @@ def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: s
         o = have[g]
         diff = b["mean"] - o["mean"]
         rel = 100 * diff / abs(o["mean"]) if o["mean"] else None
-        if b["n"] < 2 or o["n"] < 2:
-            sep, why = False, "with a single seed on one side the data do not separate them"
+        interval = None
+        if b["n"] < MIN_SEEDS or o["n"] < MIN_SEEDS:
+            sep = False
+            why = (f"too few seeds to tell (n={b['n']} and {o['n']}; at least {MIN_SEEDS} per group are needed "
+                   "for an interval)")
         else:
-            spread = max(b["std"], o["std"])
-            sep = abs(diff) > spread
-            why = (f"more than one std ({spread:.{d}f}) apart, so the data separate them" if sep else
-                   f"within one std ({spread:.{d}f}), so the data do not separate them")
+            interval = difference_interval(b["values"], o["values"])
+            lo, hi = interval["low"], interval["high"]
+            sep = lo > 0 or hi < 0
+            ci = f"{100 * interval['confidence']:.0f}% interval [{lo:+.{d}f}, {hi:+.{d}f}] (Welch's t)"
+            why = (f"{ci} excludes 0, so the data separate them" if sep else
+                   f"{ci} includes 0, so the data do not separate them")
         rel_text = f", {rel:+.1f}%" if rel is not None else ""
         text.append(f"Against {g} ({_pm(o, d, True)}, n={o['n']}) the difference is {diff:+.{d}f}{rel_text}: {why}.")
-        comparisons.append({"group": g, "difference": diff, "relative_pct": rel, "separated": sep})
+        comparisons.append({"group": g, "difference": diff, "relative_pct": rel, "separated": sep,
+                            "interval": interval})
     separated = all(c["separated"] for c in comparisons)
     return {"best": best, "separated": separated, "comparisons": comparisons, "text": " ".join(text)}
 

@@ -535,12 +535,55 @@ def final_evaluation(run: Run) -> dict[str, Any]:
         metrics["init/weights_sha256"] = record.get("weights_sha256", "")
         metrics["init/loaded"] = record.get("loaded", 0)
         metrics["init/left_at_init"] = len(record.get("left_at_init", []))
+    metrics.update(best_stage_metrics(run))
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
         if run.tracker:
             run.accelerator.log(_numeric(metrics, "test/"), step=state.step)
             run.accelerator.end_training()
     return metrics
+
+
+def best_stage_metrics(run: Run) -> dict[str, Any]:
+    """Which stage the best checkpoint (the one evaluated) comes from, each stage's best
+    validation value, and whether the stages after the first ever beat it.
+
+    train/best_stage, train/best_stage_name: the stage of train/best_epoch (0-based, as
+    in history.jsonl); train/stage_best_val: per stage of the plan, its best validation
+    value of the early-stopping metric (null for a stage that never ran);
+    train/later_stages_improved: false when stages after the first ran and none beat the
+    first stage's best, so the evaluated weights come from the first stage alone (also
+    logged as a warning). Stage values come from history.jsonl, which the main process keeps.
+    """
+    state, es = run.state, run.cfg.train.early_stopping
+    out: dict[str, Any] = {}
+    if state.best_epoch is not None:
+        stage = next((s for s in run.plan if s.start_epoch <= state.best_epoch < s.end_epoch), None)
+        if stage is not None:
+            out["train/best_stage"], out["train/best_stage_name"] = stage.index, stage.name
+    if not run.main:
+        return out
+    per_stage: list[float | None] = [None] * len(run.plan)
+    for line in run.history.lines:
+        rec = json.loads(line)
+        value = rec.get(f"val/{es.metric}") if rec.get("type") == "epoch" else None
+        if not isinstance(value, (int, float)) or not 0 <= rec["stage"] < len(per_stage) or math.isnan(value):
+            continue
+        best = per_stage[rec["stage"]]
+        if best is None or _is_better(float(value), best, es.mode, 0.0):
+            per_stage[rec["stage"]] = float(value)
+    out["train/stage_best_val"] = per_stage
+    later_ran = [s for s, v in zip(run.plan[1:], per_stage[1:]) if v is not None]
+    if later_ran and out.get("train/best_stage") is not None:
+        improved = out["train/best_stage"] > 0
+        out["train/later_stages_improved"] = improved
+        if not improved:
+            first = run.plan[0]
+            log.warning("stages after the first (%s) never beat stage 0 '%s' on validation %s (best %.3f at epoch %d): "
+                        "the evaluated checkpoint is stage 0's, so nothing those stages trained is in it",
+                        ", ".join(f"'{s.name}'" for s in later_ran), first.name, es.metric, state.best,
+                        (state.best_epoch or 0) + 1)
+    return out
 
 
 # --------------------------------------------------------------------------- resume

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from vlmtune.backbone import preprocess_images, tokenize
 from vlmtune.data.cache import FeatureStore, content_key, text_key
 from vlmtune.data.formats import PairRecord, load_image
+from vlmtune.data.relations import mask_relation
 
 
 class PairDataset(Dataset):
@@ -35,7 +36,8 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        item: dict[str, Any] = {"index": i, "text": r.text, "image_id": r.image_id,
+        # The relation head reads the caption with its relation phrase masked.
+        item: dict[str, Any] = {"index": i, "text": r.text, "rel_text": mask_relation(r.text), "image_id": r.image_id,
                                 "relation": -1 if r.relation is None else r.relation}
         if self.store is not None:
             item["vision_tokens"] = torch.from_numpy(self.store.get(self.keys[r.image]).astype("float32"))
@@ -46,6 +48,8 @@ class PairDataset(Dataset):
             w, h = image.size
         if self.text_store is not None:
             item["text_hidden"] = torch.from_numpy(self.text_store.get(text_key(r.text)).astype("float32"))
+            item["rel_text_hidden"] = torch.from_numpy(
+                self.text_store.get(text_key(item["rel_text"])).astype("float32"))
         if r.bbox is not None:
             x, y, bw, bh = r.bbox
             item["box"] = torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)
@@ -69,10 +73,13 @@ class PairCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         text = tokenize(self.tokenizer, [it["text"] for it in items], self.max_tokens)
+        rel_text = tokenize(self.tokenizer, [it["rel_text"] for it in items], self.max_tokens)
         batch = {
             "index": torch.tensor([it["index"] for it in items]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
+            "rel_input_ids": rel_text["input_ids"],
+            "rel_attention_mask": rel_text["attention_mask"],
             "image_id": torch.tensor([it["image_id"] for it in items]),
             "box": torch.stack([it["box"] for it in items]),
             "relation": torch.tensor([it["relation"] for it in items]),
@@ -82,6 +89,8 @@ class PairCollator:
             # Stored padded to max_tokens; the batch is padded to its longest caption.
             t = text["input_ids"].shape[1]
             batch["text_hidden"] = torch.stack([it["text_hidden"][:t] for it in items])
+            t = rel_text["input_ids"].shape[1]
+            batch["rel_text_hidden"] = torch.stack([it["rel_text_hidden"][:t] for it in items])
         if "vision_tokens" in items[0]:
             batch["vision_tokens"] = torch.stack([it["vision_tokens"] for it in items])
         else:

@@ -25,13 +25,15 @@ from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConf
 from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
 from vlmtune.data.formats import RELATIONS, PairRecord, image_size, load_image, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
+from vlmtune.data.relations import mask_relation
 from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
 from vlmtune.errors import ConfigError
-from vlmtune.heads import Adapter, GroundingHead, Projector, mlp, pair_features, patch_centres
+from vlmtune.heads import Adapter, GroundingHead, Projector, RelationHead, mlp, pair_features, patch_centres
 from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.retrieval import RetrievalRankings, ks_beyond_gallery, retrieval_metrics
+from vlmtune.metrics.text_baseline import text_box_baseline, text_classifier_baseline
 from vlmtune.tasks import FeatureCache, data_paths
 
 
@@ -65,7 +67,7 @@ class RetrievalModel(nn.Module):
         # Temperature T is learnt as log(1/T), the CLIP parametrisation.
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
         self.matching_head = mlp(4 * d, cfg.head_hidden, 2, cfg.adapter_dropout)
-        self.relation_head = mlp(4 * d, cfg.head_hidden, len(RELATIONS), cfg.adapter_dropout)
+        self.relation_head = RelationHead(d, cfg.head_hidden, len(RELATIONS), cfg.adapter_dropout)
         self.grounding_head = GroundingHead(d, cfg.head_hidden, cfg.adapter_dropout)
         grid = info.image_size // info.patch_size
         self.register_buffer("centres", patch_centres(grid), persistent=False)
@@ -112,6 +114,20 @@ class RetrievalModel(nn.Module):
     def ground(self, text: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.grounding_head(text, patches, self.centres)
 
+    def relation_outputs(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor,
+                         patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relation logits, subject and reference positions) of the rows ``keep`` of
+        ``batch``, from the image and the caption with its relation phrase masked
+        (``rel_*`` in the batch): never the phrase itself."""
+        hidden = batch.get("rel_text_hidden")
+        t = self.encode_text(batch["rel_input_ids"][keep], batch["rel_attention_mask"][keep],
+                             None if hidden is None else hidden[keep])
+        return self.relation_head(v[keep], t, patches[keep], self.centres)
+
+    def relation_logits(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor,
+                        patches: torch.Tensor) -> torch.Tensor:
+        return self.relation_outputs(batch, keep, v, patches)[0]
+
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active losses (plus diagnostics under 'diag/')."""
@@ -133,8 +149,18 @@ class RetrievalModel(nn.Module):
         if "relation" in active:
             has_rel = batch["relation"] >= 0
             if has_rel.any():
-                logits = self.relation_head(pair_features(v[has_rel], t[has_rel]))
-                terms["relation"] = F.cross_entropy(logits, batch["relation"][has_rel])
+                logits, where = self.relation_outputs(batch, has_rel, v, patches)
+                ce = F.cross_entropy(logits, batch["relation"][has_rel])
+                terms["relation"] = ce
+                # Where the record has the subject's box, the subject query's position is
+                # pulled to its centre (L1): without it the queries rarely learn to find
+                # the objects and the head falls back on what the masked text still says.
+                box = batch["box"][has_rel]
+                placed = torch.isfinite(box).all(dim=1)
+                if placed.any():
+                    subject_l1 = (where[placed, 0] - box[placed, :2]).abs().sum(dim=-1).mean()
+                    terms["relation"] = ce + subject_l1
+                    terms["diag/relation_ce"], terms["diag/relation_subject_l1"] = ce.detach(), subject_l1.detach()
         terms["diag/temperature"] = (1.0 / self.logit_scale()).detach()
         return terms
 
@@ -183,7 +209,8 @@ def build_text_cache(records: list[PairRecord], backbone: Backbone, cache_dir: s
     ns = {"kind": "text_tokens", "backbone": backbone_identity(backbone), "weights": text_fingerprint(backbone),
           "max_tokens": max_tokens, "dtype": dtype}
     store = FeatureStore(cache_dir, ns)
-    by_key = {text_key(r.text): r.text for r in records}
+    # Captions, and the captions with their relation phrase masked (what the relation head reads).
+    by_key = {text_key(t): t for r in records for t in (r.text, mask_relation(r.text))}
     device = next(backbone.parameters()).device
 
     def compute(batch_keys: list[str]):
@@ -311,7 +338,7 @@ def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device
                 out.box_wh.append(wh.cpu())
                 out.box_rows.append(row[has_box.cpu()])
             if has_rel.any():
-                out.rel_pred.append(model.relation_head(pair_features(v[has_rel], t[has_rel])).argmax(-1).cpu())
+                out.rel_pred.append(model.relation_logits(batch, has_rel, v, patches).argmax(-1).cpu())
                 out.rel_true.append(batch["relation"][has_rel].cpu())
                 out.rel_rows.append(row[has_rel.cpu()])
         out.text.append(t.float().cpu())
@@ -321,9 +348,11 @@ def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device
 
 
 def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: EvalConfig,
-           train_records: list[PairRecord] | None, rankings_k: int = 0) -> tuple[dict[str, Any], RetrievalRankings | None]:
+           train_records: list[PairRecord] | None, rankings_k: int = 0,
+           records: list[PairRecord] | None = None) -> tuple[dict[str, Any], RetrievalRankings | None]:
     """Retrieval, grounding and relation metrics of the merged outputs; with
-    ``rankings_k`` also every query's ranked list (at least ``rankings_k`` long)."""
+    ``rankings_k`` also every query's ranked list (at least ``rankings_k`` long).
+    ``records`` (the evaluated ones) give the text-only baselines their texts."""
     # Image ids are 0..n-1 in order of first appearance, so they index the gallery.
     n_img = max(out.images) + 1
     gallery = torch.stack([out.images[i] for i in range(n_img)])
@@ -349,12 +378,19 @@ def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: Ev
         train_boxes = _train_boxes(train_records)
         if train_boxes is not None:
             metrics.update(constant_box_baseline(train_boxes, true, wh))
+            if records is not None:
+                # The caption names the object and, through its relation, hints where it is.
+                box_texts = [records[i].text for i in out.cat("box_rows").tolist()]
+                metrics.update(text_box_baseline([r.text for r in train_records if r.bbox is not None],
+                                                 train_boxes, box_texts, true, wh))
     if out.rel_pred:
         y = out.cat("rel_true")
         metrics.update(classification_metrics(out.cat("rel_pred"), y, len(RELATIONS), "spatial"))
         train_rel = [r.relation for r in train_records or [] if r.relation is not None]
         if train_rel:
             metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
+            if records is not None:
+                metrics.update(relation_text_baselines(train_records, [records[i] for i in out.cat("rel_rows").tolist()], y))
     return metrics, rankings
 
 
@@ -367,8 +403,10 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, 
     several processes each embeds the records of its own images (image id modulo the
     number of processes, so every image is embedded once); all then gather the
     per-record outputs and score the whole set in record order, as one process does.
-    With ``train_records``, baselines (constant box, majority relation) are written
-    beside the metrics.
+    With ``train_records``, baselines are written beside the metrics: the constant
+    box, the majority relation, and text-only models fitted on the training captions
+    (box from the caption; relation from the masked caption the head reads, and from
+    the whole caption).
     """
     return evaluate_with_rankings(model, records, loader_for, device, ev, train_records, progress)[0]
 
@@ -386,7 +424,7 @@ def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loa
     shard = records if world == 1 else [records[i] for i in rows]
     mine = _embed(model, loader_for(shard), torch.tensor(rows), device, progress)
     merged = EvalOutputs.merge(all_gather_objects(mine))
-    metrics, rankings = _score(model, merged, device, ev, train_records, rankings_k)
+    metrics, rankings = _score(model, merged, device, ev, train_records, rankings_k, records)
     model.train(was_training)
     details = ranking_rows(records, merged, rankings, rankings_k) if rankings is not None else {}
     return metrics, details
@@ -463,6 +501,25 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
     return {"t2i": t2i_rows, "i2t": i2t_rows}
 
 
+def relation_text_baselines(train_records: list[PairRecord], records: list[PairRecord],
+                            targets: torch.Tensor) -> dict[str, float]:
+    """What reading only the text scores on the relation, fitted on the training split.
+
+    spatial/baseline_text_*: a bag-of-words classifier on the masked captions the
+    relation head reads (what is left to read off the text: "small", a frame or ring as
+    the reference); the head's accuracy means something only by its margin over this.
+    spatial/baseline_caption_*: the same classifier on the whole captions, i.e. what a
+    head reading the relation phrase would score without looking at the image.
+    """
+    train = [r for r in train_records if r.relation is not None]
+    y = [r.relation for r in train]
+    out = text_classifier_baseline([mask_relation(r.text) for r in train], y, [mask_relation(r.text) for r in records],
+                                   targets, len(RELATIONS), "spatial", "text")
+    out.update(text_classifier_baseline([r.text for r in train], y, [r.text for r in records], targets, len(RELATIONS),
+                                        "spatial", "caption"))
+    return out
+
+
 def _first_occurrences(ids: torch.Tensor, seen: dict[int, Any]) -> torch.Tensor:
     first = torch.zeros(len(ids), dtype=torch.bool)
     local: set[int] = set()
@@ -503,8 +560,10 @@ class RetrievalTask:
     key_metrics: ClassVar[tuple[str, ...]] = (
         "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
         "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
-        "grounding/acc50", "grounding/baseline_acc50", "grounding/miou", "grounding/baseline_miou",
-        "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
+        "grounding/acc50", "grounding/baseline_acc50", "grounding/baseline_text_acc50", "grounding/miou",
+        "grounding/baseline_miou",
+        "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy", "spatial/baseline_text_accuracy",
+        "spatial/baseline_caption_accuracy",
     )
     report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
     cacheable: ClassVar[bool] = True
