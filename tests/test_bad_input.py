@@ -1296,9 +1296,10 @@ def test_user_model_folder_with_remote_code_is_refused(tmp_path: Path, capsys: p
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``folder`` with its size and mtime: what a command changed."""
+    """Every file under ``folder`` with its size and mtime: what a command changed (the
+    run lock aside: every process that takes it writes its PID there)."""
     return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if not p.is_dir()}
+            for p in sorted(folder.rglob("*")) if not p.is_dir() and p.name != ".vlmtune.lock"}
 
 
 def test_copied_and_rotated_checkpoints_keep_valid_manifests(tmp_path: Path, trained: tuple[Path, list[str]]) -> None:

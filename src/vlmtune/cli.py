@@ -728,7 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     except VlmtuneError as e:
         if args.debug:
             raise
-        _say(f"{getattr(e, 'label', 'error')}: {e}")
+        # An interruption's message is ours (where it stopped, the command that resumes
+        # it), never the input's: it is printed whole, so the command can be copied.
+        _say(f"{getattr(e, 'label', 'error')}: {e}", whole=isinstance(e, Interrupted))
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -779,10 +781,11 @@ def _shorten(text: str, limit: int) -> str:
     return text[:head] + " ... " + text[len(text) - (limit - 5 - head):]
 
 
-def _say(message: str) -> None:
-    """One line on stderr, at most MAX_MESSAGE characters; from the main process only."""
+def _say(message: str, whole: bool = False) -> None:
+    """One line on stderr, at most MAX_MESSAGE characters (unless ``whole``); from the
+    main process only."""
     if os.environ.get("RANK", "0") == "0":  # one message, not one per process
-        print(_shorten(message, MAX_MESSAGE), file=sys.stderr)
+        print(message if whole else _shorten(message, MAX_MESSAGE), file=sys.stderr)
 
 
 if __name__ == "__main__":
