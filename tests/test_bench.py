@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from vlmtune.cli import main
 
 
+@pytest.mark.slow  # two small training runs, a worker pool and an evaluation: about 9 s (CI's second step runs it)
 def test_bench_command_measures_cached_and_uncached_training(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     assert main(["bench", "--out", str(out), "--images", "20", "--epochs", "2", "--batch-size", "8",
