@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from vlmtune.config import Config, load_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
 from vlmtune.state import TrainState
+from vlmtune.utils import sha256_file
 
 # 2: every file is listed in manifest.json (1 kept two digests in state.json).
 FORMAT_VERSION = 2
@@ -148,14 +149,10 @@ def _listing(folder: Path) -> dict[str, Path]:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    return h.hexdigest()
 
 
 def write_manifest(folder: str | Path) -> dict[str, str]:

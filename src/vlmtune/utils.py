@@ -1,8 +1,19 @@
-"""Small helpers shared by the training loop and the report."""
+"""Small helpers shared across vlmtune (the loop, the report, checkpoints, the cache)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks; an OSError is the caller's to name."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.utils import sha256_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,11 +44,7 @@ def content_key(path: str | Path) -> str:
     st = os.stat(path)
     stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if stamp not in _KEYS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _KEYS[stamp] = h.hexdigest()
+        _KEYS[stamp] = sha256_file(path)
     return _KEYS[stamp]
 
 

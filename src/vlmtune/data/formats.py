@@ -685,6 +685,22 @@ def _scan_pair_items(ck: _Checker, items: Iterable[Item]) -> list[tuple[Path, st
     return rows
 
 
+def _open_scan(path: str | Path, deep: bool, opts: ReadOptions,
+               items_of: Callable[[_Checker, Path], Iterable[Item]]) -> tuple[_Checker, Iterable[Item] | None]:
+    """The checker of one file and its items (``items_of``: the format's reader), or
+    None for the items when the file itself is the problem (recorded in the scan)."""
+    path = Path(path)
+    ck = _Checker(path, deep, opts.max_text_chars, opts)
+    if (why := ck.root_problem()) is not None:
+        ck.error(why, str(path))
+        return ck, None
+    try:
+        return ck, items_of(ck, path)
+    except _Bad as e:
+        ck.error(str(e), str(path))
+        return ck, None
+
+
 def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS,
                opts: ReadOptions | None = None) -> Scan:
     """Check an image-text annotation file (retrieval or grounding, any pair format of
@@ -697,16 +713,8 @@ def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_T
     """
     from vlmtune.data.sources import pair_items
 
-    path = Path(path)
-    opts = opts or ReadOptions(max_text_chars=max_text_chars)
-    ck = _Checker(path, deep, opts.max_text_chars, opts)
-    if (why := ck.root_problem()) is not None:
-        ck.error(why, str(path))
-        return ck.scan
-    try:
-        items = pair_items(ck, path)
-    except _Bad as e:
-        ck.error(str(e), str(path))
+    ck, items = _open_scan(path, deep, opts or ReadOptions(max_text_chars=max_text_chars), pair_items)
+    if items is None:
         return ck.scan
     rows = _scan_pair_items(ck, items)
     ids: dict[Path, int] = {}
@@ -771,16 +779,8 @@ def scan_counting(path: str | Path, max_count: int | None = None, deep: bool = F
     1-based (a CSV's header is line 1); blank JSONL lines are skipped."""
     from vlmtune.data.sources import count_items
 
-    path = Path(path)
-    opts = opts or ReadOptions(max_text_chars=max_text_chars)
-    ck = _Checker(path, deep, opts.max_text_chars, opts)
-    if (why := ck.root_problem()) is not None:
-        ck.error(why, str(path))
-        return ck.scan
-    try:
-        items = count_items(ck, path)
-    except _Bad as e:
-        ck.error(str(e), str(path))
+    ck, items = _open_scan(path, deep, opts or ReadOptions(max_text_chars=max_text_chars), count_items)
+    if items is None:
         return ck.scan
     _scan_count_items(ck, items, max_count)
     return ck.scan

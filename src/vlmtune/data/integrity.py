@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Iterable
 
 from vlmtune.errors import DataError
+from vlmtune.utils import sha256_file
 
 log = logging.getLogger("vlmtune")
 
@@ -24,14 +24,10 @@ SPLITS = ("train", "val", "test")
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    return h.hexdigest()
 
 
 def data_digests(paths: dict[str, str]) -> dict[str, str]:
