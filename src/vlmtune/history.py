@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Union
 
 from vlmtune.errors import DataError
 from vlmtune.runfolder import write_text
+from vlmtune.utils import jsonl_objects
 
 __all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "parse_record", "read_history"]
 
@@ -190,18 +191,7 @@ def parse_record(data: dict[str, Any], where: str) -> Record:
 def read_history(path: str | Path) -> list[Record]:
     """Every record of a history.jsonl, checked against the schema (blank lines skipped)."""
     path = Path(path)
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: line {i}: not a JSON object")
-        records.append(parse_record(data, f"{path}: line {i}"))
-    return records
+    return [parse_record(data, f"{path}: line {i}") for i, data in jsonl_objects(path.read_text().splitlines(), path)]
 
 
 # --------------------------------------------------------------------------- writing

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
+from vlmtune.utils import jsonl_objects
 
 if TYPE_CHECKING:
     from vlmtune.api import Model
@@ -107,16 +108,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not a file") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {n}: expected a JSON object")
-        rows.append(row)
+    rows.extend(row for _, row in jsonl_objects(lines, path))
     return rows
 
 

@@ -7,6 +7,27 @@ from pathlib import Path
 from typing import Any
 
 
+def jsonl_objects(lines: list[str], path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not
+    a JSON object is a DataError naming the file and line."""
+    import json
+
+    from vlmtune.errors import DataError
+
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n}: not a JSON object")
+        rows.append((n, row))
+    return rows
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks; an OSError is the caller's to name."""
     h = hashlib.sha256()

@@ -665,17 +665,21 @@ def _pair_rows(ck: _Checker, label: str, texts: list[str] | None, image: Path | 
     return [(image, text, bbox, relation, where) for text, k in zip(texts, keep) if k]
 
 
-def _scan_pair_items(ck: _Checker, items: Iterable[Item]) -> list[tuple[Path, str, Any, int | None, str]]:
-    """Image-text records in the documented shape, whatever format they came from."""
-    rows = []
+def _objects(ck: _Checker, items: Iterable[Item]) -> Iterable[tuple[Item, dict[str, Any]]]:
+    """Each item that reads as a JSON-like object, with the checker started on it."""
     for it in items:
         ck.start(f"{ck.path}: {it.label}", it.new)
         rec = ck.check(it.get)
-        if rec is None:
-            continue
-        rec = ck.check(_object, rec)
-        if rec is None:
-            continue
+        if rec is not None:
+            rec = ck.check(_object, rec)
+        if rec is not None:
+            yield it, rec
+
+
+def _scan_pair_items(ck: _Checker, items: Iterable[Item]) -> list[tuple[Path, str, Any, int | None, str]]:
+    """Image-text records in the documented shape, whatever format they came from."""
+    rows = []
+    for it, rec in _objects(ck, items):
         texts = ck.check(_texts, rec, ck.max_text_chars)
         image = ck.check(ck.image_path, rec, "image")
         size = ck.check(ck.image_size, image) if image is not None else None
@@ -746,14 +750,7 @@ def _fill_from_templates(ck: _Checker, rec: dict[str, Any], count: int, image: P
 
 
 def _scan_count_items(ck: _Checker, items: Iterable[Item], max_count: int | None) -> None:
-    for it in items:
-        ck.start(f"{ck.path}: {it.label}", it.new)
-        rec = ck.check(it.get)
-        if rec is None:
-            continue
-        rec = ck.check(_object, rec)
-        if rec is None:
-            continue
+    for it, rec in _objects(ck, items):
         count = ck.check(_count, rec, max_count)
         image = ck.check(ck.image_path, rec, "image")
         if image is not None:
