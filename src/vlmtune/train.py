@@ -160,6 +160,7 @@ class Run:
     paths: dict[str, str]           # train/val/test annotation files
     train_records: list[Any]
     val_records: list[Any]
+    test_records: list[Any]
     state: TrainState
     history: History
     stopper: StopRequest
@@ -269,18 +270,20 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     with accelerator.main_process_first():
         paths = task.data_paths(out)
     train_records, val_records = task.read_split(paths["train"], "train"), task.read_split(paths["val"], "val")
+    test_records = task.read_split(paths["test"], "test")
     weights = task.loss_weights()
     plan = build_plan(cfg, weights)
     for st in plan:  # fail before any work when a stage asks for more blocks than exist
         for comp in st.train:
             model.component_modules(comp, st.vision_blocks)
-    _check_splits(task, paths, train_records, val_records, main)
+    _check_splits(task, paths, {"train": train_records, "val": val_records, "test": test_records}, main)
     check_loss_targets(cfg, task, plan, train_records, paths["train"])
     init = open_init_source(cfg, backbone, model, out, resume_from is not None, main) if cfg.train.init_from else None
     state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
                        metric=cfg.train.early_stopping.metric)
     run = Run(cfg, out, accelerator, task, backbone, model, plan, weights,
-              trained_anywhere(model, plan) | set(model.head_state_dict()), paths, train_records, val_records, state,
+              trained_anywhere(model, plan) | set(model.head_state_dict()), paths, train_records, val_records,
+              test_records, state,
               history=None, stopper=stopper, tracker=tracker)  # type: ignore[arg-type]
     if init is not None:
         run.saved_names |= init.backbone_names  # a block the source trained stays in this run's checkpoints
@@ -302,18 +305,16 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     return run
 
 
-def _check_splits(task: Task, paths: dict[str, str], train_records: list[Any], val_records: list[Any],
-                  main: bool) -> None:
+def _check_splits(task: Task, paths: dict[str, str], records: dict[str, list[Any]], main: bool) -> None:
     """Before any work: the evaluation settings fit the val and test splits (a task's
     ``check_eval_records``, e.g. eval.ks within the gallery), and splits that share
     images or records are reported (a warning, not an error)."""
-    test_records = task.read_split(paths["test"])
     check = getattr(task, "check_eval_records", None)
     if check is not None:
-        check(val_records, paths["val"])
-        check(test_records, paths["test"])
+        check(records["val"], paths["val"])
+        check(records["test"], paths["test"])
     if main:
-        warn_overlaps({"train": train_records, "val": val_records, "test": test_records}, paths)
+        warn_overlaps(records, paths)
 
 
 def remaining_stages(run: Run) -> Iterator[Stage]:
@@ -504,8 +505,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     best = run.ckpt_dir / "best" if (run.ckpt_dir / "best").exists() else run.ckpt_dir / "last"
     load_weights(run.model, open_checkpoint(best).weights(), best)
-    test_records = run.task.read_split(run.paths["test"], "test")
-    metrics = run.task.evaluate(run.model, test_records, device=device, train_records=run.train_records,
+    metrics = run.task.evaluate(run.model, run.test_records, device=device, train_records=run.train_records,
                                 progress=cfg.train.progress and run.main)
     _, total = count_parameters(run.model)
     metrics.update({
