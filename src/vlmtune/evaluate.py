@@ -23,7 +23,7 @@ from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
 from vlmtune.config import Config
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.runfolder import make_folder, refuse_links, safe_name, write_text
+from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
 from vlmtune.tasks import FeatureCache, Task, build_task, evaluation_config
 
 
@@ -127,8 +127,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
 
 
 def refuse_run_folder(folder: Path) -> None:
-    """Evaluation output never replaces a training run's own metrics.json."""
-    if (folder / "config.yaml").exists() or (folder / "history.jsonl").exists():
+    """Evaluation output never replaces a training run's own metrics.json: a folder with
+    any run artifact besides metrics.json (which an earlier evaluation writes too) is refused."""
+    if [name for name in run_artifacts(folder) if name != "metrics.json"]:
         raise VlmtuneError(f"--output-dir {folder}: holds a training run, whose metrics.json would be replaced; "
                            f"choose another folder")
 

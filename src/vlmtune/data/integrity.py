@@ -31,8 +31,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def data_digests(paths: dict[str, str]) -> dict[str, str]:
-    """sha256 of each split's annotation file (split name -> digest)."""
-    return {split: file_sha256(path) for split, path in paths.items() if path and Path(path).is_file()}
+    """sha256 of each split's annotation file (split name -> digest); a file that holds
+    every split (Karpathy, refer) is read once."""
+    digests: dict[str, str] = {}
+    for path in {p for p in paths.values() if p and Path(p).is_file()}:
+        digests[path] = file_sha256(path)
+    return {split: digests[path] for split, path in paths.items() if path in digests}
 
 
 def check_data_unchanged(saved: dict[str, str], now: dict[str, str], paths: dict[str, str], *,
