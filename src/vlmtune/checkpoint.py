@@ -419,15 +419,29 @@ def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:
             )
 
 
+def first_misfit(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """Why ``weights`` do not fit a model whose state dict is ``own``: ("unexpected", key)
+    for a tensor the model has no place for, else ("shape", key) for the first tensor (in
+    the model's order) whose shape differs; None when every tensor fits."""
+    unknown = sorted(k for k in weights if k not in own)
+    if unknown:
+        return "unexpected", unknown[0]
+    for k in (k for k in own if k in weights):
+        if own[k].shape != weights[k].shape:
+            return "shape", k
+    return None
+
+
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
     """Load a partial state dict (task parts + trained backbone blocks), strictly by name and shape."""
     own = model.state_dict()
-    unknown = [k for k in weights if k not in own]
-    if unknown:
-        raise CheckpointError(f"{source}: weights do not fit this model (unexpected tensor '{unknown[0]}')")
-    for k, v in weights.items():
-        if own[k].shape != v.shape:
-            raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    misfit = first_misfit(own, weights)
+    if misfit is not None:
+        kind, k = misfit
+        if kind == "unexpected":
+            raise CheckpointError(f"{source}: weights do not fit this model (unexpected tensor '{k}')")
+        raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(weights[k].shape)}, the model expects "
+                              f"{tuple(own[k].shape)}")
     missing = [k for k in own if not k.startswith("backbone.") and k not in weights]
     if missing:
         raise CheckpointError(f"{source}: weights are missing '{missing[0]}'")

@@ -38,10 +38,11 @@ RUN_ARTIFACTS = ("config.yaml", "history.jsonl", "metrics.json", "checkpoints")
 # What --overwrite removes: the run's artifacts and its TensorBoard logs (new event
 # files would otherwise sit beside the old run's). data/ and cache/ are kept: the
 # generated set is reused and cached features are keyed by their content.
-OVERWRITTEN = (*RUN_ARTIFACTS, "tensorboard")
+INIT_RECORD = "init_from.json"  # what --init-from loaded, for --resume to re-check
+OVERWRITTEN = (*RUN_ARTIFACTS, "tensorboard", INIT_RECORD)
 LOCK_NAME = ".vlmtune.lock"
 # Every name a run writes directly inside its folder: none may be a symbolic link.
-WRITTEN = (*RUN_ARTIFACTS, "cache", "data", "tensorboard", "wandb", LOCK_NAME)
+WRITTEN = (*RUN_ARTIFACTS, "cache", "data", "tensorboard", "wandb", LOCK_NAME, INIT_RECORD)
 GENERATED_MARKER = ".vlmtune-generated.json"
 
 OVERWRITE_HELP = ("replace the run in --output-dir: removes its " + ", ".join(f"{n}/" if "." not in n else n

@@ -34,6 +34,7 @@ from vlmtune.checkpoint import (
     Checkpoint,
     backbone_identity,
     check_identity,
+    first_misfit,
     copy_checkpoint,
     load_weights,
     open_checkpoint,
@@ -45,8 +46,8 @@ from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.data.integrity import check_data_unchanged, data_digests, warn_overlaps
 from vlmtune.distributed import all_reduce_sum
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
-from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
-from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
+from vlmtune.history import EpochRecord, History, StageRecord, StepRecord, parse_record
+from vlmtune.runfolder import INIT_RECORD, LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
@@ -564,14 +565,14 @@ def best_stage_metrics(run: Run) -> dict[str, Any]:
     if not run.main:
         return out
     per_stage: list[float | None] = [None] * len(run.plan)
-    for line in run.history.lines:
-        rec = json.loads(line)
-        value = rec.get(f"val/{es.metric}") if rec.get("type") == "epoch" else None
-        if not isinstance(value, (int, float)) or not 0 <= rec["stage"] < len(per_stage) or math.isnan(value):
+    for i, line in enumerate(run.history.lines, 1):
+        rec = parse_record(json.loads(line), f"{run.history.path}: line {i}")
+        value = rec.val.get(es.metric) if isinstance(rec, EpochRecord) else None
+        if not isinstance(value, (int, float)) or not 0 <= rec.stage < len(per_stage) or math.isnan(value):
             continue
-        best = per_stage[rec["stage"]]
+        best = per_stage[rec.stage]
         if best is None or _is_better(float(value), best, es.mode, 0.0):
-            per_stage[rec["stage"]] = float(value)
+            per_stage[rec.stage] = float(value)
     out["train/stage_best_val"] = per_stage
     later_ran = [s for s, v in zip(run.plan[1:], per_stage[1:]) if v is not None]
     if later_ran and out.get("train/best_stage") is not None:
@@ -776,7 +777,6 @@ def check_loss_targets(cfg: Config, task: Task, plan: list[Stage], records: list
 
 # --------------------------------------------------------------------------- warm start
 
-INIT_RECORD = "init_from.json"  # in the run directory: what --init-from loaded, for --resume to re-check
 
 
 @dataclass
@@ -807,14 +807,13 @@ def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Pat
         raise CheckpointError(f"train.init_from: {e}") from None
     weights = ckpt.weights()
     own = model.state_dict()
-    unknown = sorted(k for k in weights if k not in own)
-    if unknown:
-        raise CheckpointError(f"train.init_from: {source}: tensor '{unknown[0]}' has no place in this model "
+    misfit = first_misfit(own, weights)
+    if misfit is not None:
+        kind, k = misfit
+        what = ("has no place in this model" if kind == "unexpected"
+                else f"has shape {tuple(weights[k].shape)}, this model's has {tuple(own[k].shape)}")
+        raise CheckpointError(f"train.init_from: {source}: tensor '{k}' {what} "
                               f"(another model config: check model.* and counting.*)")
-    for k in (k for k in own if k in weights):  # the model's order: the first mismatch is reported
-        if own[k].shape != weights[k].shape:
-            raise CheckpointError(f"train.init_from: {source}: tensor '{k}' has shape {tuple(weights[k].shape)}, this "
-                                  f"model's has {tuple(own[k].shape)} (another model config: check model.* and counting.*)")
     sha = ckpt.digests.get("weights.safetensors", "")
     record = out / INIT_RECORD
     if resuming and record.is_file():
@@ -838,6 +837,6 @@ def load_init_weights(run: Run, init: InitSource) -> None:
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
             log.info("train.init_from: %d tensors this run trains are not in the source and keep their initial "
                      "values: %s", len(left), shown)
-        (run.out / INIT_RECORD).write_text(json.dumps({
+        write_text(run.out / INIT_RECORD, json.dumps({
             "checkpoint": str(init.ckpt.folder), "weights_sha256": init.sha256, "source_epoch": init.ckpt.state.epoch,
             "loaded": len(init.weights), "left_at_init": left}, indent=2))
