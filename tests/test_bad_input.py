@@ -1429,3 +1429,20 @@ N_TRUST_CASES = len(REMOTE_CODE_CASES) + 11
 def test_trust_catalogue_size() -> None:
     """Issue 10's trust and integrity cases beyond CHECKPOINT_CASES."""
     assert N_TRUST_CASES == 17
+
+
+@pytest.mark.parametrize("name", ["rankings_t2i.jsonl", "examples.html"])
+def test_rankings_are_not_written_through_a_link(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 trained: tuple[Path, list[str]]) -> None:
+    """evaluate --rankings writes its per-query files like every other output: a link
+    planted at one of their names is refused and the file it points to is untouched."""
+    run, _ = trained
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    dest = tmp_path / "ev"
+    dest.mkdir()
+    (dest / name).symlink_to(outside)
+    code, _, err = _run(capsys, ["evaluate", str(run / "checkpoints" / "last"), "--rankings", "--output-dir", str(dest)])
+    msg = _error_line(code, err)
+    assert name in msg and "symbolic link" in msg, msg
+    assert outside.read_text() == "mine"

@@ -410,7 +410,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(lines, encoding="utf-8")
+            write_text(Path(args.out), lines)
             print(f"wrote {len(results)} result lines to {args.out}")
         else:
             print(lines, end="")

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
+from vlmtune.runfolder import write_text
+
 THUMB = 160  # thumbnail side (longest), pixels
 TOP_SHOWN = 5
 GREEN, RED = (22, 163, 74), (220, 38, 38)
@@ -41,9 +43,7 @@ def write_rankings(folder: Path, details: dict[str, list[dict[str, Any]]]) -> li
     written = []
     for name, rows in details.items():
         path = folder / f"rankings_{name}.jsonl"
-        with path.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))  # a link there is refused, not followed
         written.append(path)
     return written
 
@@ -266,5 +266,5 @@ def write_examples(path: Path, task: str, details: dict[str, list[dict[str, Any]
                              metrics=metrics, n=n, seed=seed)
     else:
         page = retrieval_page(details, checkpoint=checkpoint, data=data, metrics=metrics, n=n, seed=seed)
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path
