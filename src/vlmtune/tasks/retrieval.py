@@ -395,9 +395,13 @@ def _score(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: Ev
 
 
 @torch.no_grad()
-def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device, ev: EvalConfig,
-             train_records: list[PairRecord] | None = None, progress: bool = False) -> dict[str, Any]:
-    """All retrieval, grounding and relation metrics of ``model`` on ``records``.
+@torch.no_grad()
+def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device,
+                           ev: EvalConfig, train_records: list[PairRecord] | None = None, progress: bool = False,
+                           rankings_k: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """All retrieval, grounding and relation metrics of ``model`` on ``records``, plus
+    with ``rankings_k`` > 0 the per-query results of the same pass: {"t2i": one row per
+    caption, "i2t": one row per image} (see :func:`ranking_rows`).
 
     ``loader_for(records)`` makes the evaluation loader of a list of records. With
     several processes each embeds the records of its own images (image id modulo the
@@ -408,15 +412,6 @@ def evaluate(model: RetrievalModel, records: list[PairRecord], loader_for: Any, 
     (box from the caption; relation from the masked caption the head reads, and from
     the whole caption).
     """
-    return evaluate_with_rankings(model, records, loader_for, device, ev, train_records, progress)[0]
-
-
-@torch.no_grad()
-def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device,
-                           ev: EvalConfig, train_records: list[PairRecord] | None = None, progress: bool = False,
-                           rankings_k: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """:func:`evaluate`, plus with ``rankings_k`` > 0 the per-query results of the same
-    pass: {"t2i": one row per caption, "i2t": one row per image} (see :func:`ranking_rows`)."""
     was_training = model.training
     model.eval()
     rank, world = rank_world()
@@ -634,17 +629,16 @@ class RetrievalTask:
     def evaluate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                  train_records: list[PairRecord] | None = None, progress: bool = False,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
-        self.check_eval_records(records, records[0].source.split(": record")[0] if records else "the evaluation data")
-
-        def loader_for(shard: list[PairRecord]) -> DataLoader:
-            return self.make_loader(shard, model.backbone, train=False, cache=cache)
-
-        return evaluate(model, records, loader_for, device, self.eval_cfg, train_records, progress)
+        return self.evaluate_with_rankings(model, records, device=device, rankings_k=0, train_records=train_records,
+                                           progress=progress, cache=cache)[0]
 
     def evaluate_with_rankings(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
                                rankings_k: int, train_records: list[PairRecord] | None = None, progress: bool = False,
                                cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-        """:meth:`evaluate` plus per-query results: {"t2i": [...], "i2t": [...]} rows."""
+        """:meth:`evaluate` plus per-query results: {"t2i": [...], "i2t": [...]} rows
+        (with ``rankings_k`` > 0; none with 0)."""
+        self.check_eval_records(records, records[0].source.split(": record")[0] if records else "the evaluation data")
+
         def loader_for(shard: list[PairRecord]) -> DataLoader:
             return self.make_loader(shard, model.backbone, train=False, cache=cache)
 
