@@ -397,10 +397,7 @@ class CountingTask:
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         """The final evaluation: head metrics beside the majority class, perplexity, and a
         beam-search answer for every image (BLEU, ROUGE, count parsed from the answer)."""
-        return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
-                        counting=self.counting, max_new_tokens=self.generation.max_new_tokens, n_generate=len(records),
-                        gen=dict(num_beams=self.generation.num_beams, do_sample=False), train_records=train_records,
-                        progress=progress)
+        return self._final(model, records, device, train_records, progress)
 
     def evaluate_with_rankings(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
                                rankings_k: int, train_records: list[CountRecord] | None = None, progress: bool = False,
@@ -408,8 +405,15 @@ class CountingTask:
         """:meth:`evaluate` plus one row per record: {"counting": [...]} (``rankings_k`` is
         unused: a counting query has one answer, not a ranked list)."""
         rows: list[dict[str, Any]] = []
-        metrics = evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
-                           counting=self.counting, max_new_tokens=self.generation.max_new_tokens,
-                           n_generate=len(records), gen=dict(num_beams=self.generation.num_beams, do_sample=False),
-                           train_records=train_records, progress=progress, record_rows=rows)
+        metrics = self._final(model, records, device, train_records, progress, record_rows=rows)
         return metrics, {"counting": rows}
+
+    def _final(self, model: CountingModel, records: list[CountRecord], device: torch.device,
+               train_records: list[CountRecord] | None, progress: bool,
+               record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The final evaluation's settings: an answer for every record, by beam search."""
+        g = self.generation
+        return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
+                        counting=self.counting, max_new_tokens=g.max_new_tokens, n_generate=len(records),
+                        gen=dict(num_beams=g.num_beams, do_sample=False), train_records=train_records,
+                        progress=progress, record_rows=record_rows)
