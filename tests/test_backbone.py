@@ -77,3 +77,17 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(caplog) -> None:
     assert _attn_impl("auto") == "sdpa" and _attn_impl("eager") == "eager"
     b = load_backbone(BackboneConfig(attn_implementation="flash_attention_2"))
     assert b.model.config._attn_implementation == "sdpa"
+
+
+def test_vision_tower_split_at_any_block_equals_the_whole_tower(tiny) -> None:
+    """The cached-prefix path (embeddings + blocks[:k], then blocks[k:] + final norm) is
+    the tower's own forward, for every split point; and the projection of its output is
+    transformers' get_image_features."""
+    pv = torch.randn(3, 3, tiny.info.image_size, tiny.info.image_size)
+    with torch.no_grad():
+        whole = tiny.vision_tokens(pv)
+        for k in range(len(tiny.vision_blocks) + 1):
+            split = tiny.vision_from_hidden(tiny.vision_hidden(pv, k), k)
+            assert torch.allclose(split, whole, atol=1e-6), k
+        assert torch.allclose(tiny.project_vision(whole), tiny.image_features(pv), atol=1e-6)
+    assert len(tiny.vision_prefix_modules(1)) == 2

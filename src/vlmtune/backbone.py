@@ -291,6 +291,46 @@ class Backbone(nn.Module):
         """Last hidden state of the language model over text alone, [B, T, Dt]."""
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    # ---- the vision tower in two parts: a frozen prefix (cacheable) and the rest
+    # A stage that trains only the last N blocks leaves embeddings + blocks[:L-N] frozen:
+    # their output (the hidden state entering block L-N) can come from the feature cache,
+    # and only blocks[L-N:] (and the final norm) run live. ``start`` names that boundary:
+    # L means the whole tower is frozen (only the final norm runs on the cached state).
+    def vision_hidden(self, pixel_values: torch.Tensor, upto: int) -> torch.Tensor:
+        """Hidden state after the patch embeddings and ``blocks[:upto]``, [B, 1 + patches, Dv]."""
+        tower = self.vision_tower
+        hidden = tower.embeddings(pixel_values.to(next(tower.parameters()).dtype))
+        for block in self.vision_blocks[:upto]:
+            hidden = block(hidden)
+        return hidden
+
+    def vision_from_hidden(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """The tower's last hidden state (what :meth:`vision_tokens` returns) from the
+        state entering block ``start``: ``blocks[start:]`` and the final norm, run live."""
+        for block in self.vision_blocks[start:]:
+            hidden = block(hidden)
+        return self.vision_tower.layernorm(hidden)
+
+    def vision_prefix_modules(self, upto: int) -> list[nn.Module]:
+        """The modules whose weights decide :meth:`vision_hidden` (``upto`` blocks): what a
+        cache of that state is keyed by."""
+        return [self.vision_tower.embeddings, *self.vision_blocks[:upto]]
+
+    def project_vision(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's last hidden state [T, 1 + patches, Dv] -> projected image tokens
+        [T, tokens_per_tile, Dt]: InternVL's feature selection, pixel shuffle and
+        projector (``get_image_features`` after its tower call), for
+        ``vision_feature_layer`` = -1, the value every InternVL3 checkpoint ships."""
+        mm = self.model.model
+        mc = self.model.config
+        if mc.vision_feature_layer != -1:
+            raise ValueError(f"vision_feature_layer={mc.vision_feature_layer}: only -1 (the last layer) is supported "
+                             f"from cached vision states")
+        feats = vision_tokens[:, 1:, :] if mc.vision_feature_select_strategy == "default" else vision_tokens
+        n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
+        feats = mm.pixel_shuffle(feats.reshape(n, side, side, -1), scale_factor=mc.downsample_ratio)
+        return mm.multi_modal_projector(feats.reshape(n, -1, feats.shape[-1]))
+
     # ---- multimodal inputs (image tokens in the LM's sequence, as InternVL does)
     @property
     def image_token_id(self) -> int:
