@@ -53,3 +53,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}.{i}"))
         return out
     return {prefix: value}
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed for the stream named by ``keys`` under the run's ``seed`` (NumPy's
+    SeedSequence: streams of different keys are independent, and the same (seed, keys)
+    always gives the same seed). Used for each process's training stream (keys: rank)
+    and each record's sampled answer (keys: record index)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(seed, spawn_key=tuple(int(k) for k in keys)).generate_state(1)[0])

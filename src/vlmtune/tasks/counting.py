@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,13 @@ from vlmtune.backbone import CHAT_END, Backbone
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
 from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
 from vlmtune.data.formats import CountRecord, options_from_config, read_counting
+from vlmtune.distributed import all_gather_objects, rank_world
 from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
 from vlmtune.tasks import FeatureCache, data_paths
+from vlmtune.utils import derived_seed
 
 
 def num_classes(c: CountingConfig) -> int:
@@ -204,63 +206,138 @@ def make_loader(records: list[CountRecord], backbone: Backbone, c: CountingConfi
 # --------------------------------------------------------------------------- evaluation
 
 
+class RecordSampler:
+    """Top-k/top-p/temperature sampling with one random generator per record, seeded by
+    (run seed, record index): a record's sampled answer does not depend on which other
+    records share its batch or its process. A logits processor for greedy ``generate``:
+    it draws each row's token from its own generator and leaves only that token
+    possible, so greedy decoding takes it. The warpers are transformers' own, the ones
+    ``do_sample=True`` applies."""
+
+    def __init__(self, seeds: list[int], device: torch.device, *, top_p: float, temperature: float,
+                 top_k: int | None = None):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        warpers: list[Any] = []
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = self.warpers(input_ids, scores).float().softmax(-1)
+        chosen = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
+        return out
+
+
+def answer_token_nll(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed cross-entropy of the answer tokens (float64) and their count.
+    The LM head runs on the labelled positions only, so a row's value reads nothing of
+    the other rows or of the padding."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    row = keep.nonzero()[:, 0]
+    ce = F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
+    nll = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device).index_add_(0, row, ce.double())
+    return nll, keep.sum(1)
+
+
+def shard_rows(n: int) -> list[int]:
+    """This process's records of ``n``: every world-th from its rank, so the first
+    records (the ones validation answers) spread over all processes."""
+    rank, world = rank_world()
+    return list(range(rank, n, world))
+
+
 @torch.no_grad()
-def evaluate(model: CountingModel, records: list[CountRecord], loader: DataLoader, device: torch.device, *,
-             counting: CountingConfig, max_new_tokens: int, n_generate: int, gen: dict[str, Any],
-             train_records: list[CountRecord] | None = None, progress: bool = False,
-             record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Callable[[list[CountRecord]], DataLoader],
+             device: torch.device, *, counting: CountingConfig, max_new_tokens: int, n_generate: int,
+             gen: dict[str, Any], sample_seed: int | None = None, train_records: list[CountRecord] | None = None,
+             progress: bool = False, record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Head metrics beside the majority class, answer perplexity, and answers generated
     (with the ``gen`` settings of ``generate``) for the first ``n_generate`` records;
     BLEU and ROUGE when every record got one. With ``record_rows`` (a list), one JSON-ready
-    row per record is appended to it (see :func:`per_record_rows`)."""
+    row per record is appended to it (see :func:`per_record_rows`).
+
+    ``loader_for(records)`` makes the evaluation loader of a list of records. With
+    several processes each evaluates its shard (:func:`shard_rows`); all gather the
+    per-record results, merge them in record order and compute the metrics from the
+    whole set, as one process does, so every process returns the same metrics.
+    ``sample_seed``: sample the answers (top-p, temperature from ``gen``), each record
+    under its own generator seeded by (``sample_seed``, record index), so the answers
+    do not depend on how the records are split into processes and batches."""
     from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
 
     was_training = model.training
     model.eval()
     tok = model.backbone.tokenizer
     k = num_classes(counting)
-    preds, labels, generated, refs, true_counts = [], [], [], [], []
-    probs: list[torch.Tensor] = []
-    answer_of: dict[int, str] = {}
-    nll, n_tokens = 0.0, 0
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+    rows = shard_rows(len(records))
+    mine: list[dict[str, Any]] = []
+    for batch in tqdm(loader_for([records[i] for i in rows]), desc="evaluate", disable=not progress, leave=False):
         batch = {key: v.to(device) for key, v in batch.items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        logits = model.backbone.model.lm_head(hidden)
-        loss, n = answer_token_loss(logits, batch["labels"])
-        nll += float(loss) * n
-        n_tokens += n
+        nll, n_tokens = answer_token_nll(hidden, model.backbone.model.lm_head, batch["labels"])
         count_logits = model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
-        preds.append(count_logits.argmax(-1).cpu())
-        probs.append(count_logits.float().softmax(-1).cpu())
-        labels.append(batch["count"].cpu())
-        idx = batch["index"].tolist()
+        idx = [rows[i] for i in batch["index"].tolist()]  # record index in the whole set
+        answers: dict[int, str] = {}
         want = [j for j, i in enumerate(idx) if i < n_generate]
         if want:
-            rows = torch.tensor(want, device=device)
-            ids = generate_answers(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+            sel = torch.tensor(want, device=device)
+            kw = dict(gen)
+            if sample_seed is not None:
+                sampler = RecordSampler([derived_seed(sample_seed, idx[j]) for j in want], device,
+                                        top_p=kw.pop("top_p", 1.0), temperature=kw.pop("temperature", 1.0),
+                                        top_k=getattr(model.backbone.model.generation_config, "top_k", None))
+                kw.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+            ids = generate_answers(model, batch["prompt_ids"][sel], batch["prompt_mask"][sel],
                                    _tiles_of(batch["pixel_values"], batch["num_tiles"], want),
-                                   max_new_tokens=max_new_tokens, **gen)
-            answers = decode(tok, ids)
-            generated += answers
-            answer_of.update({idx[j]: a for j, a in zip(want, answers)})
-            refs += [records[idx[j]].answer for j in want]
-            true_counts += [records[idx[j]].count for j in want]
+                                   max_new_tokens=max_new_tokens, **kw)
+            answers = dict(zip(want, decode(tok, ids)))
+        probs = count_logits.float().softmax(-1).cpu()
+        for j, i in enumerate(idx):
+            mine.append({"row": i, "pred": int(probs[j].argmax()), "probs": probs[j], "label": int(batch["count"][j]),
+                         "nll": float(nll[j]), "tokens": int(n_tokens[j]), "answer": answers.get(j)})
+    # Every process joins the gather, also one whose shard is empty.
+    merged = sorted((r for part in all_gather_objects(mine) for r in part), key=lambda r: r["row"])
+    model.train(was_training)
+    metrics = merged_metrics(records, merged, counting, train_records)
+    if record_rows is not None:
+        probs_all = torch.stack([r["probs"] for r in merged]) if merged else torch.empty(0, k)
+        record_rows += per_record_rows(records, probs_all, {r["row"]: r["answer"] for r in merged
+                                                            if r["answer"] is not None}, counting)
+    return metrics
 
-    p, y = torch.cat(preds), torch.cat(labels)
+
+def merged_metrics(records: list[CountRecord], results: list[dict[str, Any]], counting: CountingConfig,
+                   train_records: list[CountRecord] | None = None) -> dict[str, Any]:
+    """The metrics of per-record results in record order (one dict per record: its
+    predicted class ``pred``, true class ``label``, answer-token ``nll`` sum and
+    ``tokens``, and generated ``answer`` or None)."""
+    k = num_classes(counting)
+    p = torch.tensor([r["pred"] for r in results], dtype=torch.long)
+    y = torch.tensor([r["label"] for r in results], dtype=torch.long)
     metrics: dict[str, Any] = classification_metrics(p, y, k, "count")
     metrics["count/n"] = len(y)
     metrics["count/classes"] = class_names(counting)
     if train_records:
         train_y = torch.tensor([count_class(r.count, counting.buckets) for r in train_records])
         metrics.update(majority_baseline(train_y, y, k, "count"))
+    nll, n_tokens = sum(r["nll"] for r in results), sum(r["tokens"] for r in results)
     metrics["text/perplexity"] = perplexity(nll, n_tokens) if n_tokens else float("nan")
-    metrics.update(answer_metrics(generated, refs, true_counts, train_records))
+    answered = [r for r in results if r["answer"] is not None]
+    generated = [r["answer"] for r in answered]
+    refs = [records[r["row"]].answer for r in answered]
+    metrics.update(answer_metrics(generated, refs, [records[r["row"]].count for r in answered], train_records))
     if len(generated) == len(records):  # BLEU/ROUGE only over the whole split
         metrics.update(text_metrics(generated, refs))
-    if record_rows is not None:
-        record_rows += per_record_rows(records, torch.cat(probs), answer_of, counting)
-    model.train(was_training)
     return metrics
 
 
@@ -384,20 +461,20 @@ class CountingTask:
         """The cheap pass after each epoch: head metrics, answer perplexity, and answers
         sampled for the first ``generation.val_num_images`` images (a quick look)."""
         g = self.generation
-        # Sampling draws from a forked RNG seeded by the run, so validation neither perturbs
-        # the training stream (resume stays exact) nor varies between identical runs.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
-                            counting=self.counting, max_new_tokens=g.max_new_tokens, n_generate=g.val_num_images,
-                            gen=dict(num_beams=1, do_sample=g.val_do_sample, top_p=g.val_top_p, temperature=g.val_temperature))
+        # Sampled answers draw from generators of their own, seeded by (run seed, record),
+        # so validation neither perturbs the training stream (resume stays exact) nor
+        # varies between identical runs or with the number of processes.
+        return evaluate(model, records, self._loader_for(model, cache), device, counting=self.counting,
+                        max_new_tokens=g.max_new_tokens, n_generate=g.val_num_images,
+                        gen=dict(num_beams=1, do_sample=False, top_p=g.val_top_p, temperature=g.val_temperature),
+                        sample_seed=self.seed if g.val_do_sample else None)
 
     def evaluate(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
                  train_records: list[CountRecord] | None = None, progress: bool = False,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         """The final evaluation: head metrics beside the majority class, perplexity, and a
         beam-search answer for every image (BLEU, ROUGE, count parsed from the answer)."""
-        return self._final(model, records, device, train_records, progress)
+        return self._final(model, records, device, train_records, progress, cache=cache)
 
     def evaluate_with_rankings(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
                                rankings_k: int, train_records: list[CountRecord] | None = None, progress: bool = False,
@@ -405,15 +482,19 @@ class CountingTask:
         """:meth:`evaluate` plus one row per record: {"counting": [...]} (``rankings_k`` is
         unused: a counting query has one answer, not a ranked list)."""
         rows: list[dict[str, Any]] = []
-        metrics = self._final(model, records, device, train_records, progress, record_rows=rows)
+        metrics = self._final(model, records, device, train_records, progress, record_rows=rows, cache=cache)
         return metrics, {"counting": rows}
 
     def _final(self, model: CountingModel, records: list[CountRecord], device: torch.device,
                train_records: list[CountRecord] | None, progress: bool,
-               record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               record_rows: list[dict[str, Any]] | None = None, cache: FeatureCache | None = None) -> dict[str, Any]:
         """The final evaluation's settings: an answer for every record, by beam search."""
         g = self.generation
-        return evaluate(model, records, self.make_loader(records, model.backbone, train=False), device,
+        return evaluate(model, records, self._loader_for(model, cache), device,
                         counting=self.counting, max_new_tokens=g.max_new_tokens, n_generate=len(records),
                         gen=dict(num_beams=g.num_beams, do_sample=False), train_records=train_records,
                         progress=progress, record_rows=record_rows)
+
+    def _loader_for(self, model: CountingModel, cache: FeatureCache | None) -> Callable[[list[CountRecord]], DataLoader]:
+        """The evaluation loader of a shard of records (see :func:`evaluate`)."""
+        return lambda shard: self.make_loader(shard, model.backbone, train=False, cache=cache)
