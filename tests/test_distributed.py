@@ -171,3 +171,180 @@ def test_two_processes_train_with_matching_and_dropout(tmp_path: Path, scenes: P
     assert res.returncode == 0, res.stderr[-3000:]
     steps = _steps(tmp_path / "r")
     assert len(steps) == 5 and all(x["loss/matching"] > 0 for x in steps)
+
+
+RECEIPTS = str(CONFIGS / "receipts_three_stage.yaml")
+
+
+def test_counting_with_two_processes_evaluates_as_one(tmp_path: Path) -> None:
+    """Counting under 2 processes: validation (answers sampled for the first 2 records)
+    and the final evaluation (beam search for every record) are sharded and merged, and
+    equal one process evaluating the same weights: 3 validation records split 2 + 1 into
+    other batches than one process's (eval.batch_size=2), and a 1-record test split, so
+    the second process's shard is empty and it still joins the gather. Per-record
+    results depend on their batch only through float rounding (measured: 1e-7 in the
+    class probabilities and the relative answer NLL between batch sizes 1, 5 and 12),
+    so the continuous metrics match to 1e-5 and everything decided by them (classes,
+    sampled and beam-searched answers) exactly. The checkpoint holds each process's
+    RNG state, and the two differ (each process draws its own dropout masks)."""
+    from vlmtune.checkpoint import open_checkpoint
+    from vlmtune.data.receipts import generate_receipts
+    from vlmtune.evaluate import load_model
+
+    data = tmp_path / "data"
+    generate_receipts(data, n=28, seed=3, max_count=2, image_size=(48, 64))
+    (data / "one.jsonl").write_text((data / "test.jsonl").read_text().splitlines()[0] + "\n")
+    run = tmp_path / "run"
+    res = _torchrun(["train", RECEIPTS, f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
+                     f"data.test={data / 'one.jsonl'}", "counting.max_count=2", "train.epochs=1", "train.batch_size=4",
+                     "train.progress=false", "eval.batch_size=2", "counting.max_dynamic_patch=2",
+                     "generation.max_new_tokens=5", "generation.num_beams=2", "generation.val_num_images=2",
+                     "optim.lr=5e-2", "optim.warmup_ratio=0",
+                     "stages=[{name: all, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0, mm_projector: 1.0}}]",
+                     "--output-dir", str(run)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def same(two: dict, one: dict, prefixes: tuple[str, ...]) -> None:
+        keys = [k for k in one if k.startswith(prefixes)]
+        assert keys == [k for k in two if k.startswith(prefixes)]
+        for k in keys:
+            if isinstance(one[k], float):
+                assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-5), k
+            else:
+                assert two[k] == one[k], k
+
+    # Validation: the epoch line of the 2-process run against one process on the same weights.
+    ckpt = open_checkpoint(run / "checkpoints/last")
+    model, task = load_model(ckpt, torch.device("cpu"))
+    val = task.validate(model, task.read_split(str(data / "val.jsonl"), "val"), device=torch.device("cpu"))
+    epoch = [x for x in map(json.loads, (run / "history.jsonl").read_text().splitlines()) if x["type"] == "epoch"][-1]
+    assert val["count/n"] == 3 and val["answer/n_generated"] == 2 and "text/perplexity" in val
+    same({k[4:]: v for k, v in epoch.items() if k.startswith("val/")},
+         {k: v for k, v in val.items() if not isinstance(v, list)}, ("count/", "answer/", "text/"))
+
+    # The final evaluation (rank 1's shard empty) against `vlmtune evaluate` in one process.
+    two = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", str(run / "checkpoints/best"), "--rankings", "--output-dir", str(tmp_path / "ev")]) == 0
+    one = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert one["count/n"] == 1 and one["answer/n_generated"] == 1
+    same(two, one, ("count/", "answer/", "text/"))
+
+    # Each process's RNG state, in rank order; the main process's is also the plain `rng`.
+    ts = ckpt.trainer_state()
+    assert ts["processes"] == 2 and len(ts["rng_processes"]) == 2
+    assert torch.equal(ts["rng"]["torch"], ts["rng_processes"][0]["torch"])
+    assert not torch.equal(ts["rng_processes"][0]["torch"], ts["rng_processes"][1]["torch"])
+
+
+def test_counting_shards_are_evaluated_apart_and_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two 'processes' in one: each evaluates only its records (every second one, so the
+    first records, the ones validation answers, are spread), and the merge of both
+    parts gives one process's metrics and per-record rows, sampled answers included."""
+    import vlmtune.tasks.counting as counting
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import load_config
+    from vlmtune.data.receipts import generate_receipts
+    from vlmtune.tasks import build_task
+
+    generate_receipts(tmp_path, n=28, seed=4, max_count=2, image_size=(48, 64))
+    cfg = load_config(RECEIPTS, ["counting.max_count=2", "counting.max_dynamic_patch=1", "eval.batch_size=3",
+                                 "generation.max_new_tokens=3", "generation.val_num_images=3"])
+    task = build_task(cfg)
+    backbone = load_backbone(cfg.backbone)
+    model = task.build_model(backbone).eval()
+    with torch.no_grad():  # a random LM stops at once; perturbed weights make it say something
+        g = torch.Generator().manual_seed(1)
+        for p in backbone.language_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    records = task.read_split(str(tmp_path / "train.jsonl"), "train")[:7]
+    cpu = torch.device("cpu")
+
+    def run(rank: int, world: int, others: list | None = None):
+        """(validation, final metrics, per-record rows, this rank's parts) as rank ``rank``
+        of ``world``; ``others``: the other rank's parts, gathered after this one's."""
+        parts: list = []
+
+        def gather(mine):
+            parts.append(mine)
+            return [mine] + ([others[len(parts) - 1]] if others else [])
+
+        monkeypatch.setattr(counting, "rank_world", lambda: (rank, world))
+        monkeypatch.setattr(counting, "all_gather_objects", gather)
+        rows: list = []
+        val = task.validate(model, records, device=cpu)
+        final = task._final(model, records, cpu, None, False, record_rows=rows if others or world == 1 else None)
+        return val, final, rows, parts
+
+    val1, final1, rows1, _ = run(0, 1)
+    *_, part1 = run(1, 2)  # validation's part, then the final evaluation's
+    assert [r["row"] for r in part1[0]] == [1, 3, 5] and [r["answer"] is not None for r in part1[0]] == [True, False, False]
+    assert [r["row"] for r in part1[1]] == [1, 3, 5] and all(r["answer"] is not None for r in part1[1])
+    val2, final2, rows2, part0 = run(0, 2, others=part1)
+    assert [r["row"] for r in part0[0]] == [0, 2, 4, 6]
+    assert val1["answer/n_generated"] == 3 and any(e["generated"] for e in val1["answer/examples"])
+    for one, two in ((val1, val2), (final1, final2)):
+        assert two.keys() == one.keys()
+        for k in one:
+            assert two[k] == (pytest.approx(one[k], rel=1e-6) if isinstance(one[k], float) else one[k]), k
+    assert [r["query"] for r in rows2] == list(range(7))
+    for a, b in zip(rows1, rows2):
+        assert a == {k: (pytest.approx(v, abs=1e-4) if isinstance(v, float) else v) for k, v in b.items()}
+
+
+def test_each_process_resumes_its_own_random_stream(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The RNG part of a checkpoint: each process's state in rank order, each process
+    restores its own; another process count starts fresh streams from (seed, rank,
+    step) with a warning, and is refused for a checkpoint saved inside an epoch; a
+    checkpoint of one stream (one process, or saved before per-process streams)
+    resumes one process exactly."""
+    import vlmtune.train as train
+    from vlmtune.checkpoint import rng_state, set_rng_state
+    from vlmtune.errors import CheckpointError
+    from vlmtune.state import TrainState
+
+    def stream(rank: int, world: int) -> dict:
+        monkeypatch.setattr(train, "rank_world", lambda: (rank, world))
+        train.seed_process_stream(7)
+        torch.rand(3)  # some training draws
+        return rng_state()
+
+    states = [stream(0, 2), stream(1, 2)]
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    assert torch.equal(stream(1, 2)["torch"], states[1]["torch"])  # a function of (seed, rank)
+    saved = train.rng_record(states)
+    assert saved["processes"] == 2 and saved["rng"] is states[0]
+    for rank in (0, 1):
+        monkeypatch.setattr(train, "rank_world", lambda rank=rank: (rank, 2))
+        set_rng_state(train.own_rng_state(saved, 7, 10, "ckpt", main=True))
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+
+    # One process: the plain stream, saved as before, restored exactly.
+    monkeypatch.setattr(train, "rank_world", lambda: (0, 1))
+    torch.manual_seed(3)
+    before = rng_state()
+    one = train.rng_record([before])
+    assert set(one) == {"rng", "processes"}
+    old = {"rng": before}  # a checkpoint from before per-process streams
+    for ts in (one, old):
+        torch.rand(5)
+        set_rng_state(train.own_rng_state(ts, 7, 10, "ckpt", main=True))
+        assert torch.equal(torch.get_rng_state(), before["torch"])
+
+    # Three processes resume a 2-process checkpoint (or an old one): fresh streams, warned.
+    caplog.set_level("WARNING", logger="vlmtune")
+    fresh = []
+    for ts in (saved, old):
+        for rank in (0, 1, 2):
+            monkeypatch.setattr(train, "rank_world", lambda rank=rank: (rank, 3))
+            fresh.append(train.own_rng_state(ts, 7, 10, "ckpt", main=rank == 0)["torch"])
+    assert not torch.equal(fresh[0], fresh[1]) and torch.equal(fresh[0], fresh[3])
+    assert "saved by 2 processes, resumed by 3" in caplog.text and "holds one random stream" in caplog.text
+
+    class Ckpt:
+        folder = "run/checkpoints/last"
+        state = TrainState(epoch=1, epoch_batches=4)
+
+    with pytest.raises(CheckpointError, match=r"saved inside epoch 2 .*by 2 processes; resume it with 2 processes, not 3"):
+        train.check_process_count(saved, Ckpt())  # type: ignore[arg-type]
+    Ckpt.state = TrainState(epoch=1)
+    train.check_process_count(saved, Ckpt())  # type: ignore[arg-type]  # at an epoch's end: allowed

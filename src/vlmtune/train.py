@@ -44,14 +44,14 @@ from vlmtune.checkpoint import (
 )
 from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.data.integrity import check_data_unchanged, data_digests, warn_overlaps
-from vlmtune.distributed import all_reduce_sum
+from vlmtune.distributed import all_gather_objects, all_reduce_sum, rank_world
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord, parse_record
 from vlmtune.runfolder import INIT_RECORD, LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
-from vlmtune.utils import flatten
+from vlmtune.utils import derived_seed, flatten
 
 log = logging.getLogger("vlmtune")
 
@@ -76,7 +76,8 @@ def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path 
         cpu=cpu_processes,
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # data_seed: the order is the run's, never a process's own random stream (seed_process_stream).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         log_with=tracker,
         project_dir=str(project_dir) if project_dir else None,
@@ -301,6 +302,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
         # memory, samples; stage lines the stage index and trainable count.
         sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
     run.history = History(out / "history.jsonl", run.state.history_lines if resume_from else None, sink, enabled=main)
+    seed_process_stream(cfg.seed)
     model.to(run.device)
     run.t_start = time.time() - run.state.wall_s
     return run
@@ -444,8 +446,9 @@ def _end_step(run: Run, st: StageRun, epoch: int, progress: EpochProgress, value
     state.history_lines = len(run.history.lines)
     state.wall_s = time.time() - run.t_start
     state.train_wall_s += time.time() - t_epoch
+    rngs = gather_rng_states()  # every process, before the main one saves
     if run.main:
-        _save(run, st)
+        _save(run, st, rngs)
     run.accelerator.wait_for_everyone()
     where = f"epoch {epoch + 1}, step {state.step}"
     if diverged:
@@ -485,9 +488,10 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
     if es.patience > 0 and state.bad_evals >= es.patience and epoch + 1 < st.stage.end_epoch:
         state.stopped_early = True
     state.history_lines = len(run.history.lines)
+    rngs = gather_rng_states()  # every process, before the main one saves
     if run.main:
         # A kill between these two leaves `best` behind `last`; a resume repairs it (_repair_best).
-        _save(run, st)
+        _save(run, st, rngs)
         if improved:
             copy_checkpoint(run.ckpt_dir / "last", run.ckpt_dir / "best")
     run.accelerator.wait_for_everyone()
@@ -621,6 +625,7 @@ def _restore_run(run: Run, ckpt: Checkpoint, accept_changed_data: bool = False) 
     run.state = dataclasses.replace(ckpt.state, backbone=run.state.backbone, data_paths=run.state.data_paths,
                                     data_sha256=run.state.data_sha256)
     run.trainer_state = ckpt.trainer_state()
+    check_process_count(run.trainer_state, ckpt)
     if run.main:
         log.info("resuming from %s at epoch %d%s", ckpt.folder, run.state.epoch + 1,
                  f", after its batch {run.state.epoch_batches}" if run.state.epoch_batches else "")
@@ -636,12 +641,13 @@ def _restore_stage(run: Run, st: StageRun) -> None:
     if saved["stage"] == st.stage.index:
         st.optimizer.load_state_dict(saved["optimizer"])
         st.scheduler.load_state_dict(saved["scheduler"])
+    rng = own_rng_state(saved, run.cfg.seed, run.state.step, f"the checkpoint in {run.ckpt_dir}", run.main)
     if run.state.epoch_batches:
         # Saved after a step inside an epoch: restored once the epoch's iterator exists
         # (creating it may draw from the RNG, as it did in the saved run).
-        run.pending_rng = saved["rng"]
+        run.pending_rng = rng
     else:
-        set_rng_state(saved["rng"])
+        set_rng_state(rng)
 
 
 def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path) -> FeatureCache | None:
@@ -713,12 +719,14 @@ def _repair_best(last: Checkpoint, best: Path) -> None:
         copy_checkpoint(last.folder, best)
 
 
-def _save(run: Run, st: StageRun) -> None:
-    """The ``last`` checkpoint: trained weights, config, state and trainer state."""
+def _save(run: Run, st: StageRun, rngs: list[dict[str, Any]] | None = None) -> None:
+    """The ``last`` checkpoint: trained weights, config, state and trainer state.
+    ``rngs``: every process's RNG state in rank order (:func:`gather_rng_states`, which
+    every process must call); this process's alone by default."""
     sd = run.model.state_dict()
     weights = {k: sd[k] for k in sorted(run.saved_names)}
-    trainer_state = {"optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(), "rng": rng_state(),
-                     "stage": st.stage.index}
+    trainer_state = {"optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+                     "stage": st.stage.index, **rng_record(rngs or [rng_state()])}
     save_checkpoint(run.ckpt_dir / "last", weights=weights, cfg=run.cfg, state=run.state, trainer_state=trainer_state,
                     backbone=run.backbone if run.backbone.source == "tiny" else None, keep=run.cfg.train.keep_last)
 
@@ -840,3 +848,66 @@ def load_init_weights(run: Run, init: InitSource) -> None:
         write_text(run.out / INIT_RECORD, json.dumps({
             "checkpoint": str(init.ckpt.folder), "weights_sha256": init.sha256, "source_epoch": init.ckpt.state.epoch,
             "loaded": len(init.weights), "left_at_init": left}, indent=2))
+
+
+# --------------------------------------------------------------------------- random streams
+
+
+def seed_process_stream(seed: int) -> None:
+    """With several processes, each continues on a random stream of its own, seeded by
+    (run seed, rank): dropout masks and sampled negatives differ between processes, as
+    they would between the rows of one large batch. Called once the model is built, so
+    its initialisation stays on the common seed; the data order has its own seed (the
+    seedable sampler's ``data_seed``). One process keeps the plain stream of ``seed``."""
+    rank, world = rank_world()
+    if world > 1:
+        set_seed(derived_seed(seed, rank))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every process's RNG state, in rank order; a collective, so every process calls it
+    (before the main process saves a checkpoint)."""
+    return all_gather_objects(rng_state())
+
+
+def rng_record(rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The RNG part of a checkpoint's trainer state: ``rng`` (the main process's, the only
+    one a single-process checkpoint has), ``processes`` (how many processes saved it) and,
+    with several, ``rng_processes`` (each one's, in rank order)."""
+    out: dict[str, Any] = {"rng": rngs[0], "processes": len(rngs)}
+    if len(rngs) > 1:
+        out["rng_processes"] = list(rngs)
+    return out
+
+
+def check_process_count(saved: dict[str, Any], ckpt: Checkpoint) -> None:
+    """A checkpoint saved inside an epoch resumes only with the number of processes that
+    saved it: the batches already trained are counted per process, so another count
+    would skip the wrong ones."""
+    n, world = saved.get("processes"), rank_world()[1]
+    if n is not None and n != world and ckpt.state.epoch_batches:
+        raise CheckpointError(
+            f"{ckpt.folder}: saved inside epoch {ckpt.state.epoch + 1} (after {ckpt.state.epoch_batches} batches per "
+            f"process) by {n} process{'es' * (n != 1)}; resume it with {n} process{'es' * (n != 1)}, not {world}: "
+            f"the batches already trained are counted per process")
+
+
+def own_rng_state(saved: dict[str, Any], seed: int, step: int, where: str, main: bool) -> dict[str, Any]:
+    """This process's RNG state from a checkpoint's trainer state: its own when the same
+    number of processes saved it (exact resume). Saved by another number of processes,
+    or a checkpoint of one stream resumed by several (from before per-process streams),
+    each process's stream starts afresh from (seed, rank, step), with a warning: the run
+    goes on, but not as the uninterrupted run would have."""
+    rank, world = rank_world()
+    states = saved.get("rng_processes") or [saved["rng"]]
+    n = saved.get("processes", len(states))
+    if len(states) == world:
+        return states[rank]
+    if main:
+        what = (f"saved by {n} process{'es' * (n != 1)}" if "processes" in saved
+                else "holds one random stream (saved before per-process streams)")
+        log.warning("%s %s, resumed by %d: each process's random stream (dropout, sampled negatives) starts afresh "
+                    "from the seed, rank and step; the run goes on, but does not replay the uninterrupted run exactly",
+                    where, what, world)
+    set_seed(derived_seed(seed, rank, step))
+    return rng_state()
