@@ -80,3 +80,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x
+
+
+def global_count(n: int | torch.Tensor, device: torch.device) -> int:
+    """``n`` (a count of this process's rows, or a mask of them) summed over processes:
+    one all_reduce, so every process calls it, also with no rows; ``n`` with one process."""
+    local = int(n.sum()) if isinstance(n, torch.Tensor) else int(n)
+    if rank_world()[1] == 1:
+        return local
+    return int(all_reduce_sum(torch.tensor(float(local), device=device)).item())
+
+
+def mean_share(values: torch.Tensor, total: int) -> torch.Tensor:
+    """This process's share of the mean of ``values`` over all processes' ``total``
+    elements (:func:`global_count`): sum(values) * processes / total. DDP averages the
+    processes' gradients, so the average of the shares, and its gradient, is the mean
+    over the global batch; the per-process mean is not, when a loss covers a subset of
+    rows (those with a box, a relation, answer tokens) whose size differs between
+    processes. With one process, the plain mean."""
+    world = rank_world()[1]
+    if world == 1:
+        return values.mean()
+    return values.sum() * (world / max(total, 1))

@@ -22,7 +22,7 @@ from vlmtune.backbone import CHAT_END, Backbone
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
 from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
 from vlmtune.data.formats import CountRecord, options_from_config, read_counting
-from vlmtune.distributed import all_gather_objects, rank_world
+from vlmtune.distributed import all_gather_objects, global_count, mean_share, rank_world
 from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
@@ -51,14 +51,18 @@ def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     """Mean cross-entropy of next-token predictions on labelled positions -> (loss, tokens).
 
     ``logits`` [B, L, V] predict position t+1 from position t; ``labels`` [B, L] are
-    IGNORE_INDEX on the prompt and padding.
+    IGNORE_INDEX on the prompt and padding. With several processes the mean is over the
+    answer tokens of all processes' rows (:func:`~vlmtune.distributed.mean_share`): their
+    number differs between processes, so each process's own mean would weigh a token by
+    how many others its process had. ``tokens`` is this process's count.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
+    total = global_count(n, logits.device)  # every process joins, also one without tokens
     if n == 0:
         return logits.sum() * 0.0, 0
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep]), n
+    return mean_share(F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none"), total), n
 
 
 class CountingModel(nn.Module):

@@ -26,10 +26,11 @@ from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerpr
 from vlmtune.data.formats import RELATIONS, PairRecord, image_size, load_image, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.data.relations import mask_relation
-from vlmtune.distributed import all_gather, all_gather_objects, all_gather_with_grad, rank_world
+from vlmtune.distributed import (all_gather, all_gather_objects, all_gather_with_grad, global_count, mean_share,
+                                 rank_world)
 from vlmtune.errors import ConfigError
 from vlmtune.heads import Adapter, GroundingHead, Projector, RelationHead, mlp, pair_features, patch_centres
-from vlmtune.losses import box_losses, contrastive_loss, hard_negative_pairs
+from vlmtune.losses import box_loss_rows, contrastive_loss, hard_negative_pairs
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.retrieval import RetrievalRankings, ks_beyond_gallery, retrieval_metrics
@@ -139,28 +140,39 @@ class RetrievalModel(nn.Module):
             terms["contrastive"] = contrastive_loss(v, t, ids, self.logit_scale())
         if "matching" in active:
             terms["matching"] = self._matching_loss(v, t, ids)
+        # Box and relation cover the rows that have one, a number that differs between
+        # processes: their means are over the global batch's rows (mean_share).
         if "box" in active:
             has_box = torch.isfinite(batch["box"]).all(dim=1)
-            if has_box.any():
-                pred, _ = self.ground(t[has_box], patches[has_box])
-                l1, giou = box_losses(pred, batch["box"][has_box])
+            n_box = global_count(has_box, ids.device)
+            if n_box:
+                l1, giou = t.new_zeros(()), t.new_zeros(())
+                if has_box.any():
+                    pred, _ = self.ground(t[has_box], patches[has_box])
+                    l1_rows, giou_rows = box_loss_rows(pred, batch["box"][has_box])
+                    l1, giou = mean_share(l1_rows, n_box), mean_share(giou_rows, n_box)
+                    terms["diag/box_l1"], terms["diag/box_giou_loss"] = l1_rows.mean().detach(), giou_rows.mean().detach()
                 terms["box"] = self.box_weights[0] * l1 + self.box_weights[1] * giou
-                terms["diag/box_l1"], terms["diag/box_giou_loss"] = l1.detach(), giou.detach()
         if "relation" in active:
             has_rel = batch["relation"] >= 0
-            if has_rel.any():
-                logits, where = self.relation_outputs(batch, has_rel, v, patches)
-                ce = F.cross_entropy(logits, batch["relation"][has_rel])
-                terms["relation"] = ce
-                # Where the record has the subject's box, the subject query's position is
-                # pulled to its centre (L1): without it the queries rarely learn to find
-                # the objects and the head falls back on what the masked text still says.
+            n_rel = global_count(has_rel, ids.device)
+            if n_rel:
                 box = batch["box"][has_rel]
                 placed = torch.isfinite(box).all(dim=1)
-                if placed.any():
-                    subject_l1 = (where[placed, 0] - box[placed, :2]).abs().sum(dim=-1).mean()
-                    terms["relation"] = ce + subject_l1
-                    terms["diag/relation_ce"], terms["diag/relation_subject_l1"] = ce.detach(), subject_l1.detach()
+                n_placed = global_count(placed, ids.device)
+                terms["relation"] = t.new_zeros(())
+                if has_rel.any():
+                    logits, where = self.relation_outputs(batch, has_rel, v, patches)
+                    ce = F.cross_entropy(logits, batch["relation"][has_rel], reduction="none")
+                    terms["relation"] = mean_share(ce, n_rel)
+                    terms["diag/relation_ce"] = ce.mean().detach()
+                    # Where the record has the subject's box, the subject query's position is
+                    # pulled to its centre (L1): without it the queries rarely learn to find
+                    # the objects and the head falls back on what the masked text still says.
+                    if placed.any():
+                        subject_l1 = (where[placed, 0] - box[placed, :2]).abs().sum(dim=-1)
+                        terms["relation"] = terms["relation"] + mean_share(subject_l1, n_placed)
+                        terms["diag/relation_subject_l1"] = subject_l1.mean().detach()
         terms["diag/temperature"] = (1.0 / self.logit_scale()).detach()
         return terms
 
@@ -170,7 +182,9 @@ class RetrievalModel(nn.Module):
         global batch (all processes' rows, gathered with gradient as ALBEF does)."""
         images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t),
                                                     all_gather(ids))
-        return F.cross_entropy(self.match_logits(images, texts), labels)
+        # The number of pairs (negatives found) differs between processes: mean over all of them.
+        ce = F.cross_entropy(self.match_logits(images, texts), labels, reduction="none")
+        return mean_share(ce, global_count(len(labels), ids.device))
 
 
 # --------------------------------------------------------------------------- data
