@@ -93,12 +93,12 @@ def test_merge_restores_record_order() -> None:
     assert m.cat("box_pred").shape == (1, 4) and m.cat("box_rows").tolist() == [3]
 
 
-def _torchrun(args: list[str], folder: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], folder: Path, prelude: str = "") -> subprocess.CompletedProcess:
     """Two CPU processes (gloo). Rank 1 runs under umask 002, rank 0 under 022, so a file
     or folder rank 1 creates is group-writable: the test checks that only the main
     process writes. (safetensors files are 0600 whoever writes them; the other files of
-    their checkpoint folders tell.)"""
-    boot = ("import os, runpy, sys; os.umask(0o002 if os.environ['RANK'] == '1' else 0o022); "
+    their checkpoint folders tell.) ``prelude``: Python run in each process first."""
+    boot = (prelude + "\nimport os, runpy, sys; os.umask(0o002 if os.environ['RANK'] == '1' else 0o022); "
             "sys.argv = ['vlmtune'] + sys.argv[1:]; runpy.run_module('vlmtune.cli', run_name='__main__')")
     script = folder / "boot.py"
     script.write_text(boot)
@@ -374,3 +374,44 @@ def test_subset_losses_are_means_over_the_global_batch(monkeypatch: pytest.Monke
     monkeypatch.setattr(distributed, "rank_world", lambda: (0, 1))
     assert distributed.mean_share(values, 5).item() == pytest.approx(3.0)
     assert distributed.global_count(torch.tensor([True, False, True]), torch.device("cpu")) == 2
+
+
+# In each process: SIGTERM to the main process during its 8th training step.
+SIGTERM_AT_STEP_8 = """
+import os, signal
+from vlmtune.tasks.retrieval import RetrievalModel
+_real, _calls = RetrievalModel.forward, [0]
+def _forward(self, batch, active):
+    _calls[0] += 1
+    if _calls[0] == 8 and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _real(self, batch, active)
+RetrievalModel.forward = _forward
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_resume_their_own_random_streams_exactly(tmp_path: Path, scenes: Path) -> None:
+    """Dropout and sampled hard negatives on, 2 processes: SIGTERM in step 8 (inside
+    epoch 2, stage 2) saves a mid-epoch checkpoint with each process's RNG state; the
+    resumed run ends exactly as the uninterrupted one (every logged loss of every step,
+    and the final metrics). Slow: three torchrun launches."""
+    args = ["train", TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2",
+            "stages.1.start_epoch=1", "train.progress=false", "train.batch_size=8", "eval.batch_size=16",
+            "train.log_every=1"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    res = _torchrun([*args, "--output-dir", str(straight)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun([*args, "--output-dir", str(run)], tmp_path, prelude=SIGTERM_AT_STEP_8)
+    assert res.returncode != 0 and "SIGTERM" in res.stderr
+    st = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert (st["epoch"], st["epoch_batches"], st["step"]) == (1, 3, 8)
+    res = _torchrun([*args, "--output-dir", str(run), "--resume"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _steps(straight), _steps(run)
+    assert len(a) == 10 and all(x["loss/matching"] > 0 for x in a)
+    assert a == b
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (straight, run))
+    for k, v in m1.items():
+        if k.startswith(("retrieval/", "grounding/", "spatial/")):
+            assert m2[k] == v, k
