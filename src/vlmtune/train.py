@@ -354,6 +354,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
         # memory, samples; stage lines the stage index and trainable count.
         sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
     run.history = History(out / "history.jsonl", run.state.history_lines if resume_from else None, sink, enabled=main)
+    shard_once(run)  # FSDP: before the move, so a device only ever holds this process's shards
     model.to(run.device)
     run.t_start = time.time() - run.state.wall_s
     return run
