@@ -221,6 +221,13 @@ def full_params(model: nn.Module) -> Iterator[None]:
     for the block, and kept gathered across forward calls, so the processes may then
     run different numbers of forwards or call any method; resharded at the end. A plain
     pass-through for a model that is not sharded."""
+    zero3 = _zero3_params(model)
+    if zero3:  # DeepSpeed ZeRO-3 partitions the weights: the same, through DeepSpeed
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield
+        return
     if not is_sharded(model):
         yield
         return
@@ -250,6 +257,26 @@ def full_params(model: nn.Module) -> Iterator[None]:
             if state._fsdp_param_group is not None:
                 state._fsdp_param_group._post_forward_indices.clear()
             state._comm_ctx.post_forward_order.clear()
+
+
+def _zero3_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 partitioned (they carry ``ds_id``); none otherwise."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def loading(model: nn.Module) -> Iterator[None]:
+    """Around ``load_state_dict`` of whole tensors: under DeepSpeed ZeRO-3 the weights
+    gathered and, at the end, partitioned again from the main process's values (every
+    process loads the same file). Nothing to do otherwise (FSDP: :func:`shard_weights`)."""
+    zero3 = _zero3_params(model)
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):
+        yield
 
 
 def _full(t: Any) -> Any:

@@ -55,6 +55,7 @@ from vlmtune.fsdp import (
     is_sharded,
     launcher_wants_fsdp,
     load_optimizer_state,
+    loading,
     shard_model,
     shard_weights,
 )
@@ -564,7 +565,8 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     state, cfg, device = run.state, run.cfg, run.device
     run.accelerator.wait_for_everyone()
     best = run.ckpt_dir / "best" if (run.ckpt_dir / "best").exists() else run.ckpt_dir / "last"
-    load_weights(run.model, shard_weights(run.model, open_checkpoint(best).weights()), best)
+    with loading(run.model):  # DeepSpeed ZeRO-3: gathered, then partitioned again
+        load_weights(run.model, shard_weights(run.model, open_checkpoint(best).weights()), best)
     with full_params(run.model):
         metrics = run.task.evaluate(run.model, run.test_records, device=device, train_records=run.train_records,
                                     progress=cfg.train.progress and run.main)
