@@ -217,3 +217,15 @@ def test_shipped_accelerate_configs_parse() -> None:
         assert files[name]["distributed_type"] == "DEEPSPEED"
         assert files[name]["deepspeed_config"]["zero_stage"] == stage
     assert files["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
+
+
+@pytest.mark.slow  # two torchrun launches of a short training run: about 45 s on 2 CPU cores
+def test_bench_fsdp_section_reports_memory_per_process(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--sections", "fsdp", "--images", "24", "--batch-size", "8"]) == 0
+    f = json.loads((out / "bench.json").read_text())["fsdp"]
+    assert f["processes"] == 2 and f["device"] in ("cuda", "cpu (gloo)")
+    for mode in ("ddp", "fsdp"):
+        assert len(f[mode]["peak_mb"]) == 2 and all(v > 0 for v in f[mode]["peak_mb"] + f[mode]["end_mb"]), f[mode]
+    assert f["ratio_fsdp_to_ddp_peak"] > 0
+    assert "Memory per process: FSDP vs DDP" in (out / "bench.md").read_text()
