@@ -4,6 +4,7 @@ a small model, each checked against the same model unsharded. Prints OK at the e
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -55,10 +56,15 @@ class Tiny(nn.Module):
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    # FSDP_WORKER_DEVICE=cuda: the same checks on GPUs over NCCL (one GPU per process).
+    dev = torch.device(os.environ.get("FSDP_WORKER_DEVICE", "cpu"))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     torch.manual_seed(0)
-    ref = Tiny()
+    ref = Tiny().to(dev)
     model = copy.deepcopy(ref)
     shard_model(model, FsdpSettings())
     assert is_sharded(model) and is_sharded(model.blocks[0]) and not is_sharded(model.head)
@@ -70,7 +76,7 @@ def main() -> None:
     names = sorted(ref.state_dict())
     whole = full_tensors(model, names)
     for k in names:
-        assert torch.equal(whole[k], ref.state_dict()[k]), k
+        assert torch.equal(whole[k], ref.state_dict()[k].cpu()), k
 
     # Training steps where only rank 0's batches use the 'extra' head (DDP's unused
     # parameters): losses and gradients equal one process over both batches.
@@ -78,7 +84,7 @@ def main() -> None:
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     for step in range(3):
-        xs = [torch.randn(4, 6, generator=g) for _ in range(world)]
+        xs = [torch.randn(4, 6, generator=g).to(dev) for _ in range(world)]
         terms = model(xs[rank], use_extra=rank == 0)
         loss = sum(terms.values())
         loss.backward()
@@ -93,11 +99,11 @@ def main() -> None:
         assert abs(total.item() / world - ref_loss.item()) < 1e-5, (step, total.item() / world, ref_loss.item())
     after = full_tensors(model, names)
     for k in names:
-        assert torch.allclose(after[k], ref.state_dict()[k], atol=1e-5), k
+        assert torch.allclose(after[k], ref.state_dict()[k].cpu(), atol=1e-5), k
 
     # Uneven work under full_params: rank 0 makes three forwards and calls a method that
     # is not forward, rank 1 one forward; nothing waits for the other process.
-    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(5)).to(dev)
     with torch.no_grad(), full_params(model):
         n = 3 if rank == 0 else 1
         for _ in range(n):
@@ -117,7 +123,7 @@ def main() -> None:
     ref_state = ref_opt.state_dict()
     for i, entry in ref_state["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(state["state"][i][key], entry[key], atol=1e-5), (i, key)
+            assert torch.allclose(state["state"][i][key], entry[key].cpu(), atol=1e-5), (i, key)
     fresh = torch.optim.AdamW(model.parameters(), lr=0.05)
     load_optimizer_state(fresh, state)
     again = full_optimizer_state(fresh.state_dict())
@@ -126,7 +132,7 @@ def main() -> None:
             assert torch.equal(again["state"][i][key], state["state"][i][key]), (i, key)
 
     # Whole weights (a checkpoint's) loaded into the sharded model.
-    target = {k: torch.full_like(v, 0.5) for k, v in ref.state_dict().items()}
+    target = {k: torch.full_like(v, 0.5).cpu() for k, v in ref.state_dict().items()}  # as a checkpoint holds them
     model.load_state_dict(shard_weights(model, target))
     assert all(torch.equal(v, target[k]) for k, v in full_tensors(model, names).items())
     dist.barrier()
