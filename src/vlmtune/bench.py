@@ -13,6 +13,10 @@ eval       retrieval evaluation of N images x M captions (random unit vectors) a
            fresh subprocess so the peak is clean.
 gpu        where CUDA is present: images/s of bf16 feature extraction and the fraction
            of the device's measured peak bf16 matmul throughput it reaches.
+fsdp       peak memory per process of a short training run (last vision block, adapters
+           and heads train) under DDP and under FSDP, 2 processes by torchrun: on GPUs
+           (torch.cuda.max_memory_allocated) when 2 are present, otherwise CPU processes
+           on gloo (ru_maxrss, plus the resident memory held at the end).
 search     ``vlmtune search``'s exact search over N stored embeddings (random unit
            vectors, D=256, saved and opened as an index folder): milliseconds per
            single text query (its embedding given), median and 95th percentile, and
@@ -267,6 +271,78 @@ def bench_search(n: int = 100_000, dim: int = 256, k: int = 10, queries: int = 2
             "cpu_ms_per_query": cpu_ms, "load_average": os.getloadavg()[0], "index_load_s": load_s}
 
 
+# --------------------------------------------------------------------------- fsdp
+
+
+def _fsdp_child(mode: str, preset: str, images: int, batch_size: int, data: str, out: str) -> None:
+    """One process of a short training run under torchrun (``mode`` ddp or fsdp); writes
+    this process's memory figures to ``out/mem_<rank>.json``."""
+    import os
+
+    from vlmtune.config import load_config
+    from vlmtune.train import peak_memory_mb, train
+
+    cfg = load_config(None, [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={images}",
+                             "stages=[{name: last_block, start_epoch: 0, vision_blocks: 1, "
+                             "train: {adapters: 1.0, heads: 1.0, vision_blocks: 0.1}}]",
+                             "train.epochs=1", f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}",
+                             "train.progress=false", "cache.enabled=false", "eval.ks=[1]", "loss.matching=0",
+                             f"train.fsdp.enabled={str(mode == 'fsdp').lower()}"])
+    run_dir = Path(out) / f"run_{mode}"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    train(cfg, run_dir, overwrite=True)
+    rec: dict[str, Any] = {"rank": int(os.environ.get("RANK", "0")), "device": device.type,
+                           "peak_mb": round(peak_memory_mb(device), 1)}
+    if device.type == "cuda":
+        rec["measure"] = "torch.cuda.max_memory_allocated"
+        rec["end_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+    else:
+        rec["measure"] = "ru_maxrss (peak resident set of the process)"
+        with open("/proc/self/statm") as f:  # resident pages now: what the process holds after training
+            rec["end_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    (Path(out) / f"mem_{mode}_{rec['rank']}.json").write_text(json.dumps(rec))
+
+
+def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: int = 2) -> dict[str, Any]:
+    """Peak memory per process of a short training run (the last vision block, the
+    adapters and the heads train; features live, no cache) under DDP and under FSDP,
+    each launched with torchrun: on ``processes`` GPUs when that many are present,
+    otherwise on as many CPU processes over gloo."""
+    import os
+
+    from vlmtune.data.scenes import generate_scenes
+    from vlmtune.runfolder import check_synthetic_dir
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = gpus >= processes
+    data = out / "data_fsdp"
+    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
+        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+    if not on_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    res: dict[str, Any] = {"preset": preset, "processes": processes, "images": images, "batch_size": batch_size,
+                           "device": "cuda" if on_gpu else "cpu (gloo)"}
+    if not on_gpu and gpus:
+        res["note"] = f"{gpus} CUDA device(s), fewer than {processes}: measured on CPU processes"
+    for mode in ("ddp", "fsdp"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(processes), "-m", "vlmtune.bench", "fsdp-child", mode, preset, str(images),
+                               str(batch_size), str(data), str(out)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            res[mode] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+            continue
+        recs = sorted((json.loads((out / f"mem_{mode}_{r}.json").read_text()) for r in range(processes)),
+                      key=lambda x: x["rank"])
+        res[mode] = {"peak_mb": [x["peak_mb"] for x in recs], "end_mb": [x["end_mb"] for x in recs],
+                     "measure": recs[0]["measure"], "wall_s": round(time.perf_counter() - t0, 2)}
+    if "peak_mb" in res.get("ddp", {}) and "peak_mb" in res.get("fsdp", {}):
+        res["ratio_fsdp_to_ddp_peak"] = max(res["fsdp"]["peak_mb"]) / max(res["ddp"]["peak_mb"])
+        res["ratio_fsdp_to_ddp_end"] = max(res["fsdp"]["end_mb"]) / max(res["ddp"]["end_mb"])
+    return res
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -277,7 +353,7 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
-    sections = sections or ["training", "loader", "eval", "gpu", "search"]
+    sections = sections or ["training", "loader", "eval", "gpu", "search", "fsdp"]
     result: dict[str, Any] = {"machine": _machine(), "preset": preset}
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
@@ -295,6 +371,8 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["gpu"] = bench_gpu(preset)
     if "search" in sections:
         result["search"] = bench_search(search_size, out=out)
+    if "fsdp" in sections:
+        result["fsdp"] = bench_fsdp(preset, min(images, 32), min(batch_size, 8), out)
     write_text(out / "bench.json", json.dumps(result, indent=2))
     write_text(out / "bench.md", render(result))
     return result
@@ -341,9 +419,27 @@ def render(r: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|",
                   f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
                   f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |", ""]
+    if "fsdp" in r:
+        f = r["fsdp"]
+        lines += [f"## Memory per process: FSDP vs DDP ({f['processes']} processes, {f['device']}, {f['preset']})", ""]
+        if "note" in f:
+            lines += [f["note"] + ".", ""]
+        rows = [(m, f[m]) for m in ("ddp", "fsdp")]
+        measure = next((x["measure"] for _, x in rows if "measure" in x), "")
+        lines += [f"Peak: {measure}; end: held after the run.", "", "| | peak MB per process | end MB per process | wall s |",
+                  "|---|---|---|---|"]
+        for m, x in rows:
+            lines.append(f"| {m} | error: {x['error']} | | |" if "error" in x else
+                         f"| {m} | {', '.join(f'{v:.0f}' for v in x['peak_mb'])} | {', '.join(f'{v:.0f}' for v in x['end_mb'])} "
+                         f"| {x['wall_s']:.1f} |")
+        if "ratio_fsdp_to_ddp_peak" in f:
+            lines += [f"| **FSDP / DDP** | **{f['ratio_fsdp_to_ddp_peak']:.2f}** | **{f['ratio_fsdp_to_ddp_end']:.2f}** | |"]
+        lines.append("")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the eval section's subprocess: python -m vlmtune.bench KIND N M DIM CHUNK
+if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-child"]:  # the fsdp section's torchrun processes
+    _fsdp_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7])
+elif __name__ == "__main__":  # the eval section's subprocess: python -m vlmtune.bench KIND N M DIM CHUNK
     kind, n, m, dim, chunk = sys.argv[1:6]
     print(json.dumps(_eval_child(kind, int(n), int(m), int(dim), int(chunk))))

@@ -599,7 +599,8 @@ def _add_analysis_commands(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
                        "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
-                       "matmul, on a GPU bf16 feature extraction, and exact search over stored embeddings. Writes bench.json and bench.md.")
+                       "matmul, on a GPU bf16 feature extraction, exact search over stored embeddings, and (fsdp) peak memory per "
+                       "process under FSDP vs DDP. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
@@ -608,7 +609,7 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search", "fsdp"), help="default: all")
     b.add_argument("--search-size", type=int, default=100_000,
                    help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")

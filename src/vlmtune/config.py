@@ -168,6 +168,19 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class FsdpConfig:
+    enabled: bool = _f(False, "Shard the model with FSDP2 (PyTorch fully_shard) over the processes of a distributed launch (torchrun or "
+                       "accelerate launch): each process holds 1/N of every weight, gradient and optimizer state. Also on when an "
+                       "Accelerate config file says distributed_type: FSDP (its fsdp_config then applies; these keys win when enabled).")
+    reshard_after_forward: bool = _f(True, "Free a block's gathered weights after its forward and gather them again for its backward "
+                                     "(least memory); false keeps them from forward to backward (one all-gather less per block).")
+    cpu_offload: bool = _f(False, "Keep the sharded weights, gradients and optimizer state in CPU memory, moved to the GPU per block "
+                           "(much less GPU memory, slower steps).")
+    wrap: list[str] | None = _f(None, "Module class names that become their own FSDP unit; null = the backbone's transformer blocks "
+                                "(transformers' _no_split_modules: InternVLVisionLayer, Qwen2DecoderLayer, ...).")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _f(8, "Total epochs over all stages.")
     batch_size: int = _f(32, "Batch size per process.")
@@ -180,6 +193,7 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "A step whose loss is NaN or infinite is skipped (and counted); after this many in a row the run stops with a checkpoint.")
     num_threads: int | None = _f(None, "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
                                  "On a shared or small CPU, 1 is often much faster than the default.")
+    fsdp: FsdpConfig = _f(FsdpConfig(), "FSDP2 sharding of the model across processes (see README: Many GPUs).")
     init_from: str | None = _f(None, "Warm start: a checkpoint of another run whose trained weights this run starts from (fresh schedule and history; "
                                "set by 'vlmtune train --init-from CKPT'). Checked against the backbone and the model's shapes; --resume re-checks it.")
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -46,6 +46,19 @@ from vlmtune.config import Config, config_to_dict, save_config
 from vlmtune.data.integrity import check_data_unchanged, data_digests, warn_overlaps
 from vlmtune.distributed import all_gather_objects, all_reduce_sum, rank_world
 from vlmtune.errors import CheckpointError, ConfigError, Diverged, Interrupted
+from vlmtune.fsdp import (
+    FsdpSettings,
+    fsdp_settings,
+    full_optimizer_state,
+    full_params,
+    full_tensors,
+    is_sharded,
+    launcher_wants_fsdp,
+    load_optimizer_state,
+    loading,
+    shard_model,
+    shard_weights,
+)
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord, parse_record
 from vlmtune.runfolder import INIT_RECORD, LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
 from vlmtune.stages import Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
@@ -59,10 +72,39 @@ log = logging.getLogger("vlmtune")
 TRACKERS = ("wandb", "tensorboard")
 
 
+def resolve_mixed_precision(value: str) -> str | None:
+    """What ``train.mixed_precision`` passes to Accelerator. ``auto`` defers to the
+    launcher when it set one (``accelerate launch --mixed_precision`` or a config file's
+    ``mixed_precision``, exported to every process as ACCELERATE_MIXED_PRECISION): None,
+    so Accelerate reads it; without a launcher's setting, bf16 on a GPU that has it and
+    no (float32) otherwise. An explicit value wins over the launcher's (logged)."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if value == "auto":
+        if launcher:
+            return None
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if launcher and launcher != value:
+        log.info("train.mixed_precision=%s overrides the launcher's mixed_precision %s", value, launcher)
+    return value
+
+
+@contextlib.contextmanager
+def _accelerate_fsdp_off(fsdp: FsdpSettings | None) -> Iterator[None]:
+    """Accelerator built without Accelerate's own FSDP (vlmtune shards the model itself,
+    see vlmtune.fsdp): an Accelerate launcher's ACCELERATE_USE_FSDP hidden meanwhile."""
+    hide = fsdp is not None and launcher_wants_fsdp()
+    if hide:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if hide:
+            os.environ["ACCELERATE_USE_FSDP"] = "true"
+
+
 def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path | None = None) -> Accelerator:
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mp = resolve_mixed_precision(cfg.train.mixed_precision)
+    fsdp = fsdp_settings(cfg)
     # The seedable sampler makes the data order a function of (seed, epoch), so a
     # resumed run sees exactly the batches the uninterrupted run would have seen.
     # find_unused_parameters: a stage may train parameters its active losses do not
@@ -72,6 +114,15 @@ def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path 
     # Launched as several processes (torchrun) on a machine without a GPU: Accelerate
     # runs them on the gloo backend only when told that the device is the CPU.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    with _accelerate_fsdp_off(fsdp):
+        accelerator = _make_accelerator(cfg, tracker, project_dir, mp, cpu_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        check_deepspeed_plan(cfg, fsdp)
+    return accelerator
+
+
+def _make_accelerator(cfg: Config, tracker: str | None, project_dir: Path | None, mp: str | None,
+                      cpu_processes: bool) -> Accelerator:
     return Accelerator(
         cpu=cpu_processes,
         mixed_precision=mp,
@@ -197,6 +248,9 @@ class StageRun:
     loader: Any
     params: list[nn.Parameter]
     cache: FeatureCache | None
+    # Under FSDP / DeepSpeed ZeRO-3: the checkpoint's weights and optimizer state, made
+    # whole by every process together just before the main process saves them.
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -302,6 +356,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
         # memory, samples; stage lines the stage index and trainable count.
         sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
     run.history = History(out / "history.jsonl", run.state.history_lines if resume_from else None, sink, enabled=main)
+    shard_once(run)  # FSDP: before the move, so a device only ever holds this process's shards
     seed_process_stream(cfg.seed)
     model.to(run.device)
     run.t_start = time.time() - run.state.wall_s
@@ -330,6 +385,7 @@ def remaining_stages(run: Run) -> Iterator[Stage]:
 def start_stage(run: Run, stage: Stage) -> StageRun:
     """Freeze for the stage, build its parameter groups, optimizer, schedule and loader."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    shard_once(run)  # FSDP: sharded before the first optimizer exists, so every stage's is over the shards
     groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
     run.backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
     trainable, total = count_parameters(model)
@@ -339,19 +395,20 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     cache = _stage_cache(cfg, run.task, stage, run.out)
     # The main process fills the feature cache; the others then only read it.
-    with accelerator.main_process_first():
+    with full_params(model), accelerator.main_process_first():  # FSDP: the main process alone fills it
         loader = run.task.make_loader(run.train_records, run.backbone, train=True, seed=cfg.seed, cache=cache)
         if cache and accelerator.num_processes > 1:  # validation is sharded: fill its part now
             run.task.make_loader(run.val_records, run.backbone, train=False, cache=cache)
     accelerator.free_memory()
-    # Prepared first, so its length is this process's batches (what the loop steps over).
-    loader = accelerator.prepare(loader)
-    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
-    total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
-    # Accelerate steps a prepared scheduler once per process, so count in those units.
-    n = accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * n, total_steps * n)
-    pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def make_scheduler(batches: int) -> Any:
+        steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
+        total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
+        # Accelerate steps a prepared scheduler once per process, so count in those units.
+        n = accelerator.num_processes
+        return get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * n, total_steps * n)
+
+    pmodel, optimizer, scheduler, loader = prepare_stage(accelerator, model, optimizer, loader, make_scheduler)
     st = StageRun(stage, pmodel, optimizer, scheduler, loader, [p for g in groups for p in g["params"]], cache)
     if run.trainer_state is not None:
         _restore_stage(run, st)
@@ -447,6 +504,7 @@ def _end_step(run: Run, st: StageRun, epoch: int, progress: EpochProgress, value
     state.wall_s = time.time() - run.t_start
     state.train_wall_s += time.time() - t_epoch
     rngs = gather_rng_states()  # every process, before the main one saves
+    gather_for_save(run, st)
     if run.main:
         _save(run, st, rngs)
     run.accelerator.wait_for_everyone()
@@ -464,7 +522,8 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
     """Validate, update the best metric and early stopping, write the history line and
     the checkpoints. Returns True when the run stops early."""
     state, es = run.state, run.cfg.train.early_stopping
-    val = run.task.validate(run.model, run.val_records, device=run.device, cache=st.cache)
+    with full_params(run.model):  # FSDP: evaluation shards records unevenly; see vlmtune.fsdp
+        val = run.task.validate(run.model, run.val_records, device=run.device, cache=st.cache)
     run.last_val = val
     if es.metric not in val:
         raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
@@ -489,6 +548,7 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
         state.stopped_early = True
     state.history_lines = len(run.history.lines)
     rngs = gather_rng_states()  # every process, before the main one saves
+    gather_for_save(run, st)
     if run.main:
         # A kill between these two leaves `best` behind `last`; a resume repairs it (_repair_best).
         _save(run, st, rngs)
@@ -509,9 +569,11 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     state, cfg, device = run.state, run.cfg, run.device
     run.accelerator.wait_for_everyone()
     best = run.ckpt_dir / "best" if (run.ckpt_dir / "best").exists() else run.ckpt_dir / "last"
-    load_weights(run.model, open_checkpoint(best).weights(), best)
-    metrics = run.task.evaluate(run.model, run.test_records, device=device, train_records=run.train_records,
-                                progress=cfg.train.progress and run.main)
+    with loading(run.model):  # DeepSpeed ZeRO-3: gathered, then partitioned again
+        load_weights(run.model, shard_weights(run.model, open_checkpoint(best).weights()), best)
+    with full_params(run.model):
+        metrics = run.task.evaluate(run.model, run.test_records, device=device, train_records=run.train_records,
+                                    progress=cfg.train.progress and run.main)
     _, total = count_parameters(run.model)
     metrics.update({
         "train/epochs": state.epoch,
@@ -639,7 +701,10 @@ def _restore_stage(run: Run, st: StageRun) -> None:
     # Optimizer and schedule belong to the stage they were saved in; a resume at a
     # stage boundary starts the new stage's fresh ones, as the straight run did.
     if saved["stage"] == st.stage.index:
-        st.optimizer.load_state_dict(saved["optimizer"])
+        if saved["optimizer"] is None:  # written under DeepSpeed (see _trainer_tensors)
+            raise CheckpointError("--resume: this checkpoint was written under DeepSpeed, whose ZeRO-partitioned optimizer "
+                                  "state vlmtune does not save; a DeepSpeed run cannot resume inside a stage")
+        load_optimizer_state(st.optimizer, saved["optimizer"])  # whole tensors, cut to the shards under FSDP
         st.scheduler.load_state_dict(saved["scheduler"])
     rng = own_rng_state(saved, run.cfg.seed, run.state.step, f"the checkpoint in {run.ckpt_dir}", run.main)
     if run.state.epoch_batches:
@@ -722,13 +787,101 @@ def _repair_best(last: Checkpoint, best: Path) -> None:
 def _save(run: Run, st: StageRun, rngs: list[dict[str, Any]] | None = None) -> None:
     """The ``last`` checkpoint: trained weights, config, state and trainer state.
     ``rngs``: every process's RNG state in rank order (:func:`gather_rng_states`, which
-    every process must call); this process's alone by default."""
-    sd = run.model.state_dict()
-    weights = {k: sd[k] for k in sorted(run.saved_names)}
-    trainer_state = {"optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+    every process must call); this process's alone by default. Under FSDP or ZeRO-3 the
+    weights and optimizer state were gathered by every process (:func:`gather_for_save`)."""
+    gathered, st.gathered = st.gathered, None
+    if gathered is None:
+        gathered = _trainer_tensors(run, st)
+    weights, optimizer_state = gathered
+    trainer_state = {"optimizer": optimizer_state, "scheduler": st.scheduler.state_dict(),
                      "stage": st.stage.index, **rng_record(rngs or [rng_state()])}
     save_checkpoint(run.ckpt_dir / "last", weights=weights, cfg=run.cfg, state=run.state, trainer_state=trainer_state,
                     backbone=run.backbone if run.backbone.source == "tiny" else None, keep=run.cfg.train.keep_last)
+
+
+# --------------------------------------------------------------------------- many processes: FSDP, DeepSpeed
+
+
+def shard_once(run: Run) -> None:
+    """FSDP (train.fsdp.enabled or an Accelerate config with FSDP): shard the model by
+    transformer block, once; later stages reuse the sharding. With one process there is
+    nothing to shard and the run trains the plain model (logged)."""
+    settings = fsdp_settings(run.cfg)
+    if settings is None or is_sharded(run.model):
+        return
+    if run.accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        if run.main:
+            log.info("FSDP (%s): one process, nothing to shard; the model trains whole", settings.source)
+        return
+    shard_model(run.model, dataclasses.replace(settings, mixed_precision=run.accelerator.mixed_precision))
+
+
+def check_deepspeed_plan(cfg: Config, fsdp: FsdpSettings | None) -> None:
+    """What vlmtune cannot do under DeepSpeed, refused before any work. A DeepSpeed
+    engine (model, optimizer, schedule) is built once, by one ``accelerator.prepare``;
+    Accelerate cannot prepare a second optimizer for the same model (one model per
+    Accelerator under DeepSpeed, and the engine is not re-preparable), while every
+    stage boundary needs a new optimizer over a new trainable set."""
+    if fsdp is not None:
+        raise ConfigError(f"{fsdp.source}: FSDP and DeepSpeed together; launch with one of them")
+    if len(cfg.stages) > 1:
+        raise ConfigError(f"stages: {len(cfg.stages)} stages under DeepSpeed, which builds its engine (model, optimizer, "
+                          f"schedule) once and cannot take a new optimizer at a stage boundary; use FSDP "
+                          f"(configs/accelerate/fsdp.yaml) or DDP for a multi-stage plan, or a one-stage plan")
+
+
+def prepare_stage(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+                  make_scheduler: Any) -> tuple[Any, Any, Any, Any]:
+    """(model, optimizer, scheduler, loader) prepared for this stage, in the order the
+    accelerator's distributed type needs. ``make_scheduler(batches)`` builds the stage's
+    schedule from this process's batches per epoch.
+
+    - DeepSpeed: all four in one ``prepare`` call (its ``auto`` micro-batch size comes from
+      the loader, and the engine is built from model, optimizer and scheduler together);
+      the per-process batch count is worked out before, as Accelerate will shard it.
+    - FSDP (the model already sharded by :func:`shard_once`): the loader, then optimizer
+      and scheduler; the model is not wrapped again.
+    - DDP and one process: the loader first (its prepared length is this process's
+      batches), then model, optimizer and scheduler.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        n, total = accelerator.num_processes, len(loader)
+        drop_last = bool(getattr(getattr(loader, "batch_sampler", None), "drop_last", False))
+        scheduler = make_scheduler(total // n if drop_last else math.ceil(total / n))
+        loader, pmodel, optimizer, scheduler = accelerator.prepare(loader, model, optimizer, scheduler)
+        return pmodel, optimizer, scheduler, loader
+    loader = accelerator.prepare(loader)
+    scheduler = make_scheduler(len(loader))
+    if is_sharded(model):
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return model, optimizer, scheduler, loader
+    pmodel, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return pmodel, optimizer, scheduler, loader
+
+
+def _trainer_tensors(run: Run, st: StageRun) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The checkpoint's trained tensors and optimizer state, whole (a one-process run's
+    format whatever the launch). FSDP: gathered from the shards; DeepSpeed: weights
+    through ``accelerator.get_state_dict`` (ZeRO-3 gathers them), no optimizer state
+    (ZeRO partitions it in its own format). Collective in both cases."""
+    names = sorted(run.saved_names)
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        sd = run.accelerator.get_state_dict(st.pmodel)
+        return {k: sd[k] for k in names if k in sd}, None
+    if is_sharded(run.model):
+        return full_tensors(run.model, names), full_optimizer_state(st.optimizer.state_dict())
+    sd = run.model.state_dict()
+    return {k: sd[k] for k in names}, st.optimizer.state_dict()
+
+
+def gather_for_save(run: Run, st: StageRun) -> None:
+    """Called by every process before the main one saves: under FSDP or DeepSpeed the
+    checkpoint's tensors are gathered together (the main process keeps them in
+    ``st.gathered`` for :func:`_save`); nothing to do otherwise."""
+    if not (is_sharded(run.model) or run.accelerator.distributed_type == DistributedType.DEEPSPEED):
+        return
+    gathered = _trainer_tensors(run, st)
+    st.gathered = gathered if run.main else None
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:

@@ -97,10 +97,30 @@ def _memo_sha256(module: nn.Module) -> str:
 def _weights_sha256(module: nn.Module) -> str:
     """sha256 over a module's named weights and buffers."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
+    for name, t in _named_weights(module):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _named_weights(module: nn.Module) -> Any:
+    """``module.state_dict().items()``; under FSDP the same names in the same order read
+    from the modules themselves, because an FSDP state_dict reshards the weights that
+    vlmtune.fsdp.full_params gathered (and only gathered weights can be hashed by one
+    process alone)."""
+    if not any(type(m).__name__.startswith("FSDP") for m in module.modules()) and not any(
+            type(p).__name__ == "DTensor" for p in module.parameters()):
+        return module.state_dict().items()
+    out = []
+    for prefix, m in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        out += [(dot + n, p) for n, p in m._parameters.items() if p is not None]
+        out += [(dot + n, b) for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
+    for name, t in out:
+        if type(t).__name__ == "DTensor":
+            raise RuntimeError(f"{name}: a sharded weight; fingerprint it inside vlmtune.fsdp.full_params")
+    # Copies, one at a time: .numpy() on FSDP's gathered storage would pin it (FSDP frees it by resizing).
+    return ((name, t.detach().clone()) for name, t in out)
 
 
 class CacheCorrupt(VlmtuneError):
