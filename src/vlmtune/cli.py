@@ -211,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
               batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
-              search_size=args.search_size)
+              search_size=args.search_size, stage_steps=args.stage_steps, recipes=args.recipes)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -598,7 +598,8 @@ def _add_analysis_commands(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
-                       "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
+                       "(against one feature-extraction pass), the two-stage recipe's steps with and without the cached "
+                       "frozen prefix and its wall time against the single-stage recipe, dataloader throughput, retrieval evaluation against a bare "
                        "matmul, on a GPU bf16 feature extraction, and exact search over stored embeddings. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
@@ -608,7 +609,13 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "stages", "loader", "eval", "gpu", "search"),
+                   help="default: all")
+    b.add_argument("--stage-steps", type=positive_int, default=8,
+                   help="stages section: timed steps per variant and round (two rounds, after 2 warm-up steps; default 8)")
+    b.add_argument("--recipes", nargs=2, metavar=("TWO_STAGE", "SINGLE_STAGE"),
+                   help="stages section: the recipes compared (default: configs/retrieval_two_stage.yaml and "
+                   "configs/retrieval_single_stage.yaml of the repository)")
     b.add_argument("--search-size", type=int, default=100_000,
                    help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")
