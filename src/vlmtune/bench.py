@@ -216,8 +216,9 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
 
 
 def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Path, steps: int = 8, warmup: int = 2,
-                 recipes: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
-    """The two-stage recipe's stage steps (cached, prefix-cached, live) and both recipes' wall time."""
+                 recipes: list[str] | None = None, progress: bool = False, recipe_runs: bool = True) -> dict[str, Any]:
+    """The two-stage recipe's stage steps (cached, prefix-cached, live) and, with
+    ``recipe_runs``, both recipes' wall time."""
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
@@ -276,6 +277,8 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     res["ratio_b_to_a_same_losses"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached_stage2_losses"]
     res["ratio_c_to_b"] = st["c_stage2_live"] / st["b_stage2_prefix_cached"]
     del model, backbone, frozen, prefix, live
+    if not recipe_runs:
+        return res
 
     # (d) The recipes as shipped, at this size: the cache of each built inside its run.
     recipes_res: dict[str, Any] = {}
@@ -445,7 +448,7 @@ def bench_search(n: int = 100_000, dim: int = 256, k: int = 10, queries: int = 2
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
               progress: bool = False, search_size: int = 100_000, stage_steps: int = 8,
-              recipes: list[str] | None = None) -> dict[str, Any]:
+              recipes: list[str] | None = None, recipe_runs: bool = True) -> dict[str, Any]:
     from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
@@ -456,7 +459,7 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
     if "stages" in sections:
         result["stages"] = bench_stages(preset, images, epochs, batch_size, out, steps=stage_steps, recipes=recipes,
-                                        progress=progress)
+                                        progress=progress, recipe_runs=recipe_runs)
     if "loader" in sections:
         from vlmtune.runfolder import check_synthetic_dir
 
@@ -523,10 +526,8 @@ def render(r: dict[str, Any]) -> str:
 
 
 def render_stages(s: dict[str, Any]) -> list[str]:
-    st, rc = s["step_s"], s["recipes"]
-    two, one = rc["two_stage"], rc["single_stage"]
-    n = s["trained_blocks"]
-    return [f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
+    st, n = s["step_s"], s["trained_blocks"]
+    lines = [f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
             f"batch {s['batch_size']}, {s['device']})", "",
             f"Median of {s['steps']} steps after {s['warmup']} warm-up steps (loading the batch included). Stage 2 "
             f"trains the last {n} of {s['vision_blocks']} vision blocks; its prefix cache holds the state entering "
@@ -542,11 +543,15 @@ def render_stages(s: dict[str, Any]) -> list[str]:
             f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} |",
             f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** |", "",
             f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
-            f"{s['prefix_cache_build_s']:.2f} s.", "",
-            "| recipe | epochs | wall s |", "|---|---|---|",
-            f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} |",
-            f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} |",
-            f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** |", ""]
+            f"{s['prefix_cache_build_s']:.2f} s.", ""]
+    if "recipes" not in s:
+        return lines
+    two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
+    return lines + [
+        "| recipe | epochs | wall s |", "|---|---|---|",
+        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} |",
+        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} |",
+        f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** |", ""]
 
 
 if __name__ == "__main__":  # the eval section's subprocess: python -m vlmtune.bench KIND N M DIM CHUNK
