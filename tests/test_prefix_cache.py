@@ -156,8 +156,9 @@ def test_two_stage_run_with_prefix_cache_equals_the_uncached_run(tmp_path: Path,
 
 def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
         tmp_path: Path, scenes: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM inside stage 2 (step 15): the resumed run reads the prefix store the
-    first one built (not rebuilt) and ends exactly as the straight run."""
+    """`vlmtune cache` fills the prefix store up front; SIGTERM inside stage 2 (step 15);
+    the first run and the resumed one read that store (never rebuilt) and the run ends
+    exactly as the straight run."""
     from test_faults import _assert_same_run, _counting_forward
 
     def sigterm_at_15(n, terms):
@@ -165,14 +166,17 @@ def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
             os.kill(os.getpid(), signal.SIGTERM)
         return terms
 
-    _counting_forward(monkeypatch, sigterm_at_15)
     run = tmp_path / "run"
+    assert main(["cache", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]) == 0
+    (prefix,) = [d for d in (run / "cache").iterdir()
+                 if json.loads((d / "namespace.json").read_text())["kind"] == "vision_hidden"]
+    assert json.loads((prefix / "namespace.json").read_text())["start"] == 1
+    built = (prefix / "features.npy").stat().st_mtime_ns
+    _counting_forward(monkeypatch, sigterm_at_15)
     args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]
     assert main(args) == 143
     monkeypatch.undo()
-    (prefix,) = [d for d in (run / "cache").iterdir()
-                 if json.loads((d / "namespace.json").read_text())["kind"] == "vision_hidden"]
-    built = (prefix / "features.npy").stat().st_mtime_ns
+    assert (prefix / "features.npy").stat().st_mtime_ns == built
     assert main([*args, "--resume"]) == 0
     assert (prefix / "features.npy").stat().st_mtime_ns == built
     stage2 = [x for x in _lines(run) if x["type"] == "stage"][1]
