@@ -31,6 +31,7 @@ search     ``vlmtune search``'s exact search over N stored embeddings (random un
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -173,10 +174,12 @@ def _median(xs: list[float]) -> float:
 
 
 def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], weights: dict[str, float], cfg: Any,
-                device: torch.device, steps: int, warmup: int) -> list[float]:
-    """Seconds of ``steps`` training steps after ``warmup`` (each: next batch from the
-    loader, to the device, forward, weighted loss, backward, clip, AdamW step), with the
-    stage's components trainable as the training loop sets them."""
+                device: torch.device, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (this process, all its threads) of ``steps`` training steps
+    after ``warmup`` (each: next batch from the loader, to the device, forward, weighted
+    loss, backward, clip, AdamW step), with the stage's components trainable as the
+    training loop sets them. On a CPU shared with other work the CPU time is the
+    steadier measure of the step's own cost."""
     from vlmtune.stages import apply_stage
 
     groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
@@ -187,7 +190,7 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
     params = [p for g in groups for p in g["params"]]
     mp = cfg.train.mixed_precision
     bf16 = device.type == "cuda" and mp in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    it, times = iter(loader), []
+    it, times, cpu = iter(loader), [], []
 
     def sync() -> None:
         if device.type == "cuda":
@@ -195,7 +198,7 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
 
     for i in range(warmup + steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             batch = next(it)
         except StopIteration:
@@ -212,7 +215,8 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+            cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Path, steps: int = 8, warmup: int = 2,
@@ -262,20 +266,29 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     }
     # Two rounds, each variant in turn: a machine whose load drifts biases none of them.
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(2):
         for name, (stage, loader, losses) in variants.items():
-            times[name] += _time_steps(model, stage, loader, losses, weights, cfg, device, steps, warmup)
+            wall, c = _time_steps(model, stage, loader, losses, weights, cfg, device, steps, warmup)
+            times[name] += wall
+            cpu[name] += c
     res: dict[str, Any] = {
         "preset": preset, "images": images, "captions": len(records), "batch_size": batch_size, "device": str(device),
         "vision_blocks": n_blocks, "trained_blocks": s2.vision_blocks, "prefix_start": start,
         "stage1_losses": sorted(s1.losses), "stage2_losses": sorted(s2.losses), "steps": 2 * steps, "warmup": warmup,
         "frozen_cache_build_s": frozen_build_s, "prefix_cache_build_s": prefix_build_s,
         "step_s": {k: _median(v) for k, v in times.items()},
+        "step_cpu_s": {k: _median(v) for k, v in cpu.items()}, "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
     }
     st = res["step_s"]
     res["ratio_b_to_a"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached"]
     res["ratio_b_to_a_same_losses"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached_stage2_losses"]
     res["ratio_c_to_b"] = st["c_stage2_live"] / st["b_stage2_prefix_cached"]
+    sc = res["step_cpu_s"]
+    res["cpu_ratio_b_to_a"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached"]
+    res["cpu_ratio_b_to_a_same_losses"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached_stage2_losses"]
+    res["cpu_ratio_c_to_b"] = sc["c_stage2_live"] / sc["b_stage2_prefix_cached"]
     del model, backbone, frozen, prefix, live
     if not recipe_runs:
         return res
@@ -285,17 +298,18 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     for name, path in (("two_stage", two), ("single_stage", single)):
         run_dir = out / f"run_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train(load_config(path, base), run_dir)
-        total = time.perf_counter() - t0
+        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
         lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3),
+        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3), "cpu_s": round(total_cpu, 3),
                              "epochs": metrics["train/epochs"], "train_wall_s": metrics["train/train_wall_s"],
                              "mean_recall": metrics.get("retrieval/mean_recall"),
                              "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"]}
     res["recipes"] = recipes_res
     res["ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"]
+    res["cpu_ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"]
     return res
 
 
@@ -526,32 +540,34 @@ def render(r: dict[str, Any]) -> str:
 
 
 def render_stages(s: dict[str, Any]) -> list[str]:
-    st, n = s["step_s"], s["trained_blocks"]
+    st, sc, n = s["step_s"], s["step_cpu_s"], s["trained_blocks"]
     lines = [f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
             f"batch {s['batch_size']}, {s['device']})", "",
             f"Median of {s['steps']} steps after {s['warmup']} warm-up steps (loading the batch included). Stage 2 "
             f"trains the last {n} of {s['vision_blocks']} vision blocks; its prefix cache holds the state entering "
-            f"block {s['prefix_start']}.", "",
-            "| step | losses | ms |", "|---|---|---|",
-            f"| (a) stage 1, from the cache | {', '.join(s['stage1_losses'])} | {1000 * st['a_stage1_cached']:.1f} |",
-            f"| (a') stage 1, from the cache, stage 2's losses | {', '.join(s['stage2_losses'])} | "
-            f"{1000 * st['a_stage1_cached_stage2_losses']:.1f} |",
-            f"| (b) stage 2, from the prefix cache | {', '.join(s['stage2_losses'])} | {1000 * st['b_stage2_prefix_cached']:.1f} |",
-            f"| (c) stage 2, vision tower live (no vision cache) | {', '.join(s['stage2_losses'])} | "
-            f"{1000 * st['c_stage2_live']:.1f} |",
-            f"| **b / a** (target <= 1.5) | | **{s['ratio_b_to_a']:.2f}** |",
-            f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} |",
-            f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** |", "",
-            f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
-            f"{s['prefix_cache_build_s']:.2f} s.", ""]
+            f"block {s['prefix_start']}. {s['threads']} torch threads, load average {s['load_average']:.1f} at the end "
+            f"(CPU ms: this process's CPU time, the steadier figure on a shared CPU).", "",
+            "| step | losses | wall ms | CPU ms |", "|---|---|---|---|"]
+    names = {"a_stage1_cached": ("(a) stage 1, from the cache", s["stage1_losses"]),
+             "a_stage1_cached_stage2_losses": ("(a') stage 1, from the cache, stage 2's losses", s["stage2_losses"]),
+             "b_stage2_prefix_cached": ("(b) stage 2, from the prefix cache", s["stage2_losses"]),
+             "c_stage2_live": ("(c) stage 2, vision tower live (no vision cache)", s["stage2_losses"])}
+    lines += [f"| {label} | {', '.join(losses)} | {1000 * st[k]:.1f} | {1000 * sc[k]:.1f} |"
+              for k, (label, losses) in names.items()]
+    lines += [f"| **b / a** (target <= 1.5) | | **{s['ratio_b_to_a']:.2f}** | **{s['cpu_ratio_b_to_a']:.2f}** |",
+              f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} | {s['cpu_ratio_b_to_a_same_losses']:.2f} |",
+              f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** | **{s['cpu_ratio_c_to_b']:.2f}x** |",
+              "", f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
+              f"{s['prefix_cache_build_s']:.2f} s.", ""]
     if "recipes" not in s:
         return lines
     two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
     return lines + [
-        "| recipe | epochs | wall s |", "|---|---|---|",
-        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} |",
-        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} |",
-        f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** |", ""]
+        "| recipe | epochs | wall s | CPU s |", "|---|---|---|---|",
+        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} | {two['cpu_s']:.2f} |",
+        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} | {one['cpu_s']:.2f} |",
+        f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** | "
+        f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |", ""]
 
 
 if __name__ == "__main__":  # the eval section's subprocess: python -m vlmtune.bench KIND N M DIM CHUNK
