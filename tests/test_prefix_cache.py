@@ -182,3 +182,12 @@ def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
     stage2 = [x for x in _lines(run) if x["type"] == "stage"][1]
     assert stage2["cache"]["cache_vision_start"] == 1
     _assert_same_run(straight, run)
+
+
+def test_bench_stages_names_a_missing_recipe(tmp_path: Path, capsys) -> None:
+    """--recipes that is not a file: one line naming it, exit 2, before any work."""
+    missing = tmp_path / "nope.yaml"
+    assert main(["bench", "--out", str(tmp_path / "b"), "--sections", "stages", "--recipes", str(missing),
+                 TWO_STAGE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --recipes:") and "nope.yaml" in err[0]

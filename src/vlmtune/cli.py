@@ -627,7 +627,8 @@ def _add_analysis_commands(sub: Any) -> None:
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
     b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200)")
-    b.add_argument("--epochs", type=positive_int, default=5, help="cached epochs (default 5)")
+    b.add_argument("--epochs", type=positive_int, default=5,
+                   help="training section: cached epochs; stages section: both recipes' train.epochs (default 5)")
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
