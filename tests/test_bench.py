@@ -24,3 +24,36 @@ def test_bench_command_measures_cached_and_uncached_training(tmp_path: Path) -> 
     assert "skipped" in r["gpu"] or r["gpu"]["images_per_s_bf16"] > 0
     md = (out / "bench.md").read_text()
     assert "cached total / extraction pass" in md and "100 x 300" in md
+
+
+@pytest.mark.slow  # two whole (small) recipe runs besides the steps: about 15 s on a quiet machine
+def test_bench_stages_section_times_the_two_stage_steps_and_recipes(tmp_path: Path) -> None:
+    """The stages section: every step variant timed on one model, the ratios from those
+    medians, both recipes run (stage 2 of the two-stage one from the prefix cache)."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--images", "12", "--epochs", "2", "--batch-size", "4",
+                 "--sections", "stages", "--stage-steps", "1"]) == 0
+    s = json.loads((out / "bench.json").read_text())["stages"]
+    st = s["step_s"]
+    assert set(st) == {"a_stage1_cached", "a_stage1_cached_stage2_losses", "b_stage2_prefix_cached", "c_stage2_live"}
+    assert all(v > 0 for v in st.values()) and s["steps"] == 2
+    assert s["ratio_b_to_a"] == pytest.approx(st["b_stage2_prefix_cached"] / st["a_stage1_cached"])
+    assert s["ratio_c_to_b"] == pytest.approx(st["c_stage2_live"] / st["b_stage2_prefix_cached"])
+    assert s["prefix_start"] == s["vision_blocks"] - s["trained_blocks"] == 1
+    two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
+    assert two["epochs"] == one["epochs"] == 2
+    assert two["stages"][1]["cache_vision_start"] == 1 and "cache_vision_start" not in one["stages"][0]
+    assert s["ratio_two_stage_to_single_stage"] == pytest.approx(two["wall_s"] / one["wall_s"])
+    md = (out / "bench.md").read_text()
+    assert "from the prefix cache" in md and "two-stage / single-stage" in md
+
+
+def test_bench_stages_steps_only(tmp_path: Path) -> None:
+    """--no-recipe-runs: the step comparison alone (what the default test run affords)."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--images", "10", "--epochs", "2", "--batch-size", "4",
+                 "--sections", "stages", "--stage-steps", "1", "--no-recipe-runs"]) == 0
+    s = json.loads((out / "bench.json").read_text())["stages"]
+    assert "recipes" not in s and s["ratio_c_to_b"] > 0 and s["prefix_cache_build_s"] > 0
+    md = (out / "bench.md").read_text()
+    assert "(b) stage 2, from the prefix cache" in md and "two-stage / single-stage" not in md

@@ -13,6 +13,15 @@ eval       retrieval evaluation of N images x M captions (random unit vectors) a
            fresh subprocess so the peak is clean.
 gpu        where CUDA is present: images/s of bf16 feature extraction and the fraction
            of the device's measured peak bf16 matmul throughput it reaches.
+stages     the two-stage retrieval recipe's steps, side by side on one model: (a) a
+           stage-1 step from the frozen-feature cache, with the stage's own losses and
+           with stage 2's four (the fair baseline), (b) a stage-2 step (the last N
+           vision blocks train) from the cached frozen prefix, (c) the same stage-2 step
+           with the vision tower run live (no vision cache, as before the prefix cache);
+           medians over several steps after a warm-up, ratios b/a and c/b. Then (d) the
+           two-stage recipe's wall time against the single-stage one's
+           (retrieval_two_stage.yaml vs retrieval_single_stage.yaml at --images and
+           --epochs, early stopping as the recipes set it), and the ratio.
 fsdp       peak memory per process of a short training run (last vision block, adapters
            and heads train) under DDP and under FSDP, 2 processes by torchrun: on GPUs
            (torch.cuda.max_memory_allocated) when 2 are present, otherwise CPU processes
@@ -26,6 +35,7 @@ search     ``vlmtune search``'s exact search over N stored embeddings (random un
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -125,6 +135,185 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     res["ratio_cached_total_to_extraction"] = res["cached_total_s"] / res["extraction_pass_s"]
     later = cached_epochs[1:] or cached_epochs
     res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (sum(later) / len(later))
+    return res
+
+
+# --------------------------------------------------------------------------- stages
+
+RECIPES = ("retrieval_two_stage.yaml", "retrieval_single_stage.yaml")
+
+
+def recipe_paths(given: list[str] | None = None) -> tuple[Path, Path]:
+    """The two-stage and single-stage recipe files: ``given``, or the repository's
+    ``configs/`` (beside the source tree, or in the working directory)."""
+    from vlmtune.errors import ConfigError
+
+    if given:
+        paths = tuple(Path(p) for p in given)
+    else:
+        folders = [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
+        folder = next((f for f in folders if all((f / name).is_file() for name in RECIPES)), folders[-1])
+        paths = tuple(folder / name for name in RECIPES)
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"--recipes: {p} is not a file (the stages section needs the two-stage and the "
+                              f"single-stage recipe; pass them as --recipes TWO_STAGE.yaml SINGLE_STAGE.yaml)")
+    return paths[0], paths[1]
+
+
+def _bench_data(out: Path, images: int) -> Path:
+    from vlmtune.data.scenes import generate_scenes
+    from vlmtune.runfolder import check_synthetic_dir
+
+    data = out / "data"
+    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
+        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+    return data
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], weights: dict[str, float], cfg: Any,
+                device: torch.device, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (this process, all its threads) of ``steps`` training steps
+    after ``warmup`` (each: next batch from the loader, to the device, forward, weighted
+    loss, backward, clip, AdamW step), with the stage's components trainable as the
+    training loop sets them. On a CPU shared with other work the CPU time is the
+    steadier measure of the step's own cost."""
+    from vlmtune.stages import apply_stage
+
+    groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
+    model.train()
+    model.backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
+    model.backbone.eval()
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    params = [p for g in groups for p in g["params"]]
+    mp = cfg.train.mixed_precision
+    bf16 = device.type == "cuda" and mp in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    it, times, cpu = iter(loader), [], []
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = model(batch, losses)
+        loss = sum(weights[k] * terms[k].float() for k in losses if k in terms)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
+def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Path, steps: int = 8, warmup: int = 2,
+                 recipes: list[str] | None = None, progress: bool = False, recipe_runs: bool = True) -> dict[str, Any]:
+    """The two-stage recipe's stage steps (cached, prefix-cached, live) and, with
+    ``recipe_runs``, both recipes' wall time."""
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import load_config
+    from vlmtune.data.formats import read_pairs
+    from vlmtune.evaluate import default_device
+    from vlmtune.stages import build_plan
+    from vlmtune.tasks import FeatureCache
+    from vlmtune.tasks.retrieval import RetrievalTask
+    from vlmtune.train import train
+
+    two, single = recipe_paths(recipes)
+    data = _bench_data(out, images)
+    base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
+            f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
+            "train.log_every=1000000", f"eval.ks={_ks_that_fit(data)}", f"train.epochs={epochs}"]
+    cfg = load_config(two, base)
+    task = RetrievalTask.from_config(cfg)
+    plan = build_plan(cfg, task.loss_weights())
+    (s1, s2), weights = plan[:2], task.loss_weights()
+    if "vision_blocks" not in s2.train or "vision_tower" in s2.train:
+        raise ValueError(f"{two}: its second stage does not train the last vision blocks alone")
+    device = default_device()
+    backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
+    model = task.build_model(backbone).to(device)
+    records = read_pairs(data / "train.json")
+    n_blocks = backbone.info.num_vision_blocks
+    start = n_blocks - s2.vision_blocks
+    cache_dir = out / "stages_cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    frozen = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir))
+    frozen_build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prefix = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision_start=start))
+    prefix_build_s = time.perf_counter() - t0
+    live = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision=False))
+    variants = {
+        "a_stage1_cached": (s1, frozen, s1.losses),
+        "a_stage1_cached_stage2_losses": (s1, frozen, s2.losses),
+        "b_stage2_prefix_cached": (s2, prefix, s2.losses),
+        "c_stage2_live": (s2, live, s2.losses),
+    }
+    # Two rounds, each variant in turn: a machine whose load drifts biases none of them.
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(2):
+        for name, (stage, loader, losses) in variants.items():
+            wall, c = _time_steps(model, stage, loader, losses, weights, cfg, device, steps, warmup)
+            times[name] += wall
+            cpu[name] += c
+    res: dict[str, Any] = {
+        "preset": preset, "images": images, "captions": len(records), "batch_size": batch_size, "device": str(device),
+        "vision_blocks": n_blocks, "trained_blocks": s2.vision_blocks, "prefix_start": start,
+        "stage1_losses": sorted(s1.losses), "stage2_losses": sorted(s2.losses), "steps": 2 * steps, "warmup": warmup,
+        "frozen_cache_build_s": frozen_build_s, "prefix_cache_build_s": prefix_build_s,
+        "step_s": {k: _median(v) for k, v in times.items()},
+        "step_cpu_s": {k: _median(v) for k, v in cpu.items()}, "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
+    st = res["step_s"]
+    res["ratio_b_to_a"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached"]
+    res["ratio_b_to_a_same_losses"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached_stage2_losses"]
+    res["ratio_c_to_b"] = st["c_stage2_live"] / st["b_stage2_prefix_cached"]
+    sc = res["step_cpu_s"]
+    res["cpu_ratio_b_to_a"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached"]
+    res["cpu_ratio_b_to_a_same_losses"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached_stage2_losses"]
+    res["cpu_ratio_c_to_b"] = sc["c_stage2_live"] / sc["b_stage2_prefix_cached"]
+    del model, backbone, frozen, prefix, live
+    if not recipe_runs:
+        return res
+
+    # (d) The recipes as shipped, at this size: the cache of each built inside its run.
+    recipes_res: dict[str, Any] = {}
+    for name, path in (("two_stage", two), ("single_stage", single)):
+        run_dir = out / f"run_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        train(load_config(path, base), run_dir)
+        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3), "cpu_s": round(total_cpu, 3),
+                             "epochs": metrics["train/epochs"], "train_wall_s": metrics["train/train_wall_s"],
+                             "mean_recall": metrics.get("retrieval/mean_recall"),
+                             "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"]}
+    res["recipes"] = recipes_res
+    res["ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"]
+    res["cpu_ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"]
     return res
 
 
@@ -348,15 +537,19 @@ def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: 
 
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
-              progress: bool = False, search_size: int = 100_000) -> dict[str, Any]:
+              progress: bool = False, search_size: int = 100_000, stage_steps: int = 8,
+              recipes: list[str] | None = None, recipe_runs: bool = True) -> dict[str, Any]:
     from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
-    sections = sections or ["training", "loader", "eval", "gpu", "search", "fsdp"]
+    sections = sections or ["training", "stages", "loader", "eval", "gpu", "search", "fsdp"]
     result: dict[str, Any] = {"machine": _machine(), "preset": preset}
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
+    if "stages" in sections:
+        result["stages"] = bench_stages(preset, images, epochs, batch_size, out, steps=stage_steps, recipes=recipes,
+                                        progress=progress, recipe_runs=recipe_runs)
     if "loader" in sections:
         from vlmtune.runfolder import check_synthetic_dir
 
@@ -395,6 +588,8 @@ def render(r: dict[str, Any]) -> str:
                   f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
                   f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
                   f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |", ""]
+    if "stages" in r:
+        lines += render_stages(r["stages"])
     if "loader" in r:
         lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
         lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
@@ -436,6 +631,37 @@ def render(r: dict[str, Any]) -> str:
             lines += [f"| **FSDP / DDP** | **{f['ratio_fsdp_to_ddp_peak']:.2f}** | **{f['ratio_fsdp_to_ddp_end']:.2f}** | |"]
         lines.append("")
     return "\n".join(lines)
+
+
+def render_stages(s: dict[str, Any]) -> list[str]:
+    st, sc, n = s["step_s"], s["step_cpu_s"], s["trained_blocks"]
+    lines = [f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
+            f"batch {s['batch_size']}, {s['device']})", "",
+            f"Median of {s['steps']} steps after {s['warmup']} warm-up steps (loading the batch included). Stage 2 "
+            f"trains the last {n} of {s['vision_blocks']} vision blocks; its prefix cache holds the state entering "
+            f"block {s['prefix_start']}. {s['threads']} torch threads, load average {s['load_average']:.1f} at the end "
+            f"(CPU ms: this process's CPU time, the steadier figure on a shared CPU).", "",
+            "| step | losses | wall ms | CPU ms |", "|---|---|---|---|"]
+    names = {"a_stage1_cached": ("(a) stage 1, from the cache", s["stage1_losses"]),
+             "a_stage1_cached_stage2_losses": ("(a') stage 1, from the cache, stage 2's losses", s["stage2_losses"]),
+             "b_stage2_prefix_cached": ("(b) stage 2, from the prefix cache", s["stage2_losses"]),
+             "c_stage2_live": ("(c) stage 2, vision tower live (no vision cache)", s["stage2_losses"])}
+    lines += [f"| {label} | {', '.join(losses)} | {1000 * st[k]:.1f} | {1000 * sc[k]:.1f} |"
+              for k, (label, losses) in names.items()]
+    lines += [f"| **b / a** (target <= 1.5) | | **{s['ratio_b_to_a']:.2f}** | **{s['cpu_ratio_b_to_a']:.2f}** |",
+              f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} | {s['cpu_ratio_b_to_a_same_losses']:.2f} |",
+              f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** | **{s['cpu_ratio_c_to_b']:.2f}x** |",
+              "", f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
+              f"{s['prefix_cache_build_s']:.2f} s.", ""]
+    if "recipes" not in s:
+        return lines
+    two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
+    return lines + [
+        "| recipe | epochs | wall s | CPU s |", "|---|---|---|---|",
+        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} | {two['cpu_s']:.2f} |",
+        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} | {one['cpu_s']:.2f} |",
+        f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** | "
+        f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |", ""]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-child"]:  # the fsdp section's torchrun processes

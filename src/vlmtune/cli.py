@@ -211,7 +211,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
               batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
-              search_size=args.search_size)
+              search_size=args.search_size, stage_steps=args.stage_steps, recipes=args.recipes,
+              recipe_runs=not args.no_recipe_runs)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -234,12 +235,33 @@ def cmd_cache(args: argparse.Namespace) -> int:
     device = default_device()
     backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
     paths = task.data_paths(out)
+    prefixes = _prefix_cache_starts(cfg, task, out, backbone.info.num_vision_blocks)
     for split in ("train", "val", "test"):
         records = task.read_split(paths[split], split)
         task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir))
-        print(f"{split}: {len(records)} records cached")
+        if split != "test":  # the stages' training and validation read the prefix; the final evaluation does not
+            for start in prefixes:
+                task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir, text=False, vision_start=start))
+        print(f"{split}: {len(records)} records cached" + (f" (and the frozen prefix entering vision block "
+                                                           f"{', '.join(map(str, prefixes))})" if prefixes and split != "test" else ""))
     print(f"cache: {cache_dir}")
     return 0
+
+
+def _prefix_cache_starts(cfg: Any, task: Any, out: Path, num_vision_blocks: int) -> list[int]:
+    """The vision blocks whose entering state the config's stages read from the cache
+    (stages that train only the last N blocks). Filled with the backbone's weights as
+    loaded: what such a stage sees unless an earlier stage trains the prefix (then its
+    store is keyed by other weights and the stage builds its own)."""
+    from vlmtune.stages import build_plan
+    from vlmtune.train import _stage_cache
+
+    starts = set()
+    for stage in build_plan(cfg, task.loss_weights()):
+        cache = _stage_cache(cfg, task, stage, out, num_vision_blocks)
+        if cache is not None and cache.vision and cache.vision_start is not None:
+            starts.add(cache.vision_start)
+    return sorted(starts)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -598,18 +620,28 @@ def _add_analysis_commands(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
-                       "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
+                       "(against one feature-extraction pass), the two-stage recipe's steps with and without the cached "
+                       "frozen prefix and its wall time against the single-stage recipe, dataloader throughput, retrieval evaluation against a bare "
                        "matmul, on a GPU bf16 feature extraction, exact search over stored embeddings, and (fsdp) peak memory per "
                        "process under FSDP vs DDP. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
     b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200)")
-    b.add_argument("--epochs", type=positive_int, default=5, help="cached epochs (default 5)")
+    b.add_argument("--epochs", type=positive_int, default=5,
+                   help="training section: cached epochs; stages section: both recipes' train.epochs (default 5)")
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search", "fsdp"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "stages", "loader", "eval", "gpu", "search", "fsdp"),
+                   help="default: all")
+    b.add_argument("--stage-steps", type=positive_int, default=8,
+                   help="stages section: timed steps per variant and round (two rounds, after 2 warm-up steps; default 8)")
+    b.add_argument("--recipes", nargs=2, metavar=("TWO_STAGE", "SINGLE_STAGE"),
+                   help="stages section: the recipes compared (default: configs/retrieval_two_stage.yaml and "
+                   "configs/retrieval_single_stage.yaml of the repository)")
+    b.add_argument("--no-recipe-runs", action="store_true",
+                   help="stages section: time the stage steps only, not the two recipes' whole runs")
     b.add_argument("--search-size", type=int, default=100_000,
                    help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")

@@ -94,7 +94,7 @@ class StageRecord(_Record):
     losses: list[str]  # active loss terms, sorted
     trainable: int
     total: int
-    cache: dict[str, Any]  # cache_dir, cache_vision, cache_text; empty without a cache
+    cache: dict[str, Any]  # cache_dir, cache_vision, cache_text (+ cache_vision_start for a prefix); empty without a cache
 
 
 @dataclass(frozen=True)

@@ -393,7 +393,7 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
     if run.main:
         log.info(stage_summary(stage, model))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    cache = _stage_cache(cfg, run.task, stage, run.out)
+    cache = _stage_cache(cfg, run.task, stage, run.out, run.backbone.info.num_vision_blocks)
     # The main process fills the feature cache; the others then only read it.
     with full_params(model), accelerator.main_process_first():  # FSDP: the main process alone fills it
         loader = run.task.make_loader(run.train_records, run.backbone, train=True, seed=cfg.seed, cache=cache)
@@ -715,23 +715,35 @@ def _restore_stage(run: Run, st: StageRun) -> None:
         set_rng_state(rng)
 
 
-def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path) -> FeatureCache | None:
-    """Where a stage may read frozen features from the cache: the vision tower's while
-    no vision component trains, the language model's while it does not train."""
+def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path, num_vision_blocks: int = 0) -> FeatureCache | None:
+    """Where a stage may read frozen features from the cache: the vision tower's output
+    while no vision component trains; while only its last ``stage.vision_blocks`` blocks
+    train (not ``vision_tower``), the hidden state entering the first of them (the
+    frozen prefix's output, block ``num_vision_blocks - stage.vision_blocks``) for tasks
+    that read it (``vision_prefix_cache``); the language model's while it does not train."""
     if not (cfg.cache.enabled and task.cacheable):
         return None
-    vision = not ({"vision_blocks", "vision_tower"} & set(stage.train))
-    text = "language_model" not in stage.train
+    trains = set(stage.train)
+    vision = not ({"vision_blocks", "vision_tower"} & trains)
+    vision_start = None
+    if ("vision_blocks" in trains and "vision_tower" not in trains and getattr(task, "vision_prefix_cache", False)
+            and 0 < stage.vision_blocks <= num_vision_blocks):
+        vision, vision_start = True, num_vision_blocks - stage.vision_blocks
+    text = "language_model" not in trains
     if not (vision or text):
         return None
-    return FeatureCache(Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", vision=vision, text=text)
+    return FeatureCache(Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", vision=vision, text=text,
+                        vision_start=vision_start)
 
 
 def _cache_record(cache: FeatureCache | None) -> dict[str, Any]:
     """The stage line's description of the cache it reads."""
     if cache is None:
         return {}
-    return {"cache_dir": str(cache.dir), "cache_vision": cache.vision, "cache_text": cache.text}
+    record = {"cache_dir": str(cache.dir), "cache_vision": cache.vision, "cache_text": cache.text}
+    if cache.vision_start is not None:  # the frozen prefix's output, blocks from here on run live
+        record["cache_vision_start"] = cache.vision_start
+    return record
 
 
 def _step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor], keys: list[str], signum: int,

@@ -66,6 +66,17 @@ def vision_fingerprint(backbone: Backbone) -> str:
     return _memo_sha256(backbone.vision_tower)
 
 
+def vision_prefix_fingerprint(backbone: Backbone, start: int) -> str:
+    """sha256 of exactly the weights that decide the hidden state entering vision block
+    ``start`` (patch embeddings and ``blocks[:start]``): a stage that trains only the
+    blocks above keeps it; an end-to-end stage or a warm start that changed any prefix
+    weight changes it. Each module's digest is remembered as :func:`vision_fingerprint`'s."""
+    h = hashlib.sha256(f"vision_prefix:{start}".encode())
+    for i, module in enumerate(backbone.vision_prefix_modules(start)):
+        h.update(f"\0{i}:".encode() + _memo_sha256(module).encode())
+    return h.hexdigest()
+
+
 def text_fingerprint(backbone: Backbone) -> str:
     """sha256 of the language model's weights and the tokenizer's vocabulary."""
     vocab = json.dumps(sorted(backbone.tokenizer.get_vocab().items())).encode()

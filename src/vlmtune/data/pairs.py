@@ -19,14 +19,19 @@ class PairDataset(Dataset):
 
     Live: the image is decoded here, in the workers. Cached: the frozen vision tower's
     output for the image is read from a :class:`FeatureStore` (no decode, no tower),
-    and likewise the frozen language model's token states for the caption.
+    and likewise the frozen language model's token states for the caption. With
+    ``vision_start`` the store holds a frozen prefix's output instead (the state
+    entering that block): items carry it as ``vision_hidden``.
     """
 
     def __init__(self, records: list[PairRecord], store: FeatureStore | None = None,
                  keys: dict[Any, str] | None = None, sizes: dict[Any, tuple[int, int]] | None = None,
-                 text_store: FeatureStore | None = None):
+                 text_store: FeatureStore | None = None, vision_start: int | None = None):
+        if vision_start is not None and store is None:
+            raise ValueError("vision_start needs the store of that prefix")
         self.records = records
         self.store = store
+        self.vision_start = vision_start
         self.keys = keys or {}
         self.sizes = sizes or {}
         self.text_store = text_store
@@ -40,7 +45,11 @@ class PairDataset(Dataset):
         item: dict[str, Any] = {"index": i, "text": r.text, "rel_text": mask_relation(r.text), "image_id": r.image_id,
                                 "relation": -1 if r.relation is None else r.relation}
         if self.store is not None:
-            item["vision_tokens"] = torch.from_numpy(self.store.get(self.keys[r.image]).astype("float32"))
+            row = torch.from_numpy(self.store.get(self.keys[r.image]).astype("float32"))
+            if self.vision_start is None:
+                item["vision_tokens"] = row
+            else:
+                item["vision_hidden"], item["vision_start"] = row, self.vision_start
             w, h = self.sizes[r.image]
         else:
             image = load_image(r.image, r.source)
@@ -71,7 +80,7 @@ class PairCollator:
     image_processor: Any
     max_tokens: int
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         text = tokenize(self.tokenizer, [it["text"] for it in items], self.max_tokens)
         rel_text = tokenize(self.tokenizer, [it["rel_text"] for it in items], self.max_tokens)
         batch = {
@@ -93,6 +102,11 @@ class PairCollator:
             batch["rel_text_hidden"] = torch.stack([it["rel_text_hidden"][:t] for it in items])
         if "vision_tokens" in items[0]:
             batch["vision_tokens"] = torch.stack([it["vision_tokens"] for it in items])
+        elif "vision_hidden" in items[0]:
+            # A frozen prefix's output; the block it enters (a plain int, not a tensor:
+            # read on the host without a device sync) tells the model where to go on.
+            batch["vision_hidden"] = torch.stack([it["vision_hidden"] for it in items])
+            batch["vision_start"] = items[0]["vision_start"]
         else:
             batch["pixel_values"], _ = preprocess_images(self.image_processor, [it["image"] for it in items], max_tiles=1)
         return batch

@@ -38,11 +38,17 @@ RUN_KEY_METRICS = ("train/epochs", "train/wall_s", "params/trainable", "params/t
 @dataclass(frozen=True)
 class FeatureCache:
     """Where a loader may read a frozen tower's features from: ``vision`` while no
-    vision component trains, ``text`` while the language model does not."""
+    vision component trains, ``text`` while the language model does not.
+
+    ``vision_start`` (with ``vision``) caches a frozen prefix instead of the tower's
+    output: the hidden state entering vision block ``vision_start``, for a stage that
+    trains only the blocks from there on (which then run live on it). ``None``: the
+    whole tower is frozen and its output is cached."""
 
     dir: Path
     vision: bool = True
     text: bool = True
+    vision_start: int | None = None
 
 
 class Task(Protocol):

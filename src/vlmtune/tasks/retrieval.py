@@ -22,7 +22,8 @@ from vlmtune.backbone import Backbone, pool_text, preprocess_images, tokenize
 from vlmtune.boxes import cxcywh_to_xyxy
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig
-from vlmtune.data.cache import FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint
+from vlmtune.data.cache import (FeatureStore, preprocess_signature, text_fingerprint, text_key, vision_fingerprint,
+                                vision_prefix_fingerprint)
 from vlmtune.data.formats import RELATIONS, PairRecord, image_size, load_image, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset, image_keys
 from vlmtune.data.relations import mask_relation
@@ -89,17 +90,32 @@ class RetrievalModel(nn.Module):
         return self.log_scale.exp().clamp(1.0 / self.cfg.temperature_max, 1.0 / self.cfg.temperature_min)
 
     # ---- encoders
-    def encode_image(self, pixel_values: torch.Tensor | None = None,
-                     vision_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, pixel_values: torch.Tensor | None = None, vision_tokens: torch.Tensor | None = None, *,
+                     vision_hidden: torch.Tensor | None = None,
+                     vision_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (joint-space embedding [B, D], adapted patch tokens [B, N, D]).
 
-        ``vision_tokens`` are the frozen tower's cached output for the same pixels.
+        ``vision_tokens`` are the frozen tower's cached output for the same pixels;
+        ``vision_hidden`` the cached state entering block ``vision_start`` (a frozen
+        prefix's output), from which the blocks above and the final norm run live, so
+        the blocks a stage trains get their gradients.
         """
-        if vision_tokens is None:
+        if vision_hidden is not None:
+            if vision_start is None:
+                raise ValueError("vision_hidden needs vision_start, the block it enters")
+            dtype = next(self.backbone.vision_tower.parameters()).dtype
+            vision_tokens = self.backbone.vision_from_hidden(vision_hidden.to(dtype), int(vision_start))
+        elif vision_tokens is None:
             vision_tokens = self.backbone.vision_tokens(pixel_values)
         tokens = self.vision_adapter(vision_tokens.float())
         emb = self.vision_projector(pool_tokens(tokens, self.vision_pooling))
         return emb, tokens[:, 1:]
+
+    def encode_batch_images(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` of a loader's batch, whichever image input it carries
+        (pixels, cached tower output, or a cached prefix state and its block)."""
+        return self.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"),
+                                 vision_hidden=batch.get("vision_hidden"), vision_start=batch.get("vision_start"))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     text_hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +148,7 @@ class RetrievalModel(nn.Module):
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active losses (plus diagnostics under 'diag/')."""
-        v, patches = self.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"))
+        v, patches = self.encode_batch_images(batch)
         t = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
         ids = batch["image_id"]
         terms: dict[str, torch.Tensor] = {}
@@ -198,16 +214,21 @@ def make_loader(records: list[PairRecord], backbone: Backbone, *, batch_size: in
     With ``cache`` the frozen vision tower's outputs (``cache.vision``) and the frozen
     language model's (``cache.text``) come from the feature cache in ``cache.dir``,
     built now for any image or caption not yet in it, instead of being recomputed.
+    With ``cache.vision_start`` the vision rows are the frozen prefix's output (the
+    state entering that block) instead of the tower's: batches carry ``vision_hidden``
+    and ``vision_start`` and the model runs the blocks above live.
     """
     g = torch.Generator()
     g.manual_seed(seed)
     dataset = PairDataset(records)
     if cache is not None:
-        store, keys, sizes = (build_vision_cache(records, backbone, cache.dir, dtype=cache_dtype, batch_size=cache_batch_size)
+        store, keys, sizes = (build_vision_cache(records, backbone, cache.dir, dtype=cache_dtype, batch_size=cache_batch_size,
+                                                 start=cache.vision_start)
                               if cache.vision else (None, None, None))
         text_store = (build_text_cache(records, backbone, cache.dir, max_tokens=max_text_tokens, dtype=cache_dtype,
                                        batch_size=cache_batch_size) if cache.text else None)
-        dataset = PairDataset(records, store, keys, sizes, text_store)
+        dataset = PairDataset(records, store, keys, sizes, text_store,
+                              vision_start=cache.vision_start if cache.vision else None)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=g if train else None, num_workers=num_workers,
         drop_last=train and len(records) > batch_size,
@@ -236,18 +257,29 @@ def build_text_cache(records: list[PairRecord], backbone: Backbone, cache_dir: s
     return store
 
 
-def vision_namespace(backbone: Backbone, dtype: str) -> dict[str, Any]:
-    """Everything besides the image that determines the cached vision tokens."""
-    return {"kind": "vision_tokens", "backbone": backbone_identity(backbone), "weights": vision_fingerprint(backbone),
+def vision_namespace(backbone: Backbone, dtype: str, start: int | None = None) -> dict[str, Any]:
+    """Everything besides the image that determines the cached vision rows: the tower's
+    output (``start`` None), or the hidden state entering block ``start``, keyed by the
+    split point and the weights of exactly the prefix below it."""
+    if start is None:
+        return {"kind": "vision_tokens", "backbone": backbone_identity(backbone), "weights": vision_fingerprint(backbone),
+                "preprocess": preprocess_signature(backbone.image_processor), "max_tiles": 1, "dtype": dtype}
+    n = backbone.info.num_vision_blocks
+    if not 0 <= start <= n:
+        raise ValueError(f"vision prefix start {start}: the vision tower has {n} blocks")
+    return {"kind": "vision_hidden", "start": start, "backbone": backbone_identity(backbone),
+            "weights": vision_prefix_fingerprint(backbone, start),
             "preprocess": preprocess_signature(backbone.image_processor), "max_tiles": 1, "dtype": dtype}
 
 
 @torch.no_grad()
 def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, dtype: str = "float32",
-                       batch_size: int = 64) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
-    """The store holding the vision tokens of every image of ``records``; the sizes are
+                       batch_size: int = 64,
+                       start: int | None = None) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
+    """The store holding the vision tokens of every image of ``records`` (with
+    ``start``: the hidden state entering block ``start`` instead); the sizes are
     those :func:`load_image` returns (EXIF orientation applied), as live loading uses."""
-    store = FeatureStore(cache_dir, vision_namespace(backbone, dtype))
+    store = FeatureStore(cache_dir, vision_namespace(backbone, dtype, start))
     keys = image_keys(records)
     by_key = {k: p for p, k in keys.items()}
     sources = {r.image: r.source for r in records}
@@ -259,7 +291,9 @@ def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir:
     def compute(batch_keys: list[str]):
         images = [load_image(by_key[k], sources[by_key[k]]) for k in batch_keys]
         pv, _ = preprocess_images(backbone.image_processor, images, max_tiles=1)
-        return backbone.vision_tokens(pv.to(device)).float().cpu().numpy()
+        if start is None:
+            return backbone.vision_tokens(pv.to(device)).float().cpu().numpy()
+        return backbone.vision_hidden(pv.to(device), start).float().cpu().numpy()
 
     store.ensure(list(keys.values()), compute, batch_size=batch_size, dtype=dtype)
     return store, keys, sizes
@@ -333,7 +367,7 @@ def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device
 
     out = EvalOutputs()
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         ids = batch["image_id"]
         row = rows[batch["index"].cpu()]  # record index in the whole set
         first = _first_occurrences(ids, out.images)  # only rows that introduce a new image id
@@ -341,7 +375,7 @@ def _embed(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device
         has_box = torch.isfinite(batch["box"]).all(dim=1)
         has_rel = batch["relation"] >= 0
         if first.any() or has_box.any() or has_rel.any():
-            v, patches = model.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"))
+            v, patches = model.encode_batch_images(batch)
             for i in first.nonzero().flatten().tolist():
                 out.images[int(ids[i])] = v[i].float().cpu()
             if has_box.any():
@@ -576,6 +610,9 @@ class RetrievalTask:
     )
     report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
     cacheable: ClassVar[bool] = True
+    # A stage training only the last N vision blocks reads the frozen prefix's output
+    # from the cache (FeatureCache.vision_start) and runs those blocks live.
+    vision_prefix_cache: ClassVar[bool] = True
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, data: DataConfig, eval: EvalConfig,
                  train_batch_size: int, max_text_tokens: int, vision_pooling: str = "mean",
