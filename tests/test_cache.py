@@ -271,3 +271,22 @@ def test_rotated_jpeg_cached_and_live_boxes_agree(orientation: int, tmp_path: Pa
     cx, cy, w, h = live["box"].tolist()
     assert 0 <= cx - w / 2 and cx + w / 2 <= 1 and 0 <= cy - h / 2 and cy + h / 2 <= 1
     assert live["image_wh"].tolist() == [32, 48]
+
+
+def test_weight_fingerprints_read_the_state_dict_names_and_values_without_calling_it(tiny) -> None:
+    """The cache's weight digests walk the modules (an FSDP2 state_dict() would reshard
+    gathered weights) but hash exactly what state_dict() holds, in its order."""
+    import hashlib
+
+    from vlmtune.data.cache import _named_weights, _weights_sha256
+
+    for module in (tiny.vision_tower, tiny.language_model, tiny.vision_tower.embeddings):
+        sd = module.state_dict()
+        pairs = list(_named_weights(module))
+        assert [n for n, _ in pairs] == list(sd)
+        assert all(torch.equal(t, sd[n]) for n, t in pairs)
+        h = hashlib.sha256()
+        for name, t in sd.items():
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        assert _weights_sha256(module) == h.hexdigest()

@@ -115,15 +115,13 @@ def _weights_sha256(module: nn.Module) -> str:
 
 
 def _named_weights(module: nn.Module) -> Any:
-    """``module.state_dict().items()``; under FSDP the same names in the same order read
-    from the modules themselves, because an FSDP state_dict reshards the weights that
-    vlmtune.fsdp.full_params gathered (and only gathered weights can be hashed by one
-    process alone)."""
-    if not any(type(m).__name__.startswith("FSDP") for m in module.modules()) and not any(
-            type(p).__name__ == "DTensor" for p in module.parameters()):
-        return module.state_dict().items()
+    """``module.state_dict().items()``'s names, order and tensors, read from the modules
+    themselves: under FSDP2 every module that owns a sharded weight carries a state-dict
+    hook that reshards the weights vlmtune.fsdp.full_params gathered (also a submodule
+    of a unit, such as the vision embeddings a prefix fingerprint hashes), and only
+    gathered weights can be hashed by one process alone."""
     out = []
-    for prefix, m in module.named_modules():
+    for prefix, m in module.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
         out += [(dot + n, p) for n, p in m._parameters.items() if p is not None]
         out += [(dot + n, b) for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
