@@ -273,12 +273,16 @@ def test_rotated_jpeg_cached_and_live_boxes_agree(orientation: int, tmp_path: Pa
     assert live["image_wh"].tolist() == [32, 48]
 
 
-def test_weight_fingerprints_read_the_state_dict_names_and_values_without_calling_it(tiny) -> None:
+def test_weight_fingerprints_read_the_state_dict_names_and_values_without_calling_it() -> None:
     """The cache's weight digests walk the modules (an FSDP2 state_dict() would reshard
     gathered weights) but hash exactly what state_dict() holds, in its order."""
     import hashlib
 
+    from vlmtune.backbone import load_backbone
+    from vlmtune.config import BackboneConfig
     from vlmtune.data.cache import _named_weights, _weights_sha256
+
+    tiny = load_backbone(BackboneConfig())
 
     for module in (tiny.vision_tower, tiny.language_model, tiny.vision_tower.embeddings):
         sd = module.state_dict()
