@@ -649,8 +649,9 @@ def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path) -> FeatureCac
     no vision component trains, the language model's while it does not train."""
     if not (cfg.cache.enabled and task.cacheable):
         return None
-    vision = not ({"vision_blocks", "vision_tower"} & set(stage.train))
-    text = "language_model" not in stage.train
+    kinds = getattr(task, "cache_kinds", ("vision", "text"))  # what the task's loaders can read from a cache
+    vision = "vision" in kinds and not ({"vision_blocks", "vision_tower"} & set(stage.train))
+    text = "text" in kinds and "language_model" not in stage.train
     if not (vision or text):
         return None
     return FeatureCache(Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", vision=vision, text=text)

@@ -70,6 +70,10 @@ class Task(Protocol):
     report_sections: ClassVar[tuple[str, ...]]
     # Whether make_loader / validate / evaluate accept a FeatureCache.
     cacheable: ClassVar[bool]
+    # Which frozen features those loaders can read from it: "vision" (the vision tower's
+    # states), "text" (the language model's). The engine asks only for these; a task
+    # that does not declare it is taken to read both.
+    cache_kinds: ClassVar[tuple[str, ...]]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Task: ...
