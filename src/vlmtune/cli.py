@@ -211,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sizes.append((n, m))
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
               batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
-              search_size=args.search_size)
+              search_size=args.search_size, max_tiles=args.max_tiles)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -598,19 +598,24 @@ def _add_analysis_commands(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
-                       "(against one feature-extraction pass), dataloader throughput, retrieval evaluation against a bare "
+                       "(against one feature-extraction pass), the counting recipe's stage-1 epochs with and without "
+                       "its vision cache, dataloader throughput, retrieval evaluation against a bare "
                        "matmul, on a GPU bf16 feature extraction, and exact search over stored embeddings. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
-    b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200)")
-    b.add_argument("--epochs", type=positive_int, default=5, help="cached epochs (default 5)")
+    b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200; training and counting)")
+    b.add_argument("--epochs", type=positive_int, default=5, help="cached epochs (default 5; training and counting)")
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "loader", "eval", "gpu", "search"), help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "counting", "loader", "eval", "gpu", "search"),
+                   help="default: all (counting: the counting recipe's stage 1 with and without the vision cache)")
     b.add_argument("--search-size", type=int, default=100_000,
                    help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
+    b.add_argument("--max-tiles", type=positive_int, default=4,
+                   help="counting section: tiles per image, counting.max_dynamic_patch (default 4, the recipe's; 1 keeps "
+                   "internvl3-1b-shapes runs on a CPU short)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
 
