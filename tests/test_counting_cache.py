@@ -268,6 +268,7 @@ def test_whole_run_with_and_without_cache_agree(cached_run: Path, receipts: Path
         assert on[key] == pytest.approx(off_m[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow  # two `vlmtune train` processes (start-up, imports): about a minute on a shared 2-core CPU
 def test_sigkill_in_the_cached_stage_then_resume(cached_run: Path, receipts: Path, tmp_path: Path) -> None:
     """`vlmtune train` killed in the second epoch of the cached stage resumes (reading the
     cache the killed run built) and ends as the uninterrupted run."""

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from vlmtune.backbone import CHAT_END, Backbone, preprocess_images
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
-from vlmtune.data.cache import FeatureStore, _memo_sha256, preprocess_signature, vision_fingerprint
+from vlmtune.data.cache import FeatureStore, _memo_sha256, content_key, preprocess_signature, vision_fingerprint
 from vlmtune.data.counting import (IGNORE_INDEX, CachedTiles, CountingCollator, CountingDataset, PromptBuilder, count_class,
                                    num_tiles, tile_key)
 from vlmtune.data.formats import CountRecord, image_size, load_image, options_from_config, read_counting
@@ -294,10 +294,8 @@ def build_vision_cache(records: list[CountRecord], backbone: Backbone, cache_dir
     ``start`` None stores the tower's last hidden state (what the projector reads); an
     int the hidden state entering block ``start`` (``Backbone.vision_hidden``).
     """
-    from vlmtune.data.pairs import image_keys
-
     store = FeatureStore(cache_dir, vision_namespace(backbone, max_tiles=max_tiles, start=start, dtype=dtype))
-    keys = image_keys(records)  # type: ignore[arg-type]  # path -> content key
+    keys = {path: content_key(path) for path in dict.fromkeys(r.image for r in records)}
     sources = {r.image: r.source for r in records}
     tiles = {path: num_tiles(backbone.image_processor, *image_size(path, sources[path]), max_tiles) for path in keys}
     path_of = {k: p for p, k in keys.items()}
