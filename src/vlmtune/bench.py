@@ -438,8 +438,8 @@ def _render_counting(t: dict[str, Any]) -> list[str]:
     def row(x: dict[str, Any], key: str) -> str:
         return ", ".join(f"{v:.2f}" for v in x[key])
 
-    return [f"## Counting recipe, stage 1 (vision tower frozen): {t['images']} images, up to {t['max_tiles']} tiles "
-            f"+ thumbnail ({t['preset']})", "",
+    tiles = "one tile each" if t["max_tiles"] == 1 else f"up to {t['max_tiles']} tiles + thumbnail"
+    return [f"## Counting recipe, stage 1 (vision tower frozen): {t['images']} images, {tiles} ({t['preset']})", "",
             "| | cached (vision cache) | uncached |", "|---|---|---|",
             f"| epoch wall s (training + validation) | {row(c, 'epoch_wall_s')} | {row(u, 'epoch_wall_s')} |",
             f"| epoch training s | {row(c, 'epoch_train_s')} | {row(u, 'epoch_train_s')} |",
