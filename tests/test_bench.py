@@ -57,3 +57,39 @@ def test_bench_stages_steps_only(tmp_path: Path) -> None:
     assert "recipes" not in s and s["ratio_c_to_b"] > 0 and s["prefix_cache_build_s"] > 0
     md = (out / "bench.md").read_text()
     assert "(b) stage 2, from the prefix cache" in md and "two-stage / single-stage" not in md
+
+
+@pytest.mark.slow  # three short counting runs (warm-up, cached, uncached): about 30 s on a shared 2-core CPU
+def test_bench_counting_section_measures_the_vision_cache(tmp_path: Path) -> None:
+    """Stage 1 of the counting recipe with and without its vision cache, side by side:
+    first and later epochs apart, the ratio, and the cached run read the cache."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--images", "10", "--epochs", "2", "--batch-size", "4",
+                 "--sections", "counting"]) == 0
+    r = json.loads((out / "bench.json").read_text())["counting"]
+    c, u = r["cached"], r["uncached"]
+    assert c["cache"]["cache_vision"] is True and c["cache"]["cache_text"] is False and u["cache"] == {}
+    assert len(c["epoch_wall_s"]) == len(u["epoch_wall_s"]) == 2 and len(c["epoch_train_s"]) == 2
+    assert c["later_epoch_wall_s"] == pytest.approx(c["epoch_wall_s"][1], abs=1e-3)
+    assert r["ratio_later_epoch_wall"] == pytest.approx(c["later_epoch_wall_s"] / u["later_epoch_wall_s"])
+    assert r["cache_mb"] > 0
+    md = (out / "bench.md").read_text()
+    assert "Counting recipe, stage 1" in md and "cached / uncached" in md
+
+
+def test_bench_counting_settings_are_the_recipes_stage_one() -> None:
+    """The bench's embedded stage-1 overrides say what configs/receipts_three_stage.yaml says."""
+    from dataclasses import asdict
+
+    from vlmtune.bench import COUNTING_STAGE1
+    from vlmtune.config import load_config
+
+    from conftest import CONFIGS
+
+    recipe = load_config(CONFIGS / "receipts_three_stage.yaml")
+    bench = load_config(None, COUNTING_STAGE1)
+    for section in ("model", "counting", "loss", "generation", "optim"):
+        assert asdict(getattr(bench, section)) == asdict(getattr(recipe, section)), section
+    assert asdict(bench.stages[0]) == asdict(recipe.stages[0])
+    assert asdict(bench.train.early_stopping) == asdict(recipe.train.early_stopping)
+    assert bench.task == recipe.task

@@ -346,8 +346,13 @@ class Backbone(nn.Module):
         )
         return out.pooler_output
 
-    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                         vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with every image placeholder replaced by its image feature, [B, L, Dt].
+
+        The image features come from the tiles' ``pixel_values`` [T, 3, S, S], or from
+        ``vision_tokens`` [T, 1 + patches, Dv], the tower's last hidden state for those
+        tiles (a feature cache's rows): only the projector then runs, so it still trains.
 
         Feeding these as ``inputs_embeds`` (rather than ``pixel_values`` to ``generate``)
         keeps beam search right: ``generate`` expands rows per beam, but would expand a
@@ -355,7 +360,12 @@ class Backbone(nn.Module):
         """
         embeds = self.model.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
-        feats = self.image_features(pixel_values)
+        if (pixel_values is None) == (vision_tokens is None):
+            raise ValueError("embed_multimodal: give either pixel_values or vision_tokens")
+        if vision_tokens is not None:
+            feats = self.project_vision(vision_tokens.to(next(self.mm_projector.parameters()).dtype))
+        else:
+            feats = self.image_features(pixel_values)
         n_ph, n_feat = int(mask.sum()), feats.shape[0] * feats.shape[1]
         if n_ph != n_feat:
             raise ValueError(f"{n_ph} image placeholder tokens but {n_feat} image features")

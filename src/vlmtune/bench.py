@@ -26,6 +26,9 @@ fsdp       peak memory per process of a short training run (last vision block, a
            and heads train) under DDP and under FSDP, 2 processes by torchrun: on GPUs
            (torch.cuda.max_memory_allocated) when 2 are present, otherwise CPU processes
            on gloo (ru_maxrss, plus the resident memory held at the end).
+counting   the counting recipe's stage 1 (vision tower frozen) on synthetic receipts
+           with the vision cache and without it: the first epoch (which builds the
+           cache) and the later epochs apart, and ``cached / uncached`` of the later ones.
 search     ``vlmtune search``'s exact search over N stored embeddings (random unit
            vectors, D=256, saved and opened as an index folder): milliseconds per
            single text query (its embedding given), median and 95th percentile, and
@@ -317,6 +320,85 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     return res
 
 
+# --------------------------------------------------------------------------- counting
+
+# Stage 1 of configs/receipts_three_stage.yaml (the vision tower frozen; projector,
+# language model and count head train) with the recipe's settings, as overrides: the
+# config files are not part of the installed package. tests/test_bench.py checks they
+# still say what the recipe says.
+COUNTING_STAGE1 = [
+    "task=counting", "model.head_hidden=128", "model.adapter_dropout=0.1",
+    "counting.max_count=3", "counting.buckets=null", "counting.max_dynamic_patch=4", "counting.pooling=image",
+    "counting.lm_mode=full", "counting.question_max_tokens=32", "counting.answer_max_tokens=24",
+    "loss.lm=1.0", "loss.count=1.0",
+    "generation.max_new_tokens=12", "generation.num_beams=3", "generation.val_num_images=8",
+    "generation.val_do_sample=true", "generation.val_top_p=0.9", "generation.val_temperature=0.7",
+    "stages=[{name: frozen_vision, start_epoch: 0, train: {count_head: 1.0, mm_projector: 1.0, language_model: 1.0}}]",
+    "optim.lr=2.0e-3", "optim.weight_decay=0.01", "optim.warmup_ratio=0.1", "optim.grad_clip=1.0",
+    "train.early_stopping.metric=count/accuracy", "train.early_stopping.mode=max", "train.early_stopping.patience=0",
+]
+
+
+def _epoch_times(run_dir: Path) -> tuple[list[float], list[float]]:
+    """Per-epoch wall seconds (training + validation; the first includes the stage's
+    start, where the cache is built) and training seconds, from history.jsonl."""
+    lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    wall = [x["wall_s"] for x in epochs]
+    train = [x["train_wall_s"] for x in epochs]
+    return ([round(b - a, 3) for a, b in zip([0.0] + wall[:-1], wall)],
+            [round(b - a, 3) for a, b in zip([0.0] + train[:-1], train)])
+
+
+def _later(times: list[float]) -> float:
+    """Mean of the epochs after the first (the first alone when there is only one)."""
+    rest = times[1:] or times
+    return sum(rest) / len(rest)
+
+
+def bench_counting(preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int, out: Path,
+                   progress: bool = False, max_tiles: int = 4) -> dict[str, Any]:
+    """The counting recipe's stage 1 (vision tower frozen) on the synthetic receipts,
+    with the vision cache and without it, same data, same config: the first epoch
+    (which builds the cache) and the later ones apart, and their ratio."""
+    from vlmtune.config import load_config
+    from vlmtune.data.receipts import generate_receipts
+    from vlmtune.runfolder import check_synthetic_dir
+    from vlmtune.train import train
+
+    data = out / "counting_data"
+    if check_synthetic_dir(data, ("train.jsonl", "val.jsonl", "test.jsonl")):
+        generate_receipts(data, n=max(images, 10), seed=0, max_count=3, image_size=128, overwrite=True)
+    base = [*COUNTING_STAGE1, f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}",
+            f"data.synthetic.n={max(images, 10)}", f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}",
+            f"train.progress={str(progress).lower()}", "train.log_every=1000000", f"counting.max_dynamic_patch={max_tiles}"]
+    res: dict[str, Any] = {"preset": preset, "images": max(images, 10), "max_tiles": max_tiles}
+    # Warm-up (first backward, allocator, threads) so neither timed run pays it.
+    shutil.rmtree(out / "counting_run_warmup", ignore_errors=True)
+    train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "counting_run_warmup")
+    for name, n_epochs, cached in (("cached", epochs, True), ("uncached", uncached_epochs, False)):
+        run_dir, cache_dir = out / f"counting_run_{name}", out / f"counting_cache_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cfg = load_config(None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}",
+                                 f"cache.dir={cache_dir}"])
+        t0 = time.perf_counter()
+        train(cfg, run_dir)
+        total = time.perf_counter() - t0
+        wall, train_s = _epoch_times(run_dir)
+        stage = next(json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if '"stage"' in x)
+        res[name] = {"epochs": n_epochs, "epoch_wall_s": wall, "epoch_train_s": train_s, "run_total_s": round(total, 3),
+                     "first_epoch_wall_s": wall[0], "later_epoch_wall_s": round(_later(wall), 3),
+                     "later_epoch_train_s": round(_later(train_s), 3), "cache": stage.get("cache", {})}
+        if cached:
+            res["cache_mb"] = round(sum(f.stat().st_size for f in cache_dir.rglob("*.npy")) / 2**20, 1)
+    c, u = res["cached"], res["uncached"]
+    res["ratio_later_epoch_wall"] = c["later_epoch_wall_s"] / u["later_epoch_wall_s"]
+    res["ratio_later_epoch_train"] = c["later_epoch_train_s"] / u["later_epoch_train_s"]
+    res["ratio_first_epoch_wall"] = c["first_epoch_wall_s"] / u["first_epoch_wall_s"]
+    return res
+
+
 # --------------------------------------------------------------------------- loader
 
 
@@ -538,18 +620,21 @@ def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: 
 def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
               batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
               progress: bool = False, search_size: int = 100_000, stage_steps: int = 8,
-              recipes: list[str] | None = None, recipe_runs: bool = True) -> dict[str, Any]:
+              recipes: list[str] | None = None, recipe_runs: bool = True, max_tiles: int = 4) -> dict[str, Any]:
     from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
-    sections = sections or ["training", "stages", "loader", "eval", "gpu", "search", "fsdp"]
+    sections = sections or ["training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp"]
     result: dict[str, Any] = {"machine": _machine(), "preset": preset}
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
     if "stages" in sections:
         result["stages"] = bench_stages(preset, images, epochs, batch_size, out, steps=stage_steps, recipes=recipes,
                                         progress=progress, recipe_runs=recipe_runs)
+    if "counting" in sections:
+        result["counting"] = bench_counting(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress,
+                                            max_tiles)
     if "loader" in sections:
         from vlmtune.runfolder import check_synthetic_dir
 
@@ -590,6 +675,8 @@ def render(r: dict[str, Any]) -> str:
                   f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |", ""]
     if "stages" in r:
         lines += render_stages(r["stages"])
+    if "counting" in r:
+        lines += _render_counting(r["counting"])
     if "loader" in r:
         lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
         lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
@@ -662,6 +749,26 @@ def render_stages(s: dict[str, Any]) -> list[str]:
         f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} | {one['cpu_s']:.2f} |",
         f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** | "
         f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |", ""]
+
+
+def _render_counting(t: dict[str, Any]) -> list[str]:
+    c, u = t["cached"], t["uncached"]
+    later = "epochs after the first" if u["epochs"] > 1 else "epoch (only one uncached)"
+
+    def row(x: dict[str, Any], key: str) -> str:
+        return ", ".join(f"{v:.2f}" for v in x[key])
+
+    tiles = "one tile each" if t["max_tiles"] == 1 else f"up to {t['max_tiles']} tiles + thumbnail"
+    return [f"## Counting recipe, stage 1 (vision tower frozen): {t['images']} images, {tiles} ({t['preset']})", "",
+            "| | cached (vision cache) | uncached |", "|---|---|---|",
+            f"| epoch wall s (training + validation) | {row(c, 'epoch_wall_s')} | {row(u, 'epoch_wall_s')} |",
+            f"| epoch training s | {row(c, 'epoch_train_s')} | {row(u, 'epoch_train_s')} |",
+            f"| first epoch wall s (cached: builds the cache) | {c['first_epoch_wall_s']:.2f} | {u['first_epoch_wall_s']:.2f} |",
+            f"| later epochs, mean wall s | {c['later_epoch_wall_s']:.2f} | {u['later_epoch_wall_s']:.2f} |",
+            f"| **cached / uncached, later {later}, wall** | **{t['ratio_later_epoch_wall']:.2f}** (target <= 0.5) | |",
+            f"| cached / uncached, later {later}, training only | {t['ratio_later_epoch_train']:.2f} | |",
+            f"| cached / uncached, first epoch | {t['ratio_first_epoch_wall']:.2f} | |",
+            f"| cache size | {t['cache_mb']:.1f} MB | |", ""]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-child"]:  # the fsdp section's torchrun processes

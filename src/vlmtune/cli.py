@@ -212,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(args.out, preset=args.preset, images=args.images, epochs=args.epochs, uncached_epochs=args.uncached_epochs,
               batch_size=args.batch_size, eval_sizes=sizes, sections=args.sections, progress=args.progress,
               search_size=args.search_size, stage_steps=args.stage_steps, recipes=args.recipes,
-              recipe_runs=not args.no_recipe_runs)
+              recipe_runs=not args.no_recipe_runs, max_tiles=args.max_tiles)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
     return 0
@@ -621,20 +621,21 @@ def _add_analysis_commands(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark: cached vs uncached training, evaluation scaling, loader, GPU",
                        description="Measure, in one run, frozen-backbone training with and without the feature cache "
                        "(against one feature-extraction pass), the two-stage recipe's steps with and without the cached "
-                       "frozen prefix and its wall time against the single-stage recipe, dataloader throughput, retrieval evaluation against a bare "
+                       "frozen prefix and its wall time against the single-stage recipe, the counting recipe's stage-1 epochs "
+                       "with and without its vision cache, dataloader throughput, retrieval evaluation against a bare "
                        "matmul, on a GPU bf16 feature extraction, exact search over stored embeddings, and (fsdp) peak memory per "
                        "process under FSDP vs DDP. Writes bench.json and bench.md.")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--preset", default="tiny", choices=("tiny", "internvl3-1b-shapes"),
                    help="backbone preset (internvl3-1b-shapes: the real InternVL3-1B sizes, random weights)")
-    b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200)")
+    b.add_argument("--images", type=positive_int, default=200, help="synthetic images (default 200; training, stages and counting)")
     b.add_argument("--epochs", type=positive_int, default=5,
-                   help="training section: cached epochs; stages section: both recipes' train.epochs (default 5)")
+                   help="training and counting sections: cached epochs; stages section: both recipes' train.epochs (default 5)")
     b.add_argument("--uncached-epochs", type=positive_int, default=None, help="uncached epochs (default: --epochs)")
     b.add_argument("--batch-size", type=positive_int, default=32)
     b.add_argument("--eval-sizes", nargs="+", default=["1000x5000", "5000x25000"], help="galleries NxM")
-    b.add_argument("--sections", nargs="+", choices=("training", "stages", "loader", "eval", "gpu", "search", "fsdp"),
-                   help="default: all")
+    b.add_argument("--sections", nargs="+", choices=("training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp"),
+                   help="default: all (counting: the counting recipe's stage 1 with and without the vision cache)")
     b.add_argument("--stage-steps", type=positive_int, default=8,
                    help="stages section: timed steps per variant and round (two rounds, after 2 warm-up steps; default 8)")
     b.add_argument("--recipes", nargs=2, metavar=("TWO_STAGE", "SINGLE_STAGE"),
@@ -644,6 +645,9 @@ def _add_analysis_commands(sub: Any) -> None:
                    help="stages section: time the stage steps only, not the two recipes' whole runs")
     b.add_argument("--search-size", type=int, default=100_000,
                    help="search section: stored embeddings (random, 256-d) searched one text query at a time (default 100000)")
+    b.add_argument("--max-tiles", type=positive_int, default=4,
+                   help="counting section: tiles per image, counting.max_dynamic_patch (default 4, the recipe's; 1 keeps "
+                   "internvl3-1b-shapes runs on a CPU short)")
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
 

@@ -720,16 +720,17 @@ def _stage_cache(cfg: Config, task: Task, stage: Stage, out: Path, num_vision_bl
     while no vision component trains; while only its last ``stage.vision_blocks`` blocks
     train (not ``vision_tower``), the hidden state entering the first of them (the
     frozen prefix's output, block ``num_vision_blocks - stage.vision_blocks``) for tasks
-    that read it (``vision_prefix_cache``); the language model's while it does not train."""
+    that read it ("vision_prefix" in ``cache_kinds``); the language model's while it does not train."""
     if not (cfg.cache.enabled and task.cacheable):
         return None
+    kinds = getattr(task, "cache_kinds", ("vision", "text"))  # what the task's loaders can read from a cache
     trains = set(stage.train)
-    vision = not ({"vision_blocks", "vision_tower"} & trains)
+    vision = "vision" in kinds and not ({"vision_blocks", "vision_tower"} & trains)
     vision_start = None
-    if ("vision_blocks" in trains and "vision_tower" not in trains and getattr(task, "vision_prefix_cache", False)
+    if ("vision_prefix" in kinds and "vision_blocks" in trains and "vision_tower" not in trains
             and 0 < stage.vision_blocks <= num_vision_blocks):
         vision, vision_start = True, num_vision_blocks - stage.vision_blocks
-    text = "language_model" not in trains
+    text = "text" in kinds and "language_model" not in trains
     if not (vision or text):
         return None
     return FeatureCache(Path(cfg.cache.dir) if cfg.cache.dir else out / "cache", vision=vision, text=text,

@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from vlmtune.backbone import CHAT_END, CHAT_START, IMG_CONTEXT, IMG_END, IMG_START, preprocess_images
+from vlmtune.data.cache import FeatureStore
 from vlmtune.data.formats import CountRecord, load_image
 
 IGNORE_INDEX = -100
@@ -33,20 +35,53 @@ def count_class(count: int, buckets: list[int] | None) -> int:
     return bucket_count(count, buckets)
 
 
-class CountingDataset(Dataset):
-    """One item per counting record; images are decoded here (in the workers)."""
+def tile_key(image_key: str, tile: int) -> str:
+    """The feature-cache key of one tile of an image (its content key + the tile's index)."""
+    return f"{image_key}/tile{tile}"
 
-    def __init__(self, records: list[CountRecord], buckets: list[int] | None = None):
+
+@dataclass
+class CachedTiles:
+    """Where a dataset reads its images' vision states instead of decoding them: a
+    :class:`FeatureStore` with one row per tile (``tile_key``), each image's content
+    key and tile count (known from its header, without decoding), and what the rows
+    hold: the tower's last hidden state (``start`` None) or the hidden state entering
+    vision block ``start`` (the frozen prefix of a stage that trains the blocks above)."""
+
+    store: FeatureStore
+    keys: dict[Any, str]
+    tiles: dict[Any, int]
+    start: int | None = None
+
+    def states(self, image: Any) -> torch.Tensor:
+        """The cached states of an image's tiles, [tiles, 1 + patches, Dv], float32."""
+        key = self.keys[image]
+        rows = [self.store.get(tile_key(key, t)) for t in range(self.tiles[image])]
+        return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+
+class CountingDataset(Dataset):
+    """One item per counting record. Live: the image is decoded here (in the workers).
+    Cached: its tiles' vision states are read from the feature cache (no decode, no
+    preprocessing, no tower)."""
+
+    def __init__(self, records: list[CountRecord], buckets: list[int] | None = None, cached: CachedTiles | None = None):
         self.records = records
         self.buckets = buckets
+        self.cached = cached
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        return {"index": i, "image": load_image(r.image, r.source), "question": r.question, "answer": r.answer,
-                "label": count_class(r.count, self.buckets)}
+        item = {"index": i, "question": r.question, "answer": r.answer, "label": count_class(r.count, self.buckets)}
+        if self.cached is not None:
+            item["vision"] = self.cached.states(r.image)
+            item["vision_start"] = self.cached.start
+        else:
+            item["image"] = load_image(r.image, r.source)
+        return item
 
 
 @dataclass
@@ -60,7 +95,12 @@ class PromptBuilder:
     answer_max_tokens: int
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Every item asks for the same chat pieces and a handful of questions and answers:
+        # remembered per text (a tokenizer call costs more than the rest of collation).
+        memo = self.__dict__.setdefault("_memo", {})
+        if text not in memo:
+            memo[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(memo[text])
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
         head = self._ids(f"{CHAT_START}user\n{IMG_START}")
@@ -93,6 +133,14 @@ def tile_grid(processor: Any, width: int, height: int, max_tiles: int) -> tuple[
     return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), 1, max_tiles)
 
 
+def num_tiles(processor: Any, width: int, height: int, max_tiles: int) -> int:
+    """How many tiles :func:`~vlmtune.backbone.preprocess_images` cuts a ``width`` x
+    ``height`` image into (grid tiles, plus the thumbnail when there is more than one),
+    by the processor's own rule, from the size alone (no pixels)."""
+    return int(processor.get_number_of_image_patches(
+        height, width, {"crop_to_patches": max_tiles > 1, "max_patches": max_tiles}))
+
+
 def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad rows to one length -> (ids [B, L], attention mask [B, L]); left padding for generation."""
     n = max(len(r) for r in rows)
@@ -116,7 +164,8 @@ class CountingCollator:
     pad_id: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixel_values, tiles = preprocess_images(self.image_processor, [it["image"] for it in items], self.max_tiles)
+        images = self._images(items)
+        tiles = images["num_tiles"]
         full, labels, prompts = [], [], []
         for it, n in zip(items, tiles.tolist()):
             ids, lab = self.prompts.example(it["question"], it["answer"], int(n))
@@ -128,8 +177,7 @@ class CountingCollator:
         prompt_ids, prompt_mask = pad(prompts, self.pad_id, left=True)
         return {
             "index": torch.tensor([it["index"] for it in items]),
-            "pixel_values": pixel_values,
-            "num_tiles": tiles.long(),
+            **images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": label_ids,
@@ -137,3 +185,17 @@ class CountingCollator:
             "prompt_mask": prompt_mask,
             "count": torch.tensor([it["label"] for it in items]),
         }
+
+    def _images(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The batch's images, tiles of all images stacked in order: ``pixel_values``
+        (decoded items), or the cached states -- ``vision_tokens`` (the tower's output)
+        or ``vision_hidden`` with ``vision_start`` (the state entering that block)."""
+        if "vision" not in items[0]:
+            pixel_values, tiles = preprocess_images(self.image_processor, [it["image"] for it in items], self.max_tiles)
+            return {"pixel_values": pixel_values, "num_tiles": tiles.long()}
+        states = torch.cat([it["vision"] for it in items])
+        tiles = torch.tensor([len(it["vision"]) for it in items], dtype=torch.long)
+        start = items[0]["vision_start"]
+        if start is None:
+            return {"vision_tokens": states, "num_tiles": tiles}
+        return {"vision_hidden": states, "vision_start": torch.tensor(start, dtype=torch.long), "num_tiles": tiles}

@@ -76,6 +76,12 @@ class Task(Protocol):
     report_sections: ClassVar[tuple[str, ...]]
     # Whether make_loader / validate / evaluate accept a FeatureCache.
     cacheable: ClassVar[bool]
+    # Which frozen features those loaders can read from it: "vision" (the frozen vision
+    # tower's output), "vision_prefix" (the state entering block L-N while a stage trains
+    # only the last N vision blocks, which then run live: FeatureCache.vision_start),
+    # "text" (the language model's). The engine asks only for these; a task that does
+    # not declare it is taken to read "vision" and "text".
+    cache_kinds: ClassVar[tuple[str, ...]]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Task: ...

@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmtune.backbone import CHAT_END, Backbone
+from vlmtune.backbone import CHAT_END, Backbone, preprocess_images
+from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
-from vlmtune.data.counting import IGNORE_INDEX, CountingCollator, CountingDataset, PromptBuilder, count_class
-from vlmtune.data.formats import CountRecord, options_from_config, read_counting
+from vlmtune.data.cache import FeatureStore, _memo_sha256, content_key, preprocess_signature, vision_fingerprint
+from vlmtune.data.counting import (IGNORE_INDEX, CachedTiles, CountingCollator, CountingDataset, PromptBuilder, count_class,
+                                   num_tiles, tile_key)
+from vlmtune.data.formats import CountRecord, image_size, load_image, options_from_config, read_counting
 from vlmtune.distributed import all_gather_objects, global_count, mean_share, rank_world
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.heads import mlp
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
@@ -110,10 +113,27 @@ class CountingModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     # ---- forward
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Last hidden states of the language model over image tokens + text, [B, L, Dt]."""
-        embeds = self.backbone.embed_multimodal(input_ids, pixel_values)
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      **cached: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the language model over image tokens + text, [B, L, Dt].
+
+        The images come as the tiles' ``pixel_values`` or as cached vision states
+        (``vision_tokens``, or ``vision_hidden`` with ``vision_start``: see :func:`image_inputs`).
+        """
+        embeds = self.embed(input_ids, pixel_values, **cached)
         return self.backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+              vision_tokens: torch.Tensor | None = None, vision_hidden: torch.Tensor | None = None,
+              vision_start: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The LM's input embeddings with the image tokens in place. From cached states
+        the tower's remaining blocks (``vision_hidden``: those from ``vision_start`` on)
+        and the projector run live, so whatever of them a stage trains gets gradients."""
+        bb = self.backbone
+        if vision_hidden is not None:
+            dtype = next(bb.vision_tower.parameters()).dtype
+            vision_tokens = bb.vision_from_hidden(vision_hidden.to(dtype), int(vision_start))  # type: ignore[arg-type]
+        return bb.embed_multimodal(input_ids, pixel_values, vision_tokens=vision_tokens)
 
     def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
         """Pooled multimodal features for the count head.
@@ -133,17 +153,44 @@ class CountingModel(nn.Module):
     def count_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
         return self.count_head(self.pool(hidden, input_ids, prompt_last).float())
 
+    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:func:`answer_token_loss` with the LM head applied to the answer positions only:
+        the same numbers, without the [B, L, vocab] logits of every prompt and image
+        token (with InternVL's 151k vocabulary the largest tensor of a step). With several
+        processes, a mean over all processes' answer tokens (as answer_token_loss)."""
+        keep = labels[:, 1:] != IGNORE_INDEX
+        total = global_count(keep, hidden.device)  # every process joins, also one without answer tokens
+        logits = self.backbone.model.lm_head(hidden[:, :-1][keep])
+        if not len(logits):  # no answer in the batch: zero, in the graph (as answer_token_loss)
+            return logits.sum() * 0.0
+        return mean_share(F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none"), total)
+
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms: ``lm`` (answer tokens) and ``count`` (head)."""
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
         terms: dict[str, torch.Tensor] = {}
         if "lm" in active:
-            logits = self.backbone.model.lm_head(hidden)
-            terms["lm"], _ = answer_token_loss(logits, batch["labels"])
+            terms["lm"] = self.answer_loss(hidden, batch["labels"])
         if "count" in active:
             logits = self.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
             terms["count"] = F.cross_entropy(logits, batch["count"])
         return terms
+
+
+# Batch keys that carry the images: live pixels or a feature cache's states.
+IMAGE_KEYS = ("pixel_values", "vision_tokens", "vision_hidden")
+
+
+def image_inputs(batch: dict[str, torch.Tensor], rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The image input of a batch, as keyword arguments of :meth:`CountingModel.hidden_states`
+    and :func:`generate_answers`: ``pixel_values`` (live), ``vision_tokens`` (the cached
+    tower output) or ``vision_hidden`` + ``vision_start`` (the cached state entering
+    that block). With ``rows``, only the tiles of those rows of the batch."""
+    key = next(k for k in IMAGE_KEYS if k in batch)
+    out = {key: batch[key] if rows is None else _tiles_of(batch[key], batch["num_tiles"], rows)}
+    if "vision_start" in batch:
+        out["vision_start"] = batch["vision_start"]
+    return out
 
 
 def _prompt_last(labels: torch.Tensor) -> torch.Tensor:
@@ -164,13 +211,17 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: torch.Tensor,
-                     max_new_tokens: int, num_beams: int = 1, do_sample: bool = False, top_p: float = 1.0,
-                     temperature: float = 1.0, **kw: Any) -> Any:
+def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     pixel_values: torch.Tensor | None, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
+                     top_p: float = 1.0, temperature: float = 1.0, *, vision_tokens: torch.Tensor | None = None,
+                     vision_hidden: torch.Tensor | None = None, vision_start: torch.Tensor | int | None = None,
+                     **kw: Any) -> Any:
     """Answers to left-padded prompts. Returns the generated ids [B, T] (or generate's
-    output object when ``return_dict_in_generate`` is passed)."""
+    output object when ``return_dict_in_generate`` is passed). The images come as
+    ``pixel_values`` or as cached vision states (see :func:`image_inputs`)."""
     bb = model.backbone
-    embeds = bb.embed_multimodal(prompt_ids, pixel_values)
+    embeds = model.embed(prompt_ids, pixel_values, vision_tokens=vision_tokens, vision_hidden=vision_hidden,
+                         vision_start=vision_start)
     tok = bb.tokenizer
     args: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                                 eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
@@ -196,15 +247,93 @@ def prompt_builder(backbone: Backbone, c: CountingConfig) -> PromptBuilder:
 
 
 def make_loader(records: list[CountRecord], backbone: Backbone, c: CountingConfig, *, batch_size: int,
-                train: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
+                train: bool = False, seed: int = 0, num_workers: int = 0, cache: FeatureCache | None = None,
+                cache_dtype: str = "float32", cache_batch_size: int = 32) -> DataLoader:
+    """Training loaders shuffle (by a seeded generator) and drop the last partial batch.
+
+    With a ``cache`` whose ``vision`` is set, the images' vision states come from the
+    feature cache in ``cache.dir`` (built now for any image not yet in it) instead of
+    being decoded, tiled and run through the tower: the tower's output, or -- where the
+    cache names a ``vision_start`` block -- the state entering it (the frozen prefix of
+    a stage that trains the blocks above). ``cache.text`` is ignored: the language
+    model reads the image tokens, so its states are never frozen features.
+    """
     g = torch.Generator()
     g.manual_seed(seed)
     collate = CountingCollator(prompt_builder(backbone, c), backbone.image_processor, c.max_dynamic_patch,
                                backbone.tokenizer.pad_token_id)
+    cached = None
+    if cache is not None and cache.vision:
+        cached = build_vision_cache(records, backbone, cache.dir, max_tiles=c.max_dynamic_patch,
+                                    start=getattr(cache, "vision_start", None), dtype=cache_dtype,
+                                    batch_size=cache_batch_size)
     return DataLoader(
-        CountingDataset(records, c.buckets), batch_size=batch_size, shuffle=train, generator=g if train else None,
+        CountingDataset(records, c.buckets, cached), batch_size=batch_size, shuffle=train, generator=g if train else None,
         num_workers=num_workers, drop_last=train and len(records) > batch_size, collate_fn=collate,
     )
+
+
+def vision_namespace(backbone: Backbone, *, max_tiles: int, start: int | None, dtype: str) -> dict[str, Any]:
+    """Everything besides the image that decides the cached tiles' states: the backbone,
+    the weights of the modules that compute them (the whole tower, or the prefix below
+    block ``start``), the tiling and pixel preprocessing, the tower's and the storage's
+    dtypes."""
+    p = backbone.image_processor
+    if start is None:
+        weights = vision_fingerprint(backbone)
+    else:
+        weights = modules_fingerprint(backbone.vision_prefix_modules(start))
+    return {"kind": "vision_tiles" if start is None else "vision_hidden", "start": start,
+            "backbone": backbone_identity(backbone), "weights": weights,
+            "preprocess": {**preprocess_signature(p), "min_patches": getattr(p, "min_patches", 1),
+                           "max_tiles": max_tiles, "crop_to_patches": max_tiles > 1},
+            "tower_dtype": str(next(backbone.vision_tower.parameters()).dtype), "dtype": dtype}
+
+
+@torch.no_grad()
+def build_vision_cache(records: list[CountRecord], backbone: Backbone, cache_dir: str | Path, *, max_tiles: int,
+                       start: int | None = None, dtype: str = "float32", batch_size: int = 32) -> CachedTiles:
+    """The store holding the vision states of every tile of every image of ``records``,
+    one row per tile, keyed by the image's content and the tile's index.
+
+    Each image's tile count comes from its header size (EXIF orientation applied, as
+    :func:`load_image` returns it) by the processor's own tiling rule, so a cached
+    epoch decodes nothing; building a row checks that count against the processor's.
+    ``start`` None stores the tower's last hidden state (what the projector reads); an
+    int the hidden state entering block ``start`` (``Backbone.vision_hidden``).
+    """
+    store = FeatureStore(cache_dir, vision_namespace(backbone, max_tiles=max_tiles, start=start, dtype=dtype))
+    keys = {path: content_key(path) for path in dict.fromkeys(r.image for r in records)}
+    sources = {r.image: r.source for r in records}
+    tiles = {path: num_tiles(backbone.image_processor, *image_size(path, sources[path]), max_tiles) for path in keys}
+    path_of = {k: p for p, k in keys.items()}
+    device = next(backbone.parameters()).device
+
+    def compute(batch_keys: list[str]) -> Any:
+        # Rows are tiles; an image's tiles may straddle two batches (each decodes it).
+        wanted = [(k.rsplit("/tile", 1)[0], int(k.rsplit("/tile", 1)[1])) for k in batch_keys]
+        images = list(dict.fromkeys(key for key, _ in wanted))
+        pv, n = preprocess_images(backbone.image_processor, [load_image(path_of[k], sources[path_of[k]]) for k in images],
+                                  max_tiles)
+        first = dict(zip(images, torch.cat([n.new_zeros(1), n.cumsum(0)]).tolist()))
+        for key, count in zip(images, n.tolist()):
+            if count != tiles[path_of[key]]:
+                raise VlmtuneError(f"{sources[path_of[key]]}: image {path_of[key]} was cut into {count} tiles, but its "
+                                   f"header size gives {tiles[path_of[key]]}; set cache.enabled=false to train on it")
+        pick = pv[[first[key] + t for key, t in wanted]].to(device)
+        out = backbone.vision_tokens(pick) if start is None else backbone.vision_hidden(pick, start)
+        return out.float().cpu().numpy()
+
+    store.ensure([tile_key(keys[p], t) for p in keys for t in range(tiles[p])], compute, batch_size=batch_size,
+                 dtype=dtype)
+    return CachedTiles(store, keys, tiles, start)
+
+
+def modules_fingerprint(modules: list[nn.Module]) -> str:
+    """sha256 over the weights of ``modules`` (each digest remembered until a weight changes)."""
+    import hashlib
+
+    return hashlib.sha256("".join(_memo_sha256(m) for m in modules).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -287,7 +416,7 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Calla
     mine: list[dict[str, Any]] = []
     for batch in tqdm(loader_for([records[i] for i in rows]), desc="evaluate", disable=not progress, leave=False):
         batch = {key: v.to(device) for key, v in batch.items()}
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
         nll, n_tokens = answer_token_nll(hidden, model.backbone.model.lm_head, batch["labels"])
         count_logits = model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
         idx = [rows[i] for i in batch["index"].tolist()]  # record index in the whole set
@@ -301,9 +430,9 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Calla
                                         top_p=kw.pop("top_p", 1.0), temperature=kw.pop("temperature", 1.0),
                                         top_k=getattr(model.backbone.model.generation_config, "top_k", None))
                 kw.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+            images = image_inputs(batch, want)
             ids = generate_answers(model, batch["prompt_ids"][sel], batch["prompt_mask"][sel],
-                                   _tiles_of(batch["pixel_values"], batch["num_tiles"], want),
-                                   max_new_tokens=max_new_tokens, **kw)
+                                   images.pop("pixel_values", None), max_new_tokens=max_new_tokens, **images, **kw)
             answers = dict(zip(want, decode(tok, ids)))
         probs = count_logits.float().softmax(-1).cpu()
         for j, i in enumerate(idx):
@@ -411,20 +540,27 @@ class CountingTask:
         "text/bleu4", "text/rougeL", "text/perplexity",
     )
     report_sections: ClassVar[tuple[str, ...]] = ("count", "answer", "text")
-    cacheable: ClassVar[bool] = False
+    # The vision tower's states (tiles of each image) come from the feature cache while it
+    # is frozen, or its frozen prefix's while only its last blocks train; the language
+    # model's never do: it reads the image tokens the projector makes.
+    cacheable: ClassVar[bool] = True
+    cache_kinds: ClassVar[tuple[str, ...]] = ("vision", "vision_prefix")
 
     def __init__(self, *, counting: CountingConfig, generation: GenerationConfig, model: ModelConfig, data: DataConfig,
-                 loss_weights: dict[str, float], train_batch_size: int, eval_batch_size: int, seed: int = 0):
+                 loss_weights: dict[str, float], train_batch_size: int, eval_batch_size: int, seed: int = 0,
+                 cache_dtype: str = "float32"):
         self.counting, self.generation, self.model_cfg, self.data = counting, generation, model, data
         self.weights = dict(loss_weights)
         self.train_batch_size, self.eval_batch_size = train_batch_size, eval_batch_size
         self.seed = seed
+        self.cache_dtype = cache_dtype
 
     @classmethod
     def from_config(cls, cfg: Config) -> "CountingTask":
         return cls(counting=cfg.counting, generation=cfg.generation, model=cfg.model, data=cfg.data,
                    loss_weights={name: getattr(cfg.loss, name) for name in cls.losses},
-                   train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed)
+                   train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                   cache_dtype=cfg.cache.dtype)
 
     def build_model(self, backbone: Backbone) -> CountingModel:
         return CountingModel(backbone, self.counting, self.model_cfg)
@@ -458,7 +594,8 @@ class CountingTask:
     def make_loader(self, records: list[CountRecord], backbone: Backbone, *, train: bool, seed: int = 0,
                     cache: FeatureCache | None = None) -> DataLoader:
         return make_loader(records, backbone, self.counting, batch_size=self.train_batch_size if train else self.eval_batch_size,
-                           train=train, seed=seed, num_workers=self.data.num_workers)
+                           train=train, seed=seed, num_workers=self.data.num_workers, cache=cache,
+                           cache_dtype=self.cache_dtype, cache_batch_size=self.eval_batch_size)
 
     def validate(self, model: CountingModel, records: list[CountRecord], *, device: torch.device,
                  cache: FeatureCache | None = None) -> dict[str, Any]:

@@ -610,9 +610,9 @@ class RetrievalTask:
     )
     report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
     cacheable: ClassVar[bool] = True
-    # A stage training only the last N vision blocks reads the frozen prefix's output
-    # from the cache (FeatureCache.vision_start) and runs those blocks live.
-    vision_prefix_cache: ClassVar[bool] = True
+    # Both towers' frozen outputs, and the frozen vision prefix's (a stage training only
+    # the last N vision blocks runs those live on it).
+    cache_kinds: ClassVar[tuple[str, ...]] = ("vision", "vision_prefix", "text")
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, data: DataConfig, eval: EvalConfig,
                  train_batch_size: int, max_text_tokens: int, vision_pooling: str = "mean",
