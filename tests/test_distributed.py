@@ -182,6 +182,7 @@ def test_two_processes_train_with_matching_and_dropout(tmp_path: Path, scenes: P
 RECEIPTS = str(CONFIGS / "receipts_three_stage.yaml")
 
 
+@pytest.mark.slow  # a torchrun launch (about 12 s): the second CI step runs it
 def test_counting_with_two_processes_evaluates_as_one(tmp_path: Path) -> None:
     """Counting under 2 processes: validation (answers sampled for the first 2 records)
     and the final evaluation (beam search for every record) are sharded and merged, and

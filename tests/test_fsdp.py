@@ -29,6 +29,7 @@ TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow  # a torchrun launch (about 6 s): the second CI step runs it
 def test_fsdp_pieces_on_two_gloo_processes() -> None:
     """vlmtune.fsdp on a small model in 2 gloo processes (tests/fsdp_worker.py): blocks
     sharded, a 0-d parameter kept whole, steps where one process leaves a head unused
