@@ -94,6 +94,7 @@ def test_deterministic(tmp_path: Path) -> None:
         assert a[k].read_text() == b[k].read_text()
     for img in sorted((tmp_path / "a" / "images").iterdir()):
         assert img.read_bytes() == (tmp_path / "b" / "images" / img.name).read_bytes()
+    assert any(a[k].read_text() != c[k].read_text() for k in a)  # another seed, another set
     assert (tmp_path / "a" / "images" / "scene_00000.png").read_bytes() != (
         tmp_path / "c" / "images" / "scene_00000.png"
     ).read_bytes()
