@@ -93,16 +93,19 @@ def test_merge_restores_record_order() -> None:
     assert m.cat("box_pred").shape == (1, 4) and m.cat("box_rows").tolist() == [3]
 
 
-def _torchrun(args: list[str], folder: Path, prelude: str = "") -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], folder: Path, prelude: str = "", hash_seed: str | None = None) -> subprocess.CompletedProcess:
     """Two CPU processes (gloo). Rank 1 runs under umask 002, rank 0 under 022, so a file
     or folder rank 1 creates is group-writable: the test checks that only the main
     process writes. (safetensors files are 0600 whoever writes them; the other files of
-    their checkpoint folders tell.) ``prelude``: Python run in each process first."""
+    their checkpoint folders tell.) ``prelude``: Python run in each process first.
+    ``hash_seed``: the processes' PYTHONHASHSEED (the order of a set of strings)."""
     boot = (prelude + "\nimport os, runpy, sys; os.umask(0o002 if os.environ['RANK'] == '1' else 0o022); "
             "sys.argv = ['vlmtune'] + sys.argv[1:]; runpy.run_module('vlmtune.cli', run_name='__main__')")
     script = folder / "boot.py"
     script.write_text(boot)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if hash_seed is not None:
+        env["PYTHONHASHSEED"] = hash_seed
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -396,18 +399,20 @@ def test_two_processes_resume_their_own_random_streams_exactly(tmp_path: Path, s
     """Dropout and sampled hard negatives on, 2 processes: SIGTERM in step 8 (inside
     epoch 2, stage 2) saves a mid-epoch checkpoint with each process's RNG state; the
     resumed run ends exactly as the uninterrupted one (every logged loss of every step,
-    and the final metrics). Slow: three torchrun launches."""
+    and the final metrics). The resumed processes hash strings differently
+    (PYTHONHASHSEED 0 then 2: the stage's loss set iterates in another order), which
+    must not change a bit of the summed loss. Slow: three torchrun launches."""
     args = ["train", TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2",
             "stages.1.start_epoch=1", "train.progress=false", "train.batch_size=8", "eval.batch_size=16",
             "train.log_every=1"]
     straight, run = tmp_path / "straight", tmp_path / "run"
-    res = _torchrun([*args, "--output-dir", str(straight)], tmp_path)
+    res = _torchrun([*args, "--output-dir", str(straight)], tmp_path, hash_seed="0")
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _torchrun([*args, "--output-dir", str(run)], tmp_path, prelude=SIGTERM_AT_STEP_8)
+    res = _torchrun([*args, "--output-dir", str(run)], tmp_path, prelude=SIGTERM_AT_STEP_8, hash_seed="0")
     assert res.returncode != 0 and "SIGTERM" in res.stderr
     st = json.loads((run / "checkpoints/last/state.json").read_text())
     assert (st["epoch"], st["epoch_batches"], st["step"]) == (1, 3, 8)
-    res = _torchrun([*args, "--output-dir", str(run), "--resume"], tmp_path)
+    res = _torchrun([*args, "--output-dir", str(run), "--resume"], tmp_path, hash_seed="2")
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _steps(straight), _steps(run)
     assert len(a) == 10 and all(x["loss/matching"] > 0 for x in a)

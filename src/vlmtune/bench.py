@@ -214,7 +214,7 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             terms = model(batch, losses)
-        loss = sum(weights[k] * terms[k].float() for k in losses if k in terms)
+        loss = sum(weights[k] * terms[k].float() for k in sorted(losses) if k in terms)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         opt.step()

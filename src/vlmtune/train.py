@@ -459,7 +459,10 @@ def _train_step(run: Run, st: StageRun, batch: dict[str, Any], progress: EpochPr
     accelerator, cfg, losses = run.accelerator, run.cfg, st.stage.losses
     with accelerator.accumulate(st.pmodel):
         terms = st.pmodel(batch, losses)
-        loss = sum(run.weights[k] * terms[k] for k in losses if k in terms)
+        # In a fixed order: a stage's losses are a set, whose order follows the process's
+        # string hashing, and a float sum of 3+ terms depends on its order (a resumed
+        # process would otherwise differ from the straight run in the last bit).
+        loss = sum(run.weights[k] * terms[k] for k in sorted(losses) if k in terms)
         # Agreed by all processes, so they skip (or stop at) the same step.
         bad, stop_now, values = _step_values(loss, terms, sorted(losses), run.stopper.signum, run.device)
         progress.bad_window, progress.stop = progress.bad_window or bad, progress.stop or stop_now
