@@ -115,6 +115,7 @@ def _steps(run: Path) -> list[dict]:
     return [x for x in map(json.loads, (run / "history.jsonl").read_text().splitlines()) if x["type"] == "step"]
 
 
+@pytest.mark.slow  # a torchrun launch and a one-process run (about 15 s): the second CI step runs it
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, scenes: Path) -> None:
     """Two stages (the second unfreezes a vision block, so DDP re-wraps the model with a
     new trainable set), per-process batch 8 on 2 processes vs batch 16 on 1.
