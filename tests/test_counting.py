@@ -181,7 +181,7 @@ def test_answer_loss_ignores_the_prompt() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, -100, -100, 1, -100]])
-    loss, n = answer_token_loss(logits, labels)
+    loss, n = answer_token_loss(logits, torch.nn.Identity(), labels)  # the states are the logits here
     # position t predicts token t+1
     expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 1], logits[0, 2], logits[1, 2]]), torch.tensor([3, 4, 1]))
     assert n == 3 and loss.item() == pytest.approx(expected.item())

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from vlmtune.backbone import CHAT_END, Backbone, preprocess_images
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import Config, CountingConfig, DataConfig, GenerationConfig, ModelConfig
-from vlmtune.data.cache import FeatureStore, _memo_sha256, content_key, preprocess_signature, vision_fingerprint
+from vlmtune.data.cache import (FeatureStore, content_key, preprocess_signature, vision_fingerprint,
+                                vision_prefix_fingerprint)
 from vlmtune.data.counting import (IGNORE_INDEX, CachedTiles, CountingCollator, CountingDataset, PromptBuilder, count_class,
                                    num_tiles, tile_key)
 from vlmtune.data.formats import CountRecord, image_size, load_image, options_from_config, read_counting
@@ -50,22 +51,31 @@ def class_names(c: CountingConfig) -> list[str]:
     return names
 
 
-def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of next-token predictions on labelled positions -> (loss, tokens).
-
-    ``logits`` [B, L, V] predict position t+1 from position t; ``labels`` [B, L] are
-    IGNORE_INDEX on the prompt and padding. With several processes the mean is over the
-    answer tokens of all processes' rows (:func:`~vlmtune.distributed.mean_share`): their
-    number differs between processes, so each process's own mean would weigh a token by
-    how many others its process had. ``tokens`` is this process's count.
-    """
+def answer_token_ce(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each answer token's next-token prediction -> (ce [answer tokens],
+    mask [B, L-1] of where they are). Position t predicts token t+1; ``labels`` [B, L] are
+    IGNORE_INDEX on the prompt and padding. The LM head runs on the answer positions
+    only: the same numbers as on every position, without the [B, L, vocab] logits of
+    each prompt and image token (with InternVL's 151k vocabulary the largest tensor of
+    a step), and a row's values read nothing of the other rows or the padding."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    n = int(keep.sum())
-    total = global_count(n, logits.device)  # every process joins, also one without tokens
-    if n == 0:
-        return logits.sum() * 0.0, 0
-    return mean_share(F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none"), total), n
+    return F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none"), keep
+
+
+def answer_token_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of the answer tokens (:func:`answer_token_ce`) -> (loss, tokens).
+
+    With several processes the mean is over the answer tokens of all processes' rows
+    (:func:`~vlmtune.distributed.mean_share`): their number differs between processes,
+    so each process's own mean would weigh a token by how many others its process had.
+    ``tokens`` is this process's count; a batch without one gives zero, in the graph.
+    """
+    ce, keep = answer_token_ce(hidden, lm_head, labels)
+    total = global_count(keep, hidden.device)  # every process joins, also one without tokens
+    if not len(ce):
+        return ce.sum() * 0.0, 0
+    return mean_share(ce, total), len(ce)
 
 
 class CountingModel(nn.Module):
@@ -153,24 +163,12 @@ class CountingModel(nn.Module):
     def count_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
         return self.count_head(self.pool(hidden, input_ids, prompt_last).float())
 
-    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """:func:`answer_token_loss` with the LM head applied to the answer positions only:
-        the same numbers, without the [B, L, vocab] logits of every prompt and image
-        token (with InternVL's 151k vocabulary the largest tensor of a step). With several
-        processes, a mean over all processes' answer tokens (as answer_token_loss)."""
-        keep = labels[:, 1:] != IGNORE_INDEX
-        total = global_count(keep, hidden.device)  # every process joins, also one without answer tokens
-        logits = self.backbone.model.lm_head(hidden[:, :-1][keep])
-        if not len(logits):  # no answer in the batch: zero, in the graph (as answer_token_loss)
-            return logits.sum() * 0.0
-        return mean_share(F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none"), total)
-
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms: ``lm`` (answer tokens) and ``count`` (head)."""
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
         terms: dict[str, torch.Tensor] = {}
         if "lm" in active:
-            terms["lm"] = self.answer_loss(hidden, batch["labels"])
+            terms["lm"], _ = answer_token_loss(hidden, self.backbone.model.lm_head, batch["labels"])
         if "count" in active:
             logits = self.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))
             terms["count"] = F.cross_entropy(logits, batch["count"])
@@ -279,10 +277,7 @@ def vision_namespace(backbone: Backbone, *, max_tiles: int, start: int | None, d
     block ``start``), the tiling and pixel preprocessing, the tower's and the storage's
     dtypes."""
     p = backbone.image_processor
-    if start is None:
-        weights = vision_fingerprint(backbone)
-    else:
-        weights = modules_fingerprint(backbone.vision_prefix_modules(start))
+    weights = vision_fingerprint(backbone) if start is None else vision_prefix_fingerprint(backbone, start)
     return {"kind": "vision_tiles" if start is None else "vision_hidden", "start": start,
             "backbone": backbone_identity(backbone), "weights": weights,
             "preprocess": {**preprocess_signature(p), "min_patches": getattr(p, "min_patches", 1),
@@ -329,13 +324,6 @@ def build_vision_cache(records: list[CountRecord], backbone: Backbone, cache_dir
     return CachedTiles(store, keys, tiles, start)
 
 
-def modules_fingerprint(modules: list[nn.Module]) -> str:
-    """sha256 over the weights of ``modules`` (each digest remembered until a weight changes)."""
-    import hashlib
-
-    return hashlib.sha256("".join(_memo_sha256(m) for m in modules).encode()).hexdigest()
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -370,14 +358,10 @@ class RecordSampler:
 
 
 def answer_token_nll(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed cross-entropy of the answer tokens (float64) and their count.
-    The LM head runs on the labelled positions only, so a row's value reads nothing of
-    the other rows or of the padding."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    row = keep.nonzero()[:, 0]
-    ce = F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
-    nll = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device).index_add_(0, row, ce.double())
+    """Per row: the summed cross-entropy of the answer tokens (float64) and their count
+    (:func:`answer_token_ce`)."""
+    ce, keep = answer_token_ce(hidden, lm_head, labels)
+    nll = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device).index_add_(0, keep.nonzero()[:, 0], ce.double())
     return nll, keep.sum(1)
 
 
