@@ -306,7 +306,9 @@ class Backbone(nn.Module):
 
     def vision_from_hidden(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """The tower's last hidden state (what :meth:`vision_tokens` returns) from the
-        state entering block ``start``: ``blocks[start:]`` and the final norm, run live."""
+        state entering block ``start`` (a cache's rows, cast to the tower's dtype):
+        ``blocks[start:]`` and the final norm, run live."""
+        hidden = hidden.to(next(self.vision_tower.parameters()).dtype)
         for block in self.vision_blocks[start:]:
             hidden = block(hidden)
         return self.vision_tower.layernorm(hidden)

@@ -163,7 +163,7 @@ class CountingCollator:
     max_tiles: int
     pad_id: int
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         images = self._images(items)
         tiles = images["num_tiles"]
         full, labels, prompts = [], [], []
@@ -186,7 +186,7 @@ class CountingCollator:
             "count": torch.tensor([it["label"] for it in items]),
         }
 
-    def _images(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _images(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """The batch's images, tiles of all images stacked in order: ``pixel_values``
         (decoded items), or the cached states -- ``vision_tokens`` (the tower's output)
         or ``vision_hidden`` with ``vision_start`` (the state entering that block)."""
@@ -198,4 +198,5 @@ class CountingCollator:
         start = items[0]["vision_start"]
         if start is None:
             return {"vision_tokens": states, "num_tiles": tiles}
-        return {"vision_hidden": states, "vision_start": torch.tensor(start, dtype=torch.long), "num_tiles": tiles}
+        # The block it enters: a plain int (not a tensor), read on the host without a device sync.
+        return {"vision_hidden": states, "vision_start": start, "num_tiles": tiles}

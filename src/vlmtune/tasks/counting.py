@@ -135,14 +135,13 @@ class CountingModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
               vision_tokens: torch.Tensor | None = None, vision_hidden: torch.Tensor | None = None,
-              vision_start: torch.Tensor | int | None = None) -> torch.Tensor:
+              vision_start: int | None = None) -> torch.Tensor:
         """The LM's input embeddings with the image tokens in place. From cached states
         the tower's remaining blocks (``vision_hidden``: those from ``vision_start`` on)
         and the projector run live, so whatever of them a stage trains gets gradients."""
         bb = self.backbone
         if vision_hidden is not None:
-            dtype = next(bb.vision_tower.parameters()).dtype
-            vision_tokens = bb.vision_from_hidden(vision_hidden.to(dtype), int(vision_start))  # type: ignore[arg-type]
+            vision_tokens = bb.vision_from_hidden(vision_hidden, int(vision_start))  # type: ignore[arg-type]
         return bb.embed_multimodal(input_ids, pixel_values, vision_tokens=vision_tokens)
 
     def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_last: torch.Tensor) -> torch.Tensor:
@@ -212,7 +211,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      pixel_values: torch.Tensor | None, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
                      top_p: float = 1.0, temperature: float = 1.0, *, vision_tokens: torch.Tensor | None = None,
-                     vision_hidden: torch.Tensor | None = None, vision_start: torch.Tensor | int | None = None,
+                     vision_hidden: torch.Tensor | None = None, vision_start: int | None = None,
                      **kw: Any) -> Any:
     """Answers to left-padded prompts. Returns the generated ids [B, T] (or generate's
     output object when ``return_dict_in_generate`` is passed). The images come as
@@ -263,7 +262,7 @@ def make_loader(records: list[CountRecord], backbone: Backbone, c: CountingConfi
     cached = None
     if cache is not None and cache.vision:
         cached = build_vision_cache(records, backbone, cache.dir, max_tiles=c.max_dynamic_patch,
-                                    start=getattr(cache, "vision_start", None), dtype=cache_dtype,
+                                    start=cache.vision_start, dtype=cache_dtype,
                                     batch_size=cache_batch_size)
     return DataLoader(
         CountingDataset(records, c.buckets, cached), batch_size=batch_size, shuffle=train, generator=g if train else None,
@@ -399,7 +398,7 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Calla
     rows = shard_rows(len(records))
     mine: list[dict[str, Any]] = []
     for batch in tqdm(loader_for([records[i] for i in rows]), desc="evaluate", disable=not progress, leave=False):
-        batch = {key: v.to(device) for key, v in batch.items()}
+        batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
         nll, n_tokens = answer_token_nll(hidden, model.backbone.model.lm_head, batch["labels"])
         count_logits = model.count_logits(hidden, batch["input_ids"], _prompt_last(batch["labels"]))

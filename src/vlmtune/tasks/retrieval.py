@@ -103,8 +103,7 @@ class RetrievalModel(nn.Module):
         if vision_hidden is not None:
             if vision_start is None:
                 raise ValueError("vision_hidden needs vision_start, the block it enters")
-            dtype = next(self.backbone.vision_tower.parameters()).dtype
-            vision_tokens = self.backbone.vision_from_hidden(vision_hidden.to(dtype), int(vision_start))
+            vision_tokens = self.backbone.vision_from_hidden(vision_hidden, int(vision_start))
         elif vision_tokens is None:
             vision_tokens = self.backbone.vision_tokens(pixel_values)
         tokens = self.vision_adapter(vision_tokens.float())
