@@ -248,9 +248,6 @@ class StageRun:
     loader: Any
     params: list[nn.Parameter]
     cache: FeatureCache | None
-    # Under FSDP / DeepSpeed ZeRO-3: the checkpoint's weights and optimizer state, made
-    # whole by every process together just before the main process saves them.
-    gathered: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -356,7 +353,9 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
         # memory, samples; stage lines the stage index and trainable count.
         sink = lambda rec: accelerator.log(_numeric(rec), step=rec["step"])  # noqa: E731
     run.history = History(out / "history.jsonl", run.state.history_lines if resume_from else None, sink, enabled=main)
-    shard_once(run)  # FSDP: before the move, so a device only ever holds this process's shards
+    # FSDP: sharded before the move (a device only ever holds this process's shards) and
+    # before any stage's optimizer exists, so every stage's is over the shards.
+    shard_once(run)
     seed_process_stream(cfg.seed)
     model.to(run.device)
     run.t_start = time.time() - run.state.wall_s
@@ -385,7 +384,6 @@ def remaining_stages(run: Run) -> Iterator[Stage]:
 def start_stage(run: Run, stage: Stage) -> StageRun:
     """Freeze for the stage, build its parameter groups, optimizer, schedule and loader."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
-    shard_once(run)  # FSDP: sharded before the first optimizer exists, so every stage's is over the shards
     groups = apply_stage(model, stage, cfg.optim.lr, cfg.optim.weight_decay)
     run.backbone.set_gradient_checkpointing(set(stage.train) if cfg.backbone.gradient_checkpointing else set())
     trainable, total = count_parameters(model)
@@ -506,10 +504,7 @@ def _end_step(run: Run, st: StageRun, epoch: int, progress: EpochProgress, value
     state.history_lines = len(run.history.lines)
     state.wall_s = time.time() - run.t_start
     state.train_wall_s += time.time() - t_epoch
-    rngs = gather_rng_states()  # every process, before the main one saves
-    gather_for_save(run, st)
-    if run.main:
-        _save(run, st, rngs)
+    _save(run, st)
     run.accelerator.wait_for_everyone()
     where = f"epoch {epoch + 1}, step {state.step}"
     if diverged:
@@ -550,13 +545,10 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> bool:
     if es.patience > 0 and state.bad_evals >= es.patience and epoch + 1 < st.stage.end_epoch:
         state.stopped_early = True
     state.history_lines = len(run.history.lines)
-    rngs = gather_rng_states()  # every process, before the main one saves
-    gather_for_save(run, st)
-    if run.main:
-        # A kill between these two leaves `best` behind `last`; a resume repairs it (_repair_best).
-        _save(run, st, rngs)
-        if improved:
-            copy_checkpoint(run.ckpt_dir / "last", run.ckpt_dir / "best")
+    _save(run, st)
+    if run.main and improved:
+        # A kill between the save and this copy leaves `best` behind `last`; a resume repairs it (_repair_best).
+        copy_checkpoint(run.ckpt_dir / "last", run.ckpt_dir / "best")
     run.accelerator.wait_for_everyone()
     # A signal during the last steps or the validation: the epoch's checkpoint is it.
     if _step_values(torch.zeros(()), {}, [], run.stopper.signum, run.device)[1]:
@@ -800,17 +792,20 @@ def _repair_best(last: Checkpoint, best: Path) -> None:
         copy_checkpoint(last.folder, best)
 
 
-def _save(run: Run, st: StageRun, rngs: list[dict[str, Any]] | None = None) -> None:
-    """The ``last`` checkpoint: trained weights, config, state and trainer state.
-    ``rngs``: every process's RNG state in rank order (:func:`gather_rng_states`, which
-    every process must call); this process's alone by default. Under FSDP or ZeRO-3 the
-    weights and optimizer state were gathered by every process (:func:`gather_for_save`)."""
-    gathered, st.gathered = st.gathered, None
-    if gathered is None:
-        gathered = _trainer_tensors(run, st)
-    weights, optimizer_state = gathered
+def _save(run: Run, st: StageRun) -> None:
+    """The ``last`` checkpoint: trained weights, config, state and trainer state, written
+    by the main process. Every process calls it: each one's RNG state is gathered
+    (:func:`gather_rng_states`), and under FSDP or DeepSpeed the weights and optimizer
+    state are made whole by all processes together (:func:`_trainer_tensors`)."""
+    rngs = gather_rng_states()
+    collective = is_sharded(run.model) or run.accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not (run.main or collective):
+        return
+    weights, optimizer_state = _trainer_tensors(run, st)
+    if not run.main:
+        return
     trainer_state = {"optimizer": optimizer_state, "scheduler": st.scheduler.state_dict(),
-                     "stage": st.stage.index, **rng_record(rngs or [rng_state()])}
+                     "stage": st.stage.index, **rng_record(rngs)}
     save_checkpoint(run.ckpt_dir / "last", weights=weights, cfg=run.cfg, state=run.state, trainer_state=trainer_state,
                     backbone=run.backbone if run.backbone.source == "tiny" else None, keep=run.cfg.train.keep_last)
 
@@ -888,16 +883,6 @@ def _trainer_tensors(run: Run, st: StageRun) -> tuple[dict[str, torch.Tensor], d
         return full_tensors(run.model, names), full_optimizer_state(st.optimizer.state_dict())
     sd = run.model.state_dict()
     return {k: sd[k] for k in names}, st.optimizer.state_dict()
-
-
-def gather_for_save(run: Run, st: StageRun) -> None:
-    """Called by every process before the main one saves: under FSDP or DeepSpeed the
-    checkpoint's tensors are gathered together (the main process keeps them in
-    ``st.gathered`` for :func:`_save`); nothing to do otherwise."""
-    if not (is_sharded(run.model) or run.accelerator.distributed_type == DistributedType.DEEPSPEED):
-        return
-    gathered = _trainer_tensors(run, st)
-    st.gathered = gathered if run.main else None
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
