@@ -64,6 +64,18 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- training
 
 
+def _bench_data(out: Path, images: int, name: str = "data") -> Path:
+    """The synthetic scenes set of ``images`` images the sections train on, generated
+    once into ``out/name`` (and reused while it is vlmtune's complete generation)."""
+    from vlmtune.data.scenes import generate_scenes
+    from vlmtune.runfolder import check_synthetic_dir
+
+    data = out / name
+    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
+        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+    return data
+
+
 def _ks_that_fit(data: Path) -> list[int]:
     """Recall@K for the Ks of 1, 5, 10 that fit the smaller of the val and test galleries
     (eval.ks beyond a gallery is an error; a small benchmark set has few images)."""
@@ -79,14 +91,9 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     """Frozen-backbone training with and without the cache, same data, same config."""
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
-    from vlmtune.data.scenes import generate_scenes
     from vlmtune.train import train
 
-    from vlmtune.runfolder import check_synthetic_dir
-
-    data = out / "data"
-    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
-        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+    data = _bench_data(out, images)
     base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
             "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
             f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
@@ -162,16 +169,6 @@ def recipe_paths(given: list[str] | None = None) -> tuple[Path, Path]:
             raise ConfigError(f"--recipes: {p} is not a file (the stages section needs the two-stage and the "
                               f"single-stage recipe; pass them as --recipes TWO_STAGE.yaml SINGLE_STAGE.yaml)")
     return paths[0], paths[1]
-
-
-def _bench_data(out: Path, images: int) -> Path:
-    from vlmtune.data.scenes import generate_scenes
-    from vlmtune.runfolder import check_synthetic_dir
-
-    data = out / "data"
-    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
-        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
-    return data
 
 
 def _median(xs: list[float]) -> float:
@@ -581,14 +578,9 @@ def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: 
     otherwise on as many CPU processes over gloo."""
     import os
 
-    from vlmtune.data.scenes import generate_scenes
-    from vlmtune.runfolder import check_synthetic_dir
-
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     on_gpu = gpus >= processes
-    data = out / "data_fsdp"
-    if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
-        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+    data = _bench_data(out, images, "data_fsdp")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     if not on_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -636,13 +628,7 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
         result["counting"] = bench_counting(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress,
                                             max_tiles)
     if "loader" in sections:
-        from vlmtune.runfolder import check_synthetic_dir
-
-        if check_synthetic_dir(out / "data", ("train.json", "val.json", "test.json")):
-            from vlmtune.data.scenes import generate_scenes
-
-            generate_scenes(out / "data", n=images, seed=0, image_size=96, overwrite=True)
-        result["loader"] = bench_loader(out / "data", preset, batch_size, [0, 2])
+        result["loader"] = bench_loader(_bench_data(out, images), preset, batch_size, [0, 2])
     if "eval" in sections:
         result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
     if "gpu" in sections:
