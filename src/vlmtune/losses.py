@@ -97,14 +97,7 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> 
 
 
 def box_loss_rows(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (mean L1 on normalised cx, cy, w, h; 1 - GIoU); their means are :func:`box_losses`."""
+    """Per row: (mean L1 on normalised cx, cy, w, h; 1 - GIoU); their means are the batch's box losses."""
     l1 = (pred_cxcywh - target_cxcywh).abs().mean(dim=-1)
     giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(target_cxcywh))
     return l1, 1.0 - giou
-
-
-def box_losses(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 on normalised cx, cy, w, h; 1 - GIoU), both means over the batch."""
-    l1 = F.l1_loss(pred_cxcywh, target_cxcywh)
-    giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(target_cxcywh))
-    return l1, (1.0 - giou).mean()

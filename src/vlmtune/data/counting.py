@@ -12,7 +12,7 @@ the language model learns to answer (and to stop), never to predict the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,14 +93,14 @@ class PromptBuilder:
     tokens_per_tile: int
     question_max_tokens: int
     answer_max_tokens: int
+    # Every item asks for the same chat pieces and a handful of questions and answers:
+    # their ids, remembered per text (a tokenizer call costs more than the rest of collation).
+    _memo: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def _ids(self, text: str) -> list[int]:
-        # Every item asks for the same chat pieces and a handful of questions and answers:
-        # remembered per text (a tokenizer call costs more than the rest of collation).
-        memo = self.__dict__.setdefault("_memo", {})
-        if text not in memo:
-            memo[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(memo[text])
+        if text not in self._memo:
+            self._memo[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._memo[text])
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
         head = self._ids(f"{CHAT_START}user\n{IMG_START}")
