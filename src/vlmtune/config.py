@@ -36,13 +36,20 @@ DEFAULT_ANSWERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with help text; mutable defaults go through a factory."""
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None, **kw: Any) -> Any:
+    """A config field: its default, its help text and (numbers) its inclusive bounds
+    ``low`` / ``high``, kept in the field's metadata, the one home that validation,
+    ``config explain`` and the CLI flags mirroring the key read. Mutable defaults go
+    through a factory."""
+    meta = {"help": help, "low": low, "high": high}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         import copy
 
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+_f = setting
 
 
 # --------------------------------------------------------------------------- sections
