@@ -27,7 +27,7 @@ class Checker:
         self.declared_root = self.opts.image_root is not None
         # The declared root is resolved first, so a root that is itself a symlink (to
         # shared storage) works; every image must then stay inside what it points at.
-        root = Path(self.opts.image_root) if self.declared_root else (path if path.is_dir() else path.parent)
+        root = Path(self.opts.image_root) if self.opts.image_root is not None else (path if path.is_dir() else path.parent)
         self.base = root.resolve()
         self.deep = deep
         self.max_text_chars = max_text_chars

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ def coco_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
                                               if "bbox" in ann else ""))
         return {"image": files[key].get("file_name"), "caption": ann["caption"]}
 
-    return [Item(f"record {i}", (lambda a=ann: get(a))) for i, ann in enumerate(annotations)]
+    return [Item(f"record {i}", partial(get, ann)) for i, ann in enumerate(annotations)]
 
 
 def _is_coco(probe: Probe) -> bool:

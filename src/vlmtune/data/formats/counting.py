@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ def read_jsonl(ck: Checker, path: Path, data: Any) -> list[Item]:
     items = []
     for n, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
-            items.append(Item(f"line {n}", (lambda t=line: _jsonl_record(t))))
+            items.append(Item(f"line {n}", partial(_jsonl_record, line)))
     return items
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def read_csv(ck: Checker, path: Path, data: Any) -> list[Item]:
-    return [Item(label, (lambda r=rec: count_row(r, "csv"))) for label, rec in _csv_rows(path)]
+    return [Item(label, partial(count_row, rec, "csv")) for label, rec in _csv_rows(path)]
 
 
 def count_row(rec: dict[str, Any], fmt: str) -> dict[str, Any]:

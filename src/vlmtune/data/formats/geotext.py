@@ -4,7 +4,7 @@ the caption as a retrieval record, and one grounding record per boxed sentence."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from vlmtune.data.formats.fields import Bad, failing, load_json, type_name
 from vlmtune.data.formats.records import Item
@@ -58,8 +58,12 @@ def geotext_items(ck: Checker, i: int, rec: Any) -> Iterator[Item]:
     else:
         new = True
     for lab, r in derived:
-        yield Item(lab, (lambda r=r: r), new)
+        yield Item(lab, _returning(r), new)
         new = False
+
+
+def _returning(rec: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    return lambda: rec
 
 
 def _has_geotext_keys(probe: Probe) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +32,11 @@ _METADATA = ("metadata.jsonl", "metadata.csv")
 
 
 def read_hf_pairs(ck: Checker, path: Path, data: Any) -> list[Item]:
-    return [Item(label, (lambda r=rec: _hf_pair(r))) for label, rec in hf_rows(ck, path)]
+    return [Item(label, partial(_hf_pair, rec)) for label, rec in hf_rows(ck, path)]
 
 
 def read_hf_counting(ck: Checker, path: Path, data: Any) -> list[Item]:
-    return [Item(label, (lambda r=rec: count_row(r, "hf"))) for label, rec in hf_rows(ck, path)]
+    return [Item(label, partial(count_row, rec, "hf")) for label, rec in hf_rows(ck, path)]
 
 
 def is_hf_folder(path: Path) -> bool:

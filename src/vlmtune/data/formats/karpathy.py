@@ -3,6 +3,7 @@ every split in one file; one record per image, with its sentences as captions.""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ def karpathy_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
     for i, rec in enumerate(images):
         if isinstance(rec, dict) and not in_split(ck, rec.get("split")):
             continue
-        items.append(Item(f"record {i}", (lambda r=rec: _karpathy_record(r))))
+        items.append(Item(f"record {i}", partial(_karpathy_record, rec)))
     return items
 
 

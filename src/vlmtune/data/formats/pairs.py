@@ -8,6 +8,7 @@ X-VLM's RefCOCO JSON are read the same way (:func:`list_reader`).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection
 
@@ -30,7 +31,7 @@ def list_reader(fmt: str) -> Reader:
         data = load_json(path) if data is None else data
         if not isinstance(data, list):
             raise Bad(f"format '{fmt}' expects a list of records at the top level")
-        return [Item(f"record {i}", (lambda r=rec: checked(r, PAIR_FIELDS, fmt))) for i, rec in enumerate(data)]
+        return [Item(f"record {i}", partial(checked, rec, PAIR_FIELDS, fmt)) for i, rec in enumerate(data)]
 
     return read
 

@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
-from vlmtune.data.formats import fields
+import vlmtune.data.formats.fields as fields
 from vlmtune.data.formats.checker import Checker
 from vlmtune.data.formats.fields import Bad, as_object
 from vlmtune.data.formats.records import MAX_TEXT_CHARS, CountRecord, Item, Kind, OnError, PairRecord, ReadOptions, Scan

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,7 @@ def refer_items(ck: Checker, path: Path) -> list[Item]:
     for i, ref in enumerate(refs):
         if isinstance(ref, dict) and not in_split(ck, ref.get("split")):
             continue
-        items.append(Item(f"record {i}", (lambda r=ref: _refer_record(r, anns, images))))
+        items.append(Item(f"record {i}", partial(_refer_record, ref, anns, images)))
     return items
 
 
