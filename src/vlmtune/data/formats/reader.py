@@ -131,6 +131,8 @@ def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_T
 
 def _fill_from_templates(ck: Checker, rec: dict[str, Any], count: int, image: Path) -> tuple[str | None, str | None]:
     """Question and answer of a counting record; a missing one comes from the templates."""
+    # The synthetic set's templates, imported only when a record lacks a question or an
+    # answer: receipts is the receipt generator (drawing, fonts), not needed to read.
     from vlmtune.data.receipts import ANSWER_TEMPLATES, QUESTIONS
 
     question = ck.check(fields.text_field, rec, "question", ck.max_text_chars) if "question" in rec else None
