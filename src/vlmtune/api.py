@@ -142,12 +142,12 @@ class Model:
         """A path (read as evaluation reads it) or a PIL image, as 8-bit RGB."""
         from PIL import Image as PILImage
 
-        from vlmtune.data.formats import _to_rgb, load_image
+        from vlmtune.data.formats import load_image, to_rgb
 
         if isinstance(item, PILImage.Image):
             from PIL import ImageOps
 
-            return _to_rgb(ImageOps.exif_transpose(item))
+            return to_rgb(ImageOps.exif_transpose(item))
         if isinstance(item, (str, Path)):
             return load_image(Path(item))
         raise DataError(f"expected an image path or a PIL image, got {type(item).__name__}")

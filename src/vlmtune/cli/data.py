@@ -91,9 +91,9 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
 
 def _add_read_options(p: Any) -> None:
     """How data commands read a file: the data.* keys that training takes from the config."""
-    from vlmtune.data.sources import FORMATS
+    from vlmtune.data.formats.registry import format_names
 
-    p.add_argument("--format", choices=FORMATS, default="auto", help="annotation format (default: detected from the file)")
+    p.add_argument("--format", choices=format_names(), default="auto", help="annotation format (default: detected from the file)")
     p.add_argument("--image-root", help="folder image paths resolve against (data.image_root; default: the annotation file's folder)")
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="for files holding every split (Karpathy, refer, datasets dicts): read only this one (default: all)")

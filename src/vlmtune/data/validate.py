@@ -9,36 +9,42 @@ what it accepts but changes, such as an image converted to RGB.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from vlmtune.data.formats import MAX_TEXT_CHARS, Problem, ReadOptions, Scan, scan_counting, scan_pairs
-
-Kind = Literal["pairs", "counting"]
+from vlmtune.data.formats import (
+    FORMATS, MAX_TEXT_CHARS, RELATIONS, Bad, Checker, Format, Kind, Probe, Problem, ReadOptions, Scan, scan_counting,
+    scan_pairs,
+)
+from vlmtune.data.formats.registry import detect_by_path, detect_probe
 
 
 def detect_kind(path: str | Path, fmt: str = "auto", opts: ReadOptions | None = None) -> Kind:
-    """Counting sets are JSONL or CSV (or a ``datasets`` layout with a count column);
-    everything else holds image-text pairs."""
-    from vlmtune.data.formats import _Bad, _Checker
-    from vlmtune.data.sources import COUNT_FORMATS, hf_rows
-
+    """The kind of data a file holds: the one kind its format holds (``data.format``, or
+    what its path says), or, for a format holding both (a ``datasets`` layout), what the
+    format finds in the file. Where that cannot be told, "pairs": the pairs reader then
+    reports what is wrong."""
     path = Path(path)
-    if fmt in COUNT_FORMATS and fmt != "hf":
-        return "counting"
-    if fmt not in ("auto", "hf"):
-        return "pairs"
-    name, suffix = path.name.lower(), path.suffix.lower()
-    if suffix in (".jsonl", ".csv") and name not in ("metadata.jsonl", "metadata.csv"):
-        return "counting" if fmt == "auto" else "pairs"
-    if fmt == "hf" or path.is_dir() or suffix == ".parquet" or name in ("metadata.jsonl", "metadata.csv"):
-        try:  # a datasets layout: its columns say
-            rows = hf_rows(_Checker(path, False, MAX_TEXT_CHARS, opts or ReadOptions()), path)
-        except (_Bad, OSError):
-            return "pairs"  # the pairs reader reports what is wrong with it
-        keys = set(rows[0][1]) if rows and isinstance(rows[0][1], dict) else set()
-        return "counting" if keys & {"count", "receipt_count"} else "pairs"
-    return "pairs"
+    if fmt != "auto":
+        return _kind_in(path, FORMATS[fmt], opts) if fmt in FORMATS else "pairs"
+    probe = Probe(path)
+    for spec in FORMATS:  # a folder is asked too: it can only be such a layout
+        if spec.kind_of is not None and spec.by_path is not None and (probe.is_dir or spec.by_path(probe)):
+            return _kind_in(path, spec, opts)
+    name = detect_by_path(probe)
+    if name is None and any("counting" in f.kinds for f in FORMATS if f.by_json is not None):
+        try:  # only then is the file's JSON worth reading here
+            name = detect_probe(probe)
+        except Bad:
+            name = None
+    return _kind_in(path, FORMATS[name], opts) if name is not None else "pairs"
+
+
+def _kind_in(path: Path, spec: Format, opts: ReadOptions | None) -> Kind:
+    if spec.kind_of is None or len(spec.kinds) == 1:
+        return spec.kinds[0]
+    return spec.kind_of(Checker(path, False, MAX_TEXT_CHARS, opts or ReadOptions()), path)
 
 
 def validate_file(path: str | Path, kind: Kind | None = None, max_count: int | None = None,
@@ -90,10 +96,6 @@ def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind |
     """What a data set holds and what it can train and evaluate: format, split sizes,
     images, captions per image, boxes, relations, counts, and the losses and metrics it
     can feed. Images are checked from their headers (``data validate`` decodes them all)."""
-    from collections import Counter
-
-    from vlmtune.data.formats import RELATIONS
-
     path = Path(path)
     opts = opts or ReadOptions()
     kind = kind or detect_kind(path, opts.format, opts)

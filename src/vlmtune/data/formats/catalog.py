@@ -1,0 +1,29 @@
+"""The built-in formats, one registry line each, in the order ``data.format`` lists them.
+
+A new format is a module declaring its :class:`~vlmtune.data.formats.registry.Format`
+and one line here; its ``detect_rank`` places it in detection.
+"""
+
+from __future__ import annotations
+
+from vlmtune.data.formats.albef import ALBEF
+from vlmtune.data.formats.coco import COCO
+from vlmtune.data.formats.counting import COUNTING
+from vlmtune.data.formats.csv_counts import CSV
+from vlmtune.data.formats.geotext import GEOTEXT
+from vlmtune.data.formats.hf import HF
+from vlmtune.data.formats.karpathy import KARPATHY
+from vlmtune.data.formats.pairs import GROUNDING, PAIRS
+from vlmtune.data.formats.refcoco import REFCOCO
+from vlmtune.data.formats.registry import FORMATS
+
+FORMATS.register(PAIRS)
+FORMATS.register(COCO)
+FORMATS.register(KARPATHY)
+FORMATS.register(ALBEF)
+FORMATS.register(REFCOCO)
+FORMATS.register(GEOTEXT)
+FORMATS.register(GROUNDING)
+FORMATS.register(COUNTING)
+FORMATS.register(CSV)
+FORMATS.register(HF)

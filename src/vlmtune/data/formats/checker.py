@@ -1,0 +1,129 @@
+"""The checker: runs the field checks of one file's records and collects what they find."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from vlmtune.data.formats.fields import Bad, nonempty_str, norm_box, pixel_bbox
+from vlmtune.data.formats.images import ImageInfo, inspect_image
+from vlmtune.data.formats.records import Problem, ReadOptions, Scan
+from vlmtune.errors import DataError
+
+T = TypeVar("T")
+
+
+class Checker:
+    """Runs the field checks of one file's records and collects what they find.
+
+    Images are checked once per distinct file (header, or full decode when ``deep``);
+    every record that uses a bad image gets the error, the first that uses an image
+    not in RGB gets the note.
+    """
+
+    def __init__(self, path: Path, deep: bool, max_text_chars: int, opts: ReadOptions | None = None):
+        self.path = path
+        self.opts = opts or ReadOptions(max_text_chars=max_text_chars)
+        self.declared_root = self.opts.image_root is not None
+        # The declared root is resolved first, so a root that is itself a symlink (to
+        # shared storage) works; every image must then stay inside what it points at.
+        root = Path(self.opts.image_root) if self.opts.image_root is not None else (path if path.is_dir() else path.parent)
+        self.base = root.resolve()
+        self.deep = deep
+        self.max_text_chars = max_text_chars
+        self.scan = Scan(path)
+        self._images: dict[Path, ImageInfo | str] = {}
+        self._seen: dict[tuple[Any, ...], str] = {}
+        self._where = ""
+        self._bad = False
+
+    def start(self, where: str, new: bool = True) -> None:
+        """Begin a record: checks until the next start() are reported at ``where``."""
+        self._where, self._bad = where, False
+        self.scan.n_records += int(new)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.scan.counts[what] = self.scan.counts.get(what, 0) + n
+
+    @property
+    def ok(self) -> bool:
+        return not self._bad
+
+    def error(self, message: str, where: str | None = None) -> None:
+        self.scan.problems.append(Problem(where or self._where, message))
+        self._bad = True
+
+    def check(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)``, or None after recording its problem."""
+        try:
+            return fn(*args)
+        except Bad as e:
+            self.error(str(e))
+            return None
+
+    def root_problem(self) -> str | None:
+        """Why the declared image root cannot be used, or None."""
+        if self.declared_root and not self.base.is_dir():
+            return f"data.image_root {self.opts.image_root}: not a folder"
+        return None
+
+    def image_path(self, rec: dict[str, Any], key: str) -> Path:
+        """The record's image, resolved (symlinks too) against the image root: the
+        declared ``data.image_root``, else the annotation file's folder.
+
+        It must stay inside that folder: an annotation file cannot point at files elsewhere.
+        """
+        text = nonempty_str(rec, key)
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        if "\x00" in text:
+            raise Bad(f"image path {shown!r} contains a NUL character")
+        image = Path(text)
+        try:
+            path = (image if image.is_absolute() else self.base / image).resolve()
+            if not path.is_relative_to(self.base):
+                raise Bad(f"image path '{shown}' leads outside the data set's folder {self.base} (to {str(path)[:120]})")
+            if not path.is_file():
+                hint = "" if self.declared_root else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+                raise Bad(f"image not found: {str(path)[:200]}{hint}")
+        except (OSError, RuntimeError) as e:  # a name too long for the file system, a link loop
+            reason = "a symbolic link loop" if isinstance(e, RuntimeError) or e.errno == 40 else (e.strerror or str(e))
+            raise Bad(f"image path '{shown}': {reason.lower()}") from None
+        return path
+
+    def image_size(self, path: Path) -> tuple[int, int]:
+        if path not in self._images:
+            try:
+                info: ImageInfo | str = inspect_image(path, self.deep)
+            except DataError as e:
+                info = str(e)
+            self._images[path] = info
+            if isinstance(info, ImageInfo) and info.note:
+                self.scan.problems.append(Problem(self._where, f"image {path.name}: {info.note}", "note"))
+        info = self._images[path]
+        if isinstance(info, str):
+            raise Bad(f"image {info}")
+        return info.size
+
+    def box(self, rec: dict[str, Any], size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
+        """The record's pixel box (``bbox``, or GeoText's ``bbox_norm`` converted), clipped
+        within data.box_tolerance_px (and counted)."""
+        tol = self.opts.box_tolerance_px
+        box, clipped = norm_box(rec, size, tol) if "bbox_norm" in rec else pixel_bbox(rec, size, tol)
+        if clipped:
+            self.count("boxes clipped to the image")
+        return box
+
+    def unique(self, key: tuple[Any, ...], what: str, label: str) -> bool:
+        """Refuse a second record with the same ``key`` (``label`` names this one), or,
+        per data.duplicates, keep it or drop it (counted); False when dropped."""
+        policy = self.opts.duplicates
+        if policy == "keep":
+            return True
+        first = self._seen.get(key)
+        if first is not None:
+            if policy == "drop":
+                self.count("duplicates dropped")
+                return False
+            raise Bad(f"duplicate of {first} (same {what}; data.duplicates=keep or drop allows it)")
+        self._seen[key] = label
+        return True
