@@ -101,7 +101,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
 class Model:
     """A trained checkpoint, ready to embed, ground or answer. Build it with :func:`load`."""
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
         from vlmtune.evaluate import default_device, load_model
 
         self.checkpoint = ckpt
@@ -111,6 +111,8 @@ class Model:
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = ckpt.cfg.eval.batch_size
+        # The task's model: which methods it has depends on the task (``_require`` checks).
+        self.model: Any
         self.model, self.task = load_model(ckpt, self.device)
         self.fingerprint = checkpoint_fingerprint(ckpt)
 
@@ -293,7 +295,7 @@ class Model:
 
         self._require("ground")
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if isinstance(text, str) else list(text)
         im = self._image(image)
         w, h = im.size
         v, patches = self._encode_images([im])

@@ -18,13 +18,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from vlmtune.config import BackboneConfig
 from vlmtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import InternVLForConditionalGeneration, InternVLVisionModel, PreTrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
     # seed (and the tiny preset is also saved with every checkpoint).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = InternVLForConditionalGeneration(config)
+        model: nn.Module = InternVLForConditionalGeneration(config)
     if name != "tiny":
         model = model.to(_resolve_dtype(cfg.dtype, device_type))
     processor = GotOcr2ImageProcessorPil(
@@ -190,7 +193,7 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""
         raise ConfigError(f"backbone.name_or_path: cannot load '{src}'{why}: {str(e).splitlines()[0]}") from None
-    size = _side(model.config.vision_config.image_size)
+    size = _side(cast("PreTrainedConfig", model.config.vision_config).image_size)  # a config once loaded
     try:
         # The PIL processor does InternVL's resizing and dynamic tiling without torchvision.
         processor = GotOcr2ImageProcessorPil.from_pretrained(src, **kw)
@@ -219,7 +222,8 @@ class BackboneInfo:
 class Backbone(nn.Module):
     """InternVL with named components and pooled features."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, source: str, revision: str | None = None):
+    def __init__(self, model: InternVLForConditionalGeneration, tokenizer: Any, image_processor: Any, source: str,
+                 revision: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -229,11 +233,11 @@ class Backbone(nn.Module):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         mc = model.config
-        vc = mc.vision_config
+        vc = cast("PreTrainedConfig", mc.vision_config)  # a config once built (the stubs allow dict and None)
         size, patch = _side(vc.image_size), _side(vc.patch_size)
         self.info = BackboneInfo(
             vision_hidden=vc.hidden_size,
-            text_hidden=mc.text_config.hidden_size,
+            text_hidden=cast("PreTrainedConfig", mc.text_config).hidden_size,
             image_size=size,
             patch_size=patch,
             num_vision_blocks=len(self.vision_blocks),
@@ -250,7 +254,7 @@ class Backbone(nn.Module):
 
     # ---- components, by module
     @property
-    def vision_tower(self) -> nn.Module:
+    def vision_tower(self) -> InternVLVisionModel:
         return self.model.model.vision_tower
 
     @property
@@ -262,7 +266,7 @@ class Backbone(nn.Module):
         return self.model.model.multi_modal_projector
 
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> PreTrainedModel:
         return self.model.model.language_model
 
     def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module]:
@@ -367,6 +371,7 @@ class Backbone(nn.Module):
         if vision_tokens is not None:
             feats = self.project_vision(vision_tokens.to(next(self.mm_projector.parameters()).dtype))
         else:
+            assert pixel_values is not None  # one of the two, checked above
             feats = self.image_features(pixel_values)
         n_ph, n_feat = int(mask.sum()), feats.shape[0] * feats.shape[1]
         if n_ph != n_feat:

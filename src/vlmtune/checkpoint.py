@@ -33,7 +33,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ _CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".pyw", ".so", ".dylib", ".dll"
 
 
 def rng_state() -> dict[str, Any]:
-    st = np.random.get_state()
+    # The legacy tuple (get_state's default); numpy's stub types the default call as the dict form.
+    st = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     out: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

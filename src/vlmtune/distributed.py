@@ -29,7 +29,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         rank, world = rank_world()
         ctx.rank, ctx.n = rank, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -37,7 +37,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]

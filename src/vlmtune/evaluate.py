@@ -153,8 +153,8 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     folders = [safe_name(lb) for lb in labels]
     for i, f in enumerate(folders):
         if f in folders[:i]:
-            first = labels[folders.index(f)]
-            raise VlmtuneError(f"--labels: '{first[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
+            taken = labels[folders.index(f)]
+            raise VlmtuneError(f"--labels: '{taken[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
                                f"choose labels that differ in letters or digits")
     ckpts = [open_checkpoint(p) for p in paths]
     cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]

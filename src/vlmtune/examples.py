@@ -77,7 +77,7 @@ def _thumb(image: Image.Image, side: int = THUMB) -> tuple[Image.Image, float]:
     seen); returns it and the scale applied."""
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.convert("RGB").resize(size, Image.BILINEAR), scale
+    return image.convert("RGB").resize(size, Image.Resampling.BILINEAR), scale
 
 
 def _draw_boxes(image: Image.Image, scale: float, boxes: list[tuple[list[float], tuple[int, int, int]]]) -> Image.Image:

@@ -36,13 +36,16 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import save_file
 
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
+
+if TYPE_CHECKING:
+    from vlmtune.backbone import Backbone
 
 FORMATS = ("peft", "merged", "vlmtune")
 # Where a task model keeps InternVL (``CountingModel.backbone.model``) in its state dict.
@@ -179,11 +182,11 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     from vlmtune.evaluate import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))
-    n_merged = merge_lora(model.backbone.language_model) if getattr(model, "lm_mode", None) == "lora" else 0
+    bb = cast("Backbone", model.backbone)  # every task's model holds its backbone there
+    n_merged = merge_lora(bb.language_model) if getattr(model, "lm_mode", None) == "lora" else 0
     # The folder's own config describes what it now holds: no LoRA left to inject.
     cfg = load_config(ckpt.folder / "config.yaml", ["counting.lm_mode=full"] if n_merged else [])
     heads = _head_weights(model.state_dict())
-    bb = model.backbone
 
     def hf_model(folder: Path) -> None:
         bb.model.save_pretrained(folder, safe_serialization=True)

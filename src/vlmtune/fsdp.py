@@ -31,12 +31,15 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 from torch import nn
 
 from vlmtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 log = logging.getLogger("vlmtune")
 
@@ -162,8 +165,8 @@ def shard_model(model: nn.Module, settings: FsdpSettings) -> nn.Module:
         # box target may instead be in the contrastive gather's all_reduce: each would
         # wait for the other. Issued asynchronously (on FSDP's own group) the prefetch
         # lets both reach the all_reduce, and it is waited for when the unit needs it.
-        for m in _units(model):
-            m._set_unshard_async_op(True)  # type: ignore[attr-defined]
+        for unit in _units(model):
+            unit._set_unshard_async_op(True)
     log.info("FSDP2 (%s): %d units of %s plus the rest of the model, reshard_after_forward=%s, cpu_offload=%s",
              settings.source, len(units), ", ".join(names) or "nothing", settings.reshard_after_forward,
              settings.cpu_offload)
@@ -185,7 +188,7 @@ def _every_trainable_weight_in_the_graph(module: nn.Module, args: Any, output: A
     live = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if not live:
         return output
-    zero = sum(p.reshape(-1)[0] for p in live) * 0.0
+    zero = cast(torch.Tensor, sum(p.reshape(-1)[0] for p in live)) * 0.0  # live is not empty: a tensor
     return {k: (v + zero.to(v.dtype) if isinstance(v, torch.Tensor) and v.requires_grad and v.ndim == 0 else v)
             for k, v in output.items()}
 
@@ -209,7 +212,7 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
         p.register_post_accumulate_grad_hook(hook)
 
 
-def _units(model: nn.Module) -> list[nn.Module]:
+def _units(model: nn.Module) -> list[FSDPModule]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first (pre-order)
@@ -235,25 +238,25 @@ def full_params(model: nn.Module) -> Iterator[None]:
     # The root's lazy init marks every other unit as a non-root one; without it a unit
     # called first (the main process filling a cache calls the vision blocks) takes
     # itself for the root and FSDP refuses the later forwards through the real root.
-    model._get_fsdp_state()._lazy_init()  # type: ignore[attr-defined]
+    cast("FSDPModule", model)._get_fsdp_state()._lazy_init()  # sharded: fully_shard made it an FSDPModule
     before = []
     for m in units:
-        group = m._get_fsdp_state()._fsdp_param_group  # type: ignore[attr-defined]
+        group = m._get_fsdp_state()._fsdp_param_group
         before.append(group is not None and group.post_forward_mesh_info is not None)
-        m.set_reshard_after_forward(False, recurse=False)  # type: ignore[attr-defined]
+        m.set_reshard_after_forward(False, recurse=False)
     for m in units:
-        m.unshard()  # type: ignore[attr-defined]
+        m.unshard()
     try:
         yield
     finally:
         for m, reshard in zip(units, before):
-            m.reshard()  # type: ignore[attr-defined]
-            m.set_reshard_after_forward(reshard, recurse=False)  # type: ignore[attr-defined]
+            m.reshard()
+            m.set_reshard_after_forward(reshard, recurse=False)
         # FSDP records the order of forwards to prefetch in the next backward; these
         # forwards were this process's own (another process made more or fewer), so a
         # prefetch from them would be a collective the other processes never join.
         for m in units:
-            state = m._get_fsdp_state()  # type: ignore[attr-defined]
+            state = m._get_fsdp_state()
             if state._fsdp_param_group is not None:
                 state._fsdp_param_group._post_forward_indices.clear()
             state._comm_ctx.post_forward_order.clear()

@@ -249,7 +249,7 @@ def predict_file(checkpoint: str | Path, image_path: str | Path, question: str =
     out["image"] = str(image_path)
     out["question"] = question
     if attention_out is not None:
-        shown = image if size == image.size else image.resize(size, Image.BILINEAR)
+        shown = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
         out["attention_out"] = str(save_overlay(shown, pred, attention_out, question))
     return out
 
@@ -296,6 +296,7 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
         image = load_image(r.image, r.source)
         pred = predict_image(model, cfg, image, r.question, attention=True)
         mask = receipt_mask(quads[r.image], image.size)
+        assert pred.heatmap is not None and pred.heatmap_all is not None  # attention=True gives both
         inside.append(float(pred.heatmap[mask].sum()))
         inside_all.append(float(pred.heatmap_all[mask].sum()))
         area.append(float(mask.mean()))

@@ -530,8 +530,8 @@ def _plot_losses(groups: list[Group], colors: dict[str, Any], folder: Path) -> d
     marks: dict[float, set[str]] = {}
     for g in groups:
         for r in g.runs:
-            for h in r.stages:
-                marks.setdefault(float(h.step), set()).add(h.name)
+            for st in r.stages:
+                marks.setdefault(float(st.step), set()).add(st.name)
     ncols = min(3, len(terms))
     nrows = math.ceil(len(terms) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows), layout="constrained")
@@ -566,8 +566,8 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
             for h in r.epochs:
                 if (v := _number(h.val.get(metric))) is not None:
                     per_epoch.setdefault(h.epoch + 1, []).append(v)
-            for h in r.stages:
-                marks.setdefault(h.epoch + 0.5, set()).add(h.name)
+            for st in r.stages:
+                marks.setdefault(st.epoch + 0.5, set()).add(st.name)
         if not per_epoch:
             continue
         xs = sorted(per_epoch)
@@ -591,7 +591,13 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
 def _plot_recall(groups: list[Group], colors: dict[str, Any], stats: dict[str, dict[str, dict[str, Any]]],
                  folder: Path) -> dict[str, Any] | None:
     keys = [k for k in stats if _RECALL.match(k)]
-    keys.sort(key=lambda k: (_RECALL.match(k)[1] != "i2t", int(_RECALL.match(k)[2])))
+
+    def order(k: str) -> tuple[bool, int]:
+        m = _RECALL.match(k)
+        assert m is not None  # keys holds only names that match
+        return (m[1] != "i2t", int(m[2]))
+
+    keys.sort(key=order)
     if not keys:
         return None
     fig = Figure(figsize=(min(14.0, max(6.0, len(keys) * (0.6 + 0.35 * len(groups)))), 4.5), layout="constrained")
@@ -608,9 +614,10 @@ def _plot_recall(groups: list[Group], colors: dict[str, Any], stats: dict[str, d
         ax.bar(xs, ys, width, color=colors[g.name], label=f"{g.name} (n={len(g.runs)})")
         with_std = [(x, y, e) for x, y, e in zip(xs, ys, err) if e is not None]
         if with_std:
-            ax.errorbar(*zip(*with_std), fmt="none", ecolor="black", capsize=3, linewidth=1)
-    chance = [(j, stats.get(k.replace("retrieval/", "retrieval/chance_"))) for j, k in enumerate(keys)]
-    chance = [(j, statistics.fmean([v for s in c.values() for v in s["values"]])) for j, c in chance
+            ex, ey, ee = zip(*with_std)
+            ax.errorbar(ex, ey, ee, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    chance_stats = [(j, stats.get(k.replace("retrieval/", "retrieval/chance_"))) for j, k in enumerate(keys)]
+    chance = [(j, statistics.fmean([v for s in c.values() for v in s["values"]])) for j, c in chance_stats
               if c and any(s["n"] for s in c.values())]
     if chance:
         ax.hlines([c for _, c in chance], [j - 0.45 for j, _ in chance], [j + 0.45 for j, _ in chance],
@@ -645,10 +652,10 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
         raise VlmtuneError(f"tolerance: must be >= 0, got {tolerance}")
     seen: dict[Path, str] = {}
     for d in run_dirs:
-        key = Path(d).resolve()
-        if key in seen:
+        where = Path(d).resolve()
+        if where in seen:
             raise VlmtuneError(f"{d}: given twice")
-        seen[key] = str(d)
+        seen[where] = str(d)
     runs = [load_run(d) for d in run_dirs]
     groups = group_runs(runs, labels)
     metric, mode, notes = _choose_target(runs, target_metric)

@@ -99,7 +99,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -236,7 +236,7 @@ class _EmbedJob:
         self.old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}  # path -> (row, embedding) from before
         self.txt_emb: dict[str, Tensor] = {}                          # text -> embedding (before and now)
         self.order: list[str] = []                                     # image paths, in output order
-        self.captions: list[tuple[str, int | None]] = []               # a data set's (caption, image id)
+        self.captions: list[tuple[str, int]] = []                      # a data set's (caption, image id)
         self.img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}  # None: still to embed
         self.text_rows: list[dict[str, Any]] = []
         self.todo: list[tuple[str, int, int]] = []                     # (path, size, mtime_ns) to embed
@@ -317,8 +317,8 @@ class _EmbedJob:
                     log.warning("skipped %s", e)
             if loaded:
                 emb = self.m.embed_images([x[3] for x in loaded])
-                for (p, size, mtime, _), e in zip(loaded, emb):
-                    self.img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, e)
+                for (p, size, mtime, _), vec in zip(loaded, emb):
+                    self.img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, vec)
             bar.update(len(batch))
             since_save += len(batch)
             if since_save >= FLUSH_EVERY:
@@ -329,7 +329,7 @@ class _EmbedJob:
     def embed_texts(self, extra_texts: list[str], progress: bool) -> list[str]:
         """Captions (the data set's, in record order, then --texts); each distinct text
         embedded once. Returns the texts embedded now."""
-        rows = [{"text": t, "image": i} for t, i in self.captions if self.order[i] not in self.unreadable]
+        rows: list[dict[str, Any]] = [{"text": t, "image": i} for t, i in self.captions if self.order[i] not in self.unreadable]
         self.text_rows = rows + [{"text": t} for t in extra_texts]
         new_texts = list(dict.fromkeys(r["text"] for r in self.text_rows if r["text"] not in self.txt_emb))
         if new_texts:
@@ -338,7 +338,8 @@ class _EmbedJob:
 
     def rows(self) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
         """items.jsonl rows and the image and text matrices, as they stand now."""
-        items, img_e = [], []
+        items: list[dict[str, Any]] = []
+        img_e: list[Tensor] = []
         id_of: dict[str, int] = {}
         for p in self.order:
             r = self.img_rows.get(p)
@@ -347,7 +348,7 @@ class _EmbedJob:
             id_of[p] = len(img_e)
             items.append({**r[0], "id": len(img_e)})
             img_e.append(r[1])
-        t_e = []
+        t_e: list[Tensor] = []
         for row in self.text_rows:
             entry = {"id": len(t_e), "kind": "text", "text": row["text"]}
             if row.get("image") is not None:

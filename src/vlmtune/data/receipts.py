@@ -236,7 +236,7 @@ def _try_place(
     for full, vis in zip(masks, visible):
         if (vis & ~mask).sum() < (1 - MAX_HIDDEN_FRACTION) * full.sum():
             return None
-    return quad, mask, paper.resize((max(1, round(w)), max(1, round(h))), Image.LANCZOS), angle
+    return quad, mask, paper.resize((max(1, round(w)), max(1, round(h))), Image.Resampling.LANCZOS), angle
 
 
 def _polygon_mask(quad: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
@@ -261,7 +261,7 @@ def _paste(canvas: Image.Image, paper: Image.Image, angle: float, quad: list[tup
         sx * cos, -sx * sin, paper.width / 2 - sx * (cos * cx - sin * cy),
         sy * sin, sy * cos, paper.height / 2 - sy * (sin * cx + cos * cy),
     )
-    layer = paper.convert("RGBA").transform(canvas.size, Image.AFFINE, coeffs, resample=Image.BICUBIC)
+    layer = paper.convert("RGBA").transform(canvas.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
     canvas.alpha_composite(layer)
 
 
@@ -325,7 +325,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
         # Low-resolution noise upsampled: a blotchy texture rather than per-pixel static.
         cells = rng.uniform(-1, 1, size=(max(2, height // 16), max(2, width // 16), 1))
         small = Image.fromarray(((cells[..., 0] + 1) * 127.5).astype(np.uint8))
-        blotch = np.asarray(small.resize((width, height), Image.BICUBIC), dtype=np.float64)[..., None] / 255
+        blotch = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)[..., None] / 255
         fine = rng.normal(0, 0.05, size=(height, width, 1))
         pixels = colour() * (0.6 + 0.6 * blotch + fine)
     else:  # wood: sinusoidal grain along a random direction, brown hues

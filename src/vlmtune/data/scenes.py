@@ -299,6 +299,7 @@ def generate_scenes(
         else:
             raise RuntimeError(f"could not lay out scene {i} at image_size={image_size}")
         img = _background(np_rng, image_size)
+        assert objs is not None  # the loop above ends on a layout with captions
         _draw(img, objs, rng)
         rel_path = f"images/scene_{i:05d}.png"
         img.save(out / rel_path)

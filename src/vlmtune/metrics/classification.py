@@ -9,6 +9,8 @@ scored as 0 (the sklearn ``zero_division=0`` convention).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
@@ -29,7 +31,7 @@ def _scores(preds: Tensor, targets: Tensor, num_classes: int, prefix: str) -> di
         nan = float("nan")
         return {f"{prefix}/{name}": nan for name in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
     preds, targets = preds.long(), targets.long()
-    kw = {"num_classes": num_classes}
+    kw: dict[str, Any] = {"num_classes": num_classes}
     return {
         # average="micro" is plain accuracy (torchmetrics' "macro" accuracy is macro recall).
         f"{prefix}/accuracy": 100.0 * multiclass_accuracy(preds, targets, average="micro", **kw).item(),

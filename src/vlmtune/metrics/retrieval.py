@@ -468,6 +468,7 @@ def retrieval_metrics_reference(
         r = min(rerank_k, order.numel())
         head = order[:r]
         q = torch.full_like(head, query)
+        assert rerank is not None  # called only under the check below
         scores = rerank(q, head) if queries_are_images else rerank(head, q)
         head = head[scores.float().cpu().argsort(descending=True, stable=True)]
         return torch.cat((head, order[r:]))
