@@ -220,48 +220,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Fill the feature cache of a config's data up front (otherwise the first epoch does)."""
-    from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
-    from vlmtune.evaluate import default_device
-    from vlmtune.tasks import FeatureCache, build_task
+    from vlmtune.train.caches import fill_caches
 
-    cfg = load_config(args.config, args.overrides)
-    output_folder(args.output_dir)
-    task = build_task(cfg)
-    if not task.cacheable:
-        raise VlmtuneError(f"task '{cfg.task}': has no feature cache")
-    out = Path(args.output_dir)
-    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
-    device = default_device()
-    backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
-    paths = task.data_paths(out)
-    prefixes = _prefix_cache_starts(cfg, task, out, backbone.info.num_vision_blocks)
-    for split in ("train", "val", "test"):
-        records = task.read_split(paths[split], split)
-        task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir))
-        if split != "test":  # the stages' training and validation read the prefix; the final evaluation does not
-            for start in prefixes:
-                task.make_loader(records, backbone, train=False, cache=FeatureCache(cache_dir, text=False, vision_start=start))
-        print(f"{split}: {len(records)} records cached" + (f" (and the frozen prefix entering vision block "
-                                                           f"{', '.join(map(str, prefixes))})" if prefixes and split != "test" else ""))
-    print(f"cache: {cache_dir}")
+    fill_caches(load_config(args.config, args.overrides), args.output_dir)
     return 0
-
-
-def _prefix_cache_starts(cfg: Any, task: Any, out: Path, num_vision_blocks: int) -> list[int]:
-    """The vision blocks whose entering state the config's stages read from the cache
-    (stages that train only the last N blocks). Filled with the backbone's weights as
-    loaded: what such a stage sees unless an earlier stage trains the prefix (then its
-    store is keyed by other weights and the stage builds its own)."""
-    from vlmtune.stages import build_plan
-    from vlmtune.train import _stage_cache
-
-    starts = set()
-    for stage in build_plan(cfg, task.loss_weights()):
-        cache = _stage_cache(cfg, task, stage, out, num_vision_blocks)
-        if cache is not None and cache.vision and cache.vision_start is not None:
-            starts.add(cache.vision_start)
-    return sorted(starts)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
