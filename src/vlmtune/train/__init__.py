@@ -2,8 +2,8 @@
 
 - ``loop``: ``train()``, the one training loop (prepare, start_stage, train_epoch,
   end_epoch, final_evaluation) and its holders.
-- ``launch``: the Accelerator and the launcher's settings, trackers, FSDP/DeepSpeed
-  preparation, the whole tensors a checkpoint saves, threads and memory.
+- ``launch``: the Accelerator and the launcher's settings, the run folder's lock,
+  trackers, FSDP/DeepSpeed preparation, the whole tensors a checkpoint saves, threads and memory.
 - ``resume``: the checkpoint ``--resume`` continues from, what it restores, and the
   per-process random streams.
 - ``warmstart``: ``train.init_from``.

@@ -4,8 +4,9 @@ caches of a config's data up front (``vlmtune cache``) rather than in the first 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vlmtune.backbone import load_backbone
 from vlmtune.config import Config
@@ -86,7 +87,8 @@ def fill_caches(cfg: Config, out: str | Path, say: Callable[[str], None] = print
         if split != "test":  # the stages' training and validation read the prefix; the final evaluation does not
             for start in prefixes:
                 task.make_loader(records, backbone, train=False, cache=FeatureCache(folder, text=False, vision_start=start))
-        say(f"{split}: {len(records)} records cached" + (f" (and the frozen prefix entering vision block "
-                                                         f"{', '.join(map(str, prefixes))})" if prefixes and split != "test" else ""))
+        prefix = prefixes and split != "test"
+        say(f"{split}: {len(records)} records cached"
+            + (f" (and the frozen prefix entering vision block {', '.join(map(str, prefixes))})" if prefix else ""))
     say(f"cache: {folder}")
     return folder

@@ -1,6 +1,7 @@
-"""What the launcher and the hardware decide: the Accelerator and its settings, the
-trackers, FSDP sharding and DeepSpeed's limits, how a stage's parts are prepared, the
-whole tensors a checkpoint saves, PyTorch's thread count and peak memory.
+"""What the launcher and the hardware decide: the Accelerator and its settings, the run
+folder's lock (held by the main process for all), the trackers, FSDP sharding and
+DeepSpeed's limits, how a stage's parts are prepared, the whole tensors a checkpoint
+saves, PyTorch's thread count and peak memory.
 
 Every function here takes plain values (config, accelerator, model), never the loop's
 holders, so the loop (``vlmtune.train.loop``) reads as a list of calls into it.
@@ -15,8 +16,9 @@ import logging
 import math
 import os
 import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -34,6 +36,7 @@ from vlmtune.fsdp import (
     launcher_wants_fsdp,
     shard_model,
 )
+from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, prepare_run_folder
 from vlmtune.utils import flatten
 
 log = logging.getLogger("vlmtune")
@@ -103,6 +106,32 @@ def _make_accelerator(cfg: Config, tracker: str | None, project_dir: Path | None
         log_with=tracker,
         project_dir=str(project_dir) if project_dir else None,
     )
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+@contextlib.contextmanager
+def locked_run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """The run folder checked (a folder holding a run needs ``resume`` or ``overwrite``)
+    and locked for the whole run, by the main process of a distributed run (RANK 0,
+    before the Accelerator exists) for all."""
+    lock = None
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            lock_file = out / LOCK_NAME
+            if lock_file.exists() or lock_file.is_symlink():  # a run was here: is it still running?
+                lock = RunLock(out).acquire()
+            if out.is_dir():  # a refused folder is left as it is: checked before a lock file is made
+                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
+            make_folder(out)
+            lock = lock or RunLock(out).acquire()
+            # Again, under the lock: another process may have written meanwhile.
+            prepare_run_folder(out, resume=resume, overwrite=overwrite)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------- trackers

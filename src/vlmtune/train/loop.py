@@ -13,16 +13,15 @@ random streams in ``resume``, warm start in ``warmstart``, the cache choice in `
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -38,13 +37,14 @@ from vlmtune.data.integrity import data_digests
 from vlmtune.errors import ConfigError, Diverged, Interrupted
 from vlmtune.fsdp import full_params, loading, shard_weights
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
-from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, output_folder, prepare_run_folder, write_text
+from vlmtune.runfolder import output_folder, write_text
 from vlmtune.stages import Plan, Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
 from vlmtune.train.caches import cache_record, stage_cache
 from vlmtune.train.checks import check_loss_targets, check_plan_fits, check_splits
 from vlmtune.train.launch import (
+    locked_run_folder,
     make_accelerator,
     numeric,
     peak_memory_mb,
@@ -136,7 +136,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     although a data file changed since the run started (warned); otherwise that is refused.
     """
     out = output_folder(output_dir)
-    with _folder_lock(out, resume, overwrite), StopRequest() as stopper, torch_threads(cfg.train.num_threads):
+    with locked_run_folder(out, resume, overwrite), StopRequest() as stopper, torch_threads(cfg.train.num_threads):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         st: StageRun | None = None
         for stage in run.plan.remaining(run.state):
@@ -148,28 +148,6 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
                     break
         stopper.restore()  # from here on a signal stops at once; --resume redoes only the final evaluation
         return final_evaluation(run)
-
-
-@contextlib.contextmanager
-def _folder_lock(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
-    """The run folder checked (a folder holding a run needs ``resume`` or ``overwrite``)
-    and locked for the whole run, by the main process of a distributed run for all."""
-    lock = None
-    try:
-        if os.environ.get("RANK", "0") == "0":
-            lock_file = out / LOCK_NAME
-            if lock_file.exists() or lock_file.is_symlink():  # a run was here: is it still running?
-                lock = RunLock(out).acquire()
-            if out.is_dir():  # a refused folder is left as it is: checked before a lock file is made
-                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
-            make_folder(out)
-            lock = lock or RunLock(out).acquire()
-            # Again, under the lock: another process may have written meanwhile.
-            prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest, *,
@@ -247,8 +225,9 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
                             f"the checkpoint in {run.ckpt_dir}", run.main)
         # Saved after a step inside an epoch: restored once the epoch's iterator exists
         # (creating it may draw from the RNG, as it did in the saved run).
-        run.pending_rng = rng if run.state.epoch_batches else None
-        if not run.state.epoch_batches:
+        if run.state.epoch_batches:
+            run.pending_rng = rng
+        else:
             set_rng_state(rng)
     # Resumed inside a stage: its line is already in the (truncated) history.
     if run.state.epoch == stage.start_epoch and not run.state.epoch_batches:
