@@ -72,9 +72,9 @@ def test_resume_continues_exactly(tmp_path: Path, scenes: Path, straight: Path,
     metrics as one that ran straight through (conftest's `straight`, same arguments)."""
     args = [*small_set(scenes), *RESUMABLE]
 
-    import vlmtune.train as tr
+    import vlmtune.train.loop as tr
 
-    real_save = tr._save
+    real_save = tr.save_last
     calls = {"n": 0}
 
     def save_then_die(*a, **k):
@@ -83,11 +83,11 @@ def test_resume_continues_exactly(tmp_path: Path, scenes: Path, straight: Path,
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tr, "_save", save_then_die)
+    monkeypatch.setattr(tr, "save_last", save_then_die)
     broken = tmp_path / "broken"
     assert main(["train", TWO_STAGE, "--output-dir", str(broken), *args]) == 130
     assert json.loads((broken / "checkpoints/last/state.json").read_text())["epoch"] == 1
-    monkeypatch.setattr(tr, "_save", real_save)
+    monkeypatch.setattr(tr, "save_last", real_save)
     assert main(["train", TWO_STAGE, "--output-dir", str(broken), "--resume", *args]) == 0
 
     a = load_file(str(straight / "checkpoints/last/weights.safetensors"))

@@ -308,7 +308,7 @@ def test_each_process_resumes_its_own_random_stream(monkeypatch: pytest.MonkeyPa
     step) with a warning, and is refused for a checkpoint saved inside an epoch; a
     checkpoint of one stream (one process, or saved before per-process streams)
     resumes one process exactly."""
-    import vlmtune.train as train
+    import vlmtune.train.resume as train
     from vlmtune.checkpoint import rng_state, set_rng_state
     from vlmtune.errors import CheckpointError
     from vlmtune.state import TrainState

@@ -132,7 +132,7 @@ def test_ddp_prepares_the_loader_first_and_fsdp_does_not_wrap_the_sharded_model(
     prepare_stage(acc, model, opt, loader, make_scheduler)
     assert acc.calls == [["DataLoader"], ["Linear", "AdamW", "LambdaLR"]] and seen == [5]
 
-    import vlmtune.train as train_mod
+    import vlmtune.train.launch as train_mod
 
     monkeypatch.setattr(train_mod, "is_sharded", lambda m: True)
     acc = RecordingAccelerator(DistributedType.MULTI_CPU)

@@ -206,7 +206,7 @@ def test_retrieval_language_model_component_leaves_the_unused_lm_head_out() -> N
 
 def test_init_from_starts_stage_two_from_a_stage_one_checkpoint(tmp_path: Path, fast: list[str],
                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import vlmtune.train as train_mod
+    import vlmtune.train.loop as train_mod
 
     first, second = tmp_path / "align", tmp_path / "ground"
     assert main(["train", TWO_STAGE, "--output-dir", str(first), *fast, "train.epochs=1", ALIGN_ONLY]) == 0

@@ -76,6 +76,13 @@ class ToyTask:
     def loss_weights(self) -> dict[str, float]:
         return {"toy": 1.0}
 
+    # The engine calls these two directly; the Task base class (issue 18) will give them as defaults.
+    def loss_targets(self, records: list[Any]) -> set[str]:
+        return {"toy"}
+
+    def check_eval_records(self, records: list[Any], where: str) -> None:
+        pass
+
     def make_loader(self, records: list[Any], backbone: Any, *, train: bool, seed: int = 0,
                     cache: Any = None) -> DataLoader:
         from vlmtune.data.pairs import PairCollator, PairDataset

@@ -8,11 +8,13 @@ in exactly one group.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
 from vlmtune.config import Config, stage_starts
+from vlmtune.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,25 @@ class Stage:
     vision_blocks: int
     losses: frozenset[str]
 
+    def epochs_from(self, state: TrainState) -> range:
+        """The stage's epochs still to train: a resumed run continues from ``state.epoch``."""
+        return range(max(self.start_epoch, state.epoch), self.end_epoch)
 
-def build_plan(cfg: Config, weights: dict[str, float]) -> list[Stage]:
+
+class Plan(list[Stage]):
+    """The stages in order (a list, so it indexes and slices as one)."""
+
+    def remaining(self, state: TrainState) -> Iterator[Stage]:
+        """The stages still to train: not finished before a resume, none after an early
+        stop (read as the loop goes, so an early stop in one stage ends the plan)."""
+        for stage in self:
+            if stage.end_epoch > state.epoch and not state.stopped_early:
+                yield stage
+
+
+def build_plan(cfg: Config, weights: dict[str, float]) -> Plan:
     """Stages with their epoch ranges; a stage's losses default to all with weight > 0."""
-    stages: list[Stage] = []
+    stages = Plan()
     starts = stage_starts(cfg.stages, cfg.train.epochs) + [cfg.train.epochs]
     for i, st in enumerate(cfg.stages):
         end = starts[i + 1]
