@@ -220,5 +220,5 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
     from vlmtune.train.caches import fill_caches
 
-    fill_caches(load_config(args.config, args.overrides), Path(args.output_dir), say=print)
+    fill_caches(load_config(args.config, args.overrides), args.output_dir, say=print)
     return 0
