@@ -31,16 +31,21 @@ DEFAULT_ANSWERS: dict[str, tuple[str, ...]] = {
 class CountingConfig:
     max_count: int = setting(3, "Largest count in the data; the head has max_count + 1 classes unless buckets are given.",
                              low=1, high=1000)
-    buckets: list[int] | None = setting(None, "Ascending lower bounds of count classes, first 0, e.g. [0, 1, 2] = 0 / 1 / 2+; none: one class per count.")
-    max_dynamic_patch: int = setting(4, "Most tiles an image is cut into (InternVL dynamic tiling, plus a thumbnail when > 1 tile); 1 = one square tile.",
-                                     low=1, high=40)
+    buckets: list[int] | None = setting(None, "Ascending lower bounds of count classes, first 0, e.g. [0, 1, 2] = 0 / 1 / 2+; "
+                                              "none: one class per count.")
+    max_dynamic_patch: int = setting(4, "Most tiles an image is cut into (InternVL dynamic tiling, plus a thumbnail when > 1 "
+                                        "tile); 1 = one square tile.", low=1, high=40)
     question_max_tokens: int = setting(32, "Questions are truncated to this many tokens.", low=1, high=65536)
     answer_max_tokens: int = setting(24, "Answers (training targets) are truncated to this many tokens.", low=1, high=65536)
-    pooling: Literal["image", "prompt_last"] = setting("image", "Features of the count head: mean of the LM's states over the image tokens, or the state of the last prompt token.")
-    lm_mode: Literal["lora", "full"] = setting("full", "How the 'language_model' component trains: LoRA adapters through peft, or all its weights (fine for the tiny preset).")
-    question_templates: list[str] = setting(list(DEFAULT_QUESTIONS), "Questions given to counting records that have none (one picked per image).")
+    pooling: Literal["image", "prompt_last"] = setting("image", "Features of the count head: mean of the LM's states over the "
+                                                                "image tokens, or the state of the last prompt token.")
+    lm_mode: Literal["lora", "full"] = setting("full", "How the 'language_model' component trains: LoRA adapters through peft, "
+                                                       "or all its weights (fine for the tiny preset).")
+    question_templates: list[str] = setting(list(DEFAULT_QUESTIONS),
+                                            "Questions given to counting records that have none (one picked per image).")
     answer_templates: dict[str, list[str]] = setting({k: list(v) for k, v in DEFAULT_ANSWERS.items()},
-                                                     "Answers given to counting records that have none, by count: zero, one, many ({n} is the count).")
+                                                     "Answers given to counting records that have none, by count: zero, one, "
+                                                     "many ({n} is the count).")
     lora_r: int = setting(16, "LoRA rank.", low=1, high=65536)
     lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r).", low=1, high=10**6)
     lora_dropout: float = setting(0.05, "Dropout on the LoRA input.")

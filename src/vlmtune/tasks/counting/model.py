@@ -87,7 +87,8 @@ class CountingModel(nn.Module):
     def _inject_lora(self, c: CountingConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=list(c.lora_target_modules))
+        lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                          target_modules=list(c.lora_target_modules))
         try:
             inject_adapter_in_model(lora, self.backbone.language_model)
         except ValueError as e:

@@ -61,7 +61,8 @@ class RetrievalTask(Task):
     @classmethod
     def from_config(cls, cfg: Config) -> "RetrievalTask":
         return cls(model=cfg.model, loss=loss_config(cls.losses, cfg.loss), data=cfg.data, eval=cfg.eval,
-                   train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens, vision_pooling=cfg.backbone.vision_pooling,
+                   train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens,
+                   vision_pooling=cfg.backbone.vision_pooling,
                    text_pooling=cfg.backbone.text_pooling, cache_dtype=cfg.cache.dtype)
 
     @classmethod
