@@ -245,7 +245,11 @@ def validate(cfg: Config) -> None:
 
     need(cfg.task in TASKS, "task", f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
     task = task_class(cfg.task)
-    task.check_config(cfg)  # the task's own rules (counting's sections, retrieval's negatives)
+    # The tasks' own rules (counting's sections, retrieval's negatives). Every Config still
+    # holds every task's sections, so every registered task's rules apply, as they did;
+    # once a config holds only its task's sections (issue 18), only its task's will.
+    for name in TASKS:
+        task_class(name).check_config(cfg)
     _validate_sizes(cfg, need)
 
     components, losses = tuple(task.components) + BACKBONE_COMPONENTS, tuple(task.losses)
