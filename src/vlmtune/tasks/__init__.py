@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 # vlmtune.config builds its Config from the task packages' config sections
 # (tasks/*/config.py, which take the field helper from it): loading it first keeps that
 # order whichever module a program imports first, until the config is split (issue 18).
-import vlmtune.config  # noqa: F401
+import vlmtune.config
 from vlmtune.tasks.base import BACKBONE_COMPONENTS, FeatureCache, Task, data_paths, loss_config
 
 if TYPE_CHECKING:
