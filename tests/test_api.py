@@ -69,11 +69,11 @@ def counting_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(model: vlmtune.Model, scenes: Path):
     """What evaluation computes for the test split: its loader and its embedding pass."""
-    from vlmtune.tasks.retrieval import _embed
+    from vlmtune.tasks.retrieval import embed_outputs
 
     records = model.task.read_split(str(scenes / "test.json"))
     loader = model.task.make_loader(records, model.model.backbone, train=False)
-    return records, _embed(model.model, loader, torch.arange(len(records)), model.device, False)
+    return records, embed_outputs(model.model, loader, torch.arange(len(records)), model.device, False)
 
 
 # --------------------------------------------------------------------------- the API

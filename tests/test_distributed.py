@@ -251,7 +251,8 @@ def test_counting_shards_are_evaluated_apart_and_merged(tmp_path: Path, monkeypa
     """Two 'processes' in one: each evaluates only its records (every second one, so the
     first records, the ones validation answers, are spread), and the merge of both
     parts gives one process's metrics and per-record rows, sampled answers included."""
-    import vlmtune.tasks.counting as counting
+    import vlmtune.tasks.common as common
+    import vlmtune.tasks.counting.evaluation as counting
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
     from vlmtune.data.receipts import generate_receipts
@@ -279,11 +280,11 @@ def test_counting_shards_are_evaluated_apart_and_merged(tmp_path: Path, monkeypa
             parts.append(mine)
             return [mine] + ([others[len(parts) - 1]] if others else [])
 
-        monkeypatch.setattr(counting, "rank_world", lambda: (rank, world))
+        monkeypatch.setattr(common, "rank_world", lambda: (rank, world))
         monkeypatch.setattr(counting, "all_gather_objects", gather)
         rows: list = []
         val = task.validate(model, records, device=cpu)
-        final = task._final(model, records, cpu, None, False, record_rows=rows if others or world == 1 else None)
+        final = task.final_evaluation(model, records, cpu, None, False, record_rows=rows if others or world == 1 else None)
         return val, final, rows, parts
 
     val1, final1, rows1, _ = run(0, 1)

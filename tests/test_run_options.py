@@ -110,7 +110,7 @@ def test_two_epochs_run_both_stages(two_stage: Path) -> None:
 
 def test_evaluate_takes_data_and_eval_overrides(two_stage: Path, scenes: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import vlmtune.tasks.retrieval as retrieval
+    import vlmtune.tasks.retrieval.evaluation as retrieval
 
     seen: list[int] = []
     real = retrieval.retrieval_metrics

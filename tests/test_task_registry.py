@@ -1,14 +1,16 @@
 """The task boundary: a third task is one new class plus one registry line.
 
 ``ToyTask`` below is a complete task (a linear probe on the frozen vision tower's mean
-token predicting the spatial relation of the synthetic scenes). Registering it is the
-only change to vlmtune: config validation, the stage plan, the training loop, the CLI's
-metric printout and the report's section order all read what the class declares.
+token predicting the spatial relation of the synthetic scenes) with a config section of
+its own (``toy:``, :class:`ToyConfig`). Registering it is the only change to vlmtune:
+config validation, the stage plan, the training loop, the CLI's metric printout and
+the report's section order all read what the class declares.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,8 +22,16 @@ from torch.utils.data import DataLoader
 
 from vlmtune import tasks
 from vlmtune.cli import main
-from vlmtune.config import load_config
-from vlmtune.errors import ConfigError
+from vlmtune.config import load_config, setting
+from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.losses import Loss, LossRegistry
+
+
+@dataclass
+class ToyConfig:
+    """The toy task's own section, ``toy:``."""
+
+    samples: int = setting(20, "Images of the toy task's synthetic scenes set.", low=10, high=1000)
 
 
 class ToyModel(nn.Module):
@@ -40,23 +50,37 @@ class ToyModel(nn.Module):
         return self.probe(self.backbone.vision_tokens(batch["pixel_values"])[:, 1:].mean(1).float())
 
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str]) -> dict[str, torch.Tensor]:
-        return {"toy": F.cross_entropy(self.logits(batch), batch["relation"].clamp_min(0))}
+        return ToyTask.losses.terms((self, batch), active, {})
 
 
-class ToyTask:
+def probe_loss(enc: tuple[ToyModel, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    model, batch = enc
+    return {"toy": F.cross_entropy(model.logits(batch), batch["relation"].clamp_min(0))}
+
+
+class ToyTask(tasks.Task):
     name: ClassVar[str] = "toy"
     components: ClassVar[tuple[str, ...]] = ("probe",)
-    losses: ClassVar[tuple[str, ...]] = ("toy",)
+    config_sections: ClassVar[dict[str, type]] = {"toy": ToyConfig}
+    losses: ClassVar[LossRegistry] = LossRegistry([Loss("toy", 1.0, "Weight of the probe's cross-entropy.", probe_loss)])
+    default_metric: ClassVar[str] = "toy/accuracy"
     key_metrics: ClassVar[tuple[str, ...]] = ("toy/accuracy",)
     report_sections: ClassVar[tuple[str, ...]] = ("toy",)
-    cacheable: ClassVar[bool] = False
 
-    def __init__(self, *, data: Any, batch_size: int, max_text_tokens: int):
-        self.data, self.batch_size, self.max_text_tokens = data, batch_size, max_text_tokens
+    def __init__(self, *, toy: ToyConfig, data: Any, batch_size: int, max_text_tokens: int):
+        super().__init__()
+        self.toy, self.data, self.batch_size, self.max_text_tokens = toy, data, batch_size, max_text_tokens
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ToyTask":
-        return cls(data=cfg.data, batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens)
+        return cls(toy=getattr(cfg, "toy", None) or ToyConfig(), data=cfg.data, batch_size=cfg.train.batch_size,
+                   max_text_tokens=cfg.backbone.max_text_tokens)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        toy = getattr(cfg, "toy", None) or ToyConfig()
+        if toy.samples % 2:
+            raise ConfigError(f"toy.samples: must be even, got {toy.samples}")
 
     def build_model(self, backbone: Any) -> ToyModel:
         from vlmtune.data.formats import RELATIONS
@@ -66,22 +90,12 @@ class ToyTask:
     def data_paths(self, output_dir: Path) -> dict[str, str]:
         from vlmtune.data.scenes import generate_scenes
 
-        return tasks.data_paths(self.data, output_dir, lambda f: generate_scenes(f, n=20, seed=0), ".json")
+        return tasks.data_paths(self.data, output_dir, lambda f: generate_scenes(f, n=self.toy.samples, seed=0), ".json")
 
     def read_split(self, path: str, split: str | None = None) -> list[Any]:
         from vlmtune.data.formats import read_pairs
 
         return read_pairs(path)
-
-    def loss_weights(self) -> dict[str, float]:
-        return {"toy": 1.0}
-
-    # The engine calls these two directly; the Task base class (issue 18) will give them as defaults.
-    def loss_targets(self, records: list[Any]) -> set[str]:
-        return {"toy"}
-
-    def check_eval_records(self, records: list[Any], where: str) -> None:
-        pass
 
     def make_loader(self, records: list[Any], backbone: Any, *, train: bool, seed: int = 0,
                     cache: Any = None) -> DataLoader:
@@ -90,9 +104,6 @@ class ToyTask:
         return DataLoader(PairDataset(records), batch_size=self.batch_size, shuffle=train,
                           generator=torch.Generator().manual_seed(seed) if train else None,
                           collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, self.max_text_tokens))
-
-    def validate(self, model: ToyModel, records: list[Any], *, device: torch.device, cache: Any = None) -> dict[str, Any]:
-        return self.evaluate(model, records, device=device)
 
     @torch.no_grad()
     def evaluate(self, model: ToyModel, records: list[Any], *, device: torch.device, train_records: Any = None,
@@ -149,3 +160,41 @@ def test_a_registered_task_trains_evaluates_and_reports(toy_registered: None, tm
     assert tasks.report_sections()[-1] == "toy"
     assert order_metrics(["train/epochs", "toy/accuracy", "zzz/x", "retrieval/i2t_r1"]) == [
         "retrieval/i2t_r1", "toy/accuracy", "zzz/x", "train/epochs"]
+
+
+def test_a_task_declares_its_defaults_in_one_base_class(toy_registered: None) -> None:
+    """What ToyTask does not declare comes from tasks.Task: the engine never needs a fallback."""
+    assert ToyTask.backbone_components == tasks.BACKBONE_COMPONENTS
+    assert ToyTask.evaluation_sections == ("data", "eval") and ToyTask.cache_kinds == () and not ToyTask.cacheable
+    task = tasks.build_task(load_config(None, TOY))
+    assert task.loss_weights() == {"toy": 1.0} and task.loss_targets([object()]) == {"toy"}
+    assert task.loss_targets([]) == set()
+    task.check_eval_records([], "nowhere")  # no rule by default
+    with pytest.raises(VlmtuneError, match="the toy task has no per-query results"):
+        task.evaluate_with_rankings(None, [], device=torch.device("cpu"), rankings_k=5)
+
+
+def config_reads_task_sections() -> bool:
+    """Whether load_config reads the section a registered task declares (the config side
+    of issue 18, built in parallel); until it does, the test below is expected to fail."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(tasks.TASKS, "toy", ToyTask)
+        try:
+            return getattr(load_config(None, [*TOY, "toy.samples=12"]), "toy", None) is not None
+        except ConfigError:
+            return False
+
+
+@pytest.mark.xfail(not config_reads_task_sections(), strict=True,
+                   reason="config owner (issue 18): load_config reads the sections a task declares")
+def test_a_task_with_its_own_config_section(toy_registered: None, tmp_path: Path) -> None:
+    """The toy task's ``toy:`` section is read, documented and checked as the built-in ones are."""
+    cfg = load_config(None, [*TOY, "toy.samples=12"])
+    assert cfg.toy.samples == 12  # config owner
+    assert tasks.build_task(cfg).toy.samples == 12
+    with pytest.raises(ConfigError, match=r"^toy\.samples: must be even, got 13"):  # the task's own rule
+        load_config(None, [*TOY, "toy.samples=13"])
+    with pytest.raises(ConfigError, match=r"^toy\.samples: "):  # the field's bound (setting(low=10))
+        load_config(None, [*TOY, "toy.samples=4"])
+    with pytest.raises(ConfigError, match=r"toy"):  # another task's run has no toy section
+        load_config(None, ["toy.samples=12"])

@@ -33,7 +33,6 @@ naming the task and the method.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 import torch
 
 from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.utils import sha256_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -95,7 +95,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
         "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
         "model": asdict(cfg.model),
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
 
 
 class Model:

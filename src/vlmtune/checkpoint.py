@@ -23,7 +23,6 @@ and that no code shipped in ``backbone/`` runs unless the user passes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -44,7 +43,7 @@ from safetensors.torch import save_file
 from vlmtune.config import Config, load_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
 from vlmtune.state import TrainState
-from vlmtune.utils import sha256_file
+from vlmtune.utils import sha256_bytes, sha256_file, shorten
 
 # 2: every file is listed in manifest.json (1 kept two digests in state.json).
 FORMAT_VERSION = 2
@@ -149,17 +148,10 @@ def _listing(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
 def write_manifest(folder: str | Path) -> dict[str, str]:
     """List every file of a checkpoint folder with its sha256 in ``manifest.json``."""
     folder = Path(folder)
-    files = {rel: _file_sha256(path) for rel, path in sorted(_listing(folder).items())}
+    files = {rel: sha256_file(path, CheckpointError) for rel, path in sorted(_listing(folder).items())}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2))
     os.replace(tmp, folder / MANIFEST)
@@ -201,8 +193,7 @@ def read_manifest(folder: Path) -> dict[str, str]:
 
 def _shown(name: str, limit: int = 200) -> str:
     """A file name as one short line (control characters escaped), for messages."""
-    text = json.dumps(name)[1:-1]
-    return text if len(text) <= limit else text[:limit] + "..."
+    return shorten(json.dumps(name)[1:-1], limit)
 
 
 def verify_manifest(folder: str | Path) -> dict[str, str]:
@@ -223,7 +214,7 @@ def verify_manifest(folder: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{folder}: {_shown(missing[0])} is missing (listed in {MANIFEST})")
     # The small files first, so a tampered config is named before a large file is hashed.
     for name in sorted(files, key=lambda n: present[n].stat().st_size):
-        if _file_sha256(present[name]) != files[name]:
+        if sha256_file(present[name], CheckpointError) != files[name]:
             raise CheckpointError(f"{present[name]}: does not match its sha256 in {MANIFEST} (modified or truncated)")
     return files
 
@@ -317,7 +308,7 @@ class Checkpoint:
         expected = self.digests.get(name)
         if expected is None:
             raise CheckpointError(f"{path}: not listed in {MANIFEST}; refused")
-        if _sha256(data) != expected:
+        if sha256_bytes(data) != expected:
             raise CheckpointError(f"{path}: does not match its sha256 in {MANIFEST} (modified or truncated)")
         return data
 
@@ -375,10 +366,6 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     return Checkpoint(folder, cfg, state, digests)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _unpickling_reason(e: BaseException) -> str:
     """The line of torch's weights_only message that names the refused object."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -402,7 +389,7 @@ def backbone_identity(backbone: Any) -> dict[str, Any]:
     return {
         "name_or_path": backbone.source,
         "revision": backbone.revision,
-        "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+        "config_sha256": sha256_bytes(cfg_json.encode()),
         "vision_hidden": info.vision_hidden,
         "text_hidden": info.text_hidden,
         "num_vision_blocks": info.num_vision_blocks,

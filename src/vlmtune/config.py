@@ -23,19 +23,6 @@ import yaml
 
 from vlmtune.errors import ConfigError
 
-# The synthetic receipts set's own questions and answers: the counting templates' defaults.
-DEFAULT_QUESTIONS: tuple[str, ...] = (
-    "How many receipts are in this image?", "How many receipts do you see?", "Count the receipts in the picture.",
-    "How many receipts are there?", "What is the number of receipts in this photo?",
-    "How many receipts can you count in the image?",
-)
-DEFAULT_ANSWERS: dict[str, tuple[str, ...]] = {
-    "zero": ("There are no receipts.", "I see no receipts.", "I can see no receipts."),
-    "one": ("There is 1 receipt.", "I see 1 receipt.", "I can see 1 receipt."),
-    "many": ("There are {n} receipts.", "I see {n} receipts.", "I can see {n} receipts."),
-}
-
-
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None, **kw: Any) -> Any:
     """A config field: its default, its help text and (numbers) its inclusive bounds
     ``low`` / ``high``, kept in the field's metadata, the one home that validation,
@@ -50,6 +37,13 @@ def setting(default: Any, help: str, *, low: float | None = None, high: float | 
 
 
 _f = setting
+
+# The task packages' own sections (their config.py modules need no torch and take
+# ``setting`` from above, so they are imported here, once it exists).
+from vlmtune.tasks.base import BACKBONE_COMPONENTS  # noqa: E402
+from vlmtune.tasks.counting.config import (DEFAULT_ANSWERS, DEFAULT_QUESTIONS, CountingConfig,  # noqa: E402,F401
+                                           GenerationConfig)
+from vlmtune.tasks.retrieval.config import ModelConfig  # noqa: E402
 
 
 # --------------------------------------------------------------------------- sections
@@ -95,16 +89,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    embed_dim: int = _f(256, "Width of adapters and projectors.")
-    adapter_dropout: float = _f(0.1, "Dropout after the adapters' activation.")
-    head_hidden: int = _f(256, "Hidden width of the pair heads (matching, box, relation).")
-    temperature_init: float = _f(0.07, "Initial contrastive temperature (learnable).")
-    temperature_min: float = _f(0.01, "Lower clamp of the temperature.")
-    temperature_max: float = _f(1.0, "Upper clamp of the temperature.")
-
-
-@dataclass
 class LossConfig:
     contrastive: float = _f(1.0, "Weight of the symmetric InfoNCE loss.")
     matching: float = _f(1.0, "Weight of the image-text matching loss (hard negatives).")
@@ -114,35 +98,6 @@ class LossConfig:
     box_giou: float = _f(1.0, "Weight of GIoU inside the box loss.")
     lm: float = _f(1.0, "Counting: weight of the token cross-entropy on the answer tokens (prompt masked).")
     count: float = _f(1.0, "Counting: weight of the count-classification cross-entropy.")
-
-
-@dataclass
-class CountingConfig:
-    max_count: int = _f(3, "Largest count in the data; the head has max_count + 1 classes unless buckets are given.")
-    buckets: list[int] | None = _f(None, "Ascending lower bounds of count classes, first 0, e.g. [0, 1, 2] = 0 / 1 / 2+; none: one class per count.")
-    max_dynamic_patch: int = _f(4, "Most tiles an image is cut into (InternVL dynamic tiling, plus a thumbnail when > 1 tile); 1 = one square tile.")
-    question_max_tokens: int = _f(32, "Questions are truncated to this many tokens.")
-    answer_max_tokens: int = _f(24, "Answers (training targets) are truncated to this many tokens.")
-    pooling: Literal["image", "prompt_last"] = _f("image", "Features of the count head: mean of the LM's states over the image tokens, or the state of the last prompt token.")
-    lm_mode: Literal["lora", "full"] = _f("full", "How the 'language_model' component trains: LoRA adapters through peft, or all its weights (fine for the tiny preset).")
-    question_templates: list[str] = _f(list(DEFAULT_QUESTIONS), "Questions given to counting records that have none (one picked per image).")
-    answer_templates: dict[str, list[str]] = _f({k: list(v) for k, v in DEFAULT_ANSWERS.items()},
-                                                "Answers given to counting records that have none, by count: zero, one, many ({n} is the count).")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                        "Linear layers of the language model that get LoRA adapters.")
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = _f(16, "Longest generated answer, in tokens.")
-    num_beams: int = _f(3, "Beams of the final evaluation's beam search.")
-    val_num_images: int = _f(8, "Validation: images answered by sampling each epoch (a quick look; 0 turns it off).")
-    val_do_sample: bool = _f(True, "Validation: sample (true) or decode greedily (false).")
-    val_top_p: float = _f(0.9, "Validation: nucleus sampling threshold.")
-    val_temperature: float = _f(0.7, "Validation: sampling temperature.")
 
 
 @dataclass
@@ -243,9 +198,8 @@ class Config:
 
 # --------------------------------------------------------------------------- checks
 
-# Components a stage can train: the backbone's, shared by every task, and the task's
-# own (declared on its class, as are the loss terms a stage can switch on).
-BACKBONE_COMPONENTS = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
+# Components a stage can train: the backbone's (BACKBONE_COMPONENTS), shared by every
+# task, and the task's own (declared on its class, as are the loss terms a stage can switch on).
 
 
 def validate(cfg: Config) -> None:
@@ -261,7 +215,6 @@ def validate(cfg: Config) -> None:
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "must be two numbers in [0, 1)")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
     need(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
-    need(cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (contrastive needs negatives)")
     need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
@@ -288,13 +241,17 @@ def validate(cfg: Config) -> None:
     need(cfg.data.max_text_chars >= 1, "data.max_text_chars", "must be >= 1")
     need(cfg.data.box_tolerance_px >= 0, "data.box_tolerance_px", f"must be >= 0, got {cfg.data.box_tolerance_px}")
 
-    _validate_counting(cfg, need)
-    _validate_sizes(cfg, need)
-
     from vlmtune.tasks import TASKS, task_class
 
     need(cfg.task in TASKS, "task", f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
     task = task_class(cfg.task)
+    # The tasks' own rules (counting's sections, retrieval's negatives). Every Config still
+    # holds every task's sections, so every registered task's rules apply, as they did;
+    # once a config holds only its task's sections (issue 18), only its task's will.
+    for name in TASKS:
+        task_class(name).check_config(cfg)
+    _validate_sizes(cfg, need)
+
     components, losses = tuple(task.components) + BACKBONE_COMPONENTS, tuple(task.losses)
     # The backbone components the task's model reads; training another would count as
     # trainable and never change (retrieval never runs the projector into the LM).
@@ -418,40 +375,6 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
                               f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})")
         starts.append(epoch)
     return starts
-
-
-def _validate_counting(cfg: Config, need: Any) -> None:
-    c, g = cfg.counting, cfg.generation
-    need(c.max_count >= 1, "counting.max_count", f"must be >= 1, got {c.max_count}")
-    if c.buckets is not None:
-        b = c.buckets
-        need(len(b) >= 2, "counting.buckets", f"needs at least two classes, got {b}")
-        need(b[0] == 0, "counting.buckets", f"must start at 0, got {b}")
-        need(all(x < y for x, y in zip(b, b[1:])), "counting.buckets", f"must be strictly ascending, got {b}")
-        need(b[-1] <= c.max_count, "counting.buckets", f"last bound {b[-1]} is above counting.max_count ({c.max_count})")
-    need(1 <= c.max_dynamic_patch <= 40, "counting.max_dynamic_patch", f"must be in [1, 40], got {c.max_dynamic_patch}")
-    need(c.question_max_tokens >= 1, "counting.question_max_tokens", "must be >= 1")
-    need(c.answer_max_tokens >= 1, "counting.answer_max_tokens", "must be >= 1")
-    need(len(c.question_templates) > 0 and all(q.strip() for q in c.question_templates),
-         "counting.question_templates", "needs at least one non-empty question")
-    need(set(c.answer_templates) == {"zero", "one", "many"}, "counting.answer_templates",
-         f"needs exactly the keys zero, one, many, got {', '.join(sorted(c.answer_templates)) or 'none'}")
-    for key, options in c.answer_templates.items():
-        need(len(options) > 0, f"counting.answer_templates.{key}", "needs at least one answer")
-        for a in options:
-            try:
-                a.format(n=2)
-            except (KeyError, IndexError, ValueError) as e:
-                need(False, f"counting.answer_templates.{key}", f"{a!r} is not a template with only {{n}}: {e}")
-    need(c.lora_r >= 1, "counting.lora_r", "must be >= 1")
-    need(c.lora_alpha >= 1, "counting.lora_alpha", "must be >= 1")
-    need(0 <= c.lora_dropout < 1, "counting.lora_dropout", "must be in [0, 1)")
-    need(len(c.lora_target_modules) > 0, "counting.lora_target_modules", "needs at least one module name")
-    need(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
-    need(g.num_beams >= 1, "generation.num_beams", "must be >= 1")
-    need(g.val_num_images >= 0, "generation.val_num_images", "must be >= 0")
-    need(0 < g.val_top_p <= 1, "generation.val_top_p", "must be in (0, 1]")
-    need(g.val_temperature > 0, "generation.val_temperature", "must be > 0")
 
 
 # --------------------------------------------------------------------------- parsing

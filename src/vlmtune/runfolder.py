@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.utils import shorten
 
 log = logging.getLogger("vlmtune")
 
@@ -61,19 +62,19 @@ def output_folder(path: str | Path | None, flag: str = "--output-dir") -> Path:
     if not text.strip():
         raise VlmtuneError(f"{flag}: empty; name a folder for the output, e.g. runs/NAME")
     if "\x00" in text:
-        raise VlmtuneError(f"{flag}: {_short(text)}: contains a NUL character")
+        raise VlmtuneError(f"{flag}: {shorten(text)}: contains a NUL character")
     p = Path(text)
     try:
         resolved = p.resolve()
         if resolved == Path.cwd().resolve():
-            raise VlmtuneError(f"{flag} {_short(text)}: is the current folder; name a folder of its own "
+            raise VlmtuneError(f"{flag} {shorten(text)}: is the current folder; name a folder of its own "
                                f"(e.g. runs/NAME) so nothing here is overwritten")
         if resolved == Path(resolved.anchor):
-            raise VlmtuneError(f"{flag} {_short(text)}: is the root of the file system; name a folder of its own")
+            raise VlmtuneError(f"{flag} {shorten(text)}: is the root of the file system; name a folder of its own")
         if p.exists() and not p.is_dir():
-            raise VlmtuneError(f"{flag} {_short(text)}: is a file, not a folder")
+            raise VlmtuneError(f"{flag} {shorten(text)}: is a file, not a folder")
     except (OSError, RuntimeError) as e:  # a link loop, a name too long for the file system
-        raise VlmtuneError(f"{flag} {_short(text)}: {_reason(e)}") from None
+        raise VlmtuneError(f"{flag} {shorten(text)}: {_reason(e)}") from None
     return p
 
 
@@ -82,9 +83,9 @@ def make_folder(path: Path, flag: str = "--output-dir") -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise VlmtuneError(f"{flag} {_short(str(path))}: a file is in the way of this folder") from None
+        raise VlmtuneError(f"{flag} {shorten(str(path))}: a file is in the way of this folder") from None
     except OSError as e:
-        raise VlmtuneError(f"{flag} {_short(str(e.filename or path))}: cannot create the folder ({_reason(e)})") from None
+        raise VlmtuneError(f"{flag} {shorten(str(e.filename or path))}: cannot create the folder ({_reason(e)})") from None
 
 
 def refuse_links(folder: Path, names: tuple[str, ...] = WRITTEN) -> None:
@@ -98,7 +99,7 @@ def refuse_links(folder: Path, names: tuple[str, ...] = WRITTEN) -> None:
                   for name in ("weights.safetensors", "config.yaml", "state.json", "trainer_state.pt", "eval")]
     for p in paths:
         if p.is_symlink():
-            raise VlmtuneError(f"{p}: is a symbolic link (to {_short(os.readlink(p))}); vlmtune does not write "
+            raise VlmtuneError(f"{p}: is a symbolic link (to {shorten(os.readlink(p))}); vlmtune does not write "
                                f"through links in a run folder; remove it")
 
 
@@ -245,7 +246,7 @@ def claim_generated(folder: Path, generator: str, params: dict[str, Any], overwr
         raise VlmtuneError(f"{folder}: is a file, not a folder")
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     if entries and not overwrite:
-        names = ", ".join(_short(p.name, 40) for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        names = ", ".join(shorten(p.name, 40) for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise VlmtuneError(f"{folder}: not empty ({names}); pass --overwrite to generate over it, or choose an empty "
                            f"folder")
     refuse_links(folder, ("images", GENERATED_MARKER, "meta.json", "boxes.json",
@@ -280,7 +281,7 @@ def check_synthetic_dir(folder: Path, annotation_names: tuple[str, ...]) -> bool
         entries = sorted(folder.iterdir()) if folder.is_dir() else []
         if entries:
             found = [n for n in annotation_names if (folder / n).exists()]
-            what = f"holds {', '.join(found)}" if found else f"is not empty ({_short(entries[0].name, 40)}, ...)"
+            what = f"holds {', '.join(found)}" if found else f"is not empty ({shorten(entries[0].name, 40)}, ...)"
             raise VlmtuneError(f"data.synthetic_dir {folder}: {what} but no {GENERATED_MARKER}, so vlmtune did not "
                                f"generate it; refused so nothing there is overwritten. Name your files with "
                                f"data.train/data.val/data.test, or choose an empty folder")
@@ -289,11 +290,6 @@ def check_synthetic_dir(folder: Path, annotation_names: tuple[str, ...]) -> bool
 
 
 # --------------------------------------------------------------------------- messages
-
-
-def _short(text: str, limit: int = 120) -> str:
-    text = text.replace("\n", "\\n").replace("\x00", "\\0")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _reason(e: BaseException) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtune.errors import CheckpointError
+from vlmtune.utils import shorten
 
 
 @dataclass
@@ -83,7 +84,7 @@ _OPTIONAL = ("last_val",)
 
 def _check(name: str, value: Any, where: str) -> Any:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{where}: field '{name}' {what}, got {_short(value)}")
+        return CheckpointError(f"{where}: field '{name}' {what}, got {shorten(repr(value), 80)}")
 
     if name in _COUNTERS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**62:
@@ -137,8 +138,3 @@ def _check(name: str, value: Any, where: str) -> Any:
             raise bad("must map loss names to numbers")
         return {k: float(v) for k, v in value.items()}
     raise AssertionError(name)  # pragma: no cover - every field is handled above
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -28,13 +28,30 @@ def jsonl_objects(lines: list[str], path: str | Path) -> list[tuple[int, dict[st
     return rows
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks; an OSError is the caller's to name."""
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, error: type[Exception] | None = None) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks. An OSError is the caller's to
+    name, or with ``error`` (CheckpointError, DataError) one naming the file."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        if error is None:
+            raise
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
     return h.hexdigest()
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """``text`` as one bounded piece of a message: newlines and NULs escaped, and a text
+    longer than ``limit`` characters cut to that many, ending in "..."."""
+    text = text.replace("\n", "\\n").replace("\x00", "\\0")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -24,10 +24,7 @@ SPLITS = ("train", "val", "test")
 
 
 def file_sha256(path: str | Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return sha256_file(path, DataError)
 
 
 def data_digests(paths: dict[str, str]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Loss functions. Each returns a tensor; tasks collect them into named terms."""
+"""Loss functions. Each returns a tensor; the tasks' registered losses (:mod:`vlmtune.losses.registry`)
+collect them into named terms."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_ids: torch.T
     return (i2t + t2i) / 2
 
 
-def _soft_targets_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def soft_targets_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     positives = positives.to(logits.dtype)
     return -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
 
@@ -50,8 +51,8 @@ def contrastive_loss_local_rows(image: torch.Tensor, text: torch.Tensor, image_i
     the global batch (``all_*``, which include its own rows) and its captions against
     every image. Averaged over processes with equal local batches it equals
     :func:`contrastive_loss` on the global batch, value and gradient."""
-    i2t = _soft_targets_ce(logit_scale * image @ all_text.T, image_ids[:, None] == all_text_image_ids[None, :])
-    t2i = _soft_targets_ce(logit_scale * text @ all_image.T, text_image_ids[:, None] == all_image_ids[None, :])
+    i2t = soft_targets_ce(logit_scale * image @ all_text.T, image_ids[:, None] == all_text_image_ids[None, :])
+    t2i = soft_targets_ce(logit_scale * text @ all_image.T, text_image_ids[:, None] == all_image_ids[None, :])
     return (i2t + t2i) / 2
 
 

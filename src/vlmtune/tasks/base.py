@@ -1,0 +1,179 @@
+"""The :class:`Task` base class: the engine's whole view of a recipe, with a default
+for every member, so the engine reads ``task.X`` and never ``getattr(task, X, default)``.
+
+A task declares on its class what the rest of vlmtune must know without building
+anything: its trainable components, the backbone components it reads, its config
+sections, its losses (a :class:`~vlmtune.losses.LossRegistry`), its default metric,
+key metrics, report sections and cache kinds. This module needs no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.losses.registry import LossRegistry
+from vlmtune.runfolder import check_synthetic_dir
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from vlmtune.backbone import Backbone
+    from vlmtune.config import Config
+
+# Components a stage can train that every task's backbone has; a task's own come on top.
+BACKBONE_COMPONENTS: tuple[str, ...] = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """Where a loader may read a frozen tower's features from: ``vision`` while no
+    vision component trains, ``text`` while the language model does not.
+
+    ``vision_start`` (with ``vision``) caches a frozen prefix instead of the tower's
+    output: the hidden state entering vision block ``vision_start``, for a stage that
+    trains only the blocks from there on (which then run live on it). ``None``: the
+    whole tower is frozen and its output is cached."""
+
+    dir: Path
+    vision: bool = True
+    text: bool = True
+    vision_start: int | None = None
+
+
+def loss_config(losses: LossRegistry, loss: Any) -> dict[str, float]:
+    """The weights of ``losses`` (and their parts) in a config's ``loss`` section: a
+    resolved ``{name: weight}`` mapping, or (until the config's own loss section is a
+    mapping, issue 18) a dataclass with one field per weight. A weight the section does
+    not hold is the registered default."""
+    given = loss if isinstance(loss, Mapping) else vars(loss)
+    return {name: float(given.get(name, default)) for name, default in losses.defaults().items()}
+
+
+class Task:
+    """The engine's view of a recipe; subclass it and override what differs.
+
+    The model a task builds is an ``nn.Module`` with ``forward(batch, active_losses)``
+    returning named, unweighted loss terms (and diagnostics under ``diag/``),
+    ``component_modules(name, vision_blocks)``, ``head_state_dict()`` and ``backbone``.
+    """
+
+    name: ClassVar[str] = ""
+    # Trainable parts of the task's own model; the backbone's components come on top.
+    components: ClassVar[tuple[str, ...]] = ()
+    # The backbone components the task's model reads; a stage that trains another one is
+    # a config error (it would never change).
+    backbone_components: ClassVar[tuple[str, ...]] = BACKBONE_COMPONENTS
+    # Config sections ``evaluate`` / ``predict`` may override (``eval.rerank_k=5``) on top
+    # of a checkpoint's config; every other key is fixed by the training run.
+    evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
+    # The task's own top-level config sections: name -> the dataclass that reads it.
+    config_sections: ClassVar[dict[str, type]] = {}
+    # The loss terms a stage can switch on, each with its default weight in ``loss:``.
+    losses: ClassVar[LossRegistry] = LossRegistry()
+    # The validation metric that picks the best checkpoint unless the config names one.
+    default_metric: ClassVar[str] = ""
+    default_metric_mode: ClassVar[str] = "max"
+    # Metrics the CLI prints after a run or an evaluation, in order.
+    key_metrics: ClassVar[tuple[str, ...]] = ()
+    # Metric-name prefixes ("retrieval/...") in the order reports show them.
+    report_sections: ClassVar[tuple[str, ...]] = ()
+    # Which frozen features the task's loaders can read from a FeatureCache: "vision"
+    # (the frozen vision tower's output), "vision_prefix" (the state entering block L-N
+    # while a stage trains only the last N vision blocks: FeatureCache.vision_start),
+    # "text" (the language model's). None: make_loader / validate / evaluate take no cache.
+    cache_kinds: ClassVar[tuple[str, ...]] = ()
+    # Whether make_loader / validate / evaluate accept a FeatureCache: derived from cache_kinds.
+    cacheable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.cacheable = bool(cls.cache_kinds)
+
+    def __init__(self, *, loss: Mapping[str, float] | None = None):
+        # Every registered loss and part with its weight (defaults where ``loss`` has none).
+        self.loss = {**self.losses.defaults(), **dict(loss or {})}
+
+    # ---- config
+    @classmethod
+    def from_config(cls, cfg: Config) -> Task:
+        return cls(loss=loss_config(cls.losses, cfg.loss))
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The task's own config rules; a broken one raises ``ConfigError("key: message")``."""
+
+    # ---- data
+    def data_paths(self, output_dir: Path) -> dict[str, str]:
+        """{"train", "val", "test"}: annotation files, or the task's synthetic set."""
+        raise NotImplementedError
+
+    def read_split(self, path: str, split: str | None = None) -> list[Any]:
+        """Records of ``path``; ``split`` ("train", "val", "test") picks one from a file
+        that holds every split (Karpathy, refer), and is ignored by other files."""
+        raise NotImplementedError
+
+    def check_eval_records(self, records: list[Any], where: str) -> None:
+        """Refuse evaluation settings that do not fit a val or test split (before any work)."""
+
+    def make_loader(self, records: list[Any], backbone: Backbone, *, train: bool, seed: int = 0,
+                    cache: FeatureCache | None = None) -> DataLoader:
+        raise NotImplementedError
+
+    # ---- losses
+    def loss_weights(self) -> dict[str, float]:
+        """The registered losses' weights (their parts' sub-weights are the model's)."""
+        return self.losses.weights(self.loss)
+
+    def loss_targets(self, records: list[Any]) -> set[str]:
+        """The losses for which ``records`` hold a target somewhere (a box for the box
+        loss: the fields each loss declares). A stage whose active loss has none in the
+        training data is an error at start-up rather than a loss that never trains."""
+        return self.losses.targets(records)
+
+    # ---- model and evaluation
+    def build_model(self, backbone: Backbone) -> nn.Module:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """The per-epoch validation pass (tasks with a costly final evaluation give a cheaper one)."""
+        return self.evaluate(model, records, device=device, cache=cache)
+
+    def evaluate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+                 train_records: list[Any] | None = None, progress: bool = False,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
+        """All metrics on ``records``; with ``train_records``, baselines beside them."""
+        raise NotImplementedError
+
+    def evaluate_with_rankings(self, model: nn.Module, records: list[Any], *, device: torch.device, rankings_k: int,
+                               train_records: list[Any] | None = None, progress: bool = False,
+                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """:meth:`evaluate` plus per-query results of the same pass, JSON-ready rows by
+        kind of query ({"t2i": [...], "i2t": [...]} or {"counting": [...]}), for
+        ``vlmtune evaluate --rankings`` (rankings_KIND.jsonl and examples.html)."""
+        raise VlmtuneError(f"the {self.name or type(self).__name__} task has no per-query results "
+                           f"(evaluate without --rankings)")
+
+
+def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:
+    """The train/val/test annotation files a ``data`` config section names, or the
+    task's synthetic set: generated once by ``generate(folder)`` into
+    data.synthetic_dir (default OUTPUT_DIR/data) and reused while it is complete.
+    ``generate`` may write over the folder (the generators' ``overwrite=True``): it is
+    called only on an empty folder or an incomplete generation of vlmtune's."""
+    if data.train:
+        missing = [k for k in ("val", "test") if not getattr(data, k)]
+        if missing:
+            raise DataError(f"data.{missing[0]}: needed when data.train is given")
+        return {"train": data.train, "val": data.val, "test": data.test}
+    folder = Path(data.synthetic_dir) if data.synthetic_dir else Path(output_dir) / "data"
+    # Generated only into an empty folder or one vlmtune generated (its marker lists
+    # the files); a folder holding the user's own files is refused, never overwritten.
+    if check_synthetic_dir(folder, tuple(f"{split}{ext}" for split in ("train", "val", "test"))):
+        generate(folder)
+    return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}

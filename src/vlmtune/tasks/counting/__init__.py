@@ -1,0 +1,42 @@
+"""Counting with answer generation: one package, one module per concern.
+
+- :mod:`.config`: its config sections, ``counting:`` and ``generation:`` (no torch);
+- :mod:`.model`: ``CountingModel`` (the backbone's LM, optionally with LoRA, and a
+  count head), its encodings of a batch, and answer generation;
+- :mod:`.losses`: the registered losses (lm, count);
+- :mod:`.data`: prompts, the loader and the vision cache;
+- :mod:`.evaluation`: metrics, baselines, answers and per-record rows;
+- :mod:`.task`: ``CountingTask``, what the engine sees.
+
+The names below are importable from the package itself (``from vlmtune.tasks.counting
+import CountingTask``); each module is imported when one of its names is first asked
+for, so reading the config sections does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+EXPORTS: dict[str, str] = {
+    "DEFAULT_ANSWERS": "config", "DEFAULT_QUESTIONS": "config", "CountingConfig": "config",
+    "GenerationConfig": "config", "check_counting": "config", "check_generation": "config",
+    "CountingEncodings": "model", "CountingModel": "model", "IMAGE_KEYS": "model", "answer_token_ce": "model",
+    "answer_token_loss": "model", "class_names": "model", "decode": "model", "generate_answers": "model",
+    "image_inputs": "model", "num_classes": "model", "prompt_last": "model", "stop_token_ids": "model",
+    "tiles_of": "model",
+    "LOSSES": "losses",
+    "build_vision_cache": "data", "make_loader": "data", "prompt_builder": "data", "vision_namespace": "data",
+    "RecordSampler": "evaluation", "answer_metrics": "evaluation", "answer_token_nll": "evaluation",
+    "evaluate": "evaluation", "merged_metrics": "evaluation", "per_record_rows": "evaluation",
+    "CountingTask": "task",
+}
+
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the module holding ``name`` is imported when the name is first asked for.
+    if name not in EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
