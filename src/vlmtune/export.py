@@ -176,7 +176,7 @@ def merge_lora(language_model: torch.nn.Module) -> int:
 
 def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     from vlmtune.config import load_config
-    from vlmtune.evaluate import load_model
+    from vlmtune.restore import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))
     n_merged = merge_lora(model.backbone.language_model) if getattr(model, "lm_mode", None) == "lora" else 0
@@ -199,7 +199,7 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
 
 
 def _export_vlmtune(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
-    from vlmtune.evaluate import load_model
+    from vlmtune.restore import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))  # also checks that the checkpoint loads
     weights = ckpt.weights()
