@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from vlmtune.cli import main
-from vlmtune.config import Config, config_from_dict, load_config
+from vlmtune.config import config_class, config_from_dict, load_config
+from vlmtune.tasks import TASKS, task_class
 
 from conftest import CONFIGS
 
@@ -28,7 +29,10 @@ def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]
             yield from _walk(item, f"{prefix}{f.name}[N].")
 
 
-KEYS = [key for key, _ in _walk(Config)]
+Config = config_class()
+LOSS_KEYS = [f"loss.{name}" for task in TASKS for name in task_class(task).losses.defaults()]
+# Every field in declaration order; after the loss mapping, each task's registered losses.
+KEYS = [k for key, _ in _walk(Config) for k in ([key, *LOSS_KEYS] if key == "loss" else [key])]
 
 
 def _explain(capsys: pytest.CaptureFixture[str], *section: str) -> list[str]:

@@ -42,17 +42,6 @@ def toy() -> Iterator[Loss]:
         yield TOY
 
 
-def weights(cfg) -> dict[str, float]:
-    """``cfg.loss`` as the mapping the config side of issue 18 makes it."""
-    return dict(cfg.loss) if isinstance(cfg.loss, dict) else dataclasses.asdict(cfg.loss)
-
-
-def config_has_loss_mapping() -> bool:
-    """Whether ``cfg.loss`` is the resolved mapping of the run task's registered losses
-    (the config side of issue 18, built in parallel); until then (a) is expected to fail."""
-    return isinstance(load_config(None, []).loss, dict)
-
-
 def test_the_registry_declares_without_any_model(toy: Loss) -> None:
     losses = RetrievalTask.losses
     assert list(losses) == ["contrastive", "matching", "box", "relation", "toy"]
@@ -66,15 +55,13 @@ def test_the_registration_is_undone_after_the_block() -> None:
     assert "toy" not in RetrievalTask.losses and "toy" not in RetrievalTask.losses.defaults()
 
 
-@pytest.mark.xfail(not config_has_loss_mapping(), strict=True,
-                   reason="config owner (issue 18): cfg.loss is the mapping of the task's registered losses")
 def test_the_toy_loss_is_a_config_key(toy: Loss, capsys: pytest.CaptureFixture[str]) -> None:
-    assert weights(load_config(None, []))["toy"] == 0.25  # config owner
-    assert weights(load_config(None, ["loss.toy=0.5"]))["toy"] == 0.5  # config owner
+    assert load_config(None, []).loss["toy"] == 0.25
+    assert load_config(None, ["loss.toy=0.5"]).loss["toy"] == 0.5
     with pytest.raises(ConfigError, match=r"loss\.toy"):
         load_config(None, ["loss.toy=-1"])
     assert main(["config", "explain", "loss"]) == 0
-    assert "toy" in capsys.readouterr().out  # config owner
+    assert "loss.toy: float = 0.25" in capsys.readouterr().out
 
 
 def test_the_toy_loss_trains_and_is_logged(toy: Loss, tmp_path: Path, scenes: Path) -> None:

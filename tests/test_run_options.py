@@ -144,7 +144,7 @@ def test_evaluate_takes_data_and_eval_overrides(two_stage: Path, scenes: Path, t
     assert err.startswith("error: optim.lr: cannot be set for evaluate; only data.*, eval.* keys can")
     err = _error(capsys, ["evaluate", ckpt, "generation.num_beams=1", "--output-dir", str(tmp_path / "e3")])
     assert "generation.num_beams: cannot be set" in err  # retrieval has no generation
-    assert "eval.rerank_k: must be >= 0" in _error(capsys, ["evaluate", ckpt, "eval.rerank_k=-1", "--output-dir",
+    assert "eval.rerank_k: must be between 0 and 1000000" in _error(capsys, ["evaluate", ckpt, "eval.rerank_k=-1", "--output-dir",
                                                              str(tmp_path / "e3")])
     assert not (tmp_path / "e3").exists()
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from vlmtune import tasks
 from vlmtune.cli import main
-from vlmtune.config import load_config, setting
+from vlmtune.config import BACKBONE_COMPONENTS, load_config, setting
 from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.losses import Loss, LossRegistry
 
@@ -73,12 +73,12 @@ class ToyTask(tasks.Task):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ToyTask":
-        return cls(toy=getattr(cfg, "toy", None) or ToyConfig(), data=cfg.data, batch_size=cfg.train.batch_size,
+        return cls(toy=cfg.section("toy"), data=cfg.data, batch_size=cfg.train.batch_size,
                    max_text_tokens=cfg.backbone.max_text_tokens)
 
     @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        toy = getattr(cfg, "toy", None) or ToyConfig()
+    def check_sections(cls, cfg: Any) -> None:
+        toy = cfg.section("toy")
         if toy.samples % 2:
             raise ConfigError(f"toy.samples: must be even, got {toy.samples}")
 
@@ -164,7 +164,7 @@ def test_a_registered_task_trains_evaluates_and_reports(toy_registered: None, tm
 
 def test_a_task_declares_its_defaults_in_one_base_class(toy_registered: None) -> None:
     """What ToyTask does not declare comes from tasks.Task: the engine never needs a fallback."""
-    assert ToyTask.backbone_components == tasks.BACKBONE_COMPONENTS
+    assert ToyTask.backbone_components == BACKBONE_COMPONENTS
     assert ToyTask.evaluation_sections == ("data", "eval") and ToyTask.cache_kinds == () and not ToyTask.cacheable
     task = tasks.build_task(load_config(None, TOY))
     assert task.loss_weights() == {"toy": 1.0} and task.loss_targets([object()]) == {"toy"}
@@ -174,27 +174,16 @@ def test_a_task_declares_its_defaults_in_one_base_class(toy_registered: None) ->
         task.evaluate_with_rankings(None, [], device=torch.device("cpu"), rankings_k=5)
 
 
-def config_reads_task_sections() -> bool:
-    """Whether load_config reads the section a registered task declares (the config side
-    of issue 18, built in parallel); until it does, the test below is expected to fail."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(tasks.TASKS, "toy", ToyTask)
-        try:
-            return getattr(load_config(None, [*TOY, "toy.samples=12"]), "toy", None) is not None
-        except ConfigError:
-            return False
-
-
-@pytest.mark.xfail(not config_reads_task_sections(), strict=True,
-                   reason="config owner (issue 18): load_config reads the sections a task declares")
-def test_a_task_with_its_own_config_section(toy_registered: None, tmp_path: Path) -> None:
+def test_a_task_with_its_own_config_section(toy_registered: None, capsys: pytest.CaptureFixture[str]) -> None:
     """The toy task's ``toy:`` section is read, documented and checked as the built-in ones are."""
     cfg = load_config(None, [*TOY, "toy.samples=12"])
-    assert cfg.toy.samples == 12  # config owner
+    assert cfg.toy.samples == 12
     assert tasks.build_task(cfg).toy.samples == 12
     with pytest.raises(ConfigError, match=r"^toy\.samples: must be even, got 13"):  # the task's own rule
         load_config(None, [*TOY, "toy.samples=13"])
     with pytest.raises(ConfigError, match=r"^toy\.samples: "):  # the field's bound (setting(low=10))
         load_config(None, [*TOY, "toy.samples=4"])
-    with pytest.raises(ConfigError, match=r"toy"):  # another task's run has no toy section
-        load_config(None, ["toy.samples=12"])
+    # Like counting's sections in a retrieval run, every config holds every registered task's.
+    assert load_config(None, ["toy.samples=12"]).toy.samples == 12
+    assert main(["config", "explain", "toy"]) == 0
+    assert "toy.samples: int = 20" in capsys.readouterr().out

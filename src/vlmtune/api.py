@@ -102,7 +102,7 @@ class Model:
     """A trained checkpoint, ready to embed, ground or answer. Build it with :func:`load`."""
 
     def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, cache_dir: str | Path | None = None):
-        from vlmtune.evaluate import default_device, load_model
+        from vlmtune.restore import default_device, load_model
 
         self.checkpoint = ckpt
         self.folder = ckpt.folder

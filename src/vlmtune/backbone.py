@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from vlmtune.config import BackboneConfig
+from vlmtune.config.schema import BackboneConfig
 from vlmtune.errors import ConfigError
+from vlmtune.remote_code import check_no_remote_code
 
 if TYPE_CHECKING:
     from transformers import InternVLForConditionalGeneration, InternVLVisionModel, PreTrainedConfig, PreTrainedModel
@@ -178,8 +179,6 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
     if is_dir and not cfg.trust_remote_code:
         # Before transformers opens anything: an auto_map in config.json imports the
         # folder's module while the model loads, whatever trust_remote_code says later.
-        from vlmtune.checkpoint import check_no_remote_code
-
         check_no_remote_code(src)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision and not is_dir:

@@ -234,7 +234,6 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     from vlmtune.stages import build_plan
     from vlmtune.tasks import FeatureCache
     from vlmtune.tasks.retrieval import RetrievalTask
-    from vlmtune.train import train
 
     two, single = recipe_paths(recipes)
     data = _bench_data(out, images)
@@ -297,24 +296,7 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
     if not recipe_runs:
         return res
 
-    # (d) The recipes as shipped, at this size: the cache of each built inside its run.
-    recipes_res: dict[str, Any] = {}
-    for name, path in (("two_stage", two), ("single_stage", single)):
-        run_dir = out / f"run_{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t0, c0 = time.perf_counter(), time.process_time()
-        train(load_config(path, base), run_dir)
-        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3), "cpu_s": round(total_cpu, 3),
-                             "epochs": metrics["train/epochs"], "train_wall_s": metrics["train/train_wall_s"],
-                             "mean_recall": metrics.get("retrieval/mean_recall"),
-                             "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"]}
-    res["recipes"] = recipes_res
-    res["ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"]
-    res["cpu_ratio_two_stage_to_single_stage"] = recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"]
-    return res
+    return res | bench_recipe_runs(two, single, base, out)
 
 
 # --------------------------------------------------------------------------- counting
@@ -334,6 +316,28 @@ COUNTING_STAGE1 = [
     "optim.lr=2.0e-3", "optim.weight_decay=0.01", "optim.warmup_ratio=0.1", "optim.grad_clip=1.0",
     "train.early_stopping.metric=count/accuracy", "train.early_stopping.mode=max", "train.early_stopping.patience=0",
 ]
+
+def bench_recipe_runs(two: Path, single: Path, base: list[str], out: Path) -> dict[str, Any]:
+    """(d) The recipes as shipped, at this size: the cache of each built inside its run."""
+    from vlmtune.config import load_config
+    from vlmtune.train import train
+
+    recipes_res: dict[str, Any] = {}
+    for name, path in (("two_stage", two), ("single_stage", single)):
+        run_dir = out / f"run_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        train(load_config(path, base), run_dir)
+        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3), "cpu_s": round(total_cpu, 3),
+                             "epochs": metrics["train/epochs"], "train_wall_s": metrics["train/train_wall_s"],
+                             "mean_recall": metrics.get("retrieval/mean_recall"),
+                             "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"]}
+    return {"recipes": recipes_res,
+            "ratio_two_stage_to_single_stage": recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"],
+            "cpu_ratio_two_stage_to_single_stage": recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"]}
 
 
 def _epoch_times(run_dir: Path) -> tuple[list[float], list[float]]:

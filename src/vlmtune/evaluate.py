@@ -21,34 +21,11 @@ from torch import nn
 
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
-from vlmtune.config import Config
+from vlmtune.config import Config, evaluation_config
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
-from vlmtune.tasks import FeatureCache, Task, build_task, evaluation_config
-
-
-def default_device() -> torch.device:
-    """The first GPU where CUDA is present, else the CPU (every single-device command)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None, trust_remote_code: bool = False,
-               cfg: Config | None = None) -> tuple[nn.Module, Task]:
-    """A checkpoint's model with its trained weights, in eval mode, on ``device``.
-
-    ``trust_remote_code`` is the user's (``--trust-remote-code``); the checkpoint's own
-    config.yaml is never asked whether its code may run. ``cfg``: the checkpoint's config
-    with evaluation overrides (:func:`~vlmtune.tasks.evaluation_config`)."""
-    device = device or default_device()
-    task = build_task(cfg or ckpt.cfg)
-    if backbone is None:
-        backbone = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
-                                 folder=ckpt.backbone_folder)
-    check_identity(ckpt, backbone_identity(backbone))
-    model = task.build_model(backbone)
-    load_weights(model, ckpt.weights(), ckpt.folder)
-    return model.to(device).eval(), task
+from vlmtune.restore import default_device, load_model
+from vlmtune.tasks import FeatureCache, Task, build_task
 
 
 def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tuple[str, str | None]:

@@ -179,7 +179,7 @@ def merge_lora(language_model: torch.nn.Module) -> int:
 
 def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     from vlmtune.config import load_config
-    from vlmtune.evaluate import load_model
+    from vlmtune.restore import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))
     bb = cast("Backbone", model.backbone)  # every task's model holds its backbone there
@@ -202,7 +202,7 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
 
 
 def _export_vlmtune(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
-    from vlmtune.evaluate import load_model
+    from vlmtune.restore import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))  # also checks that the checkpoint loads
     weights = ckpt.weights()

@@ -634,6 +634,21 @@ def _plot_recall(groups: list[Group], colors: dict[str, Any], stats: dict[str, d
 # --------------------------------------------------------------------------- compare
 
 
+def _load_runs(run_dirs: list[str | Path], tolerance: float) -> list[Run]:
+    """The runs to compare, each given once."""
+    if not run_dirs:
+        raise VlmtuneError("compare: no run directories given")
+    if not (tolerance >= 0):
+        raise VlmtuneError(f"tolerance: must be >= 0, got {tolerance}")
+    seen: dict[Path, str] = {}
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise VlmtuneError(f"{d}: given twice")
+        seen[key] = str(d)
+    return [load_run(d) for d in run_dirs]
+
+
 def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric: str | None = None,
             tolerance: float = 1.0, labels: list[str] | None = None) -> dict[str, Any]:
     """Compare finished runs and write ``report.md``, ``report.html``, ``comparison.json``
@@ -646,17 +661,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
     (absolute, in the metric's units) of that run's best. ``labels`` name the groups, one
     per group in order of first appearance.
     """
-    if not run_dirs:
-        raise VlmtuneError("compare: no run directories given")
-    if not (tolerance >= 0):
-        raise VlmtuneError(f"tolerance: must be >= 0, got {tolerance}")
-    seen: dict[Path, str] = {}
-    for d in run_dirs:
-        where = Path(d).resolve()
-        if where in seen:
-            raise VlmtuneError(f"{d}: given twice")
-        seen[where] = str(d)
-    runs = [load_run(d) for d in run_dirs]
+    runs = _load_runs(run_dirs, tolerance)
     groups = group_runs(runs, labels)
     metric, mode, notes = _choose_target(runs, target_metric)
     out = Path(output_dir)

@@ -380,7 +380,7 @@ def exact_topk(queries: Tensor, gallery: Tensor, k: int, block: int = 1 << 24) -
     """Top-k gallery rows of each query by dot product, exact, with evaluation's ranking
     rule (higher score first, the lower row on ties): the product is taken in blocks of
     at most ``block`` scores, each block's top-k merged into a running list."""
-    from vlmtune.metrics.retrieval import _block_topk, _merge
+    from vlmtune.metrics.retrieval import block_topk, merge_topk
 
     n, m = queries.shape[0], gallery.shape[0]
     k = min(k, m)
@@ -394,8 +394,8 @@ def exact_topk(queries: Tensor, gallery: Tensor, k: int, block: int = 1 << 24) -
         best_s, best_i = q.new_empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
         for k0 in range(0, m, kb):
             sim = q @ gallery[k0:k0 + kb].T
-            s, i = _block_topk(sim, min(k, sim.shape[1]))
-            best_s, best_i = (s, i + k0) if k0 == 0 else _merge(best_s, best_i, s, i + k0, k)
+            s, i = block_topk(sim, min(k, sim.shape[1]))
+            best_s, best_i = (s, i + k0) if k0 == 0 else merge_topk(best_s, best_i, s, i + k0, k)
         out_s.append(best_s)
         out_i.append(best_i)
     return torch.cat(out_s), torch.cat(out_i)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from vlmtune.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
+from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 from vlmtune.runfolder import claim_generated, finish_generated
 
 __all__ = [
@@ -101,15 +101,7 @@ def generate_receipts(
     cycle through 0..max_count before shuffling, so every split is as close to uniform
     as its size allows. Returns ``{"train": path, "val": path, "test": path}``.
     """
-    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if n < 0 or max_count < 0:
-        raise ValueError(f"n and max_count must be >= 0, got n={n}, max_count={max_count}")
-    if width < 16 or height < 16:
-        raise ValueError(f"image_size must be at least 16 px a side, got {image_size}")
-    if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(
-        sum(split_fractions), 1.0, abs_tol=1e-6
-    ):
-        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+    width, height = _check_arguments(n, max_count, image_size, split_fractions)
 
     out = Path(out_dir)
     params = {"n": n, "seed": seed, "max_count": max_count, "image_size": [width, height]}
@@ -164,6 +156,21 @@ def generate_receipts(
     finish_generated(out, "vlmtune.data.receipts", params,
                      [*written, *paths.values(), out / "boxes.json", out / "meta.json"])
     return paths
+
+
+def _check_arguments(n: int, max_count: int, image_size: tuple[int, int] | int,
+                     split_fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """(width, height) of ``image_size``, once every argument of :func:`generate_receipts` is checked."""
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if n < 0 or max_count < 0:
+        raise ValueError(f"n and max_count must be >= 0, got n={n}, max_count={max_count}")
+    if width < 16 or height < 16:
+        raise ValueError(f"image_size must be at least 16 px a side, got {image_size}")
+    if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(
+        sum(split_fractions), 1.0, abs_tol=1e-6
+    ):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+    return width, height
 
 
 def _answer(count: int, rng: np.random.Generator) -> str:

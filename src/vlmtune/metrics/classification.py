@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import (
 __all__ = ["classification_metrics", "majority_baseline"]
 
 
-def _scores(preds: Tensor, targets: Tensor, num_classes: int, prefix: str) -> dict[str, float]:
+def class_scores(preds: Tensor, targets: Tensor, num_classes: int, prefix: str) -> dict[str, float]:
     if preds.shape != targets.shape or preds.ndim != 1:
         raise ValueError(f"need preds and targets of equal shape [N], got {tuple(preds.shape)}, {tuple(targets.shape)}")
     if preds.numel() == 0:
@@ -45,7 +45,7 @@ def _scores(preds: Tensor, targets: Tensor, num_classes: int, prefix: str) -> di
 def classification_metrics(preds: Tensor, targets: Tensor, num_classes: int, prefix: str) -> dict:
     """Accuracy and macro precision/recall/F1 (percent), plus ``{prefix}/confusion``:
     a num_classes x num_classes nested list of counts, rows = true class, cols = predicted."""
-    out: dict = _scores(preds, targets, num_classes, prefix)
+    out: dict = class_scores(preds, targets, num_classes, prefix)
     if preds.numel():
         confusion = multiclass_confusion_matrix(preds.long(), targets.long(), num_classes=num_classes)
     else:
@@ -64,5 +64,5 @@ def majority_baseline(train_targets: Tensor, test_targets: Tensor, num_classes: 
         raise ValueError("majority_baseline needs at least one training target")
     majority = torch.bincount(train_targets.long().flatten().cpu(), minlength=num_classes).argmax()  # first max
     preds = torch.full_like(test_targets.long(), int(majority))
-    scores = _scores(preds, test_targets, num_classes, prefix)
+    scores = class_scores(preds, test_targets, num_classes, prefix)
     return {key.replace(f"{prefix}/", f"{prefix}/baseline_", 1): value for key, value in scores.items()}

@@ -62,14 +62,14 @@ def chunked_topk(queries: Tensor, keys: Tensor, k: int, chunk_size: int = 4096) 
         best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
         for k0 in range(0, m, chunk_size):
             sim = q @ keys[k0 : k0 + chunk_size].float().T
-            s, i = _block_topk(sim, min(k, sim.shape[1]))
-            best_s, best_i = _merge(best_s, best_i, s, i + k0, k)
+            s, i = block_topk(sim, min(k, sim.shape[1]))
+            best_s, best_i = merge_topk(best_s, best_i, s, i + k0, k)
         out_scores.append(best_s)
         out_indices.append(best_i)
     return torch.cat(out_scores), torch.cat(out_indices)
 
 
-def _merge(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Merge a running top-k with a block's top-k. The running best comes from earlier,
     lower-index blocks, so it precedes the block on ties, which a stable sort keeps."""
     cat_s = torch.cat((best_s, s), dim=1)
@@ -106,20 +106,20 @@ def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4
         col_parts_s, col_parts_i, cand = [], [], []
         for c0 in range(0, m, chunk_size):
             sim = q @ texts[c0 : c0 + chunk_size].float().T
-            s, i = _block_topk(sim, min(kt, sim.shape[1]))
-            row_s, row_i = _merge(row_s, row_i, s, i + c0, kt)
+            s, i = block_topk(sim, min(kt, sim.shape[1]))
+            row_s, row_i = merge_topk(row_s, row_i, s, i + c0, kt)
             if full:
                 r, c = (sim > col_s[c0 : c0 + sim.shape[1], -1]).nonzero(as_tuple=True)
                 cand.append((c + c0, sim[r, c], r + r0))
             else:
-                s, i = _block_topk(sim.T, min(ki, sim.shape[0]))
+                s, i = block_topk(sim.T, min(ki, sim.shape[0]))
                 col_parts_s.append(s)
                 col_parts_i.append(i + r0)
         if full:
             cols, vals, rows = (torch.cat(x) for x in zip(*cand))
             col_s, col_i = _merge_candidates(col_s, col_i, cols, vals, rows)
         else:
-            col_s, col_i = _merge(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
+            col_s, col_i = merge_topk(col_s, col_i, torch.cat(col_parts_s), torch.cat(col_parts_i), ki)
         rows_out.append(row_i)
         rows_s.append(row_s)
     if with_scores:
@@ -176,7 +176,7 @@ def faiss_topk_both(images: Tensor, texts: Tensor, k: int, *, with_scores: bool 
     return (i2t, t2i, i2t_s, t2i_s) if with_scores else (i2t, t2i)
 
 
-def _block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row, descending, equal scores in column order.
 
     ``torch.topk`` is fast but leaves the order of equal scores, and which of them make

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vlmtune.metrics.boxes import box_metrics
-from vlmtune.metrics.classification import _scores
+from vlmtune.metrics.classification import class_scores
 
 __all__ = ["BagOfWords", "fit_logistic", "text_box_baseline", "text_classifier_baseline"]
 
@@ -83,7 +83,7 @@ def text_classifier_baseline(train_texts: Sequence[str], train_targets: Sequence
     y = np.asarray(train_targets, dtype=np.int64)
     w = fit_logistic(bow(train_texts), y, num_classes)
     preds = torch.from_numpy((bow(test_texts) @ w).argmax(axis=1))
-    scores = _scores(preds, test_targets.long().cpu(), num_classes, prefix)
+    scores = class_scores(preds, test_targets.long().cpu(), num_classes, prefix)
     return {key.replace(f"{prefix}/", f"{prefix}/baseline_{name}_", 1): value for key, value in scores.items()}
 
 

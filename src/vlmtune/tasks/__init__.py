@@ -17,14 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-# vlmtune.config builds its Config from the task packages' config sections
-# (tasks/*/config.py, which take the field helper from it): loading it first keeps that
-# order whichever module a program imports first, until the config is split (issue 18).
-import vlmtune.config
-from vlmtune.tasks.base import BACKBONE_COMPONENTS, FeatureCache, Task, data_paths, loss_config
+from vlmtune.tasks.base import FeatureCache, Task, data_paths
 
 if TYPE_CHECKING:
-    from vlmtune.config import Config
+    from vlmtune.config.schema import Config
 
 # name -> "module:Class" (imported on first use, so the registry needs no torch) or the class itself.
 TASKS: dict[str, str | type[Task]] = {
@@ -49,12 +45,6 @@ def build_task(cfg: Config) -> Task:
     return task_class(cfg.task).from_config(cfg)
 
 
-def evaluation_config(cfg: Config, overrides: list[str] | None, what: str = "evaluate") -> Config:
-    """A checkpoint's config with the ``evaluate`` / ``predict`` overrides applied: only
-    the sections its task declares (``evaluation_sections``; data.* and eval.* by default)."""
-    return vlmtune.config.with_overrides(cfg, overrides, task_class(cfg.task).evaluation_sections, what)
-
-
 def report_sections() -> tuple[str, ...]:
     """Every registered task's report sections, in registry order."""
     out: list[str] = []
@@ -63,5 +53,5 @@ def report_sections() -> tuple[str, ...]:
     return tuple(out)
 
 
-__all__ = ["BACKBONE_COMPONENTS", "RUN_KEY_METRICS", "TASKS", "FeatureCache", "Task", "build_task",
-           "data_paths", "evaluation_config", "loss_config", "report_sections", "task_class"]
+__all__ = ["RUN_KEY_METRICS", "TASKS", "FeatureCache", "Task", "build_task", "data_paths", "report_sections",
+           "task_class"]

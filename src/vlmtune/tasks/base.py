@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.config.schema import BACKBONE_COMPONENTS
 from vlmtune.losses.registry import LossRegistry
 from vlmtune.runfolder import check_synthetic_dir
 
@@ -23,10 +24,9 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from vlmtune.backbone import Backbone
-    from vlmtune.config import Config
+    from vlmtune.config.schema import Config
 
 # Components a stage can train that every task's backbone has; a task's own come on top.
-BACKBONE_COMPONENTS: tuple[str, ...] = ("vision_blocks", "vision_tower", "mm_projector", "language_model")
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,6 @@ class FeatureCache:
     vision: bool = True
     text: bool = True
     vision_start: int | None = None
-
-
-def loss_config(losses: LossRegistry, loss: Any) -> dict[str, float]:
-    """The weights of ``losses`` (and their parts) in a config's ``loss`` section: a
-    resolved ``{name: weight}`` mapping, or (until the config's own loss section is a
-    mapping, issue 18) a dataclass with one field per weight. A weight the section does
-    not hold is the registered default."""
-    given = loss if isinstance(loss, Mapping) else vars(loss)
-    return {name: float(given.get(name, default)) for name, default in losses.defaults().items()}
 
 
 class Task:
@@ -101,11 +92,19 @@ class Task:
     # ---- config
     @classmethod
     def from_config(cls, cfg: Config) -> Task:
-        return cls(loss=loss_config(cls.losses, cfg.loss))
+        return cls(loss=cfg.loss)
+
+    @classmethod
+    def check_sections(cls, cfg: Config) -> None:
+        """Rules between the fields of the task's own config sections (``counting.buckets``
+        against ``counting.max_count``), checked in every config, whatever its task,
+        since every config holds every registered task's sections. A broken rule raises
+        ``ConfigError("key: message")``; bounds of single fields belong on the fields."""
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """The task's own config rules; a broken one raises ``ConfigError("key: message")``."""
+        """Rules of a run of this task on the rest of the config (retrieval: a batch of at
+        least two pairs); a broken one raises ``ConfigError("key: message")``."""
 
     # ---- data
     def data_paths(self, output_dir: Path) -> dict[str, str]:

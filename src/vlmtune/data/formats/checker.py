@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from vlmtune.data.formats.fields import Bad, nonempty_str, norm_box, pixel_bbox
+from vlmtune.data.formats.fields import SPLITS, Bad, nonempty_str, norm_box, pixel_bbox
 from vlmtune.data.formats.images import ImageInfo, inspect_image
 from vlmtune.data.formats.records import Problem, ReadOptions, Scan
 from vlmtune.errors import DataError
@@ -127,3 +127,11 @@ class Checker:
             raise Bad(f"duplicate of {first} (same {what}; data.duplicates=keep or drop allows it)")
         self._seen[key] = label
         return True
+
+    def in_split(self, split: Any) -> bool:
+        """Whether a record of a one-file-all-splits format belongs to the split asked for
+        (counted per split in the scan)."""
+        split = "train" if split == "restval" else split
+        self.scan.splits[str(split)] = self.scan.splits.get(str(split), 0) + 1
+        want = self.opts.split
+        return want is None or split in SPLITS.get(want, (want,))

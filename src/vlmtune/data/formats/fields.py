@@ -16,8 +16,6 @@ from vlmtune.data.formats.records import RELATIONS
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from vlmtune.data.formats.checker import Checker
-
 # Slack for float boxes that touch the image border.
 EPS = 1e-6
 
@@ -198,12 +196,3 @@ def failing(message: str) -> Callable[[], dict[str, Any]]:
     def get() -> dict[str, Any]:
         raise Bad(message)
     return get
-
-
-def in_split(ck: Checker, split: Any) -> bool:
-    """Whether a record of a one-file-all-splits format belongs to the split asked for
-    (counted per split in the scan)."""
-    split = "train" if split == "restval" else split
-    ck.scan.splits[str(split)] = ck.scan.splits.get(str(split), 0) + 1
-    want = ck.opts.split
-    return want is None or split in SPLITS.get(want, (want,))

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.data.formats.fields import Bad, as_object, in_split, load_json, nonempty_str, type_name
+from vlmtune.data.formats.fields import Bad, as_object, load_json, nonempty_str, type_name
 from vlmtune.data.formats.records import Item
 from vlmtune.data.formats.registry import Format, Probe
 
@@ -29,7 +29,7 @@ def karpathy_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
         raise Bad("Karpathy 'images' must be an array")
     items = []
     for i, rec in enumerate(images):
-        if isinstance(rec, dict) and not in_split(ck, rec.get("split")):
+        if isinstance(rec, dict) and not ck.in_split(rec.get("split")):
             continue
         items.append(Item(f"record {i}", partial(_karpathy_record, rec)))
     return items

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.data.formats.fields import Bad, as_object, in_split, load_json
+from vlmtune.data.formats.fields import Bad, as_object, load_json
 from vlmtune.data.formats.pairs import list_reader
 from vlmtune.data.formats.records import Item
 from vlmtune.data.formats.registry import Format, Probe
@@ -81,7 +81,7 @@ def refer_items(ck: Checker, path: Path) -> list[Item]:
     images = {m.get("id"): m for m in inst["images"] if isinstance(m, dict)}
     items = []
     for i, ref in enumerate(refs):
-        if isinstance(ref, dict) and not in_split(ck, ref.get("split")):
+        if isinstance(ref, dict) and not ck.in_split(ref.get("split")):
             continue
         items.append(Item(f"record {i}", partial(_refer_record, ref, anns, images)))
     return items

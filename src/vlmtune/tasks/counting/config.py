@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vlmtune.config import setting
+from vlmtune.config.fields import setting
 from vlmtune.errors import ConfigError
 
 DEFAULT_QUESTIONS: tuple[str, ...] = (
@@ -29,6 +29,8 @@ DEFAULT_ANSWERS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class CountingConfig:
+    """Counting recipe: classes, tiling, prompt lengths, LoRA."""
+
     max_count: int = setting(3, "Largest count in the data; the head has max_count + 1 classes unless buckets are given.",
                              low=1, high=1000)
     buckets: list[int] | None = setting(None, "Ascending lower bounds of count classes, first 0, e.g. [0, 1, 2] = 0 / 1 / 2+; "
@@ -55,6 +57,8 @@ class CountingConfig:
 
 @dataclass
 class GenerationConfig:
+    """Answer generation (counting): validation sampling, final beam search."""
+
     max_new_tokens: int = setting(16, "Longest generated answer, in tokens.", low=1, high=65536)
     num_beams: int = setting(3, "Beams of the final evaluation's beam search.", low=1, high=64)
     val_num_images: int = setting(8, "Validation: images answered by sampling each epoch (a quick look; 0 turns it off).",

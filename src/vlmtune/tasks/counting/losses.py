@@ -14,14 +14,14 @@ LOSSES = LossRegistry()
 
 
 @LOSSES.register("lm", weight=1.0, fields=("answer",),
-                 help="Counting: weight of the token cross-entropy on the answer tokens (prompt masked).")
+                 help="Weight of the token cross-entropy on the answer tokens (prompt masked).")
 def lm(enc: CountingEncodings) -> dict[str, torch.Tensor]:
     """Mean cross-entropy of the answer tokens over all processes' rows (:func:`answer_token_loss`)."""
     loss, _ = answer_token_loss(enc.hidden, enc.model.backbone.model.lm_head, enc.batch["labels"])
     return {"lm": loss}
 
 
-@LOSSES.register("count", weight=1.0, fields=("count",), help="Counting: weight of the count-classification cross-entropy.")
+@LOSSES.register("count", weight=1.0, fields=("count",), help="Weight of the count-classification cross-entropy.")
 def count(enc: CountingEncodings) -> dict[str, torch.Tensor]:
     """Cross-entropy of the count head on the pooled multimodal features."""
     batch = enc.batch

@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.backbone import Backbone
-from vlmtune.config import Config, DataConfig
+from vlmtune.config.schema import Config, DataConfig
 from vlmtune.data.formats import CountRecord, options_from_config, read_counting
 from vlmtune.data.receipts import generate_receipts
 from vlmtune.losses import LossRegistry
-from vlmtune.tasks.base import FeatureCache, Task, data_paths, loss_config
+from vlmtune.tasks.base import FeatureCache, Task, data_paths
 from vlmtune.tasks.counting.config import CountingConfig, GenerationConfig, check_counting, check_generation
 from vlmtune.tasks.counting.data import make_loader
 from vlmtune.tasks.counting.evaluation import evaluate
@@ -60,12 +60,12 @@ class CountingTask(Task):
     @classmethod
     def from_config(cls, cfg: Config) -> "CountingTask":
         return cls(counting=cfg.counting, generation=cfg.generation, model=cfg.model, data=cfg.data,
-                   loss=loss_config(cls.losses, cfg.loss),
+                   loss=cfg.loss,
                    train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
                    cache_dtype=cfg.cache.dtype)
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
+    def check_sections(cls, cfg: Config) -> None:
         """The counting and generation sections' rules between fields and on lists."""
         check_counting(cfg.counting)
         check_generation(cfg.generation)

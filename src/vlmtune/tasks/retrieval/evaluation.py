@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlmtune.boxes import cxcywh_to_xyxy, paired_box_iou
-from vlmtune.config import EvalConfig
+from vlmtune.config.schema import EvalConfig
 from vlmtune.data.formats import RELATIONS, PairRecord, image_size
 from vlmtune.data.relations import mask_relation
 from vlmtune.distributed import all_gather_objects

@@ -9,13 +9,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.backbone import Backbone
-from vlmtune.config import Config, DataConfig, EvalConfig
+from vlmtune.config.schema import Config, DataConfig, EvalConfig
 from vlmtune.data.formats import PairRecord, options_from_config, read_pairs
 from vlmtune.data.scenes import generate_scenes
 from vlmtune.errors import ConfigError
 from vlmtune.losses import LossRegistry
-from vlmtune.tasks.base import FeatureCache, Task, data_paths, loss_config
-from vlmtune.tasks.retrieval.config import ModelConfig
+from vlmtune.tasks.base import FeatureCache, Task, data_paths
+from vlmtune.tasks.retrieval.config import ModelConfig, check_model
 from vlmtune.tasks.retrieval.data import make_loader
 from vlmtune.tasks.retrieval.evaluation import check_ks, evaluate_with_rankings
 from vlmtune.tasks.retrieval.losses import LOSSES
@@ -60,10 +60,14 @@ class RetrievalTask(Task):
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RetrievalTask":
-        return cls(model=cfg.model, loss=loss_config(cls.losses, cfg.loss), data=cfg.data, eval=cfg.eval,
+        return cls(model=cfg.model, loss=cfg.loss, data=cfg.data, eval=cfg.eval,
                    train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens,
                    vision_pooling=cfg.backbone.vision_pooling,
                    text_pooling=cfg.backbone.text_pooling, cache_dtype=cfg.cache.dtype)
+
+    @classmethod
+    def check_sections(cls, cfg: Config) -> None:
+        check_model(cfg.model)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
