@@ -23,10 +23,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlmtune
+from conftest import CONFIGS, ROOT
 from vlmtune.cli import main
 from vlmtune.errors import VlmtuneError
-
-from conftest import CONFIGS, ROOT
 
 SINGLE = str(CONFIGS / "retrieval_single_stage.yaml")
 

@@ -18,17 +18,17 @@ import os
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune.cli import main
-
 from conftest import CONFIGS
+from vlmtune.cli import main
 
 RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")

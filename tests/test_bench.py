@@ -81,10 +81,9 @@ def test_bench_counting_settings_are_the_recipes_stage_one() -> None:
     """The bench's embedded stage-1 overrides say what configs/receipts_three_stage.yaml says."""
     from dataclasses import asdict
 
+    from conftest import CONFIGS
     from vlmtune.bench import COUNTING_STAGE1
     from vlmtune.config import load_config
-
-    from conftest import CONFIGS
 
     recipe = load_config(CONFIGS / "receipts_three_stage.yaml")
     bench = load_config(None, COUNTING_STAGE1)

@@ -1,8 +1,8 @@
 """The frozen-feature cache: stored once, reused, invalidated by content and settings;
 training from it gives the same losses as live features."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -56,13 +56,12 @@ def test_changed_image_changes_its_key(tmp_path: Path) -> None:
 
 
 def test_cached_training_gives_the_same_losses_as_live(scenes: Path, tmp_path: Path) -> None:
+    from conftest import CONFIGS
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
     from vlmtune.tasks import FeatureCache
     from vlmtune.tasks.retrieval import RetrievalTask
-
-    from conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "retrieval_two_stage.yaml", ["train.batch_size=8"])
     task = RetrievalTask.from_config(cfg)
@@ -97,9 +96,8 @@ def test_whole_run_with_and_without_cache_agree(tmp_path: Path, fast: list[str])
     runs the block live; the run ends where the uncached run ends."""
     import json
 
-    from vlmtune.cli import main
-
     from conftest import CONFIGS
+    from vlmtune.cli import main
 
     cfg = str(CONFIGS / "retrieval_two_stage.yaml")
     args = [*fast, "stages.1.start_epoch=1"]

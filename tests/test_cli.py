@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import CONFIGS, RESUMABLE, small_set
 from vlmtune.cli import main
 from vlmtune.history import read_history
-
-from conftest import CONFIGS, RESUMABLE, small_set
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 STAGES = ["stages.1.start_epoch=1"]

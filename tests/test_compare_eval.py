@@ -6,9 +6,8 @@ from statistics import mean, stdev
 
 import pytest
 
-from vlmtune.cli import main
-
 from conftest import CONFIGS
+from vlmtune.cli import main
 
 ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
 

@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CONFIGS
 from vlmtune.config import Config, load_config
 from vlmtune.errors import ConfigError
-
-from conftest import CONFIGS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

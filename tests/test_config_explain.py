@@ -9,11 +9,10 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from conftest import CONFIGS
 from vlmtune.cli import main
 from vlmtune.config import config_class, config_from_dict, load_config
 from vlmtune.tasks import TASKS, task_class
-
-from conftest import CONFIGS
 
 
 def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:

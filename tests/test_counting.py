@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CONFIGS
 from vlmtune.cli import main
-from vlmtune.history import read_history
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
-
-from conftest import CONFIGS
+from vlmtune.history import read_history
 
 RECIPE = str(CONFIGS / "receipts_three_stage.yaml")
 METRIC_KEYS = (

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmtune.cli import main
-
 from conftest import CONFIGS, ROOT
+from vlmtune.cli import main
 
 RECIPE = str(CONFIGS / "receipts_three_stage.yaml")
 BOTH = frozenset({"lm", "count"})

@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CONFIGS, ROOT
 from vlmtune.cli import main
 from vlmtune.losses import contrastive_loss, contrastive_loss_local_rows, hard_negative_pairs
 from vlmtune.tasks.retrieval import EvalOutputs
-
-from conftest import CONFIGS, ROOT
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 

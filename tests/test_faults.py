@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import RESUMABLE, ROOT, TWO_STAGE, small_set
 from vlmtune.cli import main
 from vlmtune.history import read_history
-
-from conftest import RESUMABLE, ROOT, TWO_STAGE, small_set
 
 # The uninterrupted reference run is conftest's `straight`: small_set + RESUMABLE.
 IGNORED = ("wall_s", "peak_mem_mb", "cache", "train_wall_s")

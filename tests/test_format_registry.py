@@ -13,9 +13,10 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -128,7 +129,7 @@ def test_format_names_are_the_registered_formats() -> None:
 def test_carriers_table_is_derived_from_the_formats() -> None:
     table = carriers()
     for fmt in FORMATS:
-        for key, what in fmt.carries.items():
+        for key in fmt.carries:
             assert fmt.name in table[key][1], (fmt.name, key)
     # Fields no format reads are carriers too: a record holding one is refused.
     assert table["segmentation"] == ("a mask", ())

@@ -16,14 +16,13 @@ import yaml
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
+from conftest import CONFIGS, ROOT
+from test_distributed import _steps, _torchrun
 from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
 from vlmtune.fsdp import FsdpSettings, fsdp_settings
 from vlmtune.train import check_deepspeed_plan, make_accelerator, prepare_stage, resolve_mixed_precision
-
-from conftest import CONFIGS, ROOT
-from test_distributed import _steps, _torchrun
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

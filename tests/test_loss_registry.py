@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
+from conftest import CONFIGS, small_set
 from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
 from vlmtune.losses import Loss
 from vlmtune.tasks.retrieval import RetrievalTask
 from vlmtune.tasks.retrieval.model import RetrievalEncodings
-
-from conftest import CONFIGS, small_set
 
 
 def toy_loss(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmtune.cli import main
-
 from conftest import CONFIGS, RESUMABLE, TWO_STAGE, small_set
+from vlmtune.cli import main
 
 ACTIVE = frozenset({"contrastive", "matching", "box", "relation"})
 

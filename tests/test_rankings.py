@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_metrics import _assert_same_metrics, _fancy_rerank, _grid_emb, _variable_captions
 from vlmtune.cli import main
 from vlmtune.metrics.retrieval import ground_truth_ranks, retrieval_metrics, retrieval_metrics_reference
-
-from test_metrics import _assert_same_metrics, _fancy_rerank, _grid_emb, _variable_captions
 
 
 def _reference_lists(image_emb, text_emb, t2i_map, k, rerank, rerank_k):

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmtune.cli import main
-
 from conftest import CONFIGS
+from vlmtune.cli import main
 
 pytestmark = pytest.mark.slow
 

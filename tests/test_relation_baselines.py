@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CONFIGS
 from vlmtune.data.formats import RELATIONS, read_pairs
 from vlmtune.data.relations import RELATION_MASK, mask_relation
 from vlmtune.data.scenes import _PHRASES, _TEMPLATES
 from vlmtune.metrics.text_baseline import fit_logistic, text_box_baseline, text_classifier_baseline
-
-from conftest import CONFIGS
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 

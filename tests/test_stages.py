@@ -1,11 +1,10 @@
 import torch
 
+from conftest import CONFIGS
 from vlmtune.backbone import load_backbone
 from vlmtune.config import load_config
 from vlmtune.stages import apply_stage, build_plan, check_groups, count_parameters
 from vlmtune.tasks.retrieval import RetrievalTask
-
-from conftest import CONFIGS
 
 
 def _model_and_plan():
@@ -87,7 +86,7 @@ def test_gradient_checkpointing_recomputes_trained_blocks_with_equal_gradients(s
                 m.eval()
         calls = []
         # transformers checkpoints a layer's forward, so the hooks of its sub-modules run again.
-        hook = model.backbone.vision_blocks[-1].mlp.register_forward_hook(lambda *a: calls.append(1))
+        hook = model.backbone.vision_blocks[-1].mlp.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         torch.manual_seed(0)
         terms = model(batch, frozenset({"contrastive", "box"}))
         (terms["contrastive"] + terms["box"]).backward()

@@ -72,7 +72,7 @@ class ToyTask(tasks.Task):
         self.toy, self.data, self.batch_size, self.max_text_tokens = toy, data, batch_size, max_text_tokens
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ToyTask":
+    def from_config(cls, cfg: Any) -> ToyTask:
         return cls(toy=cfg.section("toy"), data=cfg.data, batch_size=cfg.train.batch_size,
                    max_text_tokens=cfg.backbone.max_text_tokens)
 

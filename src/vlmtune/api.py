@@ -34,9 +34,10 @@ naming the task and the method.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -226,8 +227,8 @@ class Model:
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         hidden = None
         if self.cache_dir is not None:
-            from vlmtune.data.cache import FeatureStore, text_fingerprint, text_key
             from vlmtune.checkpoint import backbone_identity
+            from vlmtune.data.cache import FeatureStore, text_fingerprint, text_key
 
             dtype = self.cfg.cache.dtype
             ns = {"kind": "text_tokens", "backbone": backbone_identity(bb), "weights": text_fingerprint(bb),

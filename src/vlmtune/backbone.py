@@ -378,7 +378,7 @@ class Backbone(nn.Module):
         return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
 
     # ---- training mode and gradient checkpointing
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """The frozen backbone stays in eval mode (its dropout off) whatever ``mode`` is.
 
         Two kinds of module follow ``mode``: LoRA layers (their dropout is part of the

@@ -27,12 +27,13 @@ import io
 import json
 import os
 import pickle
-import stat
 import random
 import shutil
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import numpy as np
 import torch

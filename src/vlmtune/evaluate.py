@@ -16,16 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from vlmtune.backbone import Backbone, load_backbone
-from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, load_weights, open_checkpoint
+from vlmtune.checkpoint import Checkpoint, open_checkpoint
 from vlmtune.config import Config, evaluation_config
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
 from vlmtune.restore import default_device, load_model
-from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
+from vlmtune.tasks import FeatureCache, build_task
 
 
 def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tuple[str, str | None]:

@@ -20,9 +20,10 @@ schema does not know is a :class:`DataError` naming the file, the line and the k
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, ClassVar
 
 from vlmtune.errors import DataError
 from vlmtune.runfolder import write_text
@@ -113,7 +114,7 @@ class StepRecord(_Record):
 
     @classmethod
     def from_means(cls, epoch: int, step: int, stage: int, means: dict[str, float], lr: dict[str, float],
-                   bad_steps: int) -> "StepRecord":
+                   bad_steps: int) -> StepRecord:
         """From the window's means as the loop keeps them: ``"loss"``, each term by its
         name, diagnostics as ``"diag/<name>"``; ``bad_steps`` 0 is left out of the line."""
         return cls(epoch=epoch, step=step, stage=stage, loss=means.get("loss"),
@@ -137,7 +138,7 @@ class EpochRecord(_Record):
     val: dict[str, Any] = _family("val/")  # scalar validation metrics (lists are not logged)
 
 
-Record = Union[StageRecord, StepRecord, EpochRecord]
+Record = StageRecord | StepRecord | EpochRecord
 RECORD_TYPES: dict[str, type[_Record]] = {r.TYPE: r for r in (StageRecord, StepRecord, EpochRecord)}
 
 

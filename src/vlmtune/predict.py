@@ -36,12 +36,12 @@ from PIL import Image, ImageDraw
 
 from vlmtune.backbone import preprocess_images
 from vlmtune.checkpoint import open_checkpoint
-from vlmtune.restore import load_model
 from vlmtune.config import Config, evaluation_config
 from vlmtune.data.counting import tile_grid
 from vlmtune.data.formats import load_image
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
+from vlmtune.restore import load_model
 from vlmtune.tasks import build_task
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
 

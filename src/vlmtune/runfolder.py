@@ -174,7 +174,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self._lock: Any = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         from filelock import FileLock, Timeout
 
         if self.path.is_symlink():
@@ -195,7 +195,7 @@ class RunLock:
             self._lock.release()
             self._lock = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -547,7 +547,7 @@ def read_queries(path: Path) -> list[dict[str, Any]]:
         if image is not None:
             if not isinstance(image, str):
                 raise DataError(f"{path}: query {n}: 'image' must be a path string")
-            row = {**row, "image": str((path.parent / image))}
+            row = {**row, "image": str(path.parent / image)}
         out.append(row)
     if not out:
         raise DataError(f"{path}: holds no query")

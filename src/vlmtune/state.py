@@ -49,7 +49,7 @@ class TrainState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "state.json") -> "TrainState":
+    def from_json(cls, data: Any, where: str = "state.json") -> TrainState:
         """Validate and build; unknown keys other than the checkpoint's own bookkeeping
         (``format_version``) are refused, as are missing ones."""
         if not isinstance(data, dict):

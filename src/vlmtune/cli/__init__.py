@@ -14,7 +14,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vlmtune import __version__
 from vlmtune.cli import analysis, config, data, run, use

@@ -22,16 +22,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from vlmtune.config.fields import key_bounds, setting
-from vlmtune.config.schema import (BACKBONE_COMPONENTS, BackboneConfig, CacheConfig, Config, DataConfig,
-                                   EarlyStoppingConfig, EvalConfig, FsdpConfig, OptimConfig, StageConfig, SyntheticConfig,
-                                   TrainConfig)
+from vlmtune.config.schema import (
+    BACKBONE_COMPONENTS,
+    BackboneConfig,
+    CacheConfig,
+    Config,
+    DataConfig,
+    EarlyStoppingConfig,
+    EvalConfig,
+    FsdpConfig,
+    OptimConfig,
+    StageConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
 
 if TYPE_CHECKING:
     from vlmtune.config.checks import stage_starts
     from vlmtune.config.compose import config_class
     from vlmtune.config.describe import FieldDoc, explain, format_explain
-    from vlmtune.config.loading import (apply_override, config_from_dict, config_to_dict, config_yaml, evaluation_config,
-                                        load_config, save_config, with_overrides)
+    from vlmtune.config.loading import (
+        apply_override,
+        config_from_dict,
+        config_to_dict,
+        config_yaml,
+        evaluation_config,
+        load_config,
+        save_config,
+        with_overrides,
+    )
 
 _LAZY = {"stage_starts": "checks", "config_class": "compose", "FieldDoc": "describe", "explain": "describe",
          "format_explain": "describe", **{name: "loading" for name in (

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from vlmtune.errors import DataError
 from vlmtune.utils import sha256_file

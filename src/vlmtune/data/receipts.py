@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 from vlmtune.runfolder import claim_generated, finish_generated
+from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 
 __all__ = [
     "ANSWER_TEMPLATES",

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.data.formats import (
-    FORMATS, MAX_TEXT_CHARS, RELATIONS, Bad, Checker, Format, Kind, Probe, Problem, ReadOptions, Scan, scan_counting,
+    FORMATS,
+    MAX_TEXT_CHARS,
+    RELATIONS,
+    Bad,
+    Checker,
+    Format,
+    Kind,
+    Probe,
+    Problem,
+    ReadOptions,
+    Scan,
+    scan_counting,
     scan_pairs,
 )
 from vlmtune.data.formats.registry import detect_by_path, detect_probe

@@ -19,9 +19,10 @@ This module needs no torch: it only adds and multiplies what the functions retur
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 # (encodings of a batch) -> {the loss's name or its parts: unweighted value, "diag/...": value}.
 # An empty dict: no term this batch (no row of the global batch has the loss's target).

@@ -302,7 +302,7 @@ def retrieval_metrics(
     search: str = "chunked",
     rankings_k: int = 0,
     return_rankings: bool = False,
-) -> dict[str, float] | tuple[dict[str, float], "RetrievalRankings"]:
+) -> dict[str, float] | tuple[dict[str, float], RetrievalRankings]:
     """Recall@K (percent) for i2t and t2i, their mean, and chance levels.
 
     With ``return_rankings`` it returns ``(metrics, RetrievalRankings)``: the top

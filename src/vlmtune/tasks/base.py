@@ -9,12 +9,13 @@ key metrics, report sections and cache kinds. This module needs no torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.config.schema import BACKBONE_COMPONENTS
+from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.losses.registry import LossRegistry
 from vlmtune.runfolder import check_synthetic_dir
 

@@ -57,7 +57,17 @@ from vlmtune.data.formats import catalog as catalog
 from vlmtune.data.formats.fields import Bad
 from vlmtune.data.formats.hf import hf_rows
 from vlmtune.data.formats.records import (
-    MAX_TEXT_CHARS, RELATIONS, CountRecord, Duplicates, Item, Kind, OnError, PairRecord, Problem, ReadOptions, Scan,
+    MAX_TEXT_CHARS,
+    RELATIONS,
+    CountRecord,
+    Duplicates,
+    Item,
+    Kind,
+    OnError,
+    PairRecord,
+    Problem,
+    ReadOptions,
+    Scan,
     options_from_config,
 )
 from vlmtune.data.formats.refcoco import SafeUnpickler, load_plain_pickle

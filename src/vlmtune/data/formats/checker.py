@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from vlmtune.data.formats.fields import SPLITS, Bad, nonempty_str, norm_box, pixel_bbox
 from vlmtune.data.formats.images import ImageInfo, inspect_image

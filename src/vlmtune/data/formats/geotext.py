@@ -3,8 +3,9 @@ the caption as a retrieval record, and one grounding record per boxed sentence."
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.formats.fields import Bad, failing, load_json, type_name
 from vlmtune.data.formats.records import Item

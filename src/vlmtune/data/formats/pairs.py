@@ -8,9 +8,10 @@ X-VLM's RefCOCO JSON are read the same way (:func:`list_reader`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.formats.fields import Bad, load_json
 from vlmtune.data.formats.records import Item

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import vlmtune.data.formats.fields as fields
 from vlmtune.data.formats.checker import Checker

@@ -7,9 +7,10 @@ Pillow or numpy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below", "inside", "outside")
 

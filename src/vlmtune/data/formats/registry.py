@@ -12,11 +12,12 @@ Plain Python (no Pillow, numpy or torch): config validation can ask :func:`forma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.formats.fields import Bad, load_json, type_name
 from vlmtune.data.formats.records import Item, Kind

@@ -5,7 +5,8 @@ per record for ``vlmtune evaluate --rankings``."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +21,16 @@ from vlmtune.metrics.classification import classification_metrics, majority_base
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
 from vlmtune.tasks.common import shard_rows
 from vlmtune.tasks.counting.config import CountingConfig
-from vlmtune.tasks.counting.model import (CountingModel, answer_token_ce, class_names, decode, generate_answers,
-                                          image_inputs, num_classes, prompt_last)
+from vlmtune.tasks.counting.model import (
+    CountingModel,
+    answer_token_ce,
+    class_names,
+    decode,
+    generate_answers,
+    image_inputs,
+    num_classes,
+    prompt_last,
+)
 from vlmtune.utils import derived_seed
 
 

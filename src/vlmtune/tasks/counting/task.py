@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -58,7 +59,7 @@ class CountingTask(Task):
         self.cache_dtype = cache_dtype
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "CountingTask":
+    def from_config(cls, cfg: Config) -> CountingTask:
         return cls(counting=cfg.counting, generation=cfg.generation, model=cfg.model, data=cfg.data,
                    loss=cfg.loss,
                    train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,

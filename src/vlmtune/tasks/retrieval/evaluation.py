@@ -7,8 +7,9 @@ back in record order) -> score (one process's arithmetic on the whole set).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -65,7 +66,7 @@ class EvalOutputs:
     }
 
     @classmethod
-    def merge(cls, parts: list["EvalOutputs"]) -> "EvalOutputs":
+    def merge(cls, parts: list[EvalOutputs]) -> EvalOutputs:
         """All processes' outputs in one, each group concatenated in record order."""
         out = EvalOutputs(images={k: e for p in parts for k, e in p.images.items()})
         for rows_name, names in cls.GROUPS.items():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -59,7 +60,7 @@ class RetrievalTask(Task):
         self.cache_dtype = cache_dtype
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "RetrievalTask":
+    def from_config(cls, cfg: Config) -> RetrievalTask:
         return cls(model=cfg.model, loss=cfg.loss, data=cfg.data, eval=cfg.eval,
                    train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens,
                    vision_pooling=cfg.backbone.vision_pooling,
