@@ -152,7 +152,8 @@ def add_inspect(dsub: Any) -> None:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from vlmtune.data.validate import format_inspect, inspect_file
+    from vlmtune.tasks import losses_fed
 
-    info = inspect_file(args.annotation_file, _read_options(args))
+    info = inspect_file(args.annotation_file, _read_options(args), feeds=losses_fed)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return 0

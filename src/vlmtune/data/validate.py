@@ -10,6 +10,7 @@ what it accepts but changes, such as an image converted to RGB.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,14 @@ def to_json(scan: Scan, kind: Kind) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind | None = None) -> dict[str, Any]:
+def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind | None = None,
+                 feeds: Callable[[str, list[Any]], list[str]] | None = None) -> dict[str, Any]:
     """What a data set holds and what it can train and evaluate: format, split sizes,
     images, captions per image, boxes, relations, counts, and the losses and metrics it
-    can feed. Images are checked from their headers (``data validate`` decodes them all)."""
+    can feed. Images are checked from their headers (``data validate`` decodes them all).
+
+    ``feeds(kind, records)``: the losses these records hold targets for, which the tasks
+    that read them declare (:func:`vlmtune.tasks.losses_fed`); the data layer knows no loss."""
     path = Path(path)
     opts = opts or ReadOptions()
     kind = kind or detect_kind(path, opts.format, opts)
@@ -122,17 +127,15 @@ def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind |
         sizes = list(per_image.values()) or [0]
         out.update(pairs=len(recs), captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
                    boxes=boxes, relations=dict(relations))
-        losses = ["contrastive", "matching"] + (["box"] if boxes else []) + (["relation"] if relations else [])
         metrics = ["retrieval/i2t_r@k", "retrieval/t2i_r@k", "retrieval/mean_recall"]
         metrics += ["grounding/miou", "grounding/acc50", "grounding/giou", "grounding/l1"] if boxes else []
         metrics += ["spatial/accuracy", "spatial/macro_f1"] if relations else []
     else:
         hist = Counter(r.count for r in recs)
         out.update(count_histogram={str(k): hist[k] for k in sorted(hist)})
-        losses = ["lm", "count"]
         metrics = ["count/accuracy", "count/macro_f1", "answer/count_accuracy", "answer/parse_rate", "text/bleu1..4",
                    "text/rouge1|2|L", "text/perplexity"]
-    out.update(losses=losses, metrics=metrics)
+    out.update(losses=feeds(kind, recs) if feeds else [], metrics=metrics)
     return out
 
 

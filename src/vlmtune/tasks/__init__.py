@@ -15,7 +15,7 @@ to :data:`TASKS`.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.tasks.base import FeatureCache, Task, data_paths
 
@@ -45,6 +45,18 @@ def build_task(cfg: Config) -> Task:
     return task_class(cfg.task).from_config(cfg)
 
 
+def losses_fed(kind: str, records: list[Any]) -> list[str]:
+    """The losses that ``records`` (of data kind ``kind``: "pairs", "counting") hold
+    targets for, over every registered task that reads that kind, in registry order:
+    what ``vlmtune data inspect`` says a data set can train."""
+    out: list[str] = []
+    for name in TASKS:
+        task = task_class(name)
+        if task.data_kind == kind:
+            out += [loss for loss in sorted(task.losses.targets(records), key=list(task.losses).index) if loss not in out]
+    return out
+
+
 def report_sections() -> tuple[str, ...]:
     """Every registered task's report sections, in registry order."""
     out: list[str] = []
@@ -53,5 +65,5 @@ def report_sections() -> tuple[str, ...]:
     return tuple(out)
 
 
-__all__ = ["RUN_KEY_METRICS", "TASKS", "FeatureCache", "Task", "build_task", "data_paths", "report_sections",
+__all__ = ["RUN_KEY_METRICS", "TASKS", "FeatureCache", "Task", "build_task", "data_paths", "losses_fed", "report_sections",
            "task_class"]

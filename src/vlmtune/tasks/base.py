@@ -65,6 +65,9 @@ class Task:
     evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
     # The task's own top-level config sections: name -> the dataclass that reads it.
     config_sections: ClassVar[dict[str, type]] = {}
+    # The kind of records read_split gives ("pairs": image-text pairs, "counting"), as the
+    # data formats' readers name them (vlmtune data inspect asks the tasks of a kind).
+    data_kind: ClassVar[str] = "pairs"
     # The loss terms a stage can switch on, each with its default weight in ``loss:``.
     losses: ClassVar[LossRegistry] = LossRegistry()
     # The validation metric that picks the best checkpoint unless the config names one.

@@ -35,6 +35,7 @@ class CountingTask(Task):
     # Its own sections, and the model section's head sizes (head_hidden, adapter_dropout) for the count head.
     config_sections: ClassVar[dict[str, type]] = {"counting": CountingConfig, "generation": GenerationConfig,
                                                   "model": ModelConfig}
+    data_kind: ClassVar[str] = "counting"
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "count/accuracy"
     key_metrics: ClassVar[tuple[str, ...]] = (
