@@ -115,3 +115,34 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     for value in ("[" * 3000 + "]" * 3000, "{a: " * 3000 + "1" + "}" * 3000):
         err = _load_error(tmp_path, f"optim:\n  lr: {value}\n")
         assert err == f"{tmp_path / 'c.yaml'}: nested too deeply to be a config"
+
+
+def test_each_bound_has_one_home_read_by_validation_and_the_cli_flag(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    """data.synthetic.image_size's bound lives on its field: the config refuses 32 up front
+    (the scenes generator needs 48), and `data scenes --image-size` takes the same bounds."""
+    from vlmtune.cli import main
+    from vlmtune.config import key_bounds
+    from vlmtune.config.schema import Config as Schema
+
+    with pytest.raises(ConfigError, match=r"^data\.synthetic\.image_size: must be between 48 and 4096, got 32$"):
+        load_config(CONFIGS / "retrieval_single_stage.yaml", ["data.synthetic.image_size=32"])
+    bounds = key_bounds(Schema, "data.synthetic.image_size")
+    assert (bounds.low, bounds.high) == (48, 4096)
+    assert main(["data", "scenes", "--out", str(tmp_path / "s"), "--image-size", "47"]) != 0
+    assert "--image-size: must be between 48 and 4096, got 47" in capsys.readouterr().err
+
+
+def test_unknown_key_suggests_the_close_one() -> None:
+    with pytest.raises(ConfigError, match=r"^optim\.lrr: unknown key \(did you mean lr\?\)$"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_loss_mapping_is_checked_against_the_runs_task() -> None:
+    cfg = load_config(CONFIGS / "retrieval_two_stage.yaml", ["loss.box=0.5"])
+    assert cfg.loss["box"] == 0.5 and cfg.loss["box_l1"] == 1.0 and "lm" not in cfg.loss
+    with pytest.raises(ConfigError, match=r"^loss\.lm: not a loss of the retrieval task; choose from contrastive, "):
+        load_config(CONFIGS / "retrieval_two_stage.yaml", ["loss.lm=1"])
+    with pytest.raises(ConfigError, match=r"^loss\.box: must be >= 0, got -1"):
+        load_config(CONFIGS / "retrieval_two_stage.yaml", ["loss.box=-1"])
+    assert load_config(CONFIGS / "receipts_three_stage.yaml").train.early_stopping.metric == "count/accuracy"

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from vlmtune.cli.args import non_negative_int, positive_int, seed_int
+from vlmtune.config import Config, key_bounds
 from vlmtune.errors import VlmtuneError
 from vlmtune.runfolder import output_folder
 
@@ -32,12 +33,21 @@ def _check_range(flag: str, value: int, low: int, high: int) -> None:
 # --------------------------------------------------------------------------- scenes, receipts
 
 
+def _image_size_bounds() -> tuple[int, int]:
+    """--image-size mirrors data.synthetic.image_size: its bounds are the config field's."""
+    bounds = key_bounds(Config, "data.synthetic.image_size")
+    assert bounds is not None and bounds.low is not None and bounds.high is not None
+    return int(bounds.low), int(bounds.high)
+
+
 def add_scenes(dsub: Any) -> None:
     s = dsub.add_parser("scenes", help="coloured shapes with captions, boxes and spatial relations (retrieval + grounding)")
     s.add_argument("--out", required=True, help="output folder (refused when not empty, unless --overwrite)")
     s.add_argument("--n", type=positive_int, default=400, help="number of images (default 400)")
     s.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
-    s.add_argument("--image-size", type=positive_int, default=96, help="image side in pixels, 48 to 4096 (default 96)")
+    low, high = _image_size_bounds()
+    s.add_argument("--image-size", type=positive_int, default=96,
+                   help=f"image side in pixels, {low} to {high} (default 96; data.synthetic.image_size in a config)")
     s.add_argument("--overwrite", action="store_true", help=GENERATOR_OVERWRITE_HELP)
     s.set_defaults(func=cmd_data_scenes)
 
@@ -46,7 +56,7 @@ def cmd_data_scenes(args: argparse.Namespace) -> int:
     from vlmtune.data.scenes import generate_scenes
 
     out = output_folder(args.out, "--out")
-    _check_range("--image-size", args.image_size, 48, 4096)
+    _check_range("--image-size", args.image_size, *_image_size_bounds())
     _check_range("--n", args.n, 1, 10**6)
     try:
         paths = generate_scenes(out, n=args.n, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite)
