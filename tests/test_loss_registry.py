@@ -82,3 +82,15 @@ def test_a_toy_loss_without_targets_is_refused_at_start_up(tmp_path: Path, scene
     err = capsys.readouterr().err
     assert "stages[0] 'all': the 'toy' loss is active but no training record" in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_data_inspect_lists_the_losses_the_registry_says_a_set_feeds(scenes: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """data inspect asks the tasks: a registered toy loss is listed where the data has its fields."""
+    train = str(scenes / "train.json")
+    with RetrievalTask.losses.extended(TOY):
+        assert main(["data", "inspect", train, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["losses"] == ["contrastive", "matching", "box", "relation", "toy"]
+    with RetrievalTask.losses.extended(dataclasses.replace(TOY, fields=("depth",))):
+        assert main(["data", "inspect", train, "--json"]) == 0
+        assert "toy" not in json.loads(capsys.readouterr().out)["losses"]
