@@ -15,7 +15,7 @@ from vlmtune.data.formats import CountRecord, options_from_config, read_counting
 from vlmtune.data.receipts import generate_receipts
 from vlmtune.losses import LossRegistry
 from vlmtune.tasks.base import FeatureCache, Task, data_paths
-from vlmtune.tasks.counting.config import CountingConfig, GenerationConfig, check_counting, check_generation
+from vlmtune.tasks.counting.config import CountingConfig, GenerationConfig, check_counting
 from vlmtune.tasks.counting.data import make_loader
 from vlmtune.tasks.counting.evaluation import evaluate
 from vlmtune.tasks.counting.losses import LOSSES
@@ -68,9 +68,8 @@ class CountingTask(Task):
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
-        """The counting and generation sections' rules between fields and on lists."""
+        """The counting section's rules between fields and on lists (generation's fields have only bounds)."""
         check_counting(cfg.counting)
-        check_generation(cfg.generation)
 
     def build_model(self, backbone: Backbone) -> CountingModel:
         return CountingModel(backbone, self.counting, self.model_cfg, self.losses, self.loss)
