@@ -20,7 +20,7 @@ from typing import Any
 
 EXPORTS: dict[str, str] = {
     "DEFAULT_ANSWERS": "config", "DEFAULT_QUESTIONS": "config", "CountingConfig": "config",
-    "GenerationConfig": "config", "check_counting": "config", "check_generation": "config",
+    "GenerationConfig": "config", "check_counting": "config",
     "CountingEncodings": "model", "CountingModel": "model", "IMAGE_KEYS": "model", "answer_token_ce": "model",
     "answer_token_loss": "model", "class_names": "model", "decode": "model", "generate_answers": "model",
     "image_inputs": "model", "num_classes": "model", "prompt_last": "model", "stop_token_ids": "model",
