@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,16 @@ def derived_seed(seed: int, *keys: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence(seed, spawn_key=tuple(int(k) for k in keys)).generate_state(1)[0])
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` (PEP 562) handing on ``exports`` (name -> the
+    submodule of ``package`` that defines it), each imported when first asked for: the
+    package's face costs nothing (no torch, no Pillow) until a name is used."""
+
+    def get(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+
+    return get

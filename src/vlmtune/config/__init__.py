@@ -18,8 +18,7 @@ that read the task registry (:mod:`.checks`, :mod:`.compose`, ...).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vlmtune.config.fields import key_bounds, setting
 from vlmtune.config.schema import (
@@ -36,6 +35,7 @@ from vlmtune.config.schema import (
     SyntheticConfig,
     TrainConfig,
 )
+from vlmtune.utils import lazy_exports
 
 if TYPE_CHECKING:
     from vlmtune.config.checks import stage_starts
@@ -58,11 +58,7 @@ _LAZY = {"stage_starts": "checks", "config_class": "compose", "FieldDoc": "descr
              "save_config", "with_overrides")}}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"vlmtune.config.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'vlmtune.config' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["BACKBONE_COMPONENTS", "BackboneConfig", "CacheConfig", "Config", "DataConfig", "EarlyStoppingConfig",
            "EvalConfig", "FieldDoc", "FsdpConfig", "OptimConfig", "StageConfig", "SyntheticConfig", "TrainConfig",

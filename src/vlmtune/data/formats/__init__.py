@@ -50,8 +50,7 @@ loader, the checker, the readers) load on first use, so ``data.format`` validati
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vlmtune.data.formats import catalog as catalog
 from vlmtune.data.formats.fields import Bad
@@ -72,6 +71,7 @@ from vlmtune.data.formats.records import (
 )
 from vlmtune.data.formats.refcoco import SafeUnpickler, load_plain_pickle
 from vlmtune.data.formats.registry import FORMATS, Format, Probe, carriers, detect, format_names, unread_fields
+from vlmtune.utils import lazy_exports
 
 if TYPE_CHECKING:
     from vlmtune.data.formats.checker import Checker
@@ -92,10 +92,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -15,8 +15,7 @@ for, so reading the config sections does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlmtune.utils import lazy_exports
 
 EXPORTS: dict[str, str] = {
     "DEFAULT_ANSWERS": "config", "DEFAULT_QUESTIONS": "config", "CountingConfig": "config",
@@ -35,8 +34,4 @@ EXPORTS: dict[str, str] = {
 __all__ = sorted(EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    # PEP 562: the module holding ``name`` is imported when the name is first asked for.
-    if name not in EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, EXPORTS)
