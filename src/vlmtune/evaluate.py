@@ -20,6 +20,7 @@ from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, open_checkpoint
 from vlmtune.config import Config, evaluation_config
 from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.examples import write_examples, write_rankings
 from vlmtune.restore import default_device, load_model
 from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
 from vlmtune.tasks import FeatureCache, build_task
@@ -91,11 +92,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     make_folder(dest)
     write_text(dest / "metrics.json", json.dumps(metrics, indent=2))
     if rankings:
-        from vlmtune.examples import write_examples, write_rankings
-
         write_rankings(dest, details)
         if examples:
-            write_examples(dest / "examples.html", ckpt.cfg.task, details, checkpoint=str(ckpt.folder), data=source,
+            write_examples(dest / "examples.html", details, checkpoint=str(ckpt.folder), data=source,
                            metrics=metrics, model=model, cfg=cfg, n=examples, seed=cfg.seed)
     return metrics
 

@@ -259,10 +259,11 @@ def counting_page(rows: list[dict[str, Any]], *, model: Any, cfg: Any, checkpoin
     return _page("Counting examples", _meta(checkpoint, data, metrics, keys), body)
 
 
-def write_examples(path: Path, task: str, details: dict[str, list[dict[str, Any]]], *, checkpoint: str, data: str,
+def write_examples(path: Path, details: dict[str, list[dict[str, Any]]], *, checkpoint: str, data: str,
                    metrics: dict[str, Any], model: Any = None, cfg: Any = None, n: int = 24, seed: int = 0) -> Path:
-    """Write ``examples.html`` for the task's per-query ``details``."""
-    if task == "counting":
+    """Write ``examples.html`` for per-query ``details``: the page of the kinds of query
+    they hold (``counting`` rows, or ``t2i`` / ``i2t`` rankings), whichever task gave them."""
+    if "counting" in details:
         page = counting_page(details["counting"], model=model, cfg=cfg, checkpoint=checkpoint, data=data,
                              metrics=metrics, n=n, seed=seed)
     else:
