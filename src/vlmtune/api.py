@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from vlmtune.checkpoint import Checkpoint
     from vlmtune.predict import Prediction
+    from vlmtune.tasks.retrieval.config import ModelConfig
 
 ImageInput = Union[str, Path, "Image.Image"]
 
@@ -89,12 +90,13 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     adapter/projector config). The same model re-saved elsewhere has the same
     fingerprint; another training run, epoch or backbone does not."""
     cfg = ckpt.cfg
+    model: ModelConfig = cfg.section("model")
     ident = {
         "task": cfg.task,
         "weights": ckpt.digests.get("weights.safetensors"),
         "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
         "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
-        "model": asdict(cfg.model),
+        "model": asdict(model),
     }
     return sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
 
@@ -132,7 +134,7 @@ class Model:
     def dim(self) -> int:
         """Size of the joint embedding space (retrieval checkpoints)."""
         self._require("embed_images")
-        return int(self.cfg.model.embed_dim)
+        return int(self.cfg.section("model").embed_dim)
 
     @property
     def logit_scale(self) -> float:
@@ -211,7 +213,7 @@ class Model:
 
         self._require("embed_images")
         items = _as_list(images)
-        parts = [torch.zeros(0, self.cfg.model.embed_dim)]
+        parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="images", disable=not progress, leave=False):
             emb, _ = self._encode_images(items[s:s + self.batch_size])
             parts.append(emb.float().cpu())
@@ -256,7 +258,7 @@ class Model:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
-        parts = [torch.zeros(0, self.cfg.model.embed_dim)]
+        parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="texts", disable=not progress, leave=False):
             parts.append(self._encode_texts(items[s:s + self.batch_size]).float().cpu())
         return torch.cat(parts)

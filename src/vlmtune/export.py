@@ -46,6 +46,7 @@ from vlmtune.errors import CheckpointError, VlmtuneError
 
 if TYPE_CHECKING:
     from vlmtune.backbone import Backbone
+    from vlmtune.tasks.counting.config import CountingConfig
 
 FORMATS = ("peft", "merged", "vlmtune")
 # Where a task model keeps InternVL (``CountingModel.backbone.model``) in its state dict.
@@ -89,8 +90,9 @@ def _check_peft(ckpt: Checkpoint) -> None:
     if cfg.task != "counting":
         raise CheckpointError(f"{ckpt.folder}: a '{cfg.task}' checkpoint has no LoRA to export as a peft adapter "
                               f"(only counting with counting.lm_mode=lora has one); use --format merged or vlmtune")
-    if cfg.counting.lm_mode != "lora":
-        raise CheckpointError(f"{ckpt.folder}: trained its language model with counting.lm_mode={cfg.counting.lm_mode}, "
+    counting: CountingConfig = cfg.section("counting")
+    if counting.lm_mode != "lora":
+        raise CheckpointError(f"{ckpt.folder}: trained its language model with counting.lm_mode={counting.lm_mode}, "
                               f"not LoRA, so there is no adapter to export; use --format merged or vlmtune")
 
 
@@ -107,7 +109,8 @@ def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
 
     from vlmtune.backbone import load_backbone
 
-    cfg, c = ckpt.cfg, ckpt.cfg.counting
+    cfg = ckpt.cfg
+    c: CountingConfig = cfg.section("counting")
     weights = ckpt.weights()
     backbone = load_backbone(cfg.backbone, device_type="cpu", folder=ckpt.backbone_folder)
     check_identity(ckpt, backbone_identity(backbone))

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from vlmtune.metrics.text import parse_count
 from vlmtune.restore import load_model
 from vlmtune.tasks import build_task
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
+
+if TYPE_CHECKING:
+    from vlmtune.tasks.counting.config import CountingConfig, GenerationConfig
 
 DEFAULT_QUESTION = "How many receipts are in this image?"
 
@@ -77,7 +80,7 @@ def load_counting_checkpoint(path: str | Path, device: torch.device | None = Non
         raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; {what} needs a counting one")
     cfg = evaluation_config(ckpt.cfg, overrides, what)
     model, _ = load_model(ckpt, device, trust_remote_code=trust_remote_code, cfg=cfg)
-    return model, cfg  # type: ignore[return-value]
+    return model, cfg
 
 
 @torch.no_grad()
@@ -87,17 +90,18 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
     (width, height; default the image's own size)."""
     bb = model.backbone
     device = next(model.parameters()).device
-    max_tiles = cfg.counting.max_dynamic_patch
+    counting: CountingConfig = cfg.section("counting")
+    max_tiles = counting.max_dynamic_patch
     pixel_values, tiles = preprocess_images(bb.image_processor, [image], max_tiles)
     n = int(tiles[0])
     pixel_values = pixel_values.to(device)
-    prompt = torch.tensor([prompt_builder(bb, cfg.counting).prompt_ids(question, n)], device=device)
+    prompt = torch.tensor([prompt_builder(bb, counting).prompt_ids(question, n)], device=device)
     mask = torch.ones_like(prompt)
 
     hidden = model.hidden_states(prompt, mask, pixel_values)
     probs = model.count_logits(hidden, prompt, torch.tensor([prompt.shape[1] - 1], device=device)).softmax(-1)[0]
     k = int(probs.argmax())
-    g = cfg.generation
+    g: GenerationConfig = cfg.section("generation")
     ids = generate_answers(model, prompt, mask, pixel_values, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams)
     answer = decode(bb.tokenizer, ids)[0]
 
@@ -110,7 +114,7 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
         side = math.isqrt(bb.info.tokens_per_tile)
         for key, masses in answer_image_attentions(model, prompt, pixel_values, ids[0]).items():
             heat[key] = attention_heatmap(masses.reshape(n, side, side), (cols, rows), heatmap_size or image.size)
-    return Prediction(answer, k, class_names(cfg.counting)[k], float(probs[k]), [float(p) for p in probs], n, (cols, rows),
+    return Prediction(answer, k, class_names(counting)[k], float(probs[k]), [float(p) for p in probs], n, (cols, rows),
                       heat["count"], heat["all"])
 
 

@@ -232,7 +232,7 @@ class _EmbedJob:
 
     def __init__(self, model: Model, out: Path, source: dict[str, str | None]):
         self.m, self.out, self.source = model, out, source
-        self.dim = int(model.cfg.model.embed_dim)
+        self.dim = int(model.cfg.section("model").embed_dim)
         self.old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}  # path -> (row, embedding) from before
         self.txt_emb: dict[str, Tensor] = {}                          # text -> embedding (before and now)
         self.order: list[str] = []                                     # image paths, in output order

@@ -8,13 +8,14 @@ in exactly one group.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from vlmtune.config import Config, stage_starts
 from vlmtune.state import TrainState
+from vlmtune.tasks.model import TaskModel
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def build_plan(cfg: Config, weights: dict[str, float]) -> Plan:
     return stages
 
 
-def _params(items: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
+def _params(items: Sequence[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
     out: list[nn.Parameter] = []
     for it in items:
         out.extend([it] if isinstance(it, nn.Parameter) else list(it.parameters()))
@@ -67,7 +68,7 @@ def _decays(p: nn.Parameter) -> bool:
     return p.ndim >= 2
 
 
-def apply_stage(model: nn.Module, stage: Stage, base_lr: float, weight_decay: float) -> list[dict]:
+def apply_stage(model: TaskModel, stage: Stage, base_lr: float, weight_decay: float) -> list[dict]:
     """Freeze everything, unfreeze the stage's components, return AdamW parameter groups.
 
     ``model.component_modules(name, vision_blocks)`` names the modules of a component.
@@ -115,7 +116,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def trained_anywhere(model: nn.Module, plan: list[Stage]) -> set[str]:
+def trained_anywhere(model: TaskModel, plan: list[Stage]) -> set[str]:
     """Names of parameters (and buffers of their modules) that any stage of the plan trains.
 
     A checkpoint saves exactly these plus the task's own parts, so the frozen backbone

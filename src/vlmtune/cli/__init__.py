@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one ``error:`` line and exit status 2 from
     :func:`main` (not a usage block and ``SystemExit``)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
 

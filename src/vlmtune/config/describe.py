@@ -51,7 +51,7 @@ def _field_docs(cls: type, instance: Any, prefix: str) -> list[FieldDoc]:
     docs: list[FieldDoc] = []
     for f in dataclasses.fields(cls):
         key, tp, value, help = prefix + f.name, hints[f.name], getattr(instance, f.name), f.metadata.get("help", "")
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # annotations are classes, never instances
             docs.append(FieldDoc(key, "section", None, help))
             docs += _field_docs(tp, value, key + ".")
             continue
@@ -59,7 +59,7 @@ def _field_docs(cls: type, instance: Any, prefix: str) -> list[FieldDoc]:
         plain = [dataclasses.asdict(v) for v in value] if dataclasses.is_dataclass(item) else value
         bounds = field_bounds(f)
         docs.append(FieldDoc(key, _type_text(tp), plain, help + (f" ({bounds.text()})" if bounds else "")))
-        if dataclasses.is_dataclass(item):
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
             docs += _field_docs(item, item(), key + "[N].")
     return docs
 

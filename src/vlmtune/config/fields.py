@@ -65,10 +65,11 @@ class Bounds:
             return f"between {_num(lo)} and {_num(hi)}"
         if lo is not None:
             return f"{'>' if self.low_open else '>='} {_num(lo)}"
-        return f"{'<' if self.high_open else '<='} {_num(hi)}"  # type: ignore[arg-type]
+        assert hi is not None, "a Bounds without either end"  # setting() builds one only with an end
+        return f"{'<' if self.high_open else '<='} {_num(hi)}"
 
 
-def field_bounds(f: dataclasses.Field) -> Bounds | None:  # type: ignore[type-arg]
+def field_bounds(f: dataclasses.Field[Any]) -> Bounds | None:
     return f.metadata.get("bounds")
 
 

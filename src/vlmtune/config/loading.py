@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {short(value)} is not one of {', '.join(map(repr, args))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # an annotation: a class, never an instance
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

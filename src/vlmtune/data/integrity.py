@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def _record_key(rec: Any) -> tuple[str, ...]:
     return (_image_key(rec), *texts)
 
 
-def split_overlaps(records: dict[str, Iterable[Any]]) -> list[tuple[str, str, int, int]]:
+def split_overlaps(records: Mapping[str, Iterable[Any]]) -> list[tuple[str, str, int, int]]:
     """(split a, split b, shared images, shared records) for every pair of splits that
     overlap, in train/val/test order."""
     names = [s for s in SPLITS if s in records] + sorted(s for s in records if s not in SPLITS)
@@ -85,7 +85,7 @@ def split_overlaps(records: dict[str, Iterable[Any]]) -> list[tuple[str, str, in
     return out
 
 
-def warn_overlaps(records: dict[str, Iterable[Any]], paths: dict[str, str]) -> list[str]:
+def warn_overlaps(records: Mapping[str, Iterable[Any]], paths: Mapping[str, str]) -> list[str]:
     """Log one warning per pair of overlapping splits; returns the messages."""
     messages = []
     for a, b, n_img, n_rec in split_overlaps(records):

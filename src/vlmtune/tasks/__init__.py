@@ -38,7 +38,7 @@ def task_class(name: str) -> type[Task]:
     if isinstance(entry, str):
         module, _, attr = entry.partition(":")
         entry = getattr(importlib.import_module(module), attr)
-    return entry  # type: ignore[return-value]
+    return entry
 
 
 def build_task(cfg: Config) -> Task:

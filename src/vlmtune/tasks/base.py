@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from vlmtune.config.schema import BACKBONE_COMPONENTS
 from vlmtune.errors import DataError, VlmtuneError
@@ -21,11 +21,15 @@ from vlmtune.runfolder import check_synthetic_dir
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader
 
     from vlmtune.backbone import Backbone
     from vlmtune.config.schema import Config
+    from vlmtune.tasks.model import TaskModel
+
+# The model class a task builds and evaluates (its own methods take that class, not any
+# TaskModel); a bare ``Task`` in the engine is ``Task[Any]``.
+ModelT = TypeVar("ModelT", bound="TaskModel")
 
 # Components a stage can train that every task's backbone has; a task's own come on top.
 
@@ -46,12 +50,13 @@ class FeatureCache:
     vision_start: int | None = None
 
 
-class Task:
+class Task(Generic[ModelT]):
     """The engine's view of a recipe; subclass it and override what differs.
 
-    The model a task builds is an ``nn.Module`` with ``forward(batch, active_losses)``
-    returning named, unweighted loss terms (and diagnostics under ``diag/``),
-    ``component_modules(name, vision_blocks)``, ``head_state_dict()`` and ``backbone``.
+    The model a task builds is a :class:`~vlmtune.tasks.model.TaskModel`: an ``nn.Module``
+    with ``forward(batch, active_losses)`` returning named, unweighted loss terms (and
+    diagnostics under ``diag/``), ``component_modules(name, vision_blocks)``,
+    ``head_state_dict()`` and ``backbone``. ``ModelT`` is its class.
     """
 
     name: ClassVar[str] = ""
@@ -95,7 +100,7 @@ class Task:
 
     # ---- config
     @classmethod
-    def from_config(cls, cfg: Config) -> Task:
+    def from_config(cls, cfg: Config) -> Task[Any]:
         return cls(loss=cfg.loss)
 
     @classmethod
@@ -139,21 +144,21 @@ class Task:
         return self.losses.targets(records)
 
     # ---- model and evaluation
-    def build_model(self, backbone: Backbone) -> nn.Module:
+    def build_model(self, backbone: Backbone) -> ModelT:
         raise NotImplementedError
 
-    def validate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+    def validate(self, model: ModelT, records: list[Any], *, device: torch.device,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         """The per-epoch validation pass (tasks with a costly final evaluation give a cheaper one)."""
         return self.evaluate(model, records, device=device, cache=cache)
 
-    def evaluate(self, model: nn.Module, records: list[Any], *, device: torch.device,
+    def evaluate(self, model: ModelT, records: list[Any], *, device: torch.device,
                  train_records: list[Any] | None = None, progress: bool = False,
                  cache: FeatureCache | None = None) -> dict[str, Any]:
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         raise NotImplementedError
 
-    def evaluate_with_rankings(self, model: nn.Module, records: list[Any], *, device: torch.device, rankings_k: int,
+    def evaluate_with_rankings(self, model: ModelT, records: list[Any], *, device: torch.device, rankings_k: int,
                                train_records: list[Any] | None = None, progress: bool = False,
                                cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
         """:meth:`evaluate` plus per-query results of the same pass, JSON-ready rows by

@@ -8,18 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlmtune.backbone import Backbone
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.data.cache import vision_fingerprint, vision_prefix_fingerprint
 from vlmtune.distributed import rank_world
-
-
-def head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of a task model's own parts (everything but the backbone)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+from vlmtune.tasks.model import head_state_dict as head_state_dict  # its home is the TaskModel module
 
 
 def records_loader(dataset: Dataset, n_records: int, *, batch_size: int, train: bool, seed: int, num_workers: int,

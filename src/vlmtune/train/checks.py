@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from torch import nn
-
 from vlmtune.config import Config
 from vlmtune.data.integrity import warn_overlaps
 from vlmtune.errors import ConfigError
 from vlmtune.stages import Stage
 from vlmtune.tasks import Task
+from vlmtune.tasks.model import TaskModel
 
 log = logging.getLogger("vlmtune")
 
 
-def check_plan_fits(model: nn.Module, plan: list[Stage]) -> None:
+def check_plan_fits(model: TaskModel, plan: list[Stage]) -> None:
     """Fail before any work when a stage asks for more blocks than exist (the model's
     ``component_modules`` refuses them)."""
     for st in plan:

@@ -41,6 +41,7 @@ from vlmtune.runfolder import output_folder, write_text
 from vlmtune.stages import Plan, Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
+from vlmtune.tasks.model import TaskModel
 from vlmtune.train.caches import cache_record, stage_cache
 from vlmtune.train.checks import check_loss_targets, check_plan_fits, check_splits
 from vlmtune.train.launch import (
@@ -73,7 +74,7 @@ class Run:
     accelerator: Accelerator
     task: Task
     backbone: Backbone
-    model: nn.Module
+    model: TaskModel
     plan: Plan
     weights: dict[str, float]       # loss term -> weight
     saved_names: set[str]           # state-dict keys a checkpoint holds
@@ -162,7 +163,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     task = build_task(cfg)
     backbone = load_backbone(cfg.backbone, device_type=accelerator.device.type,
                              folder=resume_from.backbone_folder if resume_from else None)
-    model = task.build_model(backbone)
+    model: TaskModel = task.build_model(backbone)
     with accelerator.main_process_first():
         paths = task.data_paths(out)
     records = {split: task.read_split(paths[split], split) for split in ("train", "val", "test")}
@@ -172,8 +173,10 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     check_splits(task, paths, records, main)
     check_loss_targets(cfg, task, plan, records["train"], paths["train"])
     init = open_init_source(cfg, backbone, model, out, resume_from is not None, main) if cfg.train.init_from else None
+    metric = cfg.train.early_stopping.metric
+    assert metric is not None  # the task's default fills it when the config is loaded (config.checks)
     state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
-                       metric=cfg.train.early_stopping.metric)
+                       metric=metric)
     saved_names = trained_anywhere(model, plan) | set(model.head_state_dict())
     if init is not None:
         saved_names |= init.backbone_names  # a block the source trained stays in this run's checkpoints
@@ -208,7 +211,7 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
     run.state.max_trainable = max(run.state.max_trainable, trainable)
     if run.main:
         log.info(stage_summary(stage, model))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.betas[0], cfg.optim.betas[1]))  # two: config.checks
     cache = stage_cache(cfg, run.task, stage, run.out, run.backbone.info.num_vision_blocks)
     # The main process fills the feature cache; the others then only read it.
     with full_params(model), accelerator.main_process_first():  # FSDP: the main process alone fills it
@@ -429,6 +432,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
         metrics["train/last_val"] = state.last_val
     metrics["train/num_threads"] = torch.get_num_threads()
     metrics.update(init_metrics(cfg, run.out))
+    assert es.metric is not None  # filled when the config is loaded
     metrics.update(best_stage_metrics(run.plan, state, run.history, es.metric, es.mode, run.main))
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))

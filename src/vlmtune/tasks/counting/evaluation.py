@@ -54,7 +54,7 @@ class RecordSampler:
             warpers.append(TopPLogitsWarper(top_p))
         self.warpers = LogitsProcessorList(warpers)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         probs = self.warpers(input_ids, scores).float().softmax(-1)
         chosen = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
         out = torch.full_like(scores, float("-inf"))

@@ -7,6 +7,7 @@ registered in :mod:`vlmtune.tasks.counting.losses`; also here: answer generation
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ from vlmtune.distributed import global_count, mean_share
 from vlmtune.errors import ConfigError
 from vlmtune.heads import mlp
 from vlmtune.losses import LossRegistry
-from vlmtune.tasks.common import head_state_dict
 from vlmtune.tasks.counting.config import CountingConfig
+from vlmtune.tasks.model import TaskModel
 from vlmtune.tasks.retrieval.config import ModelConfig
 
 
@@ -68,7 +69,7 @@ def answer_token_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
     return mean_share(ce, total), len(ce)
 
 
-class CountingModel(nn.Module):
+class CountingModel(TaskModel):
     """Backbone (optionally with LoRA adapters in its language model) + a count head."""
 
     def __init__(self, backbone: Backbone, counting: CountingConfig, model: ModelConfig,
@@ -107,19 +108,16 @@ class CountingModel(nn.Module):
         return out
 
     # ---- components for the stage plan
-    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
+    def component_modules(self, name: str, vision_blocks: int = 0) -> Sequence[nn.Module | nn.Parameter]:
         if name == "count_head":
             return [self.count_head]
         if name == "language_model" and self.lm_mode == "lora":
             return self.lora_modules()
         return self.backbone.component_modules(name, vision_blocks)
 
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        return head_state_dict(self)
-
     # ---- forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                      **cached: torch.Tensor) -> torch.Tensor:
+                      **cached: Any) -> torch.Tensor:
         """Last hidden states of the language model over image tokens + text, [B, L, Dt].
 
         The images come as the tiles' ``pixel_values`` or as cached vision states
@@ -183,7 +181,7 @@ class CountingEncodings:
 IMAGE_KEYS = ("pixel_values", "vision_tokens", "vision_hidden")
 
 
-def image_inputs(batch: dict[str, torch.Tensor], rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+def image_inputs(batch: dict[str, Any], rows: list[int] | None = None) -> dict[str, Any]:
     """The image input of a batch, as keyword arguments of :meth:`CountingModel.hidden_states`
     and :func:`generate_answers`: ``pixel_values`` (live), ``vision_tokens`` (the cached
     tower output) or ``vision_hidden`` + ``vision_start`` (the cached state entering
@@ -240,7 +238,9 @@ def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask
         args.update(top_p=None, top_k=None, temperature=None)
     # Positions follow the mask, so left padding does not shift the real tokens.
     position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return bb.model.generate(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=position_ids, **args, **kw)
+    # transformers types generate's self as GenerativePreTrainedModel, which InternVL's class is at run time only.
+    return bb.model.generate(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=position_ids,  # type: ignore[misc]
+                             **args, **kw)
 
 
 def decode(tokenizer: Any, ids: torch.Tensor) -> list[str]:

@@ -23,7 +23,7 @@ from vlmtune.tasks.counting.model import CountingModel
 from vlmtune.tasks.retrieval.config import ModelConfig
 
 
-class CountingTask(Task):
+class CountingTask(Task[CountingModel]):
     """Counting with answer generation."""
 
     name: ClassVar[str] = "counting"
@@ -61,7 +61,10 @@ class CountingTask(Task):
 
     @classmethod
     def from_config(cls, cfg: Config) -> CountingTask:
-        return cls(counting=cfg.counting, generation=cfg.generation, model=cfg.model, data=cfg.data,
+        counting: CountingConfig = cfg.section("counting")
+        generation: GenerationConfig = cfg.section("generation")
+        model: ModelConfig = cfg.section("model")
+        return cls(counting=counting, generation=generation, model=model, data=cfg.data,
                    loss=cfg.loss,
                    train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
                    cache_dtype=cfg.cache.dtype)
@@ -69,7 +72,7 @@ class CountingTask(Task):
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
         """The counting section's rules between fields and on lists (generation's fields have only bounds)."""
-        check_counting(cfg.counting)
+        check_counting(cfg.section("counting"))
 
     def build_model(self, backbone: Backbone) -> CountingModel:
         return CountingModel(backbone, self.counting, self.model_cfg, self.losses, self.loss)

@@ -79,9 +79,13 @@ class EvalOutputs:
                 setattr(out, name, [torch.cat([t for p in parts for t in getattr(p, name)])[order]])
         return out
 
-    def cat(self, name: str) -> torch.Tensor | None:
+    def cat(self, name: str) -> torch.Tensor:
+        """One field's parts in one tensor: asked only of a field its group filled (every
+        text field; a box or relation field once its group has rows)."""
         parts = getattr(self, name)
-        return torch.cat(parts) if parts else None
+        if not parts:
+            raise ValueError(f"no '{name}' outputs to concatenate")
+        return torch.cat(parts)
 
 
 def embed_outputs(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device: torch.device,
@@ -133,12 +137,15 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
         return logits.float().log_softmax(-1)[:, 1].cpu()
 
     rerank = match_score if ev.rerank_k > 0 else None
-    rankings = None
+    rankings: RetrievalRankings | None = None
     result = retrieval_metrics(gallery, texts, t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size, rerank=rerank,
                                rerank_k=max(ev.rerank_k, 1), search=ev.search, rankings_k=rankings_k,
                                return_rankings=rankings_k > 0)
     metrics: dict[str, Any]
-    metrics, rankings = result if rankings_k > 0 else (result, None)
+    if isinstance(result, tuple):  # asked for with rankings_k > 0
+        metrics, rankings = result
+    else:
+        metrics = result
     metrics["retrieval/n_images"] = n_img
     metrics["retrieval/n_captions"] = len(texts)
     metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())
@@ -147,6 +154,7 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
         metrics.update(box_metrics(out.cat("box_pred"), true, wh))
         train_boxes = training_boxes(train_records)
         if train_boxes is not None:
+            assert train_records is not None  # the training boxes are theirs
             metrics.update(constant_box_baseline(train_boxes, true, wh))
             if records is not None:
                 # The caption names the object and, through its relation, hints where it is.
@@ -158,6 +166,7 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
         metrics.update(classification_metrics(out.cat("rel_pred"), y, len(RELATIONS), "spatial"))
         train_rel = [r.relation for r in train_records or [] if r.relation is not None]
         if train_rel:
+            assert train_records is not None  # the training relations are theirs
             metrics.update(majority_baseline(torch.tensor(train_rel), y, len(RELATIONS), "spatial"))
             if records is not None:
                 metrics.update(relation_text_baselines(train_records, [records[i] for i in out.cat("rel_rows").tolist()], y))
@@ -272,7 +281,7 @@ def relation_text_baselines(train_records: list[PairRecord], records: list[PairR
     head reading the relation phrase would score without looking at the image.
     """
     train = [r for r in train_records if r.relation is not None]
-    y = [r.relation for r in train]
+    y = [r.relation for r in train if r.relation is not None]  # all of them; the test narrows the type
     out = text_classifier_baseline([mask_relation(r.text) for r in train], y, [mask_relation(r.text) for r in records],
                                    targets, len(RELATIONS), "spatial", "text")
     out.update(text_classifier_baseline([r.text for r in train], y, [r.text for r in records], targets, len(RELATIONS),

@@ -8,6 +8,7 @@ object's box and the spatial relation. Its losses are registered in
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from vlmtune.backbone import Backbone, pool_text
 from vlmtune.data.formats import RELATIONS
 from vlmtune.heads import Adapter, GroundingHead, Projector, RelationHead, mlp, pair_features, patch_centres
 from vlmtune.losses import LossRegistry
-from vlmtune.tasks.common import head_state_dict
+from vlmtune.tasks.model import TaskModel
 from vlmtune.tasks.retrieval.config import ModelConfig
 
 
@@ -41,7 +42,7 @@ class RetrievalEncodings:
     ids: torch.Tensor
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(TaskModel):
     """Backbone + adapters, projectors, temperature and the three pair heads."""
 
     # Trainable components of this task, each a list of attribute names.
@@ -73,16 +74,12 @@ class RetrievalModel(nn.Module):
         self.register_buffer("centres", patch_centres(grid), persistent=False)
 
     # ---- components for the stage plan
-    def component_modules(self, name: str, vision_blocks: int = 0) -> list[nn.Module | nn.Parameter]:
+    def component_modules(self, name: str, vision_blocks: int = 0) -> Sequence[nn.Module | nn.Parameter]:
         if name in self.COMPONENTS:
             return [getattr(self, attr) for attr in self.COMPONENTS[name]]
         if name == "language_model":  # text states only: the LM head never runs here, so it does not train
             return [self.backbone.language_model]
         return self.backbone.component_modules(name, vision_blocks)
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights of the task's own parts (everything but the backbone)."""
-        return head_state_dict(self)
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(1.0 / self.cfg.temperature_max, 1.0 / self.cfg.temperature_min)
@@ -103,6 +100,7 @@ class RetrievalModel(nn.Module):
                 raise ValueError("vision_hidden needs vision_start, the block it enters")
             vision_tokens = self.backbone.vision_from_hidden(vision_hidden, int(vision_start))
         elif vision_tokens is None:
+            assert pixel_values is not None, "encode_image needs pixels or cached vision states"
             vision_tokens = self.backbone.vision_tokens(pixel_values)
         tokens = self.vision_adapter(vision_tokens.float())
         emb = self.vision_projector(pool_tokens(tokens, self.vision_pooling))

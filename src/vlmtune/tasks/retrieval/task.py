@@ -23,7 +23,7 @@ from vlmtune.tasks.retrieval.losses import LOSSES
 from vlmtune.tasks.retrieval.model import RetrievalModel
 
 
-class RetrievalTask(Task):
+class RetrievalTask(Task[RetrievalModel]):
     """Cross-modal retrieval with grounding and spatial relations."""
 
     name: ClassVar[str] = "retrieval"
@@ -61,14 +61,15 @@ class RetrievalTask(Task):
 
     @classmethod
     def from_config(cls, cfg: Config) -> RetrievalTask:
-        return cls(model=cfg.model, loss=cfg.loss, data=cfg.data, eval=cfg.eval,
+        model: ModelConfig = cfg.section("model")
+        return cls(model=model, loss=cfg.loss, data=cfg.data, eval=cfg.eval,
                    train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens,
                    vision_pooling=cfg.backbone.vision_pooling,
                    text_pooling=cfg.backbone.text_pooling, cache_dtype=cfg.cache.dtype)
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
-        check_model(cfg.model)
+        check_model(cfg.section("model"))
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
