@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.tasks import TASKS, task_class
 from vlmtune.utils import sha256_bytes
 
 if TYPE_CHECKING:
@@ -53,11 +54,6 @@ if TYPE_CHECKING:
 
 ImageInput = Union[str, Path, "Image.Image"]
 
-# Which task serves which method.
-_SERVES = {
-    "retrieval": ("embed_images", "embed_texts", "similarity", "ground"),
-    "counting": ("ask",),
-}
 
 
 @dataclass(frozen=True)
@@ -124,9 +120,10 @@ class Model:
 
     # ------------------------------------------------------------------ helpers
     def _require(self, method: str) -> None:
-        if method not in _SERVES.get(self.task_name, ()):
-            able = [t for t, ms in _SERVES.items() if method in ms]
-            serves = ", ".join(f"{m}()" for m in _SERVES.get(self.task_name, ())) or "nothing"
+        own = task_class(self.task_name).serves  # each task declares the methods its checkpoints serve
+        if method not in own:
+            able = [t for t in TASKS if method in task_class(t).serves]
+            serves = ", ".join(f"{m}()" for m in own) or "nothing"
             raise VlmtuneError(f"{self.folder}: a '{self.task_name}' checkpoint cannot {method}() (that needs a "
                                f"{' or '.join(able)} checkpoint); it serves {serves}")
 

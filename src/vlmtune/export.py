@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
 from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.tasks import task_class
 
 if TYPE_CHECKING:
     from vlmtune.backbone import Backbone
@@ -86,14 +87,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "vlmtu
 
 
 def _check_peft(ckpt: Checkpoint) -> None:
-    cfg = ckpt.cfg
-    if cfg.task != "counting":
-        raise CheckpointError(f"{ckpt.folder}: a '{cfg.task}' checkpoint has no LoRA to export as a peft adapter "
-                              f"(only counting with counting.lm_mode=lora has one); use --format merged or vlmtune")
-    counting: CountingConfig = cfg.section("counting")
-    if counting.lm_mode != "lora":
-        raise CheckpointError(f"{ckpt.folder}: trained its language model with counting.lm_mode={counting.lm_mode}, "
-                              f"not LoRA, so there is no adapter to export; use --format merged or vlmtune")
+    why = task_class(ckpt.cfg.task).lora_adapter(ckpt.cfg)
+    if why is not None:
+        raise CheckpointError(f"{ckpt.folder}: {why}; use --format merged or vlmtune")
 
 
 def lora_target_pattern(target_modules: list[str]) -> str:

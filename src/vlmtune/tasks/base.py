@@ -73,6 +73,8 @@ class Task(Generic[ModelT]):
     # The kind of records read_split gives ("pairs": image-text pairs, "counting"), as the
     # data formats' readers name them (vlmtune data inspect asks the tasks of a kind).
     data_kind: ClassVar[str] = "pairs"
+    # The methods of the Python API's vlmtune.Model its checkpoints serve ("embed_images", "ask", ...).
+    serves: ClassVar[tuple[str, ...]] = ()
     # The loss terms a stage can switch on, each with its default weight in ``loss:``.
     losses: ClassVar[LossRegistry] = LossRegistry()
     # The validation metric that picks the best checkpoint unless the config names one.
@@ -109,6 +111,12 @@ class Task(Generic[ModelT]):
         against ``counting.max_count``), checked in every config, whatever its task,
         since every config holds every registered task's sections. A broken rule raises
         ``ConfigError("key: message")``; bounds of single fields belong on the fields."""
+
+    @classmethod
+    def lora_adapter(cls, cfg: Config) -> str | None:
+        """Why a checkpoint trained with ``cfg`` has no LoRA adapter to export for peft
+        (``vlmtune export --format peft``), or None when it has one."""
+        return f"a '{cls.name}' checkpoint has no LoRA to export as a peft adapter"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -36,6 +36,7 @@ class CountingTask(Task[CountingModel]):
     config_sections: ClassVar[dict[str, type]] = {"counting": CountingConfig, "generation": GenerationConfig,
                                                   "model": ModelConfig}
     data_kind: ClassVar[str] = "counting"
+    serves: ClassVar[tuple[str, ...]] = ("ask",)
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "count/accuracy"
     key_metrics: ClassVar[tuple[str, ...]] = (
@@ -68,6 +69,14 @@ class CountingTask(Task[CountingModel]):
                    loss=cfg.loss,
                    train_batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
                    cache_dtype=cfg.cache.dtype)
+
+    @classmethod
+    def lora_adapter(cls, cfg: Config) -> str | None:
+        """With counting.lm_mode=lora the language model's adapters are peft's."""
+        mode = cfg.section("counting").lm_mode
+        if mode != "lora":
+            return f"trained its language model with counting.lm_mode={mode}, not LoRA, so there is no adapter to export"
+        return None
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:

@@ -33,6 +33,7 @@ class RetrievalTask(Task[RetrievalModel]):
     # Config sections that evaluate / predict may override on top of a checkpoint's config.
     evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
     config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig}
+    serves: ClassVar[tuple[str, ...]] = ("embed_images", "embed_texts", "similarity", "ground")
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "retrieval/mean_recall"
     key_metrics: ClassVar[tuple[str, ...]] = (
