@@ -46,8 +46,13 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_set(scenes: Path) -> list[str]:
     """Overrides that make any retrieval config run in seconds on the small set."""
-    return [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.batch_size=8", "train.progress=false",
-            "eval.batch_size=16"]
+    return [
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.batch_size=8",
+        "train.progress=false",
+        "eval.batch_size=16",
+    ]
 
 
 @pytest.fixture()
@@ -94,13 +99,26 @@ def lora_counting_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("lora_counting")
     generate_receipts(root / "data", n=12, seed=2, max_count=2, image_size=(48, 64))
-    args = [f"data.synthetic_dir={root / 'data'}", "data.synthetic.n=12", "counting.max_count=2", "train.epochs=1",
-            "train.batch_size=4", "train.progress=false", "eval.batch_size=8", "counting.max_dynamic_patch=2",
-            "generation.max_new_tokens=4", "generation.num_beams=1", "generation.val_num_images=1",
-            "counting.lm_mode=lora", "counting.lora_r=4", "counting.lora_target_modules=[q_proj,v_proj]",
-            "optim.lr=5e-2", "optim.warmup_ratio=0",
-            "stages=[{name: all, start_epoch: 0, vision_blocks: 1, train: {count_head: 1.0, language_model: 1.0, "
-            "mm_projector: 1.0, vision_blocks: 1.0}}]"]
+    args = [
+        f"data.synthetic_dir={root / 'data'}",
+        "data.synthetic.n=12",
+        "counting.max_count=2",
+        "train.epochs=1",
+        "train.batch_size=4",
+        "train.progress=false",
+        "eval.batch_size=8",
+        "counting.max_dynamic_patch=2",
+        "generation.max_new_tokens=4",
+        "generation.num_beams=1",
+        "generation.val_num_images=1",
+        "counting.lm_mode=lora",
+        "counting.lora_r=4",
+        "counting.lora_target_modules=[q_proj,v_proj]",
+        "optim.lr=5e-2",
+        "optim.warmup_ratio=0",
+        "stages=[{name: all, start_epoch: 0, vision_blocks: 1, train: {count_head: 1.0, language_model: 1.0, "
+        "mm_projector: 1.0, vision_blocks: 1.0}}]",
+    ]
     assert main(["train", str(CONFIGS / "receipts_three_stage.yaml"), "--output-dir", str(root / "run"), *args]) == 0
     return root / "run" / "checkpoints" / "last"
 
@@ -111,8 +129,15 @@ def retrieval_checkpoint(tmp_path_factory: pytest.TempPathFactory, scenes: Path)
     from vlmtune.cli import main
 
     root = tmp_path_factory.mktemp("retrieval_ckpt")
-    args = [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=1", "train.batch_size=8",
-            "train.progress=false", "eval.batch_size=16", "optim.lr=1e-2",
-            "stages=[{name: a, start_epoch: 0, vision_blocks: 1, train: {adapters: 1.0, heads: 1.0, vision_blocks: 1.0}}]"]
+    args = [
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "optim.lr=1e-2",
+        "stages=[{name: a, start_epoch: 0, vision_blocks: 1, train: {adapters: 1.0, heads: 1.0, vision_blocks: 1.0}}]",
+    ]
     assert main(["train", str(CONFIGS / "retrieval_two_stage.yaml"), "--output-dir", str(root / "run"), *args]) == 0
     return root / "run" / "checkpoints" / "last"

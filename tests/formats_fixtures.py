@@ -31,9 +31,17 @@ import numpy as np
 from PIL import Image
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan")
-RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
-       "purple": (140, 30, 160), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (5, 5, 5),
-       "cyan": (20, 220, 220)}
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 230, 20),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 0),
+    "white": (250, 250, 250),
+    "black": (5, 5, 5),
+    "cyan": (20, 220, 220),
+}
 
 
 @dataclass
@@ -57,7 +65,7 @@ def _image(path: Path, i: int, size: tuple[int, int] = (48, 40), fmt: str = "JPE
     arr = np.full((h, w, 3), 90, dtype=np.uint8)
     colour = RGB[COLOURS[i % len(COLOURS)]]
     x0, y0 = (i * 7) % (w // 2), (i * 5) % (h // 2)
-    arr[y0:y0 + h // 2, x0:x0 + w // 2] = colour
+    arr[y0 : y0 + h // 2, x0 : x0 + w // 2] = colour
     Image.fromarray(arr).save(path, format=fmt)
     return w, h
 
@@ -69,8 +77,13 @@ def _box(i: int, size: tuple[int, int] = (48, 40)) -> list[float]:
 
 def _caption(i: int, k: int = 0) -> str:
     c = COLOURS[i % len(COLOURS)]
-    return [f"a {c} square", f"{c} block on grey", f"the {c} patch number {i}", f"a grey picture with {c}",
-            f"{c} square seen from above"][k % 5] + (f" {i}" if k else "")
+    return [
+        f"a {c} square",
+        f"{c} block on grey",
+        f"the {c} patch number {i}",
+        f"a grey picture with {c}",
+        f"{c} square seen from above",
+    ][k % 5] + (f" {i}" if k else "")
 
 
 def _write_json(path: Path, data: object) -> Path:
@@ -88,8 +101,18 @@ def coco_captions(root: Path, n: int = 8) -> Layout:
     for i in range(n):
         name = f"COCO_val2014_{100 + i:012d}.jpg"
         w, h = _image(root / "val2014" / name, i)
-        images.append({"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/val2014/{name}",
-                       "height": h, "width": w, "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": 100 + i})
+        images.append(
+            {
+                "license": 1,
+                "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/val2014/{name}",
+                "height": h,
+                "width": w,
+                "date_captured": "2013-11-14 16:28:13",
+                "flickr_url": "",
+                "id": 100 + i,
+            }
+        )
         for k in range(2):
             anns.append({"image_id": 100 + i, "id": 1000 + 10 * i + k, "caption": _caption(i, k)})
     data = {"info": {"description": "COCO 2014 Dataset"}, "licenses": [], "images": images, "annotations": anns}
@@ -104,10 +127,12 @@ def karpathy_flickr(root: Path, n: int = 12) -> Layout:
         name = f"{1000092795 + i}.jpg"
         _image(root / "flickr30k-images" / name, i)
         split = "train" if i < n // 2 else "val" if i < 3 * n // 4 else "test"
-        sents = [{"tokens": _caption(i, k).split(), "raw": _caption(i, k) + ".", "imgid": i, "sentid": 5 * i + k}
-                 for k in range(5)]
-        images.append({"sentids": [5 * i + k for k in range(5)], "imgid": i, "sentences": sents, "split": split,
-                       "filename": name})
+        sents = [
+            {"tokens": _caption(i, k).split(), "raw": _caption(i, k) + ".", "imgid": i, "sentid": 5 * i + k} for k in range(5)
+        ]
+        images.append(
+            {"sentids": [5 * i + k for k in range(5)], "imgid": i, "sentences": sents, "split": split, "filename": name}
+        )
     path = _write_json(root / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
     return Layout(path, path, path, root / "flickr30k-images")
 
@@ -120,10 +145,18 @@ def karpathy_coco(root: Path, n: int = 12) -> Layout:
         folder = "train2014" if split == "train" else "val2014"
         name = f"COCO_{folder}_{200 + i:012d}.jpg"
         _image(root / folder / name, i)
-        sents = [{"tokens": _caption(i, k).split(), "raw": _caption(i, k), "imgid": i, "sentid": 5 * i + k}
-                 for k in range(5)]
-        images.append({"filepath": folder, "sentids": [5 * i + k for k in range(5)], "filename": name, "imgid": i,
-                       "split": split, "sentences": sents, "cocoid": 200 + i})
+        sents = [{"tokens": _caption(i, k).split(), "raw": _caption(i, k), "imgid": i, "sentid": 5 * i + k} for k in range(5)]
+        images.append(
+            {
+                "filepath": folder,
+                "sentids": [5 * i + k for k in range(5)],
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentences": sents,
+                "cocoid": 200 + i,
+            }
+        )
     path = _write_json(root / "dataset_coco.json", {"images": images, "dataset": "coco"})
     return Layout(path, path, path, root)
 
@@ -138,8 +171,12 @@ def albef_coco(root: Path, n: int = 8) -> Layout:
             train.append({"image": rel, "caption": _caption(i, k), "image_id": f"coco_{300 + i}"})
         (val if i % 2 else test).append({"image": rel, "caption": [_caption(i, k) for k in range(5)]})
     data = root / "data"
-    return Layout(_write_json(data / "coco_train.json", train), _write_json(data / "coco_val.json", val),
-                  _write_json(data / "coco_test.json", test), root / "coco")
+    return Layout(
+        _write_json(data / "coco_train.json", train),
+        _write_json(data / "coco_val.json", val),
+        _write_json(data / "coco_test.json", test),
+        root / "coco",
+    )
 
 
 def refer_refcoco(root: Path, n: int = 8) -> Layout:
@@ -149,18 +186,46 @@ def refer_refcoco(root: Path, n: int = 8) -> Layout:
         name = f"COCO_train2014_{400 + i:012d}.jpg"
         w, h = _image(root / "train2014" / name, i)
         images.append({"license": 1, "file_name": name, "height": h, "width": w, "id": 400 + i})
-        anns.append({"segmentation": [[0, 0, 1, 1]], "area": 100.0, "iscrowd": 0, "image_id": 400 + i,
-                     "bbox": _box(i), "category_id": 1, "id": 5000 + i})
+        anns.append(
+            {
+                "segmentation": [[0, 0, 1, 1]],
+                "area": 100.0,
+                "iscrowd": 0,
+                "image_id": 400 + i,
+                "bbox": _box(i),
+                "category_id": 1,
+                "id": 5000 + i,
+            }
+        )
         split = ("train", "train", "train", "val", "testA", "testB", "train", "val")[i % 8]
-        sents = [{"tokens": _caption(i, k).split(), "raw": _caption(i, k), "sent_id": 10 * i + k, "sent": _caption(i, k)}
-                 for k in range(2)]
+        sents = [
+            {"tokens": _caption(i, k).split(), "raw": _caption(i, k), "sent_id": 10 * i + k, "sent": _caption(i, k)}
+            for k in range(2)
+        ]
         # refer's file_name carries the annotation id; the image file is the instances' one.
-        refs.append({"sent_ids": [10 * i, 10 * i + 1], "file_name": f"COCO_train2014_{400 + i:012d}_{5000 + i}.jpg",
-                     "ann_id": 5000 + i, "ref_id": 70 + i, "image_id": 400 + i, "split": split, "sentences": sents,
-                     "category_id": 1})
+        refs.append(
+            {
+                "sent_ids": [10 * i, 10 * i + 1],
+                "file_name": f"COCO_train2014_{400 + i:012d}_{5000 + i}.jpg",
+                "ann_id": 5000 + i,
+                "ref_id": 70 + i,
+                "image_id": 400 + i,
+                "split": split,
+                "sentences": sents,
+                "category_id": 1,
+            }
+        )
     folder = root / "refcoco"
-    _write_json(folder / "instances.json", {"info": {}, "images": images, "licenses": [], "annotations": anns,
-                                             "categories": [{"supercategory": "thing", "id": 1, "name": "square"}]})
+    _write_json(
+        folder / "instances.json",
+        {
+            "info": {},
+            "images": images,
+            "licenses": [],
+            "annotations": anns,
+            "categories": [{"supercategory": "thing", "id": 1, "name": "square"}],
+        },
+    )
     path = folder / "refs(unc).p"
     path.write_bytes(pickle.dumps(refs, protocol=2))
     return Layout(path, path, path, root / "train2014", has_boxes=True)
@@ -174,8 +239,7 @@ def xvlm_refcoco(root: Path, n: int = 8) -> Layout:
         _image(root / rel, i)
         split = "train" if i < n // 2 else "val" if i % 2 else "test"
         for k in range(2):
-            splits[split].append({"image": rel, "text": _caption(i, k), "bbox": _box(i), "ref_id": 90 + i,
-                                  "image_id": 500 + i})
+            splits[split].append({"image": rel, "text": _caption(i, k), "bbox": _box(i), "ref_id": 90 + i, "image_id": 500 + i})
         splits[split].append(dict(splits[split][-2]))  # RefCOCO repeats short expressions: kept with duplicates=keep
     paths = {s: _write_json(root / "data" / "finetune" / f"refcoco+_{s}.json", recs) for s, recs in splits.items()}
     return Layout(paths["train"], paths["val"], paths["test"], root, has_boxes=True)
@@ -191,10 +255,15 @@ def geotext(root: Path, n: int = 8) -> Layout:
         w, h = _image(root / rel, i)
         x, y, bw, bh = _box(i)
         box = [(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h]
-        out[split].append({"image_id": f"{839 + i // 2:04d}_{40 + i}", "image": rel,
-                           "caption": " ".join(_caption(i, k) for k in range(3)) + ".",
-                           "sentences": [_caption(i, 1), _caption(i, 2), "the sky above the roofs"],
-                           "bboxes": [box, box, None]})
+        out[split].append(
+            {
+                "image_id": f"{839 + i // 2:04d}_{40 + i}",
+                "image": rel,
+                "caption": " ".join(_caption(i, k) for k in range(3)) + ".",
+                "sentences": [_caption(i, 1), _caption(i, 2), "the sky above the roofs"],
+                "bboxes": [box, box, None],
+            }
+        )
     train = _write_json(root / "train.json", out["train"])
     test = _write_json(root / "test.json", out["test"])
     return Layout(train, test, test, None, has_boxes=True)
@@ -299,16 +368,36 @@ def hf_parquet(root: Path, n: int = 10) -> Layout:
 
 
 BUILDERS = {
-    "coco": coco_captions, "karpathy-flickr30k": karpathy_flickr, "karpathy-coco": karpathy_coco, "albef": albef_coco,
-    "refcoco-refer": refer_refcoco, "refcoco-xvlm": xvlm_refcoco, "geotext": geotext, "grounding": grounding,
-    "pairs": pairs, "csv": receipts_csv, "counting": counting_jsonl, "hf-imagefolder": hf_imagefolder,
-    "hf-save-to-disk": hf_save_to_disk, "hf-parquet": hf_parquet,
+    "coco": coco_captions,
+    "karpathy-flickr30k": karpathy_flickr,
+    "karpathy-coco": karpathy_coco,
+    "albef": albef_coco,
+    "refcoco-refer": refer_refcoco,
+    "refcoco-xvlm": xvlm_refcoco,
+    "geotext": geotext,
+    "grounding": grounding,
+    "pairs": pairs,
+    "csv": receipts_csv,
+    "counting": counting_jsonl,
+    "hf-imagefolder": hf_imagefolder,
+    "hf-save-to-disk": hf_save_to_disk,
+    "hf-parquet": hf_parquet,
 }
 
 # The format auto-detection must find for each layout.
 DETECTED = {
-    "coco": "coco", "karpathy-flickr30k": "karpathy", "karpathy-coco": "karpathy", "albef": "albef",
-    "refcoco-refer": "refcoco", "refcoco-xvlm": "refcoco", "geotext": "geotext", "grounding": "grounding",
-    "pairs": "pairs", "csv": "csv", "counting": "counting", "hf-imagefolder": "hf", "hf-save-to-disk": "hf",
+    "coco": "coco",
+    "karpathy-flickr30k": "karpathy",
+    "karpathy-coco": "karpathy",
+    "albef": "albef",
+    "refcoco-refer": "refcoco",
+    "refcoco-xvlm": "refcoco",
+    "geotext": "geotext",
+    "grounding": "grounding",
+    "pairs": "pairs",
+    "csv": "csv",
+    "counting": "counting",
+    "hf-imagefolder": "hf",
+    "hf-save-to-disk": "hf",
     "hf-parquet": "hf",
 }

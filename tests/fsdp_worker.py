@@ -39,7 +39,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([Block(), Block()])
         self.head = nn.Linear(6, 3)
-        self.extra = nn.Linear(6, 1)   # used only when a batch asks for it
+        self.extra = nn.Linear(6, 1)  # used only when a batch asks for it
         self.scale = nn.Parameter(torch.tensor(2.0))  # 0-d: fully_shard cannot split it
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,23 @@ SINGLE = str(CONFIGS / "retrieval_single_stage.yaml")
 def ckpt(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Path:
     """A tiny retrieval run (one epoch) and its best checkpoint."""
     out = tmp_path_factory.mktemp("api") / "run"
-    assert main(["train", SINGLE, "--output-dir", str(out), f"data.synthetic_dir={scenes}", "data.synthetic.n=40",
-                 "train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                SINGLE,
+                "--output-dir",
+                str(out),
+                f"data.synthetic_dir={scenes}",
+                "data.synthetic.n=40",
+                "train.epochs=1",
+                "train.batch_size=8",
+                "train.progress=false",
+                "eval.batch_size=16",
+            ]
+        )
+        == 0
+    )
     return out / "checkpoints" / "best"
 
 
@@ -54,14 +69,22 @@ def counting_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlmtune.state import TrainState
     from vlmtune.tasks import build_task
 
-    cfg = load_config(str(CONFIGS / "receipts_three_stage.yaml"), ["counting.max_dynamic_patch=2",
-                                                                   "generation.max_new_tokens=6", "generation.num_beams=2"])
+    cfg = load_config(
+        str(CONFIGS / "receipts_three_stage.yaml"),
+        ["counting.max_dynamic_patch=2", "generation.max_new_tokens=6", "generation.num_beams=2"],
+    )
     backbone = load_backbone(cfg.backbone)
     m = build_task(cfg).build_model(backbone)
     weights = {k: v for k, v in m.state_dict().items() if not k.startswith("backbone.")}
     folder = tmp_path_factory.mktemp("counting") / "ckpt"
-    save_checkpoint(folder, weights=weights, cfg=cfg, state=TrainState(backbone=backbone_identity(backbone)),
-                    trainer_state=None, backbone=backbone)
+    save_checkpoint(
+        folder,
+        weights=weights,
+        cfg=cfg,
+        state=TrainState(backbone=backbone_identity(backbone)),
+        trainer_state=None,
+        backbone=backbone,
+    )
     return folder
 
 
@@ -79,8 +102,10 @@ def evaluated(model: vlmtune.Model, scenes: Path):
 
 
 def test_import_vlmtune_does_not_import_torch() -> None:
-    code = ("import sys, vlmtune; assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert callable(vlmtune.load) and 'torch' in sys.modules; print(vlmtune.Model.__name__)")
+    code = (
+        "import sys, vlmtune; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert callable(vlmtune.load) and 'torch' in sys.modules; print(vlmtune.Model.__name__)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -104,7 +129,9 @@ def test_embeddings_equal_what_evaluation_computes(model: vlmtune.Model, evaluat
 
     # similarity: cosine x the learnt scale
     sim = model.similarity(img, txt)
-    scale = float(model.model.log_scale.detach().exp().clamp(1 / model.cfg.model.temperature_max, 1 / model.cfg.model.temperature_min))
+    scale = float(
+        model.model.log_scale.detach().exp().clamp(1 / model.cfg.model.temperature_max, 1 / model.cfg.model.temperature_min)
+    )
     torch.testing.assert_close(sim, (img @ txt.T) * scale)
 
     # The frozen-feature cache gives the same embeddings, and a second call skips the towers.
@@ -137,13 +164,18 @@ def test_ground_gives_evaluations_box_in_pixels(model: vlmtune.Model, evaluated)
     assert len(several) == 2 and several[0].box == pytest.approx(model.ground(boxed[0].image, boxed[0].text).box, abs=1e-4)
 
 
-def test_methods_the_task_cannot_serve_are_clear_errors(model: vlmtune.Model, counting_ckpt: Path,
-                                                        scenes: Path, tmp_path: Path, capsys) -> None:
+def test_methods_the_task_cannot_serve_are_clear_errors(
+    model: vlmtune.Model, counting_ckpt: Path, scenes: Path, tmp_path: Path, capsys
+) -> None:
     with pytest.raises(VlmtuneError, match=r"'retrieval' checkpoint cannot ask\(\)"):
         model.ask(next((scenes / "images").iterdir()), "How many?")
     counter = vlmtune.load(counting_ckpt)
-    for call in (lambda: counter.embed_images(["x.png"]), lambda: counter.embed_texts(["a"]),
-                 lambda: counter.ground("x.png", "a"), lambda: counter.similarity(torch.zeros(1, 4), torch.zeros(1, 4))):
+    for call in (
+        lambda: counter.embed_images(["x.png"]),
+        lambda: counter.embed_texts(["a"]),
+        lambda: counter.ground("x.png", "a"),
+        lambda: counter.similarity(torch.zeros(1, 4), torch.zeros(1, 4)),
+    ):
         with pytest.raises(VlmtuneError, match=r"'counting' checkpoint cannot (embed_images|embed_texts|ground|similarity)\(\)"):
             call()
     # The CLI turns it into one line and exit 2.
@@ -188,16 +220,16 @@ def _items(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
 
 
-def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Model, scenes: Path, tmp_path: Path,
-                                                             capsys) -> None:
+def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Model, scenes: Path, tmp_path: Path, capsys) -> None:
     root = tmp_path / "photos"
     dests = _folder_of_images(scenes, root)
     before = sorted(p for p in root.rglob("*"))
     out = tmp_path / "emb"
     texts = tmp_path / "texts.txt"
     texts.write_text("a red circle\n\na blue square left of a star\n")
-    assert main(["embed", str(model.folder), "--images", str(root), "--texts", str(texts), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["embed", str(model.folder), "--images", str(root), "--texts", str(texts), "--out", str(out), "--no-progress"]) == 0
+    )
     cap = capsys.readouterr()
     assert "embedded 5 images" in cap.out and "2 unreadable" in cap.out and "2 new texts" in cap.out
     assert "broken.png" in cap.err and "truncated.png" in cap.err and "notes.txt" not in cap.err
@@ -209,8 +241,9 @@ def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Mode
     assert [r["text"] for r in items if r["kind"] == "text"] == ["a red circle", "a blue square left of a star"]
     t = load_file(str(out / "embeddings.safetensors"))
     torch.testing.assert_close(t["images"], model.embed_images([r["path"] for r in imgs]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(t["texts"], model.embed_texts(["a red circle", "a blue square left of a star"]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        t["texts"], model.embed_texts(["a red circle", "a blue square left of a star"]), atol=1e-5, rtol=1e-5
+    )
     meta = json.loads((out / "embed.json").read_text())
     assert {Path(u["path"]).name for u in meta["unreadable"]} == {"broken.png", "truncated.png"}
 
@@ -220,8 +253,9 @@ def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Mode
     shutil.copy(sorted((scenes / "images").iterdir())[9], changed)
     os.utime(changed, ns=(1, 1))  # a different mtime for sure
     (root / "sub" / "deeper" / "d.png").unlink()
-    assert main(["embed", str(model.folder), "--images", str(root), "--texts", str(texts), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["embed", str(model.folder), "--images", str(root), "--texts", str(texts), "--out", str(out), "--no-progress"]) == 0
+    )
     cap = capsys.readouterr()
     assert "embedded 2 images (3 kept from before, 1 changed, 1 removed" in cap.out and "0 new texts" in cap.out
     items2 = _items(out)
@@ -234,8 +268,9 @@ def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Mode
     torch.testing.assert_close(t2["images"][0], t["images"][0])  # a.png kept as it was
 
 
-def test_embed_interrupted_keeps_what_it_saved(model: vlmtune.Model, scenes: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embed_interrupted_keeps_what_it_saved(
+    model: vlmtune.Model, scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import vlmtune.search as vs
 
     root = tmp_path / "photos"
@@ -298,13 +333,19 @@ def _other_checkpoint(ckpt: Path, dest: Path) -> Path:
     w = c.weights()
     name = next(k for k in w if k.startswith("text_projector"))
     w[name] = w[name] + 0.01
-    save_checkpoint(dest / "ckpt", weights=w, cfg=c.cfg, state=c.state, trainer_state=None, backbone=None,
-                    extra_files=lambda folder: shutil.copytree(ckpt / "backbone", folder / "backbone"))
+    save_checkpoint(
+        dest / "ckpt",
+        weights=w,
+        cfg=c.cfg,
+        state=c.state,
+        trainer_state=None,
+        backbone=None,
+        extra_files=lambda folder: shutil.copytree(ckpt / "backbone", folder / "backbone"),
+    )
     return dest / "ckpt"
 
 
-def test_search_top5_hit_rate_equals_evaluated_r5(model: vlmtune.Model, ckpt: Path, scenes: Path, tmp_path: Path,
-                                                  capsys) -> None:
+def test_search_top5_hit_rate_equals_evaluated_r5(model: vlmtune.Model, ckpt: Path, scenes: Path, tmp_path: Path, capsys) -> None:
     data = scenes / "train.json"  # the largest split: R@5 is not trivially 100 there
     emb, idx = tmp_path / "emb", tmp_path / "idx"
     assert main(["embed", str(ckpt), "--data", str(data), "--out", str(emb), "--no-progress"]) == 0
@@ -443,22 +484,28 @@ def image_index(model: vlmtune.Model, scenes: Path, tmp_path_factory: pytest.Tem
     return root / "idx"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", ""], "the query is empty"),
-    (["--text", "x", "-k", "0"], "-k: must be at least 1"),
-    (["--text", "x", "--image", "y.png"], "exactly one of --text, --image or --queries"),
-    (["--image", "missing.png"], "missing.png: file not found"),
-    (["--image", "IMG", "--rerank"], "--rerank: the matching head scores image-text pairs"),
-    (["--queries", "LATIN1"], "not UTF-8"),
-    (["--queries", "BOTH"], "query 1: needs exactly one of 'text' or 'image'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--text", ""], "the query is empty"),
+        (["--text", "x", "-k", "0"], "-k: must be at least 1"),
+        (["--text", "x", "--image", "y.png"], "exactly one of --text, --image or --queries"),
+        (["--image", "missing.png"], "missing.png: file not found"),
+        (["--image", "IMG", "--rerank"], "--rerank: the matching head scores image-text pairs"),
+        (["--queries", "LATIN1"], "not UTF-8"),
+        (["--queries", "BOTH"], "query 1: needs exactly one of 'text' or 'image'"),
+    ],
+)
 def test_search_bad_input_is_one_line(image_index: Path, scenes: Path, tmp_path: Path, capsys, args, message) -> None:
     idx = image_index
     capsys.readouterr()
     (tmp_path / "q.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "q.jsonl").write_text(json.dumps({"text": "a", "image": "b.png"}) + "\n")
-    named = {"IMG": str(next((scenes / "images").iterdir())), "LATIN1": str(tmp_path / "q.txt"),
-             "BOTH": str(tmp_path / "q.jsonl")}
+    named = {
+        "IMG": str(next((scenes / "images").iterdir())),
+        "LATIN1": str(tmp_path / "q.txt"),
+        "BOTH": str(tmp_path / "q.jsonl"),
+    }
     args = [named.get(a, a) for a in args]
     assert main(["search", str(idx), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -470,8 +517,10 @@ def _fake_embed_folder(folder: Path, n_img: int = 3, n_txt: int = 2) -> Path:
 
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
-    save_file({"images": torch.randn(n_img, 8, generator=g), "texts": torch.randn(n_txt, 8, generator=g)},
-              str(folder / "embeddings.safetensors"))
+    save_file(
+        {"images": torch.randn(n_img, 8, generator=g), "texts": torch.randn(n_txt, 8, generator=g)},
+        str(folder / "embeddings.safetensors"),
+    )
     rows = [{"id": i, "kind": "image", "path": f"i{i}.png"} for i in range(n_img)]
     rows += [{"id": i, "kind": "text", "text": f"t{i}"} for i in range(n_txt)]
     (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -479,13 +528,16 @@ def _fake_embed_folder(folder: Path, n_img: int = 3, n_txt: int = 2) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("spoil, message", [
-    (lambda f: (f / "embed.json").unlink(), "embed.json is missing"),
-    (lambda f: (f / "embed.json").write_text("{"), "embed.json: not valid JSON"),
-    (lambda f: (f / "embeddings.safetensors").write_bytes(b"garbage"), "embeddings.safetensors: cannot read"),
-    (lambda f: (f / "items.jsonl").write_text('{"id": 5, "kind": "image", "path": "x"}\n'), "do not number the 3 rows"),
-    (lambda f: (f / "items.jsonl").write_text("not json\n"), "items.jsonl: line 1: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda f: (f / "embed.json").unlink(), "embed.json is missing"),
+        (lambda f: (f / "embed.json").write_text("{"), "embed.json: not valid JSON"),
+        (lambda f: (f / "embeddings.safetensors").write_bytes(b"garbage"), "embeddings.safetensors: cannot read"),
+        (lambda f: (f / "items.jsonl").write_text('{"id": 5, "kind": "image", "path": "x"}\n'), "do not number the 3 rows"),
+        (lambda f: (f / "items.jsonl").write_text("not json\n"), "items.jsonl: line 1: not valid JSON"),
+    ],
+)
 def test_index_refuses_a_bad_embed_folder(tmp_path: Path, capsys, spoil, message) -> None:
     folder = _fake_embed_folder(tmp_path / "emb")
     spoil(folder)
@@ -516,8 +568,9 @@ def test_bench_search_section(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "b")) == ["bench.json", "bench.md"]
 
 
-def test_readme_using_a_trained_model_runs(ckpt: Path, counting_ckpt: Path, scenes: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_readme_using_a_trained_model_runs(
+    ckpt: Path, counting_ckpt: Path, scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     """Every code block of the README's "Using a trained model" section (its Python and
     embed/index/search parts), run as written."""
     section = (ROOT / "README.md").read_text().split("## Using a trained model", 1)[1].split("\n## ", 1)[0]

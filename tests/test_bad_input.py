@@ -34,9 +34,17 @@ RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
 ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
 QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE, "eval.ks=[1,2]"]
-COUNT_QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
-               "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]", "generation.num_beams=1",
-               "generation.val_num_images=0", "counting.max_dynamic_patch=1", "backbone.tiny_image_size=32"]
+COUNT_QUICK = [
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.progress=false",
+    "eval.batch_size=8",
+    "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]",
+    "generation.num_beams=1",
+    "generation.val_num_images=0",
+    "counting.max_dynamic_patch=1",
+    "backbone.tiny_image_size=32",
+]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -104,12 +112,14 @@ def _jpeg_truncated(path: Path) -> None:
 def _bomb_png(path: Path, side: int = 30000) -> None:
     """A valid PNG header claiming side x side pixels (900 M), with a tiny body: over
     twice Pillow's default limit, so it is refused from the header, never allocated."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def _new_image(folder: Path, name: str, make: Callable[[Path], None]) -> str:
@@ -133,6 +143,7 @@ class DataCase:
 def _set(i: int, **fields: Any) -> Callable[[Path, list[dict[str, Any]]], None]:
     def fn(folder: Path, recs: list[dict[str, Any]]) -> None:
         recs[i].update(fields)
+
     return fn
 
 
@@ -140,6 +151,7 @@ def _image(i: int, name: str, make: Callable[[Path], None]) -> Callable[[Path, l
     def fn(folder: Path, recs: list[dict[str, Any]]) -> None:
         recs[i]["image"] = _new_image(folder, name, make)
         recs[i].pop("bbox", None)
+
     return fn
 
 
@@ -181,20 +193,31 @@ def _jsonl_line(i: int, line: str) -> Callable[[Path, list[dict[str, Any]]], str
         lines = [json.dumps(r) for r in recs]
         lines[i] = line
         return "\n".join(lines) + "\n"
+
     return fn
 
 
 DATA_CASES = [
     # images
     DataCase("image-missing", "pairs", _set(1, image="images/nope.png"), ("record 1", "image not found", "nope.png")),
-    DataCase("image-not-an-image", "pairs", _image(1, "notes.png", lambda p: p.write_text("hello")),
-             ("record 1", "notes.png", "not an image")),
-    DataCase("image-truncated-png", "pairs", _image(1, "half.png", _png_body_truncated),
-             ("record 1", "half.png", "truncated or corrupt")),
-    DataCase("image-truncated-jpeg", "pairs", _image(1, "half.jpg", _jpeg_truncated),
-             ("record 1", "half.jpg", "truncated or corrupt")),
-    DataCase("image-decompression-bomb", "pairs", _image(1, "bomb.png", _bomb_png),
-             ("record 1", "bomb.png", "decompression bomb")),
+    DataCase(
+        "image-not-an-image",
+        "pairs",
+        _image(1, "notes.png", lambda p: p.write_text("hello")),
+        ("record 1", "notes.png", "not an image"),
+    ),
+    DataCase(
+        "image-truncated-png",
+        "pairs",
+        _image(1, "half.png", _png_body_truncated),
+        ("record 1", "half.png", "truncated or corrupt"),
+    ),
+    DataCase(
+        "image-truncated-jpeg", "pairs", _image(1, "half.jpg", _jpeg_truncated), ("record 1", "half.jpg", "truncated or corrupt")
+    ),
+    DataCase(
+        "image-decompression-bomb", "pairs", _image(1, "bomb.png", _bomb_png), ("record 1", "bomb.png", "decompression bomb")
+    ),
     DataCase("image-path-escapes", "pairs", _outside, ("record 1", "leads outside the data set's folder")),
     DataCase("image-path-absolute-outside", "pairs", _absolute_outside, ("record 1", "leads outside the data set's folder")),
     DataCase("image-symlink-outside", "pairs", _symlink_outside, ("record 1", "link.png", "leads outside")),
@@ -232,8 +255,9 @@ def _link_loop(folder: Path, recs: list[dict[str, Any]]) -> None:
 # Image paths the file system refuses (issue 10): one line each, never a traceback.
 DATA_CASES += [
     DataCase("image-path-nul", "pairs", _set(1, image="images/scene\x00.png"), ("record 1", "contains a NUL character")),
-    DataCase("image-path-too-long", "pairs", _set(1, image="images/" + "n" * 5000 + ".png"),
-             ("record 1", "nnnn", "file name too long")),
+    DataCase(
+        "image-path-too-long", "pairs", _set(1, image="images/" + "n" * 5000 + ".png"), ("record 1", "nnnn", "file name too long")
+    ),
     DataCase("image-symlink-loop", "pairs", _link_loop, ("record 1", "loop_a.png", "link loop")),
 ]
 
@@ -255,8 +279,9 @@ def _write_bad_set(case: DataCase, src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("command", ["validate", "train"])
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
-def test_bad_data(case: DataCase, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                  pairs_set: Path, count_set: Path) -> None:
+def test_bad_data(
+    case: DataCase, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path, count_set: Path
+) -> None:
     path = _write_bad_set(case, pairs_set if case.kind == "pairs" else count_set, tmp_path / "data")
     if command == "validate":
         argv = ["data", "validate", str(path)] + (["--max-count", "3"] if case.kind == "counting" else [])
@@ -271,8 +296,19 @@ def test_bad_data(case: DataCase, command: str, tmp_path: Path, capsys: pytest.C
     else:
         config, quick = (RETRIEVAL, QUICK) if case.kind == "pairs" else (COUNTING, COUNT_QUICK)
         out_dir = tmp_path / "run"
-        code, out, err = _run(capsys, ["train", config, "--output-dir", str(out_dir), *quick,
-                                       f"data.train={path}", f"data.val={path}", f"data.test={path}"])
+        code, out, err = _run(
+            capsys,
+            [
+                "train",
+                config,
+                "--output-dir",
+                str(out_dir),
+                *quick,
+                f"data.train={path}",
+                f"data.val={path}",
+                f"data.test={path}",
+            ],
+        )
         msg = _error_line(code, err)
         expect = list(case.expect)
         assert not (out_dir / "checkpoints").exists()
@@ -281,15 +317,16 @@ def test_bad_data(case: DataCase, command: str, tmp_path: Path, capsys: pytest.C
         assert e in msg, (e, msg)
 
 
-@pytest.mark.parametrize("case", [c for c in DATA_CASES if c.id in ("bbox-negative", "image-truncated-png")],
-                         ids=lambda c: c.id)
-def test_bad_data_in_evaluate(case: DataCase, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                              pairs_set: Path, trained: tuple[Path, list[str]]) -> None:
+@pytest.mark.parametrize("case", [c for c in DATA_CASES if c.id in ("bbox-negative", "image-truncated-png")], ids=lambda c: c.id)
+def test_bad_data_in_evaluate(
+    case: DataCase, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path, trained: tuple[Path, list[str]]
+) -> None:
     """Evaluation reads data through the same checks as training."""
     path = _write_bad_set(case, pairs_set, tmp_path / "data")
     run, _ = trained
-    code, _, err = _run(capsys, ["evaluate", str(run / "checkpoints/last"), "--data", str(path),
-                                 "--output-dir", str(tmp_path / "ev")])
+    code, _, err = _run(
+        capsys, ["evaluate", str(run / "checkpoints/last"), "--data", str(path), "--output-dir", str(tmp_path / "ev")]
+    )
     msg = _error_line(code, err)
     assert path.name in msg and all(e in msg for e in case.expect)
 
@@ -307,7 +344,7 @@ def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixt
     case = DataCase("all", "pairs", lambda folder, recs: None, ())
     path = _write_bad_set(case, pairs_set, tmp_path / "data")
     recs = json.loads(path.read_text())
-    recs[0].update(text="", relation="sideways")          # two problems in one record
+    recs[0].update(text="", relation="sideways")  # two problems in one record
     recs[2]["bbox"] = [0, 0, 0, 0]
     recs[4]["image"] = "images/gone.png"
     recs.append(dict(recs[5]))
@@ -330,7 +367,7 @@ def _modes_set(src: Path, dst: Path) -> Path:
     for rel, mode in zip(images, ("L", "RGBA", "P", "I;16")):
         rgb = Image.open(dst / rel).convert("RGB")
         if mode == "I;16":
-            arr = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+            arr = np.asarray(rgb.convert("L")).astype(np.uint16) * 257
             Image.fromarray(arr).save(dst / rel)
         else:
             rgb.convert(mode).save(dst / rel)
@@ -345,8 +382,10 @@ def test_other_image_modes_are_notes_and_train(tmp_path: Path, capsys: pytest.Ca
     for mode in ("mode L ", "mode RGBA ", "mode P ", "mode I;16"):
         assert any(mode in ln and "converted to RGB" in ln for ln in notes), (mode, notes)
     assert out.strip().endswith("0 errors, 4 notes")
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run"), *QUICK,
-                                 f"data.synthetic_dir={data}", "data.synthetic.n=20"])
+    code, _, err = _run(
+        capsys,
+        ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run"), *QUICK, f"data.synthetic_dir={data}", "data.synthetic.n=20"],
+    )
     assert code == 0, err
 
 
@@ -408,45 +447,90 @@ class FormatCase:
 
 
 FORMAT_CASES = [
-    FormatCase("coco-image-id-unknown", "coco",
-               lambda L: _edit_json(L.train, lambda d: d["annotations"][3].update(image_id=999)),
-               ("captions_val2014.json: record 3", "image_id 999 is not in 'images'")),
-    FormatCase("coco-instances-bbox", "coco",
-               lambda L: _edit_json(L.train, lambda d: d["annotations"][1].update(bbox=[1, 2, 3, 4])),
-               ("record 1", "field 'bbox' carries a box that format 'coco' does not read")),
-    FormatCase("karpathy-sentence-without-raw", "karpathy-flickr30k",
-               lambda L: _edit_json(L.train, lambda d: d["images"][2]["sentences"].__setitem__(1, {"sentid": 11})),
-               ("dataset_flickr30k.json: record 2", "sentence 1 has no 'raw' text")),
-    FormatCase("karpathy-image-missing", "karpathy-flickr30k",
-               lambda L: (L.image_root / "1000092795.jpg").unlink(),
-               ("dataset_flickr30k.json: record 0", "image not found", "1000092795.jpg")),
-    FormatCase("albef-path-escapes-image-root", "albef",
-               lambda L: _edit_json(L.train, lambda d: d[1].update(image="../data/coco_train.json")),
-               ("coco_train.json: record 1", "leads outside the data set's folder")),
-    FormatCase("refer-ann-id-unknown", "refcoco-refer",
-               lambda L: _edit_refs(L.train, lambda r: r[1].update(ann_id=123)),
-               ("refs(unc).p: record 1", "ann_id 123 is not in instances.json")),
-    FormatCase("refer-pickle-names-a-class", "refcoco-refer",
-               lambda L: _edit_refs(L.train, lambda r: r[0].update(split=Path("train"))),
-               ("refs(unc).p", "refuses to build 'pathlib", "only plain data")),
-    FormatCase("geotext-sentences-bboxes-mismatch", "geotext",
-               lambda L: _edit_json(L.train, lambda d: d[2]["bboxes"].pop()),
-               ("train.json: record 2", "3 sentences but 2 bboxes")),
-    FormatCase("geotext-box-in-pixels", "geotext",
-               lambda L: _edit_json(L.train, lambda d: d[1]["bboxes"].__setitem__(0, [20, 20, 10, 10])),
-               ("train.json: record 1 sentence 0", "is not normalised to 0-1")),
-    FormatCase("csv-count-not-whole", "csv", lambda L: _edit_lines(L.train, 3, "receipt_0002.jpg,2.5"),
-               ("train.csv: line 4", "'count' must be an integer", "2.5")),
-    FormatCase("csv-row-too-long", "csv", lambda L: _edit_lines(L.train, 2, "receipt_0001.jpg,1,extra"),
-               ("train.csv: line 3", "cells but the header has 2")),
-    FormatCase("csv-no-count-column", "csv", lambda L: _edit_lines(L.train, 0, "filename,receipts"),
-               ("train.csv", "needs an image column", "count column")),
-    FormatCase("counting-unread-bbox", "counting",
-               lambda L: _edit_lines(L.train, 1, json.dumps({"image": "images/1.png", "count": 1, "bbox": [1, 1, 2, 2]})),
-               ("counts.jsonl: line 2", "field 'bbox' carries a box that format 'counting' does not read")),
-    FormatCase("hf-imagefolder-file-missing", "hf-imagefolder",
-               lambda L: (L.train / "train" / "1.png").unlink(),
-               ("train metadata.jsonl line 2", "image not found")),
+    FormatCase(
+        "coco-image-id-unknown",
+        "coco",
+        lambda L: _edit_json(L.train, lambda d: d["annotations"][3].update(image_id=999)),
+        ("captions_val2014.json: record 3", "image_id 999 is not in 'images'"),
+    ),
+    FormatCase(
+        "coco-instances-bbox",
+        "coco",
+        lambda L: _edit_json(L.train, lambda d: d["annotations"][1].update(bbox=[1, 2, 3, 4])),
+        ("record 1", "field 'bbox' carries a box that format 'coco' does not read"),
+    ),
+    FormatCase(
+        "karpathy-sentence-without-raw",
+        "karpathy-flickr30k",
+        lambda L: _edit_json(L.train, lambda d: d["images"][2]["sentences"].__setitem__(1, {"sentid": 11})),
+        ("dataset_flickr30k.json: record 2", "sentence 1 has no 'raw' text"),
+    ),
+    FormatCase(
+        "karpathy-image-missing",
+        "karpathy-flickr30k",
+        lambda L: (L.image_root / "1000092795.jpg").unlink(),
+        ("dataset_flickr30k.json: record 0", "image not found", "1000092795.jpg"),
+    ),
+    FormatCase(
+        "albef-path-escapes-image-root",
+        "albef",
+        lambda L: _edit_json(L.train, lambda d: d[1].update(image="../data/coco_train.json")),
+        ("coco_train.json: record 1", "leads outside the data set's folder"),
+    ),
+    FormatCase(
+        "refer-ann-id-unknown",
+        "refcoco-refer",
+        lambda L: _edit_refs(L.train, lambda r: r[1].update(ann_id=123)),
+        ("refs(unc).p: record 1", "ann_id 123 is not in instances.json"),
+    ),
+    FormatCase(
+        "refer-pickle-names-a-class",
+        "refcoco-refer",
+        lambda L: _edit_refs(L.train, lambda r: r[0].update(split=Path("train"))),
+        ("refs(unc).p", "refuses to build 'pathlib", "only plain data"),
+    ),
+    FormatCase(
+        "geotext-sentences-bboxes-mismatch",
+        "geotext",
+        lambda L: _edit_json(L.train, lambda d: d[2]["bboxes"].pop()),
+        ("train.json: record 2", "3 sentences but 2 bboxes"),
+    ),
+    FormatCase(
+        "geotext-box-in-pixels",
+        "geotext",
+        lambda L: _edit_json(L.train, lambda d: d[1]["bboxes"].__setitem__(0, [20, 20, 10, 10])),
+        ("train.json: record 1 sentence 0", "is not normalised to 0-1"),
+    ),
+    FormatCase(
+        "csv-count-not-whole",
+        "csv",
+        lambda L: _edit_lines(L.train, 3, "receipt_0002.jpg,2.5"),
+        ("train.csv: line 4", "'count' must be an integer", "2.5"),
+    ),
+    FormatCase(
+        "csv-row-too-long",
+        "csv",
+        lambda L: _edit_lines(L.train, 2, "receipt_0001.jpg,1,extra"),
+        ("train.csv: line 3", "cells but the header has 2"),
+    ),
+    FormatCase(
+        "csv-no-count-column",
+        "csv",
+        lambda L: _edit_lines(L.train, 0, "filename,receipts"),
+        ("train.csv", "needs an image column", "count column"),
+    ),
+    FormatCase(
+        "counting-unread-bbox",
+        "counting",
+        lambda L: _edit_lines(L.train, 1, json.dumps({"image": "images/1.png", "count": 1, "bbox": [1, 1, 2, 2]})),
+        ("counts.jsonl: line 2", "field 'bbox' carries a box that format 'counting' does not read"),
+    ),
+    FormatCase(
+        "hf-imagefolder-file-missing",
+        "hf-imagefolder",
+        lambda L: (L.train / "train" / "1.png").unlink(),
+        ("train metadata.jsonl line 2", "image not found"),
+    ),
 ]
 
 
@@ -494,18 +578,33 @@ CONFIG_CASES = [
     ("box-tolerance-negative", ["data.box_tolerance_px=-1"], "data.box_tolerance_px: must be >= 0"),
     ("duplicates-bad-choice", ["data.duplicates=ignore"], "data.duplicates: 'ignore' is not one of"),
     ("answer-templates-keys", ["counting.answer_templates={zero: [none]}"], "counting.answer_templates: needs exactly the keys"),
-    ("answer-template-field", ["counting.answer_templates={zero: [a], one: [b], many: ['{count}']}"],
-     "counting.answer_templates.many: '{count}' is not a template with only {n}"),
+    (
+        "answer-template-field",
+        ["counting.answer_templates={zero: [a], one: [b], many: ['{count}']}"],
+        "counting.answer_templates.many: '{count}' is not a template with only {n}",
+    ),
     ("image-root-not-a-folder", ["data.image_root=/nonexistent/images"], "data.image_root /nonexistent/images: not a folder"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config_fails_before_work(overrides: list[str], expected: str, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str], pairs_set: Path) -> None:
+def test_bad_config_fails_before_work(
+    overrides: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path
+) -> None:
     out = tmp_path / "run"
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), f"data.synthetic_dir={pairs_set}",
-                                 "data.synthetic.n=20", "train.progress=false", *overrides])
+    code, _, err = _run(
+        capsys,
+        [
+            "train",
+            RETRIEVAL,
+            "--output-dir",
+            str(out),
+            f"data.synthetic_dir={pairs_set}",
+            "data.synthetic.n=20",
+            "train.progress=false",
+            *overrides,
+        ],
+    )
     assert expected in _error_line(code, err)
     assert not (out / "checkpoints").exists()
 
@@ -535,11 +634,13 @@ def _put_state(ckpt: Path, state: dict[str, Any]) -> None:
 
 def _resealed(change: Callable[[Path], None]) -> Callable[[Path], None]:
     """``change``, then the manifest rewritten to match (a forger's edit)."""
+
     def fn(ckpt: Path) -> None:
         from vlmtune.checkpoint import write_manifest
 
         change(ckpt)
         write_manifest(ckpt)
+
     return fn
 
 
@@ -589,6 +690,7 @@ def _state_field(key: str, value: object):
         state = _state(ckpt)
         state[key] = value
         _put_state(ckpt, state)
+
     return change
 
 
@@ -646,16 +748,31 @@ CHECKPOINT_CASES = [
     ("foreign-backbone", _foreign_backbone, "trained on backbone 'OpenGVLab/InternVL3-1B-hf'"),
     ("foreign-config", _foreign_config, "has shape"),
     # Every file is in the manifest, the backbone folder's included (issue 10).
-    ("backbone-weights-altered", lambda c: _flip(c / "backbone" / "model.safetensors"),
-     "backbone/model.safetensors: does not match its sha256 in manifest.json"),
-    ("backbone-tokenizer-altered", lambda c: _merge_json(c / "backbone" / "tokenizer.json", {"added_tokens": []}),
-     "backbone/tokenizer.json: does not match its sha256 in manifest.json"),
-    ("backbone-file-removed", lambda c: (c / "backbone" / "tokenizer.json").unlink(),
-     "backbone/tokenizer.json is missing (listed in manifest.json)"),
-    ("extra-backbone-file", lambda c: (c / "backbone" / "notes.txt").write_text("hi"),
-     "backbone/notes.txt: not listed in manifest.json; refused"),
-    ("extra-planted-code", lambda c: (c / "backbone" / "modeling_evil.py").write_text("import os\n"),
-     "backbone/modeling_evil.py: not listed in manifest.json; refused"),
+    (
+        "backbone-weights-altered",
+        lambda c: _flip(c / "backbone" / "model.safetensors"),
+        "backbone/model.safetensors: does not match its sha256 in manifest.json",
+    ),
+    (
+        "backbone-tokenizer-altered",
+        lambda c: _merge_json(c / "backbone" / "tokenizer.json", {"added_tokens": []}),
+        "backbone/tokenizer.json: does not match its sha256 in manifest.json",
+    ),
+    (
+        "backbone-file-removed",
+        lambda c: (c / "backbone" / "tokenizer.json").unlink(),
+        "backbone/tokenizer.json is missing (listed in manifest.json)",
+    ),
+    (
+        "extra-backbone-file",
+        lambda c: (c / "backbone" / "notes.txt").write_text("hi"),
+        "backbone/notes.txt: not listed in manifest.json; refused",
+    ),
+    (
+        "extra-planted-code",
+        lambda c: (c / "backbone" / "modeling_evil.py").write_text("import os\n"),
+        "backbone/modeling_evil.py: not listed in manifest.json; refused",
+    ),
     ("manifest-not-json", lambda c: (c / "manifest.json").write_text("[1,"), "manifest.json: not valid JSON"),
     ("manifest-emptied", lambda c: (c / "manifest.json").write_text("{}"), "manifest.json: expected an object"),
     ("manifest-files-emptied", lambda c: _put_manifest(c, {**_manifest(c), "files": {}}), ": not listed in manifest.json"),
@@ -665,8 +782,13 @@ CHECKPOINT_CASES = [
 
 
 @pytest.mark.parametrize(("break_it", "expected"), [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
-def test_bad_checkpoint(break_it: Callable[[Path], None], expected: str, tmp_path: Path,
-                        capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]) -> None:
+def test_bad_checkpoint(
+    break_it: Callable[[Path], None],
+    expected: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    trained: tuple[Path, list[str]],
+) -> None:
     ckpt = _copy_ckpt(trained, tmp_path)
     break_it(ckpt)
     code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev")])
@@ -685,8 +807,9 @@ class _Payload:
 
 
 @pytest.mark.parametrize("digest", ["stale", "forged"])
-def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          trained: tuple[Path, list[str]]) -> None:
+def test_hostile_trainer_state_is_refused(
+    digest: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """``train --resume`` on a run whose trainer_state.pt would run code when unpickled.
 
     stale: the digest in manifest.json no longer matches (refused before unpickling);
@@ -718,8 +841,9 @@ def test_hostile_trainer_state_is_refused(digest: str, tmp_path: Path, capsys: p
     assert marker.exists()
 
 
-def test_untouched_checkpoint_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                        trained: tuple[Path, list[str]]) -> None:
+def test_untouched_checkpoint_evaluates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """The control: a copy nobody touched passes every check above."""
     ckpt = _copy_ckpt(trained, tmp_path)
     code, _, err = _run(capsys, ["evaluate", str(ckpt), "--output-dir", str(tmp_path / "ev")])
@@ -729,14 +853,22 @@ def test_untouched_checkpoint_evaluates(tmp_path: Path, capsys: pytest.CaptureFi
 # --------------------------------------------------------------------------- size
 
 
-N_CASES = (2 * len(DATA_CASES) + 2 + len(CONFIG_CASES) + len(CHECKPOINT_CASES) + 2  # bad input, refused
-           + 2 * len(FORMAT_CASES)  # the real formats' bad cases, validate and train
-           + 2)  # modes accepted with notes; on_error=skip (raise, then skip)
+N_CASES = (
+    2 * len(DATA_CASES)
+    + 2
+    + len(CONFIG_CASES)
+    + len(CHECKPOINT_CASES)
+    + 2  # bad input, refused
+    + 2 * len(FORMAT_CASES)  # the real formats' bad cases, validate and train
+    + 2
+)  # modes accepted with notes; on_error=skip (raise, then skip)
 
 
 def test_catalogue_size() -> None:
     """The note on the issue quotes this number; change both together."""
-    assert N_CASES == 134  # 83 before issue 10 + 33 real-format and config cases (issue 11) + 6 write-path data cases + 12 manifest and backbone-folder cases
+    assert (
+        N_CASES == 134
+    )  # 83 before issue 10 + 33 real-format and config cases (issue 11) + 6 write-path data cases + 12 manifest and backbone-folder cases
 
 
 # --------------------------------------------------------------------------- writes (issue 10)
@@ -778,8 +910,7 @@ class WriteCase:
 
 
 def _train(tmp: Path, data: Path, out: str | Path, *extra: str) -> list[str]:
-    return ["train", RETRIEVAL, "--output-dir", str(out), f"data.synthetic_dir={data}", "data.synthetic.n=20", *QUICK,
-            *extra]
+    return ["train", RETRIEVAL, "--output-dir", str(out), f"data.synthetic_dir={data}", "data.synthetic.n=20", *QUICK, *extra]
 
 
 def _out_arg(text: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
@@ -818,6 +949,7 @@ def _out_link_loop(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
 
 def _holds(*names: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
     """A folder with some of a run's artifacts (e.g. checkpoints/best and history.jsonl, last gone)."""
+
     def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
         run = tmp / "run"
         for name in names:
@@ -829,11 +961,13 @@ def _holds(*names: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]
                 (run / name).write_text("earlier run\n")
         # The run folder itself must stay untouched too: snapshot it as "outside" (no skip).
         return _train(tmp, data, run), None
+
     return setup
 
 
 def _linked(name: str, *extra: str, folder: bool = False) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
     """A run folder in which ``name`` is a symbolic link to a file (or folder) outside it."""
+
     def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
         run = tmp / "run"
         (run / name).parent.mkdir(parents=True, exist_ok=True)
@@ -846,6 +980,7 @@ def _linked(name: str, *extra: str, folder: bool = False) -> Callable[[Path, Pat
             target.write_text("not yours\n")
         os.symlink(target, run / name)
         return _train(tmp, data, run, *extra), None
+
     return setup
 
 
@@ -864,12 +999,14 @@ _HELD: list[Any] = []
 
 def _user_synthetic(*files: str) -> Callable[[Path, Path], tuple[list[str], Path | None]]:
     """data.synthetic_dir naming a folder of the user's own files (no generator marker)."""
+
     def setup(tmp: Path, data: Path) -> tuple[list[str], Path | None]:
         mine = tmp / "mine"
         mine.mkdir()
         for f in files:
             (mine / f).write_text("[]" if f.endswith(".json") else "mine")
         return ["train", RETRIEVAL, "--output-dir", str(tmp / "run"), f"data.synthetic_dir={mine}", *QUICK], tmp / "run"
+
     return setup
 
 
@@ -879,6 +1016,7 @@ def _generator_into(kind: str, *extra: str) -> Callable[[Path, Path], tuple[list
         out.mkdir()
         (out / "train.json").write_text("[]")  # an existing data set
         return ["data", kind, "--out", str(out), "--n", "10", *extra], None
+
     return setup
 
 
@@ -899,6 +1037,7 @@ def _config_file(text: str | bytes) -> Callable[[Path, Path], tuple[list[str], P
         path = tmp / "cfg.yaml"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         return ["train", str(path), "--output-dir", str(tmp / "run")], tmp / "run"
+
     return setup
 
 
@@ -911,6 +1050,7 @@ def _config_path(name: str) -> Callable[[Path, Path], tuple[list[str], Path | No
         else:
             path = name
         return ["train", path, "--output-dir", str(tmp / "run")], tmp / "run"
+
     return setup
 
 
@@ -933,30 +1073,43 @@ WRITE_CASES = [
     WriteCase("out-under-a-file", _out_under_file, ("notes.txt", "cannot create the folder", "not a directory")),
     WriteCase("out-name-too-long", _out_long_name, ("xxxx", "file name too long")),
     WriteCase("out-link-loop", _out_link_loop, ("loop_a", "link loop")),
-    WriteCase("seeds-out-dot", lambda tmp, data: (_train(tmp, data, ".", "--seeds", "0,1"), None),
-              ("--output-dir .", "is the current folder")),
+    WriteCase(
+        "seeds-out-dot",
+        lambda tmp, data: (_train(tmp, data, ".", "--seeds", "0,1"), None),
+        ("--output-dir .", "is the current folder"),
+    ),
     # a folder holding a run: --resume or --overwrite
-    WriteCase("holds-best-and-history", _holds("history.jsonl", "checkpoints/best"),
-              ("run: already holds a run (history.jsonl, checkpoints)", "--resume", "--overwrite")),
+    WriteCase(
+        "holds-best-and-history",
+        _holds("history.jsonl", "checkpoints/best"),
+        ("run: already holds a run (history.jsonl, checkpoints)", "--resume", "--overwrite"),
+    ),
     WriteCase("holds-config-only", _holds("config.yaml"), ("already holds a run (config.yaml)",)),
     WriteCase("holds-metrics-only", _holds("metrics.json"), ("already holds a run (metrics.json)",)),
-    WriteCase("resume-and-overwrite", lambda tmp, data: (_train(tmp, data, tmp / "run", "--resume", "--overwrite"), tmp / "run"),
-              ("--resume and --overwrite: choose one",)),
+    WriteCase(
+        "resume-and-overwrite",
+        lambda tmp, data: (_train(tmp, data, tmp / "run", "--resume", "--overwrite"), tmp / "run"),
+        ("--resume and --overwrite: choose one",),
+    ),
     # links inside a run folder are refused, never written through
     WriteCase("link-config-yaml", _linked("config.yaml"), ("run/config.yaml: is a symbolic link",)),
     WriteCase("link-config-yaml-overwrite", _linked("config.yaml", "--overwrite"), ("run/config.yaml: is a symbolic link",)),
     WriteCase("link-history-resume", _linked("history.jsonl", "--resume"), ("run/history.jsonl: is a symbolic link",)),
     WriteCase("link-metrics", _linked("metrics.json", "--resume"), ("run/metrics.json: is a symbolic link",)),
     WriteCase("link-checkpoints", _linked("checkpoints", folder=True), ("run/checkpoints: is a symbolic link",)),
-    WriteCase("link-checkpoint-last", _linked("checkpoints/last", "--resume", folder=True),
-              ("checkpoints/last: is a symbolic link",)),
+    WriteCase(
+        "link-checkpoint-last", _linked("checkpoints/last", "--resume", folder=True), ("checkpoints/last: is a symbolic link",)
+    ),
     WriteCase("link-cache", _linked("cache", folder=True), ("run/cache: is a symbolic link",)),
     WriteCase("link-lock-file", _linked(".vlmtune.lock"), (".vlmtune.lock: is a symbolic link",)),
     # one writer per run folder
     WriteCase("lock-held", _lock_held, ("run: another vlmtune process (PID {pid})", "is writing to this run folder")),
     # generated data never over the user's files
-    WriteCase("synthetic-dir-user-annotations", _user_synthetic("train.json", "val.json"),
-              ("data.synthetic_dir", "mine: holds train.json, val.json", "no .vlmtune-generated.json", "data.train")),
+    WriteCase(
+        "synthetic-dir-user-annotations",
+        _user_synthetic("train.json", "val.json"),
+        ("data.synthetic_dir", "mine: holds train.json, val.json", "no .vlmtune-generated.json", "data.train"),
+    ),
     WriteCase("synthetic-dir-user-files", _user_synthetic("notes.txt"), ("data.synthetic_dir", "mine: is not empty (notes.txt")),
     WriteCase("scenes-out-not-empty", _generator_into("scenes"), ("set: not empty (train.json)", "--overwrite")),
     WriteCase("receipts-out-not-empty", _generator_into("receipts"), ("set: not empty (train.json)", "--overwrite")),
@@ -995,33 +1148,51 @@ WRITE_CASES = [
     # ... and command flags
     WriteCase("flag-scenes-n-0", _argv("data", "scenes", "--out", "TMP/out", "--n", "0"), ("--n", "got 0")),
     WriteCase("flag-scenes-n-1", _argv("data", "scenes", "--out", "TMP/out", "--n", "1"), ("--n 1", "too small")),
-    WriteCase("flag-scenes-image-size-0", _argv("data", "scenes", "--out", "TMP/out", "--image-size", "0"),
-              ("--image-size", "got 0")),
-    WriteCase("flag-scenes-image-size-20", _argv("data", "scenes", "--out", "TMP/out", "--image-size", "20"),
-              ("--image-size", "between 48")),
+    WriteCase(
+        "flag-scenes-image-size-0", _argv("data", "scenes", "--out", "TMP/out", "--image-size", "0"), ("--image-size", "got 0")
+    ),
+    WriteCase(
+        "flag-scenes-image-size-20",
+        _argv("data", "scenes", "--out", "TMP/out", "--image-size", "20"),
+        ("--image-size", "between 48"),
+    ),
     WriteCase("flag-scenes-seed-neg", _argv("data", "scenes", "--out", "TMP/out", "--seed", "-3"), ("--seed",)),
     WriteCase("flag-receipts-width-0", _argv("data", "receipts", "--out", "TMP/out", "--width", "0"), ("--width", "got 0")),
-    WriteCase("flag-receipts-max-count-neg", _argv("data", "receipts", "--out", "TMP/out", "--max-count", "-1"),
-              ("--max-count", "got -1")),
+    WriteCase(
+        "flag-receipts-max-count-neg",
+        _argv("data", "receipts", "--out", "TMP/out", "--max-count", "-1"),
+        ("--max-count", "got -1"),
+    ),
     WriteCase("flag-receipts-n-word", _argv("data", "receipts", "--out", "TMP/out", "--n", "ten"), ("--n", "'ten'")),
     WriteCase("flag-bench-images-0", _argv("bench", "--out", "TMP/out", "--images", "0"), ("--images", "got 0")),
     WriteCase("flag-bench-batch-0", _argv("bench", "--out", "TMP/out", "--batch-size", "0"), ("--batch-size", "got 0")),
-    WriteCase("flag-bench-eval-size-0", _argv("bench", "--out", "TMP/out", "--sections", "eval", "--eval-sizes", "0x5"),
-              ("--eval-sizes", "'0x5'")),
+    WriteCase(
+        "flag-bench-eval-size-0",
+        _argv("bench", "--out", "TMP/out", "--sections", "eval", "--eval-sizes", "0x5"),
+        ("--eval-sizes", "'0x5'"),
+    ),
     WriteCase("flag-attention-limit-0", _argv("attention", "TMP/ckpt", "--limit", "0"), ("--limit", "got 0")),
-    WriteCase("flag-validate-max-chars-0", _argv("data", "validate", "TMP/x.json", "--max-text-chars", "0"),
-              ("--max-text-chars", "got 0")),
-    WriteCase("flag-compare-tolerance-neg", _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "-1"),
-              ("--tolerance", "got -1")),
-    WriteCase("flag-compare-tolerance-nan", _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "nan"),
-              ("--tolerance",)),
+    WriteCase(
+        "flag-validate-max-chars-0",
+        _argv("data", "validate", "TMP/x.json", "--max-text-chars", "0"),
+        ("--max-text-chars", "got 0"),
+    ),
+    WriteCase(
+        "flag-compare-tolerance-neg",
+        _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "-1"),
+        ("--tolerance", "got -1"),
+    ),
+    WriteCase(
+        "flag-compare-tolerance-nan", _argv("compare", "TMP/a", "--output-dir", "TMP/out", "--tolerance", "nan"), ("--tolerance",)
+    ),
     WriteCase("flag-unknown", _argv("data", "scenes", "--out", "TMP/out", "--colour", "red"), ("unrecognized arguments",)),
 ]
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c.id for c in WRITE_CASES])
-def test_bad_write(case: WriteCase, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_write(
+    case: WriteCase, tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "config.yaml").write_text("# the user's own file\n")  # what `--output-dir .` once overwrote
@@ -1054,15 +1225,23 @@ INJECTED = [
     ("unicode", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), ("not UTF-8",)),
     ("recursion", RecursionError("maximum recursion depth exceeded"), ("nested too deeply",)),
     ("value", ValueError("embedded null byte\n" + "x" * 5000), ("embedded null byte", "--debug")),
-    ("torch-disk-full", RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write "
-                                     "failed"), ("file write failed", "disk full")),
+    (
+        "torch-disk-full",
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed"),
+        ("file write failed", "disk full"),
+    ),
     ("unexpected", KeyError("boom"), ("unexpected KeyError", "--debug")),
 ]
 
 
 @pytest.mark.parametrize(("exc", "expect"), [c[1:] for c in INJECTED], ids=[c[0] for c in INJECTED])
-def test_any_error_is_one_line(exc: BaseException, expect: tuple[str, ...], tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_any_error_is_one_line(
+    exc: BaseException,
+    expect: tuple[str, ...],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An error that no check turned into a VlmtuneError (disk full, read-only disk, ...):
     one line naming the file and the cause, exit status 2; --debug raises it."""
     import vlmtune.train
@@ -1081,8 +1260,7 @@ def test_any_error_is_one_line(exc: BaseException, expect: tuple[str, ...], tmp_
         main(["--debug", *argv])
 
 
-def test_evaluate_labels_stay_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     trained: tuple[Path, list[str]]) -> None:
+def test_evaluate_labels_stay_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]) -> None:
     """`evaluate --labels ../x /abs/path`: the labels head the table; their folders are
     made safe, so everything is written inside --output-dir and nothing outside."""
     run, _ = trained
@@ -1090,8 +1268,9 @@ def test_evaluate_labels_stay_inside(tmp_path: Path, capsys: pytest.CaptureFixtu
     ev = tmp_path / "work" / "ev"
     (tmp_path / "work").mkdir()
     before = _snapshot(tmp_path, ev)
-    code, out, err = _run(capsys, ["evaluate", str(ckpt), str(ckpt), "--labels", "../x", str(tmp_path / "abs"),
-                                   "--output-dir", str(ev)])
+    code, out, err = _run(
+        capsys, ["evaluate", str(ckpt), str(ckpt), "--labels", "../x", str(tmp_path / "abs"), "--output-dir", str(ev)]
+    )
     assert code == 0, err
     assert _snapshot(tmp_path, ev) == before
     assert not (tmp_path / "work" / "x").exists() and not (tmp_path / "abs").exists()
@@ -1176,7 +1355,6 @@ def test_write_catalogue_size() -> None:
     assert len(WRITE_CASES) + len(INJECTED) == 85
 
 
-
 # --------------------------------------------------------------------------- trust and data integrity (issue 10)
 #
 # Only the user decides that code may run; a checkpoint's own config.yaml asking for it
@@ -1190,19 +1368,28 @@ def _plant(json_name: str, marker: Path, nested: bool = False) -> Callable[[Path
     def fn(backbone: Path) -> None:
         (backbone / "evil_code.py").write_text(
             f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-            "class EvilTokenizer: pass\nclass EvilConfig: pass\nclass EvilModel: pass\n")
+            "class EvilTokenizer: pass\nclass EvilConfig: pass\nclass EvilModel: pass\n"
+        )
         if not json_name:
             return  # code next to the model, no auto_map
         path = backbone / json_name
         data = json.loads(path.read_text()) if path.exists() else {}
-        auto_map = ({"AutoTokenizer": ["evil_code.EvilTokenizer", None]} if json_name == "tokenizer_config.json"
-                    else {"AutoConfig": "evil_code.EvilConfig", "AutoModel": "evil_code.EvilModel",
-                          "AutoImageProcessor": "evil_code.EvilModel", "AutoProcessor": "evil_code.EvilModel"})
+        auto_map = (
+            {"AutoTokenizer": ["evil_code.EvilTokenizer", None]}
+            if json_name == "tokenizer_config.json"
+            else {
+                "AutoConfig": "evil_code.EvilConfig",
+                "AutoModel": "evil_code.EvilModel",
+                "AutoImageProcessor": "evil_code.EvilModel",
+                "AutoProcessor": "evil_code.EvilModel",
+            }
+        )
         if nested:
             data.setdefault("text_config", {})["auto_map"] = auto_map
         else:
             data["auto_map"] = auto_map
         path.write_text(json.dumps(data))
+
     return fn
 
 
@@ -1216,10 +1403,17 @@ REMOTE_CODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("json_name", "nested", "expected"), [c[1:] for c in REMOTE_CODE_CASES],
-                         ids=[c[0] for c in REMOTE_CODE_CASES])
-def test_checkpoint_remote_code_never_runs(json_name: str, nested: bool, expected: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]) -> None:
+@pytest.mark.parametrize(
+    ("json_name", "nested", "expected"), [c[1:] for c in REMOTE_CODE_CASES], ids=[c[0] for c in REMOTE_CODE_CASES]
+)
+def test_checkpoint_remote_code_never_runs(
+    json_name: str,
+    nested: bool,
+    expected: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    trained: tuple[Path, list[str]],
+) -> None:
     from vlmtune.checkpoint import write_manifest
 
     ckpt = _copy_ckpt(trained, tmp_path)
@@ -1237,8 +1431,9 @@ def test_checkpoint_remote_code_never_runs(json_name: str, nested: bool, expecte
     assert _tree(tmp_path) == before  # nothing written, not even the output folder
 
 
-def test_trust_remote_code_is_the_users_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            trained: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trust_remote_code_is_the_users_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The checkpoint's config says true: transformers is told false; --trust-remote-code says true."""
     import vlmtune.backbone as bb
     from vlmtune.checkpoint import write_manifest
@@ -1256,8 +1451,9 @@ def test_trust_remote_code_is_the_users_flag(tmp_path: Path, capsys: pytest.Capt
         assert seen.pop() is expected
 
 
-def test_default_eval_folder_is_not_part_of_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           trained: tuple[Path, list[str]]) -> None:
+def test_default_eval_folder_is_not_part_of_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """``evaluate CHECKPOINT`` writes CHECKPOINT/eval/metrics.json; the checkpoint still opens."""
     ckpt = _copy_ckpt(trained, tmp_path)
     for _ in range(2):
@@ -1266,8 +1462,9 @@ def test_default_eval_folder_is_not_part_of_the_checkpoint(tmp_path: Path, capsy
     assert (ckpt / "eval" / "metrics.json").is_file()
 
 
-def test_unsealed_planted_code_is_refused_by_the_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          trained: tuple[Path, list[str]]) -> None:
+def test_unsealed_planted_code_is_refused_by_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """The same plant without resealing: the manifest names the first unlisted file."""
     ckpt = _copy_ckpt(trained, tmp_path)
     marker = tmp_path / "pwned"
@@ -1278,8 +1475,9 @@ def test_unsealed_planted_code_is_refused_by_the_manifest(tmp_path: Path, capsys
     assert not marker.exists()
 
 
-def test_user_model_folder_with_remote_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       trained: tuple[Path, list[str]]) -> None:
+def test_user_model_folder_with_remote_code_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """backbone.name_or_path naming a local folder that asks for code: refused unless the
     user's config says backbone.trust_remote_code=true."""
     run, overrides = trained
@@ -1288,8 +1486,7 @@ def test_user_model_folder_with_remote_code_is_refused(tmp_path: Path, capsys: p
     marker = tmp_path / "pwned"
     _plant("config.json", marker)(folder)
     out = tmp_path / "run"
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *overrides,
-                                 f"backbone.name_or_path={folder}"])
+    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *overrides, f"backbone.name_or_path={folder}"])
     msg = _error_line(code, err)
     assert f"{folder}/config.json: asks to run code" in msg, msg
     assert not marker.exists() and not (out / "checkpoints").exists()
@@ -1298,8 +1495,11 @@ def test_user_model_folder_with_remote_code_is_refused(tmp_path: Path, capsys: p
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` with its size and mtime: what a command changed (the
     run lock aside: every process that takes it writes its PID there)."""
-    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if not p.is_dir() and p.name != ".vlmtune.lock"}
+    return {
+        str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if not p.is_dir() and p.name != ".vlmtune.lock"
+    }
 
 
 def test_copied_and_rotated_checkpoints_keep_valid_manifests(tmp_path: Path, trained: tuple[Path, list[str]]) -> None:
@@ -1349,28 +1549,53 @@ def test_overlapping_splits_are_warned(tmp_path: Path, capsys: pytest.CaptureFix
     train = pairs_set / "train.json"
     recs = json.loads(train.read_text())
     out = tmp_path / "run"
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.train={train}",
-                                 f"data.val={pairs_set / 'val.json'}", f"data.test={train}"])
+    code, _, err = _run(
+        capsys,
+        [
+            "train",
+            RETRIEVAL,
+            "--output-dir",
+            str(out),
+            *QUICK,
+            f"data.train={train}",
+            f"data.val={pairs_set / 'val.json'}",
+            f"data.test={train}",
+        ],
+    )
     assert code == 0, err
     n_images = len({r["image"] for r in recs})
-    assert (f"the train and test splits overlap: {n_images} shared images, {len(recs)} identical records "
-            f"({train} and {train})") in err, err
+    assert (
+        f"the train and test splits overlap: {n_images} shared images, {len(recs)} identical records ({train} and {train})"
+    ) in err, err
     assert "the train and val splits overlap" not in err and "the val and test splits overlap" not in err
 
 
-def test_eval_ks_beyond_the_gallery_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          pairs_set: Path) -> None:
+def test_eval_ks_beyond_the_gallery_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path
+) -> None:
     out = tmp_path / "run"
     n_val = len({r["image"] for r in json.loads((pairs_set / "val.json").read_text())})
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={pairs_set}",
-                                 "data.synthetic.n=20", "eval.ks=[1,50]"])
+    code, _, err = _run(
+        capsys,
+        [
+            "train",
+            RETRIEVAL,
+            "--output-dir",
+            str(out),
+            *QUICK,
+            f"data.synthetic_dir={pairs_set}",
+            "data.synthetic.n=20",
+            "eval.ks=[1,50]",
+        ],
+    )
     msg = _error_line(code, err)
     assert "eval.ks: K=50 is larger than the retrieval gallery" in msg and f"({n_val} images" in msg, msg
     assert not (out / "checkpoints").exists()
 
 
-def test_eval_ks_beyond_the_gallery_in_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                trained: tuple[Path, list[str]], pairs_set: Path) -> None:
+def test_eval_ks_beyond_the_gallery_in_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]], pairs_set: Path
+) -> None:
     """The checkpoint's eval.ks [1, 2] on a data file of one image: refused, nothing written."""
     recs = json.loads((pairs_set / "val.json").read_text())
     one = [r for r in recs if r["image"] == recs[0]["image"]]
@@ -1408,16 +1633,18 @@ def test_corrupt_feature_cache_is_rebuilt(tmp_path: Path, capsys: pytest.Capture
         assert ma[key] == mb[key], key
 
 
-def test_cache_needs_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_needs_free_space(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pairs_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full disk would turn the memory-mapped write into SIGBUS: refused up front."""
     import vlmtune.data.cache as cache_mod
 
     real = shutil.disk_usage
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     out = tmp_path / "run"
-    code, _, err = _run(capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={pairs_set}",
-                                 "data.synthetic.n=20"])
+    code, _, err = _run(
+        capsys, ["train", RETRIEVAL, "--output-dir", str(out), *QUICK, f"data.synthetic_dir={pairs_set}", "data.synthetic.n=20"]
+    )
     msg = _error_line(code, err)
     assert f"feature cache {out / 'cache'}/" in msg and "bytes, only 4096 free" in msg, msg
     assert not list((out / "cache").glob("*/features*.npy"))
@@ -1432,8 +1659,9 @@ def test_trust_catalogue_size() -> None:
 
 
 @pytest.mark.parametrize("name", ["rankings_t2i.jsonl", "examples.html"])
-def test_rankings_are_not_written_through_a_link(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 trained: tuple[Path, list[str]]) -> None:
+def test_rankings_are_not_written_through_a_link(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Path, list[str]]
+) -> None:
     """evaluate --rankings writes its per-query files like every other output: a link
     planted at one of their names is refused and the file it points to is untouched."""
     run, _ = trained

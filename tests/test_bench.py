@@ -11,8 +11,29 @@ from vlmtune.cli import main
 @pytest.mark.slow  # two small training runs, a worker pool and an evaluation: about 9 s (CI's second step runs it)
 def test_bench_command_measures_cached_and_uncached_training(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--images", "20", "--epochs", "2", "--batch-size", "8",
-                 "--eval-sizes", "100x300", "--sections", "training", "loader", "eval", "gpu"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--images",
+                "20",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--eval-sizes",
+                "100x300",
+                "--sections",
+                "training",
+                "loader",
+                "eval",
+                "gpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "bench.json").read_text())
     t = r["training"]
     assert t["cached"]["cache"]["cache_vision"] is True and t["uncached"]["cache"] == {}
@@ -31,8 +52,26 @@ def test_bench_stages_section_times_the_two_stage_steps_and_recipes(tmp_path: Pa
     """The stages section: every step variant timed on one model, the ratios from those
     medians, both recipes run (stage 2 of the two-stage one from the prefix cache)."""
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--images", "12", "--epochs", "2", "--batch-size", "4",
-                 "--sections", "stages", "--stage-steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--images",
+                "12",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--sections",
+                "stages",
+                "--stage-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "bench.json").read_text())["stages"]
     st = s["step_s"]
     assert set(st) == {"a_stage1_cached", "a_stage1_cached_stage2_losses", "b_stage2_prefix_cached", "c_stage2_live"}
@@ -51,8 +90,27 @@ def test_bench_stages_section_times_the_two_stage_steps_and_recipes(tmp_path: Pa
 def test_bench_stages_steps_only(tmp_path: Path) -> None:
     """--no-recipe-runs: the step comparison alone (what the default test run affords)."""
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--images", "10", "--epochs", "2", "--batch-size", "4",
-                 "--sections", "stages", "--stage-steps", "1", "--no-recipe-runs"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--images",
+                "10",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--sections",
+                "stages",
+                "--stage-steps",
+                "1",
+                "--no-recipe-runs",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "bench.json").read_text())["stages"]
     assert "recipes" not in s and s["ratio_c_to_b"] > 0 and s["prefix_cache_build_s"] > 0
     md = (out / "bench.md").read_text()
@@ -64,8 +122,9 @@ def test_bench_counting_section_measures_the_vision_cache(tmp_path: Path) -> Non
     """Stage 1 of the counting recipe with and without its vision cache, side by side:
     first and later epochs apart, the ratio, and the cached run read the cache."""
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--images", "10", "--epochs", "2", "--batch-size", "4",
-                 "--sections", "counting"]) == 0
+    assert (
+        main(["bench", "--out", str(out), "--images", "10", "--epochs", "2", "--batch-size", "4", "--sections", "counting"]) == 0
+    )
     r = json.loads((out / "bench.json").read_text())["counting"]
     c, u = r["cached"], r["uncached"]
     assert c["cache"]["cache_vision"] is True and c["cache"]["cache_text"] is False and u["cache"] == {}

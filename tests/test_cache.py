@@ -164,6 +164,7 @@ def _damage_index(rows: object) -> "Callable[[Path], None]":
         idx = json.loads((folder / "index.json").read_text())
         idx["rows"] = rows
         (folder / "index.json").write_text(json.dumps(idx))
+
     return fn
 
 

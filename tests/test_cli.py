@@ -18,14 +18,36 @@ STAGES = ["stages.1.start_epoch=1"]
 def test_two_stage_run_writes_the_run_directory(tmp_path: Path, fast: list[str]) -> None:
     out = tmp_path / "run"
     assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, *STAGES]) == 0
-    for name in ("config.yaml", "metrics.json", "history.jsonl", "checkpoints/last/weights.safetensors",
-                 "checkpoints/best/weights.safetensors", "checkpoints/last/trainer_state.pt", "checkpoints/last/backbone"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "history.jsonl",
+        "checkpoints/last/weights.safetensors",
+        "checkpoints/best/weights.safetensors",
+        "checkpoints/last/trainer_state.pt",
+        "checkpoints/last/backbone",
+    ):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("retrieval/i2t_r1", "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1",
-                "grounding/acc50", "grounding/miou", "grounding/giou", "grounding/l1", "grounding/baseline_acc50",
-                "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy",
-                "train/epochs", "train/wall_s", "train/peak_mem_mb", "params/trainable", "params/total"):
+    for key in (
+        "retrieval/i2t_r1",
+        "retrieval/t2i_r10",
+        "retrieval/mean_recall",
+        "retrieval/chance_i2t_r1",
+        "grounding/acc50",
+        "grounding/miou",
+        "grounding/giou",
+        "grounding/l1",
+        "grounding/baseline_acc50",
+        "spatial/accuracy",
+        "spatial/macro_f1",
+        "spatial/baseline_accuracy",
+        "train/epochs",
+        "train/wall_s",
+        "train/peak_mem_mb",
+        "params/trainable",
+        "params/total",
+    ):
         assert key in m, key
     assert m["train/epochs"] == 2
     assert 0 <= m["retrieval/i2t_r1"] <= 100 and m["params/trainable"] < m["params/total"]
@@ -65,8 +87,7 @@ def test_evaluate_on_another_data_file(tmp_path: Path, one_stage_run: Path, scen
     assert m["retrieval/n_images"] == n_val
 
 
-def test_resume_continues_exactly(tmp_path: Path, scenes: Path, straight: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_exactly(tmp_path: Path, scenes: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run stopped after its first epoch and resumed ends with the same weights and
     metrics as one that ran straight through (conftest's `straight`, same arguments)."""
     args = [*small_set(scenes), *RESUMABLE]
@@ -119,15 +140,29 @@ def test_bad_config_key_is_one_line_error(tmp_path: Path, capsys, fast: list[str
 
 
 def test_too_many_vision_blocks_fails_before_work(tmp_path: Path, capsys, fast: list[str]) -> None:
-    err = _run_error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "x"), *fast, *STAGES, "stages.1.vision_blocks=9"])
+    err = _run_error(
+        capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "x"), *fast, *STAGES, "stages.1.vision_blocks=9"]
+    )
     assert "vision_blocks=9" in err and "only 2 blocks" in err
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_missing_data_file_is_named(tmp_path: Path, capsys, fast: list[str]) -> None:
     missing = tmp_path / "nope.json"
-    err = _run_error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "x"), *fast, *STAGES,
-                              f"data.train={missing}", f"data.val={missing}", f"data.test={missing}"])
+    err = _run_error(
+        capsys,
+        [
+            "train",
+            TWO_STAGE,
+            "--output-dir",
+            str(tmp_path / "x"),
+            *fast,
+            *STAGES,
+            f"data.train={missing}",
+            f"data.val={missing}",
+            f"data.test={missing}",
+        ],
+    )
     assert str(missing) in err
 
 
@@ -136,7 +171,9 @@ def test_corrupt_image_is_named(tmp_path: Path, capsys, fast: list[str], scenes:
     shutil.copytree(scenes, data)
     first = json.loads((data / "train.json").read_text())[0]["image"]
     (data / first).write_bytes((data / first).read_bytes()[:60])  # truncated PNG
-    err = _run_error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "x"), *fast, *STAGES, f"data.synthetic_dir={data}"])
+    err = _run_error(
+        capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "x"), *fast, *STAGES, f"data.synthetic_dir={data}"]
+    )
     assert Path(first).name in err
 
 
@@ -147,9 +184,33 @@ def test_missing_checkpoint_is_named(tmp_path: Path, capsys) -> None:
 
 def test_existing_run_needs_resume(tmp_path: Path, capsys, fast: list[str]) -> None:
     out = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=1", "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TWO_STAGE,
+                "--output-dir",
+                str(out),
+                *fast,
+                "train.epochs=1",
+                "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    err = _run_error(capsys, ["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=1", "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]"])
+    err = _run_error(
+        capsys,
+        [
+            "train",
+            TWO_STAGE,
+            "--output-dir",
+            str(out),
+            *fast,
+            "train.epochs=1",
+            "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]",
+        ],
+    )
     assert "--resume" in err
 
 
@@ -164,9 +225,24 @@ def test_early_stopping_accumulation_and_rerank(tmp_path: Path, fast: list[str],
     halves the optimizer steps; re-ranking by the matching head runs in evaluation."""
     out = tmp_path / "run"
     one_stage = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, one_stage, "train.epochs=5",
-                 "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000", "train.grad_accum=2",
-                 "eval.rerank_k=5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TWO_STAGE,
+                "--output-dir",
+                str(out),
+                *fast,
+                one_stage,
+                "train.epochs=5",
+                "train.early_stopping.patience=1",
+                "train.early_stopping.min_delta=1000",
+                "train.grad_accum=2",
+                "eval.rerank_k=5",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["train/epochs"] == 2 and m["train/stopped_early"] is True and m["train/best_epoch"] == 0
     n_train = len(json.loads((scenes / "train.json").read_text()))

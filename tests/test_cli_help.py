@@ -16,8 +16,9 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction 
     return found[0] if found else None
 
 
-def _commands(parser: argparse.ArgumentParser,
-              path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     """(command path, its parser) for the top level and every command and subcommand."""
     yield path, parser
     sub = _subcommands(parser)
@@ -31,9 +32,25 @@ COMMANDS = [path for path, _ in _commands(build_parser())]
 
 def test_the_walk_sees_every_command() -> None:
     names = {" ".join(p) for p in COMMANDS}
-    for expected in ("train", "evaluate", "cache", "compare", "bench", "predict", "attention", "embed", "index",
-                     "search", "export", "data scenes", "data receipts", "data validate", "data inspect",
-                     "config explain", "config show"):
+    for expected in (
+        "train",
+        "evaluate",
+        "cache",
+        "compare",
+        "bench",
+        "predict",
+        "attention",
+        "embed",
+        "index",
+        "search",
+        "export",
+        "data scenes",
+        "data receipts",
+        "data validate",
+        "data inspect",
+        "config explain",
+        "config show",
+    ):
         assert expected in names
 
 
@@ -48,8 +65,9 @@ def test_every_option_has_help(path: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "vlmtune")
-def test_help_lists_every_subcommand_with_its_help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_help_lists_every_subcommand_with_its_help(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps to the terminal: one summary, one line
     parser = dict(_commands(build_parser()))[path]
     with pytest.raises(SystemExit) as e:

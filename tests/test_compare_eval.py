@@ -16,8 +16,14 @@ ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0
 def sweep(tmp_path_factory, scenes: Path) -> Path:
     """Two configs: single-stage (2 seeds) and a variant with another LR (1 seed)."""
     root = tmp_path_factory.mktemp("sweep")
-    fast = [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2", "train.batch_size=8",
-            "train.progress=false", "eval.batch_size=16"]
+    fast = [
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.progress=false",
+        "eval.batch_size=16",
+    ]
     cfg = str(CONFIGS / "retrieval_single_stage.yaml")
     assert main(["train", cfg, "--output-dir", str(root / "base"), "--seeds", "0,1", *fast]) == 0
     assert main(["train", cfg, "--output-dir", str(root / "lowlr"), "--seeds", "0", *fast, "optim.lr=1e-4"]) == 0
@@ -72,8 +78,23 @@ def test_several_checkpoints_one_table_shared_features(sweep: Path, tmp_path: Pa
 def test_tensorboard_and_wandb_trackers(tmp_path: Path, fast: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = str(CONFIGS / "retrieval_single_stage.yaml")
     out = tmp_path / "tb"
-    assert main(["train", cfg, "--output-dir", str(out), *fast, "train.epochs=1", "train.log_every=1", ONE_STAGE,
-                 "--tracker", "tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                cfg,
+                "--output-dir",
+                str(out),
+                *fast,
+                "train.epochs=1",
+                "train.log_every=1",
+                ONE_STAGE,
+                "--tracker",
+                "tensorboard",
+            ]
+        )
+        == 0
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))

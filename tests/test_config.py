@@ -117,8 +117,7 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
         assert err == f"{tmp_path / 'c.yaml'}: nested too deeply to be a config"
 
 
-def test_each_bound_has_one_home_read_by_validation_and_the_cli_flag(capsys: pytest.CaptureFixture[str],
-                                                                     tmp_path: Path) -> None:
+def test_each_bound_has_one_home_read_by_validation_and_the_cli_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """data.synthetic.image_size's bound lives on its field: the config refuses 32 up front
     (the scenes generator needs 48), and `data scenes --image-size` takes the same bounds."""
     from vlmtune.cli import main

@@ -67,8 +67,9 @@ def test_explain_section_shows_type_default_and_help(capsys: pytest.CaptureFixtu
         ("backbone.dtype", "backbone.dtype: {auto,float32,bfloat16,float16} = auto", None),
     ],
 )
-def test_explain_narrows_to_a_nested_section_or_key(capsys: pytest.CaptureFixture[str], section: str, first: str,
-                                                    last: str | None) -> None:
+def test_explain_narrows_to_a_nested_section_or_key(
+    capsys: pytest.CaptureFixture[str], section: str, first: str, last: str | None
+) -> None:
     heads = [ln for ln in _explain(capsys, section) if ln and not ln.startswith(" ")]
     assert heads[0] == first
     assert heads[-1] == (last or first)

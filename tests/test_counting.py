@@ -19,11 +19,29 @@ from vlmtune.history import read_history
 
 RECIPE = str(CONFIGS / "receipts_three_stage.yaml")
 METRIC_KEYS = (
-    "count/accuracy", "count/macro_precision", "count/macro_recall", "count/macro_f1", "count/confusion",
-    "count/baseline_accuracy", "count/baseline_macro_f1",
-    "text/bleu1", "text/bleu2", "text/bleu3", "text/bleu4", "text/rouge1", "text/rouge2", "text/rougeL",
-    "text/perplexity", "answer/count_accuracy", "answer/parse_rate", "answer/baseline_count_accuracy",
-    "train/epochs", "train/wall_s", "train/peak_mem_mb", "params/trainable", "params/total",
+    "count/accuracy",
+    "count/macro_precision",
+    "count/macro_recall",
+    "count/macro_f1",
+    "count/confusion",
+    "count/baseline_accuracy",
+    "count/baseline_macro_f1",
+    "text/bleu1",
+    "text/bleu2",
+    "text/bleu3",
+    "text/bleu4",
+    "text/rouge1",
+    "text/rouge2",
+    "text/rougeL",
+    "text/perplexity",
+    "answer/count_accuracy",
+    "answer/parse_rate",
+    "answer/baseline_count_accuracy",
+    "train/epochs",
+    "train/wall_s",
+    "train/peak_mem_mb",
+    "params/trainable",
+    "params/total",
 )
 
 
@@ -37,10 +55,20 @@ def receipts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fast_overrides(data: Path) -> list[str]:
-    return [f"data.synthetic_dir={data}", "data.synthetic.n=40", "train.epochs=3", "stages.1.start_epoch=1",
-            "stages.2.start_epoch=2", "train.batch_size=8", "train.progress=false", "eval.batch_size=16",
-            "counting.max_dynamic_patch=2", "generation.max_new_tokens=6", "generation.num_beams=2",
-            "generation.val_num_images=2"]
+    return [
+        f"data.synthetic_dir={data}",
+        "data.synthetic.n=40",
+        "train.epochs=3",
+        "stages.1.start_epoch=1",
+        "stages.2.start_epoch=2",
+        "train.batch_size=8",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "counting.max_dynamic_patch=2",
+        "generation.max_new_tokens=6",
+        "generation.num_beams=2",
+        "generation.val_num_images=2",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +132,21 @@ def test_prompt_and_labels_mask_everything_but_the_answer(tiny_cfg, backbone) ->
 
     question, answer = "How many receipts do you see?", "There are 2 receipts."
     # Built by hand from the chat template: user turn with the image, assistant turn.
-    prompt = ([sp("<|im_start|>")] + text("user") + text("\n") + [sp("<img>")] + [sp("<IMG_CONTEXT>")] * tpt
-              + [sp("</img>")] + text("\n") + text(question) + [sp("<|im_end|>")] + text("\n")
-              + [sp("<|im_start|>")] + text("assistant") + text("\n"))
+    prompt = (
+        [sp("<|im_start|>")]
+        + text("user")
+        + text("\n")
+        + [sp("<img>")]
+        + [sp("<IMG_CONTEXT>")] * tpt
+        + [sp("</img>")]
+        + text("\n")
+        + text(question)
+        + [sp("<|im_end|>")]
+        + text("\n")
+        + [sp("<|im_start|>")]
+        + text("assistant")
+        + text("\n")
+    )
     target = text(answer) + [sp("<|im_end|>")]
 
     ids, labels = prompt_builder(backbone, tiny_cfg.counting).example(question, answer, num_tiles=1)
@@ -117,8 +157,12 @@ def test_prompt_and_labels_mask_everything_but_the_answer(tiny_cfg, backbone) ->
     # In a batch: right padding for teacher forcing (pads unlabelled), left for generation.
     collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 1, tok.pad_token_id)
     img = Image.new("RGB", (64, 64), "gray")
-    batch = collate([{"index": 0, "image": img, "question": question, "answer": answer, "label": 2},
-                     {"index": 1, "image": img, "question": "Count.", "answer": "I see no receipts.", "label": 0}])
+    batch = collate(
+        [
+            {"index": 0, "image": img, "question": question, "answer": answer, "label": 2},
+            {"index": 1, "image": img, "question": "Count.", "answer": "I see no receipts.", "label": 0},
+        ]
+    )
     assert batch["input_ids"][0].tolist() == prompt + target
     short = batch["attention_mask"][1].sum().item()
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["input_ids"][1, short:] == tok.pad_token_id).all()
@@ -131,10 +175,16 @@ def test_tall_image_is_tiled_and_placeholders_match(tiny_cfg, backbone) -> None:
     from vlmtune.data.counting import CountingCollator, tile_grid
     from vlmtune.tasks.counting import prompt_builder
 
-    collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
+    collate = CountingCollator(
+        prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id
+    )
     tall, square = Image.new("RGB", (60, 190), "white"), Image.new("RGB", (64, 64), "white")
-    batch = collate([{"index": i, "image": im, "question": "How many?", "answer": "There is 1 receipt.", "label": 1}
-                     for i, im in enumerate([tall, square])])
+    batch = collate(
+        [
+            {"index": i, "image": im, "question": "How many?", "answer": "There is 1 receipt.", "label": 1}
+            for i, im in enumerate([tall, square])
+        ]
+    )
     assert batch["num_tiles"].tolist() == [4, 1]  # a 1 x 3 column of tiles + thumbnail; one square tile
     assert tile_grid(backbone.image_processor, 60, 190, 4) == (1, 3)
     assert batch["pixel_values"].shape[0] == 5
@@ -150,11 +200,22 @@ def test_batched_beam_search_matches_one_image_at_a_time(tiny_cfg, backbone) -> 
     from vlmtune.tasks.counting import CountingModel, generate_answers, prompt_builder
 
     model = CountingModel(backbone, tiny_cfg.counting, tiny_cfg.model).eval()
-    collate = CountingCollator(prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id)
+    collate = CountingCollator(
+        prompt_builder(backbone, tiny_cfg.counting), backbone.image_processor, 4, backbone.tokenizer.pad_token_id
+    )
     rng = np.random.default_rng(0)
-    items = [{"index": i, "image": Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), "question": q,
-              "answer": "x", "label": 0} for i, ((h, w), q) in enumerate(zip([(200, 64), (64, 64), (128, 128)],
-                                                                               ["How many?", "How many receipts are there?", "Count."]))]
+    items = [
+        {
+            "index": i,
+            "image": Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
+            "question": q,
+            "answer": "x",
+            "label": 0,
+        }
+        for i, ((h, w), q) in enumerate(
+            zip([(200, 64), (64, 64), (128, 128)], ["How many?", "How many receipts are there?", "Count."])
+        )
+    ]
     # A random LM stops at once; perturbed weights make it say something.
     state = {k: v.clone() for k, v in backbone.language_model.state_dict().items()}
     try:
@@ -221,8 +282,14 @@ def run(tmp_path_factory: pytest.TempPathFactory, receipts: Path) -> Path:
 
 
 def test_three_stage_run_writes_the_run_directory(run: Path) -> None:
-    for name in ("config.yaml", "metrics.json", "history.jsonl", "checkpoints/last/weights.safetensors",
-                 "checkpoints/best/weights.safetensors", "checkpoints/last/backbone"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "history.jsonl",
+        "checkpoints/last/weights.safetensors",
+        "checkpoints/best/weights.safetensors",
+        "checkpoints/last/backbone",
+    ):
         assert (run / name).exists(), name
     m = json.loads((run / "metrics.json").read_text())
     for key in METRIC_KEYS:
@@ -267,8 +334,21 @@ def test_predict_on_grayscale_jpeg_and_rgba_png(run: Path, tmp_path: Path, capsy
     for image in (gray, rgba):
         png = tmp_path / f"{image.stem}_att.png"
         capsys.readouterr()
-        assert main(["predict", str(run / "checkpoints/best"), "--image", str(image), "--question",
-                     "How many receipts do you see?", "--attention-out", str(png)]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(run / "checkpoints/best"),
+                    "--image",
+                    str(image),
+                    "--question",
+                    "How many receipts do you see?",
+                    "--attention-out",
+                    str(png),
+                ]
+            )
+            == 0
+        )
         out = json.loads(capsys.readouterr().out)
         assert isinstance(out["answer"], str) and 0 <= out["count"] <= 3
         assert 0 < out["confidence"] <= 1 and sum(out["probabilities"]) == pytest.approx(1, abs=1e-3)
@@ -317,9 +397,14 @@ def test_lora_trains_adapters_only_and_round_trips(tmp_path: Path, receipts: Pat
     from vlmtune.predict import load_counting_checkpoint, predict_image
 
     out = tmp_path / "lora"
-    args = [*fast_overrides(receipts), "train.epochs=1", "counting.lm_mode=lora", "counting.lora_r=4",
-            "counting.lora_target_modules=[q_proj,v_proj]",
-            "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0}}]"]
+    args = [
+        *fast_overrides(receipts),
+        "train.epochs=1",
+        "counting.lm_mode=lora",
+        "counting.lora_r=4",
+        "counting.lora_target_modules=[q_proj,v_proj]",
+        "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0}}]",
+    ]
     assert main(["train", RECIPE, "--output-dir", str(out), *args]) == 0
     w = load_file(str(out / "checkpoints/last/weights.safetensors"))
     lm = [k for k in w if "language_model" in k]

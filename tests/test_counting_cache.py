@@ -41,8 +41,17 @@ def task_model():
     from vlmtune.config import load_config
     from vlmtune.tasks.counting import CountingTask
 
-    cfg = load_config(RECIPE, ["model.adapter_dropout=0", "counting.max_dynamic_patch=4", "train.batch_size=4",
-                               "eval.batch_size=8", "generation.val_do_sample=false", "generation.val_num_images=3"])
+    cfg = load_config(
+        RECIPE,
+        [
+            "model.adapter_dropout=0",
+            "counting.max_dynamic_patch=4",
+            "train.batch_size=4",
+            "eval.batch_size=8",
+            "generation.val_do_sample=false",
+            "generation.val_num_images=3",
+        ],
+    )
     task = CountingTask.from_config(cfg)
     return task, task.build_model(load_backbone(cfg.backbone))
 
@@ -71,8 +80,9 @@ def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("start", [None, 1], ids=["tower-output", "prefix-below-last-block"])
-def test_cached_batches_give_the_same_losses_and_gradients(start, task_model, receipts: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_batches_give_the_same_losses_and_gradients(
+    start, task_model, receipts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task, model = task_model
     recs = _records(task, receipts)
     live = list(task.make_loader(recs, model.backbone, train=True, seed=0))
@@ -198,8 +208,7 @@ def test_corrupt_row_is_rebuilt(task_model, receipts: Path, tmp_path: Path, capl
     cache_mod._VERIFIED.clear()  # a new process: nothing checked yet
     with caplog.at_level("WARNING", logger="vlmtune"):
         again = build_vision_cache(recs, model.backbone, tmp_path / "cache", max_tiles=4)
-    assert any("do not match their sha256" in r.getMessage() and "will be rebuilt" in r.getMessage()
-               for r in caplog.records)
+    assert any("do not match their sha256" in r.getMessage() and "will be rebuilt" in r.getMessage() for r in caplog.records)
     for r in recs:
         assert torch.allclose(again.states(r.image), want[r.image], atol=1e-6)
 
@@ -229,10 +238,22 @@ def test_namespace_follows_tiling_weights_and_split(task_model) -> None:
 
 def _fast(data: Path) -> list[str]:
     """Four epochs: stage 1 (frozen tower, cached) for two, then stages 2 and 3 one each."""
-    return [f"data.synthetic_dir={data}", "data.synthetic.n=12", "train.epochs=4", "stages.1.start_epoch=2",
-            "stages.2.start_epoch=3", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
-            "counting.max_dynamic_patch=4", "generation.max_new_tokens=4", "generation.num_beams=2",
-            "generation.val_num_images=2", "train.log_every=1", "train.early_stopping.patience=0"]
+    return [
+        f"data.synthetic_dir={data}",
+        "data.synthetic.n=12",
+        "train.epochs=4",
+        "stages.1.start_epoch=2",
+        "stages.2.start_epoch=3",
+        "train.batch_size=4",
+        "train.progress=false",
+        "eval.batch_size=8",
+        "counting.max_dynamic_patch=4",
+        "generation.max_new_tokens=4",
+        "generation.num_beams=2",
+        "generation.val_num_images=2",
+        "train.log_every=1",
+        "train.early_stopping.patience=0",
+    ]
 
 
 def _lines(run: Path, kind: str) -> list[dict]:
@@ -262,8 +283,15 @@ def test_whole_run_with_and_without_cache_agree(cached_run: Path, receipts: Path
         for k in ("loss/lm", "loss/count", "loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
     on, off_m = (json.loads((d / "metrics.json").read_text()) for d in (cached_run, off))
-    for key in ("count/accuracy", "count/macro_f1", "text/perplexity", "answer/count_accuracy", "text/bleu4",
-                "train/steps", "train/best_epoch"):
+    for key in (
+        "count/accuracy",
+        "count/macro_f1",
+        "text/perplexity",
+        "answer/count_accuracy",
+        "text/bleu4",
+        "train/steps",
+        "train/best_epoch",
+    ):
         assert on[key] == pytest.approx(off_m[key], rel=1e-5, abs=1e-6), key
 
 
@@ -292,8 +320,9 @@ def test_sigkill_in_the_cached_stage_then_resume(cached_run: Path, receipts: Pat
     p.wait()
     state = json.loads((run / "checkpoints/last/state.json").read_text())
     assert state["epoch"] == 1 and state["step"] == steps_per_epoch  # killed inside the second epoch
-    p = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True, timeout=400)
+    p = subprocess.run(
+        cmd + ["--resume"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=400
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     a, b = _lines(cached_run, "step"), _lines(run, "step")
     assert [x["step"] for x in a] == [x["step"] for x in b]

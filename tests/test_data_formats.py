@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune.data.formats import (
-    RELATIONS,
-    CountRecord,
-    PairRecord,
-    load_image,
-    read_counting,
-    read_pairs,
-)
+from vlmtune.data.formats import RELATIONS, CountRecord, PairRecord, load_image, read_counting, read_pairs
 from vlmtune.errors import DataError
 
 
@@ -52,11 +45,14 @@ def _pairs_error(root: Path, records: object, name: str = "ann.json") -> str:
 
 
 def test_retrieval_caption_lists_expand_and_image_ids_group(root: Path) -> None:
-    path = _json(root / "ret.json", [
-        {"image": "img/b.png", "caption": ["one", "two"]},
-        {"image": "img/a.png", "caption": "three"},
-        {"image": "img/b.png", "caption": "four"},
-    ])
+    path = _json(
+        root / "ret.json",
+        [
+            {"image": "img/b.png", "caption": ["one", "two"]},
+            {"image": "img/a.png", "caption": "three"},
+            {"image": "img/b.png", "caption": "four"},
+        ],
+    )
     recs = read_pairs(path)
     assert [r.text for r in recs] == ["one", "two", "three", "four"]
     assert [r.image_id for r in recs] == [0, 0, 1, 0]
@@ -66,12 +62,15 @@ def test_retrieval_caption_lists_expand_and_image_ids_group(root: Path) -> None:
 
 
 def test_grounding_with_optional_bbox_and_relation(root: Path) -> None:
-    path = _json(root / "g.json", [
-        {"image": "img/a.png", "text": "red thing", "bbox": [0, 0, 40, 30], "relation": "inside"},
-        {"image": "img/a.png", "text": "blue thing", "bbox": [1.5, 2, 3, 4]},
-        {"image": str((root / "img" / "b.png").resolve()), "text": "no box"},
-        {"image": "img/b.png", "caption": "mixed retrieval record"},
-    ])
+    path = _json(
+        root / "g.json",
+        [
+            {"image": "img/a.png", "text": "red thing", "bbox": [0, 0, 40, 30], "relation": "inside"},
+            {"image": "img/a.png", "text": "blue thing", "bbox": [1.5, 2, 3, 4]},
+            {"image": str((root / "img" / "b.png").resolve()), "text": "no box"},
+            {"image": "img/b.png", "caption": "mixed retrieval record"},
+        ],
+    )
     recs = read_pairs(path)
     assert isinstance(recs[0], PairRecord)
     assert recs[0].bbox == (0, 0, 40, 30) and recs[0].relation == RELATIONS.index("inside")
@@ -80,17 +79,22 @@ def test_grounding_with_optional_bbox_and_relation(root: Path) -> None:
 
 
 def test_coco_captions(root: Path) -> None:
-    path = _json(root / "coco.json", {
-        "images": [{"id": 7, "file_name": "img/a.png"}, {"id": 3, "file_name": "img/b.png"}],
-        "annotations": [
-            {"image_id": 3, "caption": "b one"},
-            {"image_id": 7, "caption": "a one"},
-            {"image_id": 3, "caption": "b two"},
-        ],
-    })
+    path = _json(
+        root / "coco.json",
+        {
+            "images": [{"id": 7, "file_name": "img/a.png"}, {"id": 3, "file_name": "img/b.png"}],
+            "annotations": [
+                {"image_id": 3, "caption": "b one"},
+                {"image_id": 7, "caption": "a one"},
+                {"image_id": 3, "caption": "b two"},
+            ],
+        },
+    )
     recs = read_pairs(path)
     assert [(r.text, r.image_id, r.image.name) for r in recs] == [
-        ("b one", 0, "b.png"), ("a one", 1, "a.png"), ("b two", 0, "b.png")
+        ("b one", 0, "b.png"),
+        ("a one", 1, "a.png"),
+        ("b two", 0, "b.png"),
     ]
 
 
@@ -153,7 +157,7 @@ OK = {"image": "img/a.png", "text": "fine"}
         ({**OK, "bbox": [1, 2, 3, -4]}, "zero area"),
         ({**OK, "bbox": [30, 2, 11, 4]}, "outside the image (40x30 pixels)"),
         ({**OK, "bbox": [0, 25, 5, 6]}, "outside the image"),
-        ({**OK, "relation": "beside"}, "unknown relation \"beside\"; expected one of " + ", ".join(RELATIONS)),
+        ({**OK, "relation": "beside"}, 'unknown relation "beside"; expected one of ' + ", ".join(RELATIONS)),
         ({**OK, "relation": 2}, "unknown relation 2"),
     ],
 )
@@ -188,14 +192,19 @@ def test_bbox_uses_exif_rotated_size(root: Path) -> None:
         ({"images": [{"id": 1}], "annotations": []}, "image entry 0: missing 'file_name'"),
         ({"images": [{"file_name": "img/a.png"}], "annotations": []}, "image entry 0: missing or non-integer 'id'"),
         ({"images": [{"id": 1, "file_name": "img/a.png"}] * 2, "annotations": []}, "image entry 1: duplicate image id 1"),
-        ({"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]},
-         "record 0: image_id 2 is not in 'images'"),
-        ({"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"caption": "x"}]},
-         "record 0: missing 'image_id'"),
-        ({"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"image_id": 1, "caption": ""}]},
-         "record 0: 'caption' is empty"),
-        ({"images": [{"id": 1, "file_name": "img/gone.png"}], "annotations": [{"image_id": 1, "caption": "x"}]},
-         "record 0: image not found"),
+        (
+            {"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]},
+            "record 0: image_id 2 is not in 'images'",
+        ),
+        ({"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"caption": "x"}]}, "record 0: missing 'image_id'"),
+        (
+            {"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": [{"image_id": 1, "caption": ""}]},
+            "record 0: 'caption' is empty",
+        ),
+        (
+            {"images": [{"id": 1, "file_name": "img/gone.png"}], "annotations": [{"image_id": 1, "caption": "x"}]},
+            "record 0: image not found",
+        ),
         ({"images": [{"id": 1, "file_name": "img/a.png"}], "annotations": []}, "no records"),
     ],
 )

@@ -37,8 +37,7 @@ def test_local_rows_against_global_columns_average_to_the_global_loss() -> None:
     full = contrastive_loss(image, text, ids, scale)
     g_img, g_txt = torch.autograd.grad(full, (image, text))
     halves = [slice(0, 4), slice(4, 8)]
-    shared = sum(contrastive_loss_local_rows(image[h], text[h], ids[h], ids[h], scale, image, text, ids, ids)
-                 for h in halves) / 2
+    shared = sum(contrastive_loss_local_rows(image[h], text[h], ids[h], ids[h], scale, image, text, ids, ids) for h in halves) / 2
     s_img, s_txt = torch.autograd.grad(shared, (image, text))
     assert shared.item() == pytest.approx(full.item(), abs=1e-6)
     assert torch.allclose(s_img, g_img, atol=1e-6) and torch.allclose(s_txt, g_txt, atol=1e-6)
@@ -54,11 +53,12 @@ def test_hard_negatives_come_from_the_global_batch() -> None:
     all_ids = torch.tensor([0, 0, 1, 2, 10, 11, 12, 13])
     local = slice(0, 4)
     torch.manual_seed(0)
-    images, texts, labels = hard_negative_pairs(image[local] * 50, all_text[local], all_ids[local],
-                                                all_image * 50, all_text, all_ids)
+    images, texts, labels = hard_negative_pairs(
+        image[local] * 50, all_text[local], all_ids[local], all_image * 50, all_text, all_ids
+    )
     n = 4
     assert labels.tolist() == [1] * n + [0] * (len(labels) - n)
-    neg_captions = texts[n:2 * n]
+    neg_captions = texts[n : 2 * n]
     # Each image's negative caption is the other process's copy of it.
     assert torch.equal(neg_captions, all_text[4:8])
     # No negative pair shares an image id.
@@ -78,15 +78,21 @@ def test_one_process_hard_negatives_are_the_plain_in_batch_form() -> None:
     sim = image @ text.T
     nt, okt = sample_hard_negatives(sim, pos)
     nv, okv = sample_hard_negatives(sim.T, pos.T)
-    assert torch.equal(a[1][len(ids):len(ids) + int(okt.sum())], text[nt[okt]])
-    assert torch.equal(a[0][len(ids) + int(okt.sum()):], image[nv[okv]])
+    assert torch.equal(a[1][len(ids) : len(ids) + int(okt.sum())], text[nt[okt]])
+    assert torch.equal(a[0][len(ids) + int(okt.sum()) :], image[nv[okv]])
 
 
 def test_merge_restores_record_order() -> None:
     p0 = EvalOutputs(text=[torch.tensor([[0.0], [2.0]])], text_image=[torch.tensor([0, 1])], text_rows=[torch.tensor([0, 2])])
-    p1 = EvalOutputs(text=[torch.tensor([[1.0], [3.0]])], text_image=[torch.tensor([5, 6])], text_rows=[torch.tensor([1, 3])],
-                     box_pred=[torch.ones(1, 4)], box_true=[torch.zeros(1, 4)], box_wh=[torch.ones(1, 2)],
-                     box_rows=[torch.tensor([3])])
+    p1 = EvalOutputs(
+        text=[torch.tensor([[1.0], [3.0]])],
+        text_image=[torch.tensor([5, 6])],
+        text_rows=[torch.tensor([1, 3])],
+        box_pred=[torch.ones(1, 4)],
+        box_true=[torch.zeros(1, 4)],
+        box_wh=[torch.ones(1, 2)],
+        box_rows=[torch.tensor([3])],
+    )
     m = EvalOutputs.merge([p0, p1])
     assert m.cat("text").flatten().tolist() == [0, 1, 2, 3] and m.cat("text_image").tolist() == [0, 5, 1, 6]
     assert m.cat("box_pred").shape == (1, 4) and m.cat("box_rows").tolist() == [3]
@@ -98,16 +104,23 @@ def _torchrun(args: list[str], folder: Path, prelude: str = "", hash_seed: str |
     process writes. (safetensors files are 0600 whoever writes them; the other files of
     their checkpoint folders tell.) ``prelude``: Python run in each process first.
     ``hash_seed``: the processes' PYTHONHASHSEED (the order of a set of strings)."""
-    boot = (prelude + "\nimport os, runpy, sys; os.umask(0o002 if os.environ['RANK'] == '1' else 0o022); "
-            "sys.argv = ['vlmtune'] + sys.argv[1:]; runpy.run_module('vlmtune.cli', run_name='__main__')")
+    boot = (
+        prelude + "\nimport os, runpy, sys; os.umask(0o002 if os.environ['RANK'] == '1' else 0o022); "
+        "sys.argv = ['vlmtune'] + sys.argv[1:]; runpy.run_module('vlmtune.cli', run_name='__main__')"
+    )
     script = folder / "boot.py"
     script.write_text(boot)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if hash_seed is not None:
         env["PYTHONHASHSEED"] = hash_seed
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _steps(run: Path) -> list[dict]:
@@ -125,19 +138,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, scen
     another order (rows split across processes, gradients summed by all_reduce), so the
     per-step losses agree to float32 rounding, which grows slowly over steps: 1e-5 bounds
     it (measured: at most 5e-7 over 10 steps)."""
-    common = [TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2",
-              "stages.1.start_epoch=1", "train.progress=false", "eval.batch_size=16", "model.adapter_dropout=0",
-              "loss.matching=0", "train.log_every=1",
-              # The weight the recipes had before issue 14. At their 1.0 the losses drift apart by
-              # 4e-5 at step 7, the step after stage 1's first update, in the contrastive term (box
-              # and relation agree to 1e-6). Measured: not a difference in the arithmetic but Adam
-              # (eps 1e-8) turning rounding-level gradient differences of near-zero components into
-              # lr-sized steps on the fresh stage optimizer's first update (gradient clipping makes
-              # such components more common: without it the drift is 4e-6): with eps 1e-5 the same
-              # 1.0 runs agree to 5e-7 at every step. (Every record here has a box and a relation,
-              # so the per-process means over those rows were already global means; where the
-              # subsets differ in size they are now global too: mean_share, tested below.)
-              "loss.relation=0.1"]
+    common = [
+        TWO_STAGE,
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "stages.1.start_epoch=1",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "model.adapter_dropout=0",
+        "loss.matching=0",
+        "train.log_every=1",
+        # The weight the recipes had before issue 14. At their 1.0 the losses drift apart by
+        # 4e-5 at step 7, the step after stage 1's first update, in the contrastive term (box
+        # and relation agree to 1e-6). Measured: not a difference in the arithmetic but Adam
+        # (eps 1e-8) turning rounding-level gradient differences of near-zero components into
+        # lr-sized steps on the fresh stage optimizer's first update (gradient clipping makes
+        # such components more common: without it the drift is 4e-6): with eps 1e-5 the same
+        # 1.0 runs agree to 5e-7 at every step. (Every record here has a box and a relation,
+        # so the per-process means over those rows were already global means; where the
+        # subsets differ in size they are now global too: mean_share, tested below.)
+        "loss.relation=0.1",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *common, "train.batch_size=16", "--output-dir", str(one)]) == 0
     res = _torchrun(["train", *common, "train.batch_size=8", "--output-dir", str(two)], tmp_path)
@@ -174,9 +196,23 @@ def test_two_processes_train_with_matching_and_dropout(tmp_path: Path, scenes: P
     gradient) and dropout, one stage, one epoch. Slow: a second torchrun launch; the
     default run keeps the 1-vs-2-process comparison above and the pure-function checks
     of the gathered hard negatives."""
-    res = _torchrun(["train", TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=1",
-                     "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]", "train.progress=false",
-                     "train.batch_size=8", "eval.batch_size=16", "train.log_every=1", "--output-dir", str(tmp_path / "r")], tmp_path)
+    res = _torchrun(
+        [
+            "train",
+            TWO_STAGE,
+            f"data.synthetic_dir={scenes}",
+            "data.synthetic.n=40",
+            "train.epochs=1",
+            "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
+            "train.progress=false",
+            "train.batch_size=8",
+            "eval.batch_size=16",
+            "train.log_every=1",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     steps = _steps(tmp_path / "r")
     assert len(steps) == 5 and all(x["loss/matching"] > 0 for x in steps)
@@ -205,13 +241,30 @@ def test_counting_with_two_processes_evaluates_as_one(tmp_path: Path) -> None:
     generate_receipts(data, n=28, seed=3, max_count=2, image_size=(48, 64))
     (data / "one.jsonl").write_text((data / "test.jsonl").read_text().splitlines()[0] + "\n")
     run = tmp_path / "run"
-    res = _torchrun(["train", RECEIPTS, f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
-                     f"data.test={data / 'one.jsonl'}", "counting.max_count=2", "train.epochs=1", "train.batch_size=4",
-                     "train.progress=false", "eval.batch_size=2", "counting.max_dynamic_patch=2",
-                     "generation.max_new_tokens=5", "generation.num_beams=2", "generation.val_num_images=2",
-                     "optim.lr=5e-2", "optim.warmup_ratio=0",
-                     "stages=[{name: all, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0, mm_projector: 1.0}}]",
-                     "--output-dir", str(run)], tmp_path)
+    res = _torchrun(
+        [
+            "train",
+            RECEIPTS,
+            f"data.train={data / 'train.jsonl'}",
+            f"data.val={data / 'val.jsonl'}",
+            f"data.test={data / 'one.jsonl'}",
+            "counting.max_count=2",
+            "train.epochs=1",
+            "train.batch_size=4",
+            "train.progress=false",
+            "eval.batch_size=2",
+            "counting.max_dynamic_patch=2",
+            "generation.max_new_tokens=5",
+            "generation.num_beams=2",
+            "generation.val_num_images=2",
+            "optim.lr=5e-2",
+            "optim.warmup_ratio=0",
+            "stages=[{name: all, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0, mm_projector: 1.0}}]",
+            "--output-dir",
+            str(run),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     def same(two: dict, one: dict, prefixes: tuple[str, ...]) -> None:
@@ -229,8 +282,11 @@ def test_counting_with_two_processes_evaluates_as_one(tmp_path: Path) -> None:
     val = task.validate(model, task.read_split(str(data / "val.jsonl"), "val"), device=torch.device("cpu"))
     epoch = [x for x in map(json.loads, (run / "history.jsonl").read_text().splitlines()) if x["type"] == "epoch"][-1]
     assert val["count/n"] == 3 and val["answer/n_generated"] == 2 and "text/perplexity" in val
-    same({k[4:]: v for k, v in epoch.items() if k.startswith("val/")},
-         {k: v for k, v in val.items() if not isinstance(v, list)}, ("count/", "answer/", "text/"))
+    same(
+        {k[4:]: v for k, v in epoch.items() if k.startswith("val/")},
+        {k: v for k, v in val.items() if not isinstance(v, list)},
+        ("count/", "answer/", "text/"),
+    )
 
     # The final evaluation (rank 1's shard empty) against `vlmtune evaluate` in one process.
     two = json.loads((run / "metrics.json").read_text())
@@ -258,8 +314,16 @@ def test_counting_shards_are_evaluated_apart_and_merged(tmp_path: Path, monkeypa
     from vlmtune.tasks import build_task
 
     generate_receipts(tmp_path, n=28, seed=4, max_count=2, image_size=(48, 64))
-    cfg = load_config(RECEIPTS, ["counting.max_count=2", "counting.max_dynamic_patch=1", "eval.batch_size=3",
-                                 "generation.max_new_tokens=3", "generation.val_num_images=3"])
+    cfg = load_config(
+        RECEIPTS,
+        [
+            "counting.max_count=2",
+            "counting.max_dynamic_patch=1",
+            "eval.batch_size=3",
+            "generation.max_new_tokens=3",
+            "generation.val_num_images=3",
+        ],
+    )
     task = build_task(cfg)
     backbone = load_backbone(cfg.backbone)
     model = task.build_model(backbone).eval()
@@ -403,9 +467,18 @@ def test_two_processes_resume_their_own_random_streams_exactly(tmp_path: Path, s
     and the final metrics). The resumed processes hash strings differently
     (PYTHONHASHSEED 0 then 2: the stage's loss set iterates in another order), which
     must not change a bit of the summed loss. Slow: three torchrun launches."""
-    args = ["train", TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2",
-            "stages.1.start_epoch=1", "train.progress=false", "train.batch_size=8", "eval.batch_size=16",
-            "train.log_every=1"]
+    args = [
+        "train",
+        TWO_STAGE,
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "stages.1.start_epoch=1",
+        "train.progress=false",
+        "train.batch_size=8",
+        "eval.batch_size=16",
+        "train.log_every=1",
+    ]
     straight, run = tmp_path / "straight", tmp_path / "run"
     res = _torchrun([*args, "--output-dir", str(straight)], tmp_path, hash_seed="0")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -44,8 +44,7 @@ def _counting_inputs(model, cfg, image_path: Path):
     from vlmtune.tasks.counting import prompt_builder
 
     bb = model.backbone
-    pv, tiles = preprocess_images(bb.image_processor, [Image.open(image_path).convert("RGB")],
-                                  cfg.counting.max_dynamic_patch)
+    pv, tiles = preprocess_images(bb.image_processor, [Image.open(image_path).convert("RGB")], cfg.counting.max_dynamic_patch)
     ids = prompt_builder(bb, cfg.counting).prompt_ids("How many receipts are in this image?", int(tiles[0]))
     return torch.tensor([ids]), pv
 
@@ -160,8 +159,7 @@ def test_vlmtune_format_is_a_self_contained_checkpoint(lora_ckpt: Path, retrieva
         back, _ = _load(dest)
         with torch.no_grad():
             torch.testing.assert_close(back.encode_image(pv)[0], want_img, atol=ATOL, rtol=1e-4)
-            torch.testing.assert_close(back.encode_text(enc["input_ids"], enc["attention_mask"]), want_txt,
-                                       atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(back.encode_text(enc["input_ids"], enc["attention_mask"]), want_txt, atol=ATOL, rtol=1e-4)
 
 
 def _first_image_retrieval(ckpt: Path) -> Path:

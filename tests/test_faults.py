@@ -36,8 +36,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for k in wa:
         assert (wa[k] - wb[k]).abs().max().item() < 1e-6, k
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    for key in ("retrieval/mean_recall", "retrieval/i2t_r1", "grounding/miou", "spatial/accuracy", "train/steps",
-                "train/best_epoch", "train/samples"):
+    for key in (
+        "retrieval/mean_recall",
+        "retrieval/i2t_r1",
+        "grounding/miou",
+        "spatial/accuracy",
+        "train/steps",
+        "train/best_epoch",
+        "train/samples",
+    ):
         assert ma[key] == pytest.approx(mb[key], abs=1e-6), key
     ha, hb = _history(a), _history(b)
     assert len(ha) == len(hb)
@@ -65,8 +72,9 @@ def _counting_forward(monkeypatch: pytest.MonkeyPatch, action) -> None:
     monkeypatch.setattr(RetrievalModel, "forward", forward)
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path: Path, scenes: Path, straight: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(
+    tmp_path: Path, scenes: Path, straight: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     """SIGTERM during step 15 (epoch 2, stage 2): the step finishes, a mid-epoch checkpoint
     is saved, the run exits 143 with one line; --resume skips the 4 trained batches of
     epoch 2 and ends exactly as the straight run."""
@@ -101,8 +109,22 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path: Path, scenes: Path,
 
     _counting_forward(monkeypatch, nan_some)
     run = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "stages.1.start_epoch=1",
-                 "train.epochs=2", "train.log_every=1", "train.max_bad_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TWO_STAGE,
+                "--output-dir",
+                str(run),
+                *small_set(scenes),
+                "stages.1.start_epoch=1",
+                "train.epochs=2",
+                "train.log_every=1",
+                "train.max_bad_steps=3",
+            ]
+        )
+        == 0
+    )
     m = json.loads((run / "metrics.json").read_text())
     assert m["train/bad_steps"] == 2 and m["train/steps"] == 22
     w = load_file(str(run / "checkpoints/last/weights.safetensors"))
@@ -112,12 +134,23 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path: Path, scenes: Path,
     assert steps[-1]["bad_steps"] == 2
 
 
-def test_a_run_of_non_finite_losses_stops_with_a_checkpoint(tmp_path: Path, scenes: Path, capsys,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_of_non_finite_losses_stops_with_a_checkpoint(
+    tmp_path: Path, scenes: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _counting_forward(monkeypatch, lambda n, t: dict(t, contrastive=t["contrastive"] * float("inf")) if n >= 3 else t)
     run = tmp_path / "run"
-    code = main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "train.epochs=1",
-                 "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]", "train.max_bad_steps=2"])
+    code = main(
+        [
+            "train",
+            TWO_STAGE,
+            "--output-dir",
+            str(run),
+            *small_set(scenes),
+            "train.epochs=1",
+            "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
+            "train.max_bad_steps=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -129,8 +162,21 @@ def test_a_run_of_non_finite_losses_stops_with_a_checkpoint(tmp_path: Path, scen
 
 def test_keep_last_rotates_older_checkpoints(tmp_path: Path, scenes: Path) -> None:
     run = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "train.epochs=3", "train.keep_last=2",
-                 "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TWO_STAGE,
+                "--output-dir",
+                str(run),
+                *small_set(scenes),
+                "train.epochs=3",
+                "train.keep_last=2",
+                "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}]",
+            ]
+        )
+        == 0
+    )
     folders = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert folders == ["best", "last", "last-1"]
     epoch = lambda name: json.loads((run / "checkpoints" / name / "state.json").read_text())["epoch"]  # noqa: E731
@@ -165,13 +211,18 @@ def _step_lines(run: Path) -> int:
 def _starter(run: Path, scenes: Path):
     """``start(resume)`` starts `vlmtune train` (the straight run's arguments) into ``run``
     as a process of its own."""
-    cmd = [sys.executable, "-m", "vlmtune.cli", "train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes),
-           *RESUMABLE]
+    cmd = [sys.executable, "-m", "vlmtune.cli", "train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def start(resume: bool) -> subprocess.Popen:
-        return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            cmd + (["--resume"] if resume else []),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     return start
 
@@ -249,8 +300,14 @@ def test_one_writer_per_run_folder_and_a_killed_run_resumes(tmp_path: Path, scen
     run = tmp_path / "run"
     args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "stages.1.start_epoch=1", "train.epochs=2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", *args], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vlmtune.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait(p, lambda: _lock_pid(run) == p.pid, "the lock")
         for extra in ([], ["--resume"]):
@@ -270,8 +327,9 @@ def test_one_writer_per_run_folder_and_a_killed_run_resumes(tmp_path: Path, scen
     assert _lock_pid(run) == os.getpid()
 
 
-def test_kill_during_final_evaluation_then_resume(tmp_path: Path, scenes: Path, straight: Path, capsys,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_during_final_evaluation_then_resume(
+    tmp_path: Path, scenes: Path, straight: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run dies in its final evaluation (after the last checkpoint); --resume only
     redoes that evaluation, and metrics.json equals the uninterrupted run's, train/last_val
     included (kept in the checkpoint's state), wall-time fields aside."""

@@ -42,8 +42,12 @@ def _tsv_record(line: str) -> dict[str, Any]:
     return {"image": image, "caption": caption}
 
 
-TSV = Format("tsv", readers={"pairs": _read_tsv}, carries={"caption": "a caption", "alt_text": "alt text"},
-             by_path=lambda probe: not probe.is_dir and probe.suffix == ".tsv")
+TSV = Format(
+    "tsv",
+    readers={"pairs": _read_tsv},
+    carries={"caption": "a caption", "alt_text": "alt text"},
+    by_path=lambda probe: not probe.is_dir and probe.suffix == ".tsv",
+)
 
 
 @pytest.fixture
@@ -73,7 +77,10 @@ def test_toy_format_is_detected_chosen_and_read(tsv: Format, root: Path) -> None
         assert scan.format == "tsv" and not scan.problems
         recs = read_pairs(path, opts=ReadOptions(format=fmt))
         assert [(r.image.name, r.text, r.image_id) for r in recs] == [
-            ("a.png", "a red square", 0), ("b.png", "a blue square", 1), ("a.png", "the red one again", 0)]
+            ("a.png", "a red square", 0),
+            ("b.png", "a blue square", 1),
+            ("a.png", "the red one again", 0),
+        ]
         assert recs[1].source == f"{path}: line 2"
     assert detect_kind(path) == "pairs"
 
@@ -104,8 +111,10 @@ def test_toy_format_carried_fields_join_the_carriers_table(tsv: Format, root: Pa
     path.write_text(json.dumps([{"image": "a.png", "caption": "red", "alt_text": "a red square"}]))
     with pytest.raises(DataError) as e:
         read_pairs(path, opts=ReadOptions(format="pairs"))
-    assert str(e.value) == (f"{path}: record 0: field 'alt_text' carries alt text that format 'pairs' does not read; "
-                            "format 'tsv' reads it (data.format=...)")
+    assert str(e.value) == (
+        f"{path}: record 0: field 'alt_text' carries alt text that format 'pairs' does not read; "
+        "format 'tsv' reads it (data.format=...)"
+    )
 
 
 def test_registering_a_name_twice_or_auto_is_refused() -> None:
@@ -136,26 +145,42 @@ def test_carriers_table_is_derived_from_the_formats() -> None:
     assert table["bbox"][0] == "a box" and set(table["bbox"][1]) == {"pairs", "grounding", "albef", "refcoco"}
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("refs(unc).p", b"", "refcoco"), ("train.csv", b"", "csv"), ("metadata.csv", b"", "csv"),
-    ("metadata.jsonl", b"", "hf"), ("train.parquet", b"", "hf"), ("train.jsonl", b"", "counting"),
-    ("coco.json", b'{"images": [], "annotations": []}', "coco"), ("k.json", b'{"images": [], "dataset": "coco"}', "karpathy"),
-    ("g.json", b'[{"image": "a", "sentences": [], "ref_id": 1}]', "geotext"), ("r.json", b'[{"ref_id": 1, "bbox": 1}]', "refcoco"),
-    ("b.json", b'[{"image": "a", "bbox": [1, 2, 3, 4], "image_id": 3}]', "grounding"),
-    ("x.json", b'[{"image": "a", "caption": "c", "image_id": 3}]', "albef"), ("p.json", b'[{"image": "a", "caption": "c"}]', "pairs"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("refs(unc).p", b"", "refcoco"),
+        ("train.csv", b"", "csv"),
+        ("metadata.csv", b"", "csv"),
+        ("metadata.jsonl", b"", "hf"),
+        ("train.parquet", b"", "hf"),
+        ("train.jsonl", b"", "counting"),
+        ("coco.json", b'{"images": [], "annotations": []}', "coco"),
+        ("k.json", b'{"images": [], "dataset": "coco"}', "karpathy"),
+        ("g.json", b'[{"image": "a", "sentences": [], "ref_id": 1}]', "geotext"),
+        ("r.json", b'[{"ref_id": 1, "bbox": 1}]', "refcoco"),
+        ("b.json", b'[{"image": "a", "bbox": [1, 2, 3, 4], "image_id": 3}]', "grounding"),
+        ("x.json", b'[{"image": "a", "caption": "c", "image_id": 3}]', "albef"),
+        ("p.json", b'[{"image": "a", "caption": "c"}]', "pairs"),
+    ],
+)
 def test_detection_order(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     assert detect(path) == expected
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"images": 3}', "top level is an object but not COCO captions ('images' and 'annotations') nor a Karpathy split "
-                       "file ('images' with 'filename' and 'sentences'); expected a list of records"),
-    (b'"text"', "top level must be a list of records, got string"),
-    (b'[1, ', "not valid JSON: Expecting value (line 1, column 5)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b'{"images": 3}',
+            "top level is an object but not COCO captions ('images' and 'annotations') nor a Karpathy split "
+            "file ('images' with 'filename' and 'sentences'); expected a list of records",
+        ),
+        (b'"text"', "top level must be a list of records, got string"),
+        (b"[1, ", "not valid JSON: Expecting value (line 1, column 5)"),
+    ],
+)
 def test_detection_errors(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "x.json"
     path.write_bytes(content)
@@ -170,8 +195,10 @@ def test_detection_errors(tmp_path: Path, content: bytes, message: str) -> None:
 
 
 def test_registry_loads_without_pillow_numpy_or_torch() -> None:
-    code = ("import sys; from vlmtune.data.formats.registry import format_names; format_names(); "
-            "print(sorted(m for m in ('PIL', 'numpy', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; from vlmtune.data.formats.registry import format_names; format_names(); "
+        "print(sorted(m for m in ('PIL', 'numpy', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -202,7 +229,7 @@ def test_no_import_circles_in_data() -> None:
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                pytest.fail("import circle: " + " -> ".join([*stack[stack.index(dep):], dep]))
+                pytest.fail("import circle: " + " -> ".join([*stack[stack.index(dep) :], dep]))
             if dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = 2

@@ -34,9 +34,22 @@ def test_fsdp_pieces_on_two_gloo_processes() -> None:
     sharded, a 0-d parameter kept whole, steps where one process leaves a head unused
     equal one process over both batches, uneven forwards under full_params, whole
     weights and optimizer state gathered and cut back into shards."""
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "fsdp_worker.py")], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "fsdp_worker.py"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
@@ -46,9 +59,21 @@ def test_fsdp_run_matches_ddp_evaluates_on_one_process_and_resumes(tmp_path: Pat
     gloo processes, FSDP against DDP: per-step losses within 1e-5; the FSDP run's
     checkpoint evaluated by one process gives its metrics; a resume from its epoch-2
     checkpoint (inside stage 2: its optimizer state re-sharded) gives the same steps."""
-    common = [TWO_STAGE, f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=3",
-              "stages.1.start_epoch=1", "train.progress=false", "eval.batch_size=16", "model.adapter_dropout=0",
-              "loss.matching=0", "train.log_every=1", "loss.relation=0.1", "train.batch_size=8", "train.keep_last=2"]
+    common = [
+        TWO_STAGE,
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=3",
+        "stages.1.start_epoch=1",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "model.adapter_dropout=0",
+        "loss.matching=0",
+        "train.log_every=1",
+        "loss.relation=0.1",
+        "train.batch_size=8",
+        "train.keep_last=2",
+    ]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     res = _torchrun(["train", *common, "--output-dir", str(ddp)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -180,13 +205,19 @@ def test_fsdp_settings_from_an_accelerate_config(monkeypatch, fresh_accelerate) 
     """accelerate launch with configs/accelerate/fsdp.yaml exports these variables."""
     cfg = load_config(TWO_STAGE)
     assert fsdp_settings(cfg) is None
-    for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
-                 "FSDP_OFFLOAD_PARAMS": "true", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                 "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen2DecoderLayer"}.items():
+    for k, v in {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+        "FSDP_OFFLOAD_PARAMS": "true",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen2DecoderLayer",
+    }.items():
         monkeypatch.setenv(k, v)
     s = fsdp_settings(cfg)
-    assert s == FsdpSettings(reshard_after_forward=False, cpu_offload=True, wrap=("Qwen2DecoderLayer",),
-                             source="accelerate config (fsdp_config)")
+    assert s == FsdpSettings(
+        reshard_after_forward=False, cpu_offload=True, wrap=("Qwen2DecoderLayer",), source="accelerate config (fsdp_config)"
+    )
     # train.fsdp wins when enabled.
     own = fsdp_settings(load_config(TWO_STAGE, ["train.fsdp.enabled=true"]))
     assert own == FsdpSettings()

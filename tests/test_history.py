@@ -13,25 +13,60 @@ from vlmtune.errors import DataError, first_line
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord, parse_record, read_history
 from vlmtune.utils import flatten
 
-STAGE = StageRecord(stage=1, name="ground", epoch=2, step=10, train={"heads": 1.0, "vision_blocks": 0.1},
-                    losses=["box", "contrastive"], trainable=1234, total=99999,
-                    cache={"cache_dir": "/tmp/c", "cache_vision": True, "cache_text": False})
-STEP = StepRecord(epoch=2, step=12, stage=1, loss=1.5, terms={"contrastive": 1.0, "box": 0.5},
-                  diag={"box_l1": 0.25, "temperature": 0.07}, lr={"heads": 1e-3, "vision_blocks": 1e-4}, bad_steps=3)
-EPOCH = EpochRecord(epoch=2, step=15, stage=1, samples=480, train_wall_s=12.345, wall_s=20.5, peak_mem_mb=812.3,
-                    val={"retrieval/mean_recall": 41.5, "retrieval/n_images": 20, "answer/sample": "3 items"})
+STAGE = StageRecord(
+    stage=1,
+    name="ground",
+    epoch=2,
+    step=10,
+    train={"heads": 1.0, "vision_blocks": 0.1},
+    losses=["box", "contrastive"],
+    trainable=1234,
+    total=99999,
+    cache={"cache_dir": "/tmp/c", "cache_vision": True, "cache_text": False},
+)
+STEP = StepRecord(
+    epoch=2,
+    step=12,
+    stage=1,
+    loss=1.5,
+    terms={"contrastive": 1.0, "box": 0.5},
+    diag={"box_l1": 0.25, "temperature": 0.07},
+    lr={"heads": 1e-3, "vision_blocks": 1e-4},
+    bad_steps=3,
+)
+EPOCH = EpochRecord(
+    epoch=2,
+    step=15,
+    stage=1,
+    samples=480,
+    train_wall_s=12.345,
+    wall_s=20.5,
+    peak_mem_mb=812.3,
+    val={"retrieval/mean_recall": 41.5, "retrieval/n_images": 20, "answer/sample": "3 items"},
+)
 RECORDS = [STAGE, STEP, EPOCH]
 
 
 # The dicts train.py built by hand before the schema (copied from it), as references
 # for the records' key order and values.
 def _stage_line_before(r: StageRecord) -> dict:
-    return {"type": "stage", "stage": r.stage, "name": r.name, "epoch": r.epoch, "step": r.step, "train": r.train,
-            "losses": r.losses, "trainable": r.trainable, "total": r.total, "cache": r.cache}
+    return {
+        "type": "stage",
+        "stage": r.stage,
+        "name": r.name,
+        "epoch": r.epoch,
+        "step": r.step,
+        "train": r.train,
+        "losses": r.losses,
+        "trainable": r.trainable,
+        "total": r.total,
+        "cache": r.cache,
+    }
 
 
-def _step_line_before(epoch: int, step: int, stage: int, running: dict, n_running: int, groups: list[dict],
-                      bad_steps: int) -> dict:
+def _step_line_before(
+    epoch: int, step: int, stage: int, running: dict, n_running: int, groups: list[dict], bad_steps: int
+) -> dict:
     rec = {"type": "step", "epoch": epoch, "step": step, "stage": stage}
     rec.update({k if k.startswith("diag/") or k == "loss" else f"loss/{k}": v / n_running for k, v in running.items()})
     rec.update({f"lr/{g['name']}": g["lr"] for g in groups})
@@ -41,8 +76,16 @@ def _step_line_before(epoch: int, step: int, stage: int, running: dict, n_runnin
 
 
 def _epoch_line_before(r: EpochRecord, val: dict) -> dict:
-    rec = {"type": "epoch", "epoch": r.epoch, "step": r.step, "stage": r.stage, "samples": r.samples,
-           "train_wall_s": r.train_wall_s, "wall_s": r.wall_s, "peak_mem_mb": r.peak_mem_mb}
+    rec = {
+        "type": "epoch",
+        "epoch": r.epoch,
+        "step": r.step,
+        "stage": r.stage,
+        "samples": r.samples,
+        "train_wall_s": r.train_wall_s,
+        "wall_s": r.wall_s,
+        "peak_mem_mb": r.peak_mem_mb,
+    }
     rec.update({f"val/{k}": v for k, v in val.items() if not isinstance(v, list)})
     return rec
 
@@ -57,8 +100,12 @@ def test_each_record_round_trips_through_its_line(record) -> None:
 
 def test_lines_are_the_ones_the_loop_wrote_before_the_schema() -> None:
     assert json.dumps(STAGE.to_json()) == json.dumps(_stage_line_before(STAGE))
-    val = {"retrieval/mean_recall": 41.5, "retrieval/n_images": 20, "answer/sample": "3 items",
-           "answer/examples": [{"reference": "a", "generated": "b"}]}
+    val = {
+        "retrieval/mean_recall": 41.5,
+        "retrieval/n_images": 20,
+        "answer/sample": "3 items",
+        "answer/examples": [{"reference": "a", "generated": "b"}],
+    }
     scalars = {k: v for k, v in val.items() if not isinstance(v, list)}
     assert json.dumps(EPOCH.to_json()) == json.dumps(_epoch_line_before(EPOCH, val))
     assert EPOCH.val == scalars
@@ -125,19 +172,22 @@ def test_every_missing_key_is_an_error_naming_it(record) -> None:
             parse_record(broken, "run/history.jsonl: line 4")
 
 
-@pytest.mark.parametrize("line, message", [
-    ({"epoch": 0}, r"no 'type'"),
-    ({"type": "epochs"}, r'type "epochs"; a history line\'s type is one of: stage, step, epoch'),
-    ({**STEP.to_json(), "los": 1.0}, r"step line: key 'los' is not in the schema"),
-    ({**STEP.to_json(), "step": 1.5}, r"step line: 'step' must be an integer, got 1.5"),
-    ({**STEP.to_json(), "step": True}, r"step line: 'step' must be an integer, got true"),
-    ({**STEP.to_json(), "loss/box": "0.5"}, r"step line: 'loss/box' must be a number"),
-    ({**STEP.to_json(), "bad_steps": "3"}, r"step line: 'bad_steps' must be an integer"),
-    ({**STEP.to_json(), "bad_steps": None}, r"step line: 'bad_steps' must be an integer, got null"),
-    ({**STAGE.to_json(), "losses": "box"}, r"stage line: 'losses' must be a list of strings"),
-    ({**STAGE.to_json(), "train": {"heads": "x"}}, r"stage line: 'train' must be an object of numbers"),
-    ({**EPOCH.to_json(), "val/confusion": [[1, 0], [0, 1]]}, r"epoch line: 'val/confusion' must be a number, string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"epoch": 0}, r"no 'type'"),
+        ({"type": "epochs"}, r'type "epochs"; a history line\'s type is one of: stage, step, epoch'),
+        ({**STEP.to_json(), "los": 1.0}, r"step line: key 'los' is not in the schema"),
+        ({**STEP.to_json(), "step": 1.5}, r"step line: 'step' must be an integer, got 1.5"),
+        ({**STEP.to_json(), "step": True}, r"step line: 'step' must be an integer, got true"),
+        ({**STEP.to_json(), "loss/box": "0.5"}, r"step line: 'loss/box' must be a number"),
+        ({**STEP.to_json(), "bad_steps": "3"}, r"step line: 'bad_steps' must be an integer"),
+        ({**STEP.to_json(), "bad_steps": None}, r"step line: 'bad_steps' must be an integer, got null"),
+        ({**STAGE.to_json(), "losses": "box"}, r"stage line: 'losses' must be a list of strings"),
+        ({**STAGE.to_json(), "train": {"heads": "x"}}, r"stage line: 'train' must be an object of numbers"),
+        ({**EPOCH.to_json(), "val/confusion": [[1, 0], [0, 1]]}, r"epoch line: 'val/confusion' must be a number, string"),
+    ],
+)
 def test_ill_typed_or_unknown_keys_are_errors(line: dict, message: str) -> None:
     with pytest.raises(DataError, match=message) as e:
         parse_record(line, "h.jsonl: line 9")
@@ -160,9 +210,18 @@ def test_read_history_names_the_file_and_line(tmp_path: Path) -> None:
 
 
 def test_flatten_and_first_line() -> None:
-    cfg = {"seed": 0, "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "stages": [{"name": "a", "train": {"heads": 1.0}}],
-           "empty": {}}
-    assert flatten(cfg) == {"seed": 0, "optim.lr": 1e-3, "optim.betas": [0.9, 0.999], "stages.0.name": "a",
-                            "stages.0.train.heads": 1.0}
+    cfg = {
+        "seed": 0,
+        "optim": {"lr": 1e-3, "betas": [0.9, 0.999]},
+        "stages": [{"name": "a", "train": {"heads": 1.0}}],
+        "empty": {},
+    }
+    assert flatten(cfg) == {
+        "seed": 0,
+        "optim.lr": 1e-3,
+        "optim.betas": [0.9, 0.999],
+        "stages.0.name": "a",
+        "stages.0.train.heads": 1.0,
+    }
     assert first_line(ValueError("  first\nsecond")) == "first"
     assert first_line(KeyboardInterrupt()) == "KeyboardInterrupt"

@@ -95,9 +95,13 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 
 def test_no_private_name_is_imported_from_another_module() -> None:
-    used = [f"{MODULES[name].relative_to(SRC)}:{line}: {target}.{n}"
-            for name in MODULES for target, names, line in _imports(name, MODULES[name])
-            for n in names if n.startswith("_") and not n.startswith("__")]
+    used = [
+        f"{MODULES[name].relative_to(SRC)}:{line}: {target}.{n}"
+        for name in MODULES
+        for target, names, line in _imports(name, MODULES[name])
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert used == []
 
 

@@ -65,27 +65,30 @@ def test_the_toy_loss_is_a_config_key(toy: Loss, capsys: pytest.CaptureFixture[s
 
 def test_the_toy_loss_trains_and_is_logged(toy: Loss, tmp_path: Path, scenes: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", SINGLE, "--output-dir", str(out), *small_set(scenes), ONE_STAGE, "train.epochs=1",
-                 "train.log_every=1"]) == 0
+    assert (
+        main(["train", SINGLE, "--output-dir", str(out), *small_set(scenes), ONE_STAGE, "train.epochs=1", "train.log_every=1"])
+        == 0
+    )
     steps = [h for h in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if h["type"] == "step"]
     assert steps and all("loss/toy" in h and h["loss/toy"] > 0 for h in steps)
     assert all("loss/contrastive" in h for h in steps)  # beside the built-in ones
 
 
-def test_a_toy_loss_without_targets_is_refused_at_start_up(tmp_path: Path, scenes: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_toy_loss_without_targets_is_refused_at_start_up(
+    tmp_path: Path, scenes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     needy = dataclasses.replace(TOY, fields=("depth",))  # no scenes record has a depth
     with RetrievalTask.losses.extended(needy):
         assert RetrievalTask.losses["toy"].fields == ("depth",)
-        assert main(["train", SINGLE, "--output-dir", str(tmp_path / "run"), *small_set(scenes), ONE_STAGE,
-                     "train.epochs=1"]) == 2
+        assert (
+            main(["train", SINGLE, "--output-dir", str(tmp_path / "run"), *small_set(scenes), ONE_STAGE, "train.epochs=1"]) == 2
+        )
     err = capsys.readouterr().err
     assert "stages[0] 'all': the 'toy' loss is active but no training record" in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
 
 
-def test_data_inspect_lists_the_losses_the_registry_says_a_set_feeds(scenes: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_inspect_lists_the_losses_the_registry_says_a_set_feeds(scenes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """data inspect asks the tasks: a registered toy loss is listed where the data has its fields."""
     train = str(scenes / "train.json")
     with RetrievalTask.losses.extended(TOY):

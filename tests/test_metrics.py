@@ -9,14 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from vlmtune.boxes import (
-    cxcywh_to_xyxy,
-    paired_box_iou,
-    paired_generalized_box_iou,
-    xywh_to_xyxy,
-    xyxy_to_cxcywh,
-    xyxy_to_xywh,
-)
+from vlmtune.boxes import cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
 from vlmtune.metrics.boxes import box_metrics, constant_box_baseline
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
 from vlmtune.metrics.retrieval import chunked_topk, retrieval_metrics, retrieval_metrics_reference
@@ -133,8 +126,7 @@ def test_retrieval_matches_reference(rerank, rerank_k: int, chunk_size: int, ste
     text_emb = _grid_emb(gen, text_to_image.numel(), 8, step)
     ks = (1, 5, 10)
     fast = retrieval_metrics(
-        image_emb, text_emb, text_to_image, ks=ks, chunk_size=chunk_size, rerank=rerank, rerank_k=rerank_k,
-        rerank_batch_size=7,
+        image_emb, text_emb, text_to_image, ks=ks, chunk_size=chunk_size, rerank=rerank, rerank_k=rerank_k, rerank_batch_size=7
     )
     ref = retrieval_metrics_reference(image_emb, text_emb, text_to_image, ks=ks, rerank=rerank, rerank_k=rerank_k)
     _assert_same_metrics(fast, ref)
@@ -157,9 +149,7 @@ def test_rerank_changes_result_and_uncaptioned_images() -> None:
         return (text_to_image[txt] == img).float()
 
     reranked = retrieval_metrics(image_emb, text_emb, text_to_image, chunk_size=2, rerank=oracle, rerank_k=100)
-    _assert_same_metrics(
-        reranked, retrieval_metrics_reference(image_emb, text_emb, text_to_image, rerank=oracle, rerank_k=100)
-    )
+    _assert_same_metrics(reranked, retrieval_metrics_reference(image_emb, text_emb, text_to_image, rerank=oracle, rerank_k=100))
     assert reranked["retrieval/i2t_r1"] == reranked["retrieval/t2i_r1"] == 100.0
 
 

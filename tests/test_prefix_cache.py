@@ -42,8 +42,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_prefix_cached_losses_and_gradients_equal_the_uncached_path(scenes: Path, tmp_path: Path,
-                                                                    checkpointing: bool) -> None:
+def test_prefix_cached_losses_and_gradients_equal_the_uncached_path(scenes: Path, tmp_path: Path, checkpointing: bool) -> None:
     """Every loss term (dropout on, same seed for both paths) and the gradient of every
     trained parameter, the last vision block's included, match the live tower to 1e-5;
     with gradient checkpointing on the trained blocks too."""
@@ -55,8 +54,9 @@ def test_prefix_cached_losses_and_gradients_equal_the_uncached_path(scenes: Path
     model.backbone.eval()  # as the training loop: the backbone's own dropout off (checkpointed towers follow train)
     L = model.backbone.info.num_vision_blocks
     live = task.make_loader(records, model.backbone, train=True, seed=0)
-    cached = task.make_loader(records, model.backbone, train=True, seed=0,
-                              cache=FeatureCache(tmp_path / "cache", vision_start=L - 1))
+    cached = task.make_loader(
+        records, model.backbone, train=True, seed=0, cache=FeatureCache(tmp_path / "cache", vision_start=L - 1)
+    )
     block = model.backbone.vision_blocks[L - 1]
     assert all(p.requires_grad for p in block.parameters())
     assert not any(p.requires_grad for p in model.backbone.vision_blocks[0].parameters())
@@ -154,7 +154,8 @@ def test_two_stage_run_with_prefix_cache_equals_the_uncached_run(tmp_path: Path,
 
 
 def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
-        tmp_path: Path, scenes: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, scenes: Path, straight: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`vlmtune cache` fills the prefix store up front; SIGTERM inside stage 2 (step 15);
     the first run and the resumed one read that store (never rebuilt) and the run ends
     exactly as the straight run."""
@@ -167,8 +168,9 @@ def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
 
     run = tmp_path / "run"
     assert main(["cache", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), *RESUMABLE]) == 0
-    (prefix,) = [d for d in (run / "cache").iterdir()
-                 if json.loads((d / "namespace.json").read_text())["kind"] == "vision_hidden"]
+    (prefix,) = [
+        d for d in (run / "cache").iterdir() if json.loads((d / "namespace.json").read_text())["kind"] == "vision_hidden"
+    ]
     assert json.loads((prefix / "namespace.json").read_text())["start"] == 1
     built = (prefix / "features.npy").stat().st_mtime_ns
     _counting_forward(monkeypatch, sigterm_at_15)
@@ -186,7 +188,6 @@ def test_resume_after_a_stop_in_stage_2_reads_the_prefix_cache_and_ends_exact(
 def test_bench_stages_names_a_missing_recipe(tmp_path: Path, capsys) -> None:
     """--recipes that is not a file: one line naming it, exit 2, before any work."""
     missing = tmp_path / "nope.yaml"
-    assert main(["bench", "--out", str(tmp_path / "b"), "--sections", "stages", "--recipes", str(missing),
-                 TWO_STAGE]) == 2
+    assert main(["bench", "--out", str(tmp_path / "b"), "--sections", "stages", "--recipes", str(missing), TWO_STAGE]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --recipes:") and "nope.yaml" in err[0]

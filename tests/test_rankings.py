@@ -51,13 +51,16 @@ def test_rankings_match_full_matrix(rerank, rerank_k, chunk_size, step) -> None:
     t2i = _variable_captions(gen, n)
     t2i = t2i[t2i != 5]  # image 5 has no caption: rank -1, still a t2i distractor
     img, txt = _grid_emb(gen, n, 8, step), _grid_emb(gen, t2i.numel(), 8, step)
-    metrics, rk = retrieval_metrics(img, txt, t2i, ks=(1, 5), chunk_size=chunk_size, rerank=rerank, rerank_k=rerank_k,
-                                    rankings_k=7, return_rankings=True)
+    metrics, rk = retrieval_metrics(
+        img, txt, t2i, ks=(1, 5), chunk_size=chunk_size, rerank=rerank, rerank_k=rerank_k, rankings_k=7, return_rankings=True
+    )
     _assert_same_metrics(metrics, retrieval_metrics_reference(img, txt, t2i, ks=(1, 5), rerank=rerank, rerank_k=rerank_k))
     k = max(7, rerank_k if rerank else 0)
     ref = _reference_lists(img, txt, t2i, k, rerank, rerank_k)
-    for name, idx, scores, match, gt in (("i2t", rk.i2t, rk.i2t_scores, rk.i2t_match, rk.i2t_gt_rank),
-                                         ("t2i", rk.t2i, rk.t2i_scores, rk.t2i_match, rk.t2i_gt_rank)):
+    for name, idx, scores, match, gt in (
+        ("i2t", rk.i2t, rk.i2t_scores, rk.i2t_match, rk.i2t_gt_rank),
+        ("t2i", rk.t2i, rk.t2i_scores, rk.t2i_match, rk.t2i_gt_rank),
+    ):
         r_idx, r_scores, r_match, r_gt = ref[name]
         assert torch.equal(idx, r_idx), name
         assert torch.equal(scores, r_scores), name
@@ -94,8 +97,9 @@ _CHECK = """<script>window.addEventListener('load', () => {
 def _browser() -> str:
     found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if found is None:
-        pytest.skip("no headless browser: install Debian's chromium (apt-get install -y chromium; .ci/run does it "
-                    "when apt is available)")
+        pytest.skip(
+            "no headless browser: install Debian's chromium (apt-get install -y chromium; .ci/run does it when apt is available)"
+        )
     return found
 
 
@@ -109,8 +113,18 @@ def browser_image_check(page: Path, tmp_path: Path) -> dict:
     text = text.replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
     probe = tmp_path / "probe.html"
     probe.write_text(text.replace("</body>", _CHECK + "</body>"), encoding="utf-8")
-    cmd = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom", probe.as_uri()]
+    cmd = [
+        _browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     import re
 
@@ -141,8 +155,22 @@ def _jsonl(path: Path) -> list[dict]:
 
 def test_retrieval_rankings_and_examples_page(retrieval_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    assert main(["evaluate", str(retrieval_checkpoint), "--rankings", "--rankings-k", "3", "--examples", "6",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(retrieval_checkpoint),
+                "--rankings",
+                "--rankings-k",
+                "3",
+                "--examples",
+                "6",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     t2i, i2t = _jsonl(out / "rankings_t2i.jsonl"), _jsonl(out / "rankings_i2t.jsonl")
     assert len(t2i) == metrics["retrieval/n_captions"] and len(i2t) == metrics["retrieval/n_images"]
@@ -192,9 +220,24 @@ def test_counting_rankings_and_examples_page(lora_counting_checkpoint: Path, tmp
 
 def test_rankings_refusals(retrieval_checkpoint: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
-    assert main(["evaluate", str(retrieval_checkpoint), "--rankings", "--rankings-k", "0", "--output-dir",
-                 str(tmp_path / "a")]) == 2
+    assert (
+        main(["evaluate", str(retrieval_checkpoint), "--rankings", "--rankings-k", "0", "--output-dir", str(tmp_path / "a")]) == 2
+    )
     assert "--rankings-k" in capsys.readouterr().err
-    assert main(["evaluate", str(retrieval_checkpoint), str(retrieval_checkpoint), "--labels", "a", "b", "--rankings",
-                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(retrieval_checkpoint),
+                str(retrieval_checkpoint),
+                "--labels",
+                "a",
+                "b",
+                "--rankings",
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "one checkpoint" in capsys.readouterr().err

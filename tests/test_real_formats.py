@@ -27,13 +27,28 @@ from vlmtune.errors import DataError
 RETRIEVAL = str(CONFIGS / "retrieval_single_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
 # One tiny shared run: one epoch, batch 4, 32-px tiles, cache on.
-QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8", "eval.ks=[1,2]",
-         "backbone.tiny_image_size=32", "data.duplicates=keep"]
+QUICK = [
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.progress=false",
+    "eval.batch_size=8",
+    "eval.ks=[1,2]",
+    "backbone.tiny_image_size=32",
+    "data.duplicates=keep",
+]
 NO_BOXES = ["loss.box=0", "loss.relation=0"]
 BOXES = ["loss.relation=0"]
-COUNT_QUICK = ["train.epochs=1", "train.batch_size=4", "train.progress=false", "eval.batch_size=8",
-               "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]", "generation.num_beams=1",
-               "generation.val_num_images=0", "counting.max_dynamic_patch=1", "backbone.tiny_image_size=32"]
+COUNT_QUICK = [
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.progress=false",
+    "eval.batch_size=8",
+    "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]",
+    "generation.num_beams=1",
+    "generation.val_num_images=0",
+    "counting.max_dynamic_patch=1",
+    "backbone.tiny_image_size=32",
+]
 NEEDS_HF = {"hf-save-to-disk", "hf-parquet"}
 # Trained by default (a few seconds each); geotext trains read-only and Karpathy Flickr30k
 # in the evaluate --data test below; every other layout trains under -m slow.
@@ -69,8 +84,7 @@ def test_validate_and_inspect_every_layout(name: str, tmp_path: Path, capsys: py
         assert out.strip().endswith(", 0 errors, 0 notes") and "detected format" in err
         # ALBEF's val/test files ({"image", "caption": [5]}) have the very shape of pairs, read alike.
         assert f"detected format '{ff.DETECTED[name]}'" in err or path != layout.train
-    code, out, _ = _run(capsys, ["data", "inspect", str(layout.train), *_root_args(layout), "--json",
-                                 "--duplicates", "keep"])
+    code, out, _ = _run(capsys, ["data", "inspect", str(layout.train), *_root_args(layout), "--json", "--duplicates", "keep"])
     info = json.loads(out)
     assert code == 0 and info["format"] == ff.DETECTED[name] and info["errors"] == 0 and info["usable"] > 0
     if layout.kind == "counting":
@@ -138,8 +152,11 @@ def test_counting_templates_and_numeric_strings(tmp_path: Path, caplog: pytest.L
     assert all(r.question in QUESTIONS for r in recs)
     assert recs[0].answer in ANSWER_TEMPLATES["zero"] and recs[2].answer in [a.format(n=2) for a in ANSWER_TEMPLATES["many"]]
     assert caplog.text.count("from counting templates") == 1
-    custom = ReadOptions(image_root=layout.image_root, question_templates=("Receipts?",),
-                         answer_templates={"zero": ("none",), "one": ("one",), "many": ("{n} of them",)})
+    custom = ReadOptions(
+        image_root=layout.image_root,
+        question_templates=("Receipts?",),
+        answer_templates={"zero": ("none",), "one": ("one",), "many": ("{n} of them",)},
+    )
     recs = read_counting(layout.train, opts=custom)
     assert recs[3].question == "Receipts?" and recs[3].answer == "3 of them"
 
@@ -147,10 +164,16 @@ def test_counting_templates_and_numeric_strings(tmp_path: Path, caplog: pytest.L
 # --------------------------------------------------------------------------- nothing silently dropped
 
 
-@pytest.mark.parametrize("field, fmt, reader", [
-    ("bboxes", "pairs", "geotext"), ("sentences", "pairs", "geotext"), ("relations", "grounding", None),
-    ("bbox", "coco", "refcoco"), ("segmentation", "albef", None),
-])
+@pytest.mark.parametrize(
+    "field, fmt, reader",
+    [
+        ("bboxes", "pairs", "geotext"),
+        ("sentences", "pairs", "geotext"),
+        ("relations", "grounding", None),
+        ("bbox", "coco", "refcoco"),
+        ("segmentation", "albef", None),
+    ],
+)
 def test_unread_fields_are_errors(field: str, fmt: str, reader: str | None, tmp_path: Path) -> None:
     layout = ff.pairs(tmp_path / "p") if fmt != "coco" else ff.coco_captions(tmp_path / "c")
     data = json.loads(layout.train.read_text())
@@ -213,8 +236,10 @@ def test_hostile_pickle_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     refs[0]["sentences"][0]["sent"] = _Hostile(marker)
     layout.train.write_bytes(pickle.dumps(refs, protocol=2))
     assert not marker.exists()
-    for argv in (["data", "validate", str(layout.train), *_root_args(layout)],
-                 ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run"), *QUICK, *BOXES, *layout.overrides()]):
+    for argv in (
+        ["data", "validate", str(layout.train), *_root_args(layout)],
+        ["train", RETRIEVAL, "--output-dir", str(tmp_path / "run"), *QUICK, *BOXES, *layout.overrides()],
+    ):
         code, out, err = _run(capsys, argv)
         text = out + err
         assert code in (1, 2) and "refs(unc).p" in text and "refuses to build 'posix.system'" in text
@@ -262,8 +287,19 @@ def test_evaluate_data_takes_the_test_split(tmp_path: Path, capsys: pytest.Captu
     assert main(["train", RETRIEVAL, "--output-dir", str(run), *QUICK, *NO_BOXES, *layout.overrides()]) == 0
     moved = tmp_path / "elsewhere"
     shutil.copytree(layout.image_root, moved)
-    code, _, err = _run(capsys, ["evaluate", str(run / "checkpoints" / "last"), "--data", str(layout.test),
-                                 "--image-root", str(moved), "--output-dir", str(tmp_path / "ev")])
+    code, _, err = _run(
+        capsys,
+        [
+            "evaluate",
+            str(run / "checkpoints" / "last"),
+            "--data",
+            str(layout.test),
+            "--image-root",
+            str(moved),
+            "--output-dir",
+            str(tmp_path / "ev"),
+        ],
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["eval/data"] == str(layout.test) and "retrieval/mean_recall" in metrics

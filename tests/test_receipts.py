@@ -122,8 +122,7 @@ def test_global_rng_untouched(tmp_path: Path) -> None:
 
 
 def test_non_square_images(tmp_path: Path) -> None:
-    paths = generate_receipts(tmp_path, n=8, seed=5, max_count=3, image_size=(64, 128),
-                              split_fractions=(0.5, 0.25, 0.25))
+    paths = generate_receipts(tmp_path, n=8, seed=5, max_count=3, image_size=(64, 128), split_fractions=(0.5, 0.25, 0.25))
     boxes = json.loads((tmp_path / "boxes.json").read_text())
     for path in paths.values():
         for rec in _records(path):

@@ -57,21 +57,25 @@ def test_retrieval_recipe_reaches_its_targets(config: str, tmp_path: Path) -> No
     assert m["grounding/miou"] > m["grounding/baseline_miou"]
     # Relations: well above the majority class, and the whole caption would give them
     # away (which is why the head reads it masked).
-    assert m["spatial/accuracy"] >= m["spatial/baseline_accuracy"] + 15, (m["spatial/accuracy"],
-                                                                          m["spatial/baseline_accuracy"])
+    assert m["spatial/accuracy"] >= m["spatial/baseline_accuracy"] + 15, (m["spatial/accuracy"], m["spatial/baseline_accuracy"])
     assert m["spatial/baseline_caption_accuracy"] > 95
 
 
-@pytest.mark.xfail(reason="not reliably reached on the embedded default: the relation head scores about the "
-                          "text-only baseline (seed 0: single-stage 38.6, two-stage 41.7, text-only 39.9; README "
-                          "'Relations need the image')", strict=False)
+@pytest.mark.xfail(
+    reason="not reliably reached on the embedded default: the relation head scores about the "
+    "text-only baseline (seed 0: single-stage 38.6, two-stage 41.7, text-only 39.9; README "
+    "'Relations need the image')",
+    strict=False,
+)
 @pytest.mark.parametrize("config", RETRIEVAL)
 def test_relation_beats_the_text_only_baseline(config: str, tmp_path: Path) -> None:
     """The README's relation target: above the best a model reading only the masked
     caption does. Checked, and reported as an expected failure while it is not met."""
     m = _train(config, tmp_path / "run")
-    assert m["spatial/accuracy"] > m["spatial/baseline_text_accuracy"], (m["spatial/accuracy"],
-                                                                         m["spatial/baseline_text_accuracy"])
+    assert m["spatial/accuracy"] > m["spatial/baseline_text_accuracy"], (
+        m["spatial/accuracy"],
+        m["spatial/baseline_text_accuracy"],
+    )
 
 
 @pytest.mark.parametrize("config", COUNTING)

@@ -22,8 +22,11 @@ TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 def test_every_scene_phrase_is_masked_in_every_template() -> None:
     """Whatever the relation, the masked caption is the same text: nothing of the phrase is left."""
     for template in _TEMPLATES:
-        masked = {mask_relation(template.format(s="red circle", r="blue square", rel=phrase))
-                  for phrases in _PHRASES.values() for phrase in phrases}
+        masked = {
+            mask_relation(template.format(s="red circle", r="blue square", rel=phrase))
+            for phrases in _PHRASES.values()
+            for phrase in phrases
+        }
         assert len(masked) == 1, (template, masked)
         text = masked.pop()
         assert RELATION_MASK in text and "red circle" in text and "blue square" in text
@@ -62,15 +65,22 @@ def test_text_classifier_reads_what_the_text_says_and_nothing_more() -> None:
     words = ["left", "right", "above", "below"]
     train = [(f"the cat {w} the dog", i) for i in range(200) for w in [words[i % 4]]]
     test = [(f"a cat {w} a dog", i % 4) for i, w in enumerate(words * 5)]
-    out = text_classifier_baseline([t for t, _ in train], [i % 4 for _, i in train], [t for t, _ in test],
-                                   torch.tensor([y for _, y in test]), 4, "spatial")
+    out = text_classifier_baseline(
+        [t for t, _ in train], [i % 4 for _, i in train], [t for t, _ in test], torch.tensor([y for _, y in test]), 4, "spatial"
+    )
     assert out["spatial/baseline_text_accuracy"] == 100.0
     # Labels unrelated to the text: no better than the majority share, roughly.
     labels = [rng.randrange(4) for _ in train]
-    noise = text_classifier_baseline([t for t, _ in train], labels, [t for t, _ in test],
-                                     torch.tensor([rng.randrange(4) for _ in test]), 4, "spatial", "caption")
-    assert set(noise) == {f"spatial/baseline_caption_{k}" for k in ("accuracy", "macro_precision", "macro_recall",
-                                                                   "macro_f1")}
+    noise = text_classifier_baseline(
+        [t for t, _ in train],
+        labels,
+        [t for t, _ in test],
+        torch.tensor([rng.randrange(4) for _ in test]),
+        4,
+        "spatial",
+        "caption",
+    )
+    assert set(noise) == {f"spatial/baseline_caption_{k}" for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
     assert noise["spatial/baseline_caption_accuracy"] <= 50.0
 
 
@@ -80,10 +90,18 @@ def test_scene_captions_leak_the_relation_and_masked_ones_do_not(scenes: Path) -
     train = [r for r in read_pairs(scenes / "train.json") if r.relation is not None]
     test = [r for r in read_pairs(scenes / "test.json") + read_pairs(scenes / "val.json") if r.relation is not None]
     y = torch.tensor([r.relation for r in test])
-    caption = text_classifier_baseline([r.text for r in train], [r.relation for r in train], [r.text for r in test],
-                                       y, len(RELATIONS), "spatial", "caption")
-    masked = text_classifier_baseline([mask_relation(r.text) for r in train], [r.relation for r in train],
-                                      [mask_relation(r.text) for r in test], y, len(RELATIONS), "spatial", "text")
+    caption = text_classifier_baseline(
+        [r.text for r in train], [r.relation for r in train], [r.text for r in test], y, len(RELATIONS), "spatial", "caption"
+    )
+    masked = text_classifier_baseline(
+        [mask_relation(r.text) for r in train],
+        [r.relation for r in train],
+        [mask_relation(r.text) for r in test],
+        y,
+        len(RELATIONS),
+        "spatial",
+        "text",
+    )
     assert caption["spatial/baseline_caption_accuracy"] >= 90.0
     assert masked["spatial/baseline_text_accuracy"] <= 60.0
 
@@ -124,8 +142,10 @@ def test_relation_head_never_sees_the_relation_phrase(tmp_path: Path, scenes: Pa
             return model.relation_logits(batch, batch["relation"] >= 0, v, patches)
 
     torch.testing.assert_close(logits(records), logits(swapped))
-    other_images = [type(r)(records[(i + 1) % len(records)].image, r.text, r.image_id, r.bbox, r.relation, r.source)
-                    for i, r in enumerate(records)]
+    other_images = [
+        type(r)(records[(i + 1) % len(records)].image, r.text, r.image_id, r.bbox, r.relation, r.source)
+        for i, r in enumerate(records)
+    ]
     assert not torch.allclose(logits(records), logits(other_images))
 
 
@@ -136,11 +156,29 @@ def test_run_reports_text_baselines_and_the_best_stage(tmp_path: Path, fast: lis
     from vlmtune.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", TWO_STAGE, "--output-dir", str(out), *fast, "train.epochs=2", "stages.1.start_epoch=1",
-                 "train.early_stopping.min_delta=1000"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TWO_STAGE,
+                "--output-dir",
+                str(out),
+                *fast,
+                "train.epochs=2",
+                "stages.1.start_epoch=1",
+                "train.early_stopping.min_delta=1000",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("spatial/baseline_text_accuracy", "spatial/baseline_text_macro_f1", "spatial/baseline_caption_accuracy",
-                "grounding/baseline_text_acc50", "grounding/baseline_text_miou"):
+    for key in (
+        "spatial/baseline_text_accuracy",
+        "spatial/baseline_text_macro_f1",
+        "spatial/baseline_caption_accuracy",
+        "grounding/baseline_text_acc50",
+        "grounding/baseline_text_miou",
+    ):
         assert 0.0 <= m[key] <= 100.0, key
     assert m["train/best_epoch"] == 0 and m["train/best_stage"] == 0 and m["train/best_stage_name"] == "align"
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]

@@ -30,12 +30,17 @@ EPOCH_WALL = {"base": 10.0, "big": 20.0}  # seconds per epoch
 
 def _config(seed: int, lr: float, synthetic_seed: int = 0) -> dict:
     return {
-        "task": "retrieval", "seed": seed,
+        "task": "retrieval",
+        "seed": seed,
         "data": {"train": None, "synthetic": {"n": 100, "seed": synthetic_seed}},
         "stages": [{"name": "align", "start_epoch": 0}, {"name": "ground", "start_epoch": 2}],
         "optim": {"lr": lr},
-        "train": {"epochs": 5, "batch_size": 8, "grad_accum": 2,
-                  "early_stopping": {"metric": "retrieval/mean_recall", "mode": "max", "patience": 0}},
+        "train": {
+            "epochs": 5,
+            "batch_size": 8,
+            "grad_accum": 2,
+            "early_stopping": {"metric": "retrieval/mean_recall", "mode": "max", "patience": 0},
+        },
     }
 
 
@@ -44,23 +49,41 @@ def _metrics(kind: str, seed: int) -> dict:
     recall = {"base": [40.0, 42.0, 44.0], "big": [50.0, 53.0, 56.0]}[kind][seed]
     l1 = {"base": [0.20, 0.22, 0.24], "big": [0.30, 0.31, 0.35]}[kind][seed]
     return {
-        "retrieval/i2t_r1": recall - 10, "retrieval/i2t_r5": recall, "retrieval/i2t_r10": recall + 10,
-        "retrieval/t2i_r1": recall - 12, "retrieval/t2i_r5": recall - 1, "retrieval/t2i_r10": recall + 8,
+        "retrieval/i2t_r1": recall - 10,
+        "retrieval/i2t_r5": recall,
+        "retrieval/i2t_r10": recall + 10,
+        "retrieval/t2i_r1": recall - 12,
+        "retrieval/t2i_r5": recall - 1,
+        "retrieval/t2i_r10": recall + 8,
         "retrieval/mean_recall": recall,
         "retrieval/chance_i2t_r1": 99.0,  # absurdly high so that it would win if it were ranked
         "retrieval/n_images": 80,
-        "grounding/l1": l1, "grounding/baseline_l1": 0.01,
-        "spatial/accuracy": 90.0 + seed, "spatial/confusion": [[3, 1], [0, 4]],
-        "train/epochs": 5, "train/stopped_early": False,
-        "train/wall_s": 5 * EPOCH_WALL[kind], "train/peak_mem_mb": {"base": 500.0, "big": 900.0}[kind] + seed,
-        "params/trainable": {"base": 1000, "big": 5000}[kind], "params/total": 100000,
+        "grounding/l1": l1,
+        "grounding/baseline_l1": 0.01,
+        "spatial/accuracy": 90.0 + seed,
+        "spatial/confusion": [[3, 1], [0, 4]],
+        "train/epochs": 5,
+        "train/stopped_early": False,
+        "train/wall_s": 5 * EPOCH_WALL[kind],
+        "train/peak_mem_mb": {"base": 500.0, "big": 900.0}[kind] + seed,
+        "params/trainable": {"base": 1000, "big": 5000}[kind],
+        "params/total": 100000,
         "checkpoint": f"runs/{kind}/checkpoints/best",
     }
 
 
 def _stage(index: int, name: str, epoch: int, step: int) -> dict:
-    return StageRecord(stage=index, name=name, epoch=epoch, step=step, train={"heads": 1.0},
-                       losses=["box", "contrastive"], trainable=1000, total=100000, cache={}).to_json()
+    return StageRecord(
+        stage=index,
+        name=name,
+        epoch=epoch,
+        step=step,
+        train={"heads": 1.0},
+        losses=["box", "contrastive"],
+        trainable=1000,
+        total=100000,
+        cache={},
+    ).to_json()
 
 
 def _history(kind: str, seed: int) -> list[dict]:
@@ -70,17 +93,31 @@ def _history(kind: str, seed: int) -> list[dict]:
     for step in range(1, 26):
         if step == 11:
             lines.append(_stage(1, "ground", 2, 10))
-        lines.append(StepRecord(epoch=(step - 1) // 5, step=step, stage=int(step > 10), loss=3.0 / step + seed,
-                                terms={"contrastive": 2.0 / step, "box": 1.0 / step}, diag={"box_l1": 0.5},
-                                lr={"heads": 1e-3}).to_json())
+        lines.append(
+            StepRecord(
+                epoch=(step - 1) // 5,
+                step=step,
+                stage=int(step > 10),
+                loss=3.0 / step + seed,
+                terms={"contrastive": 2.0 / step, "box": 1.0 / step},
+                diag={"box_l1": 0.5},
+                lr={"heads": 1e-3},
+            ).to_json()
+        )
         if step % 5 == 0:
             e = step // 5 - 1
-            lines.append(EpochRecord(epoch=e, step=step, stage=int(e >= 2),
-                                     samples={"base": 100, "big": 80}[kind] * (e + 1),
-                                     train_wall_s=EPOCH_WALL[kind] * (e + 1), wall_s=EPOCH_WALL[kind] * (e + 1),
-                                     peak_mem_mb=500.0,
-                                     val={"retrieval/mean_recall": CURVES[(kind, seed)][e],
-                                          "grounding/l1": 0.5 - 0.01 * e}).to_json())
+            lines.append(
+                EpochRecord(
+                    epoch=e,
+                    step=step,
+                    stage=int(e >= 2),
+                    samples={"base": 100, "big": 80}[kind] * (e + 1),
+                    train_wall_s=EPOCH_WALL[kind] * (e + 1),
+                    wall_s=EPOCH_WALL[kind] * (e + 1),
+                    peak_mem_mb=500.0,
+                    val={"retrieval/mean_recall": CURVES[(kind, seed)][e], "grounding/l1": 0.5 - 0.01 * e},
+                ).to_json()
+            )
     return lines
 
 
@@ -99,8 +136,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     out = []
     for kind, lr in (("base", 1e-3), ("big", 3e-4)):
         for seed in range(3):
-            out.append(make_run(root / f"{kind}_seed{seed}", _config(seed, lr), _metrics(kind, seed),
-                                _history(kind, seed)))
+            out.append(make_run(root / f"{kind}_seed{seed}", _config(seed, lr), _metrics(kind, seed), _history(kind, seed)))
     return out
 
 
@@ -131,8 +167,7 @@ def test_any_other_difference_splits_a_group(tmp_path: Path) -> None:
     a = make_run(tmp_path / "x" / "seed_0", _config(0, 1e-3), _metrics("base", 0), _history("base", 0))
     b = make_run(tmp_path / "x" / "seed_1", _config(1, 1e-3), _metrics("base", 1), _history("base", 1))
     # Same top-level seed and lr, other data seed: a different config, not another seed.
-    c = make_run(tmp_path / "y" / "seed_0", _config(0, 1e-3, synthetic_seed=5), _metrics("base", 2),
-                 _history("base", 2))
+    c = make_run(tmp_path / "y" / "seed_0", _config(0, 1e-3, synthetic_seed=5), _metrics("base", 2), _history("base", 2))
     result = compare([a, b, c], tmp_path / "out")
     assert [g["name"] for g in result["groups"]] == ["x", "y"]  # stem empty after the seed: the parent's name
     assert [g["n"] for g in result["groups"]] == [2, 1]
@@ -177,16 +212,23 @@ def test_best_marking_follows_the_direction_rule(report: tuple[dict, Path]) -> N
     assert m["train/wall_s"]["best"] == ["base"] and m["train/peak_mem_mb"]["best"] == ["base"]
     assert m["params/trainable"]["best"] == [] and m["retrieval/n_images"]["best"] == []
     assert _row(md, "grounding/l1")[1].startswith("**") and not _row(md, "grounding/l1")[2].startswith("**")
-    assert [direction(k) for k in ("grounding/l1", "text/perplexity", "loss/box", "text/bleu4", "grounding/giou")] == \
-        ["min", "min", "min", "max", "max"]
+    assert [direction(k) for k in ("grounding/l1", "text/perplexity", "loss/box", "text/bleu4", "grounding/giou")] == [
+        "min",
+        "min",
+        "min",
+        "max",
+        "max",
+    ]
 
 
 def test_baselines_are_rows_under_their_metric_and_never_marked(report: tuple[dict, Path]) -> None:
     result, out = report
     md = (out / "report.md").read_text()
     keys = list(result["metrics"])
-    for ref, target, text in (("retrieval/chance_i2t_r1", "retrieval/i2t_r1", "*99.00 ± 0.00*"),
-                              ("grounding/baseline_l1", "grounding/l1", "*0.0100 ± 0.0000*")):
+    for ref, target, text in (
+        ("retrieval/chance_i2t_r1", "retrieval/i2t_r1", "*99.00 ± 0.00*"),
+        ("grounding/baseline_l1", "grounding/l1", "*0.0100 ± 0.0000*"),
+    ):
         assert keys.index(ref) == keys.index(target) + 1
         assert result["metrics"][ref]["best"] == [] and result["metrics"][ref]["reference"]
         row = _row(md, ref)
@@ -195,11 +237,30 @@ def test_baselines_are_rows_under_their_metric_and_never_marked(report: tuple[di
 
 
 def test_metric_order() -> None:
-    keys = ["train/wall_s", "params/total", "text/bleu4", "count/accuracy", "spatial/accuracy", "custom/x",
-            "answer/parse_rate", "grounding/miou", "retrieval/i2t_r1", "retrieval/chance_i2t_r1"]
-    assert order_metrics(keys) == ["retrieval/i2t_r1", "retrieval/chance_i2t_r1", "grounding/miou",
-                                   "spatial/accuracy", "count/accuracy", "answer/parse_rate", "text/bleu4",
-                                   "custom/x", "train/wall_s", "params/total"]
+    keys = [
+        "train/wall_s",
+        "params/total",
+        "text/bleu4",
+        "count/accuracy",
+        "spatial/accuracy",
+        "custom/x",
+        "answer/parse_rate",
+        "grounding/miou",
+        "retrieval/i2t_r1",
+        "retrieval/chance_i2t_r1",
+    ]
+    assert order_metrics(keys) == [
+        "retrieval/i2t_r1",
+        "retrieval/chance_i2t_r1",
+        "grounding/miou",
+        "spatial/accuracy",
+        "count/accuracy",
+        "answer/parse_rate",
+        "text/bleu4",
+        "custom/x",
+        "train/wall_s",
+        "params/total",
+    ]
 
 
 def test_efficiency_numbers(report: tuple[dict, Path]) -> None:
@@ -359,12 +420,15 @@ def test_other_bad_input(runs: list[Path], tmp_path: Path) -> None:
         compare([], tmp_path / "out")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda h: h.pop("samples"), r"line 7: epoch line: missing key 'samples'"),  # a run from before it was logged
-    (lambda h: h.update(wall=h.pop("wall_s")), r"line 7: epoch line: missing key 'wall_s'"),  # a renamed key
-    (lambda h: h.update(epochs=1), r"line 7: epoch line: key 'epochs' is not in the schema"),
-    (lambda h: h.update(step="5"), r"line 7: epoch line: 'step' must be an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h: h.pop("samples"), r"line 7: epoch line: missing key 'samples'"),  # a run from before it was logged
+        (lambda h: h.update(wall=h.pop("wall_s")), r"line 7: epoch line: missing key 'wall_s'"),  # a renamed key
+        (lambda h: h.update(epochs=1), r"line 7: epoch line: key 'epochs' is not in the schema"),
+        (lambda h: h.update(step="5"), r"line 7: epoch line: 'step' must be an integer"),
+    ],
+)
 def test_a_history_line_off_the_schema_is_an_error_naming_file_line_and_key(change, message, tmp_path: Path) -> None:
     history = _history("base", 0)
     assert history[6]["type"] == "epoch"

@@ -24,8 +24,10 @@ TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 SINGLE = str(CONFIGS / "retrieval_single_stage.yaml")
 RECEIPTS = str(CONFIGS / "receipts_three_stage.yaml")
 ALIGN_ONLY = "stages=[{name: align, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}, losses: [contrastive, matching]}]"
-GROUND_ONLY = ("stages=[{name: ground, start_epoch: 0, train: {adapters: 1.0, heads: 1.0, vision_blocks: 0.01}, "
-               "vision_blocks: 1, losses: [contrastive, matching, box, relation]}]")
+GROUND_ONLY = (
+    "stages=[{name: ground, start_epoch: 0, train: {adapters: 1.0, heads: 1.0, vision_blocks: 0.01}, "
+    "vision_blocks: 1, losses: [contrastive, matching, box, relation]}]"
+)
 
 
 def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
@@ -49,8 +51,14 @@ def two_stage(tmp_path_factory: pytest.TempPathFactory, fast: list[str]) -> Path
 
 @pytest.fixture(scope="module")
 def fast(scenes: Path) -> list[str]:  # module scope for the fixtures above (conftest's is per test)
-    return [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.epochs=2", "train.batch_size=8",
-            "train.progress=false", "eval.batch_size=16"]
+    return [
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.progress=false",
+        "eval.batch_size=16",
+    ]
 
 
 # --------------------------------------------------------------------------- stage start fractions
@@ -73,18 +81,30 @@ def test_shipped_fraction_keeps_epoch_5_of_20_and_fits_two_epochs() -> None:
     assert build_plan(load_config(RECEIPTS, ["stages.1.start=0.25"]), {})[1].start_epoch == 3
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}, {name: b, start_epoch: 1, start: 0.5, train: {adapters: 1.0}}]"],
-     "stages[1]: give start_epoch (1) or start (0.5), not both"),
-    (["stages.1.start=1.0"], "stages[1].start: must be a fraction of train.epochs in (0, 1)"),
-    (["stages.1.start=0"], "stages[1].start: must be a fraction"),
-    (["stages.0.start=0.5"], "stages[0].start: the first stage must start at 0"),
-    (["train.epochs=1"], "stages[1].start: 0.25 of train.epochs (1) gives epoch 1"),
-    (["stages=[{name: a, train: {adapters: 1.0}}, {name: b, train: {adapters: 1.0}}]"], "stages[1].start_epoch: missing"),
-    (["stages=[{name: a, train: {adapters: 1.0}}, {name: b, start: 0.5, train: {adapters: 1.0}},"
-      " {name: c, start: 0.4, train: {adapters: 1.0}}]"], "stages[2].start: must be above stages[1].start (0.5)"),
-    (["stages.1.start=half"], "stages[1].start: expected a number"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0}}, {name: b, start_epoch: 1, start: 0.5, train: {adapters: 1.0}}]"
+            ],
+            "stages[1]: give start_epoch (1) or start (0.5), not both",
+        ),
+        (["stages.1.start=1.0"], "stages[1].start: must be a fraction of train.epochs in (0, 1)"),
+        (["stages.1.start=0"], "stages[1].start: must be a fraction"),
+        (["stages.0.start=0.5"], "stages[0].start: the first stage must start at 0"),
+        (["train.epochs=1"], "stages[1].start: 0.25 of train.epochs (1) gives epoch 1"),
+        (["stages=[{name: a, train: {adapters: 1.0}}, {name: b, train: {adapters: 1.0}}]"], "stages[1].start_epoch: missing"),
+        (
+            [
+                "stages=[{name: a, train: {adapters: 1.0}}, {name: b, start: 0.5, train: {adapters: 1.0}},"
+                " {name: c, start: 0.4, train: {adapters: 1.0}}]"
+            ],
+            "stages[2].start: must be above stages[1].start (0.5)",
+        ),
+        (["stages.1.start=half"], "stages[1].start: expected a number"),
+    ],
+)
 def test_bad_stage_starts_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(TWO_STAGE, overrides)
@@ -108,8 +128,9 @@ def test_two_epochs_run_both_stages(two_stage: Path) -> None:
 # --------------------------------------------------------------------------- evaluate / predict overrides
 
 
-def test_evaluate_takes_data_and_eval_overrides(two_stage: Path, scenes: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_evaluate_takes_data_and_eval_overrides(
+    two_stage: Path, scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     import vlmtune.tasks.retrieval.evaluation as retrieval
 
     seen: list[int] = []
@@ -130,22 +151,50 @@ def test_evaluate_takes_data_and_eval_overrides(two_stage: Path, scenes: Path, t
     err = _error(capsys, ["evaluate", ckpt, "--data", str(data / "test.json"), "--output-dir", str(tmp_path / "e0")])
     assert "missing.png" in err
     # Overrides before and after the options; neither is taken for a checkpoint.
-    assert main(["evaluate", ckpt, "eval.rerank_k=5", "--data", str(data / "test.json"), "--output-dir",
-                 str(tmp_path / "e1"), "data.on_error=skip"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                ckpt,
+                "eval.rerank_k=5",
+                "--data",
+                str(data / "test.json"),
+                "--output-dir",
+                str(tmp_path / "e1"),
+                "data.on_error=skip",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "e1/metrics.json").read_text())
     assert seen == [5] and m["eval/overrides"] == "eval.rerank_k=5 data.on_error=skip"
     assert m["retrieval/n_captions"] == len(records)  # the bad record was left out
     # Several checkpoints: overrides after them apply to each.
-    assert main(["evaluate", ckpt, str(two_stage / "checkpoints/last"), "eval.rerank_k=3", "--labels", "a", "b",
-                 "--output-dir", str(tmp_path / "e2")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                ckpt,
+                str(two_stage / "checkpoints/last"),
+                "eval.rerank_k=3",
+                "--labels",
+                "a",
+                "b",
+                "--output-dir",
+                str(tmp_path / "e2"),
+            ]
+        )
+        == 0
+    )
     assert seen[1:] == [3, 3]
     # The model's keys cannot change at evaluation: the error names the key.
     err = _error(capsys, ["evaluate", ckpt, "optim.lr=1", "--output-dir", str(tmp_path / "e3")])
     assert err.startswith("error: optim.lr: cannot be set for evaluate; only data.*, eval.* keys can")
     err = _error(capsys, ["evaluate", ckpt, "generation.num_beams=1", "--output-dir", str(tmp_path / "e3")])
     assert "generation.num_beams: cannot be set" in err  # retrieval has no generation
-    assert "eval.rerank_k: must be between 0 and 1000000" in _error(capsys, ["evaluate", ckpt, "eval.rerank_k=-1", "--output-dir",
-                                                             str(tmp_path / "e3")])
+    assert "eval.rerank_k: must be between 0 and 1000000" in _error(
+        capsys, ["evaluate", ckpt, "eval.rerank_k=-1", "--output-dir", str(tmp_path / "e3")]
+    )
     assert not (tmp_path / "e3").exists()
 
 
@@ -161,8 +210,9 @@ def _without(scenes: Path, folder: Path, *fields: str) -> str:
     return [f"data.train={path}", f"data.val={path}", f"data.test={path}"]
 
 
-def test_active_loss_without_targets_is_an_error_naming_stage_and_loss(tmp_path: Path, scenes: Path, fast: list[str],
-                                                                        capsys) -> None:
+def test_active_loss_without_targets_is_an_error_naming_stage_and_loss(
+    tmp_path: Path, scenes: Path, fast: list[str], capsys
+) -> None:
     no_boxes = _without(scenes, tmp_path / "nobox", "bbox", "relation")
     err = _error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "r1"), *fast, *no_boxes])
     assert "stages[1] 'ground': the 'box' loss is active but no training record" in err
@@ -173,8 +223,10 @@ def test_active_loss_without_targets_is_an_error_naming_stage_and_loss(tmp_path:
     err = _error(capsys, ["train", SINGLE, "--output-dir", str(tmp_path / "r3"), *fast, *no_relation])
     assert "the 'relation' loss is active" in err
     # Turned off as the message says, the run trains.
-    assert main(["train", SINGLE, "--output-dir", str(tmp_path / "r4"), *fast, *no_relation, "train.epochs=1",
-                 "loss.relation=0"]) == 0
+    assert (
+        main(["train", SINGLE, "--output-dir", str(tmp_path / "r4"), *fast, *no_relation, "train.epochs=1", "loss.relation=0"])
+        == 0
+    )
 
 
 # --------------------------------------------------------------------------- components a task never uses
@@ -204,8 +256,9 @@ def test_retrieval_language_model_component_leaves_the_unused_lm_head_out() -> N
 # --------------------------------------------------------------------------- warm start
 
 
-def test_init_from_starts_stage_two_from_a_stage_one_checkpoint(tmp_path: Path, fast: list[str],
-                                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_init_from_starts_stage_two_from_a_stage_one_checkpoint(
+    tmp_path: Path, fast: list[str], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     import vlmtune.train.loop as train_mod
 
     first, second = tmp_path / "align", tmp_path / "ground"
@@ -221,8 +274,17 @@ def test_init_from_starts_stage_two_from_a_stage_one_checkpoint(tmp_path: Path, 
         return real(run, stage)
 
     monkeypatch.setattr(train_mod, "start_stage", spy)
-    argv = ["train", TWO_STAGE, "--output-dir", str(second), *fast, "train.epochs=1", GROUND_ONLY,
-            "--init-from", str(first / "checkpoints/best")]
+    argv = [
+        "train",
+        TWO_STAGE,
+        "--output-dir",
+        str(second),
+        *fast,
+        "train.epochs=1",
+        GROUND_ONLY,
+        "--init-from",
+        str(first / "checkpoints/best"),
+    ]
     assert main(argv) == 0
     assert set(source) <= set(at_start)
     for k, v in source.items():
@@ -248,13 +310,36 @@ def test_init_from_starts_stage_two_from_a_stage_one_checkpoint(tmp_path: Path, 
 
 def test_init_from_refuses_other_shapes_naming_the_tensor(tmp_path: Path, fast: list[str], capsys) -> None:
     first = tmp_path / "a"
-    assert main(["train", TWO_STAGE, "--output-dir", str(first), *fast, "train.epochs=1", ALIGN_ONLY,
-                 "model.embed_dim=32"]) == 0
-    err = _error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "b"), *fast, "train.epochs=1", ALIGN_ONLY,
-                          "--init-from", str(first / "checkpoints/last")])
+    assert main(["train", TWO_STAGE, "--output-dir", str(first), *fast, "train.epochs=1", ALIGN_ONLY, "model.embed_dim=32"]) == 0
+    err = _error(
+        capsys,
+        [
+            "train",
+            TWO_STAGE,
+            "--output-dir",
+            str(tmp_path / "b"),
+            *fast,
+            "train.epochs=1",
+            ALIGN_ONLY,
+            "--init-from",
+            str(first / "checkpoints/last"),
+        ],
+    )
     assert "train.init_from:" in err and "tensor 'vision_adapter.0.weight' has shape (32, 64), this model's has (256, 64)" in err
-    err = _error(capsys, ["train", TWO_STAGE, "--output-dir", str(tmp_path / "c"), *fast, "train.epochs=1", ALIGN_ONLY,
-                          "--init-from", str(tmp_path / "nowhere")])
+    err = _error(
+        capsys,
+        [
+            "train",
+            TWO_STAGE,
+            "--output-dir",
+            str(tmp_path / "c"),
+            *fast,
+            "train.epochs=1",
+            ALIGN_ONLY,
+            "--init-from",
+            str(tmp_path / "nowhere"),
+        ],
+    )
     assert "train.init_from:" in err and "nowhere" in err
     assert not (tmp_path / "b" / "checkpoints").exists()
 
@@ -262,8 +347,9 @@ def test_init_from_refuses_other_shapes_naming_the_tensor(tmp_path: Path, fast: 
 # --------------------------------------------------------------------------- --seeds interrupted
 
 
-def test_seed_sweep_interrupt_hint_resumes_the_sweep(tmp_path: Path, scenes: Path, fast: list[str],
-                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_seed_sweep_interrupt_hint_resumes_the_sweep(
+    tmp_path: Path, scenes: Path, fast: list[str], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from vlmtune.tasks.retrieval import RetrievalModel
 
     real, calls = RetrievalModel.forward, {"n": 0}
@@ -299,19 +385,40 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("receipts_lora")
     generate_receipts(data, n=24, seed=5, max_count=3, image_size=(64, 64))
     out = tmp_path_factory.mktemp("lora") / "run"
-    assert main(["train", RECEIPTS, "--output-dir", str(out), f"data.synthetic_dir={data}", "data.synthetic.n=24",
-                 "train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16",
-                 "counting.max_dynamic_patch=1", "generation.max_new_tokens=4", "generation.num_beams=1",
-                 "generation.val_num_images=0", "counting.lm_mode=lora", "counting.lora_r=4",
-                 "counting.lora_target_modules=[q_proj,v_proj]",
-                 "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0}}]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                RECEIPTS,
+                "--output-dir",
+                str(out),
+                f"data.synthetic_dir={data}",
+                "data.synthetic.n=24",
+                "train.epochs=1",
+                "train.batch_size=8",
+                "train.progress=false",
+                "eval.batch_size=16",
+                "counting.max_dynamic_patch=1",
+                "generation.max_new_tokens=4",
+                "generation.num_beams=1",
+                "generation.val_num_images=0",
+                "counting.lm_mode=lora",
+                "counting.lora_r=4",
+                "counting.lora_target_modules=[q_proj,v_proj]",
+                "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0, language_model: 1.0}}]",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_several_lora_checkpoints_evaluate_together(lora_run: Path, tmp_path: Path) -> None:
     ckpt = str(lora_run / "checkpoints/best")
-    assert main(["evaluate", ckpt, ckpt, ckpt, "--labels", "a", "b", "c", "--output-dir", str(tmp_path),
-                 "generation.num_beams=1"]) == 0
+    assert (
+        main(["evaluate", ckpt, ckpt, ckpt, "--labels", "a", "b", "c", "--output-dir", str(tmp_path), "generation.num_beams=1"])
+        == 0
+    )
     a, b, c = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "abc")
     for key in ("count/accuracy", "text/perplexity", "answer/parse_rate"):
         assert a[key] == pytest.approx(b[key]) == pytest.approx(c[key]), key  # adapters never stacked

@@ -77,9 +77,14 @@ def test_split_by_image(scenes: tuple[Path, dict[str, Path]]) -> None:
 
 def test_captions_name_their_relation(scenes: tuple[Path, dict[str, Path]]) -> None:
     _, paths = scenes
-    words = {"left": "left", "right": "right", "above": ("above", "on top of"),
-             "below": ("below", "beneath", "under"), "inside": ("inside", " in ", "within"),
-             "outside": "outside"}
+    words = {
+        "left": "left",
+        "right": "right",
+        "above": ("above", "on top of"),
+        "below": ("below", "beneath", "under"),
+        "inside": ("inside", " in ", "within"),
+        "outside": "outside",
+    }
     for recs in _records(paths).values():
         for r in recs:
             w = words[r["relation"]]

@@ -73,8 +73,9 @@ class ToyTask(tasks.Task):
 
     @classmethod
     def from_config(cls, cfg: Any) -> ToyTask:
-        return cls(toy=cfg.section("toy"), data=cfg.data, batch_size=cfg.train.batch_size,
-                   max_text_tokens=cfg.backbone.max_text_tokens)
+        return cls(
+            toy=cfg.section("toy"), data=cfg.data, batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens
+        )
 
     @classmethod
     def check_sections(cls, cfg: Any) -> None:
@@ -97,17 +98,28 @@ class ToyTask(tasks.Task):
 
         return read_pairs(path)
 
-    def make_loader(self, records: list[Any], backbone: Any, *, train: bool, seed: int = 0,
-                    cache: Any = None) -> DataLoader:
+    def make_loader(self, records: list[Any], backbone: Any, *, train: bool, seed: int = 0, cache: Any = None) -> DataLoader:
         from vlmtune.data.pairs import PairCollator, PairDataset
 
-        return DataLoader(PairDataset(records), batch_size=self.batch_size, shuffle=train,
-                          generator=torch.Generator().manual_seed(seed) if train else None,
-                          collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, self.max_text_tokens))
+        return DataLoader(
+            PairDataset(records),
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(seed) if train else None,
+            collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, self.max_text_tokens),
+        )
 
     @torch.no_grad()
-    def evaluate(self, model: ToyModel, records: list[Any], *, device: torch.device, train_records: Any = None,
-                 progress: bool = False, cache: Any = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: ToyModel,
+        records: list[Any],
+        *,
+        device: torch.device,
+        train_records: Any = None,
+        progress: bool = False,
+        cache: Any = None,
+    ) -> dict[str, Any]:
         right = total = 0
         for batch in self.make_loader(records, model.backbone, train=False):
             keep = batch["relation"] >= 0
@@ -121,8 +133,14 @@ def toy_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(tasks.TASKS, "toy", ToyTask)  # the one registry line
 
 
-TOY = ["task=toy", "stages=[{name: probe, start_epoch: 0, train: {probe: 1.0}}]",
-       "train.early_stopping.metric=toy/accuracy", "train.epochs=2", "train.batch_size=8", "train.progress=false"]
+TOY = [
+    "task=toy",
+    "stages=[{name: probe, start_epoch: 0, train: {probe: 1.0}}]",
+    "train.early_stopping.metric=toy/accuracy",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "train.progress=false",
+]
 
 
 def test_config_reads_components_and_losses_from_the_task_class(toy_registered: None) -> None:
@@ -140,12 +158,15 @@ def test_unregistered_task_is_an_error_naming_the_choices() -> None:
         load_config(None, ["task=toy"])
 
 
-def test_a_registered_task_trains_evaluates_and_reports(toy_registered: None, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_registered_task_trains_evaluates_and_reports(
+    toy_registered: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     config = tmp_path / "toy.yaml"
-    config.write_text("task: toy\nstages: [{name: probe, start_epoch: 0, train: {probe: 1.0}}]\n"
-                      "train: {early_stopping: {metric: toy/accuracy}}\n")
+    config.write_text(
+        "task: toy\nstages: [{name: probe, start_epoch: 0, train: {probe: 1.0}}]\n"
+        "train: {early_stopping: {metric: toy/accuracy}}\n"
+    )
     assert main(["train", str(config), *TOY[3:], "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["toy/accuracy"] <= 100.0 and metrics["toy/n"] > 0
@@ -159,7 +180,11 @@ def test_a_registered_task_trains_evaluates_and_reports(toy_registered: None, tm
 
     assert tasks.report_sections()[-1] == "toy"
     assert order_metrics(["train/epochs", "toy/accuracy", "zzz/x", "retrieval/i2t_r1"]) == [
-        "retrieval/i2t_r1", "toy/accuracy", "zzz/x", "train/epochs"]
+        "retrieval/i2t_r1",
+        "toy/accuracy",
+        "zzz/x",
+        "train/epochs",
+    ]
 
 
 def test_a_task_declares_its_defaults_in_one_base_class(toy_registered: None) -> None:

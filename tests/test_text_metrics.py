@@ -16,12 +16,7 @@ PREDICTIONS = [
     "There is 1 receipt.",
     "There are no receipts in the image.",
 ]
-REFERENCES = [
-    "There are 3 receipts.",
-    "I can see 2 receipts.",
-    "There are 2 receipts.",
-    "There are no receipts.",
-]
+REFERENCES = ["There are 3 receipts.", "I can see 2 receipts.", "There are 2 receipts.", "There are no receipts."]
 
 
 def test_bleu_matches_sacrebleu_corpus_scores() -> None:
@@ -42,10 +37,8 @@ def test_rouge_matches_rouge_score_mean_f() -> None:
 
 
 def test_hand_checkable_cases() -> None:
-    same = text_metrics(["There are 3 receipts.", "I see no receipts."],
-                        ["There are 3 receipts.", "I see no receipts."])
-    assert set(same) == {"text/bleu1", "text/bleu2", "text/bleu3", "text/bleu4",
-                         "text/rouge1", "text/rouge2", "text/rougeL"}
+    same = text_metrics(["There are 3 receipts.", "I see no receipts."], ["There are 3 receipts.", "I see no receipts."])
+    assert set(same) == {"text/bleu1", "text/bleu2", "text/bleu3", "text/bleu4", "text/rouge1", "text/rouge2", "text/rougeL"}
     assert all(v == pytest.approx(100.0) for v in same.values())
 
     disjoint = text_metrics(["apple banana cherry"], ["xylophone yak zebra"])

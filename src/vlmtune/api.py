@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 ImageInput = Union[str, Path, "Image.Image"]
 
 
-
 @dataclass(frozen=True)
 class Grounding:
     """Where a phrase is in an image.
@@ -75,8 +74,11 @@ class Grounding:
         return (x0, y0, x1 - x0, y1 - y0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"box": [round(v, 3) for v in self.box], "box_xywh": [round(v, 3) for v in self.box_xywh],
-                "score": round(self.score, 6)}
+        return {
+            "box": [round(v, 3) for v in self.box],
+            "box_xywh": [round(v, 3) for v in self.box_xywh],
+            "score": round(self.score, 6),
+        }
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
@@ -124,8 +126,10 @@ class Model:
         if method not in own:
             able = [t for t in TASKS if method in task_class(t).serves]
             serves = ", ".join(f"{m}()" for m in own) or "nothing"
-            raise VlmtuneError(f"{self.folder}: a '{self.task_name}' checkpoint cannot {method}() (that needs a "
-                               f"{' or '.join(able)} checkpoint); it serves {serves}")
+            raise VlmtuneError(
+                f"{self.folder}: a '{self.task_name}' checkpoint cannot {method}() (that needs a "
+                f"{' or '.join(able)} checkpoint); it serves {serves}"
+            )
 
     @property
     def dim(self) -> int:
@@ -186,7 +190,7 @@ class Model:
             for i, k in keys.items():
                 out[i] = torch.from_numpy(store.get(k).astype("float32"))
         for s in range(0, len(live), self.batch_size):
-            idx = live[s:s + self.batch_size]
+            idx = live[s : s + self.batch_size]
             pv, _ = preprocess_images(bb.image_processor, [self._image(items[i]) for i in idx], max_tiles=1)
             tokens = bb.vision_tokens(pv.to(self.device)).float().cpu()
             for j, i in enumerate(idx):
@@ -212,7 +216,7 @@ class Model:
         items = _as_list(images)
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="images", disable=not progress, leave=False):
-            emb, _ = self._encode_images(items[s:s + self.batch_size])
+            emb, _ = self._encode_images(items[s : s + self.batch_size])
             parts.append(emb.float().cpu())
         return torch.cat(parts)
 
@@ -230,8 +234,13 @@ class Model:
             from vlmtune.data.cache import FeatureStore, text_fingerprint, text_key
 
             dtype = self.cfg.cache.dtype
-            ns = {"kind": "text_tokens", "backbone": backbone_identity(bb), "weights": text_fingerprint(bb),
-                  "max_tokens": max_tokens, "dtype": dtype}  # build_text_cache's namespace
+            ns = {
+                "kind": "text_tokens",
+                "backbone": backbone_identity(bb),
+                "weights": text_fingerprint(bb),
+                "max_tokens": max_tokens,
+                "dtype": dtype,
+            }  # build_text_cache's namespace
             store = FeatureStore(self.cache_dir, ns)
             by_key = {text_key(t): t for t in texts}
 
@@ -257,7 +266,7 @@ class Model:
                 raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="texts", disable=not progress, leave=False):
-            parts.append(self._encode_texts(items[s:s + self.batch_size]).float().cpu())
+            parts.append(self._encode_texts(items[s : s + self.batch_size]).float().cpu())
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -283,7 +292,7 @@ class Model:
         self._require("similarity")
         out = []
         for s in range(0, len(images), 1024):
-            logits = self.model.match_logits(images[s:s + 1024].to(self.device), texts[s:s + 1024].to(self.device))
+            logits = self.model.match_logits(images[s : s + 1024].to(self.device), texts[s : s + 1024].to(self.device))
             out.append(logits.float().log_softmax(-1)[:, 1].cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -301,7 +310,7 @@ class Model:
         v, patches = self._encode_images([im])
         results = []
         for s in range(0, len(texts), self.batch_size):
-            chunk = texts[s:s + self.batch_size]
+            chunk = texts[s : s + self.batch_size]
             t = self._encode_texts(list(chunk))
             pred, _ = self.model.ground(t, patches.expand(len(chunk), -1, -1))
             boxes = cxcywh_to_xyxy(pred.float()).cpu() * torch.tensor([w, h, w, h], dtype=torch.float32)

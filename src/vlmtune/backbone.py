@@ -91,30 +91,65 @@ PRESETS = ("tiny", "internvl3-1b-shapes")
 def _preset_config(name: str, cfg: BackboneConfig, tokenizer: Any) -> tuple[Any, int]:
     from transformers import InternVLConfig
 
-    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   bos_token_id=tokenizer.bos_token_id)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     if name == "tiny":
         h, n_layers, size, patch = cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_image_size, 8
         if size % (2 * patch):
             raise ConfigError(f"backbone.tiny_image_size: must be a multiple of {2 * patch}, got {size}")
         heads = max(1, h // 16)
-        vision = dict(hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, intermediate_size=2 * h,
-                      image_size=[size, size], patch_size=[patch, patch])
-        text = dict(model_type="qwen2", hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads,
-                    num_key_value_heads=max(1, heads // 2), intermediate_size=2 * h, vocab_size=len(tokenizer),
-                    max_position_embeddings=2048, tie_word_embeddings=True, **special)
+        vision = dict(
+            hidden_size=h,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            intermediate_size=2 * h,
+            image_size=[size, size],
+            patch_size=[patch, patch],
+        )
+        text = dict(
+            model_type="qwen2",
+            hidden_size=h,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            intermediate_size=2 * h,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            **special,
+        )
     else:  # internvl3-1b-shapes
         size, patch = 448, 14
-        vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                      image_size=[size, size], patch_size=[patch, patch])
+        vision = dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=[size, size],
+            patch_size=[patch, patch],
+        )
         # The real vocabulary size, so embedding and LM-head costs are the real ones;
         # the stand-in tokenizer only uses the first few hundred ids.
-        text = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768,
-                    rope_theta=1000000.0, tie_word_embeddings=True, **special)
+        text = dict(
+            model_type="qwen2",
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151674,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            **special,
+        )
     tokens_per_tile = (size // patch) ** 2 // 4  # pixel shuffle halves each side
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
-                            image_seq_length=tokens_per_tile, downsample_ratio=0.5)
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+    )
     return config, size
 
 
@@ -133,8 +168,11 @@ def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
     if name != "tiny":
         model = model.to(_resolve_dtype(cfg.dtype, device_type))
     processor = GotOcr2ImageProcessorPil(
-        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-        crop_to_patches=False, max_patches=12,
+        size={"height": size, "width": size},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        crop_to_patches=False,
+        max_patches=12,
     )
     return model, tokenizer, processor
 
@@ -197,7 +235,9 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
         # The PIL processor does InternVL's resizing and dynamic tiling without torchvision.
         processor = GotOcr2ImageProcessorPil.from_pretrained(src, **kw)
     except (OSError, ValueError, TypeError):
-        processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        processor = GotOcr2ImageProcessorPil(
+            size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        )
     processor.crop_to_patches = False
     return model, tokenizer, processor
 
@@ -221,8 +261,14 @@ class BackboneInfo:
 class Backbone(nn.Module):
     """InternVL with named components and pooled features."""
 
-    def __init__(self, model: InternVLForConditionalGeneration, tokenizer: Any, image_processor: Any, source: str,
-                 revision: str | None = None):
+    def __init__(
+        self,
+        model: InternVLForConditionalGeneration,
+        tokenizer: Any,
+        image_processor: Any,
+        source: str,
+        revision: str | None = None,
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -248,8 +294,7 @@ class Backbone(nn.Module):
         # The tiny preset travels inside every checkpoint, as it was before any stage
         # trained a block of it (trained blocks live in the checkpoint's weights), so
         # each checkpoint's backbone folder is the same network.
-        self.pristine = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                         if source == "tiny" else None)
+        self.pristine = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if source == "tiny" else None
 
     # ---- components, by module
     @property
@@ -275,7 +320,7 @@ class Backbone(nn.Module):
             if vision_blocks > n:
                 raise ConfigError(f"stages: vision_blocks={vision_blocks} but the vision tower has only {n} blocks")
             # The final norm after the last block trains with it.
-            return list(self.vision_blocks[n - vision_blocks:]) + [self.vision_tower.layernorm]
+            return list(self.vision_blocks[n - vision_blocks :]) + [self.vision_tower.layernorm]
         if name == "vision_tower":
             return [self.vision_tower]
         if name == "mm_projector":
@@ -329,8 +374,9 @@ class Backbone(nn.Module):
         mm = self.model.model
         mc = self.model.config
         if mc.vision_feature_layer != -1:
-            raise ValueError(f"vision_feature_layer={mc.vision_feature_layer}: only -1 (the last layer) is supported "
-                             f"from cached vision states")
+            raise ValueError(
+                f"vision_feature_layer={mc.vision_feature_layer}: only -1 (the last layer) is supported from cached vision states"
+            )
         feats = vision_tokens[:, 1:, :] if mc.vision_feature_select_strategy == "default" else vision_tokens
         n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
         feats = mm.pixel_shuffle(feats.reshape(n, side, side, -1), scale_factor=mc.downsample_ratio)
@@ -346,13 +392,16 @@ class Backbone(nn.Module):
         dtype = next(self.vision_tower.parameters()).dtype
         mc = self.model.config
         out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(dtype), vision_feature_layer=mc.vision_feature_layer,
-            vision_feature_select_strategy=mc.vision_feature_select_strategy, return_dict=True,
+            pixel_values=pixel_values.to(dtype),
+            vision_feature_layer=mc.vision_feature_layer,
+            vision_feature_select_strategy=mc.vision_feature_select_strategy,
+            return_dict=True,
         )
         return out.pooler_output
 
-    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-                         vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_multimodal(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, vision_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings with every image placeholder replaced by its image feature, [B, L, Dt].
 
         The image features come from the tiles' ``pixel_values`` [T, 3, S, S], or from
@@ -447,9 +496,9 @@ def _without_lora(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner is None:
             out[key] = value
             continue
-        rest = key[len(owner) + 1:]
+        rest = key[len(owner) + 1 :]
         if rest.startswith("base_layer."):
-            out[f"{owner}.{rest[len('base_layer.'):]}"] = value
+            out[f"{owner}.{rest[len('base_layer.') :]}"] = value
         # lora_A / lora_B / dropout entries belong to the adapter, not the backbone
     return out
 

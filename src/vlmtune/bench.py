@@ -54,8 +54,13 @@ import torch
 def _machine() -> dict[str, Any]:
     import os
 
-    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -81,23 +86,33 @@ def _ks_that_fit(data: Path) -> list[int]:
     (eval.ks beyond a gallery is an error; a small benchmark set has few images)."""
     from vlmtune.data.formats import read_pairs
 
-    gallery = min(min(len({r.image_id for r in recs}), len(recs))
-                  for recs in (read_pairs(data / "val.json"), read_pairs(data / "test.json")))
+    gallery = min(
+        min(len({r.image_id for r in recs}), len(recs))
+        for recs in (read_pairs(data / "val.json"), read_pairs(data / "test.json"))
+    )
     return [k for k in (1, 5, 10) if k <= gallery] or [1]
 
 
-def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int,
-                   out: Path, progress: bool = False) -> dict[str, Any]:
+def bench_training(
+    preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int, out: Path, progress: bool = False
+) -> dict[str, Any]:
     """Frozen-backbone training with and without the cache, same data, same config."""
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
     from vlmtune.train import train
 
     data = _bench_data(out, images)
-    base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
-            "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
-            f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
-            "train.log_every=1000000", f"eval.ks={_ks_that_fit(data)}"]
+    base = [
+        f"backbone.name_or_path={preset}",
+        f"data.synthetic_dir={data}",
+        f"data.synthetic.n={max(images, 10)}",
+        "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
+        f"train.batch_size={batch_size}",
+        f"eval.batch_size={batch_size}",
+        f"train.progress={str(progress).lower()}",
+        "train.log_every=1000000",
+        f"eval.ks={_ks_that_fit(data)}",
+    ]
     res: dict[str, Any] = {"preset": preset, "images": images, "captions": len(read_pairs(data / "train.json"))}
 
     # One feature-extraction pass: exactly the work the cache does once (both frozen
@@ -113,8 +128,14 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
     shutil.rmtree(out / "extraction_cache", ignore_errors=True)
     t0 = time.perf_counter()
     build_vision_cache(records, backbone, out / "extraction_cache", dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
-    build_text_cache(records, backbone, out / "extraction_cache", max_tokens=cfg.backbone.max_text_tokens,
-                     dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
+    build_text_cache(
+        records,
+        backbone,
+        out / "extraction_cache",
+        max_tokens=cfg.backbone.max_text_tokens,
+        dtype=cfg.cache.dtype,
+        batch_size=cfg.eval.batch_size,
+    )
     res["extraction_pass_s"] = time.perf_counter() - t0
     del backbone
 
@@ -126,8 +147,10 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
         run_dir = out / f"run_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(out / f"cache_{name}", ignore_errors=True)
-        cfg = load_config(None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}",
-                                 f"cache.dir={out / f'cache_{name}'}"])
+        cfg = load_config(
+            None,
+            [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={out / f'cache_{name}'}"],
+        )
         t0 = time.perf_counter()
         train(cfg, run_dir)
         total = time.perf_counter() - t0
@@ -135,16 +158,22 @@ def bench_training(preset: str, images: int, epochs: int, uncached_epochs: int, 
         cum = [x["train_wall_s"] for x in lines if x["type"] == "epoch"]
         per_epoch = [b - a for a, b in zip([0.0] + cum[:-1], cum)]
         stage = next(x for x in lines if x["type"] == "stage")
-        res[name] = {"epochs": n_epochs, "epoch_train_s": [round(x, 3) for x in per_epoch], "run_total_s": round(total, 3),
-                     "samples_per_s": json.loads((run_dir / "metrics.json").read_text())["train/samples_per_s"],
-                     "cache": stage.get("cache", {})}
+        res[name] = {
+            "epochs": n_epochs,
+            "epoch_train_s": [round(x, 3) for x in per_epoch],
+            "run_total_s": round(total, 3),
+            "samples_per_s": json.loads((run_dir / "metrics.json").read_text())["train/samples_per_s"],
+            "cache": stage.get("cache", {}),
+        }
     # The cached run's cache is built at its stage start, outside the epoch timer: the
     # same work as the extraction pass measured above, so it is charged at that price.
     cached_epochs = res["cached"]["epoch_train_s"]
     res["cached_total_s"] = res["extraction_pass_s"] + sum(cached_epochs)
     res["ratio_cached_total_to_extraction"] = res["cached_total_s"] / res["extraction_pass_s"]
     later = cached_epochs[1:] or cached_epochs
-    res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (sum(later) / len(later))
+    res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (
+        sum(later) / len(later)
+    )
     return res
 
 
@@ -166,8 +195,10 @@ def recipe_paths(given: list[str] | None = None) -> tuple[Path, Path]:
         paths = tuple(folder / name for name in RECIPES)
     for p in paths:
         if not p.is_file():
-            raise ConfigError(f"--recipes: {p} is not a file (the stages section needs the two-stage and the "
-                              f"single-stage recipe; pass them as --recipes TWO_STAGE.yaml SINGLE_STAGE.yaml)")
+            raise ConfigError(
+                f"--recipes: {p} is not a file (the stages section needs the two-stage and the "
+                f"single-stage recipe; pass them as --recipes TWO_STAGE.yaml SINGLE_STAGE.yaml)"
+            )
     return paths[0], paths[1]
 
 
@@ -177,8 +208,17 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], weights: dict[str, float], cfg: Any,
-                device: torch.device, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+def _time_steps(
+    model: Any,
+    stage: Any,
+    loader: Any,
+    losses: frozenset[str],
+    weights: dict[str, float],
+    cfg: Any,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds (this process, all its threads) of ``steps`` training steps
     after ``warmup`` (each: next batch from the loader, to the device, forward, weighted
     loss, backward, clip, AdamW step), with the stage's components trainable as the
@@ -223,8 +263,18 @@ def _time_steps(model: Any, stage: Any, loader: Any, losses: frozenset[str], wei
     return times, cpu
 
 
-def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Path, steps: int = 8, warmup: int = 2,
-                 recipes: list[str] | None = None, progress: bool = False, recipe_runs: bool = True) -> dict[str, Any]:
+def bench_stages(
+    preset: str,
+    images: int,
+    epochs: int,
+    batch_size: int,
+    out: Path,
+    steps: int = 8,
+    warmup: int = 2,
+    recipes: list[str] | None = None,
+    progress: bool = False,
+    recipe_runs: bool = True,
+) -> dict[str, Any]:
     """The two-stage recipe's stage steps (cached, prefix-cached, live) and, with
     ``recipe_runs``, both recipes' wall time."""
     from vlmtune.backbone import load_backbone
@@ -237,9 +287,17 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
 
     two, single = recipe_paths(recipes)
     data = _bench_data(out, images)
-    base = [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={max(images, 10)}",
-            f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}", f"train.progress={str(progress).lower()}",
-            "train.log_every=1000000", f"eval.ks={_ks_that_fit(data)}", f"train.epochs={epochs}"]
+    base = [
+        f"backbone.name_or_path={preset}",
+        f"data.synthetic_dir={data}",
+        f"data.synthetic.n={max(images, 10)}",
+        f"train.batch_size={batch_size}",
+        f"eval.batch_size={batch_size}",
+        f"train.progress={str(progress).lower()}",
+        "train.log_every=1000000",
+        f"eval.ks={_ks_that_fit(data)}",
+        f"train.epochs={epochs}",
+    ]
     cfg = load_config(two, base)
     task = RetrievalTask.from_config(cfg)
     plan = build_plan(cfg, task.loss_weights())
@@ -276,12 +334,23 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
             times[name] += wall
             cpu[name] += c
     res: dict[str, Any] = {
-        "preset": preset, "images": images, "captions": len(records), "batch_size": batch_size, "device": str(device),
-        "vision_blocks": n_blocks, "trained_blocks": s2.vision_blocks, "prefix_start": start,
-        "stage1_losses": sorted(s1.losses), "stage2_losses": sorted(s2.losses), "steps": 2 * steps, "warmup": warmup,
-        "frozen_cache_build_s": frozen_build_s, "prefix_cache_build_s": prefix_build_s,
+        "preset": preset,
+        "images": images,
+        "captions": len(records),
+        "batch_size": batch_size,
+        "device": str(device),
+        "vision_blocks": n_blocks,
+        "trained_blocks": s2.vision_blocks,
+        "prefix_start": start,
+        "stage1_losses": sorted(s1.losses),
+        "stage2_losses": sorted(s2.losses),
+        "steps": 2 * steps,
+        "warmup": warmup,
+        "frozen_cache_build_s": frozen_build_s,
+        "prefix_cache_build_s": prefix_build_s,
         "step_s": {k: _median(v) for k, v in times.items()},
-        "step_cpu_s": {k: _median(v) for k, v in cpu.items()}, "threads": torch.get_num_threads(),
+        "step_cpu_s": {k: _median(v) for k, v in cpu.items()},
+        "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }
     st = res["step_s"]
@@ -306,16 +375,34 @@ def bench_stages(preset: str, images: int, epochs: int, batch_size: int, out: Pa
 # config files are not part of the installed package. tests/test_bench.py checks they
 # still say what the recipe says.
 COUNTING_STAGE1 = [
-    "task=counting", "model.head_hidden=128", "model.adapter_dropout=0.1",
-    "counting.max_count=3", "counting.buckets=null", "counting.max_dynamic_patch=4", "counting.pooling=image",
-    "counting.lm_mode=full", "counting.question_max_tokens=32", "counting.answer_max_tokens=24",
-    "loss.lm=1.0", "loss.count=1.0",
-    "generation.max_new_tokens=12", "generation.num_beams=3", "generation.val_num_images=8",
-    "generation.val_do_sample=true", "generation.val_top_p=0.9", "generation.val_temperature=0.7",
+    "task=counting",
+    "model.head_hidden=128",
+    "model.adapter_dropout=0.1",
+    "counting.max_count=3",
+    "counting.buckets=null",
+    "counting.max_dynamic_patch=4",
+    "counting.pooling=image",
+    "counting.lm_mode=full",
+    "counting.question_max_tokens=32",
+    "counting.answer_max_tokens=24",
+    "loss.lm=1.0",
+    "loss.count=1.0",
+    "generation.max_new_tokens=12",
+    "generation.num_beams=3",
+    "generation.val_num_images=8",
+    "generation.val_do_sample=true",
+    "generation.val_top_p=0.9",
+    "generation.val_temperature=0.7",
     "stages=[{name: frozen_vision, start_epoch: 0, train: {count_head: 1.0, mm_projector: 1.0, language_model: 1.0}}]",
-    "optim.lr=2.0e-3", "optim.weight_decay=0.01", "optim.warmup_ratio=0.1", "optim.grad_clip=1.0",
-    "train.early_stopping.metric=count/accuracy", "train.early_stopping.mode=max", "train.early_stopping.patience=0",
+    "optim.lr=2.0e-3",
+    "optim.weight_decay=0.01",
+    "optim.warmup_ratio=0.1",
+    "optim.grad_clip=1.0",
+    "train.early_stopping.metric=count/accuracy",
+    "train.early_stopping.mode=max",
+    "train.early_stopping.patience=0",
 ]
+
 
 def bench_recipe_runs(two: Path, single: Path, base: list[str], out: Path) -> dict[str, Any]:
     """(d) The recipes as shipped, at this size: the cache of each built inside its run."""
@@ -331,13 +418,20 @@ def bench_recipe_runs(two: Path, single: Path, base: list[str], out: Path) -> di
         total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
         lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        recipes_res[name] = {"config": str(path), "wall_s": round(total, 3), "cpu_s": round(total_cpu, 3),
-                             "epochs": metrics["train/epochs"], "train_wall_s": metrics["train/train_wall_s"],
-                             "mean_recall": metrics.get("retrieval/mean_recall"),
-                             "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"]}
-    return {"recipes": recipes_res,
-            "ratio_two_stage_to_single_stage": recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"],
-            "cpu_ratio_two_stage_to_single_stage": recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"]}
+        recipes_res[name] = {
+            "config": str(path),
+            "wall_s": round(total, 3),
+            "cpu_s": round(total_cpu, 3),
+            "epochs": metrics["train/epochs"],
+            "train_wall_s": metrics["train/train_wall_s"],
+            "mean_recall": metrics.get("retrieval/mean_recall"),
+            "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"],
+        }
+    return {
+        "recipes": recipes_res,
+        "ratio_two_stage_to_single_stage": recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"],
+        "cpu_ratio_two_stage_to_single_stage": recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"],
+    }
 
 
 def _epoch_times(run_dir: Path) -> tuple[list[float], list[float]]:
@@ -347,8 +441,10 @@ def _epoch_times(run_dir: Path) -> tuple[list[float], list[float]]:
     epochs = [x for x in lines if x["type"] == "epoch"]
     wall = [x["wall_s"] for x in epochs]
     train = [x["train_wall_s"] for x in epochs]
-    return ([round(b - a, 3) for a, b in zip([0.0] + wall[:-1], wall)],
-            [round(b - a, 3) for a, b in zip([0.0] + train[:-1], train)])
+    return (
+        [round(b - a, 3) for a, b in zip([0.0] + wall[:-1], wall)],
+        [round(b - a, 3) for a, b in zip([0.0] + train[:-1], train)],
+    )
 
 
 def _later(times: list[float]) -> float:
@@ -357,8 +453,16 @@ def _later(times: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
-def bench_counting(preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int, out: Path,
-                   progress: bool = False, max_tiles: int = 4) -> dict[str, Any]:
+def bench_counting(
+    preset: str,
+    images: int,
+    epochs: int,
+    uncached_epochs: int,
+    batch_size: int,
+    out: Path,
+    progress: bool = False,
+    max_tiles: int = 4,
+) -> dict[str, Any]:
     """The counting recipe's stage 1 (vision tower frozen) on the synthetic receipts,
     with the vision cache and without it, same data, same config: the first epoch
     (which builds the cache) and the later ones apart, and their ratio."""
@@ -370,9 +474,17 @@ def bench_counting(preset: str, images: int, epochs: int, uncached_epochs: int, 
     data = out / "counting_data"
     if check_synthetic_dir(data, ("train.jsonl", "val.jsonl", "test.jsonl")):
         generate_receipts(data, n=max(images, 10), seed=0, max_count=3, image_size=128, overwrite=True)
-    base = [*COUNTING_STAGE1, f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}",
-            f"data.synthetic.n={max(images, 10)}", f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}",
-            f"train.progress={str(progress).lower()}", "train.log_every=1000000", f"counting.max_dynamic_patch={max_tiles}"]
+    base = [
+        *COUNTING_STAGE1,
+        f"backbone.name_or_path={preset}",
+        f"data.synthetic_dir={data}",
+        f"data.synthetic.n={max(images, 10)}",
+        f"train.batch_size={batch_size}",
+        f"eval.batch_size={batch_size}",
+        f"train.progress={str(progress).lower()}",
+        "train.log_every=1000000",
+        f"counting.max_dynamic_patch={max_tiles}",
+    ]
     res: dict[str, Any] = {"preset": preset, "images": max(images, 10), "max_tiles": max_tiles}
     # Warm-up (first backward, allocator, threads) so neither timed run pays it.
     shutil.rmtree(out / "counting_run_warmup", ignore_errors=True)
@@ -381,16 +493,24 @@ def bench_counting(preset: str, images: int, epochs: int, uncached_epochs: int, 
         run_dir, cache_dir = out / f"counting_run_{name}", out / f"counting_cache_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
-        cfg = load_config(None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}",
-                                 f"cache.dir={cache_dir}"])
+        cfg = load_config(
+            None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={cache_dir}"]
+        )
         t0 = time.perf_counter()
         train(cfg, run_dir)
         total = time.perf_counter() - t0
         wall, train_s = _epoch_times(run_dir)
         stage = next(json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if '"stage"' in x)
-        res[name] = {"epochs": n_epochs, "epoch_wall_s": wall, "epoch_train_s": train_s, "run_total_s": round(total, 3),
-                     "first_epoch_wall_s": wall[0], "later_epoch_wall_s": round(_later(wall), 3),
-                     "later_epoch_train_s": round(_later(train_s), 3), "cache": stage.get("cache", {})}
+        res[name] = {
+            "epochs": n_epochs,
+            "epoch_wall_s": wall,
+            "epoch_train_s": train_s,
+            "run_total_s": round(total, 3),
+            "first_epoch_wall_s": wall[0],
+            "later_epoch_wall_s": round(_later(wall), 3),
+            "later_epoch_train_s": round(_later(train_s), 3),
+            "cache": stage.get("cache", {}),
+        }
         if cached:
             res["cache_mb"] = round(sum(f.stat().st_size for f in cache_dir.rglob("*.npy")) / 2**20, 1)
     c, u = res["cached"], res["uncached"]
@@ -414,8 +534,9 @@ def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int]) -
     records = read_pairs(data / "train.json")
     out: dict[str, Any] = {}
     for w in workers:
-        loader = make_loader(records, backbone, batch_size=cfg.eval.batch_size,
-                             max_text_tokens=cfg.backbone.max_text_tokens, num_workers=w)
+        loader = make_loader(
+            records, backbone, batch_size=cfg.eval.batch_size, max_text_tokens=cfg.backbone.max_text_tokens, num_workers=w
+        )
         t0 = time.perf_counter()
         n = sum(len(b["input_ids"]) for b in loader)
         out[f"workers_{w}_items_per_s"] = n / (time.perf_counter() - t0)
@@ -449,11 +570,19 @@ def bench_eval(sizes: list[tuple[int, int]], dim: int = 256, chunk: int = 4096) 
         for kind in ("matmul", "retrieval_metrics"):
             cmd = [sys.executable, "-m", "vlmtune.bench", kind, str(n), str(m), str(dim), str(chunk)]
             res[kind] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        rows.append({"images": n, "captions": m, "dim": dim, "chunk": chunk,
-                     "matmul_s": res["matmul"]["wall_s"], "eval_s": res["retrieval_metrics"]["wall_s"],
-                     "ratio": res["retrieval_metrics"]["wall_s"] / res["matmul"]["wall_s"],
-                     "matmul_peak_mb": res["matmul"]["peak_above_embeddings_mb"],
-                     "eval_peak_mb": res["retrieval_metrics"]["peak_above_embeddings_mb"]})
+        rows.append(
+            {
+                "images": n,
+                "captions": m,
+                "dim": dim,
+                "chunk": chunk,
+                "matmul_s": res["matmul"]["wall_s"],
+                "eval_s": res["retrieval_metrics"]["wall_s"],
+                "ratio": res["retrieval_metrics"]["wall_s"] / res["matmul"]["wall_s"],
+                "matmul_peak_mb": res["matmul"]["peak_above_embeddings_mb"],
+                "eval_peak_mb": res["retrieval_metrics"]["peak_above_embeddings_mb"],
+            }
+        )
     return rows
 
 
@@ -494,9 +623,14 @@ def bench_gpu(preset: str, batch_size: int = 32, steps: int = 10) -> dict[str, A
             bb.vision_tokens(pv)
         torch.cuda.synchronize()
     ips = steps * batch_size / (time.perf_counter() - t0)
-    return {"images_per_s_bf16": ips, "flops_per_image": flops_per_image, "peak_bf16_matmul_flops": peak,
-            "fraction_of_peak": ips * flops_per_image / peak, "batch_size": batch_size,
-            "attn_implementation": bb.model.config._attn_implementation}
+    return {
+        "images_per_s_bf16": ips,
+        "flops_per_image": flops_per_image,
+        "peak_bf16_matmul_flops": peak,
+        "fraction_of_peak": ips * flops_per_image / peak,
+        "batch_size": batch_size,
+        "attn_implementation": bb.model.config._attn_implementation,
+    }
 
 
 # --------------------------------------------------------------------------- search
@@ -517,30 +651,41 @@ def bench_search(n: int = 100_000, dim: int = 256, k: int = 10, queries: int = 2
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         folder = Path(tmp)
         save_file({"gallery": gallery}, str(folder / "gallery.safetensors"))
-        (folder / "items.jsonl").write_text("".join(json.dumps({"id": i, "kind": "image", "path": f"img{i}.jpg"}) + "\n"
-                                                    for i in range(n)))
-        (folder / "index.json").write_text(json.dumps({"format": INDEX_FORMAT, "kind": "images", "count": n, "dim": dim,
-                                                       "search": "exact"}))
+        (folder / "items.jsonl").write_text(
+            "".join(json.dumps({"id": i, "kind": "image", "path": f"img{i}.jpg"}) + "\n" for i in range(n))
+        )
+        (folder / "index.json").write_text(
+            json.dumps({"format": INDEX_FORMAT, "kind": "images", "count": n, "dim": dim, "search": "exact"})
+        )
         t0 = time.perf_counter()
         index = Index(folder)
         load_s = time.perf_counter() - t0
     for i in range(5):  # warm-up: threads, allocator
-        index.topk(q[i:i + 1], k)
+        index.topk(q[i : i + 1], k)
     import os
 
     times = []
     c0 = time.process_time()
     for i in range(queries):
         t0 = time.perf_counter()
-        index.topk(q[i:i + 1], k)
+        index.topk(q[i : i + 1], k)
         times.append(1000 * (time.perf_counter() - t0))
     cpu_ms = 1000 * (time.process_time() - c0) / queries
     times.sort()
     # Wall time depends on what else runs on the machine: the CPU time per query (all
     # threads together) and the load average say how much of it was waiting.
-    return {"n": n, "dim": dim, "k": k, "queries": queries, "threads": torch.get_num_threads(),
-            "median_ms": times[len(times) // 2], "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
-            "cpu_ms_per_query": cpu_ms, "load_average": os.getloadavg()[0], "index_load_s": load_s}
+    return {
+        "n": n,
+        "dim": dim,
+        "k": k,
+        "queries": queries,
+        "threads": torch.get_num_threads(),
+        "median_ms": times[len(times) // 2],
+        "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
+        "cpu_ms_per_query": cpu_ms,
+        "load_average": os.getloadavg()[0],
+        "index_load_s": load_s,
+    }
 
 
 # --------------------------------------------------------------------------- fsdp
@@ -554,17 +699,32 @@ def _fsdp_child(mode: str, preset: str, images: int, batch_size: int, data: str,
     from vlmtune.config import load_config
     from vlmtune.train import peak_memory_mb, train
 
-    cfg = load_config(None, [f"backbone.name_or_path={preset}", f"data.synthetic_dir={data}", f"data.synthetic.n={images}",
-                             "stages=[{name: last_block, start_epoch: 0, vision_blocks: 1, "
-                             "train: {adapters: 1.0, heads: 1.0, vision_blocks: 0.1}}]",
-                             "train.epochs=1", f"train.batch_size={batch_size}", f"eval.batch_size={batch_size}",
-                             "train.progress=false", "cache.enabled=false", "eval.ks=[1]", "loss.matching=0",
-                             f"train.fsdp.enabled={str(mode == 'fsdp').lower()}"])
+    cfg = load_config(
+        None,
+        [
+            f"backbone.name_or_path={preset}",
+            f"data.synthetic_dir={data}",
+            f"data.synthetic.n={images}",
+            "stages=[{name: last_block, start_epoch: 0, vision_blocks: 1, "
+            "train: {adapters: 1.0, heads: 1.0, vision_blocks: 0.1}}]",
+            "train.epochs=1",
+            f"train.batch_size={batch_size}",
+            f"eval.batch_size={batch_size}",
+            "train.progress=false",
+            "cache.enabled=false",
+            "eval.ks=[1]",
+            "loss.matching=0",
+            f"train.fsdp.enabled={str(mode == 'fsdp').lower()}",
+        ],
+    )
     run_dir = Path(out) / f"run_{mode}"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     train(cfg, run_dir, overwrite=True)
-    rec: dict[str, Any] = {"rank": int(os.environ.get("RANK", "0")), "device": device.type,
-                           "peak_mb": round(peak_memory_mb(device), 1)}
+    rec: dict[str, Any] = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "device": device.type,
+        "peak_mb": round(peak_memory_mb(device), 1),
+    }
     if device.type == "cuda":
         rec["measure"] = "torch.cuda.max_memory_allocated"
         rec["end_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
@@ -588,22 +748,49 @@ def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     if not on_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    res: dict[str, Any] = {"preset": preset, "processes": processes, "images": images, "batch_size": batch_size,
-                           "device": "cuda" if on_gpu else "cpu (gloo)"}
+    res: dict[str, Any] = {
+        "preset": preset,
+        "processes": processes,
+        "images": images,
+        "batch_size": batch_size,
+        "device": "cuda" if on_gpu else "cpu (gloo)",
+    }
     if not on_gpu and gpus:
         res["note"] = f"{gpus} CUDA device(s), fewer than {processes}: measured on CPU processes"
     for mode in ("ddp", "fsdp"):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(processes), "-m", "vlmtune.bench", "fsdp-child", mode, preset, str(images),
-                               str(batch_size), str(data), str(out)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+                "-m",
+                "vlmtune.bench",
+                "fsdp-child",
+                mode,
+                preset,
+                str(images),
+                str(batch_size),
+                str(data),
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             res[mode] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
             continue
-        recs = sorted((json.loads((out / f"mem_{mode}_{r}.json").read_text()) for r in range(processes)),
-                      key=lambda x: x["rank"])
-        res[mode] = {"peak_mb": [x["peak_mb"] for x in recs], "end_mb": [x["end_mb"] for x in recs],
-                     "measure": recs[0]["measure"], "wall_s": round(time.perf_counter() - t0, 2)}
+        recs = sorted((json.loads((out / f"mem_{mode}_{r}.json").read_text()) for r in range(processes)), key=lambda x: x["rank"])
+        res[mode] = {
+            "peak_mb": [x["peak_mb"] for x in recs],
+            "end_mb": [x["end_mb"] for x in recs],
+            "measure": recs[0]["measure"],
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
     if "peak_mb" in res.get("ddp", {}) and "peak_mb" in res.get("fsdp", {}):
         res["ratio_fsdp_to_ddp_peak"] = max(res["fsdp"]["peak_mb"]) / max(res["ddp"]["peak_mb"])
         res["ratio_fsdp_to_ddp_end"] = max(res["fsdp"]["end_mb"]) / max(res["ddp"]["end_mb"])
@@ -613,10 +800,22 @@ def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: 
 # --------------------------------------------------------------------------- report
 
 
-def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: int = 5, uncached_epochs: int | None = None,
-              batch_size: int = 32, eval_sizes: list[tuple[int, int]] | None = None, sections: list[str] | None = None,
-              progress: bool = False, search_size: int = 100_000, stage_steps: int = 8,
-              recipes: list[str] | None = None, recipe_runs: bool = True, max_tiles: int = 4) -> dict[str, Any]:
+def run_bench(
+    out: str | Path,
+    preset: str = "tiny",
+    images: int = 200,
+    epochs: int = 5,
+    uncached_epochs: int | None = None,
+    batch_size: int = 32,
+    eval_sizes: list[tuple[int, int]] | None = None,
+    sections: list[str] | None = None,
+    progress: bool = False,
+    search_size: int = 100_000,
+    stage_steps: int = 8,
+    recipes: list[str] | None = None,
+    recipe_runs: bool = True,
+    max_tiles: int = 4,
+) -> dict[str, Any]:
     from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
@@ -626,11 +825,21 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
     if "training" in sections:
         result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
     if "stages" in sections:
-        result["stages"] = bench_stages(preset, images, epochs, batch_size, out, steps=stage_steps, recipes=recipes,
-                                        progress=progress, recipe_runs=recipe_runs)
+        result["stages"] = bench_stages(
+            preset,
+            images,
+            epochs,
+            batch_size,
+            out,
+            steps=stage_steps,
+            recipes=recipes,
+            progress=progress,
+            recipe_runs=recipe_runs,
+        )
     if "counting" in sections:
-        result["counting"] = bench_counting(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress,
-                                            max_tiles)
+        result["counting"] = bench_counting(
+            preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress, max_tiles
+        )
     if "loader" in sections:
         result["loader"] = bench_loader(_bench_data(out, images), preset, batch_size, [0, 2])
     if "eval" in sections:
@@ -648,21 +857,30 @@ def run_bench(out: str | Path, preset: str = "tiny", images: int = 200, epochs: 
 
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"# vlmtune bench ({r['preset']})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
-             + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU"), ""]
+    lines = [
+        f"# vlmtune bench ({r['preset']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU"),
+        "",
+    ]
     if "training" in r:
         t = r["training"]
         c, u = t["cached"], t["uncached"]
-        lines += [f"## Frozen-backbone training: {t['images']} images, {t['captions']} captions", "",
-                  "| | seconds |", "|---|---|",
-                  f"| one feature-extraction pass (floor) | {t['extraction_pass_s']:.2f} |",
-                  f"| cached: {c['epochs']} epochs, extraction included | {t['cached_total_s']:.2f} |",
-                  f"| cached epochs | {', '.join(f'{x:.2f}' for x in c['epoch_train_s'])} |",
-                  f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
-                  f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
-                  f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
-                  f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |", ""]
+        lines += [
+            f"## Frozen-backbone training: {t['images']} images, {t['captions']} captions",
+            "",
+            "| | seconds |",
+            "|---|---|",
+            f"| one feature-extraction pass (floor) | {t['extraction_pass_s']:.2f} |",
+            f"| cached: {c['epochs']} epochs, extraction included | {t['cached_total_s']:.2f} |",
+            f"| cached epochs | {', '.join(f'{x:.2f}' for x in c['epoch_train_s'])} |",
+            f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
+            f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
+            f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
+            f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |",
+            "",
+        ]
     if "stages" in r:
         lines += render_stages(r["stages"])
     if "counting" in r:
@@ -671,26 +889,41 @@ def render(r: dict[str, Any]) -> str:
         lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
         lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
     if "eval" in r:
-        lines += ["## Retrieval evaluation vs one bare matmul", "",
-                  "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {e['images']} x {e['captions']} | {e['matmul_s']:.2f} | {e['eval_s']:.2f} | {e['ratio']:.2f} | "
-                  f"{e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |" for e in r["eval"]] + [""]
+        lines += [
+            "## Retrieval evaluation vs one bare matmul",
+            "",
+            "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {e['images']} x {e['captions']} | {e['matmul_s']:.2f} | {e['eval_s']:.2f} | {e['ratio']:.2f} | "
+            f"{e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |"
+            for e in r["eval"]
+        ] + [""]
     if "gpu" in r:
         g = r["gpu"]
         if "skipped" in g:
             lines += [f"GPU section skipped: {g['skipped']}.", ""]
         else:
-            lines += ["## GPU feature extraction (bf16)", "", f"{g['images_per_s_bf16']:.1f} images/s, "
-                      f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
-                      f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}", ""]
+            lines += [
+                "## GPU feature extraction (bf16)",
+                "",
+                f"{g['images_per_s_bf16']:.1f} images/s, "
+                f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
+                f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}",
+                "",
+            ]
     if "search" in r:
         sr = r["search"]
-        lines += ["## Exact search (vlmtune search), one text query at a time", "",
-                  "| stored embeddings | dim | k | median ms | p95 ms | CPU ms / query | torch threads | load average | index load s |",
-                  "|---|---|---|---|---|---|---|---|---|",
-                  f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
-                  f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |", ""]
+        lines += [
+            "## Exact search (vlmtune search), one text query at a time",
+            "",
+            "| stored embeddings | dim | k | median ms | p95 ms | CPU ms / query | torch threads | load average | index load s |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
+            f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |",
+            "",
+        ]
     if "fsdp" in r:
         f = r["fsdp"]
         lines += [f"## Memory per process: FSDP vs DDP ({f['processes']} processes, {f['device']}, {f['preset']})", ""]
@@ -698,12 +931,19 @@ def render(r: dict[str, Any]) -> str:
             lines += [f["note"] + ".", ""]
         rows = [(m, f[m]) for m in ("ddp", "fsdp")]
         measure = next((x["measure"] for _, x in rows if "measure" in x), "")
-        lines += [f"Peak: {measure}; end: held after the run.", "", "| | peak MB per process | end MB per process | wall s |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"Peak: {measure}; end: held after the run.",
+            "",
+            "| | peak MB per process | end MB per process | wall s |",
+            "|---|---|---|---|",
+        ]
         for m, x in rows:
-            lines.append(f"| {m} | error: {x['error']} | | |" if "error" in x else
-                         f"| {m} | {', '.join(f'{v:.0f}' for v in x['peak_mb'])} | {', '.join(f'{v:.0f}' for v in x['end_mb'])} "
-                         f"| {x['wall_s']:.1f} |")
+            lines.append(
+                f"| {m} | error: {x['error']} | | |"
+                if "error" in x
+                else f"| {m} | {', '.join(f'{v:.0f}' for v in x['peak_mb'])} | {', '.join(f'{v:.0f}' for v in x['end_mb'])} "
+                f"| {x['wall_s']:.1f} |"
+            )
         if "ratio_fsdp_to_ddp_peak" in f:
             lines += [f"| **FSDP / DDP** | **{f['ratio_fsdp_to_ddp_peak']:.2f}** | **{f['ratio_fsdp_to_ddp_end']:.2f}** | |"]
         lines.append("")
@@ -712,33 +952,48 @@ def render(r: dict[str, Any]) -> str:
 
 def render_stages(s: dict[str, Any]) -> list[str]:
     st, sc, n = s["step_s"], s["step_cpu_s"], s["trained_blocks"]
-    lines = [f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
-            f"batch {s['batch_size']}, {s['device']})", "",
-            f"Median of {s['steps']} steps after {s['warmup']} warm-up steps (loading the batch included). Stage 2 "
-            f"trains the last {n} of {s['vision_blocks']} vision blocks; its prefix cache holds the state entering "
-            f"block {s['prefix_start']}. {s['threads']} torch threads, load average {s['load_average']:.1f} at the end "
-            f"(CPU ms: this process's CPU time, the steadier figure on a shared CPU).", "",
-            "| step | losses | wall ms | CPU ms |", "|---|---|---|---|"]
-    names = {"a_stage1_cached": ("(a) stage 1, from the cache", s["stage1_losses"]),
-             "a_stage1_cached_stage2_losses": ("(a') stage 1, from the cache, stage 2's losses", s["stage2_losses"]),
-             "b_stage2_prefix_cached": ("(b) stage 2, from the prefix cache", s["stage2_losses"]),
-             "c_stage2_live": ("(c) stage 2, vision tower live (no vision cache)", s["stage2_losses"])}
-    lines += [f"| {label} | {', '.join(losses)} | {1000 * st[k]:.1f} | {1000 * sc[k]:.1f} |"
-              for k, (label, losses) in names.items()]
-    lines += [f"| **b / a** (target <= 1.5) | | **{s['ratio_b_to_a']:.2f}** | **{s['cpu_ratio_b_to_a']:.2f}** |",
-              f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} | {s['cpu_ratio_b_to_a_same_losses']:.2f} |",
-              f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** | **{s['cpu_ratio_c_to_b']:.2f}x** |",
-              "", f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
-              f"{s['prefix_cache_build_s']:.2f} s.", ""]
+    lines = [
+        f"## Two-stage recipe: stage steps and wall time ({s['images']} images, {s['captions']} captions, "
+        f"batch {s['batch_size']}, {s['device']})",
+        "",
+        f"Median of {s['steps']} steps after {s['warmup']} warm-up steps (loading the batch included). Stage 2 "
+        f"trains the last {n} of {s['vision_blocks']} vision blocks; its prefix cache holds the state entering "
+        f"block {s['prefix_start']}. {s['threads']} torch threads, load average {s['load_average']:.1f} at the end "
+        f"(CPU ms: this process's CPU time, the steadier figure on a shared CPU).",
+        "",
+        "| step | losses | wall ms | CPU ms |",
+        "|---|---|---|---|",
+    ]
+    names = {
+        "a_stage1_cached": ("(a) stage 1, from the cache", s["stage1_losses"]),
+        "a_stage1_cached_stage2_losses": ("(a') stage 1, from the cache, stage 2's losses", s["stage2_losses"]),
+        "b_stage2_prefix_cached": ("(b) stage 2, from the prefix cache", s["stage2_losses"]),
+        "c_stage2_live": ("(c) stage 2, vision tower live (no vision cache)", s["stage2_losses"]),
+    }
+    lines += [
+        f"| {label} | {', '.join(losses)} | {1000 * st[k]:.1f} | {1000 * sc[k]:.1f} |" for k, (label, losses) in names.items()
+    ]
+    lines += [
+        f"| **b / a** (target <= 1.5) | | **{s['ratio_b_to_a']:.2f}** | **{s['cpu_ratio_b_to_a']:.2f}** |",
+        f"| b / a' (same losses) | | {s['ratio_b_to_a_same_losses']:.2f} | {s['cpu_ratio_b_to_a_same_losses']:.2f} |",
+        f"| **c / b** (what the prefix cache saves) | | **{s['ratio_c_to_b']:.2f}x** | **{s['cpu_ratio_c_to_b']:.2f}x** |",
+        "",
+        f"Cache builds (once): the tower's output {s['frozen_cache_build_s']:.2f} s, the prefix "
+        f"{s['prefix_cache_build_s']:.2f} s.",
+        "",
+    ]
     if "recipes" not in s:
         return lines
     two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
     return lines + [
-        "| recipe | epochs | wall s | CPU s |", "|---|---|---|---|",
+        "| recipe | epochs | wall s | CPU s |",
+        "|---|---|---|---|",
         f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} | {two['cpu_s']:.2f} |",
         f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} | {one['cpu_s']:.2f} |",
         f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** | "
-        f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |", ""]
+        f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |",
+        "",
+    ]
 
 
 def _render_counting(t: dict[str, Any]) -> list[str]:
@@ -749,16 +1004,21 @@ def _render_counting(t: dict[str, Any]) -> list[str]:
         return ", ".join(f"{v:.2f}" for v in x[key])
 
     tiles = "one tile each" if t["max_tiles"] == 1 else f"up to {t['max_tiles']} tiles + thumbnail"
-    return [f"## Counting recipe, stage 1 (vision tower frozen): {t['images']} images, {tiles} ({t['preset']})", "",
-            "| | cached (vision cache) | uncached |", "|---|---|---|",
-            f"| epoch wall s (training + validation) | {row(c, 'epoch_wall_s')} | {row(u, 'epoch_wall_s')} |",
-            f"| epoch training s | {row(c, 'epoch_train_s')} | {row(u, 'epoch_train_s')} |",
-            f"| first epoch wall s (cached: builds the cache) | {c['first_epoch_wall_s']:.2f} | {u['first_epoch_wall_s']:.2f} |",
-            f"| later epochs, mean wall s | {c['later_epoch_wall_s']:.2f} | {u['later_epoch_wall_s']:.2f} |",
-            f"| **cached / uncached, later {later}, wall** | **{t['ratio_later_epoch_wall']:.2f}** (target <= 0.5) | |",
-            f"| cached / uncached, later {later}, training only | {t['ratio_later_epoch_train']:.2f} | |",
-            f"| cached / uncached, first epoch | {t['ratio_first_epoch_wall']:.2f} | |",
-            f"| cache size | {t['cache_mb']:.1f} MB | |", ""]
+    return [
+        f"## Counting recipe, stage 1 (vision tower frozen): {t['images']} images, {tiles} ({t['preset']})",
+        "",
+        "| | cached (vision cache) | uncached |",
+        "|---|---|---|",
+        f"| epoch wall s (training + validation) | {row(c, 'epoch_wall_s')} | {row(u, 'epoch_wall_s')} |",
+        f"| epoch training s | {row(c, 'epoch_train_s')} | {row(u, 'epoch_train_s')} |",
+        f"| first epoch wall s (cached: builds the cache) | {c['first_epoch_wall_s']:.2f} | {u['first_epoch_wall_s']:.2f} |",
+        f"| later epochs, mean wall s | {c['later_epoch_wall_s']:.2f} | {u['later_epoch_wall_s']:.2f} |",
+        f"| **cached / uncached, later {later}, wall** | **{t['ratio_later_epoch_wall']:.2f}** (target <= 0.5) | |",
+        f"| cached / uncached, later {later}, training only | {t['ratio_later_epoch_train']:.2f} | |",
+        f"| cached / uncached, first epoch | {t['ratio_first_epoch_wall']:.2f} | |",
+        f"| cache size | {t['cache_mb']:.1f} MB | |",
+        "",
+    ]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-child"]:  # the fsdp section's torchrun processes

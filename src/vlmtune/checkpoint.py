@@ -81,9 +81,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Config, state: TrainState,
-                    trainer_state: dict[str, Any] | None, backbone: Any | None, keep: int = 1,
-                    extra_files: Callable[[Path], None] | None = None) -> None:
+def save_checkpoint(
+    folder: Path,
+    *,
+    weights: dict[str, torch.Tensor],
+    cfg: Config,
+    state: TrainState,
+    trainer_state: dict[str, Any] | None,
+    backbone: Any | None,
+    keep: int = 1,
+    extra_files: Callable[[Path], None] | None = None,
+) -> None:
     """Write a checkpoint atomically (temporary folder, then rename); ``keep`` > 1 keeps
     the previous ones as FOLDER-1 (the one before), FOLDER-2, ... up to FOLDER-(keep-1).
     ``extra_files(folder)`` writes more files into the folder before the manifest lists
@@ -96,8 +104,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], cfg: Conf
     save_config(cfg, tmp / "config.yaml")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json()},
-                                               indent=2, default=str))
+    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json()}, indent=2, default=str))
     if backbone is not None:
         backbone.save_pretrained(tmp / "backbone")
     if extra_files is not None:
@@ -134,8 +141,7 @@ def _listing(folder: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
             rel = path.relative_to(folder).as_posix()
             if stat.S_ISLNK(mode):
-                raise CheckpointError(f"{folder}/{_shown(rel)}: is a symbolic link; a checkpoint holds only plain "
-                                      f"files; refused")
+                raise CheckpointError(f"{folder}/{_shown(rel)}: is a symbolic link; a checkpoint holds only plain files; refused")
             if stat.S_ISDIR(mode):
                 continue
             if not stat.S_ISREG(mode):
@@ -161,8 +167,9 @@ def read_manifest(folder: Path) -> dict[str, str]:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({MANIFEST} is missing; checkpoints written "
-                              f"before manifests cannot be opened)") from None
+        raise CheckpointError(
+            f"{folder}: not a vlmtune checkpoint ({MANIFEST} is missing; checkpoints written before manifests cannot be opened)"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
@@ -292,8 +299,10 @@ class Checkpoint:
             # (a class, a function such as os.system) is refused, never called.
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data "
-                                  f"({_unpickling_reason(e)}); nothing in it was run") from None
+            raise CheckpointError(
+                f"{path}: refused: it holds pickled objects other than tensors and plain data "
+                f"({_unpickling_reason(e)}); nothing in it was run"
+            ) from None
         except Exception as e:  # noqa: BLE001 - any other failure is a bad file
             raise CheckpointError(f"{path}: cannot read trainer state ({first_line(e)})") from None
 
@@ -330,7 +339,14 @@ def _unpickling_reason(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0]
 
 
-_NOT_ARCHITECTURE = {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation_autoset"}
+_NOT_ARCHITECTURE = {
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "_attn_implementation_autoset",
+}
 
 
 def _architecture(d: dict[str, Any]) -> dict[str, Any]:
@@ -385,8 +401,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         kind, k = misfit
         if kind == "unexpected":
             raise CheckpointError(f"{source}: weights do not fit this model (unexpected tensor '{k}')")
-        raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(weights[k].shape)}, the model expects "
-                              f"{tuple(own[k].shape)}")
+        raise CheckpointError(
+            f"{source}: tensor '{k}' has shape {tuple(weights[k].shape)}, the model expects {tuple(own[k].shape)}"
+        )
     missing = [k for k in own if not k.startswith("backbone.") and k not in weights]
     if missing:
         raise CheckpointError(f"{source}: weights are missing '{missing[0]}'")

@@ -39,11 +39,13 @@ def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tu
     return str(source), train if train and Path(train).exists() else None
 
 
-def _records(ckpt: Checkpoint, cfg: Config, source: str, train_path: str | None,
-             image_root: str | None) -> tuple[list[Any], list[Any] | None]:
+def _records(
+    ckpt: Checkpoint, cfg: Config, source: str, train_path: str | None, image_root: str | None
+) -> tuple[list[Any], list[Any] | None]:
     """The test split of ``source`` (read with ``image_root`` where given, as --image-root
     asks) and the training split for the baselines (read with the image root it trained
     with); both with the evaluation overrides in ``cfg`` (data.on_error, ...)."""
+
     def with_root(root: str | None) -> Config:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_root=root))
 
@@ -53,10 +55,18 @@ def _records(ckpt: Checkpoint, cfg: Config, source: str, train_path: str | None,
     return records, train_task.read_split(train_path, "train") if train_path else None
 
 
-def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: str | Path | None = None,
-                        progress: bool = True, image_root: str | None = None, rankings: bool = False,
-                        rankings_k: int = 10, examples: int = 24, trust_remote_code: bool = False,
-                        overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    data: str | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    image_root: str | None = None,
+    rankings: bool = False,
+    rankings_k: int = 10,
+    examples: int = 24,
+    trust_remote_code: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Evaluate a checkpoint on its own test split or on ``data`` (images under
     ``image_root`` where given); writes metrics.json.
 
@@ -79,8 +89,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     if rankings:
         if not hasattr(task, "evaluate_with_rankings"):
             raise VlmtuneError(f"--rankings: task '{ckpt.cfg.task}' has no per-query results")
-        metrics, details = task.evaluate_with_rankings(model, records, device=device, rankings_k=rankings_k,
-                                                       train_records=train_records, progress=progress)
+        metrics, details = task.evaluate_with_rankings(
+            model, records, device=device, rankings_k=rankings_k, train_records=train_records, progress=progress
+        )
     else:
         metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress)
     metrics["eval/data"] = source
@@ -94,8 +105,17 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, output_dir: s
     if rankings:
         write_rankings(dest, details)
         if examples:
-            write_examples(dest / "examples.html", details, checkpoint=str(ckpt.folder), data=source,
-                           metrics=metrics, model=model, cfg=cfg, n=examples, seed=cfg.seed)
+            write_examples(
+                dest / "examples.html",
+                details,
+                checkpoint=str(ckpt.folder),
+                data=source,
+                metrics=metrics,
+                model=model,
+                cfg=cfg,
+                n=examples,
+                seed=cfg.seed,
+            )
     return metrics
 
 
@@ -103,13 +123,21 @@ def refuse_run_folder(folder: Path) -> None:
     """Evaluation output never replaces a training run's own metrics.json: a folder with
     any run artifact besides metrics.json (which an earlier evaluation writes too) is refused."""
     if [name for name in run_artifacts(folder) if name != "metrics.json"]:
-        raise VlmtuneError(f"--output-dir {folder}: holds a training run, whose metrics.json would be replaced; "
-                           f"choose another folder")
+        raise VlmtuneError(
+            f"--output-dir {folder}: holds a training run, whose metrics.json would be replaced; choose another folder"
+        )
 
 
-def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str | None,
-                  output_dir: str | Path, progress: bool = True, image_root: str | None = None,
-                  trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_many(
+    paths: list[str | Path],
+    labels: list[str] | None,
+    data: str | None,
+    output_dir: str | Path,
+    progress: bool = True,
+    image_root: str | None = None,
+    trust_remote_code: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Evaluate several checkpoints on one data set; writes one table and every metrics.json.
 
     ``output_dir`` receives ``evaluation.md`` (metrics by checkpoint, best marked),
@@ -127,8 +155,10 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
     for i, f in enumerate(folders):
         if f in folders[:i]:
             taken = labels[folders.index(f)]
-            raise VlmtuneError(f"--labels: '{taken[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
-                               f"choose labels that differ in letters or digits")
+            raise VlmtuneError(
+                f"--labels: '{taken[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
+                f"choose labels that differ in letters or digits"
+            )
     ckpts = [open_checkpoint(p) for p in paths]
     cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]
     tasks = {c.cfg.task for c in ckpts}
@@ -153,14 +183,14 @@ def evaluate_many(paths: list[str | Path], labels: list[str] | None, data: str |
         # blocks are loaded into it and restored afterwards, so the next one starts clean.
         key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
         if key not in backbones:
-            backbones[key] = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
-                                           folder=ckpt.backbone_folder)
+            backbones[key] = load_backbone(
+                ckpt.backbone_config(trust_remote_code), device_type=device.type, folder=ckpt.backbone_folder
+            )
         backbone = backbones[key]
         pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
         model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code, cfg=cfg)
         cache = FeatureCache(out / "cache") if task.cacheable else None
-        metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress,
-                                cache=cache)
+        metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress, cache=cache)
         if backbone.state_dict().keys() == pristine.keys():
             backbone.load_state_dict(pristine)
         else:
@@ -192,8 +222,9 @@ def metrics_table(results: dict[str, dict[str, Any]], title: str) -> str:
     chance and baseline rows in italics and never marked."""
     from vlmtune.report import direction, is_reference, order_metrics
 
-    keys = order_metrics(sorted({k for m in results.values() for k, v in m.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}))
+    keys = order_metrics(
+        sorted({k for m in results.values() for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    )
     labels = list(results)
     heads = [" ".join(lb.split()).replace("|", "\\|") for lb in labels]  # a label cannot break the table
     lines = [f"# {title}", "", "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(labels)]

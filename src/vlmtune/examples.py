@@ -49,8 +49,9 @@ def write_rankings(folder: Path, details: dict[str, list[dict[str, Any]]]) -> li
     return written
 
 
-def sample_queries(rows: list[dict[str, Any]], n: int, badness: Callable[[dict[str, Any]], Any],
-                   seed: int = 0) -> list[tuple[str, dict[str, Any]]]:
+def sample_queries(
+    rows: list[dict[str, Any]], n: int, badness: Callable[[dict[str, Any]], Any], seed: int = 0
+) -> list[tuple[str, dict[str, Any]]]:
     """About half of ``n`` worst rows (highest ``badness``, ties in row order), then a
     seeded random draw from the others; each tagged "worst" or "random"."""
     if n <= 0 or not rows:
@@ -136,17 +137,19 @@ table.kv{border-collapse:collapse;font-size:14px}table.kv td{padding:2px 10px 2p
 
 
 def _page(title: str, meta: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>" + "\n".join(body) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f'<h1>{html.escape(title)}</h1><div class="meta">{meta}</div>' + "\n".join(body) + "</body></html>\n"
+    )
 
 
 def _meta(checkpoint: str, data: str, metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
-    shown = ", ".join(f"{html.escape(k)} <b>{metrics[k]:.2f}</b>" for k in keys
-                      if isinstance(metrics.get(k), (int, float)))
-    return (f"checkpoint <code>{html.escape(checkpoint)}</code> &middot; data <code>{html.escape(data)}</code>"
-            + (f"<br>{shown}" if shown else ""))
+    shown = ", ".join(f"{html.escape(k)} <b>{metrics[k]:.2f}</b>" for k in keys if isinstance(metrics.get(k), (int, float)))
+    return f"checkpoint <code>{html.escape(checkpoint)}</code> &middot; data <code>{html.escape(data)}</code>" + (
+        f"<br>{shown}" if shown else ""
+    )
 
 
 def _score_text(e: dict[str, Any]) -> str:
@@ -159,50 +162,69 @@ def _t2i_card(tag: str, row: dict[str, Any], thumbs: _Thumbs) -> str:
     if "box_true" in row:  # grounding: the caption's own image with both boxes
         image, scale = _thumb(_open(row["image"]))
         _draw_boxes(image, scale, [(row["box_true"], GREEN), (row["box_pred"], RED)])
-        cap = (f"its image (ground truth, rank {row['gt_rank']})<br>"
-               f"boxes: true (green), predicted (red), IoU {row['iou']:.2f}")
+        cap = f"its image (ground truth, rank {row['gt_rank']})<br>boxes: true (green), predicted (red), IoU {row['iou']:.2f}"
         if "relation_true" in row:
             cap += f"<br>relation: {html.escape(row['relation_pred'])} (true {html.escape(row['relation_true'])})"
-        figs.append(f'<figure class="gt">{_img(data_uri(image), "query image with boxes")}<figcaption>{cap}</figcaption></figure>')
+        figs.append(
+            f'<figure class="gt">{_img(data_uri(image), "query image with boxes")}<figcaption>{cap}</figcaption></figure>'
+        )
         figs.append('<div class="sep"></div>')
     for e in row["top"][:TOP_SHOWN]:
         cls = "gt" if e["gt"] else ""
-        label = f"#{e['rank']} <span class=\"score\">{_score_text(e)}</span>" + ("<br>ground truth" if e["gt"] else "")
-        figs.append(f'<figure class="{cls}">{_img(thumbs(e["image"]), Path(e["image"]).name)}<figcaption>{label}</figcaption></figure>')
+        label = f'#{e["rank"]} <span class="score">{_score_text(e)}</span>' + ("<br>ground truth" if e["gt"] else "")
+        figs.append(
+            f'<figure class="{cls}">{_img(thumbs(e["image"]), Path(e["image"]).name)}<figcaption>{label}</figcaption></figure>'
+        )
     if not any(e["gt"] for e in row["top"][:TOP_SHOWN]) and "box_true" not in row:  # else shown first already
         figs.append('<div class="sep"></div>')
-        figs.append(f'<figure class="gt">{_img(thumbs(row["image"]), Path(row["image"]).name)}'
-                    f'<figcaption>ground truth, rank {row["gt_rank"]}</figcaption></figure>')
-    return (f'<div class="card"><div class="q"><span class="tag {tag}">{tag}</span>&ldquo;{html.escape(row["text"])}&rdquo; '
-            f'<span class="score">&middot; ground truth at rank {row["gt_rank"]}</span></div>'
-            f'<div class="row">{"".join(figs)}</div></div>')
+        figs.append(
+            f'<figure class="gt">{_img(thumbs(row["image"]), Path(row["image"]).name)}'
+            f"<figcaption>ground truth, rank {row['gt_rank']}</figcaption></figure>"
+        )
+    return (
+        f'<div class="card"><div class="q"><span class="tag {tag}">{tag}</span>&ldquo;{html.escape(row["text"])}&rdquo; '
+        f'<span class="score">&middot; ground truth at rank {row["gt_rank"]}</span></div>'
+        f'<div class="row">{"".join(figs)}</div></div>'
+    )
 
 
 def _i2t_card(tag: str, row: dict[str, Any], thumbs: _Thumbs) -> str:
     items = []
     for e in row["top"][:TOP_SHOWN]:
         mark = " &#10003; ground truth" if e["gt"] else ""
-        items.append(f'<li class="{"gt" if e["gt"] else ""}">{html.escape(e["text"])} '
-                     f'<span class="score">{_score_text(e)}</span>{mark}</li>')
+        items.append(
+            f'<li class="{"gt" if e["gt"] else ""}">{html.escape(e["text"])} '
+            f'<span class="score">{_score_text(e)}</span>{mark}</li>'
+        )
     missing = ""
     if not any(e["gt"] for e in row["top"][:TOP_SHOWN]) and row["captions"]:
-        missing = (f'<div class="score">ground truth (first at rank {row["gt_rank"]}): '
-                   + "; ".join(f"&ldquo;{html.escape(c)}&rdquo;" for c in row["captions"][:3]) + "</div>")
+        missing = (
+            f'<div class="score">ground truth (first at rank {row["gt_rank"]}): '
+            + "; ".join(f"&ldquo;{html.escape(c)}&rdquo;" for c in row["captions"][:3])
+            + "</div>"
+        )
     rank = f"ground truth at rank {row['gt_rank']}" if row["gt_rank"] > 0 else "no caption"
-    return (f'<div class="card"><div class="q"><span class="tag {tag}">{tag}</span>{html.escape(Path(row["image"]).name)} '
-            f'<span class="score">&middot; {rank}</span></div><div class="row">'
-            f'<figure class="query">{_img(thumbs(row["image"]), Path(row["image"]).name)}</figure>'
-            f'<div><ol class="captions">{"".join(items)}</ol>{missing}</div></div></div>')
+    return (
+        f'<div class="card"><div class="q"><span class="tag {tag}">{tag}</span>{html.escape(Path(row["image"]).name)} '
+        f'<span class="score">&middot; {rank}</span></div><div class="row">'
+        f'<figure class="query">{_img(thumbs(row["image"]), Path(row["image"]).name)}</figure>'
+        f'<div><ol class="captions">{"".join(items)}</ol>{missing}</div></div></div>'
+    )
 
 
-def retrieval_page(details: dict[str, list[dict[str, Any]]], *, checkpoint: str, data: str, metrics: dict[str, Any],
-                   n: int = 24, seed: int = 0) -> str:
+def retrieval_page(
+    details: dict[str, list[dict[str, Any]]], *, checkpoint: str, data: str, metrics: dict[str, Any], n: int = 24, seed: int = 0
+) -> str:
     thumbs = _Thumbs()
-    body = ['<div class="legend">ground truth <span style="border-color:#16a34a"></span> '
-            'true box <span style="border-color:#16a34a"></span> predicted box <span style="border-color:#dc2626"></span></div>']
+    body = [
+        '<div class="legend">ground truth <span style="border-color:#16a34a"></span> '
+        'true box <span style="border-color:#16a34a"></span> predicted box <span style="border-color:#dc2626"></span></div>'
+    ]
     t2i = sample_queries(details.get("t2i", []), n, lambda r: r["gt_rank"], seed)
-    body.append(f"<h2>Text &rarr; image ({len(t2i)} of {len(details.get('t2i', []))} captions: worst ground-truth rank "
-                "first, then random)</h2>")
+    body.append(
+        f"<h2>Text &rarr; image ({len(t2i)} of {len(details.get('t2i', []))} captions: worst ground-truth rank "
+        "first, then random)</h2>"
+    )
     body += [_t2i_card(tag, row, thumbs) for tag, row in t2i]
     i2t_rows = [r for r in details.get("i2t", []) if r["gt_rank"] > 0]
     i2t = sample_queries(i2t_rows, n, lambda r: r["gt_rank"], seed)
@@ -227,8 +249,17 @@ def attention_overlay(image: Image.Image, heat: Any) -> Image.Image:
     return Image.blend(image.convert("RGB"), Image.fromarray(rgba).resize(image.size), alpha=0.45)
 
 
-def counting_page(rows: list[dict[str, Any]], *, model: Any, cfg: Any, checkpoint: str, data: str,
-                  metrics: dict[str, Any], n: int = 24, seed: int = 0) -> str:
+def counting_page(
+    rows: list[dict[str, Any]],
+    *,
+    model: Any,
+    cfg: Any,
+    checkpoint: str,
+    data: str,
+    metrics: dict[str, Any],
+    n: int = 24,
+    seed: int = 0,
+) -> str:
     from vlmtune.predict import predict_image
 
     body = []
@@ -242,30 +273,44 @@ def counting_page(rows: list[dict[str, Any]], *, model: Any, cfg: Any, checkpoin
         ok = lambda good: '<span class="ok">right</span>' if good else '<span class="bad">wrong</span>'  # noqa: E731
         answer = row["answer"] if row["answer"] is not None else "(not generated)"
         answer_cnt = row["answer_count"] if row["answer_count"] is not None else "none stated"
-        table = (f'<table class="kv"><tr><td>true count</td><td><b>{row["count_true"]}</b></td></tr>'
-                 f'<tr><td>head</td><td>{html.escape(str(row["count_pred"]))} ({100 * row["confidence"]:.0f}%) '
-                 f'{ok(row["head_correct"])}</td></tr>'
-                 f'<tr><td>answer</td><td>&ldquo;{html.escape(answer)}&rdquo;</td></tr>'
-                 f'<tr><td>count in the answer</td><td>{html.escape(str(answer_cnt))} '
-                 f'{ok(bool(row["answer_correct"]))}</td></tr>'
-                 f'<tr><td>reference answer</td><td>&ldquo;{html.escape(row["answer_true"])}&rdquo;</td></tr></table>')
+        table = (
+            f'<table class="kv"><tr><td>true count</td><td><b>{row["count_true"]}</b></td></tr>'
+            f"<tr><td>head</td><td>{html.escape(str(row['count_pred']))} ({100 * row['confidence']:.0f}%) "
+            f"{ok(row['head_correct'])}</td></tr>"
+            f"<tr><td>answer</td><td>&ldquo;{html.escape(answer)}&rdquo;</td></tr>"
+            f"<tr><td>count in the answer</td><td>{html.escape(str(answer_cnt))} "
+            f"{ok(bool(row['answer_correct']))}</td></tr>"
+            f"<tr><td>reference answer</td><td>&ldquo;{html.escape(row['answer_true'])}&rdquo;</td></tr></table>"
+        )
         body.append(
             f'<div class="card"><div class="q"><span class="tag {tag}">{tag}</span>{html.escape(row["question"])} '
             f'<span class="score">&middot; {html.escape(Path(row["image"]).name)}</span></div><div class="row">'
             f'<figure class="query">{_img(data_uri(thumb), "image")}<figcaption>image</figcaption></figure>'
-            f'<figure>{_img(data_uri(overlay), "attention overlay")}<figcaption>attention of the count token</figcaption></figure>'
-            f'<div>{table}</div></div></div>')
+            f"<figure>{_img(data_uri(overlay), 'attention overlay')}<figcaption>attention of the count token</figcaption></figure>"
+            f"<div>{table}</div></div></div>"
+        )
     keys = ("count/accuracy", "answer/count_accuracy", "count/macro_f1", "text/bleu4")
     return _page("Counting examples", _meta(checkpoint, data, metrics, keys), body)
 
 
-def write_examples(path: Path, details: dict[str, list[dict[str, Any]]], *, checkpoint: str, data: str,
-                   metrics: dict[str, Any], model: Any = None, cfg: Any = None, n: int = 24, seed: int = 0) -> Path:
+def write_examples(
+    path: Path,
+    details: dict[str, list[dict[str, Any]]],
+    *,
+    checkpoint: str,
+    data: str,
+    metrics: dict[str, Any],
+    model: Any = None,
+    cfg: Any = None,
+    n: int = 24,
+    seed: int = 0,
+) -> Path:
     """Write ``examples.html`` for per-query ``details``: the page of the kinds of query
     they hold (``counting`` rows, or ``t2i`` / ``i2t`` rankings), whichever task gave them."""
     if "counting" in details:
-        page = counting_page(details["counting"], model=model, cfg=cfg, checkpoint=checkpoint, data=data,
-                             metrics=metrics, n=n, seed=seed)
+        page = counting_page(
+            details["counting"], model=model, cfg=cfg, checkpoint=checkpoint, data=data, metrics=metrics, n=n, seed=seed
+        )
     else:
         page = retrieval_page(details, checkpoint=checkpoint, data=data, metrics=metrics, n=n, seed=seed)
     write_text(path, page)

@@ -116,24 +116,28 @@ def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     # Other parts of InternVL a stage trained (projector, vision blocks): whole modules in
     # peft's modules_to_save, named by the module that owns each parameter.
     trained = {k: v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX) and ".lora_" not in k}
-    owners = {k[len(BACKBONE_PREFIX):].rsplit(".", 1)[0] for k in trained}
+    owners = {k[len(BACKBONE_PREFIX) :].rsplit(".", 1)[0] for k in trained}
     # A module that holds parameters of its own (a vision block's layer scales) is saved
     # whole; its submodules then need no entry of their own (peft cannot nest them).
     to_save = sorted(m for m in owners if not any(m.startswith(o + ".") for o in owners))
-    lora_cfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                          target_modules=lora_target_pattern(list(c.lora_target_modules)),
-                          modules_to_save=to_save or None)
+    lora_cfg = LoraConfig(
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        target_modules=lora_target_pattern(list(c.lora_target_modules)),
+        modules_to_save=to_save or None,
+    )
     # peft records where the base was loaded from: the hub id, or for the tiny preset
     # the checkpoint's backbone folder.
     model = get_peft_model(backbone.model, lora_cfg)
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for k, v in lora.items():  # ...lora_A.default.weight keeps its place under base_model.model
-        mapped["base_model.model." + k[len(BACKBONE_PREFIX):]] = v
+        mapped["base_model.model." + k[len(BACKBONE_PREFIX) :]] = v
     for k, v in trained.items():
-        name = k[len(BACKBONE_PREFIX):]
+        name = k[len(BACKBONE_PREFIX) :]
         module = next(m for m in to_save if name.startswith(m + "."))
-        mapped[f"base_model.model.{module}.modules_to_save.default.{name[len(module) + 1:]}"] = v
+        mapped[f"base_model.model.{module}.modules_to_save.default.{name[len(module) + 1 :]}"] = v
     for k, v in mapped.items():
         if k not in own:
             raise CheckpointError(f"{ckpt.folder}: weight '{k}' has no place in the peft model of this backbone")
@@ -146,10 +150,17 @@ def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     model.save_pretrained(str(dest), safe_serialization=True)
     heads = _head_weights(weights)
     save_file(heads, str(dest / HEADS_FILE), metadata={"format": "pt"})
-    info = {"format": "peft", "task": cfg.task, "source_checkpoint": str(ckpt.folder.resolve()),
-            "base_model": model.peft_config["default"].base_model_name_or_path, "lora_target_modules": lora_cfg.target_modules,
-            "modules_to_save": to_save, "heads": HEADS_FILE, "head_tensors": sorted(heads),
-            "config": _config_dict(ckpt)}
+    info = {
+        "format": "peft",
+        "task": cfg.task,
+        "source_checkpoint": str(ckpt.folder.resolve()),
+        "base_model": model.peft_config["default"].base_model_name_or_path,
+        "lora_target_modules": lora_cfg.target_modules,
+        "modules_to_save": to_save,
+        "heads": HEADS_FILE,
+        "head_tensors": sorted(heads),
+        "config": _config_dict(ckpt),
+    }
     (dest / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return {"lora_tensors": len(lora), "modules_to_save": len(to_save)}
 
@@ -192,8 +203,7 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
         bb.tokenizer.save_pretrained(folder)
         bb.image_processor.save_pretrained(folder)
 
-    save_checkpoint(dest, weights=heads, cfg=cfg, state=ckpt.state, trainer_state=None, backbone=None,
-                    extra_files=hf_model)
+    save_checkpoint(dest, weights=heads, cfg=cfg, state=ckpt.state, trainer_state=None, backbone=None, extra_files=hf_model)
     return {"lora_layers_merged": n_merged, "head_tensors": len(heads)}
 
 

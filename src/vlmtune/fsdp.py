@@ -51,9 +51,9 @@ class FsdpSettings:
 
     reshard_after_forward: bool = True
     cpu_offload: bool = False
-    wrap: tuple[str, ...] | None = None   # module class names; None: the backbone's transformer blocks
-    source: str = "train.fsdp"            # where the settings came from, for messages
-    mixed_precision: str = "no"           # "no", "bf16" or "fp16": FSDP2's parameter / compute dtype
+    wrap: tuple[str, ...] | None = None  # module class names; None: the backbone's transformer blocks
+    source: str = "train.fsdp"  # where the settings came from, for messages
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16": FSDP2's parameter / compute dtype
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,31 +70,44 @@ def fsdp_settings(cfg: Any) -> FsdpSettings | None:
     ``backbone.gradient_checkpointing``)."""
     f = cfg.train.fsdp
     if f.enabled:
-        return FsdpSettings(reshard_after_forward=f.reshard_after_forward, cpu_offload=f.cpu_offload,
-                            wrap=tuple(f.wrap) if f.wrap else None, source="train.fsdp")
+        return FsdpSettings(
+            reshard_after_forward=f.reshard_after_forward,
+            cpu_offload=f.cpu_offload,
+            wrap=tuple(f.wrap) if f.wrap else None,
+            source="train.fsdp",
+        )
     if not launcher_wants_fsdp():
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise ConfigError(f"accelerate config: fsdp_version {version}: vlmtune shards with FSDP2; set "
-                          f"fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+        raise ConfigError(
+            f"accelerate config: fsdp_version {version}: vlmtune shards with FSDP2; set "
+            f"fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)"
+        )
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
-        raise ConfigError("accelerate config: fsdp_activation_checkpointing: vlmtune checkpoints the blocks that "
-                          "train itself; set backbone.gradient_checkpointing=true instead")
+        raise ConfigError(
+            "accelerate config: fsdp_activation_checkpointing: vlmtune checkpoints the blocks that "
+            "train itself; set backbone.gradient_checkpointing=true instead"
+        )
     plugin = FullyShardedDataParallelPlugin()
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 
     if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
-        raise ConfigError("accelerate config: fsdp_auto_wrap_policy: SIZE_BASED_WRAP is not supported; use "
-                          "TRANSFORMER_BASED_WRAP (the default: the backbone's transformer blocks)")
+        raise ConfigError(
+            "accelerate config: fsdp_auto_wrap_policy: SIZE_BASED_WRAP is not supported; use "
+            "TRANSFORMER_BASED_WRAP (the default: the backbone's transformer blocks)"
+        )
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     names = plugin.transformer_cls_names_to_wrap
-    return FsdpSettings(reshard_after_forward=bool(plugin.reshard_after_forward),
-                        cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
-                        wrap=tuple(names) if names else None, source="accelerate config (fsdp_config)")
+    return FsdpSettings(
+        reshard_after_forward=bool(plugin.reshard_after_forward),
+        cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+        wrap=tuple(names) if names else None,
+        source="accelerate config (fsdp_config)",
+    )
 
 
 def block_classes(model: nn.Module) -> list[str]:
@@ -129,8 +142,10 @@ def shard_model(model: nn.Module, settings: FsdpSettings) -> nn.Module:
     missing = [n for n in names if n not in present]
     if missing:
         key = "train.fsdp.wrap" if settings.source == "train.fsdp" else "accelerate config: fsdp_transformer_layer_cls_to_wrap"
-        raise ConfigError(f"{key}: no module of class {missing[0]} in this model "
-                          f"(its transformer blocks: {', '.join(block_classes(model)) or 'none'})")
+        raise ConfigError(
+            f"{key}: no module of class {missing[0]} in this model "
+            f"(its transformer blocks: {', '.join(block_classes(model)) or 'none'})"
+        )
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -168,9 +183,14 @@ def shard_model(model: nn.Module, settings: FsdpSettings) -> nn.Module:
         # lets both reach the all_reduce, and it is waited for when the unit needs it.
         for unit in _units(model):
             unit._set_unshard_async_op(True)
-    log.info("FSDP2 (%s): %d units of %s plus the rest of the model, reshard_after_forward=%s, cpu_offload=%s",
-             settings.source, len(units), ", ".join(names) or "nothing", settings.reshard_after_forward,
-             settings.cpu_offload)
+    log.info(
+        "FSDP2 (%s): %d units of %s plus the rest of the model, reshard_after_forward=%s, cpu_offload=%s",
+        settings.source,
+        len(units),
+        ", ".join(names) or "nothing",
+        settings.reshard_after_forward,
+        settings.cpu_offload,
+    )
     return model
 
 
@@ -190,8 +210,10 @@ def _every_trainable_weight_in_the_graph(module: nn.Module, args: Any, output: A
     if not live:
         return output
     zero = cast(torch.Tensor, sum(p.reshape(-1)[0] for p in live)) * 0.0  # live is not empty: a tensor
-    return {k: (v + zero.to(v.dtype) if isinstance(v, torch.Tensor) and v.requires_grad and v.ndim == 0 else v)
-            for k, v in output.items()}
+    return {
+        k: (v + zero.to(v.dtype) if isinstance(v, torch.Tensor) and v.requires_grad and v.ndim == 0 else v)
+        for k, v in output.items()
+    }
 
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
@@ -301,8 +323,9 @@ def full_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     the format of a one-process run. Collective under FSDP: every process calls it."""
     out = {"param_groups": state["param_groups"], "state": {}}
     for k in sorted(state["state"]):
-        out["state"][k] = {n: (_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v)
-                           for n, v in state["state"][k].items()}
+        out["state"][k] = {
+            n: (_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v) for n, v in state["state"][k].items()
+        }
     return out
 
 
@@ -312,8 +335,7 @@ def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor) or isinstance(value, DTensor) or value.shape != like.shape:
         return value
     # Every process holds the whole tensor: each keeps its own shard, nothing is sent.
-    return distribute_tensor(value.to(like.device_mesh.device_type), like.device_mesh, like.placements,
-                             src_data_rank=None)
+    return distribute_tensor(value.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def shard_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -333,6 +355,8 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
     per = {}
     for k, entry in state["state"].items():
         p = params[int(k)] if int(k) < len(params) else None
-        per[k] = {n: (_shard_like(v, p) if p is not None and isinstance(v, torch.Tensor) and v.ndim > 0 else v)
-                  for n, v in entry.items()}
+        per[k] = {
+            n: (_shard_like(v, p) if p is not None and isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+            for n, v in entry.items()
+        }
     optimizer.load_state_dict({"param_groups": state["param_groups"], "state": per})

@@ -97,8 +97,9 @@ class RelationHead(nn.Module):
         self.out = mlp(4 * dim + 2 * dim + 6, hidden, num_classes, dropout)
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor,
-                centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor, centres: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """image [B, D], masked text [B, D], patch tokens [B, N, D], centres [N, 2] ->
         (logits [B, C], positions [B, 2, 2]: (x, y) in [0, 1] of the subject and the reference)."""
         b, d = text.shape

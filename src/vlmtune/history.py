@@ -113,14 +113,21 @@ class StepRecord(_Record):
     bad_steps: int | None = None  # skipped steps so far in the run; None while there are none
 
     @classmethod
-    def from_means(cls, epoch: int, step: int, stage: int, means: dict[str, float], lr: dict[str, float],
-                   bad_steps: int) -> StepRecord:
+    def from_means(
+        cls, epoch: int, step: int, stage: int, means: dict[str, float], lr: dict[str, float], bad_steps: int
+    ) -> StepRecord:
         """From the window's means as the loop keeps them: ``"loss"``, each term by its
         name, diagnostics as ``"diag/<name>"``; ``bad_steps`` 0 is left out of the line."""
-        return cls(epoch=epoch, step=step, stage=stage, loss=means.get("loss"),
-                   terms={k: v for k, v in means.items() if k != "loss" and not k.startswith("diag/")},
-                   diag={k.removeprefix("diag/"): v for k, v in means.items() if k.startswith("diag/")},
-                   lr=dict(lr), bad_steps=bad_steps or None)
+        return cls(
+            epoch=epoch,
+            step=step,
+            stage=stage,
+            loss=means.get("loss"),
+            terms={k: v for k, v in means.items() if k != "loss" and not k.startswith("diag/")},
+            diag={k.removeprefix("diag/"): v for k, v in means.items() if k.startswith("diag/")},
+            lr=dict(lr),
+            bad_steps=bad_steps or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -208,8 +215,9 @@ class History:
     called with each new record's JSON object.
     """
 
-    def __init__(self, path: Path, keep_lines: int | None, sink: Callable[[dict[str, Any]], Any] | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self, path: Path, keep_lines: int | None, sink: Callable[[dict[str, Any]], Any] | None = None, enabled: bool = True
+    ):
         self.path = path
         self.sink = sink
         self.enabled = enabled

@@ -64,14 +64,24 @@ class Prediction:
     heatmap_all: np.ndarray | None = field(default=None, repr=False)  # the same over all answer tokens
 
     def to_json(self) -> dict[str, Any]:
-        return {"answer": self.answer, "count": self.count, "count_label": self.count_label,
-                "confidence": round(self.confidence, 4), "probabilities": [round(p, 4) for p in self.probabilities],
-                "num_tiles": self.num_tiles, "grid": list(self.grid)}
+        return {
+            "answer": self.answer,
+            "count": self.count,
+            "count_label": self.count_label,
+            "confidence": round(self.confidence, 4),
+            "probabilities": [round(p, 4) for p in self.probabilities],
+            "num_tiles": self.num_tiles,
+            "grid": list(self.grid),
+        }
 
 
-def load_counting_checkpoint(path: str | Path, device: torch.device | None = None,
-                             trust_remote_code: bool = False, overrides: list[str] | None = None,
-                             what: str = "predict") -> tuple[CountingModel, Config]:
+def load_counting_checkpoint(
+    path: str | Path,
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+    overrides: list[str] | None = None,
+    what: str = "predict",
+) -> tuple[CountingModel, Config]:
     """A counting checkpoint's model with its trained weights, in eval mode, and its
     config with ``overrides`` (generation.*, data.*, eval.* only) applied
     (``trust_remote_code``: the user's flag; the checkpoint's config is not asked)."""
@@ -84,8 +94,14 @@ def load_counting_checkpoint(path: str | Path, device: torch.device | None = Non
 
 
 @torch.no_grad()
-def predict_image(model: CountingModel, cfg: Config, image: Image.Image, question: str = DEFAULT_QUESTION,
-                  attention: bool = False, heatmap_size: tuple[int, int] | None = None) -> Prediction:
+def predict_image(
+    model: CountingModel,
+    cfg: Config,
+    image: Image.Image,
+    question: str = DEFAULT_QUESTION,
+    attention: bool = False,
+    heatmap_size: tuple[int, int] | None = None,
+) -> Prediction:
     """Answer, count and (optionally) the answer's attention map at ``heatmap_size``
     (width, height; default the image's own size)."""
     bb = model.backbone
@@ -114,8 +130,17 @@ def predict_image(model: CountingModel, cfg: Config, image: Image.Image, questio
         side = math.isqrt(bb.info.tokens_per_tile)
         for key, masses in answer_image_attentions(model, prompt, pixel_values, ids[0]).items():
             heat[key] = attention_heatmap(masses.reshape(n, side, side), (cols, rows), heatmap_size or image.size)
-    return Prediction(answer, k, class_names(counting)[k], float(probs[k]), [float(p) for p in probs], n, (cols, rows),
-                      heat["count"], heat["all"])
+    return Prediction(
+        answer,
+        k,
+        class_names(counting)[k],
+        float(probs[k]),
+        [float(p) for p in probs],
+        n,
+        (cols, rows),
+        heat["count"],
+        heat["all"],
+    )
 
 
 def count_token_index(tokenizer: Any, answer_ids: list[int]) -> int | None:
@@ -129,8 +154,9 @@ def count_token_index(tokenizer: Any, answer_ids: list[int]) -> int | None:
 
 
 @torch.no_grad()
-def answer_image_attention(model: CountingModel, prompt: torch.Tensor, pixel_values: torch.Tensor,
-                           answer_ids: torch.Tensor, query: str = "count") -> np.ndarray:
+def answer_image_attention(
+    model: CountingModel, prompt: torch.Tensor, pixel_values: torch.Tensor, answer_ids: torch.Tensor, query: str = "count"
+) -> np.ndarray:
     """Attention of the answer to each image token, [image tokens], summing to 1.
 
     The queries are the positions that produce answer tokens (a token is predicted at
@@ -145,8 +171,9 @@ def answer_image_attention(model: CountingModel, prompt: torch.Tensor, pixel_val
 
 
 @torch.no_grad()
-def answer_image_attentions(model: CountingModel, prompt: torch.Tensor, pixel_values: torch.Tensor,
-                            answer_ids: torch.Tensor) -> dict[str, np.ndarray]:
+def answer_image_attentions(
+    model: CountingModel, prompt: torch.Tensor, pixel_values: torch.Tensor, answer_ids: torch.Tensor
+) -> dict[str, np.ndarray]:
     """{"count": ..., "all": ...}: both readings of :func:`answer_image_attention` from one pass."""
     bb = model.backbone
     pad = bb.tokenizer.pad_token_id
@@ -164,7 +191,7 @@ def answer_image_attentions(model: CountingModel, prompt: torch.Tensor, pixel_va
     att = torch.stack([a[0].float() for a in out.attentions]).mean(dim=(0, 1))  # [L, L]
     p = prompt.shape[1]
     image = (ids[0] == bb.image_token_id).nonzero().flatten()
-    rows = att[p - 1: p - 1 + answer.numel()][:, image]  # positions predicting answer tokens
+    rows = att[p - 1 : p - 1 + answer.numel()][:, image]  # positions predicting answer tokens
     k = count_token_index(bb.tokenizer, answer.tolist())
     out_masses = {"all": rows.mean(0), "count": rows[k] if k is not None else rows.mean(0)}
     return {key: (m / m.sum().clamp_min(1e-12)).cpu().numpy() for key, m in out_masses.items()}
@@ -220,8 +247,15 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
     # The map is the count token's attention mass per pixel (it sums to 1 over the
     # image), shown against an even spread: 1 = the uniform share, 4 = four times it.
     relative = heat * heat.size
-    shown = ax.imshow(relative, cmap="jet", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear",
-                      vmin=0.0, vmax=max(float(relative.max()), 1e-12))
+    shown = ax.imshow(
+        relative,
+        cmap="jet",
+        alpha=0.45,
+        extent=(0, w, h, 0),
+        interpolation="bilinear",
+        vmin=0.0,
+        vmax=max(float(relative.max()), 1e-12),
+    )
     bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     bar.set_label("count token's attention / even spread (1 = uniform)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
@@ -239,9 +273,14 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
     return path
 
 
-def predict_file(checkpoint: str | Path, image_path: str | Path, question: str = DEFAULT_QUESTION,
-                 attention_out: str | Path | None = None, trust_remote_code: bool = False,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
+def predict_file(
+    checkpoint: str | Path,
+    image_path: str | Path,
+    question: str = DEFAULT_QUESTION,
+    attention_out: str | Path | None = None,
+    trust_remote_code: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """``vlmtune predict``: load, answer, optionally write the attention picture."""
     model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides)
     image = load_image(Path(image_path))
@@ -270,9 +309,15 @@ def receipt_mask(quads: list[list[list[float]]], size: tuple[int, int]) -> np.nd
     return np.asarray(img, dtype=bool)
 
 
-def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = None, boxes: str | Path | None = None,
-                              limit: int | None = None, image_root: str | Path | None = None,
-                              trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+def attention_inside_receipts(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    boxes: str | Path | None = None,
+    limit: int | None = None,
+    image_root: str | Path | None = None,
+    trust_remote_code: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Share of the answer's attention inside the receipts vs their share of the image
     area, averaged over the images with at least one receipt.
 
@@ -287,8 +332,7 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
     if not boxes.is_file():
         raise DataError(f"{boxes}: receipt boxes not found (the synthetic set writes boxes.json; pass --boxes)")
     quads = {(boxes.parent / k).resolve(): v for k, v in json.loads(boxes.read_text()).items()}
-    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides,
-                                          what="attention")
+    model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides, what="attention")
     inside, inside_all, area, rows = [], [], [], []
     # The task's reader: data.on_error, data.max_text_chars, ... as overridden; --image-root as given.
     if image_root is not None:
@@ -304,8 +348,16 @@ def attention_inside_receipts(checkpoint: str | Path, data: str | Path | None = 
         inside.append(float(pred.heatmap[mask].sum()))
         inside_all.append(float(pred.heatmap_all[mask].sum()))
         area.append(float(mask.mean()))
-        rows.append({"image": str(r.image), "count": r.count, "answer": pred.answer, "inside": round(inside[-1], 4),
-                     "inside_all_tokens": round(inside_all[-1], 4), "area": round(area[-1], 4)})
+        rows.append(
+            {
+                "image": str(r.image),
+                "count": r.count,
+                "answer": pred.answer,
+                "inside": round(inside[-1], 4),
+                "inside_all_tokens": round(inside_all[-1], 4),
+                "area": round(area[-1], 4),
+            }
+        )
     if not inside:
         raise DataError(f"{data}: no image with a receipt")
     ins, ins_all, ar = np.array(inside), np.array(inside_all), np.array(area)

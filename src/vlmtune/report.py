@@ -47,8 +47,7 @@ TAIL = ("train", "params")
 # The one rule for "lower is better": a key holding any of these substrings.
 LOWER_IS_BETTER = ("l1", "loss", "perplexity", "wall_s", "peak_mem")
 # Numbers that describe a run rather than grade it: shown, never marked best.
-DESCRIPTIVE = {"retrieval/temperature", "train/epochs", "train/best_epoch", "train/steps", "train/best_val",
-               "train/last_val"}
+DESCRIPTIVE = {"retrieval/temperature", "train/epochs", "train/best_epoch", "train/steps", "train/best_val", "train/last_val"}
 
 _SEED_SUFFIX = re.compile(r"(?:[-_.](?:seed|s)[-_]?|seed[-_]?)\d+$", re.IGNORECASE)
 _RECALL = re.compile(r"^retrieval/(i2t|t2i)_r(\d+)$")
@@ -70,8 +69,14 @@ def direction(key: str) -> str | None:
     counts have no better side.
     """
     name = key.rsplit("/", 1)[-1]
-    if (is_reference(key) or key in DESCRIPTIVE or key.startswith("params/") or name == "n"
-            or name.startswith("n_") or "temperature" in name):
+    if (
+        is_reference(key)
+        or key in DESCRIPTIVE
+        or key.startswith("params/")
+        or name == "n"
+        or name.startswith("n_")
+        or "temperature" in name
+    ):
         return None
     return "min" if any(s in key for s in LOWER_IS_BETTER) else "max"
 
@@ -220,8 +225,10 @@ def group_runs(runs: list[Run], labels: list[str] | None = None) -> list[Group]:
 
     if labels is not None:
         if len(labels) != len(members):
-            raise VlmtuneError(f"labels: {len(labels)} given for {len(members)} groups of runs "
-                               f"(first runs: {', '.join(str(m[0].path) for m in members)})")
+            raise VlmtuneError(
+                f"labels: {len(labels)} given for {len(members)} groups of runs "
+                f"(first runs: {', '.join(str(m[0].path) for m in members)})"
+            )
         if len(set(labels)) != len(labels):
             raise VlmtuneError(f"labels: must be distinct, got {', '.join(labels)}")
         names = list(labels)
@@ -245,9 +252,12 @@ def _names(members: list[list[Run]], differs: list[dict[str, Any]]) -> list[str]
 
 def _stats(values: list[float]) -> dict[str, Any]:
     n = len(values)
-    return {"mean": statistics.fmean(values) if n else None,
-            "std": statistics.stdev(values) if n >= 2 else None,
-            "n": n, "values": values}
+    return {
+        "mean": statistics.fmean(values) if n else None,
+        "std": statistics.stdev(values) if n >= 2 else None,
+        "n": n,
+        "values": values,
+    }
 
 
 def _best(stats: dict[str, dict[str, Any]], way: str | None) -> list[str]:
@@ -311,12 +321,16 @@ def _choose_target(runs: list[Run], target_metric: str | None) -> tuple[str, str
             raise VlmtuneError("target metric: no run's config.yaml names train.early_stopping.metric; pass one")
         metric = found[0]
         if len(found) > 1:
-            notes.append(f"The runs stop early on different metrics ({', '.join(found)}); compared on {metric}, "
-                         "the first run's. Pass a target metric to choose another.")
+            notes.append(
+                f"The runs stop early on different metrics ({', '.join(found)}); compared on {metric}, "
+                "the first run's. Pass a target metric to choose another."
+            )
     logged = {k for r in runs for h in r.epochs for k in h.val}
     if metric not in logged and metric not in {k for r in runs for k in r.metrics}:
-        raise VlmtuneError(f"target metric: '{metric}' is neither a validation metric in history.jsonl nor a key of "
-                           f"metrics.json in any run (validation metrics: {', '.join(sorted(logged)) or 'none'})")
+        raise VlmtuneError(
+            f"target metric: '{metric}' is neither a validation metric in history.jsonl nor a key of "
+            f"metrics.json in any run (validation metrics: {', '.join(sorted(logged)) or 'none'})"
+        )
     modes = {r.es_mode for r in runs if r.es_metric == metric and r.es_mode in ("max", "min")}
     mode = modes.pop() if len(modes) == 1 else (direction(metric) or "max")
     return metric, mode, notes
@@ -335,12 +349,10 @@ def difference_interval(a: list[float], b: list[float], confidence: float = CONF
 
     diff = statistics.fmean(a) - statistics.fmean(b)
     if statistics.variance(a) == 0 and statistics.variance(b) == 0:
-        return {"low": diff, "high": diff, "df": float(len(a) + len(b) - 2), "confidence": confidence,
-                "method": "welch_t"}
+        return {"low": diff, "high": diff, "df": float(len(a) + len(b) - 2), "confidence": confidence, "method": "welch_t"}
     res = sps.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(confidence_level=confidence)
-    return {"low": float(ci.low), "high": float(ci.high), "df": float(res.df), "confidence": confidence,
-            "method": "welch_t"}
+    return {"low": float(ci.low), "high": float(ci.high), "df": float(res.df), "confidence": confidence, "method": "welch_t"}
 
 
 def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
@@ -350,8 +362,12 @@ def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: s
     have = {g: s for g, s in stats.items() if s["n"] > 0}
     better = "higher" if mode == "max" else "lower"
     if len(have) < 2:
-        return {"best": next(iter(have), None), "separated": False, "comparisons": [],
-                "text": f"Only {len(have)} group has {source} {metric}; there is nothing to compare."}
+        return {
+            "best": next(iter(have), None),
+            "separated": False,
+            "comparisons": [],
+            "text": f"Only {len(have)} group has {source} {metric}; there is nothing to compare.",
+        }
     ranked = sorted(have, key=lambda g: have[g]["mean"], reverse=mode == "max")
     best, b = ranked[0], have[ranked[0]]
     d = _decimals(b["mean"])
@@ -364,19 +380,16 @@ def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: s
         interval = None
         if b["n"] < MIN_SEEDS or o["n"] < MIN_SEEDS:
             sep = False
-            why = (f"too few seeds to tell (n={b['n']} and {o['n']}; at least {MIN_SEEDS} per group are needed "
-                   "for an interval)")
+            why = f"too few seeds to tell (n={b['n']} and {o['n']}; at least {MIN_SEEDS} per group are needed for an interval)"
         else:
             interval = difference_interval(b["values"], o["values"])
             lo, hi = interval["low"], interval["high"]
             sep = lo > 0 or hi < 0
             ci = f"{100 * interval['confidence']:.0f}% interval [{lo:+.{d}f}, {hi:+.{d}f}] (Welch's t)"
-            why = (f"{ci} excludes 0, so the data separate them" if sep else
-                   f"{ci} includes 0, so the data do not separate them")
+            why = f"{ci} excludes 0, so the data separate them" if sep else f"{ci} includes 0, so the data do not separate them"
         rel_text = f", {rel:+.1f}%" if rel is not None else ""
         text.append(f"Against {g} ({_pm(o, d, True)}, n={o['n']}) the difference is {diff:+.{d}f}{rel_text}: {why}.")
-        comparisons.append({"group": g, "difference": diff, "relative_pct": rel, "separated": sep,
-                            "interval": interval})
+        comparisons.append({"group": g, "difference": diff, "relative_pct": rel, "separated": sep, "interval": interval})
     separated = all(c["separated"] for c in comparisons)
     return {"best": best, "separated": separated, "comparisons": comparisons, "text": " ".join(text)}
 
@@ -429,14 +442,18 @@ def _render_md(blocks: list[Block]) -> str:
         elif kind == "img":
             out.append(f"![{b[2]}]({b[1]})")
         elif kind == "table":
+
             def cell(c: Cell | str) -> str:
                 c = c if isinstance(c, Cell) else Cell(c)
                 t = c.text.replace("|", "\\|")
                 t = f"**{t}**" if c.bold else t
                 return f"*{t}*" if c.italic else t
+
             header, rows = b[1], b[2]
-            lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-                     "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            lines = [
+                "| " + " | ".join(cell(h) for h in header) + " |",
+                "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+            ]
             lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
@@ -457,7 +474,7 @@ code{background:#f3f3f3;padding:0 3px}
 
 def _render_html(blocks: list[Block], folder: Path, title: str) -> str:
     e = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{_CSS}</style></head><body>"]
+    out = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head><body>']
     for b in blocks:
         kind = b[0]
         if kind in ("h1", "h2", "h3", "p"):
@@ -466,15 +483,17 @@ def _render_html(blocks: list[Block], folder: Path, title: str) -> str:
             out.append("<ul>" + "".join(f"<li>{e(t)}</li>" for t in b[1]) + "</ul>")
         elif kind == "img":
             data = base64.b64encode((folder / b[1]).read_bytes()).decode("ascii")
-            out.append(f"<figure><img alt=\"{e(b[2])}\" src=\"data:image/png;base64,{data}\"><figcaption>{e(b[2])}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}"><figcaption>{e(b[2])}</figcaption></figure>'
+            )
         elif kind == "table":
             header, rows = b[1], b[2]
             t = ["<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
             for row in rows:
                 cells = [c if isinstance(c, Cell) else Cell(c) for c in row]
                 ref = any(c.italic for c in cells)
-                t.append("<tr class=\"ref\">" if ref else "<tr>")
-                t.extend(f"<td class=\"best\">{e(c.text)}</td>" if c.bold else f"<td>{e(c.text)}</td>" for c in cells)
+                t.append('<tr class="ref">' if ref else "<tr>")
+                t.extend(f'<td class="best">{e(c.text)}</td>' if c.bold else f"<td>{e(c.text)}</td>" for c in cells)
                 t.append("</tr>")
             t.append("</tbody></table>")
             out.append("".join(t))
@@ -494,8 +513,14 @@ def _describe(fig: Figure, file: str) -> dict[str, Any]:
     axes = []
     for ax in fig.axes:
         leg = ax.get_legend()
-        axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-                     "legend": [t.get_text() for t in leg.get_texts()] if leg else []})
+        axes.append(
+            {
+                "title": ax.get_title(),
+                "xlabel": ax.get_xlabel(),
+                "ylabel": ax.get_ylabel(),
+                "legend": [t.get_text() for t in leg.get_texts()] if leg else [],
+            }
+        )
     return {"file": file, "title": fig.get_suptitle(), "axes": axes}
 
 
@@ -508,8 +533,17 @@ def _stage_marks(ax: Any, marks: dict[float, set[str]]) -> None:
     """Dashed vertical line per stage start, labelled with the stage name(s)."""
     for x, names in sorted(marks.items()):
         ax.axvline(x, color="0.35", linestyle="--", linewidth=1)
-        ax.text(x, 0.98, " " + " / ".join(sorted(names)), transform=ax.get_xaxis_transform(), rotation=90,
-                va="top", ha="left", fontsize=7, color="0.25")
+        ax.text(
+            x,
+            0.98,
+            " " + " / ".join(sorted(names)),
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            ha="left",
+            fontsize=7,
+            color="0.25",
+        )
 
 
 def _losses(h: StepRecord) -> dict[str, float]:
@@ -541,15 +575,14 @@ def _plot_losses(groups: list[Group], colors: dict[str, Any], folder: Path) -> d
             for i, r in enumerate(g.runs):
                 pts = [(h.step, y) for h in r.steps if (y := _number(_losses(h).get(term))) is not None]
                 if pts:
-                    ax.plot(*zip(*pts), color=colors[g.name], linewidth=1.2, alpha=0.85,
-                            label=g.name if i == 0 else None)
+                    ax.plot(*zip(*pts), color=colors[g.name], linewidth=1.2, alpha=0.85, label=g.name if i == 0 else None)
         _stage_marks(ax, marks)
         ax.set_title("total loss" if term == "loss" else term)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (mean over logging window)")
         ax.grid(alpha=0.3)
     axes[0].legend(title="group", fontsize=8)
-    for ax in axes[len(terms):]:
+    for ax in axes[len(terms) :]:
         ax.remove()
     fig.suptitle("Training loss terms per step (one line per run, coloured by group; dashed: stage starts)")
     return _save(fig, folder, "losses.png")
@@ -571,10 +604,17 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
         if not per_epoch:
             continue
         xs = sorted(per_epoch)
-        ax.plot(xs, [statistics.fmean(per_epoch[x]) for x in xs], marker="o", markersize=3, color=colors[g.name],
-                label=f"{g.name} (n={len(g.runs)})")
-        ax.fill_between(xs, [min(per_epoch[x]) for x in xs], [max(per_epoch[x]) for x in xs],
-                        color=colors[g.name], alpha=0.2, linewidth=0)
+        ax.plot(
+            xs,
+            [statistics.fmean(per_epoch[x]) for x in xs],
+            marker="o",
+            markersize=3,
+            color=colors[g.name],
+            label=f"{g.name} (n={len(g.runs)})",
+        )
+        ax.fill_between(
+            xs, [min(per_epoch[x]) for x in xs], [max(per_epoch[x]) for x in xs], color=colors[g.name], alpha=0.2, linewidth=0
+        )
         drawn = True
     if not drawn:
         return None
@@ -588,8 +628,9 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
     return _save(fig, folder, "val_curve.png")
 
 
-def _plot_recall(groups: list[Group], colors: dict[str, Any], stats: dict[str, dict[str, dict[str, Any]]],
-                 folder: Path) -> dict[str, Any] | None:
+def _plot_recall(
+    groups: list[Group], colors: dict[str, Any], stats: dict[str, dict[str, dict[str, Any]]], folder: Path
+) -> dict[str, Any] | None:
     keys = [k for k in stats if _RECALL.match(k)]
 
     def order(k: str) -> tuple[bool, int]:
@@ -617,11 +658,21 @@ def _plot_recall(groups: list[Group], colors: dict[str, Any], stats: dict[str, d
             ex, ey, ee = zip(*with_std)
             ax.errorbar(ex, ey, ee, fmt="none", ecolor="black", capsize=3, linewidth=1)
     chance_stats = [(j, stats.get(k.replace("retrieval/", "retrieval/chance_"))) for j, k in enumerate(keys)]
-    chance = [(j, statistics.fmean([v for s in c.values() for v in s["values"]])) for j, c in chance_stats
-              if c and any(s["n"] for s in c.values())]
+    chance = [
+        (j, statistics.fmean([v for s in c.values() for v in s["values"]]))
+        for j, c in chance_stats
+        if c and any(s["n"] for s in c.values())
+    ]
     if chance:
-        ax.hlines([c for _, c in chance], [j - 0.45 for j, _ in chance], [j + 0.45 for j, _ in chance],
-                  colors="black", linestyles=":", label="chance", zorder=3)
+        ax.hlines(
+            [c for _, c in chance],
+            [j - 0.45 for j, _ in chance],
+            [j + 0.45 for j, _ in chance],
+            colors="black",
+            linestyles=":",
+            label="chance",
+            zorder=3,
+        )
     ax.set_xticks(range(len(keys)), [k.removeprefix("retrieval/").replace("_r", " R@") for k in keys])
     ax.set_xlabel("direction and K")
     ax.set_ylabel("recall (%)")
@@ -649,8 +700,14 @@ def _load_runs(run_dirs: list[str | Path], tolerance: float) -> list[Run]:
     return [load_run(d) for d in run_dirs]
 
 
-def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric: str | None = None,
-            tolerance: float = 1.0, labels: list[str] | None = None) -> dict[str, Any]:
+def compare(
+    run_dirs: list[str | Path],
+    output_dir: str | Path,
+    *,
+    target_metric: str | None = None,
+    tolerance: float = 1.0,
+    labels: list[str] | None = None,
+) -> dict[str, Any]:
     """Compare finished runs and write ``report.md``, ``report.html``, ``comparison.json``
     and the plots to ``output_dir``; returns what ``comparison.json`` holds.
 
@@ -669,10 +726,13 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
 
     # Metrics of metrics.json: every finite number (not lists such as confusion matrices).
     keys = order_metrics(list(dict.fromkeys(k for r in runs for k, v in r.metrics.items() if _number(v) is not None)))
-    stats = {k: {g.name: _stats([v for r in g.runs if (v := _number(r.metrics.get(k))) is not None]) for g in groups}
-             for k in keys}
-    metrics_json = {k: {"direction": direction(k), "reference": is_reference(k), "groups": stats[k],
-                        "best": _best(stats[k], direction(k))} for k in keys}
+    stats = {
+        k: {g.name: _stats([v for r in g.runs if (v := _number(r.metrics.get(k))) is not None]) for g in groups} for k in keys
+    }
+    metrics_json = {
+        k: {"direction": direction(k), "reference": is_reference(k), "groups": stats[k], "best": _best(stats[k], direction(k))}
+        for k in keys
+    }
 
     per_run = {str(r.path): run_efficiency(r, metric, mode, tolerance) for r in runs}
     efficiency: dict[str, dict[str, Any]] = {}
@@ -686,8 +746,9 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
     for g in groups:
         seeds = [r.seed for r in g.runs]
         if len(set(map(str, seeds))) < len(seeds):
-            notes.append(f"{g.name}: some runs share a seed ({', '.join(map(str, seeds))}); the spread understates "
-                         "seed variance.")
+            notes.append(
+                f"{g.name}: some runs share a seed ({', '.join(map(str, seeds))}); the spread understates seed variance."
+            )
 
     # The verdict uses the test metric when metrics.json has it, else the best validation value.
     if metric in stats:
@@ -697,9 +758,11 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
 
     colors = _colors(groups)
     plots = {}
-    for name, info in (("losses", _plot_losses(groups, colors, out)),
-                       ("val_curve", _plot_val_curve(groups, colors, metric, out)),
-                       ("recall_at_k", _plot_recall(groups, colors, stats, out))):
+    for name, info in (
+        ("losses", _plot_losses(groups, colors, out)),
+        ("val_curve", _plot_val_curve(groups, colors, metric, out)),
+        ("recall_at_k", _plot_recall(groups, colors, stats, out)),
+    ):
         if info is not None:
             plots[name] = info
 
@@ -707,8 +770,16 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path, *, target_metric
         "target_metric": metric,
         "mode": mode,
         "tolerance": tolerance,
-        "groups": [{"name": g.name, "runs": [str(r.path) for r in g.runs], "seeds": [r.seed for r in g.runs],
-                    "n": len(g.runs), "differs": g.differs} for g in groups],
+        "groups": [
+            {
+                "name": g.name,
+                "runs": [str(r.path) for r in g.runs],
+                "seeds": [r.seed for r in g.runs],
+                "n": len(g.runs),
+                "differs": g.differs,
+            }
+            for g in groups
+        ],
         "metrics": metrics_json,
         "efficiency": efficiency,
         "efficiency_runs": per_run,
@@ -730,48 +801,71 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
     metric, mode, tol = result["target_metric"], result["mode"], result["tolerance"]
     names = [g.name for g in groups]
     header = ["metric"] + [f"{g.name} (n={len(g.runs)})" for g in groups]
-    b: list[Block] = [("h1", "Run comparison"),
-                      ("p", f"Target metric: {metric} ({'higher' if mode == 'max' else 'lower'} is better); "
-                            f"time-to-target tolerance: {tol:g} (absolute, in the metric's units)."),
-                      ("h2", "Verdict"), ("p", result["verdict"]["text"]),
-                      ("h2", "Groups"),
-                      ("p", "Runs whose resolved config.yaml differ only in the top-level seed form a group."),
-                      ("table", ["group", "runs", "seeds"],
-                       [[g["name"], ", ".join(g["runs"]), ", ".join(map(str, g["seeds"]))] for g in result["groups"]])]
+    b: list[Block] = [
+        ("h1", "Run comparison"),
+        (
+            "p",
+            f"Target metric: {metric} ({'higher' if mode == 'max' else 'lower'} is better); "
+            f"time-to-target tolerance: {tol:g} (absolute, in the metric's units).",
+        ),
+        ("h2", "Verdict"),
+        ("p", result["verdict"]["text"]),
+        ("h2", "Groups"),
+        ("p", "Runs whose resolved config.yaml differ only in the top-level seed form a group."),
+        (
+            "table",
+            ["group", "runs", "seeds"],
+            [[g["name"], ", ".join(g["runs"]), ", ".join(map(str, g["seeds"]))] for g in result["groups"]],
+        ),
+    ]
     differing = list(dict.fromkeys(k for g in groups for k in g.differs))
     if differing:
-        b += [("h3", "What differs between groups"),
-              ("table", ["config key"] + names, [[k] + [_short(g.differs.get(k)) for g in groups] for k in differing])]
+        b += [
+            ("h3", "What differs between groups"),
+            ("table", ["config key"] + names, [[k] + [_short(g.differs.get(k)) for g in groups] for k in differing]),
+        ]
 
     rows = []
     for k, m in result["metrics"].items():
         row: list[Cell | str] = [Cell(k + (" (reference)" if m["reference"] else ""), italic=m["reference"])]
         for g in names:
-            row.append(Cell(_pm(m["groups"][g]) + _n_note(m["groups"][g], groups, g), bold=g in m["best"],
-                            italic=m["reference"]))
+            row.append(Cell(_pm(m["groups"][g]) + _n_note(m["groups"][g], groups, g), bold=g in m["best"], italic=m["reference"]))
         rows.append(row)
-    b += [("h2", "Metrics (test split, mean ± sample std over seeds)"),
-          ("p", "Bold: the best group's mean (lower is better for keys containing "
-                + ", ".join(LOWER_IS_BETTER) + "; higher otherwise; counts, temperatures and parameter counts "
-                "are not ranked). Italic rows are chance levels or baselines, shown under their metric and never "
-                "marked. A std of — means a single run."),
-          ("table", header, rows)]
+    b += [
+        ("h2", "Metrics (test split, mean ± sample std over seeds)"),
+        (
+            "p",
+            "Bold: the best group's mean (lower is better for keys containing "
+            + ", ".join(LOWER_IS_BETTER)
+            + "; higher otherwise; counts, temperatures and parameter counts "
+            "are not ranked). Italic rows are chance levels or baselines, shown under their metric and never "
+            "marked. A std of — means a single run.",
+        ),
+        ("table", header, rows),
+    ]
 
     rows = []
     for key, label, _ in EFFICIENCY:
         e = result["efficiency"][key]
         lab = f"best validation {metric}" if key == "best_val" else label
-        rows.append([lab] + [Cell(_pm(e["groups"][g]) + _n_note(e["groups"][g], groups, g), bold=g in e["best"])
-                             for g in names])
-    b += [("h2", "Training efficiency (mean ± sample std over seeds)"),
-          ("p", f"Epochs and wall time to target: the first epoch whose validation {metric} is within {tol:g} of "
-                "that run's best validation value. Total wall time is train/wall_s (training and validation). "
-                "Samples/s: training samples processed over training wall time (validation left out), both "
-                "from history.jsonl's last epoch line."),
-          ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows)]
+        rows.append([lab] + [Cell(_pm(e["groups"][g]) + _n_note(e["groups"][g], groups, g), bold=g in e["best"]) for g in names])
+    b += [
+        ("h2", "Training efficiency (mean ± sample std over seeds)"),
+        (
+            "p",
+            f"Epochs and wall time to target: the first epoch whose validation {metric} is within {tol:g} of "
+            "that run's best validation value. Total wall time is train/wall_s (training and validation). "
+            "Samples/s: training samples processed over training wall time (validation left out), both "
+            "from history.jsonl's last epoch line.",
+        ),
+        ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
+    ]
 
-    captions = {"losses": "Loss terms per optimizer step", "val_curve": f"Validation {metric} per epoch",
-                "recall_at_k": "Test recall@K by group"}
+    captions = {
+        "losses": "Loss terms per optimizer step",
+        "val_curve": f"Validation {metric} per epoch",
+        "recall_at_k": "Test recall@K by group",
+    }
     if result["plots"]:
         b.append(("h2", "Plots"))
         for name, info in result["plots"].items():

@@ -18,9 +18,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(ckpt: Checkpoint, device: torch.device | None = None,
-               backbone: Backbone | None = None, trust_remote_code: bool = False,
-               cfg: Config | None = None) -> tuple[nn.Module, Task]:
+def load_model(
+    ckpt: Checkpoint,
+    device: torch.device | None = None,
+    backbone: Backbone | None = None,
+    trust_remote_code: bool = False,
+    cfg: Config | None = None,
+) -> tuple[nn.Module, Task]:
     """A checkpoint's model with its trained weights, in eval mode, on ``device``.
 
     ``trust_remote_code`` is the user's (``--trust-remote-code``); the checkpoint's own
@@ -29,8 +33,7 @@ def load_model(ckpt: Checkpoint, device: torch.device | None = None,
     device = device or default_device()
     task = build_task(cfg or ckpt.cfg)
     if backbone is None:
-        backbone = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type,
-                                 folder=ckpt.backbone_folder)
+        backbone = load_backbone(ckpt.backbone_config(trust_remote_code), device_type=device.type, folder=ckpt.backbone_folder)
     check_identity(ckpt, backbone_identity(backbone))
     model = task.build_model(backbone)
     load_weights(model, ckpt.weights(), ckpt.folder)

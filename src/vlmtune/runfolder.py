@@ -46,9 +46,11 @@ LOCK_NAME = ".vlmtune.lock"
 WRITTEN = (*RUN_ARTIFACTS, "cache", "data", "tensorboard", "wandb", LOCK_NAME, INIT_RECORD)
 GENERATED_MARKER = ".vlmtune-generated.json"
 
-OVERWRITE_HELP = ("replace the run in --output-dir: removes its " + ", ".join(f"{n}/" if "." not in n else n
-                                                                            for n in OVERWRITTEN)
-                  + " first; keeps data/ (a generated set) and cache/ (features, keyed by content)")
+OVERWRITE_HELP = (
+    "replace the run in --output-dir: removes its "
+    + ", ".join(f"{n}/" if "." not in n else n for n in OVERWRITTEN)
+    + " first; keeps data/ (a generated set) and cache/ (features, keyed by content)"
+)
 
 
 # --------------------------------------------------------------------------- folders
@@ -67,8 +69,10 @@ def output_folder(path: str | Path | None, flag: str = "--output-dir") -> Path:
     try:
         resolved = p.resolve()
         if resolved == Path.cwd().resolve():
-            raise VlmtuneError(f"{flag} {shorten(text)}: is the current folder; name a folder of its own "
-                               f"(e.g. runs/NAME) so nothing here is overwritten")
+            raise VlmtuneError(
+                f"{flag} {shorten(text)}: is the current folder; name a folder of its own "
+                f"(e.g. runs/NAME) so nothing here is overwritten"
+            )
         if resolved == Path(resolved.anchor):
             raise VlmtuneError(f"{flag} {shorten(text)}: is the root of the file system; name a folder of its own")
         if p.exists() and not p.is_dir():
@@ -95,12 +99,18 @@ def refuse_links(folder: Path, names: tuple[str, ...] = WRITTEN) -> None:
     ckpts = folder / "checkpoints"
     if ckpts.is_dir() and not ckpts.is_symlink():
         paths += sorted(ckpts.iterdir())
-        paths += [p / name for p in sorted(ckpts.iterdir()) if p.is_dir() and not p.is_symlink()
-                  for name in ("weights.safetensors", "config.yaml", "state.json", "trainer_state.pt", "eval")]
+        paths += [
+            p / name
+            for p in sorted(ckpts.iterdir())
+            if p.is_dir() and not p.is_symlink()
+            for name in ("weights.safetensors", "config.yaml", "state.json", "trainer_state.pt", "eval")
+        ]
     for p in paths:
         if p.is_symlink():
-            raise VlmtuneError(f"{p}: is a symbolic link (to {shorten(os.readlink(p))}); vlmtune does not write "
-                               f"through links in a run folder; remove it")
+            raise VlmtuneError(
+                f"{p}: is a symbolic link (to {shorten(os.readlink(p))}); vlmtune does not write "
+                f"through links in a run folder; remove it"
+            )
 
 
 def run_artifacts(folder: Path) -> list[str]:
@@ -127,8 +137,10 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_onl
     if not found or resume:
         return
     if not overwrite:
-        raise VlmtuneError(f"{folder}: already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                           f"--overwrite to replace it, or choose another --output-dir")
+        raise VlmtuneError(
+            f"{folder}: already holds a run ({', '.join(found)}); pass --resume to continue it, "
+            f"--overwrite to replace it, or choose another --output-dir"
+        )
     if check_only:
         return
     for name in OVERWRITTEN:
@@ -151,8 +163,10 @@ def write_text(path: Path, text: str, append: bool = False) -> None:
         fd = os.open(path, flags, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP and Path(path).is_symlink():
-            raise VlmtuneError(f"{path}: is a symbolic link; vlmtune does not write through links "
-                               f"(the file it points to is left untouched); remove it") from None
+            raise VlmtuneError(
+                f"{path}: is a symbolic link; vlmtune does not write through links "
+                f"(the file it points to is left untouched); remove it"
+            ) from None
         raise
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -184,8 +198,10 @@ class RunLock:
             lock.acquire(timeout=0)
         except Timeout:
             pid = _holder(self.path)
-            raise VlmtuneError(f"{self.folder}: another vlmtune process ({f'PID {pid}' if pid else 'PID unknown'}) "
-                               f"is writing to this run folder; wait for it to end or choose another --output-dir") from None
+            raise VlmtuneError(
+                f"{self.folder}: another vlmtune process ({f'PID {pid}' if pid else 'PID unknown'}) "
+                f"is writing to this run folder; wait for it to end or choose another --output-dir"
+            ) from None
         self._lock = lock
         write_text(self.path, f"{os.getpid()}\n")
         return self
@@ -247,10 +263,17 @@ def claim_generated(folder: Path, generator: str, params: dict[str, Any], overwr
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     if entries and not overwrite:
         names = ", ".join(shorten(p.name, 40) for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise VlmtuneError(f"{folder}: not empty ({names}); pass --overwrite to generate over it, or choose an empty "
-                           f"folder")
-    refuse_links(folder, ("images", GENERATED_MARKER, "meta.json", "boxes.json",
-                          *(f"{s}{e}" for s in ("train", "val", "test") for e in (".json", ".jsonl"))))
+        raise VlmtuneError(f"{folder}: not empty ({names}); pass --overwrite to generate over it, or choose an empty folder")
+    refuse_links(
+        folder,
+        (
+            "images",
+            GENERATED_MARKER,
+            "meta.json",
+            "boxes.json",
+            *(f"{s}{e}" for s in ("train", "val", "test") for e in (".json", ".jsonl")),
+        ),
+    )
     old = generated_marker(folder)
     base = folder.resolve()
     for rel in (old or {}).get("files", []) if isinstance((old or {}).get("files"), list) else []:
@@ -258,16 +281,18 @@ def claim_generated(folder: Path, generator: str, params: dict[str, Any], overwr
         if p.resolve().is_relative_to(base) and (p.is_file() or p.is_symlink()):
             p.unlink()
     make_folder(folder, "--out")
-    write_text(folder / GENERATED_MARKER, json.dumps({"generator": generator, **params, "complete": False,
-                                                       "files": []}, indent=1) + "\n")
+    write_text(
+        folder / GENERATED_MARKER, json.dumps({"generator": generator, **params, "complete": False, "files": []}, indent=1) + "\n"
+    )
 
 
 def finish_generated(folder: Path, generator: str, params: dict[str, Any], files: list[Path]) -> None:
     """The marker of a complete generation, listing every file written (relative)."""
     folder = Path(folder)
     rel = sorted(str(Path(f).relative_to(folder)) for f in files)
-    write_text(folder / GENERATED_MARKER, json.dumps({"generator": generator, **params, "complete": True,
-                                                       "files": rel}, indent=1) + "\n")
+    write_text(
+        folder / GENERATED_MARKER, json.dumps({"generator": generator, **params, "complete": True, "files": rel}, indent=1) + "\n"
+    )
 
 
 def check_synthetic_dir(folder: Path, annotation_names: tuple[str, ...]) -> bool:
@@ -282,9 +307,11 @@ def check_synthetic_dir(folder: Path, annotation_names: tuple[str, ...]) -> bool
         if entries:
             found = [n for n in annotation_names if (folder / n).exists()]
             what = f"holds {', '.join(found)}" if found else f"is not empty ({shorten(entries[0].name, 40)}, ...)"
-            raise VlmtuneError(f"data.synthetic_dir {folder}: {what} but no {GENERATED_MARKER}, so vlmtune did not "
-                               f"generate it; refused so nothing there is overwritten. Name your files with "
-                               f"data.train/data.val/data.test, or choose an empty folder")
+            raise VlmtuneError(
+                f"data.synthetic_dir {folder}: {what} but no {GENERATED_MARKER}, so vlmtune did not "
+                f"generate it; refused so nothing there is overwritten. Name your files with "
+                f"data.train/data.val/data.test, or choose an empty folder"
+            )
         return True
     return not (marker.get("complete") is True and all((folder / n).is_file() for n in annotation_names))
 

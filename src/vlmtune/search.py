@@ -48,8 +48,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What counts as an image file when walking a folder (PIL must also be able to decode it).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-                              ".pbm", ".pnm", ".jfif", ".jpe", ".tga", ".ico"})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".jfif",
+        ".jpe",
+        ".tga",
+        ".ico",
+    }
+)
 FLUSH_EVERY = 1024  # images embedded between two saves of the output files
 EMBED_FORMAT = 1
 INDEX_FORMAT = 1
@@ -82,8 +100,7 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                               encoding="utf-8"))
+    _write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -134,8 +151,10 @@ def read_embed_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], 
     for kind, name, field in (("image", "images", "path"), ("text", "texts", "text")):
         rows = [r for r in items if r.get("kind") == kind]
         if [r.get("id") for r in rows] != list(range(len(tensors[name]))) or not all(isinstance(r.get(field), str) for r in rows):
-            raise DataError(f"{folder / 'items.jsonl'}: its {kind} lines do not number the {len(tensors[name])} rows of "
-                            f"'{name}' in order (id 0, 1, ..., each with a '{field}')")
+            raise DataError(
+                f"{folder / 'items.jsonl'}: its {kind} lines do not number the {len(tensors[name])} rows of "
+                f"'{name}' in order (id 0, 1, ..., each with a '{field}')"
+            )
     return meta, {k: tensors[k] for k in ("images", "texts")}, items
 
 
@@ -193,8 +212,16 @@ def _stamp(p: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None = None, data: str | Path | None = None,
-          texts: str | Path | None = None, progress: bool = True, model: Model | None = None) -> dict[str, Any]:
+def embed(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    images: str | Path | None = None,
+    data: str | Path | None = None,
+    texts: str | Path | None = None,
+    progress: bool = True,
+    model: Model | None = None,
+) -> dict[str, Any]:
     """``vlmtune embed``: embeddings of a folder's images or a data set's images and
     captions (plus ``texts``) into ``out``; only rows not already there are computed."""
     from vlmtune.api import load
@@ -210,20 +237,35 @@ def embed(checkpoint: str | Path, out: str | Path, *, images: str | Path | None 
     extra_texts = read_texts(Path(texts)) if texts is not None else []
     m = model or load(checkpoint)
     m._require("embed_images")
-    job = _EmbedJob(m, out, {"images": str(Path(images).resolve()) if images else None,
-                             "data": str(Path(data).resolve()) if data else None,
-                             "texts": str(Path(texts).resolve()) if texts else None})
+    job = _EmbedJob(
+        m,
+        out,
+        {
+            "images": str(Path(images).resolve()) if images else None,
+            "data": str(Path(data).resolve()) if data else None,
+            "texts": str(Path(texts).resolve()) if texts else None,
+        },
+    )
     job.read_previous()
     job.plan(images, data)
     job.embed_images(progress)
     n_images = sum(r is not None for r in job.img_rows.values())
     if n_images == 0:
-        raise DataError(f"{images or data}: none of the {len(job.order)} image files could be read "
-                        f"(first: {next(iter(job.unreadable.items()), ('', ''))[1]})")
+        raise DataError(
+            f"{images or data}: none of the {len(job.order)} image files could be read "
+            f"(first: {next(iter(job.unreadable.items()), ('', ''))[1]})"
+        )
     new_texts = job.embed_texts(extra_texts, progress)
     meta = job.save(final=True)
-    return {**meta, "embedded_images": n_images - job.kept, "kept_images": job.kept, "changed_images": job.changed,
-            "removed_images": len(job.removed), "embedded_texts": len(new_texts), "out": str(out)}
+    return {
+        **meta,
+        "embedded_images": n_images - job.kept,
+        "kept_images": job.kept,
+        "changed_images": job.changed,
+        "removed_images": len(job.removed),
+        "embedded_texts": len(new_texts),
+        "out": str(out),
+    }
 
 
 class _EmbedJob:
@@ -234,12 +276,12 @@ class _EmbedJob:
         self.m, self.out, self.source = model, out, source
         self.dim = int(model.cfg.section("model").embed_dim)
         self.old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}  # path -> (row, embedding) from before
-        self.txt_emb: dict[str, Tensor] = {}                          # text -> embedding (before and now)
-        self.order: list[str] = []                                     # image paths, in output order
-        self.captions: list[tuple[str, int]] = []                      # a data set's (caption, image id)
+        self.txt_emb: dict[str, Tensor] = {}  # text -> embedding (before and now)
+        self.order: list[str] = []  # image paths, in output order
+        self.captions: list[tuple[str, int]] = []  # a data set's (caption, image id)
         self.img_rows: dict[str, tuple[dict[str, Any], Tensor] | None] = {}  # None: still to embed
         self.text_rows: list[dict[str, Any]] = []
-        self.todo: list[tuple[str, int, int]] = []                     # (path, size, mtime_ns) to embed
+        self.todo: list[tuple[str, int, int]] = []  # (path, size, mtime_ns) to embed
         self.unreadable: dict[str, str] = {}
         self.removed: list[str] = []
         self.kept = self.changed = 0
@@ -254,8 +296,9 @@ class _EmbedJob:
             return
         meta, tensors, old_items = read_embed_folder(out)
         if meta.get("fingerprint") != self.m.fingerprint:
-            raise CheckpointError(f"{out}: holds embeddings made by another checkpoint ({meta.get('checkpoint')}); "
-                                  f"choose another --out")
+            raise CheckpointError(
+                f"{out}: holds embeddings made by another checkpoint ({meta.get('checkpoint')}); choose another --out"
+            )
         before = meta.get("source") or {}
         if before.get("images") != self.source["images"] or before.get("data") != self.source["data"]:
             raise DataError(f"{out}: holds embeddings of {meta.get('source')}, not of this source; choose another --out")
@@ -307,7 +350,7 @@ class _EmbedJob:
         bar = tqdm(total=len(self.todo), desc="embed images", unit="img", disable=not progress)
         since_save = 0
         for s in range(0, len(self.todo), self.m.batch_size):
-            batch = self.todo[s:s + self.m.batch_size]
+            batch = self.todo[s : s + self.m.batch_size]
             loaded = []
             for p, size, mtime in batch:
                 try:
@@ -356,8 +399,11 @@ class _EmbedJob:
                 entry["image"] = id_of.get(img) if img is not None else None
             items.append(entry)
             t_e.append(self.txt_emb[row["text"]])
-        return (items, torch.stack(img_e) if img_e else torch.zeros(0, self.dim),
-                torch.stack(t_e) if t_e else torch.zeros(0, self.dim))
+        return (
+            items,
+            torch.stack(img_e) if img_e else torch.zeros(0, self.dim),
+            torch.stack(t_e) if t_e else torch.zeros(0, self.dim),
+        )
 
     def save(self, final: bool = False) -> dict[str, Any]:
         items, img_t, txt_t = self.rows()
@@ -365,10 +411,19 @@ class _EmbedJob:
         out.mkdir(parents=True, exist_ok=True)
         _save_tensors(out / "embeddings.safetensors", {"images": img_t, "texts": txt_t})
         _write_jsonl(out / "items.jsonl", items)
-        meta = {"format": EMBED_FORMAT, "checkpoint": str(Path(m.folder).resolve()), "fingerprint": m.fingerprint,
-                "weights_sha256": m.checkpoint.digests.get("weights.safetensors"), "task": m.task_name, "dim": self.dim,
-                "source": self.source, "images": len(img_t), "texts": len(txt_t),
-                "unreadable": [{"path": p, "error": e} for p, e in self.unreadable.items()], "complete": final}
+        meta = {
+            "format": EMBED_FORMAT,
+            "checkpoint": str(Path(m.folder).resolve()),
+            "fingerprint": m.fingerprint,
+            "weights_sha256": m.checkpoint.digests.get("weights.safetensors"),
+            "task": m.task_name,
+            "dim": self.dim,
+            "source": self.source,
+            "images": len(img_t),
+            "texts": len(txt_t),
+            "unreadable": [{"path": p, "error": e} for p, e in self.unreadable.items()],
+            "complete": final,
+        }
         _write_atomic(out / "embed.json", lambda f: f.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
         return meta
 
@@ -390,10 +445,10 @@ def exact_topk(queries: Tensor, gallery: Tensor, k: int, block: int = 1 << 24) -
     kb = max(4096, block // qb)
     out_s, out_i = [], []
     for q0 in range(0, n, qb):
-        q = queries[q0:q0 + qb].float()
+        q = queries[q0 : q0 + qb].float()
         best_s, best_i = q.new_empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
         for k0 in range(0, m, kb):
-            sim = q @ gallery[k0:k0 + kb].T
+            sim = q @ gallery[k0 : k0 + kb].T
             s, i = block_topk(sim, min(k, sim.shape[1]))
             best_s, best_i = (s, i + k0) if k0 == 0 else merge_topk(best_s, best_i, s, i + k0, k)
         out_s.append(best_s)
@@ -416,9 +471,19 @@ def _normalise(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1).contiguous()
 
 
-def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = None, faiss_kind: str | None = None,
-                nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 128,
-                recall_queries: int = 1000, seed: int = 0) -> dict[str, Any]:
+def build_index(
+    embed_dir: str | Path,
+    out: str | Path,
+    *,
+    kind: str | None = None,
+    faiss_kind: str | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    recall_queries: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """``vlmtune index``: the gallery of an embed folder as an exact (and optionally a
     FAISS IVF or HNSW) index in ``out``."""
     embed_dir, out = Path(embed_dir), Path(out)
@@ -436,10 +501,17 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
         raise VlmtuneError(f"{out}: exists and is not empty; choose a new folder for the index")
     one = kind[:-1]
     rows = [r for r in items if r.get("kind") == one]
-    info: dict[str, Any] = {"format": INDEX_FORMAT, "kind": kind, "count": len(gallery), "dim": gallery.shape[1],
-                            "checkpoint": meta.get("checkpoint"), "fingerprint": meta.get("fingerprint"),
-                            "weights_sha256": meta.get("weights_sha256"),
-                            "embed_dir": str(embed_dir.resolve()), "search": faiss_kind or "exact"}
+    info: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "kind": kind,
+        "count": len(gallery),
+        "dim": gallery.shape[1],
+        "checkpoint": meta.get("checkpoint"),
+        "fingerprint": meta.get("fingerprint"),
+        "weights_sha256": meta.get("weights_sha256"),
+        "embed_dir": str(embed_dir.resolve()),
+        "search": faiss_kind or "exact",
+    }
     index = None
     if faiss_kind:
         faiss = _faiss()
@@ -460,8 +532,12 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
             index.hnsw.efConstruction = max(40, 2 * hnsw_m)
             index.add(x)
             index.hnsw.efSearch = ef_search
-            info["faiss"] = {"type": "IndexHNSWFlat", "M": hnsw_m, "efConstruction": index.hnsw.efConstruction,
-                             "efSearch": ef_search}
+            info["faiss"] = {
+                "type": "IndexHNSWFlat",
+                "M": hnsw_m,
+                "efConstruction": index.hnsw.efConstruction,
+                "efSearch": ef_search,
+            }
         # Recall@10 against exact search, on queries of the other kind where the folder
         # has them (the realistic case), else on gallery rows themselves.
         other = tensors.get("texts" if kind == "images" else "images")
@@ -474,8 +550,14 @@ def build_index(embed_dir: str | Path, out: str | Path, *, kind: str | None = No
         _, approx = index.search(q.numpy(), kk)
         hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
         info["recall_at_10"] = 100.0 * hits / (len(q) * kk)
-        info["recall_queries"] = {"count": len(q), "from": "texts" if pool is not gallery and kind == "images"
-                                  else "images" if pool is not gallery else f"gallery {kind}"}
+        info["recall_queries"] = {
+            "count": len(q),
+            "from": "texts"
+            if pool is not gallery and kind == "images"
+            else "images"
+            if pool is not gallery
+            else f"gallery {kind}",
+        }
     out.mkdir(parents=True, exist_ok=True)
     _save_tensors(out / "gallery.safetensors", {"gallery": gallery})
     _write_jsonl(out / "items.jsonl", [{**r, "row": r["id"], "id": i} for i, r in enumerate(rows)])
@@ -527,8 +609,10 @@ def open_query_model(index: Index, checkpoint: str | Path | None = None) -> Mode
         raise CheckpointError(f"{index.folder / 'index.json'}: records no checkpoint; pass --checkpoint")
     model = load(path)
     if model.fingerprint != index.info.get("fingerprint"):
-        raise CheckpointError(f"{path}: is not the model that built {index.folder} (made by "
-                              f"{index.info.get('checkpoint')}); its embeddings would not be comparable")
+        raise CheckpointError(
+            f"{path}: is not the model that built {index.folder} (made by "
+            f"{index.info.get('checkpoint')}); its embeddings would not be comparable"
+        )
     return model
 
 
@@ -554,8 +638,9 @@ def read_queries(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def search(index: Index, model: Model, queries: list[dict[str, Any]], k: int = 10, rerank: bool = False,
-           rerank_k: int | None = None) -> list[dict[str, Any]]:
+def search(
+    index: Index, model: Model, queries: list[dict[str, Any]], k: int = 10, rerank: bool = False, rerank_k: int | None = None
+) -> list[dict[str, Any]]:
     """Ranked results of each query ({"text": ...} or {"image": path}): a list of
     {"query", "results": [{"rank", "score", "id", "path" | "text", ("match")}]}."""
     if k < 1:
@@ -588,8 +673,9 @@ def search(index: Index, model: Model, queries: list[dict[str, Any]], k: int = 1
     return out
 
 
-def _rerank(index: Index, model: Model, queries: list[dict[str, Any]], emb: Tensor, scores: Tensor, rows: Tensor,
-            r: int) -> tuple[Tensor, Tensor, Tensor]:
+def _rerank(
+    index: Index, model: Model, queries: list[dict[str, Any]], emb: Tensor, scores: Tensor, rows: Tensor, r: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Re-order each query's first ``r`` candidates by the matching head's score,
     stably (equal scores keep the contrastive order), the rest following in contrastive
     order: evaluation's re-rank (``metrics.retrieval._rerank_head``). Returns scores,
@@ -598,15 +684,20 @@ def _rerank(index: Index, model: Model, queries: list[dict[str, Any]], emb: Tens
     gallery_images = index.kind == "images"
     for q in queries:
         if ("image" in q) == gallery_images:
-            raise VlmtuneError(f"--rerank: the matching head scores image-text pairs; a {'image' if 'image' in q else 'text'} "
-                               f"query against a gallery of {index.kind} has none")
+            raise VlmtuneError(
+                f"--rerank: the matching head scores image-text pairs; a {'image' if 'image' in q else 'text'} "
+                f"query against a gallery of {index.kind} has none"
+            )
     r = min(r, rows.shape[1])  # a gallery smaller than the list asked for
     valid = rows.clamp_min(0)
     qidx = torch.arange(len(rows)).unsqueeze(1).expand_as(valid).reshape(-1)
     flat = valid.reshape(-1)
     # Queries are the texts (a gallery of images) or the images (a gallery of texts).
-    match = (model.match_scores(index.gallery[flat], emb[qidx]) if gallery_images
-             else model.match_scores(emb[qidx], index.gallery[flat])).view(rows.shape)
+    match = (
+        model.match_scores(index.gallery[flat], emb[qidx])
+        if gallery_images
+        else model.match_scores(emb[qidx], index.gallery[flat])
+    ).view(rows.shape)
     match = torch.where(rows < 0, torch.full_like(match, -math.inf), match)
     head = match[:, :r].argsort(dim=1, descending=True, stable=True)
     order = torch.cat([head, torch.arange(r, rows.shape[1]).expand(len(rows), -1)], dim=1)

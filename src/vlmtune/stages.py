@@ -8,10 +8,14 @@ in exactly one group.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from vlmtune.config import Config, stage_starts
 from vlmtune.state import TrainState
@@ -133,6 +137,21 @@ def trained_anywhere(model: TaskModel, plan: list[Stage]) -> set[str]:
 def stage_summary(stage: Stage, model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     comps = ", ".join(f"{k} x{v:g}" for k, v in stage.train.items())
-    return (f"stage {stage.index} '{stage.name}' (epochs {stage.start_epoch}-{stage.end_epoch - 1}): {comps}; "
-            f"losses {', '.join(sorted(stage.losses))}; trainable {trainable:,} / {total:,}")
+    return (
+        f"stage {stage.index} '{stage.name}' (epochs {stage.start_epoch}-{stage.end_epoch - 1}): {comps}; "
+        f"losses {', '.join(sorted(stage.losses))}; trainable {trainable:,} / {total:,}"
+    )
 
+
+def stage_schedule(cfg: Config, stage: Stage, optimizer: torch.optim.Optimizer, processes: int) -> Callable[[int], Any]:
+    """The stage's linear warmup-and-decay schedule, from this process's batches per epoch."""
+
+    def make_scheduler(batches: int) -> Any:
+        steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
+        total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
+        # Accelerate steps a prepared scheduler once per process, so count in those units.
+        return get_linear_schedule_with_warmup(
+            optimizer, int(cfg.optim.warmup_ratio * total_steps) * processes, total_steps * processes
+        )
+
+    return make_scheduler

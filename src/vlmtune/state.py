@@ -19,28 +19,28 @@ from vlmtune.utils import shorten
 
 @dataclass
 class TrainState:
-    epoch: int = 0                  # epochs completed
-    step: int = 0                   # optimizer steps taken
-    best: float | None = None       # best value of the early-stopping metric so far
-    best_epoch: int | None = None   # 0-based epoch that reached it
-    bad_evals: int = 0              # evaluations without improvement in this stage
-    wall_s: float = 0.0             # wall time of the run so far (training + validation)
-    history_lines: int = 0          # lines of history.jsonl this state has seen
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best: float | None = None  # best value of the early-stopping metric so far
+    best_epoch: int | None = None  # 0-based epoch that reached it
+    bad_evals: int = 0  # evaluations without improvement in this stage
+    wall_s: float = 0.0  # wall time of the run so far (training + validation)
+    history_lines: int = 0  # lines of history.jsonl this state has seen
     stopped_early: bool = False
-    max_trainable: int = 0          # most trainable parameters of any stage so far
-    samples: int = 0                # training samples seen (all processes)
-    train_wall_s: float = 0.0       # training time alone (no validation)
-    backbone: dict[str, Any] = field(default_factory=dict)   # identity of the backbone trained on
+    max_trainable: int = 0  # most trainable parameters of any stage so far
+    samples: int = 0  # training samples seen (all processes)
+    train_wall_s: float = 0.0  # training time alone (no validation)
+    backbone: dict[str, Any] = field(default_factory=dict)  # identity of the backbone trained on
     data_paths: dict[str, str] = field(default_factory=dict)  # train/val/test annotation files
     data_sha256: dict[str, str] = field(default_factory=dict)  # ... and their sha256 (--resume compares)
-    metric: str = ""                # the early-stopping metric
+    metric: str = ""  # the early-stopping metric
     # Mid-epoch checkpoints (a signal, a run of bad steps): batches of epoch ``epoch``
     # already trained, and the running sums of the history line in progress.
     epoch_batches: int = 0
     running: dict[str, float] = field(default_factory=dict)
     n_running: int = 0
-    bad_steps: int = 0              # non-finite steps skipped in all
-    bad_in_row: int = 0             # ... and in a row, now
+    bad_steps: int = 0  # non-finite steps skipped in all
+    bad_in_row: int = 0  # ... and in a row, now
     # The early-stopping metric of the last validation (NaN when it was NaN), so a run
     # resumed after its last epoch reports train/last_val as the uninterrupted one did.
     last_val: float | None = None
@@ -75,8 +75,18 @@ class TrainState:
             raise CheckpointError(f"{where}: epoch {self.epoch} is past the config's train.epochs ({epochs})")
 
 
-_COUNTERS = ("epoch", "step", "bad_evals", "history_lines", "max_trainable", "samples", "epoch_batches", "n_running",
-             "bad_steps", "bad_in_row")
+_COUNTERS = (
+    "epoch",
+    "step",
+    "bad_evals",
+    "history_lines",
+    "max_trainable",
+    "samples",
+    "epoch_batches",
+    "n_running",
+    "bad_steps",
+    "bad_in_row",
+)
 _SECONDS = ("wall_s", "train_wall_s")
 # Fields added after checkpoints were first written: absent in older ones, they take their default.
 _OPTIONAL = ("last_val",)
@@ -128,13 +138,15 @@ def _check(name: str, value: Any, where: str) -> Any:
         return value
     if name == "data_sha256":
         if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-                for k, v in value.items()):
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+            for k, v in value.items()
+        ):
             raise bad("must map split names to sha256 digests")
         return value
     if name == "running":
         if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+        ):
             raise bad("must map loss names to numbers")
         return {k: float(v) for k, v in value.items()}
     raise AssertionError(name)  # pragma: no cover - every field is handled above

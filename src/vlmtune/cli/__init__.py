@@ -23,14 +23,34 @@ from vlmtune.cli.args import non_negative_float, non_negative_int, positive_int,
 from vlmtune.cli.messages import MAX_MESSAGE, describe_error, say
 from vlmtune.errors import Interrupted, VlmtuneError
 
-__all__ = ["COMMANDS", "MAX_MESSAGE", "build_parser", "describe_error", "main", "non_negative_float",
-           "non_negative_int", "positive_int", "seed_int"]
+__all__ = [
+    "COMMANDS",
+    "MAX_MESSAGE",
+    "build_parser",
+    "describe_error",
+    "main",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_int",
+    "seed_int",
+]
 
 # Each adds one command (data and config: a command with its own subcommands) in the
 # order `vlmtune --help` lists them.
 COMMANDS: tuple[Callable[[Any], None], ...] = (
-    run.add_train, run.add_evaluate, use.add_predict, use.add_attention, analysis.add_compare, analysis.add_bench,
-    run.add_cache, data.add_data, config.add_config, use.add_embed, use.add_index, use.add_search, use.add_export,
+    run.add_train,
+    run.add_evaluate,
+    use.add_predict,
+    use.add_attention,
+    analysis.add_compare,
+    analysis.add_bench,
+    run.add_cache,
+    data.add_data,
+    config.add_config,
+    use.add_embed,
+    use.add_index,
+    use.add_search,
+    use.add_export,
 )
 
 

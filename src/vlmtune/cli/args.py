@@ -9,8 +9,10 @@ import math
 from vlmtune.cli.messages import shorten
 
 OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=3e-4"
-EVAL_OVERRIDES_HELP = ("overrides of the checkpoint's config for this command: data.* and eval.* keys (and generation.* "
-                       "for counting), e.g. eval.rerank_k=5 data.on_error=skip; any other key is an error")
+EVAL_OVERRIDES_HELP = (
+    "overrides of the checkpoint's config for this command: data.* and eval.* keys (and generation.* "
+    "for counting), e.g. eval.rerank_k=5 data.on_error=skip; any other key is an error"
+)
 
 
 def _int(text: str, low: int, high: int) -> int:
@@ -51,6 +53,9 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     """Only the user decides that code shipped with a checkpoint may run: a checkpoint
     whose backbone folder asks for it (an auto_map, a .py file) is refused without this,
     and its config.yaml's backbone.trust_remote_code is ignored."""
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow code shipped in the checkpoint's backbone folder (auto_map, *.py) to run; "
-                        "off unless you pass it (the checkpoint's own config is never asked)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped in the checkpoint's backbone folder (auto_map, *.py) to run; "
+        "off unless you pass it (the checkpoint's own config is never asked)",
+    )

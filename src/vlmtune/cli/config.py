@@ -17,9 +17,12 @@ def add_config(sub: Any) -> None:
 
 
 def add_explain(gsub: Any) -> None:
-    x = gsub.add_parser("explain", help="every config key with its type, default and help",
-                        description="List the config keys in declaration order, each with its type, default and help. "
-                        "SECTION narrows the list: optim, train.early_stopping, stages, or one key such as optim.lr.")
+    x = gsub.add_parser(
+        "explain",
+        help="every config key with its type, default and help",
+        description="List the config keys in declaration order, each with its type, default and help. "
+        "SECTION narrows the list: optim, train.early_stopping, stages, or one key such as optim.lr.",
+    )
     x.add_argument("section", nargs="?", metavar="SECTION", help="dotted section or key (default: all)")
     x.set_defaults(func=cmd_config_explain)
 
@@ -32,8 +35,11 @@ def cmd_config_explain(args: argparse.Namespace) -> int:
 
 
 def add_show(gsub: Any) -> None:
-    w = gsub.add_parser("show", help="print a config with its defaults and overrides applied, as YAML",
-                        description="Load and check a config as train would, then print every key as YAML.")
+    w = gsub.add_parser(
+        "show",
+        help="print a config with its defaults and overrides applied, as YAML",
+        description="Load and check a config as train would, then print every key as YAML.",
+    )
     w.add_argument("config", help="YAML config")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     w.set_defaults(func=cmd_config_show)

@@ -12,9 +12,11 @@ from vlmtune.config import Config, key_bounds
 from vlmtune.errors import VlmtuneError
 from vlmtune.runfolder import output_folder
 
-GENERATOR_OVERWRITE_HELP = ("generate into a folder that is not empty: files of the same names are replaced, the "
-                            "files an earlier generation listed in its .vlmtune-generated.json are removed first, "
-                            "other files are kept")
+GENERATOR_OVERWRITE_HELP = (
+    "generate into a folder that is not empty: files of the same names are replaced, the "
+    "files an earlier generation listed in its .vlmtune-generated.json are removed first, "
+    "other files are kept"
+)
 SEED_HELP = "random seed: the same seed and settings give the same files (default 0)"
 
 
@@ -46,8 +48,12 @@ def add_scenes(dsub: Any) -> None:
     s.add_argument("--n", type=positive_int, default=400, help="number of images (default 400)")
     s.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
     low, high = _image_size_bounds()
-    s.add_argument("--image-size", type=positive_int, default=96,
-                   help=f"image side in pixels, {low} to {high} (default 96; data.synthetic.image_size in a config)")
+    s.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=96,
+        help=f"image side in pixels, {low} to {high} (default 96; data.synthetic.image_size in a config)",
+    )
     s.add_argument("--overwrite", action="store_true", help=GENERATOR_OVERWRITE_HELP)
     s.set_defaults(func=cmd_data_scenes)
 
@@ -88,8 +94,9 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
     _check_range("--n", args.n, 1, 10**6)
     _check_range("--max-count", args.max_count, 1, 100)
     try:
-        paths = generate_receipts(out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size,
-                                  overwrite=args.overwrite)
+        paths = generate_receipts(
+            out, n=args.n, seed=args.seed, max_count=args.max_count, image_size=size, overwrite=args.overwrite
+        )
     except ValueError as e:
         raise VlmtuneError(f"--n {args.n}: {e}") from None
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
@@ -104,10 +111,17 @@ def _add_read_options(p: Any) -> None:
     from vlmtune.data.formats.registry import format_names
 
     p.add_argument("--format", choices=format_names(), default="auto", help="annotation format (default: detected from the file)")
-    p.add_argument("--image-root", help="folder image paths resolve against (data.image_root; default: the annotation file's folder)")
-    p.add_argument("--split", choices=("train", "val", "test"),
-                   help="for files holding every split (Karpathy, refer, datasets dicts): read only this one (default: all)")
-    p.add_argument("--box-tolerance-px", type=float, default=0.0, help="clip boxes overrunning the image by at most this (default 0)")
+    p.add_argument(
+        "--image-root", help="folder image paths resolve against (data.image_root; default: the annotation file's folder)"
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="for files holding every split (Karpathy, refer, datasets dicts): read only this one (default: all)",
+    )
+    p.add_argument(
+        "--box-tolerance-px", type=float, default=0.0, help="clip boxes overrunning the image by at most this (default 0)"
+    )
     p.add_argument("--duplicates", choices=("error", "keep", "drop"), default="error", help="repeated records (default: error)")
 
 
@@ -115,21 +129,33 @@ def _read_options(args: argparse.Namespace) -> Any:
     """ReadOptions from the data commands' --format, --image-root, --split, ... options."""
     from vlmtune.data.formats import ReadOptions
 
-    return ReadOptions(image_root=args.image_root, format=args.format, split=args.split,
-                       box_tolerance_px=args.box_tolerance_px, duplicates=args.duplicates,
-                       max_text_chars=getattr(args, "max_text_chars", 1000))
+    return ReadOptions(
+        image_root=args.image_root,
+        format=args.format,
+        split=args.split,
+        box_tolerance_px=args.box_tolerance_px,
+        duplicates=args.duplicates,
+        max_text_chars=getattr(args, "max_text_chars", 1000),
+    )
 
 
 def add_validate(dsub: Any) -> None:
-    v = dsub.add_parser("validate", help="check an annotation file and its images; list every problem",
-                        description="Check an annotation file up front, decoding every image, and print every problem "
-                        "as 'FILE: record N: message' (notes, such as images converted to RGB, as 'FILE: record N: note: "
-                        "...') and a summary line. Exit status: 0 when there is no error, 1 when there is one.")
-    v.add_argument("annotation_file", help="annotation file or folder in any format of README 'Your data' (retrieval, grounding, "
-                   "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)")
+    v = dsub.add_parser(
+        "validate",
+        help="check an annotation file and its images; list every problem",
+        description="Check an annotation file up front, decoding every image, and print every problem "
+        "as 'FILE: record N: message' (notes, such as images converted to RGB, as 'FILE: record N: note: "
+        "...') and a summary line. Exit status: 0 when there is no error, 1 when there is one.",
+    )
+    v.add_argument(
+        "annotation_file",
+        help="annotation file or folder in any format of README 'Your data' (retrieval, grounding, "
+        "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)",
+    )
     v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")
-    v.add_argument("--max-count", type=non_negative_int, default=None,
-                   help="counting: largest allowed count (default: no upper limit)")
+    v.add_argument(
+        "--max-count", type=non_negative_int, default=None, help="counting: largest allowed count (default: no upper limit)"
+    )
     v.add_argument("--max-text-chars", type=positive_int, default=1000, help="longest caption, question or answer (default 1000)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_read_options(v)
@@ -150,10 +176,13 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def add_inspect(dsub: Any) -> None:
-    n = dsub.add_parser("inspect", help="what a data set holds and which losses and metrics it can feed",
-                        description="Detect the format and summarise a data set: split sizes, images, captions per image, "
-                        "boxes, relations, counts, and which losses and metrics it can feed. Images are checked from their "
-                        "headers only (data validate decodes them all).")
+    n = dsub.add_parser(
+        "inspect",
+        help="what a data set holds and which losses and metrics it can feed",
+        description="Detect the format and summarise a data set: split sizes, images, captions per image, "
+        "boxes, relations, counts, and which losses and metrics it can feed. Images are checked from their "
+        "headers only (data validate decodes them all).",
+    )
     n.add_argument("annotation_file", help="annotation file or folder")
     n.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_read_options(n)

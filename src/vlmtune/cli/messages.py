@@ -18,10 +18,13 @@ def describe_error(e: BaseException) -> str:
     system's reason for an OSError (disk full, read-only disk, name too long, a link
     loop, ...), the cause for the rest; unexpected ones say how to see the traceback."""
     if isinstance(e, OSError):
-        reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
-                  errno.ENAMETOOLONG: "the name is too long for the file system",
-                  errno.ELOOP: "too many levels of symbolic links (a link loop)",
-                  errno.EDQUOT: "disk quota exceeded"}.get(e.errno or -1, (e.strerror or first_line(e)).lower())
+        reason = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EROFS: "the file system is read-only",
+            errno.ENAMETOOLONG: "the name is too long for the file system",
+            errno.ELOOP: "too many levels of symbolic links (a link loop)",
+            errno.EDQUOT: "disk quota exceeded",
+        }.get(e.errno or -1, (e.strerror or first_line(e)).lower())
         names = " -> ".join(shorten(str(f), 160) for f in (e.filename, e.filename2) if f is not None)
         return f"{names}: {reason}" if names else f"{reason} ({type(e).__name__})"
     if isinstance(e, UnicodeDecodeError):
@@ -45,7 +48,7 @@ def shorten(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = (limit - 5) * 2 // 3
-    return text[:head] + " ... " + text[len(text) - (limit - 5 - head):]
+    return text[:head] + " ... " + text[len(text) - (limit - 5 - head) :]
 
 
 def say(message: str, whole: bool = False) -> None:

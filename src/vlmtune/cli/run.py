@@ -34,8 +34,10 @@ def _print_best_stage(metrics: dict) -> None:
     """The summary line saying where the evaluated (best) checkpoint comes from."""
     if metrics.get("train/best_epoch") is None or metrics.get("train/best_stage") is None:
         return
-    line = (f"best checkpoint: epoch {metrics['train/best_epoch'] + 1}, stage {metrics['train/best_stage']} "
-            f"'{metrics['train/best_stage_name']}' (validation {metrics['train/best_val']:.3f})")
+    line = (
+        f"best checkpoint: epoch {metrics['train/best_epoch'] + 1}, stage {metrics['train/best_stage']} "
+        f"'{metrics['train/best_stage_name']}' (validation {metrics['train/best_val']:.3f})"
+    )
     if metrics.get("train/later_stages_improved") is False:
         line += "; the later stages never beat stage 0"
     print(line)
@@ -45,23 +47,39 @@ def _print_best_stage(metrics: dict) -> None:
 
 
 def add_train(sub: Any) -> None:
-    t = sub.add_parser("train", help="train a recipe", description="Train a recipe from a YAML config. "
-                       "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config.")
+    t = sub.add_parser(
+        "train",
+        help="train a recipe",
+        description="Train a recipe from a YAML config. "
+        "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config.",
+    )
     t.add_argument("config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     t.add_argument("--output-dir", required=True, help="run directory to write")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (a folder holding a run is refused "
-                   "without --resume or --overwrite)")
-    t.add_argument("--accept-changed-data", action="store_true",
-                   help="with --resume: continue although a train/val/test file changed since the run started "
-                   "(its sha256 differs; refused without this flag)")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=OVERWRITE_HELP + " (a folder holding a run is refused without --resume or --overwrite)",
+    )
+    t.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="with --resume: continue although a train/val/test file changed since the run started "
+        "(its sha256 differs; refused without this flag)",
+    )
     t.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUTPUT_DIR/seedS, for vlmtune compare")
-    t.add_argument("--init-from", metavar="CKPT",
-                   help="warm start: begin from the trained weights of another run's checkpoint (same backbone, "
-                   "matching shapes), with a fresh schedule and history; recorded as train.init_from")
-    t.add_argument("--tracker", choices=("wandb", "tensorboard"),
-                   help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)")
+    t.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="warm start: begin from the trained weights of another run's checkpoint (same backbone, "
+        "matching shapes), with a fresh schedule and history; recorded as train.init_from",
+    )
+    t.add_argument(
+        "--tracker",
+        choices=("wandb", "tensorboard"),
+        help="also log to Weights & Biases (offline unless WANDB_API_KEY is set) or TensorBoard (OUTPUT_DIR/tensorboard)",
+    )
     t.set_defaults(func=cmd_train)
 
 
@@ -71,8 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.seeds is None:
         cfg = _with_init_from(load_config(args.config, args.overrides), args.init_from)
-        metrics = train(cfg, args.output_dir, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
-                        accept_changed_data=args.accept_changed_data)
+        metrics = train(
+            cfg,
+            args.output_dir,
+            resume=args.resume,
+            tracker=args.tracker,
+            overwrite=args.overwrite,
+            accept_changed_data=args.accept_changed_data,
+        )
         if os.environ.get("RANK", "0") == "0":  # launched as several processes: the main one reports
             print(f"finished: {args.output_dir}/metrics.json")
             _print_best_stage(metrics)
@@ -80,21 +104,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     # A seed sweep: the same config once per seed, into OUTPUT_DIR/seedS.
     seeds = _parse_seeds(args.seeds)
-    cfgs = {s: _with_init_from(load_config(args.config, [*args.overrides, f"seed={s}"]), args.init_from)
-            for s in seeds}  # all checked first
+    cfgs = {
+        s: _with_init_from(load_config(args.config, [*args.overrides, f"seed={s}"]), args.init_from) for s in seeds
+    }  # all checked first
     output_folder(args.output_dir)
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
         try:
             # --resume: a seed's run goes on (or starts, when it has no checkpoint yet).
-            metrics = train(cfg, out, resume=args.resume, tracker=args.tracker, overwrite=args.overwrite,
-                            accept_changed_data=args.accept_changed_data)
+            metrics = train(
+                cfg,
+                out,
+                resume=args.resume,
+                tracker=args.tracker,
+                overwrite=args.overwrite,
+                accept_changed_data=args.accept_changed_data,
+            )
         except Interrupted as e:
             # The per-run hint (--resume --output-dir DIR/seedS) would drop seed=S; the
             # sweep's own command with --resume continues this seed and runs the rest.
             where = str(e).split(";", 1)[0]
-            raise Interrupted(f"{where} (seed {s} of --seeds {args.seeds}); continue the sweep with: "
-                              f"{_sweep_resume_command(args)}", e.exit_code - 128) from None
+            raise Interrupted(
+                f"{where} (seed {s} of --seeds {args.seeds}); continue the sweep with: {_sweep_resume_command(args)}",
+                e.exit_code - 128,
+            ) from None
         print(f"finished seed {s}: {out}/metrics.json")
         _print_best_stage(metrics)
         _print_metrics(metrics)
@@ -136,23 +169,33 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def add_evaluate(sub: Any) -> None:
-    e = sub.add_parser("evaluate", help="evaluate one or several checkpoints",
-                       description="Evaluate a checkpoint on its own test split or on --data. With several checkpoints, "
-                       "all are evaluated on one data set (the backbone's features are computed once where it is shared) "
-                       "and one table is written.")
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate one or several checkpoints",
+        description="Evaluate a checkpoint on its own test split or on --data. With several checkpoints, "
+        "all are evaluated on one data set (the backbone's features are computed once where it is shared) "
+        "and one table is written.",
+    )
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folder(s), e.g. runs/demo/checkpoints/best")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
     e.add_argument("--output-dir", help="where to write metrics.json (default: CHECKPOINT/eval); required with several")
-    e.add_argument("--rankings", action="store_true",
-                   help="also write per-query results: rankings_t2i.jsonl / rankings_i2t.jsonl (each caption's and each "
-                   "image's top-k with scores, ground truth marked, boxes for grounding) or rankings_counting.jsonl, and "
-                   "examples.html, a self-contained page of sample queries (worst first)")
+    e.add_argument(
+        "--rankings",
+        action="store_true",
+        help="also write per-query results: rankings_t2i.jsonl / rankings_i2t.jsonl (each caption's and each "
+        "image's top-k with scores, ground truth marked, boxes for grounding) or rankings_counting.jsonl, and "
+        "examples.html, a self-contained page of sample queries (worst first)",
+    )
     e.add_argument("--rankings-k", type=int, default=10, help="length of each query's list in the rankings (default 10)")
-    e.add_argument("--examples", type=int, default=24,
-                   help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)")
+    e.add_argument(
+        "--examples",
+        type=int,
+        default=24,
+        help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)",
+    )
     add_trust_flag(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -164,10 +207,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         refuse_run_folder(output_folder(args.output_dir))
     if len(args.checkpoints) == 1 and not args.labels:
-        metrics = evaluate_checkpoint(args.checkpoints[0], data=args.data, output_dir=args.output_dir,
-                                      image_root=args.image_root, rankings=args.rankings,
-                                      rankings_k=args.rankings_k, examples=args.examples,
-                                      trust_remote_code=args.trust_remote_code, overrides=args.overrides)
+        metrics = evaluate_checkpoint(
+            args.checkpoints[0],
+            data=args.data,
+            output_dir=args.output_dir,
+            image_root=args.image_root,
+            rankings=args.rankings,
+            rankings_k=args.rankings_k,
+            examples=args.examples,
+            trust_remote_code=args.trust_remote_code,
+            overrides=args.overrides,
+        )
         dest = Path(args.output_dir) if args.output_dir else Path(args.checkpoints[0]) / "eval"
         print(f"wrote {dest / 'metrics.json'}")
         if args.rankings:
@@ -180,8 +230,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise VlmtuneError("--rankings: evaluate one checkpoint at a time")
     if not args.output_dir:
         raise VlmtuneError("--output-dir: needed when evaluating several checkpoints")
-    evaluate_many(args.checkpoints, args.labels, args.data, args.output_dir, image_root=args.image_root,
-                  trust_remote_code=args.trust_remote_code, overrides=args.overrides)
+    evaluate_many(
+        args.checkpoints,
+        args.labels,
+        args.data,
+        args.output_dir,
+        image_root=args.image_root,
+        trust_remote_code=args.trust_remote_code,
+        overrides=args.overrides,
+    )
     print((Path(args.output_dir) / "evaluation.md").read_text())
     print(f"wrote {Path(args.output_dir) / 'evaluation.md'} and evaluation.json")
     return 0
@@ -206,9 +263,12 @@ def _split_checkpoints(args: argparse.Namespace) -> None:
 
 
 def add_cache(sub: Any) -> None:
-    k = sub.add_parser("cache", help="fill the frozen-feature cache of a config's data up front",
-                       description="Compute the frozen towers' features for the train/val/test splits once, into "
-                       "cache.dir (default OUTPUT_DIR/cache); training reads them instead of recomputing.")
+    k = sub.add_parser(
+        "cache",
+        help="fill the frozen-feature cache of a config's data up front",
+        description="Compute the frozen towers' features for the train/val/test splits once, into "
+        "cache.dir (default OUTPUT_DIR/cache); training reads them instead of recomputing.",
+    )
     k.add_argument("config", help="YAML config")
     k.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     k.add_argument("--output-dir", required=True, help="the run directory the cache belongs to")

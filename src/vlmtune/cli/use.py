@@ -18,9 +18,12 @@ from vlmtune.runfolder import write_text
 
 
 def add_predict(sub: Any) -> None:
-    pr = sub.add_parser("predict", help="answer a question about one image (counting checkpoints)",
-                        description="Generate the answer, the count head's class and confidence, and optionally a picture "
-                        "of the answer's attention over the image.")
+    pr = sub.add_parser(
+        "predict",
+        help="answer a question about one image (counting checkpoints)",
+        description="Generate the answer, the count head's class and confidence, and optionally a picture "
+        "of the answer's attention over the image.",
+    )
     pr.add_argument("checkpoint", help="counting checkpoint folder, e.g. runs/receipts/checkpoints/best")
     pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     pr.add_argument("--image", required=True, help="image file (any size; grayscale, RGBA, 16-bit and EXIF-rotated work)")
@@ -33,16 +36,25 @@ def add_predict(sub: Any) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vlmtune.predict import predict_file
 
-    out = predict_file(args.checkpoint, args.image, args.question, args.attention_out,
-                       trust_remote_code=args.trust_remote_code, overrides=args.overrides)
+    out = predict_file(
+        args.checkpoint,
+        args.image,
+        args.question,
+        args.attention_out,
+        trust_remote_code=args.trust_remote_code,
+        overrides=args.overrides,
+    )
     print(json.dumps(out, indent=2))
     return 0
 
 
 def add_attention(sub: Any) -> None:
-    at = sub.add_parser("attention", help="share of answer attention inside the receipts (synthetic set)",
-                        description="Mean share of the answer's attention that falls inside the receipt polygons "
-                        "(boxes.json), beside the receipts' share of the image area, over images with a receipt.")
+    at = sub.add_parser(
+        "attention",
+        help="share of answer attention inside the receipts (synthetic set)",
+        description="Mean share of the answer's attention that falls inside the receipt polygons "
+        "(boxes.json), beside the receipts' share of the image area, over images with a receipt.",
+    )
     at.add_argument("checkpoint", help="counting checkpoint folder")
     at.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
     at.add_argument("--data", help="counting JSONL (default: the run's test split)")
@@ -57,8 +69,15 @@ def add_attention(sub: Any) -> None:
 def cmd_attention(args: argparse.Namespace) -> int:
     from vlmtune.predict import attention_inside_receipts
 
-    report = attention_inside_receipts(args.checkpoint, args.data, args.boxes, args.limit, image_root=args.image_root,
-                                       trust_remote_code=args.trust_remote_code, overrides=args.overrides)
+    report = attention_inside_receipts(
+        args.checkpoint,
+        args.data,
+        args.boxes,
+        args.limit,
+        image_root=args.image_root,
+        trust_remote_code=args.trust_remote_code,
+        overrides=args.overrides,
+    )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(args.output), json.dumps(report, indent=2))
@@ -70,10 +89,13 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def add_embed(sub: Any) -> None:
-    em = sub.add_parser("embed", help="embed a folder of images or a data set with a retrieval checkpoint",
-                        description="Write embeddings.safetensors (images [N, D], texts [M, D], L2-normalised), "
-                        "items.jsonl (one line per row) and embed.json to --out. A second run into the same --out "
-                        "embeds only new or changed files (keyed by path, size and mtime) and new texts.")
+    em = sub.add_parser(
+        "embed",
+        help="embed a folder of images or a data set with a retrieval checkpoint",
+        description="Write embeddings.safetensors (images [N, D], texts [M, D], L2-normalised), "
+        "items.jsonl (one line per row) and embed.json to --out. A second run into the same --out "
+        "embeds only new or changed files (keyed by path, size and mtime) and new texts.",
+    )
     em.add_argument("checkpoint", help="retrieval checkpoint folder, e.g. runs/r2/checkpoints/best")
     src = em.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images, searched recursively (unreadable files are reported and skipped)")
@@ -88,18 +110,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from vlmtune.search import embed
 
     r = embed(args.checkpoint, args.out, images=args.images, data=args.data, texts=args.texts, progress=not args.no_progress)
-    print(f"embedded {r['embedded_images']} images ({r['kept_images']} kept from before, {r['changed_images']} changed, "
-          f"{r['removed_images']} removed, {len(r['unreadable'])} unreadable) and {r['embedded_texts']} new texts; "
-          f"{r['images']} images and {r['texts']} texts in {Path(args.out) / 'embeddings.safetensors'}")
+    print(
+        f"embedded {r['embedded_images']} images ({r['kept_images']} kept from before, {r['changed_images']} changed, "
+        f"{r['removed_images']} removed, {len(r['unreadable'])} unreadable) and {r['embedded_texts']} new texts; "
+        f"{r['images']} images and {r['texts']} texts in {Path(args.out) / 'embeddings.safetensors'}"
+    )
     for u in r["unreadable"]:
         print(f"unreadable: {u['error']}", file=sys.stderr)
     return 0
 
 
 def add_index(sub: Any) -> None:
-    ix = sub.add_parser("index", help="build a search index from embed's output",
-                        description="Store the normalised gallery matrix for exact search (default), and with --faiss an "
-                        "approximate FAISS index whose recall@10 against exact search is measured and reported.")
+    ix = sub.add_parser(
+        "index",
+        help="build a search index from embed's output",
+        description="Store the normalised gallery matrix for exact search (default), and with --faiss an "
+        "approximate FAISS index whose recall@10 against exact search is measured and reported.",
+    )
     ix.add_argument("embed_dir", metavar="EMBED_DIR", help="folder written by vlmtune embed")
     ix.add_argument("--out", required=True, help="new folder for the index")
     ix.add_argument("--kind", choices=("images", "texts"), help="what to search (default: images, or texts when there are none)")
@@ -114,27 +141,42 @@ def add_index(sub: Any) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from vlmtune.search import build_index
 
-    info = build_index(args.embed_dir, args.out, kind=args.kind, faiss_kind=args.faiss, nlist=args.nlist,
-                       nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    info = build_index(
+        args.embed_dir,
+        args.out,
+        kind=args.kind,
+        faiss_kind=args.faiss,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        ef_search=args.ef_search,
+    )
     print(f"indexed {info['count']} {info['kind']} ({info['dim']}-d, {info['search']} search) into {args.out}")
     if "recall_at_10" in info:
         q = info["recall_queries"]
-        print(f"recall@10 against exact search: {info['recall_at_10']:.2f}% ({q['count']} queries from {q['from']}; "
-              f"{json.dumps(info['faiss'])})")
+        print(
+            f"recall@10 against exact search: {info['recall_at_10']:.2f}% ({q['count']} queries from {q['from']}; "
+            f"{json.dumps(info['faiss'])})"
+        )
     return 0
 
 
 def add_search(sub: Any) -> None:
-    se = sub.add_parser("search", help="search an index by text or image",
-                        description="Embed the query with the checkpoint that built the index (refusing another) and "
-                        "print the top k as a table (rank, cosine score, item) or JSON. --queries runs many queries and "
-                        "writes one JSONL line per query.")
+    se = sub.add_parser(
+        "search",
+        help="search an index by text or image",
+        description="Embed the query with the checkpoint that built the index (refusing another) and "
+        "print the top k as a table (rank, cosine score, item) or JSON. --queries runs many queries and "
+        "writes one JSONL line per query.",
+    )
     se.add_argument("index", metavar="INDEX", help="folder written by vlmtune index")
     se.add_argument("--text", help="a text query")
     se.add_argument("--image", help="an image query (path)")
     se.add_argument("--queries", help="file of queries: text lines, or JSONL with 'text' or 'image' per line")
     se.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    se.add_argument("--rerank", action="store_true", help="re-order the top candidates by the matching head, as evaluation's re-rank")
+    se.add_argument(
+        "--rerank", action="store_true", help="re-order the top candidates by the matching head, as evaluation's re-rank"
+    )
     se.add_argument("--rerank-k", type=int, help="candidates the matching head re-scores (default: k)")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.add_argument("--out", help="with --queries: write the JSONL here instead of to stdout")
@@ -176,15 +218,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def add_export(sub: Any) -> None:
-    x = sub.add_parser("export", help="write a checkpoint as a peft adapter, a merged Hugging Face model or a "
-                       "self-contained vlmtune checkpoint",
-                       description="Export a checkpoint to a new folder. peft: the LoRA of a counting checkpoint "
-                       "(counting.lm_mode=lora) as adapter_config.json + adapter_model.safetensors for "
-                       "PeftModel.from_pretrained(internvl, OUT), other trained InternVL parts as modules_to_save, the "
-                       "heads beside as vlmtune_heads.safetensors. merged: InternVL with trained blocks and merged LoRA "
-                       "by save_pretrained (AutoModelForImageTextToText.from_pretrained(OUT)), beside it the heads as a "
-                       "vlmtune checkpoint (vlmtune evaluate OUT works). vlmtune: a self-contained checkpoint with the "
-                       "backbone in Hugging Face form under backbone/.")
+    x = sub.add_parser(
+        "export",
+        help="write a checkpoint as a peft adapter, a merged Hugging Face model or a self-contained vlmtune checkpoint",
+        description="Export a checkpoint to a new folder. peft: the LoRA of a counting checkpoint "
+        "(counting.lm_mode=lora) as adapter_config.json + adapter_model.safetensors for "
+        "PeftModel.from_pretrained(internvl, OUT), other trained InternVL parts as modules_to_save, the "
+        "heads beside as vlmtune_heads.safetensors. merged: InternVL with trained blocks and merged LoRA "
+        "by save_pretrained (AutoModelForImageTextToText.from_pretrained(OUT)), beside it the heads as a "
+        "vlmtune checkpoint (vlmtune evaluate OUT works). vlmtune: a self-contained checkpoint with the "
+        "backbone in Hugging Face form under backbone/.",
+    )
     x.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/checkpoints/best")
     x.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
     x.add_argument("--format", choices=("peft", "merged", "vlmtune"), default="vlmtune", help="default: %(default)s")

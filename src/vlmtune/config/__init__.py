@@ -52,16 +52,56 @@ if TYPE_CHECKING:
         with_overrides,
     )
 
-_LAZY = {"stage_starts": "checks", "config_class": "compose", "FieldDoc": "describe", "explain": "describe",
-         "format_explain": "describe", **{name: "loading" for name in (
-             "apply_override", "config_from_dict", "config_to_dict", "config_yaml", "evaluation_config", "load_config",
-             "save_config", "with_overrides")}}
+_LAZY = {
+    "stage_starts": "checks",
+    "config_class": "compose",
+    "FieldDoc": "describe",
+    "explain": "describe",
+    "format_explain": "describe",
+    **{
+        name: "loading"
+        for name in (
+            "apply_override",
+            "config_from_dict",
+            "config_to_dict",
+            "config_yaml",
+            "evaluation_config",
+            "load_config",
+            "save_config",
+            "with_overrides",
+        )
+    },
+}
 
 
 __getattr__ = lazy_exports(__name__, _LAZY)
 
-__all__ = ["BACKBONE_COMPONENTS", "BackboneConfig", "CacheConfig", "Config", "DataConfig", "EarlyStoppingConfig",
-           "EvalConfig", "FieldDoc", "FsdpConfig", "OptimConfig", "StageConfig", "SyntheticConfig", "TrainConfig",
-           "apply_override", "config_class", "config_from_dict", "config_to_dict", "config_yaml", "evaluation_config",
-           "explain", "format_explain", "key_bounds", "load_config", "save_config", "setting", "stage_starts",
-           "with_overrides"]
+__all__ = [
+    "BACKBONE_COMPONENTS",
+    "BackboneConfig",
+    "CacheConfig",
+    "Config",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "EvalConfig",
+    "FieldDoc",
+    "FsdpConfig",
+    "OptimConfig",
+    "StageConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "apply_override",
+    "config_class",
+    "config_from_dict",
+    "config_to_dict",
+    "config_yaml",
+    "evaluation_config",
+    "explain",
+    "format_explain",
+    "key_bounds",
+    "load_config",
+    "save_config",
+    "setting",
+    "stage_starts",
+    "with_overrides",
+]

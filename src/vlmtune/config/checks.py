@@ -45,26 +45,38 @@ def resolve_losses(task: type[Task], given: dict[str, float]) -> dict[str, float
     registered is an error naming it and the choices."""
     defaults = task.losses.defaults()
     for name in given:
-        need(name in defaults, f"loss.{name}",
-             f"not a loss of the {task.name} task; choose from {', '.join(defaults) or 'none'}")
+        need(name in defaults, f"loss.{name}", f"not a loss of the {task.name} task; choose from {', '.join(defaults) or 'none'}")
     return {**defaults, **given}
 
 
 def _check_engine(cfg: Config) -> None:
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers in [0, 1)")
-    need(cfg.train.num_threads is None or cfg.train.num_threads >= 0, "train.num_threads",
-         f"must be >= 1 (or 0 / null: PyTorch's default), got {cfg.train.num_threads}")
-    need(cfg.train.init_from is None or cfg.train.init_from.strip() != "", "train.init_from",
-         "must name a checkpoint folder (or be null)")
-    need(0 < len(cfg.eval.ks) <= 100, "eval.ks",
-         f"must be 1 to 100 integers between 1 and 100000000, got {short(cfg.eval.ks, 60)}")
+    need(
+        cfg.train.num_threads is None or cfg.train.num_threads >= 0,
+        "train.num_threads",
+        f"must be >= 1 (or 0 / null: PyTorch's default), got {cfg.train.num_threads}",
+    )
+    need(
+        cfg.train.init_from is None or cfg.train.init_from.strip() != "",
+        "train.init_from",
+        "must name a checkpoint folder (or be null)",
+    )
+    need(
+        0 < len(cfg.eval.ks) <= 100, "eval.ks", f"must be 1 to 100 integers between 1 and 100000000, got {short(cfg.eval.ks, 60)}"
+    )
     bb = cfg.backbone
     need(bb.tiny_image_size % 16 == 0, "backbone.tiny_image_size", f"must be a multiple of 16, got {bb.tiny_image_size}")
     # The tiny preset has hidden/16 attention heads and half as many key-value heads: 16 or a multiple of 32.
-    need(bb.tiny_hidden_size == 16 or bb.tiny_hidden_size % 32 == 0, "backbone.tiny_hidden_size",
-         f"must be 16 or a multiple of 32, got {bb.tiny_hidden_size}")
-    need(cfg.data.format in format_names(), "data.format",
-         f"{short(cfg.data.format)} is not one of {', '.join(map(repr, format_names()))}")
+    need(
+        bb.tiny_hidden_size == 16 or bb.tiny_hidden_size % 32 == 0,
+        "backbone.tiny_hidden_size",
+        f"must be 16 or a multiple of 32, got {bb.tiny_hidden_size}",
+    )
+    need(
+        cfg.data.format in format_names(),
+        "data.format",
+        f"{short(cfg.data.format)} is not one of {', '.join(map(repr, format_names()))}",
+    )
 
 
 def _check_stages(cfg: Config, task: type[Task]) -> None:
@@ -81,9 +93,12 @@ def _check_stages(cfg: Config, task: type[Task]) -> None:
             need(comp in components, f"{key}.train.{comp}", f"unknown component; choose from {', '.join(components)}")
             # Training a backbone component the task's model never reads would count as
             # trainable and never change (retrieval never runs the projector into the LM).
-            need(comp in used or comp not in BACKBONE_COMPONENTS, f"{key}.train.{comp}",
-                 f"the {cfg.task} task never uses the backbone's {comp} (it would count as trainable and never change); "
-                 f"choose from {', '.join(tuple(task.components) + used)}")
+            need(
+                comp in used or comp not in BACKBONE_COMPONENTS,
+                f"{key}.train.{comp}",
+                f"the {cfg.task} task never uses the backbone's {comp} (it would count as trainable and never change); "
+                f"choose from {', '.join(tuple(task.components) + used)}",
+            )
             need(mult > 0, f"{key}.train.{comp}", f"LR multiplier must be > 0, got {mult}")
         if "vision_blocks" in st.train:
             need(st.vision_blocks >= 1, f"{key}.vision_blocks", "must be >= 1 when the 'vision_blocks' component trains")
@@ -112,16 +127,22 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
             continue
         prev, prev_st = starts[-1], stages[i - 1]
         if st.start_epoch is None and st.start is None:
-            raise ConfigError(f"{key}.start_epoch: missing; give start_epoch (an epoch, 0-based) or start "
-                              f"(a fraction of train.epochs, e.g. 0.25)")
+            raise ConfigError(
+                f"{key}.start_epoch: missing; give start_epoch (an epoch, 0-based) or start "
+                f"(a fraction of train.epochs, e.g. 0.25)"
+            )
         if st.start_epoch is not None:
             if st.start_epoch <= prev:
-                where = (f"stages[{i - 1}].start_epoch ({prev})" if prev_st.start is None
-                         else f"stages[{i - 1}]'s first epoch ({prev}, from start={prev_st.start:g})")
+                where = (
+                    f"stages[{i - 1}].start_epoch ({prev})"
+                    if prev_st.start is None
+                    else f"stages[{i - 1}]'s first epoch ({prev}, from start={prev_st.start:g})"
+                )
                 raise ConfigError(f"{key}.start_epoch: must be after {where}")
             if st.start_epoch >= epochs:
-                raise ConfigError(f"{key}.start_epoch: {st.start_epoch} is not before train.epochs ({epochs}); "
-                                  f"the stage would never run")
+                raise ConfigError(
+                    f"{key}.start_epoch: {st.start_epoch} is not before train.epochs ({epochs}); the stage would never run"
+                )
             starts.append(st.start_epoch)
             continue
         frac = float(st.start)  # type: ignore[arg-type]
@@ -131,7 +152,9 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
             raise ConfigError(f"{key}.start: must be above stages[{i - 1}].start ({prev_st.start:g}), got {frac:g}")
         epoch = max(math.floor(frac * epochs + 0.5), prev + 1)
         if epoch >= epochs:
-            raise ConfigError(f"{key}.start: {frac:g} of train.epochs ({epochs}) gives epoch {epoch}, which is not before "
-                              f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})")
+            raise ConfigError(
+                f"{key}.start: {frac:g} of train.epochs ({epochs}) gives epoch {epoch}, which is not before "
+                f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})"
+            )
         starts.append(epoch)
     return starts

@@ -46,7 +46,11 @@ def config_class() -> type[Config]:
             doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
             fields.append((key, cls, setting(cls(), " ".join(doc.split()) or f"Settings of the {key} section.")))
         _COMPOSED[snapshot] = dataclasses.make_dataclass(
-            "Config", fields, bases=(Config,), namespace={"__post_init__": _post_init, "__doc__": Config.__doc__, "__module__": __name__})
+            "Config",
+            fields,
+            bases=(Config,),
+            namespace={"__post_init__": _post_init, "__doc__": Config.__doc__, "__module__": __name__},
+        )
     return _COMPOSED[snapshot]
 
 

@@ -73,7 +73,9 @@ def _with_losses(docs: list[FieldDoc]) -> list[FieldDoc]:
     for task in TASKS:
         losses = task_class(task).losses
         helps = losses.help()
-        rows += [FieldDoc(f"loss.{name}", "float", weight, f"{task}: {helps[name]}") for name, weight in losses.defaults().items()]
+        rows += [
+            FieldDoc(f"loss.{name}", "float", weight, f"{task}: {helps[name]}") for name, weight in losses.defaults().items()
+        ]
     return docs[:at] + rows + docs[at:]
 
 
@@ -84,8 +86,10 @@ def explain(section: str | None = None) -> list[FieldDoc]:
     ``stages.1`` / ``stages[1]``, shown as ``stages[N]``), or one key such as ``optim.lr``.
     """
     cls = config_class()
-    docs = [d if d.key != "train.early_stopping.metric" else dataclasses.replace(d, default=None)
-            for d in _with_losses(_field_docs(cls, cls(), ""))]
+    docs = [
+        d if d.key != "train.early_stopping.metric" else dataclasses.replace(d, default=None)
+        for d in _with_losses(_field_docs(cls, cls(), ""))
+    ]
     if not section:
         return docs
     want = re.sub(r"\.(\d+)(?=\.|$)|\[(\d+|N)\]", "[N]", section.strip())
@@ -105,6 +109,7 @@ def _yaml_text(value: Any) -> str:
 def format_explain(docs: list[FieldDoc], width: int = 88) -> str:
     """``key: type = default`` per key with its help wrapped and indented below it; a
     blank line where a section starts or ends."""
+
     def parent(key: str) -> str:
         return key.rsplit(".", 1)[0] if "." in key else ""
 

@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, **kw: Any) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    **kw: Any,
+) -> Any:
     """A config field: its default, its help text and (numbers, lists of numbers) its
     bounds ``low`` / ``high``, inclusive unless ``low_open`` / ``high_open``. ``None``
     values of an optional field are not bounded. Mutable defaults go through a factory."""

@@ -97,7 +97,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = set(difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)) | {n for n in names if n.startswith(str(k)[:3])}
+            close = set(difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)) | {
+                n for n in names if n.startswith(str(k)[:3])
+            }
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
         kwargs[k] = _coerce(v, hints[k], key)
@@ -164,8 +166,10 @@ def with_overrides(cfg: Config, overrides: list[str] | None, sections: tuple[str
             raise ConfigError(f"{ov}: overrides look like key.sub=value")
         key = ov.split("=", 1)[0].strip()
         if key.split(".", 1)[0] not in sections or "." not in key:
-            raise ConfigError(f"{key}: cannot be set for {what}; only {', '.join(s + '.*' for s in sections)} keys can "
-                              f"(the rest comes from the checkpoint's training config)")
+            raise ConfigError(
+                f"{key}: cannot be set for {what}; only {', '.join(s + '.*' for s in sections)} keys can "
+                f"(the rest comes from the checkpoint's training config)"
+            )
         apply_override(data, ov)
     return config_from_dict(data)
 
@@ -188,8 +192,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
                 if key in first:
-                    raise ConfigError(f"line {line}: key {short(key)} appears twice in one mapping "
-                                      f"(first on line {first[key]})")
+                    raise ConfigError(f"line {line}: key {short(key)} appears twice in one mapping (first on line {first[key]})")
                 first[key] = line
             except TypeError:  # unhashable: the base class reports it
                 pass

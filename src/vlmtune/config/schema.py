@@ -20,15 +20,28 @@ BACKBONE_COMPONENTS = ("vision_blocks", "vision_tower", "mm_projector", "languag
 
 @dataclass
 class BackboneConfig:
-    name_or_path: str = setting("tiny", "Hub id (e.g. OpenGVLab/InternVL3-1B-hf), a local folder, or a random-weight preset: 'tiny' (the embedded default) or 'internvl3-1b-shapes' (the real model's sizes, for benchmarks).")
+    name_or_path: str = setting(
+        "tiny",
+        "Hub id (e.g. OpenGVLab/InternVL3-1B-hf), a local folder, or a random-weight preset: 'tiny' (the embedded default) or 'internvl3-1b-shapes' (the real model's sizes, for benchmarks).",
+    )
     trust_remote_code: bool = setting(False, "Allow code shipped with the model to run. Off unless you ask.")
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) to load.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "Weights dtype of the frozen backbone; auto = bfloat16 on GPU, float32 on CPU.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting("auto", "Attention kernel; auto = sdpa. flash_attention_2 falls back to sdpa with a warning where it is not installed.")
-    vision_pooling: Literal["cls", "mean"] = setting("mean", "Pool vision tokens by the CLS token or the mean of the patch tokens.")
-    text_pooling: Literal["last", "mean"] = setting("mean", "Pool text tokens by the last non-pad token or the masked mean (never token 0 of a causal LM).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "Weights dtype of the frozen backbone; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
+        "auto", "Attention kernel; auto = sdpa. flash_attention_2 falls back to sdpa with a warning where it is not installed."
+    )
+    vision_pooling: Literal["cls", "mean"] = setting(
+        "mean", "Pool vision tokens by the CLS token or the mean of the patch tokens."
+    )
+    text_pooling: Literal["last", "mean"] = setting(
+        "mean", "Pool text tokens by the last non-pad token or the masked mean (never token 0 of a causal LM)."
+    )
     max_text_tokens: int = setting(48, "Captions are truncated to this many tokens.", low=2, high=65536)
-    gradient_checkpointing: bool = setting(False, "Recompute activations of the trained tower blocks in the backward pass (saves memory).")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations of the trained tower blocks in the backward pass (saves memory)."
+    )
     tiny_image_size: int = setting(64, "Tile size of the tiny preset.", low=16, high=1024)
     tiny_hidden_size: int = setting(64, "Hidden size of the tiny preset's vision tower and language model.", low=8, high=4096)
     tiny_layers: int = setting(2, "Layers of the tiny preset's vision tower and language model.", low=1, high=64)
@@ -49,23 +62,49 @@ class DataConfig:
     synthetic: SyntheticConfig = setting(SyntheticConfig(), "Settings of the generated data set when no files are given.")
     synthetic_dir: str | None = setting(None, "Where to write the generated data set; default: <output_dir>/data.")
     num_workers: int = setting(0, "DataLoader worker processes.", low=0, high=1024)
-    on_error: Literal["raise", "skip"] = setting("raise", "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.")
-    max_text_chars: int = setting(1000, "Longest caption, question or answer, in characters; longer ones are bad records.", low=1, high=10**6)
-    image_root: str | None = setting(None, "Folder image paths resolve against (e.g. COCO's val2014/, Flickr30k's flickr30k-images/); default: the annotation file's folder. Images must stay inside it (.., absolute paths and symlinks out of it are refused).")
-    format: str = setting("auto", "Annotation format; auto detects it from the file's shape and logs which. See README 'Your data'.")
-    box_tolerance_px: float = setting(0.0, "Boxes that overrun the image by at most this many pixels are clipped to it (and counted in the log); beyond it they are bad records.", low=0)
-    duplicates: Literal["error", "keep", "drop"] = setting("error", "Records repeating an earlier one (same image and text, and box): error, keep them, or drop them (counted in the log). RefCOCO repeats short expressions legitimately.")
+    on_error: Literal["raise", "skip"] = setting(
+        "raise",
+        "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.",
+    )
+    max_text_chars: int = setting(
+        1000, "Longest caption, question or answer, in characters; longer ones are bad records.", low=1, high=10**6
+    )
+    image_root: str | None = setting(
+        None,
+        "Folder image paths resolve against (e.g. COCO's val2014/, Flickr30k's flickr30k-images/); default: the annotation file's folder. Images must stay inside it (.., absolute paths and symlinks out of it are refused).",
+    )
+    format: str = setting(
+        "auto", "Annotation format; auto detects it from the file's shape and logs which. See README 'Your data'."
+    )
+    box_tolerance_px: float = setting(
+        0.0,
+        "Boxes that overrun the image by at most this many pixels are clipped to it (and counted in the log); beyond it they are bad records.",
+        low=0,
+    )
+    duplicates: Literal["error", "keep", "drop"] = setting(
+        "error",
+        "Records repeating an earlier one (same image and text, and box): error, keep them, or drop them (counted in the log). RefCOCO repeats short expressions legitimately.",
+    )
 
 
 @dataclass
 class StageConfig:
     name: str = setting("stage", "Name shown in logs.")
-    start_epoch: int | None = setting(None, "First epoch (0-based) of this stage. Give this or 'start', not both; the first stage starts at 0 (its default).", low=0)
-    start: float | None = setting(None, "First epoch of this stage as a fraction of train.epochs, in [0, 1): epoch = round(start * train.epochs) "
-                             "(halves round up), and at least the previous stage's first epoch + 1, so a shorter run keeps every stage. "
-                             "Give this or 'start_epoch', not both; a command-line override of one replaces the other.")
+    start_epoch: int | None = setting(
+        None,
+        "First epoch (0-based) of this stage. Give this or 'start', not both; the first stage starts at 0 (its default).",
+        low=0,
+    )
+    start: float | None = setting(
+        None,
+        "First epoch of this stage as a fraction of train.epochs, in [0, 1): epoch = round(start * train.epochs) "
+        "(halves round up), and at least the previous stage's first epoch + 1, so a shorter run keeps every stage. "
+        "Give this or 'start_epoch', not both; a command-line override of one replaces the other.",
+    )
     train: dict[str, float] = setting({}, "Components that train in this stage, each with its LR multiplier.")
-    vision_blocks: int = setting(0, "How many of the vision tower's LAST blocks the 'vision_blocks' component unfreezes.", low=0, high=1000)
+    vision_blocks: int = setting(
+        0, "How many of the vision tower's LAST blocks the 'vision_blocks' component unfreezes.", low=0, high=1000
+    )
     losses: list[str] | None = setting(None, "Loss terms active in this stage (default: all with weight > 0).")
 
 
@@ -80,7 +119,10 @@ class OptimConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: str | None = setting(None, "Validation metric that picks the best checkpoint; null: the task's default (retrieval/mean_recall, count/accuracy, ...: see its default_metric), written out in the run's config.yaml.")
+    metric: str | None = setting(
+        None,
+        "Validation metric that picks the best checkpoint; null: the task's default (retrieval/mean_recall, count/accuracy, ...: see its default_metric), written out in the run's config.yaml.",
+    )
     mode: Literal["max", "min"] = setting("max", "Whether larger or smaller is better.")
     patience: int = setting(0, "Stop after this many evaluations without improvement; 0 never stops early.", low=0, high=100000)
     min_delta: float = setting(0.0, "Smallest change that counts as an improvement.")
@@ -88,15 +130,27 @@ class EarlyStoppingConfig:
 
 @dataclass
 class FsdpConfig:
-    enabled: bool = setting(False, "Shard the model with FSDP2 (PyTorch fully_shard) over the processes of a distributed launch (torchrun or "
-                       "accelerate launch): each process holds 1/N of every weight, gradient and optimizer state. Also on when an "
-                       "Accelerate config file says distributed_type: FSDP (its fsdp_config then applies; these keys win when enabled).")
-    reshard_after_forward: bool = setting(True, "Free a block's gathered weights after its forward and gather them again for its backward "
-                                     "(least memory); false keeps them from forward to backward (one all-gather less per block).")
-    cpu_offload: bool = setting(False, "Keep the sharded weights, gradients and optimizer state in CPU memory, moved to the GPU per block "
-                           "(much less GPU memory, slower steps).")
-    wrap: list[str] | None = setting(None, "Module class names that become their own FSDP unit; null = the backbone's transformer blocks "
-                                "(transformers' _no_split_modules: InternVLVisionLayer, Qwen2DecoderLayer, ...).")
+    enabled: bool = setting(
+        False,
+        "Shard the model with FSDP2 (PyTorch fully_shard) over the processes of a distributed launch (torchrun or "
+        "accelerate launch): each process holds 1/N of every weight, gradient and optimizer state. Also on when an "
+        "Accelerate config file says distributed_type: FSDP (its fsdp_config then applies; these keys win when enabled).",
+    )
+    reshard_after_forward: bool = setting(
+        True,
+        "Free a block's gathered weights after its forward and gather them again for its backward "
+        "(least memory); false keeps them from forward to backward (one all-gather less per block).",
+    )
+    cpu_offload: bool = setting(
+        False,
+        "Keep the sharded weights, gradients and optimizer state in CPU memory, moved to the GPU per block "
+        "(much less GPU memory, slower steps).",
+    )
+    wrap: list[str] | None = setting(
+        None,
+        "Module class names that become their own FSDP unit; null = the backbone's transformer blocks "
+        "(transformers' _no_split_modules: InternVLVisionLayer, Qwen2DecoderLayer, ...).",
+    )
 
 
 @dataclass
@@ -108,13 +162,29 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = setting(EarlyStoppingConfig(), "Early stopping on a validation metric.")
     log_every: int = setting(10, "Write a history line every N optimizer steps.", low=1, high=10**9)
     progress: bool = setting(True, "Show a progress bar.")
-    keep_last: int = setting(1, "Checkpoints to keep: checkpoints/last is the newest, last-1, last-2, ... the ones before it (1 = last only).", low=1, high=1000)
-    max_bad_steps: int = setting(5, "A step whose loss is NaN or infinite is skipped (and counted); after this many in a row the run stops with a checkpoint.", low=1, high=10**9)
-    num_threads: int | None = setting(None, "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
-                                 "On a shared or small CPU, 1 is often much faster than the default.")
+    keep_last: int = setting(
+        1,
+        "Checkpoints to keep: checkpoints/last is the newest, last-1, last-2, ... the ones before it (1 = last only).",
+        low=1,
+        high=1000,
+    )
+    max_bad_steps: int = setting(
+        5,
+        "A step whose loss is NaN or infinite is skipped (and counted); after this many in a row the run stops with a checkpoint.",
+        low=1,
+        high=10**9,
+    )
+    num_threads: int | None = setting(
+        None,
+        "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
+        "On a shared or small CPU, 1 is often much faster than the default.",
+    )
     fsdp: FsdpConfig = setting(FsdpConfig(), "FSDP2 sharding of the model across processes (see README: Many GPUs).")
-    init_from: str | None = setting(None, "Warm start: a checkpoint of another run whose trained weights this run starts from (fresh schedule and history; "
-                               "set by 'vlmtune train --init-from CKPT'). Checked against the backbone and the model's shapes; --resume re-checks it.")
+    init_from: str | None = setting(
+        None,
+        "Warm start: a checkpoint of another run whose trained weights this run starts from (fresh schedule and history; "
+        "set by 'vlmtune train --init-from CKPT'). Checked against the backbone and the model's shapes; --resume re-checks it.",
+    )
 
 
 @dataclass
@@ -123,14 +193,22 @@ class EvalConfig:
     ks: list[int] = setting([1, 5, 10], "K values of recall@K.", low=1, high=10**8)
     chunk_size: int = setting(4096, "Block size of the chunked similarity (bounds memory).", low=1, high=10**8)
     rerank_k: int = setting(0, "Re-rank the contrastive top-k with the matching head; 0 turns it off.", low=0, high=10**6)
-    search: Literal["chunked", "faiss"] = setting("chunked", "Top-k search: chunked similarity with a running top-k, or an exact FAISS index (pip install faiss-cpu).")
+    search: Literal["chunked", "faiss"] = setting(
+        "chunked", "Top-k search: chunked similarity with a running top-k, or an exact FAISS index (pip install faiss-cpu)."
+    )
 
 
 @dataclass
 class CacheConfig:
-    enabled: bool = setting(True, "Cache a frozen tower's outputs (computed once, memory-mapped on disk) while a stage keeps it frozen.")
-    dir: str | None = setting(None, "Cache folder; default <output_dir>/cache. A shared folder lets runs reuse each other's features.")
-    dtype: Literal["float32", "float16"] = setting("float32", "Storage type of cached features (float16 halves the disk and memory).")
+    enabled: bool = setting(
+        True, "Cache a frozen tower's outputs (computed once, memory-mapped on disk) while a stage keeps it frozen."
+    )
+    dir: str | None = setting(
+        None, "Cache folder; default <output_dir>/cache. A shared folder lets runs reuse each other's features."
+    )
+    dtype: Literal["float32", "float16"] = setting(
+        "float32", "Storage type of cached features (float16 halves the disk and memory)."
+    )
 
 
 @dataclass
@@ -144,10 +222,16 @@ class Config:
     seed: int = setting(0, "Seed of everything random in a run.", low=0, high=2**32 - 1)
     backbone: BackboneConfig = setting(BackboneConfig(), "The frozen vision-language model.")
     data: DataConfig = setting(DataConfig(), "Annotation files or the synthetic set.")
-    loss: dict[str, float] = setting({}, "Loss weights by name, the run's task's registered losses (see 'vlmtune config explain "
-                                     "loss'); a loss left out keeps its default weight, and the resolved mapping is written "
-                                     "out in the run's config.yaml.", low=0)
-    stages: list[StageConfig] = setting([StageConfig(name="all", start_epoch=0, train={"adapters": 1.0, "heads": 1.0})], "The stage plan.")
+    loss: dict[str, float] = setting(
+        {},
+        "Loss weights by name, the run's task's registered losses (see 'vlmtune config explain "
+        "loss'); a loss left out keeps its default weight, and the resolved mapping is written "
+        "out in the run's config.yaml.",
+        low=0,
+    )
+    stages: list[StageConfig] = setting(
+        [StageConfig(name="all", start_epoch=0, train={"adapters": 1.0, "heads": 1.0})], "The stage plan."
+    )
     optim: OptimConfig = setting(OptimConfig(), "Optimizer and schedule.")
     train: TrainConfig = setting(TrainConfig(), "Training loop.")
     eval: EvalConfig = setting(EvalConfig(), "Evaluation.")

@@ -61,6 +61,7 @@ def namespace_id(namespace: dict[str, Any]) -> str:
 # What a namespace holds of the backbone besides its identity: the weights, which a
 # stage may have trained, and the preprocessing.
 
+
 def vision_fingerprint(backbone: Backbone) -> str:
     """sha256 of the vision tower's current weights (cache keys must change when a
     stage has trained it, which the architecture hash alone would not show)."""
@@ -87,7 +88,12 @@ def text_fingerprint(backbone: Backbone) -> str:
 def preprocess_signature(processor: Any) -> dict[str, Any]:
     """The image processor's settings that decide the pixels a tower sees."""
     p = processor
-    return {"size": dict(p.size) if p.size else None, "mean": list(p.image_mean), "std": list(p.image_std), "resample": str(p.resample)}
+    return {
+        "size": dict(p.size) if p.size else None,
+        "mean": list(p.image_mean),
+        "std": list(p.image_std),
+        "resample": str(p.resample),
+    }
 
 
 # module -> (tensor versions, digest); forgotten with the module.
@@ -178,13 +184,21 @@ class FeatureStore:
             return
         try:
             raw = json.loads(path.read_text())
-            ok = (isinstance(raw, dict) and raw.get("version") == INDEX_VERSION and isinstance(raw.get("rows"), dict)
-                  and isinstance(raw.get("sha256"), list))
+            ok = (
+                isinstance(raw, dict)
+                and raw.get("version") == INDEX_VERSION
+                and isinstance(raw.get("rows"), dict)
+                and isinstance(raw.get("sha256"), list)
+            )
             rows, digests = (raw["rows"], raw["sha256"]) if ok else ({}, [])
             n = len(digests)
-            ok = ok and all(isinstance(d, str) and len(d) == 64 for d in digests) and all(
-                isinstance(k, str) and isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n
-                for k, r in rows.items())
+            ok = (
+                ok
+                and all(isinstance(d, str) and len(d) == 64 for d in digests)
+                and all(
+                    isinstance(k, str) and isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for k, r in rows.items()
+                )
+            )
         except (OSError, ValueError, RecursionError):
             ok = False
         if not ok:
@@ -284,11 +298,19 @@ class FeatureStore:
         a write to a mapped page is a SIGBUS, not an error)."""
         free = shutil.disk_usage(self.dir).free
         if free < nbytes + _SPACE_MARGIN:
-            raise VlmtuneError(f"feature cache {self.dir}: needs {nbytes + _SPACE_MARGIN} bytes, only {free} free on "
-                               f"its disk; free space, point cache.dir elsewhere or set cache.enabled=false")
+            raise VlmtuneError(
+                f"feature cache {self.dir}: needs {nbytes + _SPACE_MARGIN} bytes, only {free} free on "
+                f"its disk; free space, point cache.dir elsewhere or set cache.enabled=false"
+            )
 
-    def ensure(self, keys: Sequence[str], compute: Callable[[list[str]], np.ndarray], batch_size: int,
-               dtype: str = "float32", progress: Callable[[int], Any] | None = None) -> int:
+    def ensure(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[str]], np.ndarray],
+        batch_size: int,
+        dtype: str = "float32",
+        progress: Callable[[int], Any] | None = None,
+    ) -> int:
         """Compute and store the rows of ``keys`` not yet in the store; returns how many.
 
         The rows of ``keys`` already stored are checked first (once per process); a
@@ -317,9 +339,9 @@ class FeatureStore:
         index, digests = dict(self.index), list(self._digests)
         row = old_rows
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             arr = first if start == 0 else np.asarray(compute(batch))
-            out[row:row + len(batch)] = arr
+            out[row : row + len(batch)] = arr
             for k in batch:
                 index[k] = row
                 digests.append(_row_digest(k, out[row]))
@@ -342,8 +364,10 @@ class FeatureStore:
         row = self.index[key]
         ok = self._ok if self._ok is not None and self._data is not None else self._verified()
         if row not in ok and self._bad_rows([key]):
-            raise CacheCorrupt(f"feature cache {self.dir}: row {row} does not match its sha256 (the cache changed "
-                               f"while in use); run the command again to rebuild it")
+            raise CacheCorrupt(
+                f"feature cache {self.dir}: row {row} does not match its sha256 (the cache changed "
+                f"while in use); run the command again to rebuild it"
+            )
         return self.data[row]
 
     def __contains__(self, key: str) -> bool:
@@ -366,5 +390,7 @@ def _reserve(path: Path, where: Path) -> None:
         if e.errno != errno.ENOSPC:
             return  # EOPNOTSUPP, EINVAL: the file system cannot reserve; the free-space check stands
         path.unlink(missing_ok=True)
-        raise VlmtuneError(f"feature cache {where}: no space left on its disk for {size} bytes of features; free "
-                           f"space, point cache.dir elsewhere or set cache.enabled=false") from None
+        raise VlmtuneError(
+            f"feature cache {where}: no space left on its disk for {size} bytes of features; free "
+            f"space, point cache.dir elsewhere or set cache.enabled=false"
+        ) from None

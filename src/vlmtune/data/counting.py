@@ -137,8 +137,7 @@ def num_tiles(processor: Any, width: int, height: int, max_tiles: int) -> int:
     """How many tiles :func:`~vlmtune.backbone.preprocess_images` cuts a ``width`` x
     ``height`` image into (grid tiles, plus the thumbnail when there is more than one),
     by the processor's own rule, from the size alone (no pixels)."""
-    return int(processor.get_number_of_image_patches(
-        height, width, {"crop_to_patches": max_tiles > 1, "max_patches": max_tiles}))
+    return int(processor.get_number_of_image_patches(height, width, {"crop_to_patches": max_tiles > 1, "max_patches": max_tiles}))
 
 
 def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,8 +37,7 @@ def data_digests(paths: dict[str, str]) -> dict[str, str]:
     return {split: digests[path] for split, path in paths.items() if path in digests}
 
 
-def check_data_unchanged(saved: dict[str, str], now: dict[str, str], paths: dict[str, str], *,
-                         accept: bool, run: str) -> None:
+def check_data_unchanged(saved: dict[str, str], now: dict[str, str], paths: dict[str, str], *, accept: bool, run: str) -> None:
     """Refuse a resume whose data files differ from those the run started with.
 
     ``saved``: the digests the checkpoint recorded; ``now``: the files' digests today;
@@ -51,9 +50,11 @@ def check_data_unchanged(saved: dict[str, str], now: dict[str, str], paths: dict
     names = ", ".join(f"{s} ({paths.get(s, '?')})" for s in changed)
     if not accept:
         also = f"; also changed: {', '.join(changed[1:])}" if len(changed) > 1 else ""
-        raise DataError(f"{paths.get(changed[0], changed[0])}: the {changed[0]} data file changed since the run in "
-                        f"{run} started (its sha256 differs{also}); pass --accept-changed-data to continue on the "
-                        f"new data")
+        raise DataError(
+            f"{paths.get(changed[0], changed[0])}: the {changed[0]} data file changed since the run in "
+            f"{run} started (its sha256 differs{also}); pass --accept-changed-data to continue on the "
+            f"new data"
+        )
     log.warning("--accept-changed-data: continuing %s on changed data: %s", run, names)
 
 
@@ -78,7 +79,7 @@ def split_overlaps(records: Mapping[str, Iterable[Any]]) -> list[tuple[str, str,
     recs = {s: {_record_key(r) for r in kept[s]} for s in names}
     out = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             n_img, n_rec = len(images[a] & images[b]), len(recs[a] & recs[b])
             if n_img or n_rec:
                 out.append((a, b, n_img, n_rec))
@@ -89,7 +90,9 @@ def warn_overlaps(records: Mapping[str, Iterable[Any]], paths: Mapping[str, str]
     """Log one warning per pair of overlapping splits; returns the messages."""
     messages = []
     for a, b, n_img, n_rec in split_overlaps(records):
-        messages.append(f"the {a} and {b} splits overlap: {n_img} shared images, {n_rec} identical records "
-                        f"({paths.get(a, a)} and {paths.get(b, b)}); metrics on {b} will be optimistic")
+        messages.append(
+            f"the {a} and {b} splits overlap: {n_img} shared images, {n_rec} identical records "
+            f"({paths.get(a, a)} and {paths.get(b, b)}); metrics on {b} will be optimistic"
+        )
         log.warning(messages[-1])
     return messages

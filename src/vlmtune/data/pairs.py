@@ -24,9 +24,15 @@ class PairDataset(Dataset):
     entering that block): items carry it as ``vision_hidden``.
     """
 
-    def __init__(self, records: list[PairRecord], store: FeatureStore | None = None,
-                 keys: dict[Any, str] | None = None, sizes: dict[Any, tuple[int, int]] | None = None,
-                 text_store: FeatureStore | None = None, vision_start: int | None = None):
+    def __init__(
+        self,
+        records: list[PairRecord],
+        store: FeatureStore | None = None,
+        keys: dict[Any, str] | None = None,
+        sizes: dict[Any, tuple[int, int]] | None = None,
+        text_store: FeatureStore | None = None,
+        vision_start: int | None = None,
+    ):
         if vision_start is not None and store is None:
             raise ValueError("vision_start needs the store of that prefix")
         self.records = records
@@ -42,8 +48,13 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
         # The relation head reads the caption with its relation phrase masked.
-        item: dict[str, Any] = {"index": i, "text": r.text, "rel_text": mask_relation(r.text), "image_id": r.image_id,
-                                "relation": -1 if r.relation is None else r.relation}
+        item: dict[str, Any] = {
+            "index": i,
+            "text": r.text,
+            "rel_text": mask_relation(r.text),
+            "image_id": r.image_id,
+            "relation": -1 if r.relation is None else r.relation,
+        }
         if self.store is not None:
             row = torch.from_numpy(self.store.get(self.keys[r.image]).astype("float32"))
             if self.vision_start is None:
@@ -57,8 +68,7 @@ class PairDataset(Dataset):
             w, h = image.size
         if self.text_store is not None:
             item["text_hidden"] = torch.from_numpy(self.text_store.get(text_key(r.text)).astype("float32"))
-            item["rel_text_hidden"] = torch.from_numpy(
-                self.text_store.get(text_key(item["rel_text"])).astype("float32"))
+            item["rel_text_hidden"] = torch.from_numpy(self.text_store.get(text_key(item["rel_text"])).astype("float32"))
         if r.bbox is not None:
             x, y, bw, bh = r.bbox
             item["box"] = torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)

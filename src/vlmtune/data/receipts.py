@@ -33,13 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from vlmtune.runfolder import claim_generated, finish_generated
 from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 
-__all__ = [
-    "ANSWER_TEMPLATES",
-    "MAX_HIDDEN_FRACTION",
-    "QUESTIONS",
-    "bucket_count",
-    "generate_receipts",
-]
+__all__ = ["ANSWER_TEMPLATES", "MAX_HIDDEN_FRACTION", "QUESTIONS", "bucket_count", "generate_receipts"]
 
 # The questions and answers (counts >= 1 as digits, zero as "no": one consistent style
 # that vlmtune.metrics.text.parse_count reads back) are the counting templates' defaults
@@ -51,12 +45,38 @@ MAX_HIDDEN_FRACTION = 0.3
 """At most this fraction of any receipt's area is covered by receipts drawn above it."""
 
 _SHOPS = (
-    "FRESH MART", "CORNER SHOP", "CITY DELI", "GREEN GROCER", "BOOK NOOK", "CAFE LUNA",
-    "HARDWARE CO", "PHARMA PLUS", "BAKERY 21", "SUPER SAVE", "THE MARKET", "FUEL STOP",
+    "FRESH MART",
+    "CORNER SHOP",
+    "CITY DELI",
+    "GREEN GROCER",
+    "BOOK NOOK",
+    "CAFE LUNA",
+    "HARDWARE CO",
+    "PHARMA PLUS",
+    "BAKERY 21",
+    "SUPER SAVE",
+    "THE MARKET",
+    "FUEL STOP",
 )
 _ITEMS = (
-    "MILK", "BREAD", "EGGS", "COFFEE", "APPLES", "RICE", "PASTA", "CHEESE", "SOAP",
-    "TEA", "BUTTER", "JUICE", "NAILS", "TAPE", "PENS", "WATER", "SUGAR", "SALT",
+    "MILK",
+    "BREAD",
+    "EGGS",
+    "COFFEE",
+    "APPLES",
+    "RICE",
+    "PASTA",
+    "CHEESE",
+    "SOAP",
+    "TEA",
+    "BUTTER",
+    "JUICE",
+    "NAILS",
+    "TAPE",
+    "PENS",
+    "WATER",
+    "SUGAR",
+    "SALT",
 )
 # Paper is drawn at this width and then resized: PIL's default font needs ~6 px a
 # character, so the text is laid out at a legible size and shrinks with the paper.
@@ -131,12 +151,9 @@ def generate_receipts(
             image.save(out / rel)
             written.append(out / rel)
             boxes[rel] = [[[round(x, 2), round(y, 2)] for x, y in q] for q in quads]
-            records.append({
-                "image": rel,
-                "question": str(rng.choice(QUESTIONS)),
-                "answer": _answer(int(count), rng),
-                "count": int(count),
-            })
+            records.append(
+                {"image": rel, "question": str(rng.choice(QUESTIONS)), "answer": _answer(int(count), rng), "count": int(count)}
+            )
             index += 1
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -153,22 +170,20 @@ def generate_receipts(
         "splits": {s: {"n": sizes[s], "count_histogram": histograms[s]} for s in sizes},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    finish_generated(out, "vlmtune.data.receipts", params,
-                     [*written, *paths.values(), out / "boxes.json", out / "meta.json"])
+    finish_generated(out, "vlmtune.data.receipts", params, [*written, *paths.values(), out / "boxes.json", out / "meta.json"])
     return paths
 
 
-def _check_arguments(n: int, max_count: int, image_size: tuple[int, int] | int,
-                     split_fractions: tuple[float, float, float]) -> tuple[int, int]:
+def _check_arguments(
+    n: int, max_count: int, image_size: tuple[int, int] | int, split_fractions: tuple[float, float, float]
+) -> tuple[int, int]:
     """(width, height) of ``image_size``, once every argument of :func:`generate_receipts` is checked."""
     width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
     if n < 0 or max_count < 0:
         raise ValueError(f"n and max_count must be >= 0, got n={n}, max_count={max_count}")
     if width < 16 or height < 16:
         raise ValueError(f"image_size must be at least 16 px a side, got {image_size}")
-    if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(
-        sum(split_fractions), 1.0, abs_tol=1e-6
-    ):
+    if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(sum(split_fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
     return width, height
 
@@ -211,12 +226,7 @@ def _render_image(
 
 
 def _try_place(
-    rng: np.random.Generator,
-    width: int,
-    height: int,
-    scale: float,
-    masks: list[np.ndarray],
-    visible: list[np.ndarray],
+    rng: np.random.Generator, width: int, height: int, scale: float, masks: list[np.ndarray], visible: list[np.ndarray]
 ) -> tuple[list[tuple[float, float]], np.ndarray, Image.Image, float] | None:
     """Propose one receipt; None when it leaves the image or hides too much of another."""
     paper = _paper(rng)
@@ -265,8 +275,12 @@ def _paste(canvas: Image.Image, paper: Image.Image, angle: float, quad: list[tup
     sx, sy = paper.width / w, paper.height / h
     cos, sin = math.cos(t), math.sin(t)
     coeffs = (
-        sx * cos, -sx * sin, paper.width / 2 - sx * (cos * cx - sin * cy),
-        sy * sin, sy * cos, paper.height / 2 - sy * (sin * cx + cos * cy),
+        sx * cos,
+        -sx * sin,
+        paper.width / 2 - sx * (cos * cx - sin * cy),
+        sy * sin,
+        sy * cos,
+        paper.height / 2 - sy * (sin * cx + cos * cy),
     )
     layer = paper.convert("RGBA").transform(canvas.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
     canvas.alpha_composite(layer)
@@ -301,8 +315,14 @@ def _paper(rng: np.random.Generator) -> Image.Image:
     return paper
 
 
-def _row(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-         y: int, left: str, right: str, ink: tuple[int, ...]) -> None:
+def _row(
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    y: int,
+    left: str,
+    right: str,
+    ink: tuple[int, ...],
+) -> None:
     draw.text((6, y), left, fill=ink, font=font)
     draw.text((_PAPER_BASE_WIDTH - 6 - draw.textlength(right, font=font), y), right, fill=ink, font=font)
 

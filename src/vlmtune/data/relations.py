@@ -25,20 +25,53 @@ RELATION_MASK = "[rel]"
 # the label.
 RELATION_PHRASES: tuple[str, ...] = (
     # left / right
-    "to the left of", "on the left of", "on the left side of", "to the left side of", "left of", "left",
-    "leftmost", "to the right of", "on the right of", "on the right side of", "to the right side of",
-    "right of", "right", "rightmost",
+    "to the left of",
+    "on the left of",
+    "on the left side of",
+    "to the left side of",
+    "left of",
+    "left",
+    "leftmost",
+    "to the right of",
+    "on the right of",
+    "on the right side of",
+    "to the right side of",
+    "right of",
+    "right",
+    "rightmost",
     # above / below
-    "on top of", "above", "over", "atop", "higher than", "up from", "top",
-    "below", "beneath", "under", "underneath", "lower than", "down from", "bottom",
+    "on top of",
+    "above",
+    "over",
+    "atop",
+    "higher than",
+    "up from",
+    "top",
+    "below",
+    "beneath",
+    "under",
+    "underneath",
+    "lower than",
+    "down from",
+    "bottom",
     # inside / outside
-    "inside of", "inside", "in", "into", "within", "enclosed by", "surrounded by",
-    "outside of", "outside", "out of", "beyond", "apart from", "away from",
+    "inside of",
+    "inside",
+    "in",
+    "into",
+    "within",
+    "enclosed by",
+    "surrounded by",
+    "outside of",
+    "outside",
+    "out of",
+    "beyond",
+    "apart from",
+    "away from",
 )
 
 _PATTERN = re.compile(
-    r"\b(?:" + "|".join(re.escape(p).replace(r"\ ", r"\s+") for p in sorted(RELATION_PHRASES, key=len, reverse=True))
-    + r")\b",
+    r"\b(?:" + "|".join(re.escape(p).replace(r"\ ", r"\s+") for p in sorted(RELATION_PHRASES, key=len, reverse=True)) + r")\b",
     re.IGNORECASE,
 )
 

@@ -74,12 +74,7 @@ class _Obj:
 
 def _overlaps(a: _Obj, b: _Obj, gap: int = 0) -> bool:
     """Whether the boxes of a and b come within ``gap`` pixels of each other."""
-    return not (
-        a.x + a.size + gap <= b.x
-        or b.x + b.size + gap <= a.x
-        or a.y + a.size + gap <= b.y
-        or b.y + b.size + gap <= a.y
-    )
+    return not (a.x + a.size + gap <= b.x or b.x + b.size + gap <= a.x or a.y + a.size + gap <= b.y or b.y + b.size + gap <= a.y)
 
 
 def _is_inside(sub: _Obj, cont: _Obj) -> bool:
@@ -113,15 +108,23 @@ def _relation(sub: _Obj, ref: _Obj) -> str | None:
 
 
 def _place(
-    rng: random.Random, size: int, lo: tuple[int, int], hi: tuple[int, int], others: list[_Obj],
-    colour: str, shape: str, gap: int, width: int = 0, small: bool = False, tries: int = 60,
+    rng: random.Random,
+    size: int,
+    lo: tuple[int, int],
+    hi: tuple[int, int],
+    others: list[_Obj],
+    colour: str,
+    shape: str,
+    gap: int,
+    width: int = 0,
+    small: bool = False,
+    tries: int = 60,
 ) -> _Obj | None:
     """Random position for a shape with its box in [lo, hi), clear of ``others``."""
     if hi[0] - size < lo[0] or hi[1] - size < lo[1]:
         return None
     for _ in range(tries):
-        obj = _Obj(colour, shape, rng.randint(lo[0], hi[0] - size),
-                   rng.randint(lo[1], hi[1] - size), size, width, small)
+        obj = _Obj(colour, shape, rng.randint(lo[0], hi[0] - size), rng.randint(lo[1], hi[1] - size), size, width, small)
         if not any(_overlaps(obj, o, gap) for o in others):
             return obj
     return None
@@ -138,8 +141,17 @@ def _layout(rng: random.Random, s: int, with_container: bool) -> list[_Obj] | No
     if with_container:
         kind = rng.choice(CONTAINERS)
         width = max(2, s // 32)
-        cont = _place(rng, rng.randint(round(0.42 * s), round(0.58 * s)), (margin, margin),
-                      (s - margin, s - margin), [], rng.choice(list(COLOURS)), kind, gap, width)
+        cont = _place(
+            rng,
+            rng.randint(round(0.42 * s), round(0.58 * s)),
+            (margin, margin),
+            (s - margin, s - margin),
+            [],
+            rng.choice(list(COLOURS)),
+            kind,
+            gap,
+            width,
+        )
         assert cont is not None
         # Interior square available to inner shapes: the frame's inside, or the square
         # inscribed in the ring's inner circle.
@@ -164,8 +176,7 @@ def _layout(rng: random.Random, s: int, with_container: bool) -> list[_Obj] | No
         n_outer = rng.randint(2, 4)
     for _ in range(n_outer):
         c, sh = combos.pop()
-        obj = _place(rng, rng.randint(small_lo, small_hi), (margin, margin),
-                     (s - margin, s - margin), objs, c, sh, gap)
+        obj = _place(rng, rng.randint(small_lo, small_hi), (margin, margin), (s - margin, s - margin), objs, c, sh, gap)
         if obj is None:
             return None
         objs.append(obj)
@@ -179,9 +190,7 @@ def _describe(obj: _Obj, rng: random.Random) -> str:
 
 
 def _caption(sub: _Obj, ref: _Obj, rel: str, rng: random.Random) -> str:
-    text = rng.choice(_TEMPLATES).format(
-        s=_describe(sub, rng), r=_describe(ref, rng), rel=rng.choice(_PHRASES[rel])
-    )
+    text = rng.choice(_TEMPLATES).format(s=_describe(sub, rng), r=_describe(ref, rng), rel=rng.choice(_PHRASES[rel]))
     # English article before a vowel ("an orange square").
     words = text.split(" ")
     for i in range(len(words) - 1):
@@ -244,9 +253,7 @@ def _draw(img: Image.Image, objs: list[_Obj], rng: random.Random) -> None:
 def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
     """Images per split; every split with a positive fraction gets at least one."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(
-            f"split_fractions must be 3 non-negative numbers summing to 1, got {fractions}"
-        )
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {fractions}")
     counts = [round(n * f) for f in fractions[:2]]
     counts.append(n - sum(counts))
     for i, f in enumerate(fractions):
@@ -304,11 +311,12 @@ def generate_scenes(
         rel_path = f"images/scene_{i:05d}.png"
         img.save(out / rel_path)
         written.append(out / rel_path)
-        records.append([
-            {"image": rel_path, "text": _caption(sub, ref, rel, rng),
-             "bbox": list(sub.box), "relation": rel}
-            for sub, ref, rel in triples
-        ])
+        records.append(
+            [
+                {"image": rel_path, "text": _caption(sub, ref, rel, rng), "bbox": list(sub.box), "relation": rel}
+                for sub, ref, rel in triples
+            ]
+        )
 
     order = list(range(n))
     random.Random(f"vlmtune.scenes.split:{seed}").shuffle(order)
@@ -316,7 +324,7 @@ def generate_scenes(
     meta_counts: dict[str, dict[str, int]] = {}
     start = 0
     for name, count in zip(("train", "val", "test"), counts):
-        idx = sorted(order[start:start + count])
+        idx = sorted(order[start : start + count])
         start += count
         split = [r for i in idx for r in records[i]]
         paths[name] = out / f"{name}.json"

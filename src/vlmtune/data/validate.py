@@ -59,8 +59,14 @@ def _kind_in(path: Path, spec: Format, opts: ReadOptions | None) -> Kind:
     return spec.kind_of(Checker(path, False, MAX_TEXT_CHARS, opts or ReadOptions()), path)
 
 
-def validate_file(path: str | Path, kind: Kind | None = None, max_count: int | None = None,
-                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None, deep: bool = True) -> Scan:
+def validate_file(
+    path: str | Path,
+    kind: Kind | None = None,
+    max_count: int | None = None,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    opts: ReadOptions | None = None,
+    deep: bool = True,
+) -> Scan:
     """Scan an annotation file with full image decoding; the scan holds every problem.
 
     A file with no records at all gets an error of its own (the readers refuse it).
@@ -95,17 +101,28 @@ def to_json(scan: Scan, kind: Kind) -> dict[str, Any]:
         return {"where": p.where, "message": p.message, "text": str(p)}
 
     return {
-        "file": str(scan.path), "kind": kind, "format": scan.format, "records": scan.n_records,
-        "bad_records": len(scan.bad_sources), "errors": [item(p) for p in scan.errors],
-        "notes": [item(p) for p in scan.notes], "counts": scan.counts, "splits": scan.splits, "summary": summary(scan),
+        "file": str(scan.path),
+        "kind": kind,
+        "format": scan.format,
+        "records": scan.n_records,
+        "bad_records": len(scan.bad_sources),
+        "errors": [item(p) for p in scan.errors],
+        "notes": [item(p) for p in scan.notes],
+        "counts": scan.counts,
+        "splits": scan.splits,
+        "summary": summary(scan),
     }
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind | None = None,
-                 feeds: Callable[[str, list[Any]], list[str]] | None = None) -> dict[str, Any]:
+def inspect_file(
+    path: str | Path,
+    opts: ReadOptions | None = None,
+    kind: Kind | None = None,
+    feeds: Callable[[str, list[Any]], list[str]] | None = None,
+) -> dict[str, Any]:
     """What a data set holds and what it can train and evaluate: format, split sizes,
     images, captions per image, boxes, relations, counts, and the losses and metrics it
     can feed. Images are checked from their headers (``data validate`` decodes them all).
@@ -117,40 +134,67 @@ def inspect_file(path: str | Path, opts: ReadOptions | None = None, kind: Kind |
     kind = kind or detect_kind(path, opts.format, opts)
     scan = validate_file(path, kind, opts=opts, deep=False)
     recs = scan.records
-    out: dict[str, Any] = {"file": str(path), "format": scan.format, "kind": kind, "records": scan.n_records,
-                           "usable": len(recs), "errors": len(scan.errors), "first_error": str(scan.errors[0]) if scan.errors else None,
-                           "splits": scan.splits, "images": len({r.image for r in recs}), "counts": scan.counts}
+    out: dict[str, Any] = {
+        "file": str(path),
+        "format": scan.format,
+        "kind": kind,
+        "records": scan.n_records,
+        "usable": len(recs),
+        "errors": len(scan.errors),
+        "first_error": str(scan.errors[0]) if scan.errors else None,
+        "splits": scan.splits,
+        "images": len({r.image for r in recs}),
+        "counts": scan.counts,
+    }
     if kind == "pairs":
         per_image = Counter(r.image for r in recs)
         boxes = sum(r.bbox is not None for r in recs)
         relations = Counter(RELATIONS[r.relation] for r in recs if r.relation is not None)
         sizes = list(per_image.values()) or [0]
-        out.update(pairs=len(recs), captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
-                   boxes=boxes, relations=dict(relations))
+        out.update(
+            pairs=len(recs),
+            captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
+            boxes=boxes,
+            relations=dict(relations),
+        )
         metrics = ["retrieval/i2t_r@k", "retrieval/t2i_r@k", "retrieval/mean_recall"]
         metrics += ["grounding/miou", "grounding/acc50", "grounding/giou", "grounding/l1"] if boxes else []
         metrics += ["spatial/accuracy", "spatial/macro_f1"] if relations else []
     else:
         hist = Counter(r.count for r in recs)
         out.update(count_histogram={str(k): hist[k] for k in sorted(hist)})
-        metrics = ["count/accuracy", "count/macro_f1", "answer/count_accuracy", "answer/parse_rate", "text/bleu1..4",
-                   "text/rouge1|2|L", "text/perplexity"]
+        metrics = [
+            "count/accuracy",
+            "count/macro_f1",
+            "answer/count_accuracy",
+            "answer/parse_rate",
+            "text/bleu1..4",
+            "text/rouge1|2|L",
+            "text/perplexity",
+        ]
     out.update(losses=feeds(kind, recs) if feeds else [], metrics=metrics)
     return out
 
 
 def format_inspect(info: dict[str, Any]) -> str:
     """The inspect report as a short two-column table."""
-    rows = [("file", info["file"]), ("format", info["format"]), ("task data", "image-text pairs" if info["kind"] == "pairs" else "counting"),
-            ("records", f"{info['records']} ({info['usable']} usable, {info['errors']} with errors)")]
+    rows = [
+        ("file", info["file"]),
+        ("format", info["format"]),
+        ("task data", "image-text pairs" if info["kind"] == "pairs" else "counting"),
+        ("records", f"{info['records']} ({info['usable']} usable, {info['errors']} with errors)"),
+    ]
     if info["splits"]:
         rows.append(("splits", ", ".join(f"{k} {v}" for k, v in info["splits"].items())))
     rows.append(("images", str(info["images"])))
     if info["kind"] == "pairs":
         c = info["captions_per_image"]
-        rows += [("pairs", str(info["pairs"])), ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
-                 ("boxes", str(info["boxes"])),
-                 ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0")]
+        rows += [
+            ("pairs", str(info["pairs"])),
+            ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
+            ("boxes", str(info["boxes"])),
+            ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"),
+        ]
     else:
         rows.append(("counts", ", ".join(f"{k}: {v}" for k, v in info["count_histogram"].items()) or "none"))
     rows += [(k, str(v)) for k, v in info["counts"].items()]

@@ -11,8 +11,14 @@ from __future__ import annotations
 from vlmtune.losses.registry import Loss, LossRegistry, has_field
 from vlmtune.utils import lazy_exports
 
-FUNCTIONS = ("box_loss_rows", "contrastive_loss", "contrastive_loss_local_rows", "hard_negative_pairs",
-             "sample_hard_negatives", "soft_targets_ce")
+FUNCTIONS = (
+    "box_loss_rows",
+    "contrastive_loss",
+    "contrastive_loss_local_rows",
+    "hard_negative_pairs",
+    "sample_hard_negatives",
+    "soft_targets_ce",
+)
 
 __all__ = ["Loss", "LossRegistry", "has_field", *FUNCTIONS]
 

@@ -10,8 +10,13 @@ from vlmtune.boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from vlmtune.distributed import all_gather, all_gather_with_grad, rank_world
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor, logit_scale: torch.Tensor,
-                     text_image_ids: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_ids: torch.Tensor,
+    logit_scale: torch.Tensor,
+    text_image_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE where every caption of the same image is a positive.
 
     ``image`` [B, D] and ``text`` [M, D] are L2-normalised. Row i of the image side may
@@ -27,9 +32,17 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_ids: torch.T
     """
     text_image_ids = image_ids if text_image_ids is None else text_image_ids
     if rank_world()[1] > 1:
-        return contrastive_loss_local_rows(image, text, image_ids, text_image_ids, logit_scale,
-                                           all_gather_with_grad(image), all_gather_with_grad(text),
-                                           all_gather(image_ids), all_gather(text_image_ids))
+        return contrastive_loss_local_rows(
+            image,
+            text,
+            image_ids,
+            text_image_ids,
+            logit_scale,
+            all_gather_with_grad(image),
+            all_gather_with_grad(text),
+            all_gather(image_ids),
+            all_gather(text_image_ids),
+        )
     logits = logit_scale * image @ text.T
     positives = (image_ids[:, None] == text_image_ids[None, :]).to(logits.dtype)
     i2t = -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
@@ -43,10 +56,17 @@ def soft_targets_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tens
     return -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def contrastive_loss_local_rows(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
-                                text_image_ids: torch.Tensor, logit_scale: torch.Tensor, all_image: torch.Tensor,
-                                all_text: torch.Tensor, all_image_ids: torch.Tensor,
-                                all_text_image_ids: torch.Tensor) -> torch.Tensor:
+def contrastive_loss_local_rows(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_image_ids: torch.Tensor,
+    logit_scale: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    all_image_ids: torch.Tensor,
+    all_text_image_ids: torch.Tensor,
+) -> torch.Tensor:
     """One process's share of the global InfoNCE: its images against every caption of
     the global batch (``all_*``, which include its own rows) and its captions against
     every image. Averaged over processes with equal local batches it equals
@@ -56,8 +76,14 @@ def contrastive_loss_local_rows(image: torch.Tensor, text: torch.Tensor, image_i
     return (i2t + t2i) / 2
 
 
-def hard_negative_pairs(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, all_image: torch.Tensor,
-                        all_text: torch.Tensor, all_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hard_negative_pairs(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    ids: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    all_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs for the matching head: this process's positive pairs, plus for each of its
     images a hard negative caption and for each of its captions a hard negative image,
     drawn among the global batch's candidates (``all_*``: every process's rows, this

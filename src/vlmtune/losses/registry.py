@@ -130,9 +130,16 @@ class LossRegistry:
     def remove(self, name: str) -> None:
         del self._losses[name]
 
-    def register(self, name: str, *, weight: float, help: str, fields: tuple[str, ...] = (),
-                 parts: Mapping[str, float] | None = None,
-                 part_help: Mapping[str, str] | None = None) -> Callable[[LossFn], LossFn]:
+    def register(
+        self,
+        name: str,
+        *,
+        weight: float,
+        help: str,
+        fields: tuple[str, ...] = (),
+        parts: Mapping[str, float] | None = None,
+        part_help: Mapping[str, str] | None = None,
+    ) -> Callable[[LossFn], LossFn]:
         """Decorator: register the function as loss ``name`` (see :class:`Loss`)."""
 
         def wrap(fn: LossFn) -> LossFn:

@@ -46,9 +46,7 @@ def box_metrics(pred_xyxy: Tensor, target_xyxy: Tensor, image_wh: Tensor) -> dic
 
 
 @torch.no_grad()
-def constant_box_baseline(
-    train_boxes_norm_xyxy: Tensor, target_xyxy: Tensor, image_wh: Tensor
-) -> dict[str, float]:
+def constant_box_baseline(train_boxes_norm_xyxy: Tensor, target_xyxy: Tensor, image_wh: Tensor) -> dict[str, float]:
     """Metrics of predicting the mean normalised training box (scaled to each image) for
     every item: what a model scores without looking at the image or the phrase.
 

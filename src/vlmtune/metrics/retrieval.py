@@ -26,8 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_topk", "chunked_topk_both", "ground_truth_ranks", "retrieval_metrics", "retrieval_metrics_reference",
-           "RerankFn", "RetrievalRankings"]
+__all__ = [
+    "chunked_topk",
+    "chunked_topk_both",
+    "ground_truth_ranks",
+    "retrieval_metrics",
+    "retrieval_metrics_reference",
+    "RerankFn",
+    "RetrievalRankings",
+]
 
 # rerank(image_idx, text_idx) -> scores; 1-D tensors of equal length, higher is better.
 RerankFn = Callable[[Tensor, Tensor], Tensor]
@@ -78,8 +85,9 @@ def merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, i: Tensor, k: int) -> 
     return cat_s.gather(1, order), cat_i.gather(1, order)
 
 
-def chunked_topk_both(images: Tensor, texts: Tensor, k: int, chunk_size: int = 4096, *,
-                      with_scores: bool = False) -> tuple[Tensor, ...]:
+def chunked_topk_both(
+    images: Tensor, texts: Tensor, k: int, chunk_size: int = 4096, *, with_scores: bool = False
+) -> tuple[Tensor, ...]:
     """Top-k texts of every image and top-k images of every text, in ONE pass.
 
     Each similarity block is computed once and feeds both running top-k lists (its rows
@@ -203,9 +211,7 @@ def block_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _validate(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Sequence[int], rerank_k: int) -> None:
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            f"need image_emb [N, D] and text_emb [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
-        )
+        raise ValueError(f"need image_emb [N, D] and text_emb [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     if text_to_image.shape != (text_emb.shape[0],):
         raise ValueError(f"text_to_image must have shape [M]={text_emb.shape[0]}, got {tuple(text_to_image.shape)}")
     if text_to_image.dtype.is_floating_point:
@@ -249,9 +255,7 @@ def _chance_levels(text_to_image: Tensor, n_images: int, ks: Sequence[int]) -> d
     return out
 
 
-def _rerank_head(
-    cand: Tensor, queries_are_images: bool, rerank: RerankFn, rerank_k: int, batch_size: int
-) -> Tensor:
+def _rerank_head(cand: Tensor, queries_are_images: bool, rerank: RerankFn, rerank_k: int, batch_size: int) -> Tensor:
     """Re-order the first rerank_k candidates of each row by rerank scores (stable, so
     rerank ties keep contrastive order); later candidates keep their contrastive order."""
     return _rerank_head_scored(cand, queries_are_images, rerank, rerank_k, batch_size)[0]
@@ -330,14 +334,13 @@ def retrieval_metrics(
     if search == "faiss":
         i2t, t2i, i2t_s, t2i_s = (x.to(image_emb.device) for x in faiss_topk_both(image_emb, text_emb, kmax, with_scores=True))
     else:
-        i2t, t2i, i2t_s, t2i_s = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size,
-                                                   with_scores=True)
+        i2t, t2i, i2t_s, t2i_s = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size, with_scores=True)
     i2t_match = t2i_match = None
     if rerank is not None:
         i2t, order, i2t_match = _rerank_head_scored(i2t, True, rerank, rerank_k, rerank_batch_size)
-        i2t_s = torch.cat((i2t_s[:, : order.shape[1]].gather(1, order), i2t_s[:, order.shape[1]:]), dim=1)
+        i2t_s = torch.cat((i2t_s[:, : order.shape[1]].gather(1, order), i2t_s[:, order.shape[1] :]), dim=1)
         t2i, order, t2i_match = _rerank_head_scored(t2i, False, rerank, rerank_k, rerank_batch_size)
-        t2i_s = torch.cat((t2i_s[:, : order.shape[1]].gather(1, order), t2i_s[:, order.shape[1]:]), dim=1)
+        t2i_s = torch.cat((t2i_s[:, : order.shape[1]].gather(1, order), t2i_s[:, order.shape[1] :]), dim=1)
 
     i2t_hits = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)  # [N, kmax]
     t2i_hits = t2i == t2i_map.unsqueeze(1)  # [M, kmax]
@@ -363,9 +366,16 @@ def retrieval_metrics(
     for ranks, hits in ((i2t_rank, i2t_all), (t2i_rank, t2i == t2i_map.unsqueeze(1))):
         found = hits.any(dim=1)
         ranks[found.cpu()] = (hits.float().argmax(dim=1) + 1)[found].cpu()
-    return metrics, RetrievalRankings(i2t.cpu(), i2t_s.float().cpu(), t2i.cpu(), t2i_s.float().cpu(),
-                                      None if i2t_match is None else i2t_match.cpu(),
-                                      None if t2i_match is None else t2i_match.cpu(), i2t_rank, t2i_rank)
+    return metrics, RetrievalRankings(
+        i2t.cpu(),
+        i2t_s.float().cpu(),
+        t2i.cpu(),
+        t2i_s.float().cpu(),
+        None if i2t_match is None else i2t_match.cpu(),
+        None if t2i_match is None else t2i_match.cpu(),
+        i2t_rank,
+        t2i_rank,
+    )
 
 
 @dataclass
@@ -377,9 +387,9 @@ class RetrievalRankings:
     in the final order (i2t: -1 for images without captions).
     """
 
-    i2t: Tensor          # [N, k] caption indices per image
-    i2t_scores: Tensor   # [N, k] similarities
-    t2i: Tensor          # [M, k] image indices per caption
+    i2t: Tensor  # [N, k] caption indices per image
+    i2t_scores: Tensor  # [N, k] similarities
+    t2i: Tensor  # [M, k] image indices per caption
     t2i_scores: Tensor
     i2t_match: Tensor | None
     t2i_match: Tensor | None
@@ -388,8 +398,9 @@ class RetrievalRankings:
 
 
 @torch.no_grad()
-def ground_truth_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
-                       chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+def ground_truth_ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_size: int = 4096
+) -> tuple[Tensor, Tensor]:
     """1-based rank of each query's first ground truth under the ranking rule (score
     descending, ties to the lower index), without the N x M matrix.
 
@@ -405,8 +416,12 @@ def ground_truth_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tenso
     texts = text_emb.to(device)
     t2i_map = text_to_image.to(device).long()
     # Score of each caption with its own image.
-    gt_t = torch.cat([(texts[c0 : c0 + chunk_size].float() * image_emb[t2i_map[c0 : c0 + chunk_size]].float()).sum(1)
-                      for c0 in range(0, m, chunk_size)])
+    gt_t = torch.cat(
+        [
+            (texts[c0 : c0 + chunk_size].float() * image_emb[t2i_map[c0 : c0 + chunk_size]].float()).sum(1)
+            for c0 in range(0, m, chunk_size)
+        ]
+    )
     # Best caption of each image: highest score, lowest caption index on ties.
     best_s = torch.full((n,), float("-inf"), device=device)
     best_c = torch.full((n,), m, dtype=torch.long, device=device)

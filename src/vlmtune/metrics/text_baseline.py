@@ -71,8 +71,15 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float = 1.0
     return res.x.reshape(f, num_classes)
 
 
-def text_classifier_baseline(train_texts: Sequence[str], train_targets: Sequence[int], test_texts: Sequence[str],
-                             test_targets: Tensor, num_classes: int, prefix: str, name: str = "text") -> dict[str, float]:
+def text_classifier_baseline(
+    train_texts: Sequence[str],
+    train_targets: Sequence[int],
+    test_texts: Sequence[str],
+    test_targets: Tensor,
+    num_classes: int,
+    prefix: str,
+    name: str = "text",
+) -> dict[str, float]:
     """Scores of a bag-of-words classifier fitted on the training texts alone.
 
     Keys: {prefix}/baseline_{name}_{accuracy,macro_precision,macro_recall,macro_f1}.
@@ -87,8 +94,14 @@ def text_classifier_baseline(train_texts: Sequence[str], train_targets: Sequence
     return {key.replace(f"{prefix}/", f"{prefix}/baseline_{name}_", 1): value for key, value in scores.items()}
 
 
-def text_box_baseline(train_texts: Sequence[str], train_boxes_norm_xyxy: Tensor, test_texts: Sequence[str],
-                      target_xyxy: Tensor, image_wh: Tensor, l2: float = 1.0) -> dict[str, float]:
+def text_box_baseline(
+    train_texts: Sequence[str],
+    train_boxes_norm_xyxy: Tensor,
+    test_texts: Sequence[str],
+    target_xyxy: Tensor,
+    image_wh: Tensor,
+    l2: float = 1.0,
+) -> dict[str, float]:
     """Grounding metrics of a ridge regression from the text's bag of words to the
     normalised box, fitted on the training split: where a phrase alone puts the box.
 

@@ -65,5 +65,14 @@ def report_sections() -> tuple[str, ...]:
     return tuple(out)
 
 
-__all__ = ["RUN_KEY_METRICS", "TASKS", "FeatureCache", "Task", "build_task", "data_paths", "losses_fed", "report_sections",
-           "task_class"]
+__all__ = [
+    "RUN_KEY_METRICS",
+    "TASKS",
+    "FeatureCache",
+    "Task",
+    "build_task",
+    "data_paths",
+    "losses_fed",
+    "report_sections",
+    "task_class",
+]

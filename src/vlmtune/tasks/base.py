@@ -136,8 +136,9 @@ class Task(Generic[ModelT]):
     def check_eval_records(self, records: list[Any], where: str) -> None:
         """Refuse evaluation settings that do not fit a val or test split (before any work)."""
 
-    def make_loader(self, records: list[Any], backbone: Backbone, *, train: bool, seed: int = 0,
-                    cache: FeatureCache | None = None) -> DataLoader:
+    def make_loader(
+        self, records: list[Any], backbone: Backbone, *, train: bool, seed: int = 0, cache: FeatureCache | None = None
+    ) -> DataLoader:
         raise NotImplementedError
 
     # ---- losses
@@ -155,25 +156,40 @@ class Task(Generic[ModelT]):
     def build_model(self, backbone: Backbone) -> ModelT:
         raise NotImplementedError
 
-    def validate(self, model: ModelT, records: list[Any], *, device: torch.device,
-                 cache: FeatureCache | None = None) -> dict[str, Any]:
+    def validate(
+        self, model: ModelT, records: list[Any], *, device: torch.device, cache: FeatureCache | None = None
+    ) -> dict[str, Any]:
         """The per-epoch validation pass (tasks with a costly final evaluation give a cheaper one)."""
         return self.evaluate(model, records, device=device, cache=cache)
 
-    def evaluate(self, model: ModelT, records: list[Any], *, device: torch.device,
-                 train_records: list[Any] | None = None, progress: bool = False,
-                 cache: FeatureCache | None = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: ModelT,
+        records: list[Any],
+        *,
+        device: torch.device,
+        train_records: list[Any] | None = None,
+        progress: bool = False,
+        cache: FeatureCache | None = None,
+    ) -> dict[str, Any]:
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         raise NotImplementedError
 
-    def evaluate_with_rankings(self, model: ModelT, records: list[Any], *, device: torch.device, rankings_k: int,
-                               train_records: list[Any] | None = None, progress: bool = False,
-                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    def evaluate_with_rankings(
+        self,
+        model: ModelT,
+        records: list[Any],
+        *,
+        device: torch.device,
+        rankings_k: int,
+        train_records: list[Any] | None = None,
+        progress: bool = False,
+        cache: FeatureCache | None = None,
+    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
         """:meth:`evaluate` plus per-query results of the same pass, JSON-ready rows by
         kind of query ({"t2i": [...], "i2t": [...]} or {"counting": [...]}), for
         ``vlmtune evaluate --rankings`` (rankings_KIND.jsonl and examples.html)."""
-        raise VlmtuneError(f"the {self.name or type(self).__name__} task has no per-query results "
-                           f"(evaluate without --rankings)")
+        raise VlmtuneError(f"the {self.name or type(self).__name__} task has no per-query results (evaluate without --rankings)")
 
 
 def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext: str) -> dict[str, str]:

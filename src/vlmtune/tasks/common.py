@@ -17,19 +17,35 @@ from vlmtune.distributed import rank_world
 from vlmtune.tasks.model import head_state_dict as head_state_dict  # its home is the TaskModel module
 
 
-def records_loader(dataset: Dataset, n_records: int, *, batch_size: int, train: bool, seed: int, num_workers: int,
-                   collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
+def records_loader(
+    dataset: Dataset,
+    n_records: int,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any],
+) -> DataLoader:
     """Training loaders shuffle (by a generator seeded with ``seed``, so a resumed run
     draws the same order) and drop the last partial batch; evaluation loaders keep
     the records' order and every record."""
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=g if train else None,
-                      num_workers=num_workers, drop_last=train and n_records > batch_size, collate_fn=collate_fn)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        generator=g if train else None,
+        num_workers=num_workers,
+        drop_last=train and n_records > batch_size,
+        collate_fn=collate_fn,
+    )
 
 
-def vision_namespace(backbone: Backbone, *, kind: str, start: int | None, dtype: str, preprocess: dict[str, Any],
-                     **extra: Any) -> dict[str, Any]:
+def vision_namespace(
+    backbone: Backbone, *, kind: str, start: int | None, dtype: str, preprocess: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     """Everything besides the image that decides cached vision rows: ``kind`` (the
     tower's output) or, with ``start``, the hidden state entering block ``start``
     ("vision_hidden"), the backbone, the weights of exactly the modules computing them
@@ -42,16 +58,26 @@ def vision_namespace(backbone: Backbone, *, kind: str, start: int | None, dtype:
             raise ValueError(f"vision prefix start {start}: the vision tower has {n} blocks")
     weights = vision_fingerprint(backbone) if start is None else vision_prefix_fingerprint(backbone, start)
     split = {} if start is None else {"kind": "vision_hidden", "start": start}
-    return {"kind": kind, "backbone": backbone_identity(backbone), "weights": weights, "preprocess": preprocess,
-            "dtype": dtype, **extra, **split}
+    return {
+        "kind": kind,
+        "backbone": backbone_identity(backbone),
+        "weights": weights,
+        "preprocess": preprocess,
+        "dtype": dtype,
+        **extra,
+        **split,
+    }
 
 
 def vision_rows(backbone: Backbone, pixel_values: torch.Tensor, start: int | None) -> Any:
     """The rows a vision cache stores for preprocessed tiles: the tower's output, or
     the hidden state entering block ``start``; float32 numpy."""
     device = next(backbone.parameters()).device
-    out = (backbone.vision_tokens(pixel_values.to(device)) if start is None
-           else backbone.vision_hidden(pixel_values.to(device), start))
+    out = (
+        backbone.vision_tokens(pixel_values.to(device))
+        if start is None
+        else backbone.vision_hidden(pixel_values.to(device), start)
+    )
     return out.float().cpu().numpy()
 
 

@@ -29,8 +29,12 @@ def stage_cache(cfg: Config, task: Task, stage: Stage, out: Path, num_vision_blo
     trains = set(stage.train)
     vision = "vision" in kinds and not ({"vision_blocks", "vision_tower"} & trains)
     vision_start = None
-    if ("vision_prefix" in kinds and "vision_blocks" in trains and "vision_tower" not in trains
-            and 0 < stage.vision_blocks <= num_vision_blocks):
+    if (
+        "vision_prefix" in kinds
+        and "vision_blocks" in trains
+        and "vision_tower" not in trains
+        and 0 < stage.vision_blocks <= num_vision_blocks
+    ):
         vision, vision_start = True, num_vision_blocks - stage.vision_blocks
     text = "text" in kinds and "language_model" not in trains
     if not (vision or text):
@@ -88,7 +92,9 @@ def fill_caches(cfg: Config, out: str | Path, say: Callable[[str], None] = print
             for start in prefixes:
                 task.make_loader(records, backbone, train=False, cache=FeatureCache(folder, text=False, vision_start=start))
         prefix = prefixes and split != "test"
-        say(f"{split}: {len(records)} records cached"
-            + (f" (and the frozen prefix entering vision block {', '.join(map(str, prefixes))})" if prefix else ""))
+        say(
+            f"{split}: {len(records)} records cached"
+            + (f" (and the frozen prefix entering vision block {', '.join(map(str, prefixes))})" if prefix else "")
+        )
     say(f"cache: {folder}")
     return folder

@@ -34,10 +34,15 @@ def check_loss_targets(cfg: Config, task: Task, plan: list[Stage], records: list
         if not missing:
             continue
         loss = missing[0]
-        how = (f"remove it from stages[{stage.index}].losses" if cfg.stages[stage.index].losses is not None
-               else f"set loss.{loss}=0 or list this stage's losses in stages[{stage.index}].losses")
-        raise ConfigError(f"stages[{stage.index}] '{stage.name}': the '{loss}' loss is active but no training record "
-                          f"({path}, {len(records)} records) has a target for it; use data that has one, or {how}")
+        how = (
+            f"remove it from stages[{stage.index}].losses"
+            if cfg.stages[stage.index].losses is not None
+            else f"set loss.{loss}=0 or list this stage's losses in stages[{stage.index}].losses"
+        )
+        raise ConfigError(
+            f"stages[{stage.index}] '{stage.name}': the '{loss}' loss is active but no training record "
+            f"({path}, {len(records)} records) has a target for it; use data that has one, or {how}"
+        )
 
 
 def check_splits(task: Task, paths: dict[str, str], records: dict[str, list[Any]], main: bool) -> None:
@@ -48,3 +53,11 @@ def check_splits(task: Task, paths: dict[str, str], records: dict[str, list[Any]
     task.check_eval_records(records["test"], paths["test"])
     if main:
         warn_overlaps(records, paths)
+
+
+def metric_value(metric: str | None, val: dict[str, Any]) -> float:
+    """The early-stopping metric's value, which must be one the validation pass gives."""
+    if metric is None or metric not in val:
+        shown = ", ".join(k for k in sorted(val) if not k.startswith("retrieval/chance"))
+        raise ConfigError(f"train.early_stopping.metric: '{metric}' is not among the validation metrics ({shown})")
+    return float(val[metric])

@@ -94,8 +94,9 @@ def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path 
     return accelerator
 
 
-def _make_accelerator(cfg: Config, tracker: str | None, project_dir: Path | None, mp: str | None,
-                      cpu_processes: bool) -> Accelerator:
+def _make_accelerator(
+    cfg: Config, tracker: str | None, project_dir: Path | None, mp: str | None, cpu_processes: bool
+) -> Accelerator:
     return Accelerator(
         cpu=cpu_processes,
         mixed_precision=mp,
@@ -151,8 +152,11 @@ def start_tracker(accelerator: Accelerator, tracker: str, cfg: Config, out: Path
 
 def numeric(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers of a history record or of the final metrics, as a tracker logs them."""
-    return {prefix + k: float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "type")}
+    return {
+        prefix + k: float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "type")
+    }
 
 
 def tracker_sink(accelerator: Accelerator) -> Callable[[dict[str, Any]], None]:
@@ -187,13 +191,16 @@ def check_deepspeed_plan(cfg: Config, fsdp: FsdpSettings | None) -> None:
     if fsdp is not None:
         raise ConfigError(f"{fsdp.source}: FSDP and DeepSpeed together; launch with one of them")
     if len(cfg.stages) > 1:
-        raise ConfigError(f"stages: {len(cfg.stages)} stages under DeepSpeed, which builds its engine (model, optimizer, "
-                          f"schedule) once and cannot take a new optimizer at a stage boundary; use FSDP "
-                          f"(configs/accelerate/fsdp.yaml) or DDP for a multi-stage plan, or a one-stage plan")
+        raise ConfigError(
+            f"stages: {len(cfg.stages)} stages under DeepSpeed, which builds its engine (model, optimizer, "
+            f"schedule) once and cannot take a new optimizer at a stage boundary; use FSDP "
+            f"(configs/accelerate/fsdp.yaml) or DDP for a multi-stage plan, or a one-stage plan"
+        )
 
 
-def prepare_stage(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
-                  make_scheduler: Any) -> tuple[Any, Any, Any, Any]:
+def prepare_stage(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, make_scheduler: Any
+) -> tuple[Any, Any, Any, Any]:
     """(model, optimizer, scheduler, loader) prepared for this stage, in the order the
     accelerator's distributed type needs. ``make_scheduler(batches)`` builds the stage's
     schedule from this process's batches per epoch.
@@ -226,8 +233,9 @@ def saves_collectively(accelerator: Accelerator, model: nn.Module) -> bool:
     return is_sharded(model) or accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def trainer_tensors(accelerator: Accelerator, model: nn.Module, pmodel: Any, optimizer: Any,
-                    names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def trainer_tensors(
+    accelerator: Accelerator, model: nn.Module, pmodel: Any, optimizer: Any, names: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The checkpoint's trained tensors (``names``) and optimizer state, whole (a
     one-process run's format whatever the launch). FSDP: gathered from the shards;
     DeepSpeed: weights through ``accelerator.get_state_dict`` (ZeRO-3 gathers them), no

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,37 +26,24 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import backbone_identity, copy_checkpoint, load_weights, open_checkpoint, save_checkpoint, set_rng_state
 from vlmtune.config import Config, save_config
 from vlmtune.data.integrity import data_digests
-from vlmtune.errors import ConfigError, Diverged, Interrupted
+from vlmtune.errors import Diverged, Interrupted
 from vlmtune.fsdp import full_params, loading, shard_weights
 from vlmtune.history import EpochRecord, History, StageRecord, StepRecord
 from vlmtune.runfolder import output_folder, write_text
-from vlmtune.stages import Plan, Stage, apply_stage, build_plan, count_parameters, stage_summary, trained_anywhere
+from vlmtune.stages import Plan, Stage, apply_stage, build_plan, count_parameters, stage_schedule, stage_summary, trained_anywhere
 from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
 from vlmtune.tasks.model import TaskModel
+from vlmtune.train import launch
 from vlmtune.train.caches import cache_record, stage_cache
-from vlmtune.train.checks import check_loss_targets, check_plan_fits, check_splits
-from vlmtune.train.launch import (
-    locked_run_folder,
-    make_accelerator,
-    numeric,
-    peak_memory_mb,
-    prepare_stage,
-    saves_collectively,
-    shard_once,
-    start_tracker,
-    torch_threads,
-    tracker_sink,
-    trainer_tensors,
-)
+from vlmtune.train.checks import check_loss_targets, check_plan_fits, check_splits, metric_value
 from vlmtune.train.resume import gather_rng_states, open_resume, restore_run, restore_stage, rng_record, seed_process_stream
-from vlmtune.train.stopping import StopRequest, any_stop_signal, interrupted_message, step_values
+from vlmtune.train.stopping import StopRequest, any_stop_signal, diverged_message, interrupted_message, step_values
 from vlmtune.train.summary import best_stage_metrics, is_better, run_metrics
 from vlmtune.train.warmstart import init_metrics, load_init_weights, open_init_source
 
@@ -76,18 +61,18 @@ class Run:
     backbone: Backbone
     model: TaskModel
     plan: Plan
-    weights: dict[str, float]       # loss term -> weight
-    saved_names: set[str]           # state-dict keys a checkpoint holds
-    paths: dict[str, str]           # train/val/test annotation files
-    records: dict[str, list[Any]]   # ... and their records
-    state: TrainState               # the loop's running values; a checkpoint's state.json
+    weights: dict[str, float]  # loss term -> weight
+    saved_names: set[str]  # state-dict keys a checkpoint holds
+    paths: dict[str, str]  # train/val/test annotation files
+    records: dict[str, list[Any]]  # ... and their records
+    state: TrainState  # the loop's running values; a checkpoint's state.json
     history: History
     stopper: StopRequest
     tracker: str | None = None
     # From the checkpoint being resumed, until the stage it was saved in has started.
     trainer_state: dict[str, Any] | None = None
-    pending_rng: Any = None         # RNG state to set once the resumed epoch's iterator exists
-    t_start: float = 0.0            # wall_s counts from here (a resumed run's start moved back by its wall_s)
+    pending_rng: Any = None  # RNG state to set once the resumed epoch's iterator exists
+    t_start: float = 0.0  # wall_s counts from here (a resumed run's start moved back by its wall_s)
 
     @property
     def main(self) -> bool:
@@ -124,8 +109,14 @@ class EpochEnd:
     stop: bool
 
 
-def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: str | None = None,
-          overwrite: bool = False, accept_changed_data: bool = False) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    output_dir: str | Path,
+    resume: bool = False,
+    tracker: str | None = None,
+    overwrite: bool = False,
+    accept_changed_data: bool = False,
+) -> dict[str, Any]:
     """Train ``cfg`` into ``output_dir``; returns the final test metrics.
 
     ``tracker``: also log to "wandb" or "tensorboard" (through Accelerate) besides
@@ -137,7 +128,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
     although a data file changed since the run started (warned); otherwise that is refused.
     """
     out = output_folder(output_dir)
-    with locked_run_folder(out, resume, overwrite), StopRequest() as stopper, torch_threads(cfg.train.num_threads):
+    with launch.locked_run_folder(out, resume, overwrite), StopRequest() as stopper, launch.torch_threads(cfg.train.num_threads):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         st: StageRun | None = None
         for stage in run.plan.remaining(run.state):
@@ -151,18 +142,20 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, tracker: st
         return final_evaluation(run)
 
 
-def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest, *,
-                accept_changed_data: bool = False) -> Run:
+def prepare_run(
+    cfg: Config, out: Path, resume: bool, tracker: str | None, stopper: StopRequest, *, accept_changed_data: bool = False
+) -> Run:
     """Accelerator, backbone, model, data, stage plan and state (restored on resume)."""
-    accelerator = make_accelerator(cfg, tracker, out)
+    accelerator = launch.make_accelerator(cfg, tracker, out)
     main = accelerator.is_main_process
     resume_from = open_resume(cfg, out / "checkpoints", resume, main)
     if main:  # only the main process writes into the run directory
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     task = build_task(cfg)
-    backbone = load_backbone(cfg.backbone, device_type=accelerator.device.type,
-                             folder=resume_from.backbone_folder if resume_from else None)
+    backbone = load_backbone(
+        cfg.backbone, device_type=accelerator.device.type, folder=resume_from.backbone_folder if resume_from else None
+    )
     model: TaskModel = task.build_model(backbone)
     with accelerator.main_process_first():
         paths = task.data_paths(out)
@@ -175,8 +168,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
     init = open_init_source(cfg, backbone, model, out, resume_from is not None, main) if cfg.train.init_from else None
     metric = cfg.train.early_stopping.metric
     assert metric is not None  # the task's default fills it when the config is loaded (config.checks)
-    state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths),
-                       metric=metric)
+    state = TrainState(backbone=backbone_identity(backbone), data_paths=paths, data_sha256=data_digests(paths), metric=metric)
     saved_names = trained_anywhere(model, plan) | set(model.head_state_dict())
     if init is not None:
         saved_names |= init.backbone_names  # a block the source trained stays in this run's checkpoints
@@ -189,16 +181,33 @@ def prepare_run(cfg: Config, out: Path, resume: bool, tracker: str | None, stopp
         save_config(cfg, out / "config.yaml")
     sink = None
     if tracker and main:
-        start_tracker(accelerator, tracker, cfg, out)
-        sink = tracker_sink(accelerator)
+        launch.start_tracker(accelerator, tracker, cfg, out)
+        sink = launch.tracker_sink(accelerator)
     history = History(out / "history.jsonl", state.history_lines if resume_from else None, sink, enabled=main)
     # FSDP: sharded before the move (a device only ever holds this process's shards) and
     # before any stage's optimizer exists, so every stage's is over the shards.
-    shard_once(cfg, model, accelerator)
+    launch.shard_once(cfg, model, accelerator)
     seed_process_stream(cfg.seed)
     model.to(accelerator.device)
-    return Run(cfg, out, accelerator, task, backbone, model, plan, weights, saved_names, paths, records, state,
-               history, stopper, tracker, trainer_state, t_start=time.time() - state.wall_s)
+    return Run(
+        cfg,
+        out,
+        accelerator,
+        task,
+        backbone,
+        model,
+        plan,
+        weights,
+        saved_names,
+        paths,
+        records,
+        state,
+        history,
+        stopper,
+        tracker,
+        trainer_state,
+        t_start=time.time() - state.wall_s,
+    )
 
 
 def start_stage(run: Run, stage: Stage) -> StageRun:
@@ -219,13 +228,15 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
         if cache and accelerator.num_processes > 1:  # validation is sharded: fill its part now
             run.task.make_loader(run.records["val"], run.backbone, train=False, cache=cache)
     accelerator.free_memory()
-    pmodel, optimizer, scheduler, loader = prepare_stage(accelerator, model, optimizer, loader,
-                                                         _schedule(cfg, stage, optimizer, accelerator.num_processes))
+    pmodel, optimizer, scheduler, loader = launch.prepare_stage(
+        accelerator, model, optimizer, loader, stage_schedule(cfg, stage, optimizer, accelerator.num_processes)
+    )
     st = StageRun(stage, pmodel, optimizer, scheduler, loader, [p for g in groups for p in g["params"]], cache)
     if run.trainer_state is not None:
         saved, run.trainer_state = run.trainer_state, None
-        rng = restore_stage(saved, stage.index, optimizer, scheduler, cfg.seed, run.state.step,
-                            f"the checkpoint in {run.ckpt_dir}", run.main)
+        rng = restore_stage(
+            saved, stage.index, optimizer, scheduler, cfg.seed, run.state.step, f"the checkpoint in {run.ckpt_dir}", run.main
+        )
         # Saved after a step inside an epoch: restored once the epoch's iterator exists
         # (creating it may draw from the RNG, as it did in the saved run).
         if run.state.epoch_batches:
@@ -234,21 +245,20 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
             set_rng_state(rng)
     # Resumed inside a stage: its line is already in the (truncated) history.
     if run.state.epoch == stage.start_epoch and not run.state.epoch_batches:
-        run.history.write(StageRecord(stage=stage.index, name=stage.name, epoch=stage.start_epoch, step=run.state.step,
-                                      train=stage.train, losses=sorted(stage.losses), trainable=trainable, total=total,
-                                      cache=cache_record(cache)))
+        run.history.write(
+            StageRecord(
+                stage=stage.index,
+                name=stage.name,
+                epoch=stage.start_epoch,
+                step=run.state.step,
+                train=stage.train,
+                losses=sorted(stage.losses),
+                trainable=trainable,
+                total=total,
+                cache=cache_record(cache),
+            )
+        )
     return st
-
-
-def _schedule(cfg: Config, stage: Stage, optimizer: torch.optim.Optimizer, processes: int) -> Callable[[int], Any]:
-    """The stage's linear warmup-and-decay schedule, from this process's batches per epoch."""
-    def make_scheduler(batches: int) -> Any:
-        steps_per_epoch = max(1, math.ceil(batches / cfg.train.grad_accum))
-        total_steps = steps_per_epoch * (stage.end_epoch - stage.start_epoch)
-        # Accelerate steps a prepared scheduler once per process, so count in those units.
-        return get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps) * processes,
-                                               total_steps * processes)
-    return make_scheduler
 
 
 def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
@@ -264,8 +274,14 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
         state.running, state.n_running = {}, 0
     run.model.train()
     run.model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
-    bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs} [{st.stage.name}]", initial=skip,
-               total=len(st.loader), disable=not (run.cfg.train.progress and run.main), leave=False)
+    bar = tqdm(
+        epoch_loader,
+        desc=f"epoch {epoch + 1}/{run.cfg.train.epochs} [{st.stage.name}]",
+        initial=skip,
+        total=len(st.loader),
+        disable=not (run.cfg.train.progress and run.main),
+        leave=False,
+    )
     t_epoch = time.time()
     bad_window = stop = False  # in the accumulation window so far: a non-finite loss, a stop signal
     for batch in bar:
@@ -346,10 +362,7 @@ def end_step(run: Run, st: StageRun, epoch: int, bad_window: bool, stop: bool, t
     run.accelerator.wait_for_everyone()
     where = f"epoch {epoch + 1}, step {state.step}"
     if diverged:
-        raise Diverged(
-            f"loss was NaN or infinite for {state.bad_in_row} steps in a row ({where}; "
-            f"{state.bad_steps} in all); stopped with a checkpoint in {run.ckpt_dir / 'last'} holding "
-            f"the weights from before them. Lower optim.lr, set optim.grad_clip, or check the data")
+        raise Diverged(diverged_message(state.bad_in_row, state.bad_steps, where, run.ckpt_dir))
     signum = run.stopper.signum or signal.SIGTERM
     raise Interrupted(interrupted_message(signum, where, run.ckpt_dir, run.out), signum)
 
@@ -360,10 +373,7 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> EpochEnd:
     state, es = run.state, run.cfg.train.early_stopping
     with full_params(run.model):  # FSDP: evaluation shards records unevenly; see vlmtune.fsdp
         val = run.task.validate(run.model, run.records["val"], device=run.device, cache=st.cache)
-    if es.metric not in val:
-        raise ConfigError(f"train.early_stopping.metric: '{es.metric}' is not among the validation metrics "
-                          f"({', '.join(k for k in sorted(val) if not k.startswith('retrieval/chance'))})")
-    value = float(val[es.metric])
+    value = metric_value(es.metric, val)
     state.last_val = value  # in the checkpoint: a resume that only redoes the final evaluation reports it too
     improved = is_better(value, state.best, es.mode, es.min_delta)
     if improved:
@@ -373,10 +383,18 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> EpochEnd:
     state.epoch = epoch + 1
     state.wall_s = time.time() - run.t_start
     if run.main:
-        run.history.write(EpochRecord(epoch=epoch, step=state.step, stage=st.stage.index, samples=state.samples,
-                                      train_wall_s=round(state.train_wall_s, 3), wall_s=round(state.wall_s, 3),
-                                      peak_mem_mb=round(peak_memory_mb(run.device), 1),
-                                      val={k: v for k, v in val.items() if not isinstance(v, list)}))
+        run.history.write(
+            EpochRecord(
+                epoch=epoch,
+                step=state.step,
+                stage=st.stage.index,
+                samples=state.samples,
+                train_wall_s=round(state.train_wall_s, 3),
+                wall_s=round(state.wall_s, 3),
+                peak_mem_mb=round(launch.peak_memory_mb(run.device), 1),
+                val={k: v for k, v in val.items() if not isinstance(v, list)},
+            )
+        )
         log.info("epoch %d: %s = %.3f%s", epoch + 1, es.metric, value, " (best)" if improved else "")
     # A new stage gets a fresh patience: its first epochs often dip before they help.
     if es.patience > 0 and state.bad_evals >= es.patience and epoch + 1 < st.stage.end_epoch:
@@ -405,15 +423,24 @@ def save_last(run: Run, st: StageRun) -> None:
     state is gathered, and under FSDP or DeepSpeed the weights and optimizer state are
     made whole by all processes together (:func:`launch.trainer_tensors`)."""
     rngs = gather_rng_states()
-    if not (run.main or saves_collectively(run.accelerator, run.model)):
+    if not (run.main or launch.saves_collectively(run.accelerator, run.model)):
         return
-    weights, optimizer_state = trainer_tensors(run.accelerator, run.model, st.pmodel, st.optimizer, sorted(run.saved_names))
+    weights, optimizer_state = launch.trainer_tensors(
+        run.accelerator, run.model, st.pmodel, st.optimizer, sorted(run.saved_names)
+    )
     if not run.main:
         return
-    trainer_state = {"optimizer": optimizer_state, "scheduler": st.scheduler.state_dict(),
-                     "stage": st.stage.index, **rng_record(rngs)}
-    save_checkpoint(run.ckpt_dir / "last", weights=weights, cfg=run.cfg, state=run.state, trainer_state=trainer_state,
-                    backbone=run.backbone if run.backbone.source == "tiny" else None, keep=run.cfg.train.keep_last)
+    sched, index = st.scheduler.state_dict(), st.stage.index
+    trainer_state = {"optimizer": optimizer_state, "scheduler": sched, "stage": index, **rng_record(rngs)}
+    save_checkpoint(
+        run.ckpt_dir / "last",
+        weights=weights,
+        cfg=run.cfg,
+        state=run.state,
+        trainer_state=trainer_state,
+        backbone=run.backbone if run.backbone.source == "tiny" else None,
+        keep=run.cfg.train.keep_last,
+    )
 
 
 def final_evaluation(run: Run) -> dict[str, Any]:
@@ -424,10 +451,10 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     with loading(run.model):  # DeepSpeed ZeRO-3: gathered, then partitioned again
         load_weights(run.model, shard_weights(run.model, open_checkpoint(best).weights()), best)
     with full_params(run.model):
-        metrics = run.task.evaluate(run.model, run.records["test"], device=device, train_records=run.records["train"],
-                                    progress=cfg.train.progress and run.main)
+        test, train = run.records["test"], run.records["train"]
+        metrics = run.task.evaluate(run.model, test, device=device, train_records=train, progress=cfg.train.progress and run.main)
     _, total = count_parameters(run.model)
-    metrics.update(run_metrics(state, total, peak_memory_mb(device), best))
+    metrics.update(run_metrics(state, total, launch.peak_memory_mb(device), best))
     if state.last_val is not None:  # the last validation's, also when a resume only redoes this evaluation
         metrics["train/last_val"] = state.last_val
     metrics["train/num_threads"] = torch.get_num_threads()
@@ -437,6 +464,6 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
         if run.tracker:
-            run.accelerator.log(numeric(metrics, "test/"), step=state.step)
+            run.accelerator.log(launch.numeric(metrics, "test/"), step=state.step)
             run.accelerator.end_training()
     return metrics

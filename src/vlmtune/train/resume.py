@@ -46,8 +46,9 @@ def open_resume(cfg: Config, ckpt_dir: Path, resume: bool, main: bool) -> Checkp
         if resume and main:
             log.info("--resume: no checkpoint yet in %s; starting from the beginning", ckpt_dir)
         if not resume and (ckpt_dir / "last").exists():
-            raise ConfigError(f"{ckpt_dir.parent}: already holds a run; pass --resume to continue it or choose another "
-                              f"--output-dir")
+            raise ConfigError(
+                f"{ckpt_dir.parent}: already holds a run; pass --resume to continue it or choose another --output-dir"
+            )
         return None
     ckpt = open_checkpoint(source)
     saved, now = config_to_dict(ckpt.cfg), config_to_dict(cfg)
@@ -79,8 +80,16 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return prefix or "config"
 
 
-def restore_run(ckpt: Checkpoint, fresh: TrainState, model: nn.Module, backbone: Backbone, paths: dict[str, str],
-                out: Path, main: bool, accept_changed_data: bool = False) -> tuple[TrainState, dict[str, Any]]:
+def restore_run(
+    ckpt: Checkpoint,
+    fresh: TrainState,
+    model: nn.Module,
+    backbone: Backbone,
+    paths: dict[str, str],
+    out: Path,
+    main: bool,
+    accept_changed_data: bool = False,
+) -> tuple[TrainState, dict[str, Any]]:
     """Weights into ``model`` and the loop state from the checkpoint, returned with the
     trainer state (optimizer, schedule, RNG), which waits for its stage (:func:`restore_stage`).
     The data files must be those the run started with (their sha256), unless
@@ -89,19 +98,23 @@ def restore_run(ckpt: Checkpoint, fresh: TrainState, model: nn.Module, backbone:
     check_data_unchanged(ckpt.state.data_sha256, fresh.data_sha256, paths, accept=accept_changed_data, run=str(out))
     check_identity(ckpt, backbone_identity(backbone))
     load_weights(model, ckpt.weights(), ckpt.folder)
-    state = dataclasses.replace(ckpt.state, backbone=fresh.backbone, data_paths=fresh.data_paths,
-                                data_sha256=fresh.data_sha256)
+    state = dataclasses.replace(ckpt.state, backbone=fresh.backbone, data_paths=fresh.data_paths, data_sha256=fresh.data_sha256)
     trainer_state = ckpt.trainer_state()
     check_process_count(trainer_state, ckpt)
     if main:
-        log.info("resuming from %s at epoch %d%s", ckpt.folder, state.epoch + 1,
-                 f", after its batch {state.epoch_batches}" if state.epoch_batches else "")
+        log.info(
+            "resuming from %s at epoch %d%s",
+            ckpt.folder,
+            state.epoch + 1,
+            f", after its batch {state.epoch_batches}" if state.epoch_batches else "",
+        )
         repair_best(ckpt, out / "checkpoints" / "best")
     return state, trainer_state
 
 
-def restore_stage(saved: dict[str, Any], stage_index: int, optimizer: Any, scheduler: Any, seed: int, step: int,
-                  where: str, main: bool) -> dict[str, Any]:
+def restore_stage(
+    saved: dict[str, Any], stage_index: int, optimizer: Any, scheduler: Any, seed: int, step: int, where: str, main: bool
+) -> dict[str, Any]:
     """The first stage started after a resume takes the saved trainer state; returns
     this process's RNG state, for the loop to set (at once, or once a resumed epoch's
     iterator exists)."""
@@ -109,8 +122,10 @@ def restore_stage(saved: dict[str, Any], stage_index: int, optimizer: Any, sched
     # stage boundary starts the new stage's fresh ones, as the straight run did.
     if saved["stage"] == stage_index:
         if saved["optimizer"] is None:  # written under DeepSpeed (see launch.trainer_tensors)
-            raise CheckpointError("--resume: this checkpoint was written under DeepSpeed, whose ZeRO-partitioned optimizer "
-                                  "state vlmtune does not save; a DeepSpeed run cannot resume inside a stage")
+            raise CheckpointError(
+                "--resume: this checkpoint was written under DeepSpeed, whose ZeRO-partitioned optimizer "
+                "state vlmtune does not save; a DeepSpeed run cannot resume inside a stage"
+            )
         load_optimizer_state(optimizer, saved["optimizer"])  # whole tensors, cut to the shards under FSDP
         scheduler.load_state_dict(saved["scheduler"])
     return own_rng_state(saved, seed, step, where, main)
@@ -170,7 +185,8 @@ def check_process_count(saved: dict[str, Any], ckpt: Checkpoint) -> None:
         raise CheckpointError(
             f"{ckpt.folder}: saved inside epoch {ckpt.state.epoch + 1} (after {ckpt.state.epoch_batches} batches per "
             f"process) by {n} process{'es' * (n != 1)}; resume it with {n} process{'es' * (n != 1)}, not {world}: "
-            f"the batches already trained are counted per process")
+            f"the batches already trained are counted per process"
+        )
 
 
 def own_rng_state(saved: dict[str, Any], seed: int, step: int, where: str, main: bool) -> dict[str, Any]:
@@ -185,10 +201,17 @@ def own_rng_state(saved: dict[str, Any], seed: int, step: int, where: str, main:
     if len(states) == world:
         return states[rank]
     if main:
-        what = (f"saved by {n} process{'es' * (n != 1)}" if "processes" in saved
-                else "holds one random stream (saved before per-process streams)")
-        log.warning("%s %s, resumed by %d: each process's random stream (dropout, sampled negatives) starts afresh "
-                    "from the seed, rank and step; the run goes on, but does not replay the uninterrupted run exactly",
-                    where, what, world)
+        what = (
+            f"saved by {n} process{'es' * (n != 1)}"
+            if "processes" in saved
+            else "holds one random stream (saved before per-process streams)"
+        )
+        log.warning(
+            "%s %s, resumed by %d: each process's random stream (dropout, sampled negatives) starts afresh "
+            "from the seed, rank and step; the run goes on, but does not replay the uninterrupted run exactly",
+            where,
+            what,
+            world,
+        )
     set_seed(derived_seed(seed, rank, step))
     return rng_state()

@@ -48,12 +48,15 @@ class StopRequest:
 
 
 def interrupted_message(signum: int, where: str, ckpt_dir: Path, out: Path) -> str:
-    return (f"{signal.Signals(signum).name} at {where}: checkpoint saved in {ckpt_dir / 'last'}; "
-            f"continue with the same command and --resume (--output-dir {out})")
+    return (
+        f"{signal.Signals(signum).name} at {where}: checkpoint saved in {ckpt_dir / 'last'}; "
+        f"continue with the same command and --resume (--output-dir {out})"
+    )
 
 
-def step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor], keys: list[str], signum: int,
-                device: torch.device) -> tuple[bool, bool, dict[str, float]]:
+def step_values(
+    loss: torch.Tensor, terms: dict[str, torch.Tensor], keys: list[str], signum: int, device: torch.device
+) -> tuple[bool, bool, dict[str, float]]:
     """(any process's loss is not finite, any process got a stop signal, the values to
     log): ``loss`` and the ``keys`` terms averaged over the processes that have them,
     diagnostics ('diag/...') from this process. One small all_reduce with several
@@ -75,3 +78,12 @@ def step_values(loss: torch.Tensor, terms: dict[str, torch.Tensor], keys: list[s
 def any_stop_signal(signum: int, device: torch.device) -> bool:
     """Whether any process got a stop signal (``signum`` is this one's); a collective."""
     return step_values(torch.zeros(()), {}, [], signum, device)[1]
+
+
+def diverged_message(in_row: int, in_all: int, where: str, ckpt_dir: Path) -> str:
+    """Why a run stopped after ``train.max_bad_steps`` non-finite losses in a row, and what to try."""
+    return (
+        f"loss was NaN or infinite for {in_row} steps in a row ({where}; {in_all} in all); stopped with a checkpoint "
+        f"in {ckpt_dir / 'last'} holding the weights from before them. Lower optim.lr, set optim.grad_clip, or check "
+        f"the data"
+    )

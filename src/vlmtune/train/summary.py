@@ -43,8 +43,9 @@ def run_metrics(state: TrainState, total_params: int, peak_mem_mb: float, checkp
     }
 
 
-def best_stage_metrics(plan: list[Stage], state: TrainState, history: History, metric: str, mode: str,
-                       main: bool) -> dict[str, Any]:
+def best_stage_metrics(
+    plan: list[Stage], state: TrainState, history: History, metric: str, mode: str, main: bool
+) -> dict[str, Any]:
     """Which stage the best checkpoint (the one evaluated) comes from, each stage's best
     validation value, and whether the stages after the first ever beat it.
 
@@ -78,8 +79,13 @@ def best_stage_metrics(plan: list[Stage], state: TrainState, history: History, m
         out["train/later_stages_improved"] = improved
         if not improved:
             first = plan[0]
-            log.warning("stages after the first (%s) never beat stage 0 '%s' on validation %s (best %.3f at epoch %d): "
-                        "the evaluated checkpoint is stage 0's, so nothing those stages trained is in it",
-                        ", ".join(f"'{s.name}'" for s in later_ran), first.name, metric, state.best,
-                        (state.best_epoch or 0) + 1)
+            log.warning(
+                "stages after the first (%s) never beat stage 0 '%s' on validation %s (best %.3f at epoch %d): "
+                "the evaluated checkpoint is stage 0's, so nothing those stages trained is in it",
+                ", ".join(f"'{s.name}'" for s in later_ran),
+                first.name,
+                metric,
+                state.best,
+                (state.best_epoch or 0) + 1,
+            )
     return out

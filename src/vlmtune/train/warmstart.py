@@ -27,11 +27,10 @@ class InitSource:
     ckpt: Checkpoint
     weights: dict[str, torch.Tensor]
     sha256: str
-    backbone_names: set[str]   # backbone tensors the source trained (kept in this run's checkpoints)
+    backbone_names: set[str]  # backbone tensors the source trained (kept in this run's checkpoints)
 
 
-def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Path, resuming: bool,
-                     main: bool) -> InitSource:
+def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Path, resuming: bool, main: bool) -> InitSource:
     """Open ``train.init_from`` and check it fits: same task, same backbone (identity),
     every tensor it holds present in this model with the same shape. On ``--resume``
     the source must also be the very file the run started from (init_from.json)."""
@@ -51,17 +50,23 @@ def open_init_source(cfg: Config, backbone: Backbone, model: nn.Module, out: Pat
     misfit = first_misfit(own, weights)
     if misfit is not None:
         kind, k = misfit
-        what = ("has no place in this model" if kind == "unexpected"
-                else f"has shape {tuple(weights[k].shape)}, this model's has {tuple(own[k].shape)}")
-        raise CheckpointError(f"train.init_from: {source}: tensor '{k}' {what} "
-                              f"(another model config: check model.* and counting.*)")
+        what = (
+            "has no place in this model"
+            if kind == "unexpected"
+            else f"has shape {tuple(weights[k].shape)}, this model's has {tuple(own[k].shape)}"
+        )
+        raise CheckpointError(
+            f"train.init_from: {source}: tensor '{k}' {what} (another model config: check model.* and counting.*)"
+        )
     sha = ckpt.digests.get("weights.safetensors", "")
     record = out / INIT_RECORD
     if resuming and record.is_file():
         before = json.loads(record.read_text()).get("weights_sha256")
         if before != sha:
-            raise CheckpointError(f"train.init_from: {source}: its weights changed since this run started from them "
-                                  f"(sha256 {str(before)[:12]}... then, {sha[:12]}... now)")
+            raise CheckpointError(
+                f"train.init_from: {source}: its weights changed since this run started from them "
+                f"(sha256 {str(before)[:12]}... then, {sha[:12]}... now)"
+            )
     return InitSource(ckpt, weights, sha, {k for k in weights if k.startswith("backbone.")})
 
 
@@ -73,15 +78,29 @@ def load_init_weights(model: nn.Module, init: InitSource, saved_names: set[str],
     model.load_state_dict(init.weights, strict=False)
     left = sorted(k for k in saved_names if k not in init.weights)
     if main:
-        log.info("train.init_from: %d tensors from %s (weights sha256 %s...)", len(init.weights), init.ckpt.folder,
-                 init.sha256[:12])
+        log.info(
+            "train.init_from: %d tensors from %s (weights sha256 %s...)", len(init.weights), init.ckpt.folder, init.sha256[:12]
+        )
         if left:
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
-            log.info("train.init_from: %d tensors this run trains are not in the source and keep their initial "
-                     "values: %s", len(left), shown)
-        write_text(out / INIT_RECORD, json.dumps({
-            "checkpoint": str(init.ckpt.folder), "weights_sha256": init.sha256, "source_epoch": init.ckpt.state.epoch,
-            "loaded": len(init.weights), "left_at_init": left}, indent=2))
+            log.info(
+                "train.init_from: %d tensors this run trains are not in the source and keep their initial values: %s",
+                len(left),
+                shown,
+            )
+        write_text(
+            out / INIT_RECORD,
+            json.dumps(
+                {
+                    "checkpoint": str(init.ckpt.folder),
+                    "weights_sha256": init.sha256,
+                    "source_epoch": init.ckpt.state.epoch,
+                    "loaded": len(init.weights),
+                    "left_at_init": left,
+                },
+                indent=2,
+            ),
+        )
 
 
 def init_metrics(cfg: Config, out: Path) -> dict[str, object]:
@@ -89,5 +108,9 @@ def init_metrics(cfg: Config, out: Path) -> dict[str, object]:
     if not cfg.train.init_from:
         return {}
     record = json.loads((out / INIT_RECORD).read_text()) if (out / INIT_RECORD).is_file() else {}
-    return {"init/from": cfg.train.init_from, "init/weights_sha256": record.get("weights_sha256", ""),
-            "init/loaded": record.get("loaded", 0), "init/left_at_init": len(record.get("left_at_init", []))}
+    return {
+        "init/from": cfg.train.init_from,
+        "init/weights_sha256": record.get("weights_sha256", ""),
+        "init/loaded": record.get("loaded", 0),
+        "init/left_at_init": len(record.get("left_at_init", [])),
+    }

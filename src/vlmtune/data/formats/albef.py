@@ -11,6 +11,10 @@ def _has_more_keys(probe: Probe) -> bool:
     return bool(probe.keys - {"image", "caption", "text"})
 
 
-ALBEF = Format("albef", readers={"pairs": list_reader("albef")},
-               carries={"caption": "a caption", "text": "a text", "bbox": "a box"},
-               by_json=_has_more_keys, detect_rank=80)
+ALBEF = Format(
+    "albef",
+    readers={"pairs": list_reader("albef")},
+    carries={"caption": "a caption", "text": "a text", "bbox": "a box"},
+    by_json=_has_more_keys,
+    detect_rank=80,
+)

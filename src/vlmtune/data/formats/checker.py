@@ -84,7 +84,11 @@ class Checker:
             if not path.is_relative_to(self.base):
                 raise Bad(f"image path '{shown}' leads outside the data set's folder {self.base} (to {str(path)[:120]})")
             if not path.is_file():
-                hint = "" if self.declared_root else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+                hint = (
+                    ""
+                    if self.declared_root
+                    else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+                )
                 raise Bad(f"image not found: {str(path)[:200]}{hint}")
         except (OSError, RuntimeError) as e:  # a name too long for the file system, a link loop
             reason = "a symbolic link loop" if isinstance(e, RuntimeError) or e.errno == 40 else (e.strerror or str(e))

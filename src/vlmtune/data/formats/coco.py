@@ -65,9 +65,15 @@ def coco_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
         unread_fields(ann, {"caption"}, "coco")
         key = _coco_image_id(ann, files, bad_ids)
         if "caption" not in ann:
-            raise Bad("missing 'caption'" + (" (this looks like COCO instances, which carry no text; "
-                                              "for RefCOCO use refer's refs(...).p with data.format=refcoco)"
-                                              if "bbox" in ann else ""))
+            raise Bad(
+                "missing 'caption'"
+                + (
+                    " (this looks like COCO instances, which carry no text; "
+                    "for RefCOCO use refer's refs(...).p with data.format=refcoco)"
+                    if "bbox" in ann
+                    else ""
+                )
+            )
         return {"image": files[key].get("file_name"), "caption": ann["caption"]}
 
     return [Item(f"record {i}", partial(get, ann)) for i, ann in enumerate(annotations)]
@@ -77,5 +83,11 @@ def _is_coco(probe: Probe) -> bool:
     return isinstance(probe.data, dict) and "images" in probe.data and "annotations" in probe.data
 
 
-COCO = Format("coco", readers={"pairs": read_coco}, carries={"caption": "a caption"}, by_json=_is_coco, detect_rank=10,
-              object_shape="COCO captions ('images' and 'annotations')")
+COCO = Format(
+    "coco",
+    readers={"pairs": read_coco},
+    carries={"caption": "a caption"},
+    by_json=_is_coco,
+    detect_rank=10,
+    object_shape="COCO captions ('images' and 'annotations')",
+)

@@ -41,6 +41,10 @@ def _is_jsonl(probe: Probe) -> bool:
     return not probe.is_dir and probe.suffix == ".jsonl"
 
 
-COUNTING = Format("counting", readers={"counting": read_jsonl},
-                  carries={"count": "a count", "question": "a question", "answer": "an answer"},
-                  by_path=_is_jsonl, detect_rank=40)
+COUNTING = Format(
+    "counting",
+    readers={"counting": read_jsonl},
+    carries={"count": "a count", "question": "a question", "answer": "an answer"},
+    by_path=_is_jsonl,
+    detect_rank=40,
+)

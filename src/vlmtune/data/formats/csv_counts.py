@@ -53,8 +53,9 @@ def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     header = [h.strip() for h in header]
     reader.fieldnames = header
     if not {"filename", "image", "file_name"} & set(header) or not {"count", "receipt_count"} & set(header):
-        raise Bad(f"CSV header {','.join(header)} needs an image column (filename or image) and a count column "
-                   "(count or receipt_count)")
+        raise Bad(
+            f"CSV header {','.join(header)} needs an image column (filename or image) and a count column (count or receipt_count)"
+        )
     rows = []
     for rec in reader:
         line = reader.line_num
@@ -71,6 +72,10 @@ def _is_csv(probe: Probe) -> bool:
     return not probe.is_dir and probe.suffix == ".csv"
 
 
-CSV = Format("csv", readers={"counting": read_csv},
-             carries={"count": "a count", "receipt_count": "a count", "question": "a question", "answer": "an answer"},
-             by_path=_is_csv, detect_rank=20)
+CSV = Format(
+    "csv",
+    readers={"counting": read_csv},
+    carries={"count": "a count", "receipt_count": "a count", "question": "a question", "answer": "an answer"},
+    by_path=_is_csv,
+    detect_rank=20,
+)

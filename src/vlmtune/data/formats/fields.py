@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 EPS = 1e-6
 
 # Splits of a one-file-all-splits format that make up each of vlmtune's three.
-SPLITS = {"train": ("train", "restval"), "val": ("val", "validation", "valid", "dev"),
-          "test": ("test", "testA", "testB")}
+SPLITS = {"train": ("train", "restval"), "val": ("val", "validation", "valid", "dev"), "test": ("test", "testA", "testB")}
 
 
 class Bad(Exception):
@@ -107,8 +106,9 @@ def texts(rec: dict[str, Any], limit: int) -> list[str]:
     return out
 
 
-def pixel_bbox(rec: dict[str, Any], size: tuple[int, int] | None,
-          tolerance: float = 0.0) -> tuple[tuple[float, float, float, float] | None, bool]:
+def pixel_bbox(
+    rec: dict[str, Any], size: tuple[int, int] | None, tolerance: float = 0.0
+) -> tuple[tuple[float, float, float, float] | None, bool]:
     """An optional [x, y, w, h] pixel box, checked against the image's size when known.
 
     Returns (box, clipped): a box that overruns the image (or starts left of or above
@@ -122,8 +122,9 @@ def pixel_bbox(rec: dict[str, Any], size: tuple[int, int] | None,
     return pixel_box(tuple(float(v) for v in box), json.dumps(box), size, tolerance)  # type: ignore[arg-type]
 
 
-def pixel_box(box: tuple[float, float, float, float], shown: str, size: tuple[int, int] | None,
-               tolerance: float) -> tuple[tuple[float, float, float, float], bool]:
+def pixel_box(
+    box: tuple[float, float, float, float], shown: str, size: tuple[int, int] | None, tolerance: float
+) -> tuple[tuple[float, float, float, float], bool]:
     x, y, w, h = box
     slack = tolerance + EPS
     if x < -slack or y < -slack:
@@ -143,8 +144,9 @@ def pixel_box(box: tuple[float, float, float, float], shown: str, size: tuple[in
     return (clipped if moved else box), moved
 
 
-def norm_box(rec: dict[str, Any], size: tuple[int, int] | None,
-              tolerance: float) -> tuple[tuple[float, float, float, float] | None, bool]:
+def norm_box(
+    rec: dict[str, Any], size: tuple[int, int] | None, tolerance: float
+) -> tuple[tuple[float, float, float, float] | None, bool]:
     """A GeoText box: [cx, cy, w, h] as fractions of the image, converted to pixel xywh."""
     box = rec.get("bbox_norm")
     if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
@@ -194,6 +196,8 @@ def load_json(path: Path) -> Any:
 
 def failing(message: str) -> Callable[[], dict[str, Any]]:
     """An item getter that reports ``message`` for its record."""
+
     def get() -> dict[str, Any]:
         raise Bad(message)
+
     return get

@@ -32,8 +32,7 @@ def geotext_items(ck: Checker, i: int, rec: Any) -> Iterator[Item]:
         return
     sentences, boxes = rec.get("sentences", []), rec.get("bboxes")
     if not isinstance(sentences, list) or (boxes is not None and not isinstance(boxes, list)):
-        yield Item(label, failing(f"'sentences' and 'bboxes' must be lists, got {type_name(sentences)} "
-                                    f"and {type_name(boxes)}"))
+        yield Item(label, failing(f"'sentences' and 'bboxes' must be lists, got {type_name(sentences)} and {type_name(boxes)}"))
         return
     if boxes is not None and len(boxes) != len(sentences):
         yield Item(label, failing(f"{len(sentences)} sentences but {len(boxes)} bboxes; they pair up one to one"))
@@ -71,6 +70,10 @@ def _has_geotext_keys(probe: Probe) -> bool:
     return bool(probe.keys & {"bboxes", "sentences"})
 
 
-GEOTEXT = Format("geotext", readers={"pairs": read_geotext},
-                 carries={"bboxes": "boxes", "sentences": "captions", "caption": "a caption"},
-                 by_json=_has_geotext_keys, detect_rank=30)
+GEOTEXT = Format(
+    "geotext",
+    readers={"pairs": read_geotext},
+    carries={"bboxes": "boxes", "sentences": "captions", "caption": "a caption"},
+    by_json=_has_geotext_keys,
+    detect_rank=30,
+)

@@ -41,8 +41,11 @@ def read_hf_counting(ck: Checker, path: Path, data: Any) -> list[Item]:
 
 def is_hf_folder(path: Path) -> bool:
     """Whether ``path`` is a folder in a ``datasets`` layout (saved, or an imagefolder)."""
-    return path.is_dir() and any((path / n).is_file() for n in _LAYOUT_FILES) or (
-        path.is_dir() and any((path / s / "metadata.jsonl").is_file() for s in ("train", "validation", "val", "test")))
+    return (
+        path.is_dir()
+        and any((path / n).is_file() for n in _LAYOUT_FILES)
+        or (path.is_dir() and any((path / s / "metadata.jsonl").is_file() for s in ("train", "validation", "val", "test")))
+    )
 
 
 def _datasets() -> Any:
@@ -56,8 +59,12 @@ def _datasets() -> Any:
 def hf_rows(ck: Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a ``datasets`` layout as dicts, labelled ``record N`` (``SPLIT record N``
     where the layout has several splits); image paths relative to the image root."""
-    if path.is_dir() and not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file() \
-            and not (path / "state.json").is_file():
+    if (
+        path.is_dir()
+        and not (path / "dataset_info.json").is_file()
+        and not (path / "dataset_dict.json").is_file()
+        and not (path / "state.json").is_file()
+    ):
         return _imagefolder_rows(ck, path)
     if path.name.lower() in _METADATA:
         return _metadata_rows(ck, path, "")
@@ -108,8 +115,10 @@ def _hf_image(rec: dict[str, Any]) -> dict[str, Any]:
                 rec[key] = v["path"]
             else:
                 rec[key] = None
-                rec["__bad__"] = (f"'{key}' is embedded as bytes without a file path; vlmtune reads image files: "
-                                  "keep the images as files and store their paths")
+                rec["__bad__"] = (
+                    f"'{key}' is embedded as bytes without a file path; vlmtune reads image files: "
+                    "keep the images as files and store their paths"
+                )
     return rec
 
 
@@ -194,8 +203,19 @@ def _is_layout(probe: Probe) -> bool:
     return is_hf_folder(probe.path) or (not probe.is_dir and (probe.suffix == ".parquet" or probe.name in _METADATA))
 
 
-HF = Format("hf", readers={"pairs": read_hf_pairs, "counting": read_hf_counting},
-            carries={"captions": "captions", "caption": "a caption", "text": "a text", "count": "a count",
-                     "question": "a question", "answer": "an answer"},
-            by_path=_is_layout, detect_rank=30, kind_of=hf_kind,
-            folder_shape="a Hugging Face datasets folder (save_to_disk, or an imagefolder with metadata.jsonl)")
+HF = Format(
+    "hf",
+    readers={"pairs": read_hf_pairs, "counting": read_hf_counting},
+    carries={
+        "captions": "captions",
+        "caption": "a caption",
+        "text": "a text",
+        "count": "a count",
+        "question": "a question",
+        "answer": "an answer",
+    },
+    by_path=_is_layout,
+    detect_rank=30,
+    kind_of=hf_kind,
+    folder_shape="a Hugging Face datasets folder (save_to_disk, or an imagefolder with metadata.jsonl)",
+)

@@ -75,9 +75,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
 def _decode(path: Path, source: str) -> Image.Image:

@@ -59,9 +59,16 @@ def _is_karpathy(probe: Probe) -> bool:
     if not isinstance(data, dict):
         return False
     images = data.get("images")
-    return isinstance(images, list) and (("dataset" in data) or any(
-        isinstance(r, dict) and "sentences" in r and "filename" in r for r in images[:50]))
+    return isinstance(images, list) and (
+        ("dataset" in data) or any(isinstance(r, dict) and "sentences" in r and "filename" in r for r in images[:50])
+    )
 
 
-KARPATHY = Format("karpathy", readers={"pairs": read_karpathy}, carries={"sentences": "captions"}, by_json=_is_karpathy,
-                  detect_rank=20, object_shape="a Karpathy split file ('images' with 'filename' and 'sentences')")
+KARPATHY = Format(
+    "karpathy",
+    readers={"pairs": read_karpathy},
+    carries={"sentences": "captions"},
+    by_json=_is_karpathy,
+    detect_rank=20,
+    object_shape="a Karpathy split file ('images' with 'filename' and 'sentences')",
+)

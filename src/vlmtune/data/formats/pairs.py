@@ -52,10 +52,18 @@ def _has_boxes_or_relations(probe: Probe) -> bool:
     return bool(probe.keys & {"bbox", "relation"})
 
 
-PAIRS = Format("pairs", readers={"pairs": list_reader("pairs")},
-               carries={"caption": "a caption", "bbox": "a box", "relation": "a relation"},
-               by_json=_is_list, detect_rank=90)
+PAIRS = Format(
+    "pairs",
+    readers={"pairs": list_reader("pairs")},
+    carries={"caption": "a caption", "bbox": "a box", "relation": "a relation"},
+    by_json=_is_list,
+    detect_rank=90,
+)
 
-GROUNDING = Format("grounding", readers={"pairs": list_reader("grounding")},
-                   carries={"text": "a text", "bbox": "a box", "relation": "a relation"},
-                   by_json=_has_boxes_or_relations, detect_rank=50)
+GROUNDING = Format(
+    "grounding",
+    readers={"pairs": list_reader("grounding")},
+    carries={"text": "a text", "bbox": "a box", "relation": "a relation"},
+    by_json=_has_boxes_or_relations,
+    detect_rank=50,
+)

@@ -55,8 +55,9 @@ def format_items(ck: Checker, path: Path, kind: Kind) -> list[Item]:
     return FORMATS[fmt].readers[kind](ck, path, data)
 
 
-def _pair_rows(ck: Checker, label: str, texts: list[str] | None, image: Path | None, bbox: Any,
-               relation: int | None) -> list[tuple[Path, str, Any, int | None, str]]:
+def _pair_rows(
+    ck: Checker, label: str, texts: list[str] | None, image: Path | None, bbox: Any, relation: int | None
+) -> list[tuple[Path, str, Any, int | None, str]]:
     """The pairs of one checked record (one per caption), or [] when it has an error."""
     if not ck.ok or texts is None or image is None:
         return []
@@ -110,8 +111,9 @@ def _open_scan(path: str | Path, deep: bool, opts: ReadOptions, kind: Kind) -> t
         return ck, None
 
 
-def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS,
-               opts: ReadOptions | None = None) -> Scan:
+def scan_pairs(
+    path: str | Path, deep: bool = False, max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None
+) -> Scan:
     """Check an image-text annotation file (retrieval or grounding, any pair format of
     :mod:`vlmtune.data.formats.registry`); collect every problem.
 
@@ -125,8 +127,9 @@ def scan_pairs(path: str | Path, deep: bool = False, max_text_chars: int = MAX_T
         return ck.scan
     rows = _scan_pair_items(ck, items)
     ids: dict[Path, int] = {}
-    ck.scan.records = [PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where)
-                       for image, text, bbox, rel, where in rows]
+    ck.scan.records = [
+        PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where) for image, text, bbox, rel, where in rows
+    ]
     return ck.scan
 
 
@@ -174,8 +177,13 @@ def _scan_count_items(ck: Checker, items: Iterable[Item], max_count: int | None)
             ck.scan.records.append(CountRecord(image, question, answer, count, f"{ck.path}: {it.label}"))  # type: ignore[arg-type]
 
 
-def scan_counting(path: str | Path, max_count: int | None = None, deep: bool = False,
-                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None) -> Scan:
+def scan_counting(
+    path: str | Path,
+    max_count: int | None = None,
+    deep: bool = False,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    opts: ReadOptions | None = None,
+) -> Scan:
     """Check a counting file (JSONL ``{"image", "count", "question"?, "answer"?}`` per line,
     a CSV with a header, or a ``datasets`` layout); collect every problem. ``line N`` is
     1-based (a CSV's header is line 1); blank JSONL lines are skipped."""
@@ -200,16 +208,14 @@ def _apply(scan: Scan, on_error: OnError) -> list[Any]:
     if errors and on_error == "raise":
         if len(errors) == 1:
             raise DataError(str(errors[0]))
-        raise DataError(f"{len(errors)} problems in {path}; first: {errors[0]}; "
-                        f"run `vlmtune data validate {path}` for the list")
+        raise DataError(f"{len(errors)} problems in {path}; first: {errors[0]}; run `vlmtune data validate {path}` for the list")
     if errors:
         bad = scan.bad_sources
         log.warning("%s: skipped %d of %d records with problems (data.on_error=skip):", path, len(bad), scan.n_records)
         for p in errors[:_LOG_FIRST]:
             log.warning("  skipped %s", p)
         if len(errors) > _LOG_FIRST:
-            log.warning("  ... and %d more problems; run `vlmtune data validate %s` for the list",
-                        len(errors) - _LOG_FIRST, path)
+            log.warning("  ... and %d more problems; run `vlmtune data validate %s` for the list", len(errors) - _LOG_FIRST, path)
     if not scan.records:
         if errors:
             raise DataError(f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}")
@@ -226,8 +232,9 @@ def _report(scan: Scan) -> None:
         log.info("%s: %d %s", scan.path, n, what)
 
 
-def read_pairs(path: str | Path, on_error: OnError = "raise", max_text_chars: int = MAX_TEXT_CHARS,
-               opts: ReadOptions | None = None) -> list[PairRecord]:
+def read_pairs(
+    path: str | Path, on_error: OnError = "raise", max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None
+) -> list[PairRecord]:
     """Read an image-text annotation file (any pair format) into image-text pairs.
 
     The format is ``opts.format`` or detected from the file's shape (see
@@ -242,8 +249,13 @@ def read_pairs(path: str | Path, on_error: OnError = "raise", max_text_chars: in
     return records
 
 
-def read_counting(path: str | Path, max_count: int | None = None, on_error: OnError = "raise",
-                  max_text_chars: int = MAX_TEXT_CHARS, opts: ReadOptions | None = None) -> list[CountRecord]:
+def read_counting(
+    path: str | Path,
+    max_count: int | None = None,
+    on_error: OnError = "raise",
+    max_text_chars: int = MAX_TEXT_CHARS,
+    opts: ReadOptions | None = None,
+) -> list[CountRecord]:
     """Read a counting file: JSONL ``{"image", "count", "question"?, "answer"?}`` per line,
     a CSV with a header, or a ``datasets`` layout.
 

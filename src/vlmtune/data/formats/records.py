@@ -136,13 +136,18 @@ class Item:
     new: bool = True
 
 
-def options_from_config(data: Any, counting: Any = None, split: str | None = None,
-                        image_root: str | Path | None = None) -> ReadOptions:
+def options_from_config(
+    data: Any, counting: Any = None, split: str | None = None, image_root: str | Path | None = None
+) -> ReadOptions:
     """ReadOptions from the ``data`` (and ``counting``) config sections; ``image_root``
     overrides data.image_root (the ``--image-root`` option)."""
     return ReadOptions(
-        image_root=image_root if image_root is not None else data.image_root, format=data.format, split=split,
-        box_tolerance_px=data.box_tolerance_px, duplicates=data.duplicates, max_text_chars=data.max_text_chars,
+        image_root=image_root if image_root is not None else data.image_root,
+        format=data.format,
+        split=split,
+        box_tolerance_px=data.box_tolerance_px,
+        duplicates=data.duplicates,
+        max_text_chars=data.max_text_chars,
         question_templates=tuple(counting.question_templates) if counting is not None else None,
-        answer_templates={k: tuple(v) for k, v in counting.answer_templates.items()} if counting is not None else None)
-
+        answer_templates={k: tuple(v) for k, v in counting.answer_templates.items()} if counting is not None else None,
+    )

@@ -40,8 +40,10 @@ class SafeUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refuses to build '{module}.{name}': only plain data "
-                                     "(dict, list, tuple, str, int, float, bool, None) is read from a pickle")
+        raise pickle.UnpicklingError(
+            f"refuses to build '{module}.{name}': only plain data "
+            "(dict, list, tuple, str, int, float, bool, None) is read from a pickle"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("refuses a persistent id: only plain data is read from a pickle")
@@ -115,6 +117,11 @@ def _has_ref_ids(probe: Probe) -> bool:
     return "ref_id" in probe.keys
 
 
-REFCOCO = Format("refcoco", readers={"pairs": read_refcoco},
-                 carries={"sentences": "captions", "text": "a text", "bbox": "a box"},
-                 by_path=_is_pickle, by_json=_has_ref_ids, detect_rank=40)
+REFCOCO = Format(
+    "refcoco",
+    readers={"pairs": read_refcoco},
+    carries={"sentences": "captions", "text": "a text", "bbox": "a box"},
+    by_path=_is_pickle,
+    by_json=_has_ref_ids,
+    detect_rank=40,
+)

@@ -31,7 +31,11 @@ AUTO = "auto"
 # Fields that carry a target no vlmtune format reads: a record holding one is refused
 # rather than read without it (field -> what it carries).
 UNREAD_TARGETS: dict[str, str] = {
-    "boxes": "boxes", "objects": "boxes", "segmentation": "a mask", "keypoints": "keypoints", "relations": "relations",
+    "boxes": "boxes",
+    "objects": "boxes",
+    "segmentation": "a mask",
+    "keypoints": "keypoints",
+    "relations": "relations",
 }
 
 # A format's reader for one kind: the checker of the file, the path and the file's parsed
@@ -183,8 +187,11 @@ def unread_fields(rec: dict[str, Any], used: Collection[str], fmt: str) -> None:
     for key in rec:
         if key in table and key not in used:
             what, readers = table[key]
-            where = (f"format {' or '.join(repr(r) for r in readers)} reads it (data.format=...)" if readers
-                     else "no vlmtune format reads it; remove it or convert the file")
+            where = (
+                f"format {' or '.join(repr(r) for r in readers)} reads it (data.format=...)"
+                if readers
+                else "no vlmtune format reads it; remove it or convert the file"
+            )
             raise Bad(f"field '{key}' carries {what} that format '{fmt}' does not read; {where}")
 
 

@@ -42,8 +42,7 @@ class RecordSampler:
     possible, so greedy decoding takes it. The warpers are transformers' own, the ones
     ``do_sample=True`` applies."""
 
-    def __init__(self, seeds: list[int], device: torch.device, *, top_p: float, temperature: float,
-                 top_k: int | None = None):
+    def __init__(self, seeds: list[int], device: torch.device, *, top_p: float, temperature: float, top_k: int | None = None):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         warpers: list[Any] = []
         if temperature != 1.0:
@@ -71,10 +70,21 @@ def answer_token_nll(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Callable[[list[CountRecord]], DataLoader],
-             device: torch.device, *, counting: CountingConfig, max_new_tokens: int, n_generate: int,
-             gen: dict[str, Any], sample_seed: int | None = None, train_records: list[CountRecord] | None = None,
-             progress: bool = False, record_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: CountingModel,
+    records: list[CountRecord],
+    loader_for: Callable[[list[CountRecord]], DataLoader],
+    device: torch.device,
+    *,
+    counting: CountingConfig,
+    max_new_tokens: int,
+    n_generate: int,
+    gen: dict[str, Any],
+    sample_seed: int | None = None,
+    train_records: list[CountRecord] | None = None,
+    progress: bool = False,
+    record_rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Head metrics beside the majority class, answer perplexity, and answers generated
     (with the ``gen`` settings of ``generate``) for the first ``n_generate`` records;
     BLEU and ROUGE when every record got one. With ``record_rows`` (a list), one JSON-ready
@@ -106,31 +116,56 @@ def evaluate(model: CountingModel, records: list[CountRecord], loader_for: Calla
             sel = torch.tensor(want, device=device)
             kw = dict(gen)
             if sample_seed is not None:
-                sampler = RecordSampler([derived_seed(sample_seed, idx[j]) for j in want], device,
-                                        top_p=kw.pop("top_p", 1.0), temperature=kw.pop("temperature", 1.0),
-                                        top_k=getattr(model.backbone.model.generation_config, "top_k", None))
+                sampler = RecordSampler(
+                    [derived_seed(sample_seed, idx[j]) for j in want],
+                    device,
+                    top_p=kw.pop("top_p", 1.0),
+                    temperature=kw.pop("temperature", 1.0),
+                    top_k=getattr(model.backbone.model.generation_config, "top_k", None),
+                )
                 kw.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
             images = image_inputs(batch, want)
-            ids = generate_answers(model, batch["prompt_ids"][sel], batch["prompt_mask"][sel],
-                                   images.pop("pixel_values", None), max_new_tokens=max_new_tokens, **images, **kw)
+            ids = generate_answers(
+                model,
+                batch["prompt_ids"][sel],
+                batch["prompt_mask"][sel],
+                images.pop("pixel_values", None),
+                max_new_tokens=max_new_tokens,
+                **images,
+                **kw,
+            )
             answers = dict(zip(want, decode(tok, ids)))
         probs = count_logits.float().softmax(-1).cpu()
         for j, i in enumerate(idx):
-            mine.append({"row": i, "pred": int(probs[j].argmax()), "probs": probs[j], "label": int(batch["count"][j]),
-                         "nll": float(nll[j]), "tokens": int(n_tokens[j]), "answer": answers.get(j)})
+            mine.append(
+                {
+                    "row": i,
+                    "pred": int(probs[j].argmax()),
+                    "probs": probs[j],
+                    "label": int(batch["count"][j]),
+                    "nll": float(nll[j]),
+                    "tokens": int(n_tokens[j]),
+                    "answer": answers.get(j),
+                }
+            )
     # Every process joins the gather, also one whose shard is empty.
     merged = sorted((r for part in all_gather_objects(mine) for r in part), key=lambda r: r["row"])
     model.train(was_training)
     metrics = merged_metrics(records, merged, counting, train_records)
     if record_rows is not None:
         probs_all = torch.stack([r["probs"] for r in merged]) if merged else torch.empty(0, k)
-        record_rows += per_record_rows(records, probs_all, {r["row"]: r["answer"] for r in merged
-                                                            if r["answer"] is not None}, counting)
+        record_rows += per_record_rows(
+            records, probs_all, {r["row"]: r["answer"] for r in merged if r["answer"] is not None}, counting
+        )
     return metrics
 
 
-def merged_metrics(records: list[CountRecord], results: list[dict[str, Any]], counting: CountingConfig,
-                   train_records: list[CountRecord] | None = None) -> dict[str, Any]:
+def merged_metrics(
+    records: list[CountRecord],
+    results: list[dict[str, Any]],
+    counting: CountingConfig,
+    train_records: list[CountRecord] | None = None,
+) -> dict[str, Any]:
     """The metrics of per-record results in record order (one dict per record: its
     predicted class ``pred``, true class ``label``, answer-token ``nll`` sum and
     ``tokens``, and generated ``answer`` or None)."""
@@ -154,8 +189,9 @@ def merged_metrics(records: list[CountRecord], results: list[dict[str, Any]], co
     return metrics
 
 
-def per_record_rows(records: list[CountRecord], probs: torch.Tensor, answers: dict[int, str],
-                    counting: CountingConfig) -> list[dict[str, Any]]:
+def per_record_rows(
+    records: list[CountRecord], probs: torch.Tensor, answers: dict[int, str], counting: CountingConfig
+) -> list[dict[str, Any]]:
     """One row per record: the image, question, true count and answer, the count head's
     class with its probability (and every class's), the generated answer and the count
     parsed from it (None where it states none)."""
@@ -167,18 +203,31 @@ def per_record_rows(records: list[CountRecord], probs: torch.Tensor, answers: di
         true_class = count_class(r.count, counting.buckets)
         answer = answers.get(i)
         parsed = parse_count(answer) if answer is not None else None
-        out.append({
-            "query": i, "image": str(r.image), "question": r.question, "count_true": r.count,
-            "answer_true": r.answer, "count_pred": names[k], "count_pred_class": k, "count_true_class": true_class,
-            "confidence": round(float(p[k]), 4), "prob_true": round(float(p[true_class]), 4),
-            "probabilities": [round(float(x), 4) for x in p], "head_correct": k == true_class,
-            "answer": answer, "answer_count": parsed, "answer_correct": None if answer is None else parsed == r.count,
-        })
+        out.append(
+            {
+                "query": i,
+                "image": str(r.image),
+                "question": r.question,
+                "count_true": r.count,
+                "answer_true": r.answer,
+                "count_pred": names[k],
+                "count_pred_class": k,
+                "count_true_class": true_class,
+                "confidence": round(float(p[k]), 4),
+                "prob_true": round(float(p[true_class]), 4),
+                "probabilities": [round(float(x), 4) for x in p],
+                "head_correct": k == true_class,
+                "answer": answer,
+                "answer_count": parsed,
+                "answer_correct": None if answer is None else parsed == r.count,
+            }
+        )
     return out
 
 
-def answer_metrics(generated: list[str], references: list[str], counts: list[int],
-                   train_records: list[CountRecord] | None = None) -> dict[str, Any]:
+def answer_metrics(
+    generated: list[str], references: list[str], counts: list[int], train_records: list[CountRecord] | None = None
+) -> dict[str, Any]:
     """Share of answers that state a count, and of answers whose count is right (0-100),
     beside always answering the most common training count."""
     out: dict[str, Any] = {"answer/n_generated": len(generated)}
@@ -193,5 +242,3 @@ def answer_metrics(generated: list[str], references: list[str], counts: list[int
     out["answer/sample"] = generated[0]
     out["answer/examples"] = [{"reference": r, "generated": g} for r, g in list(zip(references, generated))[:5]]
     return out
-
-

@@ -13,8 +13,9 @@ from vlmtune.tasks.counting.model import CountingEncodings, answer_token_loss, p
 LOSSES = LossRegistry()
 
 
-@LOSSES.register("lm", weight=1.0, fields=("answer",),
-                 help="Weight of the token cross-entropy on the answer tokens (prompt masked).")
+@LOSSES.register(
+    "lm", weight=1.0, fields=("answer",), help="Weight of the token cross-entropy on the answer tokens (prompt masked)."
+)
 def lm(enc: CountingEncodings) -> dict[str, torch.Tensor]:
     """Mean cross-entropy of the answer tokens over all processes' rows (:func:`answer_token_loss`)."""
     loss, _ = answer_token_loss(enc.hidden, enc.model.backbone.model.lm_head, enc.batch["labels"])

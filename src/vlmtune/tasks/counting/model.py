@@ -72,8 +72,14 @@ def answer_token_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
 class CountingModel(TaskModel):
     """Backbone (optionally with LoRA adapters in its language model) + a count head."""
 
-    def __init__(self, backbone: Backbone, counting: CountingConfig, model: ModelConfig,
-                 losses: LossRegistry | None = None, loss_weights: dict[str, float] | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        counting: CountingConfig,
+        model: ModelConfig,
+        losses: LossRegistry | None = None,
+        loss_weights: dict[str, float] | None = None,
+    ):
         """``losses``: the task's registered losses, which ``forward`` computes (None: a
         model for prediction only); ``loss_weights``: their parts' sub-weights."""
         super().__init__()
@@ -88,8 +94,9 @@ class CountingModel(TaskModel):
     def _inject_lora(self, c: CountingConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                          target_modules=list(c.lora_target_modules))
+        lora = LoraConfig(
+            r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=list(c.lora_target_modules)
+        )
         try:
             inject_adapter_in_model(lora, self.backbone.language_model)
         except ValueError as e:
@@ -116,8 +123,9 @@ class CountingModel(TaskModel):
         return self.backbone.component_modules(name, vision_blocks)
 
     # ---- forward
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                      **cached: Any) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None, **cached: Any
+    ) -> torch.Tensor:
         """Last hidden states of the language model over image tokens + text, [B, L, Dt].
 
         The images come as the tiles' ``pixel_values`` or as cached vision states
@@ -126,9 +134,15 @@ class CountingModel(TaskModel):
         embeds = self.embed(input_ids, pixel_values, **cached)
         return self.backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-              vision_tokens: torch.Tensor | None = None, vision_hidden: torch.Tensor | None = None,
-              vision_start: int | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        vision_tokens: torch.Tensor | None = None,
+        vision_hidden: torch.Tensor | None = None,
+        vision_start: int | None = None,
+    ) -> torch.Tensor:
         """The LM's input embeddings with the image tokens in place. From cached states
         the tower's remaining blocks (``vision_hidden``: those from ``vision_start`` on)
         and the projector run live, so whatever of them a stage trains gets gradients."""
@@ -157,8 +171,9 @@ class CountingModel(TaskModel):
 
     def encode(self, batch: dict[str, Any]) -> CountingEncodings:
         """The language model's states over the batch's image tokens and text, once for every loss."""
-        return CountingEncodings(self, batch, self.hidden_states(batch["input_ids"], batch["attention_mask"],
-                                                                 **image_inputs(batch)))
+        return CountingEncodings(
+            self, batch, self.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
+        )
 
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active registered losses: ``lm`` (answer tokens), ``count`` (head)."""
@@ -203,7 +218,7 @@ def prompt_last(labels: torch.Tensor) -> torch.Tensor:
 def tiles_of(pixel_values: torch.Tensor, num_tiles: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """The tiles of the chosen rows of a batch (tiles of all images are stacked in order)."""
     starts = torch.cat([num_tiles.new_zeros(1), num_tiles.cumsum(0)]).tolist()
-    return torch.cat([pixel_values[starts[r]:starts[r + 1]] for r in rows])
+    return torch.cat([pixel_values[starts[r] : starts[r + 1]] for r in rows])
 
 
 # --------------------------------------------------------------------------- generation
@@ -217,20 +232,37 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                     pixel_values: torch.Tensor | None, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
-                     top_p: float = 1.0, temperature: float = 1.0, *, vision_tokens: torch.Tensor | None = None,
-                     vision_hidden: torch.Tensor | None = None, vision_start: int | None = None,
-                     **kw: Any) -> Any:
+def generate_answers(
+    model: CountingModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    *,
+    vision_tokens: torch.Tensor | None = None,
+    vision_hidden: torch.Tensor | None = None,
+    vision_start: int | None = None,
+    **kw: Any,
+) -> Any:
     """Answers to left-padded prompts. Returns the generated ids [B, T] (or generate's
     output object when ``return_dict_in_generate`` is passed). The images come as
     ``pixel_values`` or as cached vision states (see :func:`image_inputs`)."""
     bb = model.backbone
-    embeds = model.embed(prompt_ids, pixel_values, vision_tokens=vision_tokens, vision_hidden=vision_hidden,
-                         vision_start=vision_start)
+    embeds = model.embed(
+        prompt_ids, pixel_values, vision_tokens=vision_tokens, vision_hidden=vision_hidden, vision_start=vision_start
+    )
     tok = bb.tokenizer
-    args: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                                eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+    args: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        eos_token_id=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id,
+    )
     if do_sample:
         args.update(top_p=top_p, temperature=temperature)
     else:
@@ -239,11 +271,9 @@ def generate_answers(model: CountingModel, prompt_ids: torch.Tensor, prompt_mask
     # Positions follow the mask, so left padding does not shift the real tokens.
     position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
     # transformers types generate's self as GenerativePreTrainedModel, which InternVL's class is at run time only.
-    return bb.model.generate(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=position_ids,  # type: ignore[misc]
-                             **args, **kw)
+    generate = bb.model.generate  # type: ignore[misc]
+    return generate(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=position_ids, **args, **kw)
 
 
 def decode(tokenizer: Any, ids: torch.Tensor) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-

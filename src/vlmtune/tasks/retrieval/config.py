@@ -27,5 +27,6 @@ class ModelConfig:
 def check_model(m: ModelConfig) -> None:
     """The temperature starts inside the range it is clamped to."""
     if not 0 < m.temperature_min <= m.temperature_init <= m.temperature_max:
-        raise ConfigError(f"model.temperature_init: must lie in [temperature_min, temperature_max] = "
-                          f"[{m.temperature_min}, {m.temperature_max}]")
+        raise ConfigError(
+            f"model.temperature_init: must lie in [temperature_min, temperature_max] = [{m.temperature_min}, {m.temperature_max}]"
+        )

@@ -19,9 +19,19 @@ from vlmtune.tasks import common
 from vlmtune.tasks.base import FeatureCache
 
 
-def make_loader(records: list[PairRecord], backbone: Backbone, *, batch_size: int, max_text_tokens: int,
-                train: bool = False, seed: int = 0, num_workers: int = 0, cache: FeatureCache | None = None,
-                cache_dtype: str = "float32", cache_batch_size: int = 64) -> DataLoader:
+def make_loader(
+    records: list[PairRecord],
+    backbone: Backbone,
+    *,
+    batch_size: int,
+    max_text_tokens: int,
+    train: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    cache: FeatureCache | None = None,
+    cache_dtype: str = "float32",
+    cache_batch_size: int = 64,
+) -> DataLoader:
     """Training loaders shuffle (by a seeded generator) and drop the last partial batch.
 
     With ``cache`` the frozen vision tower's outputs (``cache.vision``) and the frozen
@@ -33,25 +43,51 @@ def make_loader(records: list[PairRecord], backbone: Backbone, *, batch_size: in
     """
     dataset = PairDataset(records)
     if cache is not None:
-        store, keys, sizes = (build_vision_cache(records, backbone, cache.dir, dtype=cache_dtype, batch_size=cache_batch_size,
-                                                 start=cache.vision_start)
-                              if cache.vision else (None, None, None))
-        text_store = (build_text_cache(records, backbone, cache.dir, max_tokens=max_text_tokens, dtype=cache_dtype,
-                                       batch_size=cache_batch_size) if cache.text else None)
-        dataset = PairDataset(records, store, keys, sizes, text_store,
-                              vision_start=cache.vision_start if cache.vision else None)
-    return common.records_loader(dataset, len(records), batch_size=batch_size, train=train, seed=seed,
-                                 num_workers=num_workers,
-                                 collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, max_text_tokens))
+        store, keys, sizes = (
+            build_vision_cache(
+                records, backbone, cache.dir, dtype=cache_dtype, batch_size=cache_batch_size, start=cache.vision_start
+            )
+            if cache.vision
+            else (None, None, None)
+        )
+        text_store = (
+            build_text_cache(
+                records, backbone, cache.dir, max_tokens=max_text_tokens, dtype=cache_dtype, batch_size=cache_batch_size
+            )
+            if cache.text
+            else None
+        )
+        dataset = PairDataset(records, store, keys, sizes, text_store, vision_start=cache.vision_start if cache.vision else None)
+    return common.records_loader(
+        dataset,
+        len(records),
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        num_workers=num_workers,
+        collate_fn=PairCollator(backbone.tokenizer, backbone.image_processor, max_text_tokens),
+    )
 
 
 @torch.no_grad()
-def build_text_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, max_tokens: int,
-                     dtype: str = "float32", batch_size: int = 64) -> FeatureStore:
+def build_text_cache(
+    records: list[PairRecord],
+    backbone: Backbone,
+    cache_dir: str | Path,
+    *,
+    max_tokens: int,
+    dtype: str = "float32",
+    batch_size: int = 64,
+) -> FeatureStore:
     """The store holding the language model's token states of every caption, padded to
     ``max_tokens`` (right padding, so real tokens never see the pads)."""
-    ns = {"kind": "text_tokens", "backbone": backbone_identity(backbone), "weights": text_fingerprint(backbone),
-          "max_tokens": max_tokens, "dtype": dtype}
+    ns = {
+        "kind": "text_tokens",
+        "backbone": backbone_identity(backbone),
+        "weights": text_fingerprint(backbone),
+        "max_tokens": max_tokens,
+        "dtype": dtype,
+    }
     store = FeatureStore(cache_dir, ns)
     # Captions, and the captions with their relation phrase masked (what the relation head reads).
     by_key = {text_key(t): t for r in records for t in (r.text, mask_relation(r.text))}
@@ -70,14 +106,26 @@ def vision_namespace(backbone: Backbone, dtype: str, start: int | None = None) -
     """Everything besides the image that determines the cached vision rows: the tower's
     output (``start`` None), or the hidden state entering block ``start``, keyed by the
     split point and the weights of exactly the prefix below it."""
-    return common.vision_namespace(backbone, kind="vision_tokens", start=start, dtype=dtype,
-                                   preprocess=preprocess_signature(backbone.image_processor), max_tiles=1)
+    return common.vision_namespace(
+        backbone,
+        kind="vision_tokens",
+        start=start,
+        dtype=dtype,
+        preprocess=preprocess_signature(backbone.image_processor),
+        max_tiles=1,
+    )
 
 
 @torch.no_grad()
-def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir: str | Path, *, dtype: str = "float32",
-                       batch_size: int = 64,
-                       start: int | None = None) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
+def build_vision_cache(
+    records: list[PairRecord],
+    backbone: Backbone,
+    cache_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    start: int | None = None,
+) -> tuple[FeatureStore, dict[Any, str], dict[Any, tuple[int, int]]]:
     """The store holding the vision tokens of every image of ``records`` (with
     ``start``: the hidden state entering block ``start`` instead); the sizes are
     those :func:`load_image` returns (EXIF orientation applied), as live loading uses."""
@@ -96,5 +144,3 @@ def build_vision_cache(records: list[PairRecord], backbone: Backbone, cache_dir:
 
     store.ensure(list(keys.values()), compute, batch_size=batch_size, dtype=dtype)
     return store, keys, sizes
-
-

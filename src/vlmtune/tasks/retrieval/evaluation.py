@@ -37,8 +37,10 @@ def check_ks(ks: Sequence[int], *, n_images: int, n_captions: int, where: str) -
     too_big = ks_beyond_gallery(ks, n_images, n_captions)
     if too_big:
         side = "images" if n_images <= n_captions else "captions"
-        raise ConfigError(f"eval.ks: K={max(too_big)} is larger than the retrieval gallery of {where} ({n_images} images, "
-                          f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model")
+        raise ConfigError(
+            f"eval.ks: K={max(too_big)} is larger than the retrieval gallery of {where} ({n_images} images, "
+            f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model"
+        )
 
 
 @dataclass
@@ -47,10 +49,10 @@ class EvalOutputs:
     row of the tensors beside them, so outputs from several processes merge in order."""
 
     images: dict[int, torch.Tensor] = field(default_factory=dict)  # image id -> embedding
-    text: list[torch.Tensor] = field(default_factory=list)         # caption embeddings
-    text_image: list[torch.Tensor] = field(default_factory=list)   # image id of each caption
+    text: list[torch.Tensor] = field(default_factory=list)  # caption embeddings
+    text_image: list[torch.Tensor] = field(default_factory=list)  # image id of each caption
     text_rows: list[torch.Tensor] = field(default_factory=list)
-    box_pred: list[torch.Tensor] = field(default_factory=list)     # xyxy in pixels
+    box_pred: list[torch.Tensor] = field(default_factory=list)  # xyxy in pixels
     box_true: list[torch.Tensor] = field(default_factory=list)
     box_wh: list[torch.Tensor] = field(default_factory=list)
     box_rows: list[torch.Tensor] = field(default_factory=list)
@@ -88,8 +90,9 @@ class EvalOutputs:
         return torch.cat(parts)
 
 
-def embed_outputs(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device: torch.device,
-           progress: bool) -> EvalOutputs:
+def embed_outputs(
+    model: RetrievalModel, loader: DataLoader, rows: torch.Tensor, device: torch.device, progress: bool
+) -> EvalOutputs:
     """Each image embedded once, each caption once; boxes and relations predicted."""
     out = EvalOutputs()
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
@@ -121,9 +124,15 @@ def embed_outputs(model: RetrievalModel, loader: DataLoader, rows: torch.Tensor,
     return out
 
 
-def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device, ev: EvalConfig,
-           train_records: list[PairRecord] | None, rankings_k: int = 0,
-           records: list[PairRecord] | None = None) -> tuple[dict[str, Any], RetrievalRankings | None]:
+def score_outputs(
+    model: RetrievalModel,
+    out: EvalOutputs,
+    device: torch.device,
+    ev: EvalConfig,
+    train_records: list[PairRecord] | None,
+    rankings_k: int = 0,
+    records: list[PairRecord] | None = None,
+) -> tuple[dict[str, Any], RetrievalRankings | None]:
     """Retrieval, grounding and relation metrics of the merged outputs; with
     ``rankings_k`` also every query's ranked list (at least ``rankings_k`` long).
     ``records`` (the evaluated ones) give the text-only baselines their texts."""
@@ -138,9 +147,18 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
 
     rerank = match_score if ev.rerank_k > 0 else None
     rankings: RetrievalRankings | None = None
-    result = retrieval_metrics(gallery, texts, t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size, rerank=rerank,
-                               rerank_k=max(ev.rerank_k, 1), search=ev.search, rankings_k=rankings_k,
-                               return_rankings=rankings_k > 0)
+    result = retrieval_metrics(
+        gallery,
+        texts,
+        t2i,
+        ks=tuple(ev.ks),
+        chunk_size=ev.chunk_size,
+        rerank=rerank,
+        rerank_k=max(ev.rerank_k, 1),
+        search=ev.search,
+        rankings_k=rankings_k,
+        return_rankings=rankings_k > 0,
+    )
     metrics: dict[str, Any]
     if isinstance(result, tuple):  # asked for with rankings_k > 0
         metrics, rankings = result
@@ -159,8 +177,9 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
             if records is not None:
                 # The caption names the object and, through its relation, hints where it is.
                 box_texts = [records[i].text for i in out.cat("box_rows").tolist()]
-                metrics.update(text_box_baseline([r.text for r in train_records if r.bbox is not None],
-                                                 train_boxes, box_texts, true, wh))
+                metrics.update(
+                    text_box_baseline([r.text for r in train_records if r.bbox is not None], train_boxes, box_texts, true, wh)
+                )
     if out.rel_pred:
         y = out.cat("rel_true")
         metrics.update(classification_metrics(out.cat("rel_pred"), y, len(RELATIONS), "spatial"))
@@ -174,9 +193,16 @@ def score_outputs(model: RetrievalModel, out: EvalOutputs, device: torch.device,
 
 
 @torch.no_grad()
-def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loader_for: Any, device: torch.device,
-                           ev: EvalConfig, train_records: list[PairRecord] | None = None, progress: bool = False,
-                           rankings_k: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+def evaluate_with_rankings(
+    model: RetrievalModel,
+    records: list[PairRecord],
+    loader_for: Any,
+    device: torch.device,
+    ev: EvalConfig,
+    train_records: list[PairRecord] | None = None,
+    progress: bool = False,
+    rankings_k: int = 0,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """All retrieval, grounding and relation metrics of ``model`` on ``records``, plus
     with ``rankings_k`` > 0 the per-query results of the same pass: {"t2i": one row per
     caption, "i2t": one row per image} (see :func:`ranking_rows`).
@@ -201,8 +227,7 @@ def evaluate_with_rankings(model: RetrievalModel, records: list[PairRecord], loa
     return metrics, details
 
 
-def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRankings,
-                 k: int) -> dict[str, list[dict[str, Any]]]:
+def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRankings, k: int) -> dict[str, list[dict[str, Any]]]:
     """Per-query results as JSON-ready rows.
 
     t2i (one per caption, in record order): the caption, its image, the 1-based rank of
@@ -241,10 +266,19 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
     for j, rec_index in enumerate(text_rows):
         r = records[rec_index]
         row: dict[str, Any] = {
-            "query": j, "record": rec_index, "text": r.text, "image": path_of[r.image_id], "image_id": r.image_id,
+            "query": j,
+            "record": rec_index,
+            "text": r.text,
+            "image": path_of[r.image_id],
+            "image_id": r.image_id,
             "gt_rank": int(rk.t2i_gt_rank[j]),
-            "top": entries(rk.t2i[j], rk.t2i_scores[j], None if rk.t2i_match is None else rk.t2i_match[j],
-                           lambda i, gt=r.image_id: i == gt, lambda i: {"image_id": i, "image": path_of[i]}),
+            "top": entries(
+                rk.t2i[j],
+                rk.t2i_scores[j],
+                None if rk.t2i_match is None else rk.t2i_match[j],
+                lambda i, gt=r.image_id: i == gt,
+                lambda i: {"image_id": i, "image": path_of[i]},
+            ),
         }
         if rec_index in boxes:
             pred, true = boxes[rec_index]
@@ -260,18 +294,27 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
     i2t_rows = []
     for image_id in sorted(path_of):
         own = set(captions_of[image_id])
-        i2t_rows.append({
-            "query": image_id, "image": path_of[image_id], "captions": [texts[j] for j in captions_of[image_id]],
-            "gt_rank": int(rk.i2t_gt_rank[image_id]),
-            "top": entries(rk.i2t[image_id], rk.i2t_scores[image_id],
-                           None if rk.i2t_match is None else rk.i2t_match[image_id],
-                           lambda j, own=own: j in own, lambda j: {"text_index": j, "text": texts[j]}),
-        })
+        i2t_rows.append(
+            {
+                "query": image_id,
+                "image": path_of[image_id],
+                "captions": [texts[j] for j in captions_of[image_id]],
+                "gt_rank": int(rk.i2t_gt_rank[image_id]),
+                "top": entries(
+                    rk.i2t[image_id],
+                    rk.i2t_scores[image_id],
+                    None if rk.i2t_match is None else rk.i2t_match[image_id],
+                    lambda j, own=own: j in own,
+                    lambda j: {"text_index": j, "text": texts[j]},
+                ),
+            }
+        )
     return {"t2i": t2i_rows, "i2t": i2t_rows}
 
 
-def relation_text_baselines(train_records: list[PairRecord], records: list[PairRecord],
-                            targets: torch.Tensor) -> dict[str, float]:
+def relation_text_baselines(
+    train_records: list[PairRecord], records: list[PairRecord], targets: torch.Tensor
+) -> dict[str, float]:
     """What reading only the text scores on the relation, fitted on the training split.
 
     spatial/baseline_text_*: a bag-of-words classifier on the masked captions the
@@ -282,10 +325,20 @@ def relation_text_baselines(train_records: list[PairRecord], records: list[PairR
     """
     train = [r for r in train_records if r.relation is not None]
     y = [r.relation for r in train if r.relation is not None]  # all of them; the test narrows the type
-    out = text_classifier_baseline([mask_relation(r.text) for r in train], y, [mask_relation(r.text) for r in records],
-                                   targets, len(RELATIONS), "spatial", "text")
-    out.update(text_classifier_baseline([r.text for r in train], y, [r.text for r in records], targets, len(RELATIONS),
-                                        "spatial", "caption"))
+    out = text_classifier_baseline(
+        [mask_relation(r.text) for r in train],
+        y,
+        [mask_relation(r.text) for r in records],
+        targets,
+        len(RELATIONS),
+        "spatial",
+        "text",
+    )
+    out.update(
+        text_classifier_baseline(
+            [r.text for r in train], y, [r.text for r in records], targets, len(RELATIONS), "spatial", "caption"
+        )
+    )
     return out
 
 
@@ -311,5 +364,3 @@ def training_boxes(records: list[PairRecord] | None) -> torch.Tensor | None:
         x, y, bw, bh = r.bbox
         rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
     return torch.tensor(rows, dtype=torch.float64) if rows else None
-
-

@@ -35,16 +35,20 @@ def matching(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     hard negative caption and for each caption a hard negative image, drawn from the
     global batch (all processes' rows, gathered with gradient as ALBEF does)."""
     v, t, ids = enc.image, enc.text, enc.ids
-    images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t),
-                                                all_gather(ids))
+    images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t), all_gather(ids))
     # The number of pairs (negatives found) differs between processes: mean over all of them.
     ce = F.cross_entropy(enc.model.match_logits(images, texts), labels, reduction="none")
     return {"matching": mean_share(ce, global_count(len(labels), ids.device))}
 
 
-@LOSSES.register("box", weight=0.1, help="Weight of the box loss (L1 + GIoU).", fields=("bbox",),
-                 parts={"box_l1": 1.0, "box_giou": 1.0},
-                 part_help={"box_l1": "Weight of L1 inside the box loss.", "box_giou": "Weight of GIoU inside the box loss."})
+@LOSSES.register(
+    "box",
+    weight=0.1,
+    help="Weight of the box loss (L1 + GIoU).",
+    fields=("bbox",),
+    parts={"box_l1": 1.0, "box_giou": 1.0},
+    part_help={"box_l1": "Weight of L1 inside the box loss.", "box_giou": "Weight of GIoU inside the box loss."},
+)
 def box(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """The grounding head's box against the record's: mean L1 on normalised (cx, cy, w, h)
     and 1 - GIoU, as parts (X-VLM's L1 + GIoU; L1 alone trains poorly)."""
@@ -64,9 +68,13 @@ def box(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     return out
 
 
-@LOSSES.register("relation", weight=0.1, fields=("relation",),
-                 help="Weight of the spatial relation loss: cross-entropy, plus the L1 distance of the relation head's "
-                      "subject position to the centre of the record's box where it has one.")
+@LOSSES.register(
+    "relation",
+    weight=0.1,
+    fields=("relation",),
+    help="Weight of the spatial relation loss: cross-entropy, plus the L1 distance of the relation head's "
+    "subject position to the centre of the record's box where it has one.",
+)
 def relation(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """Cross-entropy of the relation head (reading the caption with its relation phrase
     masked) plus, where the record has the subject's box, the L1 distance of the head's

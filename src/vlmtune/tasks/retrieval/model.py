@@ -51,8 +51,16 @@ class RetrievalModel(TaskModel):
         "heads": ("matching_head", "relation_head", "grounding_head"),
     }
 
-    def __init__(self, backbone: Backbone, cfg: ModelConfig, losses: LossRegistry, loss_weights: dict[str, float], *,
-                 vision_pooling: str = "mean", text_pooling: str = "mean"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cfg: ModelConfig,
+        losses: LossRegistry,
+        loss_weights: dict[str, float],
+        *,
+        vision_pooling: str = "mean",
+        text_pooling: str = "mean",
+    ):
         """``losses``: the task's registered losses, which ``forward`` computes;
         ``loss_weights``: every loss's and part's weight (the parts' sub-weights apply here)."""
         super().__init__()
@@ -85,9 +93,14 @@ class RetrievalModel(TaskModel):
         return self.log_scale.exp().clamp(1.0 / self.cfg.temperature_max, 1.0 / self.cfg.temperature_min)
 
     # ---- encoders
-    def encode_image(self, pixel_values: torch.Tensor | None = None, vision_tokens: torch.Tensor | None = None, *,
-                     vision_hidden: torch.Tensor | None = None,
-                     vision_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_tokens: torch.Tensor | None = None,
+        *,
+        vision_hidden: torch.Tensor | None = None,
+        vision_start: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (joint-space embedding [B, D], adapted patch tokens [B, N, D]).
 
         ``vision_tokens`` are the frozen tower's cached output for the same pixels;
@@ -109,11 +122,16 @@ class RetrievalModel(TaskModel):
     def encode_batch_images(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_image` of a loader's batch, whichever image input it carries
         (pixels, cached tower output, or a cached prefix state and its block)."""
-        return self.encode_image(batch.get("pixel_values"), batch.get("vision_tokens"),
-                                 vision_hidden=batch.get("vision_hidden"), vision_start=batch.get("vision_start"))
+        return self.encode_image(
+            batch.get("pixel_values"),
+            batch.get("vision_tokens"),
+            vision_hidden=batch.get("vision_hidden"),
+            vision_start=batch.get("vision_start"),
+        )
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    text_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``text_hidden``: the frozen language model's cached states for these tokens."""
         if text_hidden is None:
             text_hidden = self.backbone.text_tokens(input_ids, attention_mask)
@@ -126,18 +144,21 @@ class RetrievalModel(TaskModel):
     def ground(self, text: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.grounding_head(text, patches, self.centres)
 
-    def relation_outputs(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor,
-                         patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def relation_outputs(
+        self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor, patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(relation logits, subject and reference positions) of the rows ``keep`` of
         ``batch``, from the image and the caption with its relation phrase masked
         (``rel_*`` in the batch): never the phrase itself."""
         hidden = batch.get("rel_text_hidden")
-        t = self.encode_text(batch["rel_input_ids"][keep], batch["rel_attention_mask"][keep],
-                             None if hidden is None else hidden[keep])
+        t = self.encode_text(
+            batch["rel_input_ids"][keep], batch["rel_attention_mask"][keep], None if hidden is None else hidden[keep]
+        )
         return self.relation_head(v[keep], t, patches[keep], self.centres)
 
-    def relation_logits(self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor,
-                        patches: torch.Tensor) -> torch.Tensor:
+    def relation_logits(
+        self, batch: dict[str, torch.Tensor], keep: torch.Tensor, v: torch.Tensor, patches: torch.Tensor
+    ) -> torch.Tensor:
         return self.relation_outputs(batch, keep, v, patches)[0]
 
     # ---- training

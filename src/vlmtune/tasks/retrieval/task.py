@@ -37,11 +37,24 @@ class RetrievalTask(Task[RetrievalModel]):
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "retrieval/mean_recall"
     key_metrics: ClassVar[tuple[str, ...]] = (
-        "retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/i2t_r10", "retrieval/t2i_r1", "retrieval/t2i_r5",
-        "retrieval/t2i_r10", "retrieval/mean_recall", "retrieval/chance_i2t_r1", "retrieval/chance_t2i_r1",
-        "grounding/acc50", "grounding/baseline_acc50", "grounding/baseline_text_acc50", "grounding/miou",
+        "retrieval/i2t_r1",
+        "retrieval/i2t_r5",
+        "retrieval/i2t_r10",
+        "retrieval/t2i_r1",
+        "retrieval/t2i_r5",
+        "retrieval/t2i_r10",
+        "retrieval/mean_recall",
+        "retrieval/chance_i2t_r1",
+        "retrieval/chance_t2i_r1",
+        "grounding/acc50",
+        "grounding/baseline_acc50",
+        "grounding/baseline_text_acc50",
+        "grounding/miou",
         "grounding/baseline_miou",
-        "spatial/accuracy", "spatial/macro_f1", "spatial/baseline_accuracy", "spatial/baseline_text_accuracy",
+        "spatial/accuracy",
+        "spatial/macro_f1",
+        "spatial/baseline_accuracy",
+        "spatial/baseline_text_accuracy",
         "spatial/baseline_caption_accuracy",
     )
     report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
@@ -49,9 +62,19 @@ class RetrievalTask(Task[RetrievalModel]):
     # the last N vision blocks runs those live on it).
     cache_kinds: ClassVar[tuple[str, ...]] = ("vision", "vision_prefix", "text")
 
-    def __init__(self, *, model: ModelConfig, loss: Mapping[str, float], data: DataConfig, eval: EvalConfig,
-                 train_batch_size: int, max_text_tokens: int, vision_pooling: str = "mean",
-                 text_pooling: str = "mean", cache_dtype: str = "float32"):
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        loss: Mapping[str, float],
+        data: DataConfig,
+        eval: EvalConfig,
+        train_batch_size: int,
+        max_text_tokens: int,
+        vision_pooling: str = "mean",
+        text_pooling: str = "mean",
+        cache_dtype: str = "float32",
+    ):
         """``loss``: the weight of each registered loss and part (defaults where it has none)."""
         super().__init__(loss=loss)
         self.model_cfg, self.data, self.eval_cfg = model, data, eval
@@ -63,10 +86,17 @@ class RetrievalTask(Task[RetrievalModel]):
     @classmethod
     def from_config(cls, cfg: Config) -> RetrievalTask:
         model: ModelConfig = cfg.section("model")
-        return cls(model=model, loss=cfg.loss, data=cfg.data, eval=cfg.eval,
-                   train_batch_size=cfg.train.batch_size, max_text_tokens=cfg.backbone.max_text_tokens,
-                   vision_pooling=cfg.backbone.vision_pooling,
-                   text_pooling=cfg.backbone.text_pooling, cache_dtype=cfg.cache.dtype)
+        return cls(
+            model=model,
+            loss=cfg.loss,
+            data=cfg.data,
+            eval=cfg.eval,
+            train_batch_size=cfg.train.batch_size,
+            max_text_tokens=cfg.backbone.max_text_tokens,
+            vision_pooling=cfg.backbone.vision_pooling,
+            text_pooling=cfg.backbone.text_pooling,
+            cache_dtype=cfg.cache.dtype,
+        )
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
@@ -79,27 +109,40 @@ class RetrievalTask(Task[RetrievalModel]):
             raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
 
     def build_model(self, backbone: Backbone) -> RetrievalModel:
-        return RetrievalModel(backbone, self.model_cfg, self.losses, self.loss, vision_pooling=self.vision_pooling,
-                              text_pooling=self.text_pooling)
+        return RetrievalModel(
+            backbone, self.model_cfg, self.losses, self.loss, vision_pooling=self.vision_pooling, text_pooling=self.text_pooling
+        )
 
     def data_paths(self, output_dir: Path) -> dict[str, str]:
         """Annotation files from the config, or the synthetic scenes set, generated once."""
         s = self.data.synthetic
-        return data_paths(self.data, output_dir,
-                          lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size,
-                                                         overwrite=True), ".json")  # checked: empty or generated
+        return data_paths(
+            self.data,
+            output_dir,
+            lambda folder: generate_scenes(folder, n=s.n, seed=s.seed, image_size=s.image_size, overwrite=True),
+            ".json",
+        )  # checked: empty or generated
 
     def read_split(self, path: str, split: str | None = None) -> list[PairRecord]:
         """Records of one split; bad records raise or are skipped (and logged) per data.on_error.
         ``split`` picks a split from a file that holds them all (Karpathy, refer)."""
         return read_pairs(path, on_error=self.data.on_error, opts=options_from_config(self.data, split=split))
 
-    def make_loader(self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0,
-                    cache: FeatureCache | None = None) -> DataLoader:
-        return make_loader(records, backbone, batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
-                           max_text_tokens=self.max_text_tokens, train=train, seed=seed,
-                           num_workers=self.data.num_workers, cache=cache, cache_dtype=self.cache_dtype,
-                           cache_batch_size=self.eval_cfg.batch_size)
+    def make_loader(
+        self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0, cache: FeatureCache | None = None
+    ) -> DataLoader:
+        return make_loader(
+            records,
+            backbone,
+            batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
+            max_text_tokens=self.max_text_tokens,
+            train=train,
+            seed=seed,
+            num_workers=self.data.num_workers,
+            cache=cache,
+            cache_dtype=self.cache_dtype,
+            cache_batch_size=self.eval_cfg.batch_size,
+        )
 
     def check_eval_records(self, records: list[PairRecord], where: str) -> None:
         """eval.ks must fit the gallery of each direction: the captions an image query
@@ -107,19 +150,36 @@ class RetrievalTask(Task[RetrievalModel]):
         whatever the model, and the best checkpoint would be picked by that number."""
         check_ks(self.eval_cfg.ks, n_images=len({r.image_id for r in records}), n_captions=len(records), where=where)
 
-    def validate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
-                 cache: FeatureCache | None = None) -> dict[str, Any]:
+    def validate(
+        self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device, cache: FeatureCache | None = None
+    ) -> dict[str, Any]:
         return self.evaluate(model, records, device=device, cache=cache)
 
-    def evaluate(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
-                 train_records: list[PairRecord] | None = None, progress: bool = False,
-                 cache: FeatureCache | None = None) -> dict[str, Any]:
-        return self.evaluate_with_rankings(model, records, device=device, rankings_k=0, train_records=train_records,
-                                           progress=progress, cache=cache)[0]
+    def evaluate(
+        self,
+        model: RetrievalModel,
+        records: list[PairRecord],
+        *,
+        device: torch.device,
+        train_records: list[PairRecord] | None = None,
+        progress: bool = False,
+        cache: FeatureCache | None = None,
+    ) -> dict[str, Any]:
+        return self.evaluate_with_rankings(
+            model, records, device=device, rankings_k=0, train_records=train_records, progress=progress, cache=cache
+        )[0]
 
-    def evaluate_with_rankings(self, model: RetrievalModel, records: list[PairRecord], *, device: torch.device,
-                               rankings_k: int, train_records: list[PairRecord] | None = None, progress: bool = False,
-                               cache: FeatureCache | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    def evaluate_with_rankings(
+        self,
+        model: RetrievalModel,
+        records: list[PairRecord],
+        *,
+        device: torch.device,
+        rankings_k: int,
+        train_records: list[PairRecord] | None = None,
+        progress: bool = False,
+        cache: FeatureCache | None = None,
+    ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
         """:meth:`evaluate` plus per-query results: {"t2i": [...], "i2t": [...]} rows
         (with ``rankings_k`` > 0; none with 0)."""
         self.check_eval_records(records, records[0].source.split(": record")[0] if records else "the evaluation data")
@@ -127,6 +187,6 @@ class RetrievalTask(Task[RetrievalModel]):
         def loader_for(shard: list[PairRecord]) -> DataLoader:
             return self.make_loader(shard, model.backbone, train=False, cache=cache)
 
-        return evaluate_with_rankings(model, records, loader_for, device, self.eval_cfg, train_records, progress,
-                                      rankings_k=rankings_k)
-
+        return evaluate_with_rankings(
+            model, records, loader_for, device, self.eval_cfg, train_records, progress, rankings_k=rankings_k
+        )
