@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.utils import sha256_file
+from vlmtune.utils import sha256_bytes, sha256_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,7 +50,7 @@ def content_key(path: str | Path) -> str:
 
 
 def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_bytes(text.encode("utf-8"))
 
 
 def namespace_id(namespace: dict[str, Any]) -> str:
