@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, open_checkpoint
 from vlmtune.config import Config, evaluation_config
@@ -145,28 +147,8 @@ def evaluate_many(
     safe folder name (:func:`~vlmtune.runfolder.safe_name`: 'run/best' -> 'run_best').
     """
     labels = labels or [_default_label(Path(p)) for p in paths]
-    if len(labels) != len(paths):
-        raise VlmtuneError(f"--labels: {len(labels)} labels for {len(paths)} checkpoints")
-    if len(set(labels)) != len(labels):
-        raise VlmtuneError(f"--labels: labels must be distinct, got {', '.join(labels)}")
-    # A label names a column of the table and a folder of the output: that folder is the
-    # label made safe (safe_name), so '../x' or '/abs/path' stay inside output_dir.
-    folders = [safe_name(lb) for lb in labels]
-    for i, f in enumerate(folders):
-        if f in folders[:i]:
-            taken = labels[folders.index(f)]
-            raise VlmtuneError(
-                f"--labels: '{taken[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
-                f"choose labels that differ in letters or digits"
-            )
-    ckpts = [open_checkpoint(p) for p in paths]
-    cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]
-    tasks = {c.cfg.task for c in ckpts}
-    if len(tasks) > 1:
-        raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
-    sources = {_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)}
-    if len(sources) > 1:
-        raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
+    folders = _label_folders(labels, len(paths))
+    ckpts, cfgs = _open_comparable(paths, data, overrides)
     out = Path(output_dir)
     refuse_run_folder(out)
     refuse_links(out, ("cache", "evaluation.json", "evaluation.md", *folders))
@@ -179,26 +161,9 @@ def evaluate_many(
     backbones: dict[str, Backbone] = {}
     results: dict[str, dict[str, Any]] = {}
     for label, folder, ckpt, cfg in zip(labels, folders, ckpts, cfgs):
-        # One backbone object per backbone config and source; a checkpoint's trained
-        # blocks are loaded into it and restored afterwards, so the next one starts clean.
-        key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
-        if key not in backbones:
-            backbones[key] = load_backbone(
-                ckpt.backbone_config(trust_remote_code), device_type=device.type, folder=ckpt.backbone_folder
-            )
-        backbone = backbones[key]
-        pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
-        model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code, cfg=cfg)
-        cache = FeatureCache(out / "cache") if task.cacheable else None
-        metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress, cache=cache)
-        if backbone.state_dict().keys() == pristine.keys():
-            backbone.load_state_dict(pristine)
-        else:
-            # Building the model changed the backbone's modules (LoRA adapters injected
-            # into the language model): it cannot be restored in place, and a second
-            # checkpoint's adapters must not stack on these. The next one loads afresh.
-            del backbones[key]
-        del model, pristine
+        metrics = _evaluate_shared(
+            ckpt, cfg, backbones, records, train_records, device, out / "cache", progress, trust_remote_code
+        )
         metrics["eval/data"] = source
         metrics["checkpoint"] = str(ckpt.folder)
         if overrides:
@@ -209,6 +174,75 @@ def evaluate_many(
     write_text(out / "evaluation.json", json.dumps(results, indent=2))
     write_text(out / "evaluation.md", metrics_table(results, f"Evaluation on {source}"))
     return results
+
+
+def _label_folders(labels: list[str], n_paths: int) -> list[str]:
+    """Check the labels (one per checkpoint, distinct) and return the output folder of each."""
+    if len(labels) != n_paths:
+        raise VlmtuneError(f"--labels: {len(labels)} labels for {n_paths} checkpoints")
+    if len(set(labels)) != len(labels):
+        raise VlmtuneError(f"--labels: labels must be distinct, got {', '.join(labels)}")
+    # A label names a column of the table and a folder of the output: that folder is the
+    # label made safe (safe_name), so '../x' or '/abs/path' stay inside output_dir.
+    folders = [safe_name(lb) for lb in labels]
+    for i, f in enumerate(folders):
+        if f in folders[:i]:
+            taken = labels[folders.index(f)]
+            raise VlmtuneError(
+                f"--labels: '{taken[:80]}' and '{labels[i][:80]}' both give the folder name '{f}'; "
+                f"choose labels that differ in letters or digits"
+            )
+    return folders
+
+
+def _open_comparable(
+    paths: list[str | Path], data: str | None, overrides: list[str] | None
+) -> tuple[list[Checkpoint], list[Config]]:
+    """Open the checkpoints with their evaluation configs; refuse mixed tasks or test splits."""
+    ckpts = [open_checkpoint(p) for p in paths]
+    cfgs = [evaluation_config(c.cfg, overrides) for c in ckpts]
+    tasks = {c.cfg.task for c in ckpts}
+    if len(tasks) > 1:
+        raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
+    sources = {_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)}
+    if len(sources) > 1:
+        raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
+    return ckpts, cfgs
+
+
+def _evaluate_shared(
+    ckpt: Checkpoint,
+    cfg: Config,
+    backbones: dict[str, Backbone],
+    records: list[Any],
+    train_records: list[Any] | None,
+    device: torch.device,
+    cache_dir: Path,
+    progress: bool,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint on a backbone shared through ``backbones``, left clean for the next."""
+    # One backbone object per backbone config and source; a checkpoint's trained
+    # blocks are loaded into it and restored afterwards, so the next one starts clean.
+    key = json.dumps([ckpt.cfg.backbone.__dict__, ckpt.state.backbone], sort_keys=True, default=str)
+    if key not in backbones:
+        backbones[key] = load_backbone(
+            ckpt.backbone_config(trust_remote_code), device_type=device.type, folder=ckpt.backbone_folder
+        )
+    backbone = backbones[key]
+    pristine = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model, task = load_model(ckpt, device, backbone, trust_remote_code=trust_remote_code, cfg=cfg)
+    cache = FeatureCache(cache_dir) if task.cacheable else None
+    metrics = task.evaluate(model, records, device=device, train_records=train_records, progress=progress, cache=cache)
+    if backbone.state_dict().keys() == pristine.keys():
+        backbone.load_state_dict(pristine)
+    else:
+        # Building the model changed the backbone's modules (LoRA adapters injected
+        # into the language model): it cannot be restored in place, and a second
+        # checkpoint's adapters must not stack on these. The next one loads afresh.
+        del backbones[key]
+    del model, pristine
+    return metrics
 
 
 def _default_label(path: Path) -> str:

@@ -331,17 +331,9 @@ def retrieval_metrics(
     kmax = max(max(ks), rerank_k if rerank is not None else 0, rankings_k)
     t2i_map = text_to_image.to(image_emb.device).long()
 
-    if search == "faiss":
-        i2t, t2i, i2t_s, t2i_s = (x.to(image_emb.device) for x in faiss_topk_both(image_emb, text_emb, kmax, with_scores=True))
-    else:
-        i2t, t2i, i2t_s, t2i_s = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size, with_scores=True)
-    i2t_match = t2i_match = None
-    if rerank is not None:
-        i2t, order, i2t_match = _rerank_head_scored(i2t, True, rerank, rerank_k, rerank_batch_size)
-        i2t_s = torch.cat((i2t_s[:, : order.shape[1]].gather(1, order), i2t_s[:, order.shape[1] :]), dim=1)
-        t2i, order, t2i_match = _rerank_head_scored(t2i, False, rerank, rerank_k, rerank_batch_size)
-        t2i_s = torch.cat((t2i_s[:, : order.shape[1]].gather(1, order), t2i_s[:, order.shape[1] :]), dim=1)
-
+    i2t, t2i, i2t_s, t2i_s, i2t_match, t2i_match = _ranked_lists(
+        image_emb, text_emb, kmax, chunk_size, search, rerank, rerank_k, rerank_batch_size
+    )
     i2t_hits = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)  # [N, kmax]
     t2i_hits = t2i == t2i_map.unsqueeze(1)  # [M, kmax]
     captioned = torch.bincount(t2i_map, minlength=n) > 0
@@ -359,13 +351,7 @@ def retrieval_metrics(
     metrics = _finish(recalls, _chance_levels(text_to_image, n, ks))
     if not return_rankings:
         return metrics
-    i2t_rank, t2i_rank = ground_truth_ranks(image_emb, text_emb, text_to_image, chunk_size)
-    # Where the ground truth is in the (possibly re-ranked) list, its place there is its
-    # rank; further down the order is the contrastive one, which the count gives.
-    i2t_all = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)
-    for ranks, hits in ((i2t_rank, i2t_all), (t2i_rank, t2i == t2i_map.unsqueeze(1))):
-        found = hits.any(dim=1)
-        ranks[found.cpu()] = (hits.float().argmax(dim=1) + 1)[found].cpu()
+    i2t_rank, t2i_rank = _list_ranks(image_emb, text_emb, text_to_image, chunk_size, i2t, t2i)
     return metrics, RetrievalRankings(
         i2t.cpu(),
         i2t_s.float().cpu(),
@@ -376,6 +362,46 @@ def retrieval_metrics(
         i2t_rank,
         t2i_rank,
     )
+
+
+def _ranked_lists(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    kmax: int,
+    chunk_size: int,
+    search: str,
+    rerank: RerankFn | None,
+    rerank_k: int,
+    rerank_batch_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The top-``kmax`` lists and scores of both directions, re-ranked where asked, with the re-rank scores."""
+    if search == "faiss":
+        i2t, t2i, i2t_s, t2i_s = (x.to(image_emb.device) for x in faiss_topk_both(image_emb, text_emb, kmax, with_scores=True))
+    else:
+        i2t, t2i, i2t_s, t2i_s = chunked_topk_both(image_emb, text_emb.to(image_emb.device), kmax, chunk_size, with_scores=True)
+    i2t_match = t2i_match = None
+    if rerank is not None:
+        i2t, order, i2t_match = _rerank_head_scored(i2t, True, rerank, rerank_k, rerank_batch_size)
+        i2t_s = torch.cat((i2t_s[:, : order.shape[1]].gather(1, order), i2t_s[:, order.shape[1] :]), dim=1)
+        t2i, order, t2i_match = _rerank_head_scored(t2i, False, rerank, rerank_k, rerank_batch_size)
+        t2i_s = torch.cat((t2i_s[:, : order.shape[1]].gather(1, order), t2i_s[:, order.shape[1] :]), dim=1)
+    return i2t, t2i, i2t_s, t2i_s, i2t_match, t2i_match
+
+
+def _list_ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_size: int, i2t: Tensor, t2i: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each query's 1-based ground-truth rank, read from its (possibly re-ranked) list where it is in it."""
+    n = image_emb.shape[0]
+    t2i_map = text_to_image.to(image_emb.device).long()
+    i2t_rank, t2i_rank = ground_truth_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    # Where the ground truth is in the (possibly re-ranked) list, its place there is its
+    # rank; further down the order is the contrastive one, which the count gives.
+    i2t_all = t2i_map[i2t] == torch.arange(n, device=i2t.device).unsqueeze(1)
+    for ranks, hits in ((i2t_rank, i2t_all), (t2i_rank, t2i == t2i_map.unsqueeze(1))):
+        found = hits.any(dim=1)
+        ranks[found.cpu()] = (hits.float().argmax(dim=1) + 1)[found].cpu()
+    return i2t_rank, t2i_rank
 
 
 @dataclass

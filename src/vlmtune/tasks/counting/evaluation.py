@@ -100,7 +100,6 @@ def evaluate(
     do not depend on how the records are split into processes and batches."""
     was_training = model.training
     model.eval()
-    tok = model.backbone.tokenizer
     k = num_classes(counting)
     rows = shard_rows(range(len(records)))  # every world-th record
     mine: list[dict[str, Any]] = []
@@ -110,31 +109,8 @@ def evaluate(
         nll, n_tokens = answer_token_nll(hidden, model.backbone.model.lm_head, batch["labels"])
         count_logits = model.count_logits(hidden, batch["input_ids"], prompt_last(batch["labels"]))
         idx = [rows[i] for i in batch["index"].tolist()]  # record index in the whole set
-        answers: dict[int, str] = {}
         want = [j for j, i in enumerate(idx) if i < n_generate]
-        if want:
-            sel = torch.tensor(want, device=device)
-            kw = dict(gen)
-            if sample_seed is not None:
-                sampler = RecordSampler(
-                    [derived_seed(sample_seed, idx[j]) for j in want],
-                    device,
-                    top_p=kw.pop("top_p", 1.0),
-                    temperature=kw.pop("temperature", 1.0),
-                    top_k=getattr(model.backbone.model.generation_config, "top_k", None),
-                )
-                kw.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
-            images = image_inputs(batch, want)
-            ids = generate_answers(
-                model,
-                batch["prompt_ids"][sel],
-                batch["prompt_mask"][sel],
-                images.pop("pixel_values", None),
-                max_new_tokens=max_new_tokens,
-                **images,
-                **kw,
-            )
-            answers = dict(zip(want, decode(tok, ids)))
+        answers = _batch_answers(model, batch, idx, want, device, max_new_tokens, gen, sample_seed) if want else {}
         probs = count_logits.float().softmax(-1).cpu()
         for j, i in enumerate(idx):
             mine.append(
@@ -158,6 +134,41 @@ def evaluate(
             records, probs_all, {r["row"]: r["answer"] for r in merged if r["answer"] is not None}, counting
         )
     return metrics
+
+
+def _batch_answers(
+    model: CountingModel,
+    batch: dict[str, Any],
+    idx: list[int],
+    want: list[int],
+    device: torch.device,
+    max_new_tokens: int,
+    gen: dict[str, Any],
+    sample_seed: int | None,
+) -> dict[int, str]:
+    """The generated answers of the batch rows ``want`` (by row; ``idx``: each row's record index)."""
+    sel = torch.tensor(want, device=device)
+    kw = dict(gen)
+    if sample_seed is not None:
+        sampler = RecordSampler(
+            [derived_seed(sample_seed, idx[j]) for j in want],
+            device,
+            top_p=kw.pop("top_p", 1.0),
+            temperature=kw.pop("temperature", 1.0),
+            top_k=getattr(model.backbone.model.generation_config, "top_k", None),
+        )
+        kw.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+    images = image_inputs(batch, want)
+    ids = generate_answers(
+        model,
+        batch["prompt_ids"][sel],
+        batch["prompt_mask"][sel],
+        images.pop("pixel_values", None),
+        max_new_tokens=max_new_tokens,
+        **images,
+        **kw,
+    )
+    return dict(zip(want, decode(model.backbone.tokenizer, ids)))
 
 
 def merged_metrics(

@@ -7,7 +7,7 @@ back in record order) -> score (one process's arithmetic on the whole set).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -244,6 +244,57 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
         r = records[rec_index]
         path_of.setdefault(r.image_id, str(r.image))
         captions_of.setdefault(r.image_id, []).append(j)
+    t2i_rows = _t2i_rows(records, out, rk, k, text_rows, path_of)
+    texts = [records[i].text for i in text_rows]
+    i2t_rows = []
+    for image_id in sorted(path_of):
+        own = set(captions_of[image_id])
+        i2t_rows.append(
+            {
+                "query": image_id,
+                "image": path_of[image_id],
+                "captions": [texts[j] for j in captions_of[image_id]],
+                "gt_rank": int(rk.i2t_gt_rank[image_id]),
+                "top": _top_entries(
+                    k,
+                    rk.i2t[image_id],
+                    rk.i2t_scores[image_id],
+                    None if rk.i2t_match is None else rk.i2t_match[image_id],
+                    lambda j, own=own: j in own,
+                    lambda j: {"text_index": j, "text": texts[j]},
+                ),
+            }
+        )
+    return {"t2i": t2i_rows, "i2t": i2t_rows}
+
+
+def _top_entries(
+    k: int,
+    idx: torch.Tensor,
+    scores: torch.Tensor,
+    match: torch.Tensor | None,
+    is_gt: Callable[..., bool],
+    describe: Callable[[int], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The first ``k`` entries of one query's ranked list, each described, scored and marked ground truth or not."""
+    rows = []
+    for pos, (key, score) in enumerate(zip(idx[:k].tolist(), scores[:k].tolist())):
+        e = {"rank": pos + 1, **describe(key), "score": round(score, 6), "gt": bool(is_gt(key))}
+        if match is not None and pos < match.shape[0]:
+            e["match"] = round(float(match[pos]), 6)
+        rows.append(e)
+    return rows
+
+
+def _t2i_rows(
+    records: list[PairRecord],
+    out: EvalOutputs,
+    rk: RetrievalRankings,
+    k: int,
+    text_rows: list[int],
+    path_of: dict[int, str],
+) -> list[dict[str, Any]]:
+    """The t2i rows of :func:`ranking_rows`: one per caption, with its box and relation where it has them."""
     boxes: dict[int, tuple[list[float], list[float]]] = {}
     if out.box_rows:
         for i, p, t in zip(out.cat("box_rows").tolist(), out.cat("box_pred").tolist(), out.cat("box_true").tolist()):
@@ -252,16 +303,6 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
     if out.rel_rows:
         for i, p, t in zip(out.cat("rel_rows").tolist(), out.cat("rel_pred").tolist(), out.cat("rel_true").tolist()):
             relations[i] = (p, t)
-
-    def entries(idx: torch.Tensor, scores: torch.Tensor, match: torch.Tensor | None, is_gt, describe) -> list[dict]:
-        rows = []
-        for pos, (key, score) in enumerate(zip(idx[:k].tolist(), scores[:k].tolist())):
-            e = {"rank": pos + 1, **describe(key), "score": round(score, 6), "gt": bool(is_gt(key))}
-            if match is not None and pos < match.shape[0]:
-                e["match"] = round(float(match[pos]), 6)
-            rows.append(e)
-        return rows
-
     t2i_rows = []
     for j, rec_index in enumerate(text_rows):
         r = records[rec_index]
@@ -272,7 +313,8 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
             "image": path_of[r.image_id],
             "image_id": r.image_id,
             "gt_rank": int(rk.t2i_gt_rank[j]),
-            "top": entries(
+            "top": _top_entries(
+                k,
                 rk.t2i[j],
                 rk.t2i_scores[j],
                 None if rk.t2i_match is None else rk.t2i_match[j],
@@ -289,27 +331,7 @@ def ranking_rows(records: list[PairRecord], out: EvalOutputs, rk: RetrievalRanki
             pred_rel, true_rel = relations[rec_index]
             row["relation_pred"], row["relation_true"] = RELATIONS[pred_rel], RELATIONS[true_rel]
         t2i_rows.append(row)
-
-    texts = [records[i].text for i in text_rows]
-    i2t_rows = []
-    for image_id in sorted(path_of):
-        own = set(captions_of[image_id])
-        i2t_rows.append(
-            {
-                "query": image_id,
-                "image": path_of[image_id],
-                "captions": [texts[j] for j in captions_of[image_id]],
-                "gt_rank": int(rk.i2t_gt_rank[image_id]),
-                "top": entries(
-                    rk.i2t[image_id],
-                    rk.i2t_scores[image_id],
-                    None if rk.i2t_match is None else rk.i2t_match[image_id],
-                    lambda j, own=own: j in own,
-                    lambda j: {"text_index": j, "text": texts[j]},
-                ),
-            }
-        )
-    return {"t2i": t2i_rows, "i2t": i2t_rows}
+    return t2i_rows
 
 
 def relation_text_baselines(
