@@ -114,10 +114,32 @@ def bench_training(
         f"eval.ks={_ks_that_fit(data)}",
     ]
     res: dict[str, Any] = {"preset": preset, "images": images, "captions": len(read_pairs(data / "train.json"))}
+    res["extraction_pass_s"] = _extraction_pass(base, epochs, data, out)
 
-    # One feature-extraction pass: exactly the work the cache does once (both frozen
-    # towers over every training image and caption), timed on its own.
+    # Warm-up (first backward, allocator, threads) so neither timed run pays it.
+    shutil.rmtree(out / "run_warmup", ignore_errors=True)
+    train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "run_warmup")
+    runs = {"cached": (epochs, True), "uncached": (uncached_epochs, False)}
+    for name, (n_epochs, cached) in runs.items():
+        res[name] = _timed_training_run(base, name, n_epochs, cached, out)
+    # The cached run's cache is built at its stage start, outside the epoch timer: the
+    # same work as the extraction pass measured above, so it is charged at that price.
+    cached_epochs = res["cached"]["epoch_train_s"]
+    res["cached_total_s"] = res["extraction_pass_s"] + sum(cached_epochs)
+    res["ratio_cached_total_to_extraction"] = res["cached_total_s"] / res["extraction_pass_s"]
+    later = cached_epochs[1:] or cached_epochs
+    res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (
+        sum(later) / len(later)
+    )
+    return res
+
+
+def _extraction_pass(base: list[str], epochs: int, data: Path, out: Path) -> float:
+    """Seconds of one feature-extraction pass: exactly the work the cache does once (both
+    frozen towers over every training image and caption), timed on its own."""
     from vlmtune.backbone import load_backbone
+    from vlmtune.config import load_config
+    from vlmtune.data.formats import read_pairs
     from vlmtune.evaluate import default_device
     from vlmtune.tasks.retrieval import build_text_cache, build_vision_cache
 
@@ -136,45 +158,36 @@ def bench_training(
         dtype=cfg.cache.dtype,
         batch_size=cfg.eval.batch_size,
     )
-    res["extraction_pass_s"] = time.perf_counter() - t0
-    del backbone
+    return time.perf_counter() - t0
 
-    # Warm-up (first backward, allocator, threads) so neither timed run pays it.
-    shutil.rmtree(out / "run_warmup", ignore_errors=True)
-    train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "run_warmup")
-    runs = {"cached": (epochs, True), "uncached": (uncached_epochs, False)}
-    for name, (n_epochs, cached) in runs.items():
-        run_dir = out / f"run_{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(out / f"cache_{name}", ignore_errors=True)
-        cfg = load_config(
-            None,
-            [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={out / f'cache_{name}'}"],
-        )
-        t0 = time.perf_counter()
-        train(cfg, run_dir)
-        total = time.perf_counter() - t0
-        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
-        cum = [x["train_wall_s"] for x in lines if x["type"] == "epoch"]
-        per_epoch = [b - a for a, b in zip([0.0] + cum[:-1], cum)]
-        stage = next(x for x in lines if x["type"] == "stage")
-        res[name] = {
-            "epochs": n_epochs,
-            "epoch_train_s": [round(x, 3) for x in per_epoch],
-            "run_total_s": round(total, 3),
-            "samples_per_s": json.loads((run_dir / "metrics.json").read_text())["train/samples_per_s"],
-            "cache": stage.get("cache", {}),
-        }
-    # The cached run's cache is built at its stage start, outside the epoch timer: the
-    # same work as the extraction pass measured above, so it is charged at that price.
-    cached_epochs = res["cached"]["epoch_train_s"]
-    res["cached_total_s"] = res["extraction_pass_s"] + sum(cached_epochs)
-    res["ratio_cached_total_to_extraction"] = res["cached_total_s"] / res["extraction_pass_s"]
-    later = cached_epochs[1:] or cached_epochs
-    res["ratio_uncached_epoch_to_cached_epoch"] = (sum(res["uncached"]["epoch_train_s"]) / uncached_epochs) / (
-        sum(later) / len(later)
+
+def _timed_training_run(base: list[str], name: str, n_epochs: int, cached: bool, out: Path) -> dict[str, Any]:
+    """One timed training run ``out/run_NAME``, with the cache or without it: its epochs'
+    training seconds, its total, its samples/s and its stage's cache record."""
+    from vlmtune.config import load_config
+    from vlmtune.train import train
+
+    run_dir = out / f"run_{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(out / f"cache_{name}", ignore_errors=True)
+    cfg = load_config(
+        None,
+        [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={out / f'cache_{name}'}"],
     )
-    return res
+    t0 = time.perf_counter()
+    train(cfg, run_dir)
+    total = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    cum = [x["train_wall_s"] for x in lines if x["type"] == "epoch"]
+    per_epoch = [b - a for a, b in zip([0.0] + cum[:-1], cum)]
+    stage = next(x for x in lines if x["type"] == "stage")
+    return {
+        "epochs": n_epochs,
+        "epoch_train_s": [round(x, 3) for x in per_epoch],
+        "run_total_s": round(total, 3),
+        "samples_per_s": json.loads((run_dir / "metrics.json").read_text())["train/samples_per_s"],
+        "cache": stage.get("cache", {}),
+    }
 
 
 # --------------------------------------------------------------------------- stages
@@ -277,13 +290,7 @@ def bench_stages(
 ) -> dict[str, Any]:
     """The two-stage recipe's stage steps (cached, prefix-cached, live) and, with
     ``recipe_runs``, both recipes' wall time."""
-    from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
-    from vlmtune.data.formats import read_pairs
-    from vlmtune.evaluate import default_device
-    from vlmtune.stages import build_plan
-    from vlmtune.tasks import FeatureCache
-    from vlmtune.tasks.retrieval import RetrievalTask
 
     two, single = recipe_paths(recipes)
     data = _bench_data(out, images)
@@ -298,7 +305,26 @@ def bench_stages(
         f"eval.ks={_ks_that_fit(data)}",
         f"train.epochs={epochs}",
     ]
-    cfg = load_config(two, base)
+    # The model, the backbone and the loaders live in the helper's frame only: they are
+    # freed before the recipe runs start.
+    res: dict[str, Any] = {"preset": preset, "images": images} | _stage_steps(
+        load_config(two, base), two, data, out, batch_size, steps, warmup
+    )
+    if not recipe_runs:
+        return res
+
+    return res | bench_recipe_runs(two, single, base, out)
+
+
+def _stage_steps(cfg: Any, two: Path, data: Path, out: Path, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
+    """(a), (b) and (c): the two-stage recipe ``two``'s stage steps on one model, their
+    medians and ratios, from ``captions`` on in the stages section's keys."""
+    from vlmtune.backbone import load_backbone
+    from vlmtune.data.formats import read_pairs
+    from vlmtune.evaluate import default_device
+    from vlmtune.stages import build_plan
+    from vlmtune.tasks.retrieval import RetrievalTask
+
     task = RetrievalTask.from_config(cfg)
     plan = build_plan(cfg, task.loss_weights())
     (s1, s2), weights = plan[:2], task.loss_weights()
@@ -310,15 +336,7 @@ def bench_stages(
     records = read_pairs(data / "train.json")
     n_blocks = backbone.info.num_vision_blocks
     start = n_blocks - s2.vision_blocks
-    cache_dir = out / "stages_cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    frozen = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir))
-    frozen_build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    prefix = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision_start=start))
-    prefix_build_s = time.perf_counter() - t0
-    live = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision=False))
+    frozen, prefix, live, frozen_build_s, prefix_build_s = _stage_loaders(task, records, backbone, out / "stages_cache", start)
     variants = {
         "a_stage1_cached": (s1, frozen, s1.losses),
         "a_stage1_cached_stage2_losses": (s1, frozen, s2.losses),
@@ -334,8 +352,6 @@ def bench_stages(
             times[name] += wall
             cpu[name] += c
     res: dict[str, Any] = {
-        "preset": preset,
-        "images": images,
         "captions": len(records),
         "batch_size": batch_size,
         "device": str(device),
@@ -353,19 +369,38 @@ def bench_stages(
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }
-    st = res["step_s"]
-    res["ratio_b_to_a"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached"]
-    res["ratio_b_to_a_same_losses"] = st["b_stage2_prefix_cached"] / st["a_stage1_cached_stage2_losses"]
-    res["ratio_c_to_b"] = st["c_stage2_live"] / st["b_stage2_prefix_cached"]
-    sc = res["step_cpu_s"]
-    res["cpu_ratio_b_to_a"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached"]
-    res["cpu_ratio_b_to_a_same_losses"] = sc["b_stage2_prefix_cached"] / sc["a_stage1_cached_stage2_losses"]
-    res["cpu_ratio_c_to_b"] = sc["c_stage2_live"] / sc["b_stage2_prefix_cached"]
-    del model, backbone, frozen, prefix, live
-    if not recipe_runs:
-        return res
+    return res | _step_ratios(res["step_s"], res["step_cpu_s"])
 
-    return res | bench_recipe_runs(two, single, base, out)
+
+def _stage_loaders(
+    task: Any, records: list[Any], backbone: Any, cache_dir: Path, start: int
+) -> tuple[Any, Any, Any, float, float]:
+    """The training loaders from the frozen towers' cache, from the prefix cache (the state
+    entering vision block ``start``) and with the vision tower live, in a fresh
+    ``cache_dir``, and the seconds the two caches took to build."""
+    from vlmtune.tasks import FeatureCache
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    frozen = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir))
+    frozen_build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prefix = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision_start=start))
+    prefix_build_s = time.perf_counter() - t0
+    live = task.make_loader(records, backbone, train=True, seed=0, cache=FeatureCache(cache_dir, vision=False))
+    return frozen, prefix, live, frozen_build_s, prefix_build_s
+
+
+def _step_ratios(st: dict[str, float], sc: dict[str, float]) -> dict[str, float]:
+    """The ratios b/a, b/a' (same losses) and c/b of the median step times, wall then CPU."""
+    return {
+        "ratio_b_to_a": st["b_stage2_prefix_cached"] / st["a_stage1_cached"],
+        "ratio_b_to_a_same_losses": st["b_stage2_prefix_cached"] / st["a_stage1_cached_stage2_losses"],
+        "ratio_c_to_b": st["c_stage2_live"] / st["b_stage2_prefix_cached"],
+        "cpu_ratio_b_to_a": sc["b_stage2_prefix_cached"] / sc["a_stage1_cached"],
+        "cpu_ratio_b_to_a_same_losses": sc["b_stage2_prefix_cached"] / sc["a_stage1_cached_stage2_losses"],
+        "cpu_ratio_c_to_b": sc["c_stage2_live"] / sc["b_stage2_prefix_cached"],
+    }
 
 
 # --------------------------------------------------------------------------- counting
@@ -856,6 +891,7 @@ def run_bench(
 
 
 def render(r: dict[str, Any]) -> str:
+    """``bench.md``: the machine, then one block per section the result holds."""
     m = r["machine"]
     lines = [
         f"# vlmtune bench ({r['preset']})",
@@ -865,22 +901,7 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     if "training" in r:
-        t = r["training"]
-        c, u = t["cached"], t["uncached"]
-        lines += [
-            f"## Frozen-backbone training: {t['images']} images, {t['captions']} captions",
-            "",
-            "| | seconds |",
-            "|---|---|",
-            f"| one feature-extraction pass (floor) | {t['extraction_pass_s']:.2f} |",
-            f"| cached: {c['epochs']} epochs, extraction included | {t['cached_total_s']:.2f} |",
-            f"| cached epochs | {', '.join(f'{x:.2f}' for x in c['epoch_train_s'])} |",
-            f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
-            f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
-            f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
-            f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |",
-            "",
-        ]
+        lines += _render_training(r["training"])
     if "stages" in r:
         lines += render_stages(r["stages"])
     if "counting" in r:
@@ -889,65 +910,102 @@ def render(r: dict[str, Any]) -> str:
         lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
         lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
     if "eval" in r:
-        lines += [
-            "## Retrieval evaluation vs one bare matmul",
-            "",
-            "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
+        lines += _render_eval(r["eval"])
+    if "gpu" in r:
+        lines += _render_gpu(r["gpu"])
+    if "search" in r:
+        lines += _render_search(r["search"])
+    if "fsdp" in r:
+        lines += _render_fsdp(r["fsdp"])
+    return "\n".join(lines)
+
+
+def _render_training(t: dict[str, Any]) -> list[str]:
+    """The training section's table: the extraction pass, the epochs, the two ratios."""
+    c, u = t["cached"], t["uncached"]
+    return [
+        f"## Frozen-backbone training: {t['images']} images, {t['captions']} captions",
+        "",
+        "| | seconds |",
+        "|---|---|",
+        f"| one feature-extraction pass (floor) | {t['extraction_pass_s']:.2f} |",
+        f"| cached: {c['epochs']} epochs, extraction included | {t['cached_total_s']:.2f} |",
+        f"| cached epochs | {', '.join(f'{x:.2f}' for x in c['epoch_train_s'])} |",
+        f"| uncached epochs | {', '.join(f'{x:.2f}' for x in u['epoch_train_s'])} |",
+        f"| **cached total / extraction pass** | **{t['ratio_cached_total_to_extraction']:.2f}** (target <= 1.3) |",
+        f"| **uncached epoch / cached epoch** | **{t['ratio_uncached_epoch_to_cached_epoch']:.1f}x** |",
+        f"| samples/s cached / uncached | {c['samples_per_s']:.3g} / {u['samples_per_s']:.3g} |",
+        "",
+    ]
+
+
+def _render_eval(rows: list[dict[str, Any]]) -> list[str]:
+    """The eval section's table: one row per size, evaluation against the bare matmul."""
+    return [
+        "## Retrieval evaluation vs one bare matmul",
+        "",
+        "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
+        "|---|---|---|---|---|---|",
+        *(
             f"| {e['images']} x {e['captions']} | {e['matmul_s']:.2f} | {e['eval_s']:.2f} | {e['ratio']:.2f} | "
             f"{e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |"
-            for e in r["eval"]
-        ] + [""]
-    if "gpu" in r:
-        g = r["gpu"]
-        if "skipped" in g:
-            lines += [f"GPU section skipped: {g['skipped']}.", ""]
-        else:
-            lines += [
-                "## GPU feature extraction (bf16)",
-                "",
-                f"{g['images_per_s_bf16']:.1f} images/s, "
-                f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
-                f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}",
-                "",
-            ]
-    if "search" in r:
-        sr = r["search"]
-        lines += [
-            "## Exact search (vlmtune search), one text query at a time",
-            "",
-            "| stored embeddings | dim | k | median ms | p95 ms | CPU ms / query | torch threads | load average | index load s |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
-            f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |",
-            "",
-        ]
-    if "fsdp" in r:
-        f = r["fsdp"]
-        lines += [f"## Memory per process: FSDP vs DDP ({f['processes']} processes, {f['device']}, {f['preset']})", ""]
-        if "note" in f:
-            lines += [f["note"] + ".", ""]
-        rows = [(m, f[m]) for m in ("ddp", "fsdp")]
-        measure = next((x["measure"] for _, x in rows if "measure" in x), "")
-        lines += [
-            f"Peak: {measure}; end: held after the run.",
-            "",
-            "| | peak MB per process | end MB per process | wall s |",
-            "|---|---|---|---|",
-        ]
-        for m, x in rows:
-            lines.append(
-                f"| {m} | error: {x['error']} | | |"
-                if "error" in x
-                else f"| {m} | {', '.join(f'{v:.0f}' for v in x['peak_mb'])} | {', '.join(f'{v:.0f}' for v in x['end_mb'])} "
-                f"| {x['wall_s']:.1f} |"
-            )
-        if "ratio_fsdp_to_ddp_peak" in f:
-            lines += [f"| **FSDP / DDP** | **{f['ratio_fsdp_to_ddp_peak']:.2f}** | **{f['ratio_fsdp_to_ddp_end']:.2f}** | |"]
-        lines.append("")
-    return "\n".join(lines)
+            for e in rows
+        ),
+        "",
+    ]
+
+
+def _render_gpu(g: dict[str, Any]) -> list[str]:
+    """The gpu section: the extraction rate and its fraction of peak, or why it was skipped."""
+    if "skipped" in g:
+        return [f"GPU section skipped: {g['skipped']}.", ""]
+    return [
+        "## GPU feature extraction (bf16)",
+        "",
+        f"{g['images_per_s_bf16']:.1f} images/s, "
+        f"{100 * g['fraction_of_peak']:.1f}% of the measured peak bf16 matmul rate "
+        f"({g['peak_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s), {g['attn_implementation']}",
+        "",
+    ]
+
+
+def _render_search(sr: dict[str, Any]) -> list[str]:
+    """The search section's one-row table: query latency and the index's load time."""
+    return [
+        "## Exact search (vlmtune search), one text query at a time",
+        "",
+        "| stored embeddings | dim | k | median ms | p95 ms | CPU ms / query | torch threads | load average | index load s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {sr['n']:,} | {sr['dim']} | {sr['k']} | {sr['median_ms']:.2f} | {sr['p95_ms']:.2f} | "
+        f"{sr['cpu_ms_per_query']:.2f} | {sr['threads']} | {sr['load_average']:.1f} | {sr['index_load_s']:.2f} |",
+        "",
+    ]
+
+
+def _render_fsdp(f: dict[str, Any]) -> list[str]:
+    """The fsdp section's table: peak and end memory per process under DDP and FSDP."""
+    lines = [f"## Memory per process: FSDP vs DDP ({f['processes']} processes, {f['device']}, {f['preset']})", ""]
+    if "note" in f:
+        lines += [f["note"] + ".", ""]
+    rows = [(m, f[m]) for m in ("ddp", "fsdp")]
+    measure = next((x["measure"] for _, x in rows if "measure" in x), "")
+    lines += [
+        f"Peak: {measure}; end: held after the run.",
+        "",
+        "| | peak MB per process | end MB per process | wall s |",
+        "|---|---|---|---|",
+    ]
+    for m, x in rows:
+        lines.append(
+            f"| {m} | error: {x['error']} | | |"
+            if "error" in x
+            else f"| {m} | {', '.join(f'{v:.0f}' for v in x['peak_mb'])} | {', '.join(f'{v:.0f}' for v in x['end_mb'])} "
+            f"| {x['wall_s']:.1f} |"
+        )
+    if "ratio_fsdp_to_ddp_peak" in f:
+        lines += [f"| **FSDP / DDP** | **{f['ratio_fsdp_to_ddp_peak']:.2f}** | **{f['ratio_fsdp_to_ddp_end']:.2f}** | |"]
+    lines.append("")
+    return lines
 
 
 def render_stages(s: dict[str, Any]) -> list[str]:

@@ -724,62 +724,23 @@ def compare(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # Metrics of metrics.json: every finite number (not lists such as confusion matrices).
-    keys = order_metrics(list(dict.fromkeys(k for r in runs for k, v in r.metrics.items() if _number(v) is not None)))
-    stats = {
-        k: {g.name: _stats([v for r in g.runs if (v := _number(r.metrics.get(k))) is not None]) for g in groups} for k in keys
-    }
-    metrics_json = {
-        k: {"direction": direction(k), "reference": is_reference(k), "groups": stats[k], "best": _best(stats[k], direction(k))}
-        for k in keys
-    }
-
+    stats, metrics_json = _metric_stats(runs, groups)
     per_run = {str(r.path): run_efficiency(r, metric, mode, tolerance) for r in runs}
-    efficiency: dict[str, dict[str, Any]] = {}
-    for key, _, way in EFFICIENCY:
-        way = mode if way == "target" else way
-        st = {g.name: _stats([v for r in g.runs if (v := per_run[str(r.path)][key]) is not None]) for g in groups}
-        efficiency[key] = {"direction": way, "groups": st, "best": _best(st, way)}
-    no_curve = [str(r.path) for r in runs if per_run[str(r.path)]["epochs_to_target"] is None]
-    if no_curve:
-        notes.append(f"history.jsonl has no val/{metric}, so no time to target, in: {', '.join(no_curve)}.")
-    for g in groups:
-        seeds = [r.seed for r in g.runs]
-        if len(set(map(str, seeds))) < len(seeds):
-            notes.append(
-                f"{g.name}: some runs share a seed ({', '.join(map(str, seeds))}); the spread understates seed variance."
-            )
+    efficiency = _efficiency(groups, per_run, mode)
+    notes.extend(_run_notes(runs, groups, per_run, metric))
 
     # The verdict uses the test metric when metrics.json has it, else the best validation value.
     if metric in stats:
         verdict = _verdict(metric, mode, stats[metric], "test")
     else:
         verdict = _verdict(metric, mode, efficiency["best_val"]["groups"], "best validation")
-
-    colors = _colors(groups)
-    plots = {}
-    for name, info in (
-        ("losses", _plot_losses(groups, colors, out)),
-        ("val_curve", _plot_val_curve(groups, colors, metric, out)),
-        ("recall_at_k", _plot_recall(groups, colors, stats, out)),
-    ):
-        if info is not None:
-            plots[name] = info
+    plots = _plots(groups, stats, metric, out)
 
     result = {
         "target_metric": metric,
         "mode": mode,
         "tolerance": tolerance,
-        "groups": [
-            {
-                "name": g.name,
-                "runs": [str(r.path) for r in g.runs],
-                "seeds": [r.seed for r in g.runs],
-                "n": len(g.runs),
-                "differs": g.differs,
-            }
-            for g in groups
-        ],
+        "groups": _group_rows(groups),
         "metrics": metrics_json,
         "efficiency": efficiency,
         "efficiency_runs": per_run,
@@ -795,6 +756,74 @@ def compare(
     write_text(out / "report.html", _render_html(blocks, out, "vlmtune run comparison"))
     write_text(out / "comparison.json", json.dumps(result, indent=2, default=str))
     return result
+
+
+def _group_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    """The ``groups`` section of comparison.json: each group's name, runs, seeds, size and what sets it apart."""
+    return [
+        {
+            "name": g.name,
+            "runs": [str(r.path) for r in g.runs],
+            "seeds": [r.seed for r in g.runs],
+            "n": len(g.runs),
+            "differs": g.differs,
+        }
+        for g in groups
+    ]
+
+
+def _metric_stats(runs: list[Run], groups: list[Group]) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
+    """Per metric of metrics.json and per group, the stats of its runs' values; and the
+    ``metrics`` section of comparison.json (direction, reference, stats, best groups)."""
+    # Metrics of metrics.json: every finite number (not lists such as confusion matrices).
+    keys = order_metrics(list(dict.fromkeys(k for r in runs for k, v in r.metrics.items() if _number(v) is not None)))
+    stats = {
+        k: {g.name: _stats([v for r in g.runs if (v := _number(r.metrics.get(k))) is not None]) for g in groups} for k in keys
+    }
+    metrics_json = {
+        k: {"direction": direction(k), "reference": is_reference(k), "groups": stats[k], "best": _best(stats[k], direction(k))}
+        for k in keys
+    }
+    return stats, metrics_json
+
+
+def _efficiency(groups: list[Group], per_run: dict[str, dict[str, Any]], mode: str) -> dict[str, dict[str, Any]]:
+    """The ``efficiency`` section: per EFFICIENCY key, its better side and each group's stats."""
+    efficiency: dict[str, dict[str, Any]] = {}
+    for key, _, way in EFFICIENCY:
+        way = mode if way == "target" else way
+        st = {g.name: _stats([v for r in g.runs if (v := per_run[str(r.path)][key]) is not None]) for g in groups}
+        efficiency[key] = {"direction": way, "groups": st, "best": _best(st, way)}
+    return efficiency
+
+
+def _run_notes(runs: list[Run], groups: list[Group], per_run: dict[str, dict[str, Any]], metric: str) -> list[str]:
+    """Notes on the runs: those without a validation curve of ``metric``, groups whose runs share a seed."""
+    notes = []
+    no_curve = [str(r.path) for r in runs if per_run[str(r.path)]["epochs_to_target"] is None]
+    if no_curve:
+        notes.append(f"history.jsonl has no val/{metric}, so no time to target, in: {', '.join(no_curve)}.")
+    for g in groups:
+        seeds = [r.seed for r in g.runs]
+        if len(set(map(str, seeds))) < len(seeds):
+            notes.append(
+                f"{g.name}: some runs share a seed ({', '.join(map(str, seeds))}); the spread understates seed variance."
+            )
+    return notes
+
+
+def _plots(groups: list[Group], stats: dict[str, dict[str, dict[str, Any]]], metric: str, out: Path) -> dict[str, Any]:
+    """Draw the loss, validation-curve and recall@K plots into ``out``: those there is data for."""
+    colors = _colors(groups)
+    plots = {}
+    for name, info in (
+        ("losses", _plot_losses(groups, colors, out)),
+        ("val_curve", _plot_val_curve(groups, colors, metric, out)),
+        ("recall_at_k", _plot_recall(groups, colors, stats, out)),
+    ):
+        if info is not None:
+            plots[name] = info
+    return plots
 
 
 def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:

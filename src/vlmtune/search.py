@@ -514,50 +514,8 @@ def build_index(
     }
     index = None
     if faiss_kind:
-        faiss = _faiss()
-        n, d = gallery.shape
-        x = gallery.numpy()
-        if faiss_kind == "ivf":
-            nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
-            if not 1 <= nlist <= n:
-                raise VlmtuneError(f"--nlist: must lie in 1..{n} (the gallery size), got {nlist}")
-            nprobe = min(nlist, nprobe or max(1, nlist // 8, min(nlist, 16)))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(x)
-            index.add(x)
-            index.nprobe = nprobe
-            info["faiss"] = {"type": "IndexIVFFlat", "nlist": nlist, "nprobe": nprobe}
-        else:
-            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-            index.add(x)
-            index.hnsw.efSearch = ef_search
-            info["faiss"] = {
-                "type": "IndexHNSWFlat",
-                "M": hnsw_m,
-                "efConstruction": index.hnsw.efConstruction,
-                "efSearch": ef_search,
-            }
-        # Recall@10 against exact search, on queries of the other kind where the folder
-        # has them (the realistic case), else on gallery rows themselves.
-        other = tensors.get("texts" if kind == "images" else "images")
-        pool = _normalise(other) if other is not None and len(other) else gallery
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(pool), generator=g)[:recall_queries]
-        q = pool[pick]
-        kk = min(10, n)
-        _, exact = exact_topk(q, gallery, kk)
-        _, approx = index.search(q.numpy(), kk)
-        hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
-        info["recall_at_10"] = 100.0 * hits / (len(q) * kk)
-        info["recall_queries"] = {
-            "count": len(q),
-            "from": "texts"
-            if pool is not gallery and kind == "images"
-            else "images"
-            if pool is not gallery
-            else f"gallery {kind}",
-        }
+        index, info["faiss"] = _build_faiss(gallery, faiss_kind, nlist, nprobe, hnsw_m, ef_search)
+        info |= _faiss_recall(index, gallery, tensors, kind, recall_queries, seed)
     out.mkdir(parents=True, exist_ok=True)
     _save_tensors(out / "gallery.safetensors", {"gallery": gallery})
     _write_jsonl(out / "items.jsonl", [{**r, "row": r["id"], "id": i} for i, r in enumerate(rows)])
@@ -566,6 +524,62 @@ def build_index(
         _write_atomic(out / "faiss.index", lambda p: faiss.write_index(index, str(p)))
     _write_atomic(out / "index.json", lambda p: p.write_text(json.dumps(info, indent=2), encoding="utf-8"))
     return info
+
+
+def _build_faiss(
+    gallery: Tensor, faiss_kind: str, nlist: int | None, nprobe: int | None, hnsw_m: int, ef_search: int
+) -> tuple[Any, dict[str, Any]]:
+    """The FAISS IVF or HNSW index of the normalised ``gallery``, and its settings for index.json."""
+    faiss = _faiss()
+    n, d = gallery.shape
+    x = gallery.numpy()
+    if faiss_kind == "ivf":
+        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+        if not 1 <= nlist <= n:
+            raise VlmtuneError(f"--nlist: must lie in 1..{n} (the gallery size), got {nlist}")
+        nprobe = min(nlist, nprobe or max(1, nlist // 8, min(nlist, 16)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        index.nprobe = nprobe
+        return index, {"type": "IndexIVFFlat", "nlist": nlist, "nprobe": nprobe}
+    index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = max(40, 2 * hnsw_m)
+    index.add(x)
+    index.hnsw.efSearch = ef_search
+    return index, {
+        "type": "IndexHNSWFlat",
+        "M": hnsw_m,
+        "efConstruction": index.hnsw.efConstruction,
+        "efSearch": ef_search,
+    }
+
+
+def _faiss_recall(
+    index: Any, gallery: Tensor, tensors: dict[str, Tensor], kind: str, recall_queries: int, seed: int
+) -> dict[str, Any]:
+    """Recall@10 of the approximate ``index`` against exact search, on queries of the other
+    kind where the folder has them (the realistic case), else on gallery rows themselves."""
+    other = tensors.get("texts" if kind == "images" else "images")
+    pool = _normalise(other) if other is not None and len(other) else gallery
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pool), generator=g)[:recall_queries]
+    q = pool[pick]
+    kk = min(10, len(gallery))
+    _, exact = exact_topk(q, gallery, kk)
+    _, approx = index.search(q.numpy(), kk)
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return {
+        "recall_at_10": 100.0 * hits / (len(q) * kk),
+        "recall_queries": {
+            "count": len(q),
+            "from": "texts"
+            if pool is not gallery and kind == "images"
+            else "images"
+            if pool is not gallery
+            else f"gallery {kind}",
+        },
+    }
 
 
 class Index:
