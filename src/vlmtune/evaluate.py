@@ -89,8 +89,7 @@ def evaluate_checkpoint(
     source, train_path = _splits(ckpt, data, cfg)
     records, train_records = _records(ckpt, cfg, source, train_path, image_root)
     if rankings:
-        if not hasattr(task, "evaluate_with_rankings"):
-            raise VlmtuneError(f"--rankings: task '{ckpt.cfg.task}' has no per-query results")
+        # A task without per-query results says so (the Task base class's default).
         metrics, details = task.evaluate_with_rankings(
             model, records, device=device, rankings_k=rankings_k, train_records=train_records, progress=progress
         )
