@@ -145,3 +145,16 @@ def test_loss_mapping_is_checked_against_the_runs_task() -> None:
     with pytest.raises(ConfigError, match=r"^loss\.box: must be >= 0, got -1"):
         load_config(CONFIGS / "retrieval_two_stage.yaml", ["loss.box=-1"])
     assert load_config(CONFIGS / "receipts_three_stage.yaml").train.early_stopping.metric == "count/accuracy"
+
+
+def test_an_override_may_complete_the_file(tmp_path: Path) -> None:
+    """The file alone is checked for keys and types; the whole once the overrides are in, so
+    ``task=counting`` on the command line makes the file's counting losses valid."""
+    p = tmp_path / "c.yaml"
+    p.write_text("loss: {lm: 0.5}\nstages:\n  - {name: s, start_epoch: 0, train: {count_head: 1.0}}\n")
+    cfg = load_config(p, ["task=counting"])
+    assert cfg.task == "counting" and cfg.loss == {"lm": 0.5, "count": 1.0}
+    with pytest.raises(ConfigError, match=r"^loss\.lm: not a loss of the retrieval task"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^loss\.lm: expected a number"):
+        load_config(p, ["loss.lm=abc", "task=counting"])

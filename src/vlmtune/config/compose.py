@@ -18,7 +18,7 @@ from vlmtune.config.fields import setting
 from vlmtune.config.schema import Config
 from vlmtune.tasks import TASKS, task_class
 
-_COMPOSED: dict[tuple[tuple[str, int], ...], type[Config]] = {}
+_COMPOSED: dict[tuple[tuple[tuple[str, int], ...], bool], type[Config]] = {}
 
 
 def task_sections() -> dict[str, type]:
@@ -37,9 +37,11 @@ def _post_init(self: Config) -> None:
     resolve_and_check(self)
 
 
-def config_class() -> type[Config]:
-    """:class:`Config` with every registered task's sections: the class configs are built as."""
-    snapshot = tuple((name, id(entry)) for name, entry in TASKS.items())
+def config_class(checked: bool = True) -> type[Config]:
+    """:class:`Config` with every registered task's sections: the class configs are built as.
+    ``checked=False``: the same keys and types, built without resolving or checking the
+    whole (a file read on its own, before the overrides that complete it are applied)."""
+    snapshot = (tuple((name, id(entry)) for name, entry in TASKS.items()), checked)
     if snapshot not in _COMPOSED:
         fields: list[Any] = []
         for key, cls in task_sections().items():
@@ -49,7 +51,7 @@ def config_class() -> type[Config]:
             "Config",
             fields,
             bases=(Config,),
-            namespace={"__post_init__": _post_init, "__doc__": Config.__doc__, "__module__": __name__},
+            namespace={"__doc__": Config.__doc__, "__module__": __name__} | ({"__post_init__": _post_init} if checked else {}),
         )
     return _COMPOSED[snapshot]
 

@@ -233,8 +233,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         data = loaded
-    # Unknown keys are caught first, on the file as written, so the message names them.
-    config_from_dict(data)
+    # Unknown keys and wrong types are caught first, on the file as written, so the message
+    # names them; the whole is checked once the overrides are in (one may set the task).
+    _build(config_class(checked=False), data)
     merged = _merge(default_dict(), data)
     for ov in overrides or []:
         _clear_other_start(merged, ov)
