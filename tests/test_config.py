@@ -158,3 +158,25 @@ def test_an_override_may_complete_the_file(tmp_path: Path) -> None:
         load_config(p)
     with pytest.raises(ConfigError, match=r"^loss\.lm: expected a number"):
         load_config(p, ["loss.lm=abc", "task=counting"])
+
+
+def test_a_config_saved_by_0_1_with_every_tasks_loss_weights_still_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vlmtune 0.1 wrote all eight loss weights into every run's config.yaml; the other
+    task's never counted, so a checkpoint's config drops them with a note, and a user's
+    own config with a typo is still refused."""
+    from vlmtune.config import config_yaml, load_saved_config
+
+    cfg = load_config(CONFIGS / "retrieval_two_stage.yaml")
+    old = tmp_path / "config.yaml"
+    old.write_text(config_yaml(cfg).replace("loss:\n", "loss:\n  lm: 1.0\n  count: 1.0\n", 1))
+    with caplog.at_level("INFO", logger="vlmtune"):
+        assert load_saved_config(old).loss == cfg.loss
+    assert "loss weights of other tasks' losses (count, lm) left out" in caplog.text
+    with pytest.raises(ConfigError, match=r"^loss\.lm: not a loss of the retrieval task"):
+        load_config(old)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(config_yaml(cfg).replace("loss:\n", "loss:\n  contrastiv: 1.0\n", 1))
+    with pytest.raises(ConfigError, match=r"^loss\.contrastiv: not a loss"):
+        load_saved_config(typo)

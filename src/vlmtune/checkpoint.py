@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from vlmtune.config import Config, load_config, save_config
+from vlmtune.config import Config, load_saved_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
 from vlmtune.state import TrainState
 from vlmtune.utils import sha256_bytes, sha256_file, shorten
@@ -325,7 +325,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder}: checkpoint format {str(raw.get('format_version'))[:40]} is not {FORMAT_VERSION}")
     state = TrainState.from_json(raw, where)
     try:
-        cfg = load_config(folder / "config.yaml")
+        cfg = load_saved_config(folder / "config.yaml")
     except ConfigError as e:
         raise CheckpointError(f"{folder / 'config.yaml'}: {e}") from None
     state.check_against(cfg.train.epochs, where)

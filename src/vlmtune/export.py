@@ -188,14 +188,17 @@ def merge_lora(language_model: torch.nn.Module) -> int:
 
 
 def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
-    from vlmtune.config import load_config
+    from vlmtune.config import apply_override, config_from_dict, config_to_dict
     from vlmtune.restore import load_model
 
     model, _ = load_model(ckpt, torch.device("cpu"))
     bb = cast("Backbone", model.backbone)  # every task's model holds its backbone there
     n_merged = merge_lora(bb.language_model) if getattr(model, "lm_mode", None) == "lora" else 0
     # The folder's own config describes what it now holds: no LoRA left to inject.
-    cfg = load_config(ckpt.folder / "config.yaml", ["counting.lm_mode=full"] if n_merged else [])
+    data = config_to_dict(ckpt.cfg)
+    if n_merged:
+        apply_override(data, "counting.lm_mode=full")
+    cfg = config_from_dict(data)
     heads = _head_weights(model.state_dict())
 
     def hf_model(folder: Path) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         config_yaml,
         evaluation_config,
         load_config,
+        load_saved_config,
         save_config,
         with_overrides,
     )
@@ -67,6 +68,7 @@ _LAZY = {
             "config_yaml",
             "evaluation_config",
             "load_config",
+            "load_saved_config",
             "save_config",
             "with_overrides",
         )
@@ -100,6 +102,7 @@ __all__ = [
     "format_explain",
     "key_bounds",
     "load_config",
+    "load_saved_config",
     "save_config",
     "setting",
     "stage_starts",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -24,7 +25,9 @@ from vlmtune.config.fields import short
 from vlmtune.config.schema import Config
 from vlmtune.errors import ConfigError
 from vlmtune.runfolder import write_text
-from vlmtune.tasks import task_class
+from vlmtune.tasks import TASKS, task_class
+
+log = logging.getLogger("vlmtune")
 
 
 def _type_name(tp: Any) -> str:
@@ -199,40 +202,42 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; every way it can fail is a ConfigError naming the file."""
+    if "\x00" in str(p):
+        raise ConfigError(f"{short(str(p))}: the file name contains a NUL character")
+    try:
+        found = p.is_file()
+    except (OSError, ValueError) as e:  # a NUL in the name, a name too long, a link loop
+        raise ConfigError(f"{short(str(p))}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    if not found and p.is_symlink():
+        raise ConfigError(f"{short(str(p))}: a symbolic link to nothing or a link loop, not a config file")
+    if not found:
+        raise ConfigError(f"{short(str(p))}: config file not found")
+    try:
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{p}: {short(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if "\x00" in str(path):
-            raise ConfigError(f"{short(str(path))}: the file name contains a NUL character")
-        try:
-            found = p.is_file()
-        except (OSError, ValueError) as e:  # a NUL in the name, a name too long, a link loop
-            raise ConfigError(f"{short(str(p))}: cannot open ({getattr(e, 'strerror', None) or e})") from None
-        if not found and p.is_symlink():
-            raise ConfigError(f"{short(str(p))}: a symbolic link to nothing or a link loop, not a config file")
-        if not found:
-            raise ConfigError(f"{short(str(p))}: config file not found")
-        try:
-            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        except RecursionError:
-            raise ConfigError(f"{p}: nested too deeply to be a config") from None
-        except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise ConfigError(f"{p}: {short(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-        data = loaded
+    data = _read_yaml(Path(path)) if path is not None else {}
     # Unknown keys and wrong types are caught first, on the file as written, so the message
     # names them; the whole is checked once the overrides are in (one may set the task).
     _build(config_class(checked=False), data)
@@ -285,3 +290,26 @@ def evaluation_config(cfg: Config, overrides: list[str] | None, what: str = "eva
     """A checkpoint's config with the ``evaluate`` / ``predict`` overrides applied: only
     the sections its task declares (``evaluation_sections``; data.* and eval.* by default)."""
     return with_overrides(cfg, overrides, task_class(cfg.task).evaluation_sections, what)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config.yaml that vlmtune wrote into a run or a checkpoint. Those written before
+    the ``loss`` section became the task's own mapping (0.1) list every task's weights;
+    the weights of losses only other registered tasks have never counted in that run, and
+    are left out with a note. Anything else is checked as :func:`load_config` checks it."""
+    cfg_dict = _read_yaml(Path(path))
+    loss, task = cfg_dict.get("loss"), cfg_dict.get("task", "retrieval")
+    if isinstance(loss, dict) and isinstance(task, str) and task in TASKS:
+        own = task_class(task).losses.defaults()
+        others = {name for t in TASKS if t != task for name in task_class(t).losses.defaults()}
+        foreign = sorted(k for k in loss if k not in own and k in others)
+        if foreign:
+            log.info(
+                "%s: loss weights of other tasks' losses (%s) left out: they never counted in this %s run",
+                path,
+                ", ".join(map(str, foreign)),
+                task,
+            )
+            cfg_dict["loss"] = {k: v for k, v in loss.items() if k not in foreign}
+    _build(config_class(checked=False), cfg_dict)
+    return config_from_dict(_merge(default_dict(), cfg_dict))
