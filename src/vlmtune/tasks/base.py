@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 # TaskModel); a bare ``Task`` in the engine is ``Task[Any]``.
 ModelT = TypeVar("ModelT", bound="TaskModel")
 
-# Components a stage can train that every task's backbone has; a task's own come on top.
-
 
 @dataclass(frozen=True)
 class FeatureCache:
@@ -77,9 +75,9 @@ class Task(Generic[ModelT]):
     serves: ClassVar[tuple[str, ...]] = ()
     # The loss terms a stage can switch on, each with its default weight in ``loss:``.
     losses: ClassVar[LossRegistry] = LossRegistry()
-    # The validation metric that picks the best checkpoint unless the config names one.
+    # The validation metric that picks the best checkpoint unless the config names one
+    # (train.early_stopping.mode says whether larger is better; max by default).
     default_metric: ClassVar[str] = ""
-    default_metric_mode: ClassVar[str] = "max"
     # Metrics the CLI prints after a run or an evaluation, in order.
     key_metrics: ClassVar[tuple[str, ...]] = ()
     # Metric-name prefixes ("retrieval/...") in the order reports show them.
