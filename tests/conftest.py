@@ -141,3 +141,17 @@ def retrieval_checkpoint(tmp_path_factory: pytest.TempPathFactory, scenes: Path)
     ]
     assert main(["train", str(CONFIGS / "retrieval_two_stage.yaml"), "--output-dir", str(root / "run"), *args]) == 0
     return root / "run" / "checkpoints" / "last"
+
+
+# Overrides that make the counting recipe train and evaluate in seconds (the bad-input and real-format runs).
+COUNT_QUICK = [
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.progress=false",
+    "eval.batch_size=8",
+    "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]",
+    "generation.num_beams=1",
+    "generation.val_num_images=0",
+    "counting.max_dynamic_patch=1",
+    "backbone.tiny_image_size=32",
+]

@@ -27,24 +27,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CONFIGS
+from conftest import CONFIGS, COUNT_QUICK
 from vlmtune.cli import main
 
 RETRIEVAL = str(CONFIGS / "retrieval_two_stage.yaml")
 COUNTING = str(CONFIGS / "receipts_three_stage.yaml")
 ONE_STAGE = "stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
 QUICK = ["train.epochs=1", "train.batch_size=8", "train.progress=false", "eval.batch_size=16", ONE_STAGE, "eval.ks=[1,2]"]
-COUNT_QUICK = [
-    "train.epochs=1",
-    "train.batch_size=4",
-    "train.progress=false",
-    "eval.batch_size=8",
-    "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]",
-    "generation.num_beams=1",
-    "generation.val_num_images=0",
-    "counting.max_dynamic_patch=1",
-    "backbone.tiny_image_size=32",
-]
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import formats_fixtures as ff
-from conftest import CONFIGS
+from conftest import CONFIGS, COUNT_QUICK
 from vlmtune.cli import main
 from vlmtune.data.formats import ReadOptions, read_counting, read_pairs
 from vlmtune.errors import DataError
@@ -38,17 +38,6 @@ QUICK = [
 ]
 NO_BOXES = ["loss.box=0", "loss.relation=0"]
 BOXES = ["loss.relation=0"]
-COUNT_QUICK = [
-    "train.epochs=1",
-    "train.batch_size=4",
-    "train.progress=false",
-    "eval.batch_size=8",
-    "stages=[{name: a, start_epoch: 0, train: {count_head: 1.0}}]",
-    "generation.num_beams=1",
-    "generation.val_num_images=0",
-    "counting.max_dynamic_patch=1",
-    "backbone.tiny_image_size=32",
-]
 NEEDS_HF = {"hf-save-to-disk", "hf-parquet"}
 # Trained by default (a few seconds each); geotext trains read-only and Karpathy Flickr30k
 # in the evaluate --data test below; every other layout trains under -m slow.
