@@ -81,6 +81,19 @@ def _bench_data(out: Path, images: int, name: str = "data") -> Path:
     return data
 
 
+def _run_overrides(preset: str, data: Path, images: int, batch_size: int, progress: bool) -> list[str]:
+    """The overrides every timed run of a section shares: preset, data set, batch sizes, quiet logging."""
+    return [
+        f"backbone.name_or_path={preset}",
+        f"data.synthetic_dir={data}",
+        f"data.synthetic.n={max(images, 10)}",
+        f"train.batch_size={batch_size}",
+        f"eval.batch_size={batch_size}",
+        f"train.progress={str(progress).lower()}",
+        "train.log_every=1000000",
+    ]
+
+
 def _ks_that_fit(data: Path) -> list[int]:
     """Recall@K for the Ks of 1, 5, 10 that fit the smaller of the val and test galleries
     (eval.ks beyond a gallery is an error; a small benchmark set has few images)."""
@@ -103,14 +116,8 @@ def bench_training(
 
     data = _bench_data(out, images)
     base = [
-        f"backbone.name_or_path={preset}",
-        f"data.synthetic_dir={data}",
-        f"data.synthetic.n={max(images, 10)}",
+        *_run_overrides(preset, data, images, batch_size, progress),
         "stages=[{name: frozen, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]",
-        f"train.batch_size={batch_size}",
-        f"eval.batch_size={batch_size}",
-        f"train.progress={str(progress).lower()}",
-        "train.log_every=1000000",
         f"eval.ks={_ks_that_fit(data)}",
     ]
     res: dict[str, Any] = {"preset": preset, "images": images, "captions": len(read_pairs(data / "train.json"))}
@@ -295,13 +302,7 @@ def bench_stages(
     two, single = recipe_paths(recipes)
     data = _bench_data(out, images)
     base = [
-        f"backbone.name_or_path={preset}",
-        f"data.synthetic_dir={data}",
-        f"data.synthetic.n={max(images, 10)}",
-        f"train.batch_size={batch_size}",
-        f"eval.batch_size={batch_size}",
-        f"train.progress={str(progress).lower()}",
-        "train.log_every=1000000",
+        *_run_overrides(preset, data, images, batch_size, progress),
         f"eval.ks={_ks_that_fit(data)}",
         f"train.epochs={epochs}",
     ]
@@ -511,13 +512,7 @@ def bench_counting(
         generate_receipts(data, n=max(images, 10), seed=0, max_count=3, image_size=128, overwrite=True)
     base = [
         *COUNTING_STAGE1,
-        f"backbone.name_or_path={preset}",
-        f"data.synthetic_dir={data}",
-        f"data.synthetic.n={max(images, 10)}",
-        f"train.batch_size={batch_size}",
-        f"eval.batch_size={batch_size}",
-        f"train.progress={str(progress).lower()}",
-        "train.log_every=1000000",
+        *_run_overrides(preset, data, images, batch_size, progress),
         f"counting.max_dynamic_patch={max_tiles}",
     ]
     res: dict[str, Any] = {"preset": preset, "images": max(images, 10), "max_tiles": max_tiles}
