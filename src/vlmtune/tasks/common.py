@@ -1,4 +1,4 @@
-"""What the task packages share: the trainable weights' state dict, the loader of a
+"""What the task packages share: the loader of a
 list of records, the frozen vision tower's cache namespace and rows, and the way an
 evaluation splits its records between processes."""
 
@@ -14,7 +14,6 @@ from vlmtune.backbone import Backbone
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.data.cache import vision_fingerprint, vision_prefix_fingerprint
 from vlmtune.distributed import rank_world
-from vlmtune.tasks.model import head_state_dict as head_state_dict  # its home is the TaskModel module
 
 
 def records_loader(
