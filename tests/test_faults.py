@@ -360,3 +360,37 @@ def test_kill_during_final_evaluation_then_resume(
         if k not in wall and k != "checkpoint":
             assert ma[k] == mb[k], k
     assert Path(mb["checkpoint"]).name == Path(ma["checkpoint"]).name
+
+
+def test_resume_at_a_stage_boundary_gives_the_next_stage_a_fresh_patience(
+    tmp_path: Path, scenes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The save at a stage's end keeps that stage's count of evaluations without
+    improvement; a run stopped right after it and resumed stops early where the straight
+    run does (stage 2's patience counts from 0), not an epoch sooner."""
+    import vlmtune.train.loop as loop
+
+    args = [
+        *small_set(scenes),
+        "stages.1.start_epoch=2",
+        "train.epochs=5",
+        "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=1000",
+    ]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert main(["train", TWO_STAGE, "--output-dir", str(straight), *args]) == 0
+    real_apply = loop.apply_stage
+
+    def stop_at_stage_2(model, stage, *a, **kw):
+        if stage.index == 1:
+            raise KeyboardInterrupt
+        return real_apply(model, stage, *a, **kw)
+
+    monkeypatch.setattr(loop, "apply_stage", stop_at_stage_2)
+    assert main(["train", TWO_STAGE, "--output-dir", str(run), *args]) != 0
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["bad_evals"] == 1
+    monkeypatch.undo()
+    assert main(["train", TWO_STAGE, "--output-dir", str(run), *args, "--resume"]) == 0
+    ms, mr = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    assert ms["train/stopped_early"] is True and ms["train/epochs"] == 4
+    assert mr["train/epochs"] == ms["train/epochs"]

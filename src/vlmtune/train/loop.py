@@ -245,6 +245,8 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
             set_rng_state(rng)
     # Resumed inside a stage: its line is already in the (truncated) history.
     if run.state.epoch == stage.start_epoch and not run.state.epoch_batches:
+        # A fresh patience, also when resumed from the save at the previous stage's end (which keeps its count).
+        run.state.bad_evals = 0
         run.history.write(
             StageRecord(
                 stage=stage.index,
