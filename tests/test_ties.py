@@ -136,3 +136,27 @@ def test_ties_running_past_the_kept_lists(chunk_size: int) -> None:
         assert r["retrieval/i2t_r1_tie_mean"] == pytest.approx(20.0)
         assert r["retrieval/i2t_r3_tie_mean"] == pytest.approx(100 * (1 - 56 / 120))
         assert r["retrieval/i2t_tie_queries"] == n and r["retrieval/t2i_tie_queries"] == m
+
+
+def test_validate_and_inspect_note_captions_shared_by_images(scenes, tmp_path, capsys) -> None:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from vlmtune.cli import main
+
+    records = json.loads((Path(scenes) / "train.json").read_text())
+    images = list(dict.fromkeys(r["image"] for r in records))[:3]
+    shared = [{"image": im, "caption": "a red circle"} for im in images]  # one text under three images
+    own = [{"image": images[0], "caption": "a blue square"}]
+    for im in images:  # the images beside the annotation file, as the readers want
+        (tmp_path / im).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(scenes) / im, tmp_path / im)
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(shared + own))
+    assert main(["data", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 caption text stands under several images (3 images in all; e.g. 'a red circle' under 3 images)" in out
+    assert main(["data", "inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shared_captions"] == {"texts": 1, "images": 3, "examples": [{"text": "a red circle", "images": 3}]}

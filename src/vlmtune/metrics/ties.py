@@ -3,8 +3,10 @@
 Two captions with the same text have the same embedding, so an image scores them
 exactly alike; whichever comes first is a convention (vlmtune: the lower index;
 ALBEF's ``itm_eval``: the higher one), and the convention moves recall. For each
-query this module counts, in the same chunked pass that ranks (no similarity matrix
-is kept), how many keys score above its first ground truth and how many tie with it:
+query this module counts how many keys score above its first ground truth and how
+many tie with it, read off the top-k lists (with their scores) that the chunked pass
+keeps anyway, so no similarity is computed again (but for a query whose ties run past
+the end of its list, counted in a pass of its own):
 
 - ``above``: keys scoring more than the ground truth's score ``s``;
 - ``tied``: negatives scoring ``s`` (ties it could lose);
