@@ -173,6 +173,11 @@ class Task(Generic[ModelT]):
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         raise NotImplementedError
 
+    def write_figures(self, metrics: dict[str, Any], folder: Path) -> list[str]:
+        """Draw the figures of an evaluation's ``metrics`` into ``folder``, beside its
+        metrics.json; the names of the files written (none by default)."""
+        return []
+
     def evaluate_with_rankings(
         self,
         model: ModelT,

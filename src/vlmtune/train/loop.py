@@ -463,6 +463,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     metrics.update(best_stage_metrics(run.plan, state, run.history, es.metric, es.mode, run.main))
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+        run.task.write_figures(metrics, run.out)
         if run.tracker:
             run.accelerator.log(launch.numeric(metrics, "test/"), step=state.step)
             run.accelerator.end_training()

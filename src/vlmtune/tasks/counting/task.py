@@ -22,6 +22,8 @@ from vlmtune.tasks.counting.losses import LOSSES
 from vlmtune.tasks.counting.model import CountingModel
 from vlmtune.tasks.retrieval.config import ModelConfig
 
+RELIABILITY_PNG = "reliability.png"
+
 
 class CountingTask(Task[CountingModel]):
     """Counting with answer generation."""
@@ -47,9 +49,15 @@ class CountingTask(Task[CountingModel]):
         "count/baseline_accuracy",
         "count/macro_f1",
         "count/baseline_macro_f1",
+        "count/mae",
+        "count/baseline_mae",
+        "count/off_by_one",
+        "count/baseline_off_by_one",
+        "count/ece",
         "answer/count_accuracy",
         "answer/baseline_count_accuracy",
         "answer/parse_rate",
+        "answer/head_agreement",
         "text/bleu4",
         "text/rougeL",
         "text/perplexity",
@@ -228,6 +236,23 @@ class CountingTask(Task[CountingModel]):
             progress=progress,
             record_rows=record_rows,
         )
+
+    def write_figures(self, metrics: dict[str, Any], folder: Path) -> list[str]:
+        """reliability.png: the count head's reliability diagram (``count/reliability``)."""
+        bins = metrics.get("count/reliability")
+        if not bins:
+            return []
+        from io import BytesIO
+
+        from vlmtune.metrics.counting import reliability_figure
+        from vlmtune.runfolder import write_bytes
+
+        buf = BytesIO()
+        reliability_figure(bins, float(metrics["count/ece"]), "Count head: reliability on the test split").savefig(
+            buf, format="png", dpi=110
+        )
+        write_bytes(Path(folder) / RELIABILITY_PNG, buf.getvalue())
+        return [RELIABILITY_PNG]
 
     def loader_for(self, model: CountingModel, cache: FeatureCache | None) -> Callable[[list[CountRecord]], DataLoader]:
         """The evaluation loader of a shard of records (see :func:`evaluate`)."""
