@@ -72,3 +72,16 @@ def test_head_answer_agreement_by_hand() -> None:
     assert m == pytest.approx({"answer/no_count": 25.0, "answer/head_agreement": 100 / 3})
     m = agreement_metrics([2, 2, 1, 2], [3, 1, None, 5], lambda c: min(c, 2))
     assert m["answer/head_agreement"] == pytest.approx(200 / 3)
+
+
+def test_predict_says_when_head_and_answer_disagree() -> None:
+    from vlmtune.predict import head_answer_check
+
+    same = lambda c: c  # noqa: E731
+    assert head_answer_check("There are 3 receipts.", "3", 3, 0.61, same) == (3, True, None)
+    stated, agrees, note = head_answer_check("There are 2 receipts.", "3", 3, 0.61, same)
+    assert (stated, agrees) == (2, False)
+    assert note == "the answer says 2, the count head says 3 (61%): they disagree"
+    assert head_answer_check("I cannot tell.", "1", 1, 0.5, same)[:2] == (None, None)
+    # A bucket: 5 receipts fall in "2+" (class 2).
+    assert head_answer_check("I see 5 receipts.", "2+", 2, 0.9, lambda c: min(c, 2))[1] is True
