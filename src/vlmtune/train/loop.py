@@ -458,6 +458,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     if state.last_val is not None:  # the last validation's, also when a resume only redoes this evaluation
         metrics["train/last_val"] = state.last_val
     metrics["train/num_threads"] = torch.get_num_threads()
+    metrics["train/device"] = device.type  # efficiency is compared only between runs on the same kind of device
     metrics.update(init_metrics(cfg, run.out))
     assert es.metric is not None  # filled when the config is loaded
     metrics.update(best_stage_metrics(run.plan, state, run.history, es.metric, es.mode, run.main))

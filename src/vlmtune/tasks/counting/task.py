@@ -62,6 +62,14 @@ class CountingTask(Task[CountingModel]):
         "text/rougeL",
         "text/perplexity",
     )
+    ranked_metrics: ClassVar[tuple[tuple[str, str], ...]] = (
+        (r"count/(accuracy|macro_precision|macro_recall|macro_f1|off_by_one)", "max"),
+        (r"count/(mae|rmse|ece)", "min"),
+        (r"answer/(count_accuracy|parse_rate|head_agreement)", "max"),
+        (r"answer/no_count", "min"),
+        (r"text/(bleu\d|rouge1|rouge2|rougeL)", "max"),
+        (r"text/perplexity", "min"),
+    )
     report_sections: ClassVar[tuple[str, ...]] = ("count", "answer", "text")
     # The vision tower's states (tiles of each image) come from the feature cache while it
     # is frozen, or its frozen prefix's while only its last blocks train; the language
