@@ -470,3 +470,21 @@ def test_efficiency_of_runs_with_other_threads_is_not_compared(tmp_path: Path) -
     assert _row(md, "total wall time (s) (not comparable)")
     assert _row(md, "setting: threads (train/num_threads)")[1:] == ["1", "2"]
     assert result["metrics"]["train/num_threads"]["best"] == []
+
+
+def test_counting_runs_get_a_per_count_table_and_a_reliability_plot(tmp_path: Path) -> None:
+    runs = []
+    for kind, lr in (("base", 1e-3), ("big", 3e-4)):
+        for seed in range(2):
+            m = _metrics(kind, seed)
+            m["count/per_count"] = [
+                {"count": "0", "n": 4, "accuracy": 50.0 + 10 * seed},
+                {"count": "1", "n": 3, "accuracy": None},
+            ]
+            m["count/reliability"] = [{"low": 0.5, "high": 0.6, "n": 2, "confidence": 55.0, "accuracy": 50.0 + 50 * seed}]
+            runs.append(make_run(tmp_path / f"{kind}_seed{seed}", _config(seed, lr), m, _history(kind, seed)))
+    result = compare(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert _row(md, "0")[1:] == ["55.00 ± 7.07 (n=4)", "55.00 ± 7.07 (n=4)"]  # mean of 50 and 60 per group
+    assert "reliability" in result["plots"] and (tmp_path / "out" / "reliability.png").is_file()
+    assert "![Count head reliability" in md

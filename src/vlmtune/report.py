@@ -7,9 +7,15 @@ resolved configs differ only in the top-level ``seed``, and writes to ``output_d
 - ``report.md`` and ``report.html`` (self-contained: inline CSS, plots as data URIs),
   built from one list of blocks so the two always say the same thing;
 - ``comparison.json`` with every number in the reports;
-- ``losses.png``, ``val_curve.png``, ``recall_at_k.png`` (each only when there is data).
+- ``losses.png``, ``val_curve.png``, ``recall_at_k.png``, ``reliability.png`` (the count
+  head's, pooled over seeds) (each only when there is data), and for counting runs a
+  table of accuracy per true count.
 
-Which direction is better is decided in one place, :func:`direction`. Chance levels and
+Which metrics are ranked, and which way, the tasks declare (``Task.ranked_metrics``,
+read through :func:`direction`); every other number is shown and never ranked. With
+enough seeds, a best mean inside Welch's interval of another group's is no difference.
+Efficiency rows of groups that ran with other threads, device or batch are flagged not
+comparable and name no winner. Chance levels and
 baselines (keys holding ``chance`` or ``baseline``) are rows of their own, placed under
 the metric they belong to and never marked best. The verdict gives Welch's t 95%
 interval of the difference between the best group and each other (scipy.stats) and
@@ -865,6 +871,7 @@ def _plots(groups: list[Group], stats: dict[str, dict[str, dict[str, Any]]], met
         ("losses", _plot_losses(groups, colors, out)),
         ("val_curve", _plot_val_curve(groups, colors, metric, out)),
         ("recall_at_k", _plot_recall(groups, colors, stats, out)),
+        ("reliability", _plot_reliability(groups, colors, out)),
     ):
         if info is not None:
             plots[name] = info
@@ -952,7 +959,9 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
         "losses": "Loss terms per optimizer step",
         "val_curve": f"Validation {metric} per epoch",
         "recall_at_k": "Test recall@K by group",
+        "reliability": "Count head reliability by group (test split, bins pooled over seeds)",
     }
+    b += _per_count_blocks(groups)
     if result["plots"]:
         b.append(("h2", "Plots"))
         for name, info in result["plots"].items():
@@ -960,6 +969,56 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
     if result["notes"]:
         b += [("h2", "Notes"), ("ul", result["notes"])]
     return b
+
+
+def _per_count_blocks(groups: list[Group]) -> list[Block]:
+    """The counting head's test accuracy per true count (``count/per_count``), one
+    column per group (mean ± std over its runs), when any run has it."""
+    per: dict[str, dict[str, list[float]]] = {}
+    support: dict[str, dict[str, int]] = {}
+    for g in groups:
+        for r in g.runs:
+            for row in r.metrics.get("count/per_count") or []:
+                if isinstance(row, dict) and row.get("accuracy") is not None:
+                    per.setdefault(str(row["count"]), {}).setdefault(g.name, []).append(float(row["accuracy"]))
+                    support.setdefault(str(row["count"]), {})[g.name] = int(row.get("n", 0))
+    if not per:
+        return []
+    rows = [[c, *(_pm(_stats(per[c].get(g.name, []))) + f" (n={support[c].get(g.name, 0)})" for g in groups)] for c in per]
+    return [
+        ("h2", "Counting: accuracy per true count (test split, mean ± std over seeds)"),
+        ("p", "Each cell: the count head's accuracy on the test records of that true count (n: those records, per run)."),
+        ("table", ["true count"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
+    ]
+
+
+def _plot_reliability(groups: list[Group], colors: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """Accuracy against confidence of the count head's bins (``count/reliability``), pooled over each group's runs."""
+    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for g in groups:
+        pooled: dict[float, list[float]] = {}  # bin low -> [n, n * confidence, n * accuracy]
+        for r in g.runs:
+            for b in r.metrics.get("count/reliability") or []:
+                acc = pooled.setdefault(float(b["low"]), [0.0, 0.0, 0.0])
+                acc[0] += b["n"]
+                acc[1] += b["n"] * b["confidence"]
+                acc[2] += b["n"] * b["accuracy"]
+        if not pooled:
+            continue
+        pts = [(c / n, a / n) for _, (n, c, a) in sorted(pooled.items()) if n]
+        ax.plot(*zip(*pts), marker="o", color=colors[g.name], label=f"{g.name} (n={len(g.runs)})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.plot([0, 100], [0, 100], color="0.5", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.set_xlabel("count head's confidence (bin mean, %)")
+    ax.set_ylabel("accuracy in the bin (%)")
+    ax.set_title("Count head reliability (test split, bins pooled over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "reliability.png")
 
 
 def _n_note(s: dict[str, Any], groups: list[Group], name: str) -> str:
