@@ -925,6 +925,28 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
         ("table", header, rows),
     ]
 
+    b += _efficiency_blocks(result, groups)
+
+    captions = {
+        "losses": "Loss terms per optimizer step",
+        "val_curve": f"Validation {metric} per epoch",
+        "recall_at_k": "Test recall@K by group",
+        "reliability": "Count head reliability by group (test split, bins pooled over seeds)",
+    }
+    b += _per_count_blocks(groups)
+    if result["plots"]:
+        b.append(("h2", "Plots"))
+        for name, info in result["plots"].items():
+            b.append(("img", info["file"], captions[name]))
+    if result["notes"]:
+        b += [("h2", "Notes"), ("ul", result["notes"])]
+    return b
+
+
+def _efficiency_blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
+    """The training-efficiency table, with the settings that make its timings not comparable."""
+    metric, tol = result["target_metric"], result["tolerance"]
+    names = [g.name for g in groups]
     rows = []
     apart = result["efficiency_settings"]
     for key, label, _ in EFFICIENCY:
@@ -936,7 +958,7 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
     if apart:
         for k, v in apart.items():
             rows.append([f"setting: {k}", *(_short(v.get(g)) for g in names)])
-    b += [
+    return [
         ("h2", "Training efficiency (mean ± sample std over seeds)"),
         (
             "p",
@@ -954,21 +976,6 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
         ),
         ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
     ]
-
-    captions = {
-        "losses": "Loss terms per optimizer step",
-        "val_curve": f"Validation {metric} per epoch",
-        "recall_at_k": "Test recall@K by group",
-        "reliability": "Count head reliability by group (test split, bins pooled over seeds)",
-    }
-    b += _per_count_blocks(groups)
-    if result["plots"]:
-        b.append(("h2", "Plots"))
-        for name, info in result["plots"].items():
-            b.append(("img", info["file"], captions[name]))
-    if result["notes"]:
-        b += [("h2", "Notes"), ("ul", result["notes"])]
-    return b
 
 
 def _per_count_blocks(groups: list[Group]) -> list[Block]:
