@@ -85,3 +85,7 @@ def test_predict_says_when_head_and_answer_disagree() -> None:
     assert head_answer_check("I cannot tell.", "1", 1, 0.5, same)[:2] == (None, None)
     # A bucket: 5 receipts fall in "2+" (class 2).
     assert head_answer_check("I see 5 receipts.", "2+", 2, 0.9, lambda c: min(c, 2))[1] is True
+
+
+def test_no_answer_states_a_count() -> None:
+    assert agreement_metrics([1, 2], [None, None], lambda c: c) == {"answer/no_count": 100.0}

@@ -99,12 +99,14 @@ def agreement_metrics(
     head_classes: list[int], answer_counts: list[int | None], to_class: Callable[[int], int]
 ) -> dict[str, float]:
     """``answer/head_agreement`` (percent of answers stating a count whose class,
-    ``to_class(count)``, is the head's) and ``answer/no_count`` (percent stating none)."""
+    ``to_class(count)``, is the head's; left out when no answer states one) and
+    ``answer/no_count`` (percent stating none)."""
     if not answer_counts:
         return {}
     stated = [(h, c) for h, c in zip(head_classes, answer_counts) if c is not None]
     out = {"answer/no_count": 100.0 * (len(answer_counts) - len(stated)) / len(answer_counts)}
-    out["answer/head_agreement"] = 100.0 * sum(to_class(c) == h for h, c in stated) / len(stated) if stated else float("nan")
+    if stated:  # none stated a count: answer/no_count (100) says so, and there is nothing to agree on
+        out["answer/head_agreement"] = 100.0 * sum(to_class(c) == h for h, c in stated) / len(stated)
     return out
 
 
