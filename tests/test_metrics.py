@@ -132,8 +132,16 @@ def test_retrieval_matches_reference(rerank, rerank_k: int, chunk_size: int, ste
     _assert_same_metrics(fast, ref)
     expected = {f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in ks}
     expected |= {f"retrieval/chance_{d}_r{k}" for d in ("i2t", "t2i") for k in ks} | {"retrieval/mean_recall"}
+    span_ks = [k for k in ks if rerank is None or k >= rerank_k]
+    expected |= {f"retrieval/{d}_r{k}_tie_{b}" for d in ("i2t", "t2i") for k in span_ks for b in ("min", "max", "mean")}
+    expected |= {"retrieval/i2t_tie_queries", "retrieval/t2i_tie_queries"}
     assert fast.keys() == expected
-    assert all(0.0 <= v <= 100.0 for v in fast.values())
+    assert all(0.0 <= v <= 100.0 for k, v in fast.items() if not k.endswith("tie_queries"))
+    for d in ("i2t", "t2i"):  # the headline (ties to the lower index) lies in the span, as does the mean
+        for k in span_ks:
+            lo, hi, mean = (fast[f"retrieval/{d}_r{k}_tie_{b}"] for b in ("min", "max", "mean"))
+            assert lo - 1e-9 <= fast[f"retrieval/{d}_r{k}"] <= hi + 1e-9
+            assert lo - 1e-9 <= mean <= hi + 1e-9
 
 
 def test_rerank_changes_result_and_uncaptioned_images() -> None:

@@ -323,7 +323,8 @@ class Model:
         """Answer a counting question: a :class:`~vlmtune.predict.Prediction` with the
         generated ``answer``, the count head's ``count`` (class index), ``count_label``,
         ``confidence`` and ``probabilities`` (and the answer's attention map with
-        ``attention=True``), exactly as ``vlmtune predict`` gives them."""
+        ``attention=True``), exactly as ``vlmtune predict`` gives them; ``agrees`` and
+        ``disagreement`` say when the answer's count is not the head's."""
         from vlmtune.predict import DEFAULT_QUESTION, predict_image
 
         self._require("ask")

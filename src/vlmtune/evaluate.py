@@ -103,6 +103,7 @@ def evaluate_checkpoint(
     refuse_run_folder(dest)
     make_folder(dest)
     write_text(dest / "metrics.json", json.dumps(metrics, indent=2))
+    task.write_figures(metrics, dest)
     if rankings:
         write_rankings(dest, details)
         if examples:

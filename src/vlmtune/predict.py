@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from vlmtune.backbone import preprocess_images
 from vlmtune.checkpoint import open_checkpoint
 from vlmtune.config import Config, evaluation_config
-from vlmtune.data.counting import tile_grid
+from vlmtune.data.counting import count_class, tile_grid
 from vlmtune.data.formats import load_image
 from vlmtune.errors import CheckpointError, DataError
 from vlmtune.metrics.text import parse_count
@@ -62,9 +62,12 @@ class Prediction:
     grid: tuple[int, int]  # (columns, rows) of the tiles, thumbnail not included
     heatmap: np.ndarray | None = field(default=None, repr=False)  # [H, W], sums to 1 (the count token's attention)
     heatmap_all: np.ndarray | None = field(default=None, repr=False)  # the same over all answer tokens
+    answer_count: int | None = None  # the count the answer states (None: it states none)
+    agrees: bool | None = None  # whether that count falls in the head's class (None: no count stated)
+    disagreement: str | None = None  # a sentence saying how head and answer differ; None when they agree
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "answer": self.answer,
             "count": self.count,
             "count_label": self.count_label,
@@ -72,7 +75,26 @@ class Prediction:
             "probabilities": [round(p, 4) for p in self.probabilities],
             "num_tiles": self.num_tiles,
             "grid": list(self.grid),
+            "answer_count": self.answer_count,
+            "head_agrees": self.agrees,
         }
+        if self.disagreement:
+            out["disagreement"] = self.disagreement
+        return out
+
+
+def head_answer_check(
+    answer: str, label: str, klass: int, confidence: float, to_class: Any
+) -> tuple[int | None, bool | None, str | None]:
+    """(the answer's count, whether its class ``to_class(count)`` is the head's, and the
+    sentence to print when not): head and answer are two readings of one model and
+    may differ; a user should not have to spot it."""
+    stated = parse_count(answer)
+    if stated is None:
+        return None, None, f"the answer states no count; the count head says {label} ({100 * confidence:.0f}%)"
+    if to_class(stated) == klass:
+        return stated, True, None
+    return stated, False, f"the answer says {stated}, the count head says {label} ({100 * confidence:.0f}%): they disagree"
 
 
 def load_counting_checkpoint(
@@ -130,16 +152,21 @@ def predict_image(
         side = math.isqrt(bb.info.tokens_per_tile)
         for key, masses in answer_image_attentions(model, prompt, pixel_values, ids[0]).items():
             heat[key] = attention_heatmap(masses.reshape(n, side, side), (cols, rows), heatmap_size or image.size)
+    label = class_names(counting)[k]
+    stated, agrees, note = head_answer_check(answer, label, k, float(probs[k]), lambda c: count_class(c, counting.buckets))
     return Prediction(
         answer,
         k,
-        class_names(counting)[k],
+        label,
         float(probs[k]),
         [float(p) for p in probs],
         n,
         (cols, rows),
         heat["count"],
         heat["all"],
+        stated,
+        agrees,
+        note,
     )
 
 

@@ -7,9 +7,15 @@ resolved configs differ only in the top-level ``seed``, and writes to ``output_d
 - ``report.md`` and ``report.html`` (self-contained: inline CSS, plots as data URIs),
   built from one list of blocks so the two always say the same thing;
 - ``comparison.json`` with every number in the reports;
-- ``losses.png``, ``val_curve.png``, ``recall_at_k.png`` (each only when there is data).
+- ``losses.png``, ``val_curve.png``, ``recall_at_k.png``, ``reliability.png`` (the count
+  head's, pooled over seeds) (each only when there is data), and for counting runs a
+  table of accuracy per true count.
 
-Which direction is better is decided in one place, :func:`direction`. Chance levels and
+Which metrics are ranked, and which way, the tasks declare (``Task.ranked_metrics``,
+read through :func:`direction`); every other number is shown and never ranked. With
+enough seeds, a best mean inside Welch's interval of another group's is no difference.
+Efficiency rows of groups that ran with other threads, device or batch are flagged not
+comparable and name no winner. Chance levels and
 baselines (keys holding ``chance`` or ``baseline``) are rows of their own, placed under
 the metric they belong to and never marked best. The verdict gives Welch's t 95%
 interval of the difference between the best group and each other (scipy.stats) and
@@ -25,6 +31,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vlmtune.errors import DataError, VlmtuneError, first_line
 from vlmtune.history import EpochRecord, Record, StageRecord, StepRecord, read_history
-from vlmtune.tasks import report_sections
+from vlmtune.tasks import metric_direction, report_sections
 from vlmtune.utils import flatten
 
 __all__ = ["compare", "direction", "group_runs", "is_reference", "load_run", "order_metrics", "run_efficiency", "Run"]
@@ -44,12 +51,8 @@ __all__ = ["compare", "direction", "group_runs", "is_reference", "load_run", "or
 # Sections of metrics.json in report order: the registered tasks' own (declared on each
 # task class, vlmtune.tasks.report_sections()); anything unknown goes between those and TAIL.
 TAIL = ("train", "params")
-# The one rule for "lower is better": a key holding any of these substrings.
-LOWER_IS_BETTER = ("l1", "loss", "perplexity", "wall_s", "peak_mem")
-# Numbers that describe a run rather than grade it: shown, never marked best.
-DESCRIPTIVE = {"retrieval/temperature", "train/epochs", "train/best_epoch", "train/steps", "train/best_val", "train/last_val"}
-
 _SEED_SUFFIX = re.compile(r"(?:[-_.](?:seed|s)[-_]?|seed[-_]?)\d+$", re.IGNORECASE)
+_TIE_SPAN = re.compile(r"_tie_(min|max|mean)$")  # a recall's tie span, shown under the recall
 _RECALL = re.compile(r"^retrieval/(i2t|t2i)_r(\d+)$")
 
 
@@ -62,23 +65,13 @@ def is_reference(key: str) -> bool:
 
 
 def direction(key: str) -> str | None:
-    """``"max"`` when higher is better, ``"min"`` when lower is, ``None`` when neither.
-
-    Lower is better for keys containing one of :data:`LOWER_IS_BETTER`; chance levels,
-    baselines, counts (``n``, ``n_*``), temperatures, epoch/step counters and parameter
-    counts have no better side.
-    """
-    name = key.rsplit("/", 1)[-1]
-    if (
-        is_reference(key)
-        or key in DESCRIPTIVE
-        or key.startswith("params/")
-        or name == "n"
-        or name.startswith("n_")
-        or "temperature" in name
-    ):
+    """``"max"`` when higher is better, ``"min"`` when lower is, ``None`` when the key is
+    no rankable metric: the tasks declare theirs (``Task.ranked_metrics``); chance
+    levels, baselines, counts, settings, thread counts and train/* or params/* numbers
+    are shown and never ranked."""
+    if is_reference(key):
         return None
-    return "min" if any(s in key for s in LOWER_IS_BETTER) else "max"
+    return metric_direction(key)
 
 
 def order_metrics(keys: list[str]) -> list[str]:
@@ -100,8 +93,8 @@ def order_metrics(keys: list[str]) -> list[str]:
     refs: dict[str, list[str]] = {}
     main = []
     for k in keys:
-        target = k.replace("chance_", "").replace("baseline_", "")
-        if is_reference(k) and target != k and target in first:
+        target = _TIE_SPAN.sub("", k.replace("chance_", "").replace("baseline_", ""))
+        if (is_reference(k) or _TIE_SPAN.search(k)) and target != k and target in first:
             refs.setdefault(target, []).append(k)
         else:
             main.append(k)
@@ -261,12 +254,26 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def _best(stats: dict[str, dict[str, Any]], way: str | None) -> list[str]:
-    """Names of the groups with the best mean (ties all win); none when under two groups have one."""
-    means = {g: s["mean"] for g, s in stats.items() if s["n"] > 0}
-    if way is None or len(means) < 2:
+    """Names of the groups with the best mean (ties all win); none when under two groups
+    have one. When every group has MIN_SEEDS runs or more, the best must also be
+    separated from each other group (Welch's interval of the difference excludes 0):
+    means within the interval are no difference, and nothing is marked."""
+    have = {g: s for g, s in stats.items() if s["n"] > 0}
+    if way is None or len(have) < 2:
         return []
+    means = {g: s["mean"] for g, s in have.items()}
     top = max(means.values()) if way == "max" else min(means.values())
-    return [g for g, m in means.items() if math.isclose(m, top, rel_tol=1e-12, abs_tol=1e-12)]
+    best = [g for g, m in means.items() if math.isclose(m, top, rel_tol=1e-12, abs_tol=1e-12)]
+    if all(s["n"] >= MIN_SEEDS for s in have.values()):
+        for b in best:
+            for g in have:
+                if g not in best:
+                    ci = difference_interval(have[b]["values"], have[g]["values"])
+                    if ci["low"] <= 0 <= ci["high"]:
+                        return []
+        if len(best) > 1:
+            return []
+    return best
 
 
 def run_efficiency(run: Run, metric: str, mode: str, tolerance: float) -> dict[str, Any]:
@@ -371,7 +378,7 @@ def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: s
     ranked = sorted(have, key=lambda g: have[g]["mean"], reverse=mode == "max")
     best, b = ranked[0], have[ranked[0]]
     d = _decimals(b["mean"])
-    text = [f"On {source} {metric} ({better} is better), {best} is best with {_pm(b, d, True)} (n={b['n']})."]
+    text: list[str] = []
     comparisons = []
     for g in ranked[1:]:
         o = have[g]
@@ -391,7 +398,21 @@ def _verdict(metric: str, mode: str, stats: dict[str, dict[str, Any]], source: s
         text.append(f"Against {g} ({_pm(o, d, True)}, n={o['n']}) the difference is {diff:+.{d}f}{rel_text}: {why}.")
         comparisons.append({"group": g, "difference": diff, "relative_pct": rel, "separated": sep, "interval": interval})
     separated = all(c["separated"] for c in comparisons)
-    return {"best": best, "separated": separated, "comparisons": comparisons, "text": " ".join(text)}
+    tested = [c for c in comparisons if c["interval"] is not None]
+    if separated:
+        head = f"On {source} {metric} ({better} is better), {best} is best with {_pm(b, d, True)} (n={b['n']})."
+    elif tested and len(tested) == len(comparisons) and not any(c["separated"] for c in comparisons):
+        head = (
+            f"On {source} {metric} ({better} is better), the data show no difference between the groups: "
+            f"{best} has the {'highest' if mode == 'max' else 'lowest'} mean, {_pm(b, d, True)} (n={b['n']}), "
+            "within the interval of every other group's."
+        )
+    else:
+        head = (
+            f"On {source} {metric} ({better} is better), {best} has the {'highest' if mode == 'max' else 'lowest'} "
+            f"mean, {_pm(b, d, True)} (n={b['n']}), but it is not separated from every other group."
+        )
+    return {"best": best, "separated": separated, "comparisons": comparisons, "text": " ".join([head, *text])}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -726,7 +747,8 @@ def compare(
 
     stats, metrics_json = _metric_stats(runs, groups)
     per_run = {str(r.path): run_efficiency(r, metric, mode, tolerance) for r in runs}
-    efficiency = _efficiency(groups, per_run, mode)
+    apart = efficiency_settings(groups)
+    efficiency = _efficiency(groups, per_run, mode, comparable=not apart)
     notes.extend(_run_notes(runs, groups, per_run, metric))
 
     # The verdict uses the test metric when metrics.json has it, else the best validation value.
@@ -744,6 +766,7 @@ def compare(
         "metrics": metrics_json,
         "efficiency": efficiency,
         "efficiency_runs": per_run,
+        "efficiency_settings": apart,
         "verdict": verdict,
         "plots": plots,
         "notes": notes,
@@ -787,14 +810,42 @@ def _metric_stats(runs: list[Run], groups: list[Group]) -> tuple[dict[str, dict[
     return stats, metrics_json
 
 
-def _efficiency(groups: list[Group], per_run: dict[str, dict[str, Any]], mode: str) -> dict[str, dict[str, Any]]:
-    """The ``efficiency`` section: per EFFICIENCY key, its better side and each group's stats."""
+def _efficiency(
+    groups: list[Group], per_run: dict[str, dict[str, Any]], mode: str, comparable: bool = True
+) -> dict[str, dict[str, Any]]:
+    """The ``efficiency`` section: per EFFICIENCY key, its better side and each group's
+    stats; the timed rows (:data:`TIMED`) name no best when not ``comparable``."""
     efficiency: dict[str, dict[str, Any]] = {}
     for key, _, way in EFFICIENCY:
         way = mode if way == "target" else way
         st = {g.name: _stats([v for r in g.runs if (v := per_run[str(r.path)][key]) is not None]) for g in groups}
-        efficiency[key] = {"direction": way, "groups": st, "best": _best(st, way)}
+        ok = comparable or key not in TIMED
+        efficiency[key] = {"direction": way, "groups": st, "best": _best(st, way) if ok else [], "comparable": ok}
     return efficiency
+
+
+# Efficiency rows that time or weigh a run: comparable only between runs with the same
+# threads, device and batch (EFFICIENCY_SETTINGS).
+TIMED = ("wall_to_target_s", "wall_s", "samples_per_s", "peak_mem_mb")
+# What makes timings comparable: (label, where a run records it).
+EFFICIENCY_SETTINGS: tuple[tuple[str, Callable[[Run], Any]], ...] = (
+    ("threads (train/num_threads)", lambda r: r.metrics.get("train/num_threads")),
+    ("device (train/device)", lambda r: r.metrics.get("train/device")),
+    ("batch (train.batch_size x train.grad_accum)", lambda r: (r.train_setting("batch_size"), r.train_setting("grad_accum"))),
+)
+
+
+def efficiency_settings(groups: list[Group]) -> dict[str, dict[str, Any]]:
+    """The settings (threads, device, batch) whose values differ between the runs being
+    compared: {label: {group: its value, or the values of its runs when they differ}}.
+    Empty when every run used the same (a setting no run records is left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, read in EFFICIENCY_SETTINGS:
+        per_group = {g.name: list(dict.fromkeys(json.dumps(read(r), default=str) for r in g.runs)) for g in groups}
+        values = {v for vs in per_group.values() for v in vs}
+        if len(values) > 1:
+            out[label] = {g: json.loads(vs[0]) if len(vs) == 1 else [json.loads(v) for v in vs] for g, vs in per_group.items()}
+    return out
 
 
 def _run_notes(runs: list[Run], groups: list[Group], per_run: dict[str, dict[str, Any]], metric: str) -> list[str]:
@@ -820,6 +871,7 @@ def _plots(groups: list[Group], stats: dict[str, dict[str, dict[str, Any]]], met
         ("losses", _plot_losses(groups, colors, out)),
         ("val_curve", _plot_val_curve(groups, colors, metric, out)),
         ("recall_at_k", _plot_recall(groups, colors, stats, out)),
+        ("reliability", _plot_reliability(groups, colors, out)),
     ):
         if info is not None:
             plots[name] = info
@@ -864,37 +916,24 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
         ("h2", "Metrics (test split, mean ± sample std over seeds)"),
         (
             "p",
-            "Bold: the best group's mean (lower is better for keys containing "
-            + ", ".join(LOWER_IS_BETTER)
-            + "; higher otherwise; counts, temperatures and parameter counts "
-            "are not ranked). Italic rows are chance levels or baselines, shown under their metric and never "
-            "marked. A std of — means a single run.",
+            "Bold: the best group's mean, on the metrics the tasks declare rankable (each with its better "
+            "side); counts, settings, thread counts, tie spans and the train/* and params/* numbers are shown, "
+            f"never ranked. With {MIN_SEEDS} or more seeds in every group, a best mean within Welch's 95% interval "
+            "of another group's is no difference, and nothing is bold. Italic rows are chance levels or "
+            "baselines, shown under their metric and never marked. A std of — means a single run.",
         ),
         ("table", header, rows),
     ]
 
-    rows = []
-    for key, label, _ in EFFICIENCY:
-        e = result["efficiency"][key]
-        lab = f"best validation {metric}" if key == "best_val" else label
-        rows.append([lab] + [Cell(_pm(e["groups"][g]) + _n_note(e["groups"][g], groups, g), bold=g in e["best"]) for g in names])
-    b += [
-        ("h2", "Training efficiency (mean ± sample std over seeds)"),
-        (
-            "p",
-            f"Epochs and wall time to target: the first epoch whose validation {metric} is within {tol:g} of "
-            "that run's best validation value. Total wall time is train/wall_s (training and validation). "
-            "Samples/s: training samples processed over training wall time (validation left out), both "
-            "from history.jsonl's last epoch line.",
-        ),
-        ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
-    ]
+    b += _efficiency_blocks(result, groups)
 
     captions = {
         "losses": "Loss terms per optimizer step",
         "val_curve": f"Validation {metric} per epoch",
         "recall_at_k": "Test recall@K by group",
+        "reliability": "Count head reliability by group (test split, bins pooled over seeds)",
     }
+    b += _per_count_blocks(groups)
     if result["plots"]:
         b.append(("h2", "Plots"))
         for name, info in result["plots"].items():
@@ -902,6 +941,91 @@ def _blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
     if result["notes"]:
         b += [("h2", "Notes"), ("ul", result["notes"])]
     return b
+
+
+def _efficiency_blocks(result: dict[str, Any], groups: list[Group]) -> list[Block]:
+    """The training-efficiency table, with the settings that make its timings not comparable."""
+    metric, tol = result["target_metric"], result["tolerance"]
+    names = [g.name for g in groups]
+    rows = []
+    apart = result["efficiency_settings"]
+    for key, label, _ in EFFICIENCY:
+        e = result["efficiency"][key]
+        lab = f"best validation {metric}" if key == "best_val" else label
+        if key in TIMED and apart:
+            lab += " (not comparable)"
+        rows.append([lab] + [Cell(_pm(e["groups"][g]) + _n_note(e["groups"][g], groups, g), bold=g in e["best"]) for g in names])
+    if apart:
+        for k, v in apart.items():
+            rows.append([f"setting: {k}", *(_short(v.get(g)) for g in names)])
+    return [
+        ("h2", "Training efficiency (mean ± sample std over seeds)"),
+        (
+            "p",
+            f"Epochs and wall time to target: the first epoch whose validation {metric} is within {tol:g} of "
+            "that run's best validation value. Total wall time is train/wall_s (training and validation). "
+            "Samples/s: training samples processed over training wall time (validation left out), both "
+            "from history.jsonl's last epoch line."
+            + (
+                " The groups ran with different "
+                + ", ".join(result["efficiency_settings"])
+                + " (rows below), so their times, speeds and memory are not comparable and no winner is marked."
+                if result["efficiency_settings"]
+                else ""
+            ),
+        ),
+        ("table", ["quantity"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
+    ]
+
+
+def _per_count_blocks(groups: list[Group]) -> list[Block]:
+    """The counting head's test accuracy per true count (``count/per_count``), one
+    column per group (mean ± std over its runs), when any run has it."""
+    per: dict[str, dict[str, list[float]]] = {}
+    support: dict[str, dict[str, int]] = {}
+    for g in groups:
+        for r in g.runs:
+            for row in r.metrics.get("count/per_count") or []:
+                if isinstance(row, dict) and row.get("accuracy") is not None:
+                    per.setdefault(str(row["count"]), {}).setdefault(g.name, []).append(float(row["accuracy"]))
+                    support.setdefault(str(row["count"]), {})[g.name] = int(row.get("n", 0))
+    if not per:
+        return []
+    rows = [[c, *(_pm(_stats(per[c].get(g.name, []))) + f" (n={support[c].get(g.name, 0)})" for g in groups)] for c in per]
+    return [
+        ("h2", "Counting: accuracy per true count (test split, mean ± std over seeds)"),
+        ("p", "Each cell: the count head's accuracy on the test records of that true count (n: those records, per run)."),
+        ("table", ["true count"] + [f"{g.name} (n={len(g.runs)})" for g in groups], rows),
+    ]
+
+
+def _plot_reliability(groups: list[Group], colors: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """Accuracy against confidence of the count head's bins (``count/reliability``), pooled over each group's runs."""
+    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for g in groups:
+        pooled: dict[float, list[float]] = {}  # bin low -> [n, n * confidence, n * accuracy]
+        for r in g.runs:
+            for b in r.metrics.get("count/reliability") or []:
+                acc = pooled.setdefault(float(b["low"]), [0.0, 0.0, 0.0])
+                acc[0] += b["n"]
+                acc[1] += b["n"] * b["confidence"]
+                acc[2] += b["n"] * b["accuracy"]
+        if not pooled:
+            continue
+        pts = [(c / n, a / n) for _, (n, c, a) in sorted(pooled.items()) if n]
+        ax.plot(*zip(*pts), marker="o", color=colors[g.name], label=f"{g.name} (n={len(g.runs)})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.plot([0, 100], [0, 100], color="0.5", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.set_xlabel("count head's confidence (bin mean, %)")
+    ax.set_ylabel("accuracy in the bin (%)")
+    ax.set_title("Count head reliability (test split, bins pooled over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "reliability.png")
 
 
 def _n_note(s: dict[str, Any], groups: list[Group], name: str) -> str:

@@ -40,10 +40,12 @@ RUN_ARTIFACTS = ("config.yaml", "history.jsonl", "metrics.json", "checkpoints")
 # files would otherwise sit beside the old run's). data/ and cache/ are kept: the
 # generated set is reused and cached features are keyed by their content.
 INIT_RECORD = "init_from.json"  # what --init-from loaded, for --resume to re-check
-OVERWRITTEN = (*RUN_ARTIFACTS, "tensorboard", INIT_RECORD)
+# Figures a task draws beside metrics.json (Task.write_figures): counting's reliability diagram.
+FIGURES = ("reliability.png",)
+OVERWRITTEN = (*RUN_ARTIFACTS, *FIGURES, "tensorboard", INIT_RECORD)
 LOCK_NAME = ".vlmtune.lock"
 # Every name a run writes directly inside its folder: none may be a symbolic link.
-WRITTEN = (*RUN_ARTIFACTS, "cache", "data", "tensorboard", "wandb", LOCK_NAME, INIT_RECORD)
+WRITTEN = (*RUN_ARTIFACTS, *FIGURES, "cache", "data", "tensorboard", "wandb", LOCK_NAME, INIT_RECORD)
 GENERATED_MARKER = ".vlmtune-generated.json"
 
 OVERWRITE_HELP = (
@@ -155,7 +157,12 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_onl
 # --------------------------------------------------------------------------- files
 
 
-def write_text(path: Path, text: str, append: bool = False) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """:func:`write_text` for bytes (a PNG): never through a symbolic link."""
+    write_text(path, data.decode("latin-1"), encoding="latin-1")
+
+
+def write_text(path: Path, text: str, append: bool = False, encoding: str = "utf-8") -> None:
     """Write (or append) text without following a symbolic link at ``path``: a link is
     refused with a message naming it, so the file it points to stays untouched."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
@@ -168,7 +175,7 @@ def write_text(path: Path, text: str, append: bool = False) -> None:
                 f"(the file it points to is left untouched); remove it"
             ) from None
         raise
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with os.fdopen(fd, "w", encoding=encoding, newline="") as f:
         f.write(text)
 
 

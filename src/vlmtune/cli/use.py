@@ -45,6 +45,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overrides=args.overrides,
     )
     print(json.dumps(out, indent=2))
+    if out.get("disagreement"):
+        print(f"note: {out['disagreement']}", file=sys.stderr)
     return 0
 
 

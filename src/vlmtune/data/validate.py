@@ -79,9 +79,39 @@ def validate_file(
         scan = scan_counting(path, max_count=max_count, deep=deep, opts=opts)
     else:
         scan = scan_pairs(path, deep=deep, opts=opts)
+        shared = shared_captions(scan.records)
+        if shared["texts"]:
+            scan.problems.append(Problem(str(path), shared_note(shared), "note"))
     if scan.n_records == 0 and not scan.errors:
         scan.problems.append(Problem(str(path), "no records"))
     return scan
+
+
+def shared_captions(records: list[Any], examples: int = 3) -> dict[str, Any]:
+    """Caption texts that stand under more than one image: {"texts": how many, "images":
+    the images they stand under, "examples": the ``examples`` most shared, each with its
+    image count}. Such a caption has one embedding for several images, so its images
+    score it exactly alike and retrieval recall depends on how ties are broken."""
+    images: dict[str, set[Any]] = {}
+    for r in records:
+        images.setdefault(r.text, set()).add(r.image)
+    shared = sorted(((t, len(v)) for t, v in images.items() if len(v) > 1), key=lambda x: (-x[1], x[0]))
+    return {
+        "texts": len(shared),
+        "images": len({i for t, _ in shared for i in images[t]}),
+        "examples": [{"text": t, "images": k} for t, k in shared[:examples]],
+    }
+
+
+def shared_note(shared: dict[str, Any]) -> str:
+    """The one-line note on shared captions (:func:`shared_captions`)."""
+    n = shared["texts"]
+    eg = "; ".join(f"{e['text'][:60]!r} under {e['images']} images" for e in shared["examples"])
+    return (
+        f"{n} caption text{'s' * (n != 1)} stand{'s' * (n == 1)} under several images ({shared['images']} images in all; "
+        f"e.g. {eg}): each image scores the copies alike, so recall depends on tie order "
+        "(metrics.json gives the span, retrieval/*_tie_min|max)"
+    )
 
 
 def summary(scan: Scan) -> str:
@@ -154,6 +184,7 @@ def inspect_file(
         out.update(
             pairs=len(recs),
             captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
+            shared_captions=shared_captions(recs),
             boxes=boxes,
             relations=dict(relations),
         )
@@ -192,6 +223,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         rows += [
             ("pairs", str(info["pairs"])),
             ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
+            ("shared captions", _shared_row(info["shared_captions"])),
             ("boxes", str(info["boxes"])),
             ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"),
         ]
@@ -203,3 +235,10 @@ def format_inspect(info: dict[str, Any]) -> str:
         rows.append(("first error", info["first_error"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _shared_row(shared: dict[str, Any]) -> str:
+    if not shared["texts"]:
+        return "none (no caption text stands under two images)"
+    eg = "; ".join(f"{e['text'][:40]!r} x{e['images']}" for e in shared["examples"])
+    return f"{shared['texts']} texts under {shared['images']} images (recall depends on tie order), e.g. {eg}"

@@ -5,6 +5,9 @@ first if cosine similarity is wanted.
 
 Ranking rule, shared by every function here so that chunked and full-matrix results
 agree exactly: higher score first, and among equal scores the lower key index first.
+That is the headline R@K (and the order of the ranked lists and per-query ranks); as
+any tie rule is a convention, the span every tie order allows and the mean over random
+tie orders stand beside it (``..._tie_min|max|mean``, :mod:`vlmtune.metrics.ties`).
 
 Protocol:
     image-to-text (i2t): an image hits at K when ANY of its captions is in its top K.
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from vlmtune.metrics.ties import tie_counts, tie_counts_reference, tie_metrics
 
 __all__ = [
     "chunked_topk",
@@ -324,7 +329,10 @@ def retrieval_metrics(
     ``rerank_batch_size`` pairs) and re-ordered, the rest follow in contrastive order.
 
     Keys: retrieval/{i2t,t2i}_r{K} for K in ks, retrieval/mean_recall (mean of those),
-    retrieval/chance_{i2t,t2i}_r{K}.
+    retrieval/chance_{i2t,t2i}_r{K}; beside each recall the span tie order allows,
+    retrieval/{i2t,t2i}_r{K}_tie_min|max, and its mean under a random tie order,
+    ..._tie_mean, with retrieval/{i2t,t2i}_tie_queries (:mod:`vlmtune.metrics.ties`;
+    read off the ranked lists the pass keeps; with ``rerank`` only for K >= rerank_k).
     """
     _validate(image_emb, text_emb, text_to_image, ks, rerank_k)
     n = image_emb.shape[0]
@@ -349,6 +357,10 @@ def retrieval_metrics(
     for k in ks:
         recalls[f"retrieval/t2i_r{k}"] = recall(t2i_hits, k)
     metrics = _finish(recalls, _chance_levels(text_to_image, n, ks))
+    # Re-ranking permutes only the first rerank_k: the top-K set, hence hit@K, is the
+    # contrastive one for K >= rerank_k, and so are its ties.
+    ties = tie_counts(image_emb, text_emb, text_to_image, (i2t, t2i, i2t_s, t2i_s), chunk_size)
+    metrics.update(tie_metrics(*ties, ks, rerank_k if rerank is not None else 1))
     if not return_rankings:
         return metrics
     i2t_rank, t2i_rank = _list_ranks(image_emb, text_emb, text_to_image, chunk_size, i2t, t2i)
@@ -531,4 +543,6 @@ def retrieval_metrics_reference(
         recalls[f"retrieval/i2t_r{k}"] = 100.0 * sum(r < k for r in i2t_first) / len(i2t_first)
     for k in ks:
         recalls[f"retrieval/t2i_r{k}"] = 100.0 * sum(r < k for r in t2i_first) / len(t2i_first)
-    return _finish(recalls, _chance_levels(text_to_image, n, ks))
+    out = _finish(recalls, _chance_levels(text_to_image, n, ks))
+    out.update(tie_metrics(*tie_counts_reference(image_emb, text_emb, text_to_image), ks, rerank_k if rerank is not None else 1))
+    return out

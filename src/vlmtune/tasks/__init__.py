@@ -57,6 +57,18 @@ def losses_fed(kind: str, records: list[Any]) -> list[str]:
     return out
 
 
+def metric_direction(key: str) -> str | None:
+    """ "max" or "min" for a metric some registered task declares rankable
+    (``Task.ranked_metrics``, the whole key matching); None for any other key."""
+    import re
+
+    for name in TASKS:
+        for pattern, way in task_class(name).ranked_metrics:
+            if re.fullmatch(pattern, key):
+                return way
+    return None
+
+
 def report_sections() -> tuple[str, ...]:
     """Every registered task's report sections, in registry order."""
     out: list[str] = []
@@ -73,6 +85,7 @@ __all__ = [
     "build_task",
     "data_paths",
     "losses_fed",
+    "metric_direction",
     "report_sections",
     "task_class",
 ]

@@ -80,6 +80,10 @@ class Task(Generic[ModelT]):
     default_metric: ClassVar[str] = ""
     # Metrics the CLI prints after a run or an evaluation, in order.
     key_metrics: ClassVar[tuple[str, ...]] = ()
+    # The metrics a comparison may rank, each with its better side: (regular expression
+    # that the whole key matches, "max" or "min"). Any other number (counts, settings,
+    # thread counts, chance levels, the train/* and params/* keys) is shown, never ranked.
+    ranked_metrics: ClassVar[tuple[tuple[str, str], ...]] = ()
     # Metric-name prefixes ("retrieval/...") in the order reports show them.
     report_sections: ClassVar[tuple[str, ...]] = ()
     # Which frozen features the task's loaders can read from a FeatureCache: "vision"
@@ -172,6 +176,11 @@ class Task(Generic[ModelT]):
     ) -> dict[str, Any]:
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         raise NotImplementedError
+
+    def write_figures(self, metrics: dict[str, Any], folder: Path) -> list[str]:
+        """Draw the figures of an evaluation's ``metrics`` into ``folder``, beside its
+        metrics.json; the names of the files written (none by default)."""
+        return []
 
     def evaluate_with_rankings(
         self,

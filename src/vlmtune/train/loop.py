@@ -460,11 +460,13 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     if state.last_val is not None:  # the last validation's, also when a resume only redoes this evaluation
         metrics["train/last_val"] = state.last_val
     metrics["train/num_threads"] = torch.get_num_threads()
+    metrics["train/device"] = device.type  # efficiency is compared only between runs on the same kind of device
     metrics.update(init_metrics(cfg, run.out))
     assert es.metric is not None  # filled when the config is loaded
     metrics.update(best_stage_metrics(run.plan, state, run.history, es.metric, es.mode, run.main))
     if run.main:
         write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+        run.task.write_figures(metrics, run.out)
         if run.tracker:
             run.accelerator.log(launch.numeric(metrics, "test/"), step=state.step)
             run.accelerator.end_training()

@@ -1,6 +1,7 @@
-"""The counting task's evaluation: head metrics beside the majority class, answer
-perplexity, generated answers (BLEU, ROUGE, the count parsed from them) and one row
-per record for ``vlmtune evaluate --rankings``."""
+"""The counting task's evaluation: head metrics beside the majority class (accuracy,
+P/R/F1, count errors, accuracy per true count, calibration), answer perplexity,
+generated answers (BLEU, ROUGE, the count parsed from them, its agreement with the
+head) and one row per record for ``vlmtune evaluate --rankings``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vlmtune.data.counting import count_class
 from vlmtune.data.formats import CountRecord
 from vlmtune.distributed import all_gather_objects
 from vlmtune.metrics.classification import classification_metrics, majority_baseline
+from vlmtune.metrics.counting import agreement_metrics, calibration, count_errors, majority_count_errors, per_count_accuracy
 from vlmtune.metrics.text import parse_count, perplexity, text_metrics
 from vlmtune.tasks.common import shard_rows
 from vlmtune.tasks.counting.config import CountingConfig
@@ -178,23 +180,37 @@ def merged_metrics(
     train_records: list[CountRecord] | None = None,
 ) -> dict[str, Any]:
     """The metrics of per-record results in record order (one dict per record: its
-    predicted class ``pred``, true class ``label``, answer-token ``nll`` sum and
-    ``tokens``, and generated ``answer`` or None)."""
+    predicted class ``pred``, true class ``label``, class ``probs``, answer-token
+    ``nll`` sum and ``tokens``, and generated ``answer`` or None)."""
     k = num_classes(counting)
     p = torch.tensor([r["pred"] for r in results], dtype=torch.long)
     y = torch.tensor([r["label"] for r in results], dtype=torch.long)
     metrics: dict[str, Any] = classification_metrics(p, y, k, "count")
     metrics["count/n"] = len(y)
     metrics["count/classes"] = class_names(counting)
+    train_y = torch.tensor([count_class(r.count, counting.buckets) for r in train_records or []], dtype=torch.long)
     if train_records:
-        train_y = torch.tensor([count_class(r.count, counting.buckets) for r in train_records])
         metrics.update(majority_baseline(train_y, y, k, "count"))
+    # How far off the wrong counts are, beside always answering the majority class.
+    baseline = majority_count_errors(train_y, y, k) if train_records else {}
+    for key, value in count_errors(p, y).items():
+        metrics[key] = value
+        if baseline:
+            metrics[key.replace("count/", "count/baseline_", 1)] = baseline[key.replace("count/", "count/baseline_", 1)]
+    metrics["count/per_count"] = per_count_accuracy(p, y, class_names(counting))
+    if all("probs" in r for r in results):  # each record's class probabilities, when the caller kept them
+        metrics.update(calibration(torch.stack([r["probs"] for r in results]).float() if results else torch.empty(0, k), y))
     nll, n_tokens = sum(r["nll"] for r in results), sum(r["tokens"] for r in results)
     metrics["text/perplexity"] = perplexity(nll, n_tokens) if n_tokens else float("nan")
     answered = [r for r in results if r["answer"] is not None]
     generated = [r["answer"] for r in answered]
     refs = [records[r["row"]].answer for r in answered]
     metrics.update(answer_metrics(generated, refs, [records[r["row"]].count for r in answered], train_records))
+    metrics.update(
+        agreement_metrics(
+            [r["pred"] for r in answered], [parse_count(t) for t in generated], lambda c: count_class(c, counting.buckets)
+        )
+    )
     if len(generated) == len(records):  # BLEU/ROUGE only over the whole split
         metrics.update(text_metrics(generated, refs))
     return metrics
@@ -231,6 +247,8 @@ def per_record_rows(
                 "answer": answer,
                 "answer_count": parsed,
                 "answer_correct": None if answer is None else parsed == r.count,
+                # Whether the answer's count falls in the head's class (None: no count stated).
+                "head_agrees": None if parsed is None else count_class(parsed, counting.buckets) == k,
             }
         )
     return out

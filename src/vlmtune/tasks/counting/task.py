@@ -22,6 +22,8 @@ from vlmtune.tasks.counting.losses import LOSSES
 from vlmtune.tasks.counting.model import CountingModel
 from vlmtune.tasks.retrieval.config import ModelConfig
 
+RELIABILITY_PNG = "reliability.png"
+
 
 class CountingTask(Task[CountingModel]):
     """Counting with answer generation."""
@@ -47,12 +49,26 @@ class CountingTask(Task[CountingModel]):
         "count/baseline_accuracy",
         "count/macro_f1",
         "count/baseline_macro_f1",
+        "count/mae",
+        "count/baseline_mae",
+        "count/off_by_one",
+        "count/baseline_off_by_one",
+        "count/ece",
         "answer/count_accuracy",
         "answer/baseline_count_accuracy",
         "answer/parse_rate",
+        "answer/head_agreement",
         "text/bleu4",
         "text/rougeL",
         "text/perplexity",
+    )
+    ranked_metrics: ClassVar[tuple[tuple[str, str], ...]] = (
+        (r"count/(accuracy|macro_precision|macro_recall|macro_f1|off_by_one)", "max"),
+        (r"count/(mae|rmse|ece)", "min"),
+        (r"answer/(count_accuracy|parse_rate|head_agreement)", "max"),
+        (r"answer/no_count", "min"),
+        (r"text/(bleu\d|rouge1|rouge2|rougeL)", "max"),
+        (r"text/perplexity", "min"),
     )
     report_sections: ClassVar[tuple[str, ...]] = ("count", "answer", "text")
     # The vision tower's states (tiles of each image) come from the feature cache while it
@@ -228,6 +244,23 @@ class CountingTask(Task[CountingModel]):
             progress=progress,
             record_rows=record_rows,
         )
+
+    def write_figures(self, metrics: dict[str, Any], folder: Path) -> list[str]:
+        """reliability.png: the count head's reliability diagram (``count/reliability``)."""
+        bins = metrics.get("count/reliability")
+        if not bins:
+            return []
+        from io import BytesIO
+
+        from vlmtune.metrics.counting import reliability_figure
+        from vlmtune.runfolder import write_bytes
+
+        buf = BytesIO()
+        reliability_figure(bins, float(metrics["count/ece"]), "Count head: reliability on the test split").savefig(
+            buf, format="png", dpi=110
+        )
+        write_bytes(Path(folder) / RELIABILITY_PNG, buf.getvalue())
+        return [RELIABILITY_PNG]
 
     def loader_for(self, model: CountingModel, cache: FeatureCache | None) -> Callable[[list[CountRecord]], DataLoader]:
         """The evaluation loader of a shard of records (see :func:`evaluate`)."""

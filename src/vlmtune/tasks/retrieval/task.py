@@ -57,6 +57,13 @@ class RetrievalTask(Task[RetrievalModel]):
         "spatial/baseline_text_accuracy",
         "spatial/baseline_caption_accuracy",
     )
+    ranked_metrics: ClassVar[tuple[tuple[str, str], ...]] = (
+        (r"retrieval/(i2t|t2i)_r\d+", "max"),  # the headline recalls, not their tie span
+        (r"retrieval/mean_recall", "max"),
+        (r"grounding/(acc\d+|miou|giou)", "max"),
+        (r"grounding/l1", "min"),
+        (r"spatial/(accuracy|macro_precision|macro_recall|macro_f1)", "max"),
+    )
     report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
     # Both towers' frozen outputs, and the frozen vision prefix's (a stage training only
     # the last N vision blocks runs those live on it).
