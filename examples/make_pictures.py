@@ -36,7 +36,9 @@ def examples_png(demo: Path, tmp: Path) -> None:
         sys.exit("no chromium: apt-get install -y chromium")
     shot = tmp / "examples.png"
     cmd = [browser, "--headless", "--no-sandbox", "--hide-scrollbars", "--window-size=1440,1400"]
-    subprocess.run([*cmd, f"--user-data-dir={tmp / 'profile'}", f"--screenshot={shot}", (out / "examples.html").as_uri()], check=True)
+    subprocess.run(
+        [*cmd, f"--user-data-dir={tmp / 'profile'}", f"--screenshot={shot}", (out / "examples.html").as_uri()], check=True
+    )
     shutil.copy(shot, DOCS / "examples.png")
 
 
