@@ -5,7 +5,7 @@
 - docs/examples.png: the demo's examples.html (its best checkpoint, evaluated with
   --rankings into a temporary folder), screenshot by headless Chromium;
 - docs/receipts_attention.png: `vlmtune predict --attention-out` on the receipts run's
-  best checkpoint and the first image of its test split;
+  best checkpoint and the first image of its test split with two receipts or more;
 - docs/compare_val_curve.png and docs/compare_losses.png: copied from a `compare` report.
 
 A run not given is left out; each picture is written only when its command succeeded.
@@ -44,7 +44,8 @@ def examples_png(demo: Path, tmp: Path) -> None:
 
 def attention_png(receipts: Path, tmp: Path) -> None:
     ckpt = receipts / "checkpoints" / "best"
-    first = json.loads((receipts / "data" / "test.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (receipts / "data" / "test.jsonl").read_text().splitlines()]
+    first = next((r for r in records if r["count"] >= 2), records[0])  # an image with receipts to attend to
     image = receipts / "data" / first["image"]
     shot = tmp / "attention.png"
     args = ["predict", str(ckpt), "--image", str(image), "--question", first["question"], "--attention-out", str(shot)]
