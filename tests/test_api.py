@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlmtune
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS
 from vlmtune.cli import main
 from vlmtune.errors import VlmtuneError
 
@@ -566,37 +564,3 @@ def test_bench_search_section(tmp_path: Path) -> None:
     assert r["n"] == 3000 and r["dim"] == 256 and r["threads"] >= 1 and 0 < r["median_ms"] <= r["p95_ms"]
     assert "Exact search" in (tmp_path / "b" / "bench.md").read_text()
     assert sorted(os.listdir(tmp_path / "b")) == ["bench.json", "bench.md"]
-
-
-def test_readme_using_a_trained_model_runs(
-    ckpt: Path, counting_ckpt: Path, scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    """Every code block of the README's "Using a trained model" section (its Python and
-    embed/index/search parts), run as written."""
-    section = (ROOT / "README.md").read_text().split("## Using a trained model", 1)[1].split("\n## ", 1)[0]
-    section = section.split("\n### Looking at results", 1)[0]  # the API and embed/index/search parts
-    blocks = re.findall(r"```(python|bash)\n(.*?)```", section, re.S)
-    assert [lang for lang, _ in blocks] == ["python", "bash"]
-    monkeypatch.chdir(tmp_path)
-    for name, target in (("demo", ckpt), ("receipts", counting_ckpt)):
-        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
-        (tmp_path / "runs" / name / "checkpoints" / "best").symlink_to(target)
-    src = sorted((scenes / "images").iterdir())
-    (tmp_path / "photos" / "sub").mkdir(parents=True)
-    for p, dest in zip(src, ["a.png", "sub/b.png", "c.png", "sub/d.png"]):
-        shutil.copy(p, tmp_path / "photos" / dest)
-    shutil.copy(src[4], tmp_path / "receipt.png")
-    (tmp_path / "captions.txt").write_text("a red circle\na blue square\n")
-    (tmp_path / "queries.txt").write_text("a red circle\na green star above a square\n")
-    for lang, code in blocks:
-        if lang == "python":
-            exec(compile(code, "README.md", "exec"), {})
-            continue
-        for line in code.strip().splitlines():
-            assert line.startswith("vlmtune "), line
-            assert main(shlex.split(line)[1:]) == 0, line
-    out = capsys.readouterr().out
-    assert "recall@10 against exact search" in out and "rank  score" in out
-    results = [json.loads(x) for x in (tmp_path / "runs/demo/results.jsonl").read_text().splitlines()]
-    assert [r["query"]["text"] for r in results] == ["a red circle", "a green star above a square"]
-    assert all(len(r["results"]) == 4 and "match" in r["results"][0] for r in results)  # 4 photos, k=10

@@ -1,5 +1,5 @@
 """Every shipped recipe, trained on its embedded default with its own settings (as the
-README's demo runs it), reaches the quality targets the README states. Slow: minutes
+README's demo runs it), reaches the quality targets docs/recipes.md states. Slow: minutes
 each; CI runs them as its second step (`python -m pytest -q -m slow`)."""
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def add_validate(dsub: Any) -> None:
     )
     v.add_argument(
         "annotation_file",
-        help="annotation file or folder in any format of README 'Your data' (retrieval, grounding, "
+        help="annotation file or folder in any format of docs/data.md 'Your data' (retrieval, grounding, "
         "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)",
     )
     v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")

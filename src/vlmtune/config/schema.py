@@ -74,7 +74,7 @@ class DataConfig:
         "Folder image paths resolve against (e.g. COCO's val2014/, Flickr30k's flickr30k-images/); default: the annotation file's folder. Images must stay inside it (.., absolute paths and symlinks out of it are refused).",
     )
     format: str = setting(
-        "auto", "Annotation format; auto detects it from the file's shape and logs which. See README 'Your data'."
+        "auto", "Annotation format; auto detects it from the file's shape and logs which. See docs/data.md, 'Your data'."
     )
     box_tolerance_px: float = setting(
         0.0,
@@ -179,7 +179,7 @@ class TrainConfig:
         "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
         "On a shared or small CPU, 1 is often much faster than the default.",
     )
-    fsdp: FsdpConfig = setting(FsdpConfig(), "FSDP2 sharding of the model across processes (see README: Many GPUs).")
+    fsdp: FsdpConfig = setting(FsdpConfig(), "FSDP2 sharding of the model across processes (see docs/gpus.md).")
     init_from: str | None = setting(
         None,
         "Warm start: a checkpoint of another run whose trained weights this run starts from (fresh schedule and history; "

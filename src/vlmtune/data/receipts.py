@@ -2,8 +2,8 @@
 
 Each image shows 0..``max_count`` receipt-like papers (light, taller than wide, with
 printed lines) on a varied background, rotated, scaled and partly overlapping, but each
-at most :data:`MAX_HIDDEN_FRACTION` hidden. The output follows the counting format of
-DESIGN.md::
+at most :data:`MAX_HIDDEN_FRACTION` hidden. The output follows the counting format (docs/data.md,
+"Data formats")::
 
     out_dir/
       images/receipts_00000.png ...
