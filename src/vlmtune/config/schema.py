@@ -176,8 +176,9 @@ class TrainConfig:
     )
     num_threads: int | None = setting(
         None,
-        "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
-        "On a shared or small CPU, 1 is often much faster than the default.",
+        "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0: the cores this process "
+        "may use (affinity, divided among the processes of a launch), or 1 when the load average already exceeds them "
+        "(said in one line at the start).",
     )
     fsdp: FsdpConfig = setting(FsdpConfig(), "FSDP2 sharding of the model across processes (see README: Many GPUs).")
     init_from: str | None = setting(

@@ -252,19 +252,37 @@ def trainer_tensors(
 # --------------------------------------------------------------------------- threads and memory
 
 
+def default_threads() -> tuple[int, str]:
+    """The CPU threads a run uses when ``train.num_threads`` is null or 0, and why: the
+    cores this process may run on (``os.sched_getaffinity``), or one thread when the
+    1-minute load average already exceeds them (more threads on a shared CPU spin and
+    wait for each other: a run then takes many times longer, not less)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:
+        return 1, f"load average {load:.1f} exceeds the {cores} cores this process may use"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
+    if local > 1:
+        return max(1, cores // local), f"the {cores} cores this process may use, shared by {local} processes"
+    return cores, f"the {cores} cores this process may use"
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the run (``train.num_threads``), the previous
-    count restored afterwards; None or 0 leaves PyTorch's default."""
+    """``torch.set_num_threads`` for the run, the previous count restored afterwards:
+    ``n`` (``train.num_threads``), or when None or 0 the shared-machine default of
+    :func:`default_threads`, said in one line."""
     before = torch.get_num_threads()
     if n:
-        torch.set_num_threads(n)
         log.info("train.num_threads: PyTorch uses %d CPU thread%s (default here: %d)", n, "s" * (n != 1), before)
+    else:
+        n, why = default_threads()
+        log.info("train.num_threads: %d CPU thread%s (%s; set train.num_threads to choose)", n, "s" * (n != 1), why)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)
 
 
 def peak_memory_mb(device: torch.device) -> float:
