@@ -192,7 +192,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = setting(64, "Batch size for embedding and scoring.", low=1, high=10**6)
     ks: list[int] = setting([1, 5, 10], "K values of recall@K.", low=1, high=10**8)
-    chunk_size: int = setting(4096, "Block size of the chunked similarity (bounds memory).", low=1, high=10**8)
+    chunk_size: int | None = setting(
+        None,
+        "Block size of the chunked similarity (bounds memory); null: chosen from the gallery sizes (metrics.retrieval.auto_chunk_size).",
+        low=1,
+        high=10**8,
+    )
     rerank_k: int = setting(0, "Re-rank the contrastive top-k with the matching head; 0 turns it off.", low=0, high=10**6)
     search: Literal["chunked", "faiss"] = setting(
         "chunked", "Top-k search: chunked similarity with a running top-k, or an exact FAISS index (pip install faiss-cpu)."
