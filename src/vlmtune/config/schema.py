@@ -61,7 +61,13 @@ class DataConfig:
     test: str | None = setting(None, "Test annotation file (final evaluation).")
     synthetic: SyntheticConfig = setting(SyntheticConfig(), "Settings of the generated data set when no files are given.")
     synthetic_dir: str | None = setting(None, "Where to write the generated data set; default: <output_dir>/data.")
-    num_workers: int = setting(0, "DataLoader worker processes.", low=0, high=1024)
+    num_workers: int | None = setting(
+        None,
+        "DataLoader worker processes; null: chosen by device (several where CUDA is, up to 8; none on a CPU, where "
+        "workers compete with the model's threads).",
+        low=0,
+        high=1024,
+    )
     on_error: Literal["raise", "skip"] = setting(
         "raise",
         "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.",
