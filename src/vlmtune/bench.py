@@ -165,6 +165,7 @@ def _extraction_pass(base: list[str], epochs: int, data: Path, out: Path) -> flo
     frozen towers over every training image and caption), timed on its own."""
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
+    from vlmtune.data.cache import resolve_cache_dtype
     from vlmtune.data.formats import read_pairs
     from vlmtune.evaluate import default_device
     from vlmtune.tasks.retrieval import build_text_cache, build_vision_cache
@@ -175,13 +176,15 @@ def _extraction_pass(base: list[str], epochs: int, data: Path, out: Path) -> flo
     records = read_pairs(data / "train.json")
     shutil.rmtree(out / "extraction_cache", ignore_errors=True)
     t0 = time.perf_counter()
-    build_vision_cache(records, backbone, out / "extraction_cache", dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
+    build_vision_cache(
+        records, backbone, out / "extraction_cache", dtype=resolve_cache_dtype(cfg.cache.dtype), batch_size=cfg.eval.batch_size
+    )
     build_text_cache(
         records,
         backbone,
         out / "extraction_cache",
         max_tokens=cfg.backbone.max_text_tokens,
-        dtype=cfg.cache.dtype,
+        dtype=resolve_cache_dtype(cfg.cache.dtype),
         batch_size=cfg.eval.batch_size,
     )
     return time.perf_counter() - t0

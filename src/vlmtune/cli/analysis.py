@@ -121,6 +121,13 @@ def add_bench(sub: Any) -> None:
         help="counting section: tiles per image, counting.max_dynamic_patch (default 4, the recipe's; 1 keeps "
         "internvl3-1b-shapes runs on a CPU short)",
     )
+    add_bench_timing_flags(b)
+    b.add_argument("--progress", action="store_true", help="show training progress bars")
+    b.set_defaults(func=cmd_bench)
+
+
+def add_bench_timing_flags(b: Any) -> None:
+    """How the bench times: interleaved rounds, threads, the loader's worker counts."""
     b.add_argument(
         "--rounds",
         type=positive_int,
@@ -131,8 +138,6 @@ def add_bench(sub: Any) -> None:
     b.add_argument(
         "--loader-workers", type=int, nargs="+", default=[0, 2, 4], help="loader section: worker counts (default 0 2 4)"
     )
-    b.add_argument("--progress", action="store_true", help="show training progress bars")
-    b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

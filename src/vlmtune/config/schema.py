@@ -218,8 +218,10 @@ class CacheConfig:
     dir: str | None = setting(
         None, "Cache folder; default <output_dir>/cache. A shared folder lets runs reuse each other's features."
     )
-    dtype: Literal["float32", "float16"] = setting(
-        "float32", "Storage type of cached features (float16 halves the disk and memory)."
+    dtype: Literal["auto", "float32", "float16"] = setting(
+        "auto",
+        "Storage type of cached features (float16 halves the disk and memory); auto = float16 where CUDA is, "
+        "float32 on CPU. (NumPy, which stores them, has no bfloat16.)",
     )
 
 
