@@ -22,7 +22,7 @@ from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
 from vlmtune.fsdp import FsdpSettings, fsdp_settings
-from vlmtune.train import check_deepspeed_plan, make_accelerator, prepare_stage, resolve_mixed_precision
+from vlmtune.train import make_accelerator, prepare_stage, refuse_deepspeed, resolve_mixed_precision
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -141,15 +141,6 @@ def _parts(n_batches: int = 5, drop_last: bool = False):
     return model, opt, loader, make_scheduler, seen
 
 
-def test_deepspeed_prepares_loader_model_optimizer_and_scheduler_in_one_call() -> None:
-    model, opt, loader, make_scheduler, seen = _parts(5)
-    acc = RecordingAccelerator(DistributedType.DEEPSPEED, num_processes=2)
-    pmodel, popt, sched, ploader = prepare_stage(acc, model, opt, loader, make_scheduler)
-    assert acc.calls == [["DataLoader", "Linear", "AdamW", "LambdaLR"]]
-    assert seen == [3]  # 5 batches on 2 processes: 3 each (Accelerate evens them out)
-    assert (pmodel, popt, ploader) == (model, opt, loader)
-
-
 def test_ddp_prepares_the_loader_first_and_fsdp_does_not_wrap_the_sharded_model(monkeypatch) -> None:
     model, opt, loader, make_scheduler, seen = _parts(5)
     acc = RecordingAccelerator(DistributedType.MULTI_CPU)
@@ -164,14 +155,10 @@ def test_ddp_prepares_the_loader_first_and_fsdp_does_not_wrap_the_sharded_model(
     assert acc.calls == [["DataLoader"], ["AdamW", "LambdaLR"]] and pmodel is model
 
 
-def test_deepspeed_refuses_a_multi_stage_plan_and_fsdp_with_it() -> None:
-    cfg = load_config(TWO_STAGE)
-    with pytest.raises(ConfigError, match=r"^stages: 2 stages under DeepSpeed"):
-        check_deepspeed_plan(cfg, None)
-    one = load_config(TWO_STAGE, ["stages=[{name: a, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"])
-    check_deepspeed_plan(one, None)
-    with pytest.raises(ConfigError, match="FSDP and DeepSpeed together"):
-        check_deepspeed_plan(one, FsdpSettings())
+def test_deepspeed_is_refused_until_a_run_backs_it() -> None:
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        refuse_deepspeed()
+    assert not list((CONFIGS / "accelerate").glob("deepspeed*"))
 
 
 # --------------------------------------------------------------------------- launcher settings
@@ -239,13 +226,10 @@ def test_fsdp_wrap_names_a_class_the_model_lacks() -> None:
 def test_shipped_accelerate_configs_parse() -> None:
     folder = CONFIGS / "accelerate"
     files = {p.name: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
-    assert set(files) >= {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+    assert set(files) >= {"ddp.yaml", "fsdp.yaml"}
     fsdp = files["fsdp.yaml"]
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    for name, stage in (("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)):
-        assert files[name]["distributed_type"] == "DEEPSPEED"
-        assert files[name]["deepspeed_config"]["zero_stage"] == stage
     assert files["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
 
 

@@ -167,10 +167,10 @@ class Model:
         bb = self.model.backbone
         store, keys = None, {}
         if self.cache_dir is not None:
-            from vlmtune.data.cache import FeatureStore, content_key
+            from vlmtune.data.cache import FeatureStore, content_key, resolve_cache_dtype
             from vlmtune.tasks.retrieval import vision_namespace
 
-            store = FeatureStore(self.cache_dir, vision_namespace(bb, self.cfg.cache.dtype))
+            store = FeatureStore(self.cache_dir, vision_namespace(bb, resolve_cache_dtype(self.cfg.cache.dtype)))
             for i, it in enumerate(items):
                 if isinstance(it, (str, Path)):
                     try:
@@ -186,7 +186,9 @@ class Model:
                 pv, _ = preprocess_images(bb.image_processor, [self._image(by_key[k]) for k in batch_keys], max_tiles=1)
                 return bb.vision_tokens(pv.to(self.device)).float().cpu().numpy()
 
-            store.ensure(list(keys.values()), compute, batch_size=self.batch_size, dtype=self.cfg.cache.dtype)
+            store.ensure(
+                list(keys.values()), compute, batch_size=self.batch_size, dtype=resolve_cache_dtype(self.cfg.cache.dtype)
+            )
             for i, k in keys.items():
                 out[i] = torch.from_numpy(store.get(k).astype("float32"))
         for s in range(0, len(live), self.batch_size):
@@ -231,9 +233,9 @@ class Model:
         hidden = None
         if self.cache_dir is not None:
             from vlmtune.checkpoint import backbone_identity
-            from vlmtune.data.cache import FeatureStore, text_fingerprint, text_key
+            from vlmtune.data.cache import FeatureStore, resolve_cache_dtype, text_fingerprint, text_key
 
-            dtype = self.cfg.cache.dtype
+            dtype = resolve_cache_dtype(self.cfg.cache.dtype)
             ns = {
                 "kind": "text_tokens",
                 "backbone": backbone_identity(bb),

@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from vlmtune.benchtiming import spread
+
 
 def _machine() -> dict[str, Any]:
     import os
@@ -69,15 +71,16 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- training
 
 
-def _bench_data(out: Path, images: int, name: str = "data") -> Path:
-    """The synthetic scenes set of ``images`` images the sections train on, generated
-    once into ``out/name`` (and reused while it is vlmtune's complete generation)."""
+def _bench_data(out: Path, images: int, name: str = "data", image_size: int | None = None) -> Path:
+    """The synthetic scenes set of ``images`` images the sections train on (96 px, or
+    ``image_size`` in ``out/name_SIZE``), generated once (and reused while it is
+    vlmtune's complete generation)."""
     from vlmtune.data.scenes import generate_scenes
     from vlmtune.runfolder import check_synthetic_dir
 
-    data = out / name
+    data = out / (f"{name}_{image_size}" if image_size else name)
     if check_synthetic_dir(data, ("train.json", "val.json", "test.json")):
-        generate_scenes(data, n=images, seed=0, image_size=96, overwrite=True)
+        generate_scenes(data, n=images, seed=0, image_size=image_size or 96, overwrite=True)
     return data
 
 
@@ -91,6 +94,7 @@ def _run_overrides(preset: str, data: Path, images: int, batch_size: int, progre
         f"eval.batch_size={batch_size}",
         f"train.progress={str(progress).lower()}",
         "train.log_every=1000000",
+        f"train.num_threads={torch.get_num_threads()}",  # the bench's threads (run_bench sets them)
     ]
 
 
@@ -107,9 +111,18 @@ def _ks_that_fit(data: Path) -> list[int]:
 
 
 def bench_training(
-    preset: str, images: int, epochs: int, uncached_epochs: int, batch_size: int, out: Path, progress: bool = False
+    preset: str,
+    images: int,
+    epochs: int,
+    uncached_epochs: int,
+    batch_size: int,
+    out: Path,
+    progress: bool = False,
+    rounds: int = 3,
 ) -> dict[str, Any]:
-    """Frozen-backbone training with and without the cache, same data, same config."""
+    """Frozen-backbone training with and without the cache, same data, same config,
+    the two runs interleaved in ``rounds``."""
+    from vlmtune.benchtiming import Variant, interleave, timing_row
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
     from vlmtune.train import train
@@ -127,8 +140,14 @@ def bench_training(
     shutil.rmtree(out / "run_warmup", ignore_errors=True)
     train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "run_warmup")
     runs = {"cached": (epochs, True), "uncached": (uncached_epochs, False)}
-    for name, (n_epochs, cached) in runs.items():
-        res[name] = _timed_training_run(base, name, n_epochs, cached, out)
+
+    def variant(name: str, n_epochs: int, cached: bool) -> Variant:
+        return Variant(name, lambda: _timed_training_run(base, name, n_epochs, cached, out))
+
+    timings = interleave([variant(name, n, c) for name, (n, c) in runs.items()], rounds)
+    for name, t in timings.items():  # the round of median run time, and the spread over rounds
+        mid = sorted(t.extra, key=lambda x: x["run_total_s"])[(len(t.extra) - 1) // 2]
+        res[name] = mid | {"run": timing_row(t)}
     # The cached run's cache is built at its stage start, outside the epoch timer: the
     # same work as the extraction pass measured above, so it is charged at that price.
     cached_epochs = res["cached"]["epoch_train_s"]
@@ -146,6 +165,7 @@ def _extraction_pass(base: list[str], epochs: int, data: Path, out: Path) -> flo
     frozen towers over every training image and caption), timed on its own."""
     from vlmtune.backbone import load_backbone
     from vlmtune.config import load_config
+    from vlmtune.data.cache import resolve_cache_dtype
     from vlmtune.data.formats import read_pairs
     from vlmtune.evaluate import default_device
     from vlmtune.tasks.retrieval import build_text_cache, build_vision_cache
@@ -156,13 +176,15 @@ def _extraction_pass(base: list[str], epochs: int, data: Path, out: Path) -> flo
     records = read_pairs(data / "train.json")
     shutil.rmtree(out / "extraction_cache", ignore_errors=True)
     t0 = time.perf_counter()
-    build_vision_cache(records, backbone, out / "extraction_cache", dtype=cfg.cache.dtype, batch_size=cfg.eval.batch_size)
+    build_vision_cache(
+        records, backbone, out / "extraction_cache", dtype=resolve_cache_dtype(cfg.cache.dtype), batch_size=cfg.eval.batch_size
+    )
     build_text_cache(
         records,
         backbone,
         out / "extraction_cache",
         max_tokens=cfg.backbone.max_text_tokens,
-        dtype=cfg.cache.dtype,
+        dtype=resolve_cache_dtype(cfg.cache.dtype),
         batch_size=cfg.eval.batch_size,
     )
     return time.perf_counter() - t0
@@ -294,6 +316,7 @@ def bench_stages(
     recipes: list[str] | None = None,
     progress: bool = False,
     recipe_runs: bool = True,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """The two-stage recipe's stage steps (cached, prefix-cached, live) and, with
     ``recipe_runs``, both recipes' wall time."""
@@ -314,7 +337,7 @@ def bench_stages(
     if not recipe_runs:
         return res
 
-    return res | bench_recipe_runs(two, single, base, out)
+    return res | bench_recipe_runs(two, single, base, out, rounds)
 
 
 def _stage_steps(cfg: Any, two: Path, data: Path, out: Path, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -440,33 +463,38 @@ COUNTING_STAGE1 = [
 ]
 
 
-def bench_recipe_runs(two: Path, single: Path, base: list[str], out: Path) -> dict[str, Any]:
-    """(d) The recipes as shipped, at this size: the cache of each built inside its run."""
+def bench_recipe_runs(two: Path, single: Path, base: list[str], out: Path, rounds: int = 3) -> dict[str, Any]:
+    """(d) The recipes as shipped, at this size, interleaved in ``rounds`` (two, single,
+    two, ...): the cache of each built inside its run; medians and spread."""
+    from vlmtune.benchtiming import Variant, interleave, ratio, timing_row
     from vlmtune.config import load_config
     from vlmtune.train import train
 
-    recipes_res: dict[str, Any] = {}
-    for name, path in (("two_stage", two), ("single_stage", single)):
-        run_dir = out / f"run_{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t0, c0 = time.perf_counter(), time.process_time()
-        train(load_config(path, base), run_dir)
-        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-        lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        recipes_res[name] = {
-            "config": str(path),
-            "wall_s": round(total, 3),
-            "cpu_s": round(total_cpu, 3),
-            "epochs": metrics["train/epochs"],
-            "train_wall_s": metrics["train/train_wall_s"],
-            "mean_recall": metrics.get("retrieval/mean_recall"),
-            "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"],
-        }
+    def variant(name: str, path: Path) -> Variant:
+        def run() -> dict[str, Any]:
+            run_dir = out / f"run_{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train(load_config(path, base), run_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+            return {
+                "epochs": metrics["train/epochs"],
+                "train_wall_s": metrics["train/train_wall_s"],
+                "mean_recall": metrics.get("retrieval/mean_recall"),
+                "stages": [x.get("cache", {}) for x in lines if x["type"] == "stage"],
+            }
+
+        return Variant(name, run)
+
+    timings = interleave([variant("two_stage", two), variant("single_stage", single)], rounds)
+    recipes_res = {
+        name: {"config": str(path), **timing_row(timings[name]), **timings[name].extra[-1]}
+        for name, path in (("two_stage", two), ("single_stage", single))
+    }
     return {
         "recipes": recipes_res,
-        "ratio_two_stage_to_single_stage": recipes_res["two_stage"]["wall_s"] / recipes_res["single_stage"]["wall_s"],
-        "cpu_ratio_two_stage_to_single_stage": recipes_res["two_stage"]["cpu_s"] / recipes_res["single_stage"]["cpu_s"],
+        "ratio_two_stage_to_single_stage": ratio(timings, "two_stage", "single_stage"),
+        "cpu_ratio_two_stage_to_single_stage": ratio(timings, "two_stage", "single_stage", "cpu"),
     }
 
 
@@ -498,10 +526,12 @@ def bench_counting(
     out: Path,
     progress: bool = False,
     max_tiles: int = 4,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """The counting recipe's stage 1 (vision tower frozen) on the synthetic receipts,
     with the vision cache and without it, same data, same config: the first epoch
     (which builds the cache) and the later ones apart, and their ratio."""
+    from vlmtune.benchtiming import interleave, median, timing_row
     from vlmtune.config import load_config
     from vlmtune.data.receipts import generate_receipts
     from vlmtune.runfolder import check_synthetic_dir
@@ -515,39 +545,61 @@ def bench_counting(
         *_run_overrides(preset, data, images, batch_size, progress),
         f"counting.max_dynamic_patch={max_tiles}",
     ]
-    res: dict[str, Any] = {"preset": preset, "images": max(images, 10), "max_tiles": max_tiles}
+    res: dict[str, Any] = {"preset": preset, "images": max(images, 10), "max_tiles": max_tiles, "rounds": rounds}
     # Warm-up (first backward, allocator, threads) so neither timed run pays it.
     shutil.rmtree(out / "counting_run_warmup", ignore_errors=True)
     train(load_config(None, [*base, "train.epochs=1", "cache.enabled=false"]), out / "counting_run_warmup")
-    for name, n_epochs, cached in (("cached", epochs, True), ("uncached", uncached_epochs, False)):
-        run_dir, cache_dir = out / f"counting_run_{name}", out / f"counting_cache_{name}"
+    variants = [
+        _counting_variant(base, out, name, n_epochs, cached)
+        for name, n_epochs, cached in (("cached", epochs, True), ("uncached", uncached_epochs, False))
+    ]
+    timings = interleave(variants, rounds)
+    for name in ("cached", "uncached"):
+        runs = timings[name].extra
+        last = dict(runs[-1])
+        for key in ("first_epoch_wall_s", "later_epoch_wall_s", "later_epoch_train_s"):
+            last[key] = round(median([r[key] for r in runs]), 3)
+            last[key + "_spread"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+        res[name] = last | {"run": timing_row(timings[name])}
+    res["cache_mb"] = res["cached"].pop("cache_mb")
+    c, u = res["cached"], res["uncached"]
+    res["ratio_later_epoch_wall"] = c["later_epoch_wall_s"] / u["later_epoch_wall_s"]
+    res["ratio_later_epoch_train"] = c["later_epoch_train_s"] / u["later_epoch_train_s"]
+    res["ratio_first_epoch_wall"] = c["first_epoch_wall_s"] / u["first_epoch_wall_s"]
+    return res
+
+
+def _counting_variant(base: list[str], out: Path, name: str, n_epochs: int, cached: bool) -> Any:
+    """One counting run (``cached`` or not) as an interleaved variant: its epoch times."""
+    from vlmtune.benchtiming import Variant
+    from vlmtune.config import load_config
+    from vlmtune.train import train
+
+    run_dir, cache_dir = out / f"counting_run_{name}", out / f"counting_cache_{name}"
+    cfg = load_config(None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={cache_dir}"])
+
+    def setup() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
-        cfg = load_config(
-            None, [*base, f"train.epochs={n_epochs}", f"cache.enabled={str(cached).lower()}", f"cache.dir={cache_dir}"]
-        )
-        t0 = time.perf_counter()
+
+    def run() -> dict[str, Any]:
         train(cfg, run_dir)
-        total = time.perf_counter() - t0
         wall, train_s = _epoch_times(run_dir)
         stage = next(json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if '"stage"' in x)
-        res[name] = {
+        rec = {
             "epochs": n_epochs,
             "epoch_wall_s": wall,
             "epoch_train_s": train_s,
-            "run_total_s": round(total, 3),
             "first_epoch_wall_s": wall[0],
             "later_epoch_wall_s": round(_later(wall), 3),
             "later_epoch_train_s": round(_later(train_s), 3),
             "cache": stage.get("cache", {}),
         }
         if cached:
-            res["cache_mb"] = round(sum(f.stat().st_size for f in cache_dir.rglob("*.npy")) / 2**20, 1)
-    c, u = res["cached"], res["uncached"]
-    res["ratio_later_epoch_wall"] = c["later_epoch_wall_s"] / u["later_epoch_wall_s"]
-    res["ratio_later_epoch_train"] = c["later_epoch_train_s"] / u["later_epoch_train_s"]
-    res["ratio_first_epoch_wall"] = c["first_epoch_wall_s"] / u["first_epoch_wall_s"]
-    return res
+            rec["cache_mb"] = round(sum(f.stat().st_size for f in cache_dir.rglob("*.npy")) / 2**20, 1)
+        return rec
+
+    return Variant(name, run, setup)
 
 
 # --------------------------------------------------------------------------- loader
@@ -577,40 +629,63 @@ def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int]) -
 
 
 def _eval_child(kind: str, n: int, m: int, dim: int, chunk: int) -> dict[str, float]:
-    from vlmtune.metrics.retrieval import retrieval_metrics
+    """One timed evaluation (or bare matmul) in this fresh process; ``chunk`` 0: chosen from the sizes."""
+    from vlmtune.metrics.retrieval import auto_chunk_size, retrieval_metrics
 
+    torch.set_num_threads(int(os.environ.get("VLMTUNE_BENCH_THREADS", "1")))
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(m, dim, generator=g), dim=-1)
     t2i = torch.arange(m) % n
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if kind == "matmul":
         img @ txt.T
     else:
-        retrieval_metrics(img, txt, t2i, chunk_size=chunk)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "peak_above_embeddings_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+        retrieval_metrics(img, txt, t2i, chunk_size=chunk or None)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "chunk": chunk or auto_chunk_size(n, m),
+        "peak_above_embeddings_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+    }
 
 
-def bench_eval(sizes: list[tuple[int, int]], dim: int = 256, chunk: int = 4096) -> list[dict[str, Any]]:
+def bench_eval(sizes: list[tuple[int, int]], dim: int = 256, chunk: int = 0, rounds: int = 3) -> list[dict[str, Any]]:
+    """Evaluation against a bare matmul of the same sizes, each in a fresh subprocess,
+    interleaved in ``rounds`` (matmul, eval, matmul, ...): medians and spread."""
+    from vlmtune.benchtiming import Variant, interleave, median, ratio, timing_row
+
+    env = dict(os.environ, VLMTUNE_BENCH_THREADS=str(torch.get_num_threads()))
     rows = []
     for n, m in sizes:
-        res = {}
-        for kind in ("matmul", "retrieval_metrics"):
+
+        def child(kind: str, n: int = n, m: int = m) -> Variant:
             cmd = [sys.executable, "-m", "vlmtune.bench", kind, str(n), str(m), str(dim), str(chunk)]
-            res[kind] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            return Variant(
+                kind, lambda: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+            )
+
+        timings = interleave([child("matmul"), child("retrieval_metrics")], rounds)
+        # Inside each child: the work alone, not the interpreter's start (the interleaving's own figures).
+        for t in timings.values():
+            t.wall, t.cpu = [x["wall_s"] for x in t.extra], [x["cpu_s"] for x in t.extra]
+        mm, ev = timings["matmul"], timings["retrieval_metrics"]
         rows.append(
             {
                 "images": n,
                 "captions": m,
                 "dim": dim,
-                "chunk": chunk,
-                "matmul_s": res["matmul"]["wall_s"],
-                "eval_s": res["retrieval_metrics"]["wall_s"],
-                "ratio": res["retrieval_metrics"]["wall_s"] / res["matmul"]["wall_s"],
-                "matmul_peak_mb": res["matmul"]["peak_above_embeddings_mb"],
-                "eval_peak_mb": res["retrieval_metrics"]["peak_above_embeddings_mb"],
+                "chunk": ev.extra[0]["chunk"],
+                "matmul": timing_row(mm),
+                "eval": timing_row(ev),
+                "matmul_s": median(mm.wall),
+                "eval_s": median(ev.wall),
+                "ratio": ratio(timings, "retrieval_metrics", "matmul"),
+                "cpu_ratio": ratio(timings, "retrieval_metrics", "matmul", "cpu"),
+                "matmul_peak_mb": max(x["peak_above_embeddings_mb"] for x in mm.extra),
+                "eval_peak_mb": max(x["peak_above_embeddings_mb"] for x in ev.extra),
             }
         )
     return rows
@@ -845,15 +920,37 @@ def run_bench(
     recipes: list[str] | None = None,
     recipe_runs: bool = True,
     max_tiles: int = 4,
+    rounds: int = 3,
+    threads: int | None = None,
+    loader_workers: list[int] | None = None,
 ) -> dict[str, Any]:
+    """Every section asked for, ``rounds`` interleaved rounds where a section compares
+    variants, on ``threads`` torch threads (default: one on CPU, see benchtiming)."""
+    from vlmtune.benchtiming import bench_threads, load_average
     from vlmtune.runfolder import make_folder, output_folder, write_text
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
     sections = sections or ["training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp"]
-    result: dict[str, Any] = {"machine": _machine(), "preset": preset}
+    with bench_threads(threads) as n_threads:
+        result: dict[str, Any] = {"machine": _machine() | {"load_average_start": load_average()}, "preset": preset}
+        result["machine"]["bench_threads"] = n_threads
+        result["rounds"] = rounds
+        _run_sections(result, sections, out, locals())
+        result["machine"]["load_average_end"] = load_average()
+    write_text(out / "bench.json", json.dumps(result, indent=2))
+    write_text(out / "bench.md", render(result))
+    return result
+
+
+def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dict[str, Any]) -> None:
+    """Each section of ``sections`` into ``result``, with run_bench's arguments ``a``."""
+    preset, images, epochs, batch_size, progress, rounds = (
+        a["preset"], a["images"], a["epochs"], a["batch_size"], a["progress"], a["rounds"]
+    )  # fmt: skip
+    uncached = a["uncached_epochs"] or epochs
     if "training" in sections:
-        result["training"] = bench_training(preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress)
+        result["training"] = bench_training(preset, images, epochs, uncached, batch_size, out, progress, rounds)
     if "stages" in sections:
         result["stages"] = bench_stages(
             preset,
@@ -861,28 +958,26 @@ def run_bench(
             epochs,
             batch_size,
             out,
-            steps=stage_steps,
-            recipes=recipes,
+            steps=a["stage_steps"],
+            recipes=a["recipes"],
             progress=progress,
-            recipe_runs=recipe_runs,
+            recipe_runs=a["recipe_runs"],
+            rounds=rounds,
         )
     if "counting" in sections:
-        result["counting"] = bench_counting(
-            preset, images, epochs, uncached_epochs or epochs, batch_size, out, progress, max_tiles
-        )
+        result["counting"] = bench_counting(preset, images, epochs, uncached, batch_size, out, progress, a["max_tiles"], rounds)
     if "loader" in sections:
-        result["loader"] = bench_loader(_bench_data(out, images), preset, batch_size, [0, 2])
+        result["loader"] = bench_loader(
+            _bench_data(out, images, "data_loader", image_size=448), preset, batch_size, a["loader_workers"] or [0, 2, 4]
+        )
     if "eval" in sections:
-        result["eval"] = bench_eval(eval_sizes or [(1000, 5000), (5000, 25000)])
+        result["eval"] = bench_eval(a["eval_sizes"] or [(1000, 5000), (5000, 25000)], rounds=rounds)
     if "gpu" in sections:
         result["gpu"] = bench_gpu(preset)
     if "search" in sections:
-        result["search"] = bench_search(search_size, out=out)
+        result["search"] = bench_search(a["search_size"], out=out)
     if "fsdp" in sections:
         result["fsdp"] = bench_fsdp(preset, min(images, 32), min(batch_size, 8), out)
-    write_text(out / "bench.json", json.dumps(result, indent=2))
-    write_text(out / "bench.md", render(result))
-    return result
 
 
 def render(r: dict[str, Any]) -> str:
@@ -891,8 +986,11 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         f"# vlmtune bench ({r['preset']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
-        + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU"),
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+        + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU")
+        + f". Bench: {m.get('bench_threads', m['torch_threads'])} torch thread(s), {r.get('rounds', 1)} interleaved "
+        f"round(s) per comparison (medians, min-max in brackets); load average {m.get('load_average_start', 0):.1f} "
+        f"at the start, {m.get('load_average_end', 0):.1f} at the end.",
         "",
     ]
     if "training" in r:
@@ -939,11 +1037,13 @@ def _render_eval(rows: list[dict[str, Any]]) -> list[str]:
     return [
         "## Retrieval evaluation vs one bare matmul",
         "",
-        "| images x captions | matmul s | eval s | ratio (target <= 2) | matmul peak MB | eval peak MB |",
-        "|---|---|---|---|---|---|",
+        "Median (min-max) of interleaved rounds, each in a fresh process; CPU: the ratio of CPU seconds.",
+        "",
+        "| images x captions | chunk | matmul s | eval s | ratio (target <= 2) | CPU ratio | matmul peak MB | eval peak MB |",
+        "|---|---|---|---|---|---|---|---|",
         *(
-            f"| {e['images']} x {e['captions']} | {e['matmul_s']:.2f} | {e['eval_s']:.2f} | {e['ratio']:.2f} | "
-            f"{e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |"
+            f"| {e['images']} x {e['captions']} | {e['chunk']} | {spread(e['matmul'])} | {spread(e['eval'])} | "
+            f"**{e['ratio']:.2f}** | {e['cpu_ratio']:.2f} | {e['matmul_peak_mb']:.0f} | {e['eval_peak_mb']:.0f} |"
             for e in rows
         ),
         "",
@@ -1039,14 +1139,21 @@ def render_stages(s: dict[str, Any]) -> list[str]:
         return lines
     two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
     return lines + [
+        f"Whole runs, {two.get('rounds', 1)} interleaved rounds: median wall s (min-max), median CPU s.",
+        "",
         "| recipe | epochs | wall s | CPU s |",
         "|---|---|---|---|",
-        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {two['wall_s']:.2f} | {two['cpu_s']:.2f} |",
-        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {one['wall_s']:.2f} | {one['cpu_s']:.2f} |",
+        f"| two-stage ({Path(two['config']).name}) | {two['epochs']} | {spread(two)} | {two['cpu_s']:.2f} |",
+        f"| single-stage ({Path(one['config']).name}) | {one['epochs']} | {spread(one)} | {one['cpu_s']:.2f} |",
         f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}** | "
         f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}** |",
         "",
     ]
+
+
+def _span(x: dict[str, Any], key: str) -> str:
+    lo, hi = x.get(key + "_spread", [x[key], x[key]])
+    return f"{lo:.2f}-{hi:.2f}"
 
 
 def _render_counting(t: dict[str, Any]) -> list[str]:
@@ -1065,7 +1172,9 @@ def _render_counting(t: dict[str, Any]) -> list[str]:
         f"| epoch wall s (training + validation) | {row(c, 'epoch_wall_s')} | {row(u, 'epoch_wall_s')} |",
         f"| epoch training s | {row(c, 'epoch_train_s')} | {row(u, 'epoch_train_s')} |",
         f"| first epoch wall s (cached: builds the cache) | {c['first_epoch_wall_s']:.2f} | {u['first_epoch_wall_s']:.2f} |",
-        f"| later epochs, mean wall s | {c['later_epoch_wall_s']:.2f} | {u['later_epoch_wall_s']:.2f} |",
+        f"| later epochs, mean wall s (median of {t.get('rounds', 1)} interleaved runs, min-max) | "
+        f"{c['later_epoch_wall_s']:.2f} ({_span(c, 'later_epoch_wall_s')}) | "
+        f"{u['later_epoch_wall_s']:.2f} ({_span(u, 'later_epoch_wall_s')}) |",
         f"| **cached / uncached, later {later}, wall** | **{t['ratio_later_epoch_wall']:.2f}** (target <= 0.5) | |",
         f"| cached / uncached, later {later}, training only | {t['ratio_later_epoch_train']:.2f} | |",
         f"| cached / uncached, first epoch | {t['ratio_first_epoch_wall']:.2f} | |",

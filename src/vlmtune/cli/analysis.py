@@ -121,8 +121,23 @@ def add_bench(sub: Any) -> None:
         help="counting section: tiles per image, counting.max_dynamic_patch (default 4, the recipe's; 1 keeps "
         "internvl3-1b-shapes runs on a CPU short)",
     )
+    add_bench_timing_flags(b)
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
+
+
+def add_bench_timing_flags(b: Any) -> None:
+    """How the bench times: interleaved rounds, threads, the loader's worker counts."""
+    b.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="interleaved rounds (A B A B ...) of every comparison; the tables give medians and min-max (default 3)",
+    )
+    b.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: 1 on CPU, said in the table)")
+    b.add_argument(
+        "--loader-workers", type=int, nargs="+", default=[0, 2, 4], help="loader section: worker counts (default 0 2 4)"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -144,6 +159,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         recipes=args.recipes,
         recipe_runs=not args.no_recipe_runs,
         max_tiles=args.max_tiles,
+        rounds=args.rounds,
+        threads=args.threads,
+        loader_workers=args.loader_workers,
     )
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")

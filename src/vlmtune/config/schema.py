@@ -61,7 +61,13 @@ class DataConfig:
     test: str | None = setting(None, "Test annotation file (final evaluation).")
     synthetic: SyntheticConfig = setting(SyntheticConfig(), "Settings of the generated data set when no files are given.")
     synthetic_dir: str | None = setting(None, "Where to write the generated data set; default: <output_dir>/data.")
-    num_workers: int = setting(0, "DataLoader worker processes.", low=0, high=1024)
+    num_workers: int | None = setting(
+        None,
+        "DataLoader worker processes; null: chosen by device (several where CUDA is, up to 8; none on a CPU, where "
+        "workers compete with the model's threads).",
+        low=0,
+        high=1024,
+    )
     on_error: Literal["raise", "skip"] = setting(
         "raise",
         "Bad records (missing or corrupt image, bad box, empty caption, ...): raise = stop with the list's count and first problem; skip = decode every image up front, leave bad records out and log which.",
@@ -176,8 +182,9 @@ class TrainConfig:
     )
     num_threads: int | None = setting(
         None,
-        "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0 leaves PyTorch's default. "
-        "On a shared or small CPU, 1 is often much faster than the default.",
+        "CPU threads PyTorch uses in this run (torch.set_num_threads at its start); null or 0: the cores this process "
+        "may use (affinity, divided among the processes of a launch), or 1 when the load average already exceeds them "
+        "(said in one line at the start).",
     )
     fsdp: FsdpConfig = setting(FsdpConfig(), "FSDP2 sharding of the model across processes (see docs/gpus.md).")
     init_from: str | None = setting(
@@ -191,7 +198,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = setting(64, "Batch size for embedding and scoring.", low=1, high=10**6)
     ks: list[int] = setting([1, 5, 10], "K values of recall@K.", low=1, high=10**8)
-    chunk_size: int = setting(4096, "Block size of the chunked similarity (bounds memory).", low=1, high=10**8)
+    chunk_size: int | None = setting(
+        None,
+        "Block size of the chunked similarity (bounds memory); null: chosen from the gallery sizes (metrics.retrieval.auto_chunk_size).",
+        low=1,
+        high=10**8,
+    )
     rerank_k: int = setting(0, "Re-rank the contrastive top-k with the matching head; 0 turns it off.", low=0, high=10**6)
     search: Literal["chunked", "faiss"] = setting(
         "chunked", "Top-k search: chunked similarity with a running top-k, or an exact FAISS index (pip install faiss-cpu)."
@@ -206,8 +218,10 @@ class CacheConfig:
     dir: str | None = setting(
         None, "Cache folder; default <output_dir>/cache. A shared folder lets runs reuse each other's features."
     )
-    dtype: Literal["float32", "float16"] = setting(
-        "float32", "Storage type of cached features (float16 halves the disk and memory)."
+    dtype: Literal["auto", "float32", "float16"] = setting(
+        "auto",
+        "Storage type of cached features (float16 halves the disk and memory); auto = float16 where CUDA is, "
+        "float32 on CPU. (NumPy, which stores them, has no bfloat16.)",
     )
 
 

@@ -139,6 +139,16 @@ def _named_weights(module: nn.Module) -> Any:
     return ((name, t.detach().clone()) for name, t in out)
 
 
+def resolve_cache_dtype(dtype: str) -> str:
+    """``cache.dtype``: as given, or for "auto" float16 where CUDA is (half the disk of
+    float32 at the real shapes), float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "float16" if torch.cuda.is_available() else "float32"
+
+
 class CacheCorrupt(VlmtuneError):
     """A cache row no longer matches its digest (the file changed after it was checked)."""
 

@@ -4,6 +4,7 @@ evaluation splits its records between processes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,23 +24,41 @@ def records_loader(
     batch_size: int,
     train: bool,
     seed: int,
-    num_workers: int,
+    num_workers: int | None,
     collate_fn: Callable[[list[Any]], Any],
 ) -> DataLoader:
     """Training loaders shuffle (by a generator seeded with ``seed``, so a resumed run
     draws the same order) and drop the last partial batch; evaluation loaders keep
-    the records' order and every record."""
+    the records' order and every record. Workers: :func:`loader_workers`; with workers
+    they persist across epochs, and batches go to pinned memory where CUDA is."""
     g = torch.Generator()
     g.manual_seed(seed)
+    workers = loader_workers(num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
         generator=g if train else None,
-        num_workers=num_workers,
+        num_workers=workers,
         drop_last=train and n_records > batch_size,
         collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
     )
+
+
+def loader_workers(requested: int | None) -> int:
+    """``data.num_workers``: as given, or when null chosen by device: on CUDA several
+    (the cores this process may use less one for the main process, at most 8: decoding
+    and resizing in the main process would leave the GPU waiting), on CPU none (the
+    workers compete with the model's own threads for the same cores; measured by the
+    bench's loader section)."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
 
 
 def vision_namespace(

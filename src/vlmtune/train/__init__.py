@@ -3,7 +3,7 @@
 - ``loop``: ``train()``, the one training loop (prepare, start_stage, train_epoch,
   end_epoch, final_evaluation) and its holders.
 - ``launch``: the Accelerator and the launcher's settings, the run folder's lock,
-  trackers, FSDP/DeepSpeed preparation, the whole tensors a checkpoint saves, threads and memory.
+  trackers, FSDP preparation (DeepSpeed refused), the whole tensors a checkpoint saves, threads and memory.
 - ``resume``: the checkpoint ``--resume`` continues from, what it restores, and the
   per-process random streams.
 - ``warmstart``: ``train.init_from``.
@@ -20,10 +20,10 @@ from vlmtune.train.caches import cache_record, fill_caches, prefix_cache_starts,
 from vlmtune.train.checks import check_loss_targets, check_splits
 from vlmtune.train.launch import (
     TRACKERS,
-    check_deepspeed_plan,
     make_accelerator,
     peak_memory_mb,
     prepare_stage,
+    refuse_deepspeed,
     resolve_mixed_precision,
     shard_once,
     torch_threads,
@@ -42,7 +42,7 @@ __all__ = [
     "StopRequest",
     "best_stage_metrics",
     "cache_record",
-    "check_deepspeed_plan",
+    "refuse_deepspeed",
     "check_loss_targets",
     "check_process_count",
     "check_splits",

@@ -4,11 +4,12 @@ caches of a config's data up front (``vlmtune cache``) rather than in the first 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmtune.backbone import load_backbone
+from vlmtune.backbone import BackboneInfo, load_backbone
 from vlmtune.config import Config
 from vlmtune.errors import VlmtuneError
 from vlmtune.evaluate import default_device
@@ -57,6 +58,43 @@ def cache_record(cache: FeatureCache | None) -> dict[str, Any]:
     return record
 
 
+def cache_estimate(cfg: Config, info: BackboneInfo, records: Sequence[Any], *, vision_stores: int, text: bool) -> tuple[int, str]:
+    """An upper bound of the bytes a cache of ``records`` takes, and how it was reckoned:
+    every distinct image's rows (the tower's tokens, 1 + patches of ``info.vision_hidden``,
+    per tile) in ``vision_stores`` stores (the tower's output, each frozen prefix), and
+    with ``text`` every record's caption at ``backbone.max_text_tokens`` tokens; rows
+    already stored are counted too."""
+    from vlmtune.data.cache import resolve_cache_dtype
+
+    itemsize = 2 if resolve_cache_dtype(cfg.cache.dtype) == "float16" else 4
+    counting = getattr(cfg, "counting", None)
+    tiles = counting.max_dynamic_patch + 1 if cfg.task == "counting" and counting is not None else 1
+    tokens = 1 + (info.image_size // info.patch_size) ** 2
+    image_bytes = tiles * tokens * info.vision_hidden * itemsize
+    text_bytes = cfg.backbone.max_text_tokens * info.text_hidden * itemsize if text else 0
+    images = len({r.image for r in records}) * vision_stores
+    total = images * image_bytes + len(records) * text_bytes
+    how = f"{images:,} image rows x {image_bytes:,} bytes" + (
+        f" + {len(records):,} captions x {text_bytes:,} bytes" if text else ""
+    )
+    return total, how
+
+
+def check_cache_space(folder: Path, total: int, how: str, say: Callable[[str], None]) -> None:
+    """Say the whole cache's estimate against the free space of ``folder``'s disk, and
+    refuse before any extraction when it cannot fit."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    say(f"feature cache {folder}: about {total / 1e9:.2f} GB ({how}), {free / 1e9:.2f} GB free on its disk")
+    if total > free:
+        raise VlmtuneError(
+            f"feature cache {folder}: needs about {total} bytes ({how}), only {free} free on its disk; "
+            f"free space, point cache.dir elsewhere, set cache.dtype=float16 or cache.enabled=false"
+        )
+
+
 def prefix_cache_starts(cfg: Config, task: Task, out: Path, num_vision_blocks: int) -> list[int]:
     """The vision blocks whose entering state the config's stages read from the cache
     (stages that train only the last N blocks). Filled with the backbone's weights as
@@ -85,8 +123,11 @@ def fill_caches(cfg: Config, out: str | Path, say: Callable[[str], None] = print
     backbone = load_backbone(cfg.backbone, device_type=device.type).to(device)
     paths = task.data_paths(out)
     prefixes = prefix_cache_starts(cfg, task, out, backbone.info.num_vision_blocks)
-    for split in ("train", "val", "test"):
-        records = task.read_split(paths[split], split)
+    splits = {split: task.read_split(paths[split], split) for split in ("train", "val", "test")}
+    every = [r for records in splits.values() for r in records]
+    total, how = cache_estimate(cfg, backbone.info, every, vision_stores=1 + len(prefixes), text="text" in task.cache_kinds)
+    check_cache_space(folder, total, how, say)
+    for split, records in splits.items():
         task.make_loader(records, backbone, train=False, cache=FeatureCache(folder))
         if split != "test":  # the stages' training and validation read the prefix; the final evaluation does not
             for start in prefixes:

@@ -1,6 +1,6 @@
 """What the launcher and the hardware decide: the Accelerator and its settings, the run
-folder's lock (held by the main process for all), the trackers, FSDP sharding and
-DeepSpeed's limits, how a stage's parts are prepared, the whole tensors a checkpoint
+folder's lock (held by the main process for all), the trackers, FSDP sharding (and
+the refusal of DeepSpeed, which no run here has backed), how a stage's parts are prepared, the whole tensors a checkpoint
 saves, PyTorch's thread count and peak memory.
 
 Every function here takes plain values (config, accelerator, model), never the loop's
@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import resource
 from collections.abc import Callable, Iterator
@@ -90,7 +89,7 @@ def make_accelerator(cfg: Config, tracker: str | None = None, project_dir: Path 
     with _accelerate_fsdp_off(fsdp):
         accelerator = _make_accelerator(cfg, tracker, project_dir, mp, cpu_processes)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        check_deepspeed_plan(cfg, fsdp)
+        refuse_deepspeed()
     return accelerator
 
 
@@ -165,7 +164,7 @@ def tracker_sink(accelerator: Accelerator) -> Callable[[dict[str, Any]], None]:
     return lambda rec: accelerator.log(numeric(rec), step=rec["step"])
 
 
-# --------------------------------------------------------------------------- many processes: FSDP, DeepSpeed
+# --------------------------------------------------------------------------- many processes: FSDP
 
 
 def shard_once(cfg: Config, model: nn.Module, accelerator: Accelerator) -> None:
@@ -182,20 +181,13 @@ def shard_once(cfg: Config, model: nn.Module, accelerator: Accelerator) -> None:
     shard_model(model, dataclasses.replace(settings, mixed_precision=accelerator.mixed_precision))
 
 
-def check_deepspeed_plan(cfg: Config, fsdp: FsdpSettings | None) -> None:
-    """What vlmtune cannot do under DeepSpeed, refused before any work. A DeepSpeed
-    engine (model, optimizer, schedule) is built once, by one ``accelerator.prepare``;
-    Accelerate cannot prepare a second optimizer for the same model (one model per
-    Accelerator under DeepSpeed, and the engine is not re-preparable), while every
-    stage boundary needs a new optimizer over a new trainable set."""
-    if fsdp is not None:
-        raise ConfigError(f"{fsdp.source}: FSDP and DeepSpeed together; launch with one of them")
-    if len(cfg.stages) > 1:
-        raise ConfigError(
-            f"stages: {len(cfg.stages)} stages under DeepSpeed, which builds its engine (model, optimizer, "
-            f"schedule) once and cannot take a new optimizer at a stage boundary; use FSDP "
-            f"(configs/accelerate/fsdp.yaml) or DDP for a multi-stage plan, or a one-stage plan"
-        )
+def refuse_deepspeed() -> None:
+    """DeepSpeed is not supported: no run of it has succeeded in this project's tests
+    (ZeRO-2/3 against DDP per step), so a launch under it stops before any work."""
+    raise ConfigError(
+        "accelerate config: DeepSpeed is not supported by vlmtune (no tested run backs it); launch with DDP "
+        "(configs/accelerate/ddp.yaml) or FSDP (configs/accelerate/fsdp.yaml, train.fsdp.enabled=true)"
+    )
 
 
 def prepare_stage(
@@ -205,20 +197,11 @@ def prepare_stage(
     accelerator's distributed type needs. ``make_scheduler(batches)`` builds the stage's
     schedule from this process's batches per epoch.
 
-    - DeepSpeed: all four in one ``prepare`` call (its ``auto`` micro-batch size comes from
-      the loader, and the engine is built from model, optimizer and scheduler together);
-      the per-process batch count is worked out before, as Accelerate will shard it.
     - FSDP (the model already sharded by :func:`shard_once`): the loader, then optimizer
       and scheduler; the model is not wrapped again.
     - DDP and one process: the loader first (its prepared length is this process's
       batches), then model, optimizer and scheduler.
     """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        n, total = accelerator.num_processes, len(loader)
-        drop_last = bool(getattr(getattr(loader, "batch_sampler", None), "drop_last", False))
-        scheduler = make_scheduler(total // n if drop_last else math.ceil(total / n))
-        loader, pmodel, optimizer, scheduler = accelerator.prepare(loader, model, optimizer, scheduler)
-        return pmodel, optimizer, scheduler, loader
     loader = accelerator.prepare(loader)
     scheduler = make_scheduler(len(loader))
     if is_sharded(model):
@@ -229,20 +212,16 @@ def prepare_stage(
 
 
 def saves_collectively(accelerator: Accelerator, model: nn.Module) -> bool:
-    """Whether making a checkpoint's tensors whole needs every process (FSDP, DeepSpeed)."""
-    return is_sharded(model) or accelerator.distributed_type == DistributedType.DEEPSPEED
+    """Whether making a checkpoint's tensors whole needs every process (FSDP)."""
+    return is_sharded(model)
 
 
 def trainer_tensors(
     accelerator: Accelerator, model: nn.Module, pmodel: Any, optimizer: Any, names: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The checkpoint's trained tensors (``names``) and optimizer state, whole (a
-    one-process run's format whatever the launch). FSDP: gathered from the shards;
-    DeepSpeed: weights through ``accelerator.get_state_dict`` (ZeRO-3 gathers them), no
-    optimizer state (ZeRO partitions it in its own format). Collective in both cases."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        sd = accelerator.get_state_dict(pmodel)
-        return {k: sd[k] for k in names if k in sd}, None
+    one-process run's format whatever the launch). FSDP: gathered from the shards
+    (collective)."""
     if is_sharded(model):
         return full_tensors(model, names), full_optimizer_state(optimizer.state_dict())
     sd = model.state_dict()
@@ -252,19 +231,37 @@ def trainer_tensors(
 # --------------------------------------------------------------------------- threads and memory
 
 
+def default_threads() -> tuple[int, str]:
+    """The CPU threads a run uses when ``train.num_threads`` is null or 0, and why: the
+    cores this process may run on (``os.sched_getaffinity``), or one thread when the
+    1-minute load average already exceeds them (more threads on a shared CPU spin and
+    wait for each other: a run then takes many times longer, not less)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:
+        return 1, f"load average {load:.1f} exceeds the {cores} cores this process may use"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
+    if local > 1:
+        return max(1, cores // local), f"the {cores} cores this process may use, shared by {local} processes"
+    return cores, f"the {cores} cores this process may use"
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the run (``train.num_threads``), the previous
-    count restored afterwards; None or 0 leaves PyTorch's default."""
+    """``torch.set_num_threads`` for the run, the previous count restored afterwards:
+    ``n`` (``train.num_threads``), or when None or 0 the shared-machine default of
+    :func:`default_threads`, said in one line."""
     before = torch.get_num_threads()
     if n:
-        torch.set_num_threads(n)
         log.info("train.num_threads: PyTorch uses %d CPU thread%s (default here: %d)", n, "s" * (n != 1), before)
+    else:
+        n, why = default_threads()
+        log.info("train.num_threads: %d CPU thread%s (%s; set train.num_threads to choose)", n, "s" * (n != 1), why)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -40,7 +40,7 @@ from vlmtune.state import TrainState
 from vlmtune.tasks import FeatureCache, Task, build_task
 from vlmtune.tasks.model import TaskModel
 from vlmtune.train import launch
-from vlmtune.train.caches import cache_record, stage_cache
+from vlmtune.train.caches import cache_estimate, cache_record, check_cache_space, stage_cache
 from vlmtune.train.checks import check_loss_targets, check_plan_fits, check_splits, metric_value
 from vlmtune.train.resume import gather_rng_states, open_resume, restore_run, restore_stage, rng_record, seed_process_stream
 from vlmtune.train.stopping import StopRequest, any_stop_signal, diverged_message, interrupted_message, step_values
@@ -222,6 +222,11 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
         log.info(stage_summary(stage, model))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.betas[0], cfg.optim.betas[1]))  # two: config.checks
     cache = stage_cache(cfg, run.task, stage, run.out, run.backbone.info.num_vision_blocks)
+    if cache is not None and run.main:  # the whole cache this stage fills, against the disk, before extraction
+        total, how = cache_estimate(
+            cfg, run.backbone.info, run.records["train"] + run.records["val"], vision_stores=int(cache.vision), text=cache.text
+        )
+        check_cache_space(cache.dir, total, how, log.info)
     # The main process fills the feature cache; the others then only read it.
     with full_params(model), accelerator.main_process_first():  # FSDP: the main process alone fills it
         loader = run.task.make_loader(run.records["train"], run.backbone, train=True, seed=cfg.seed, cache=cache)

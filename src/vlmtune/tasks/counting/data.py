@@ -31,7 +31,7 @@ def make_loader(
     batch_size: int,
     train: bool = False,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     cache: FeatureCache | None = None,
     cache_dtype: str = "float32",
     cache_batch_size: int = 32,

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from vlmtune.backbone import Backbone
 from vlmtune.config.schema import Config, DataConfig
+from vlmtune.data.cache import resolve_cache_dtype
 from vlmtune.data.formats import CountRecord, options_from_config, read_counting
 from vlmtune.data.receipts import generate_receipts
 from vlmtune.losses import LossRegistry
@@ -110,7 +111,7 @@ class CountingTask(Task[CountingModel]):
             train_batch_size=cfg.train.batch_size,
             eval_batch_size=cfg.eval.batch_size,
             seed=cfg.seed,
-            cache_dtype=cfg.cache.dtype,
+            cache_dtype=resolve_cache_dtype(cfg.cache.dtype),
         )
 
     @classmethod

@@ -27,7 +27,7 @@ def make_loader(
     max_text_tokens: int,
     train: bool = False,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     cache: FeatureCache | None = None,
     cache_dtype: str = "float32",
     cache_batch_size: int = 64,

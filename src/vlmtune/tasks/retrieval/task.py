@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from vlmtune.backbone import Backbone
 from vlmtune.config.schema import Config, DataConfig, EvalConfig
+from vlmtune.data.cache import resolve_cache_dtype
 from vlmtune.data.formats import PairRecord, options_from_config, read_pairs
 from vlmtune.data.scenes import generate_scenes
 from vlmtune.errors import ConfigError
@@ -102,7 +103,7 @@ class RetrievalTask(Task[RetrievalModel]):
             max_text_tokens=cfg.backbone.max_text_tokens,
             vision_pooling=cfg.backbone.vision_pooling,
             text_pooling=cfg.backbone.text_pooling,
-            cache_dtype=cfg.cache.dtype,
+            cache_dtype=resolve_cache_dtype(cfg.cache.dtype),
         )
 
     @classmethod
