@@ -332,3 +332,32 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower() if e.errno != errno.ELOOP else "too many levels of symbolic links (a link loop)"
     return str(e)[:200] or type(e).__name__
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(tmp)`` and rename it into place: the one write path.
+
+    The temporary file is created exclusively (``O_EXCL | O_NOFOLLOW``) under a random
+    name no user's file has, with mode 0666 less the umask; ``path`` itself may not be
+    a symbolic link; on failure only the temporary file vlmtune created is removed."""
+    if path.is_symlink():
+        raise VlmtuneError(f"{path}: is a symbolic link; vlmtune does not write through links; remove it")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.vlmtune-tmp-{os.urandom(6).hex()}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise VlmtuneError(f"{path}: cannot create a temporary file beside it")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

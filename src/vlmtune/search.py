@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vlmtune import runfolder
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.utils import jsonl_objects
 
@@ -77,10 +78,8 @@ INDEX_FORMAT = 1
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file beside ``path`` and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Write through runfolder's one write path (exclusive temp file, no link, umask)."""
+    runfolder.write_atomic(path, write)
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
