@@ -44,6 +44,7 @@ class TrainState:
     # The early-stopping metric of the last validation (NaN when it was NaN), so a run
     # resumed after its last epoch reports train/last_val as the uninterrupted one did.
     last_val: float | None = None
+    num_threads: int = 0  # CPU threads the run computes with (a resume keeps them); 0: not recorded
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,10 +87,11 @@ _COUNTERS = (
     "n_running",
     "bad_steps",
     "bad_in_row",
+    "num_threads",
 )
 _SECONDS = ("wall_s", "train_wall_s")
 # Fields added after checkpoints were first written: absent in older ones, they take their default.
-_OPTIONAL = ("last_val",)
+_OPTIONAL = ("last_val", "num_threads")
 
 
 def _check(name: str, value: Any, where: str) -> Any:

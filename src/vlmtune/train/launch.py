@@ -36,6 +36,7 @@ from vlmtune.fsdp import (
     shard_model,
 )
 from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, prepare_run_folder
+from vlmtune.state import TrainState
 from vlmtune.utils import flatten
 
 log = logging.getLogger("vlmtune")
@@ -232,10 +233,13 @@ def trainer_tensors(
 
 
 def default_threads() -> tuple[int, str]:
-    """The CPU threads a run uses when ``train.num_threads`` is null or 0, and why: the
-    cores this process may run on (``os.sched_getaffinity``), or one thread when the
+    """The CPU threads a run uses when ``train.num_threads`` is null or 0, and why:
+    ``OMP_NUM_THREADS`` when the environment sets it, else the cores this process may run on (``os.sched_getaffinity``), or one thread when the
     1-minute load average already exceeds them (more threads on a shared CPU spin and
     wait for each other: a run then takes many times longer, not less)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:  # the environment asked
+        return int(omp), f"OMP_NUM_THREADS={omp}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores:
@@ -244,6 +248,17 @@ def default_threads() -> tuple[int, str]:
     if local > 1:
         return max(1, cores // local), f"the {cores} cores this process may use, shared by {local} processes"
     return cores, f"the {cores} cores this process may use"
+
+
+def keep_threads(state: TrainState, asked: int | None, resumed: bool) -> None:
+    """A resumed run computes with the thread count it started with (the order of a
+    float sum depends on it, so a resume is bit-identical only then): without
+    ``train.num_threads``, the count saved in the checkpoint, said in one line."""
+    saved = state.num_threads
+    if resumed and not asked and saved and saved != torch.get_num_threads():
+        log.info("train.num_threads: %d CPU thread%s, as the run used before it was resumed", saved, "s" * (saved != 1))
+        torch.set_num_threads(saved)
+    state.num_threads = torch.get_num_threads()
 
 
 @contextlib.contextmanager

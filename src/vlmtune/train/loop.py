@@ -130,6 +130,7 @@ def train(
     out = output_folder(output_dir)
     with launch.locked_run_folder(out, resume, overwrite), StopRequest() as stopper, launch.torch_threads(cfg.train.num_threads):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
+        launch.keep_threads(run.state, cfg.train.num_threads, resume)
         st: StageRun | None = None
         for stage in run.plan.remaining(run.state):
             st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
