@@ -208,6 +208,11 @@ def read_texts(path: Path) -> list[str]:
 
 
 def _stamp(p: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an image file, or of a webdataset image in its shard."""
+    from vlmtune.data.formats.shards import member_stamp, split_member
+
+    if not p.exists() and split_member(p) is not None:
+        return member_stamp(p)
     st = p.stat()
     return st.st_size, st.st_mtime_ns
 

@@ -41,11 +41,11 @@ def detect_kind(path: str | Path, fmt: str = "auto", opts: ReadOptions | None = 
     if fmt != "auto":
         return _kind_in(path, FORMATS[fmt], opts) if fmt in FORMATS else "pairs"
     probe = Probe(path)
-    for spec in FORMATS:  # a folder is asked too: it can only be such a layout
-        if spec.kind_of is not None and spec.by_path is not None and (probe.is_dir or spec.by_path(probe)):
+    for spec in sorted(FORMATS, key=lambda f: f.detect_rank):
+        if spec.kind_of is not None and spec.by_path is not None and spec.by_path(probe):
             return _kind_in(path, spec, opts)
     name = detect_by_path(probe)
-    if name is None and any("counting" in f.kinds for f in FORMATS if f.by_json is not None):
+    if name is None and not probe.is_dir and any("counting" in f.kinds for f in FORMATS if f.by_json is not None):
         try:  # only then is the file's JSON worth reading here
             name = detect_probe(probe)
         except Bad:
