@@ -29,6 +29,7 @@ from vlmtune.data.formats import (
     scan_counting,
     scan_pairs,
 )
+from vlmtune.data.formats.boxes import CONVENTIONS, INTERNAL
 from vlmtune.data.formats.registry import detect_by_path, detect_probe
 
 
@@ -155,7 +156,14 @@ def inspect_file(
             pairs=len(recs),
             captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
             boxes=boxes,
+            box_conventions=_box_conventions(scan),
+            box_example=scan.box_example,
             relations=dict(relations),
+            negatives={
+                "records": sum(bool(r.negatives or r.negative_images) for r in recs),
+                "captions": sum(len(r.negatives) for r in recs),
+                "images": sum(len(r.negative_images) for r in recs),
+            },
         )
         metrics = ["retrieval/i2t_r@k", "retrieval/t2i_r@k", "retrieval/mean_recall"]
         metrics += ["grounding/miou", "grounding/acc50", "grounding/giou", "grounding/l1"] if boxes else []
@@ -172,8 +180,16 @@ def inspect_file(
             "text/rouge1|2|L",
             "text/perplexity",
         ]
-    out.update(losses=feeds(kind, recs) if feeds else [], metrics=metrics)
+    out.update(rules=scan.rules, losses=feeds(kind, recs) if feeds else [], metrics=metrics)
     return out
+
+
+def _box_conventions(scan: Scan) -> dict[str, Any]:
+    """The boxes' conventions: as the file wrote them (count each), and inside vlmtune."""
+    return {
+        "internal": f"{INTERNAL}: {CONVENTIONS[INTERNAL]}, of the image as loaded (EXIF orientation applied)",
+        "source": {c: {"boxes": n, "means": CONVENTIONS[c]} for c, n in scan.box_conventions.items()},
+    }
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -193,11 +209,30 @@ def format_inspect(info: dict[str, Any]) -> str:
             ("pairs", str(info["pairs"])),
             ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
             ("boxes", str(info["boxes"])),
-            ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"),
         ]
+        if info["boxes"]:
+            conv = info["box_conventions"]
+            src = "; ".join(f"{c} ({v['means']}): {v['boxes']}" for c, v in conv["source"].items())
+            ex = info["box_example"]
+            rows += [
+                ("boxes as written", src),
+                ("boxes in vlmtune", conv["internal"]),
+                ("box example", f"{ex['where']}: {ex['source']} ({ex['convention']}) -> {ex['pixels_xywh']} (xywh px)"),
+            ]
+        rows.append(("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"))
+        neg = info["negatives"]
+        if neg["records"]:
+            rows.append(
+                (
+                    "negatives",
+                    f"{neg['records']} records carry {neg['captions']} negative captions and {neg['images']} "
+                    "negative images (carried in the records)",
+                )
+            )
     else:
         rows.append(("counts", ", ".join(f"{k}: {v}" for k, v in info["count_histogram"].items()) or "none"))
     rows += [(k, str(v)) for k, v in info["counts"].items()]
+    rows += [(f"rule: {k}", v) for k, v in info["rules"].items()]
     rows += [("losses it can feed", ", ".join(info["losses"])), ("metrics", ", ".join(info["metrics"]))]
     if info["first_error"]:
         rows.append(("first error", info["first_error"]))

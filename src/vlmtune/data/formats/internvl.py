@@ -7,7 +7,8 @@ Each line is ``{"image" | "images", "conversations": [{"from": "human" | "gpt",
 "value"}, ...], "count"?}``; see :mod:`vlmtune.data.formats.conversations` for how the
 turns become captions, grounding records (``<ref>..</ref><box>[[..]]</box>`` in 0-1000)
 and counts. A relative ``root`` or ``annotation`` resolves against the meta file's
-folder (``root`` against ``data.image_root`` when that is given).
+folder, or against ``data.image_root`` when that is given (InternVL reads both from the
+folder it runs in, ``internvl_chat/``: pass that folder).
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def _meta_entry(ck: Checker, path: Path, name: str, entry: Any) -> tuple[Path, P
     for key in ("root", "annotation"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise Bad(f"'{key}' must be a non-empty string, got {json.dumps(entry.get(key))}")
-    base = Path(ck.opts.image_root) if ck.opts.image_root is not None else path.parent
-    root = Path(entry["root"]) if Path(entry["root"]).is_absolute() else base / entry["root"]
-    annotation = Path(entry["annotation"]) if Path(entry["annotation"]).is_absolute() else path.parent / entry["annotation"]
+    base = meta_base(ck, path)
+    root, annotation = (Path(entry[k]) if Path(entry[k]).is_absolute() else base / entry[k] for k in ("root", "annotation"))
     if not root.is_dir():
         raise Bad(f"root {entry['root']} is not a folder ({root})")
     if not annotation.is_file():
@@ -86,6 +86,13 @@ def _meta_entry(ck: Checker, path: Path, name: str, entry: Any) -> tuple[Path, P
     if repeat != 1:
         ck.count("meta entries whose repeat_time is not 1, read once (vlmtune does not resample)")
     return annotation, root
+
+
+def meta_base(ck: Checker, path: Path) -> Path:
+    """What a meta entry's relative ``root`` and ``annotation`` resolve against: InternVL
+    reads them from the folder it runs in (``internvl_chat/``), given as data.image_root;
+    without it, the meta file's folder."""
+    return Path(ck.opts.image_root) if ck.opts.image_root is not None else path.parent
 
 
 def meta_items(ck: Checker, kind: Kind, path: Path, meta: dict[str, Any]) -> list[Item]:
@@ -157,7 +164,7 @@ def internvl_kind(ck: Checker, path: Path) -> Kind:
         if is_meta(meta):
             for entry in meta.values():
                 ann = Path(str(entry.get("annotation")))
-                ann = ann if ann.is_absolute() else path.parent / ann
+                ann = ann if ann.is_absolute() else meta_base(ck, path) / ann
                 if ann.is_file():
                     return "counting" if asks_counts(_first_records(ann)) else "pairs"
     except (Bad, OSError):

@@ -224,18 +224,34 @@ def scan_counting(
 # --------------------------------------------------------------------------- readers
 
 
-def _apply(scan: Scan, on_error: OnError) -> list[Any]:
-    """The reader's policy: raise on any error, or leave bad records out and say which."""
+def refusal(scan: Scan, on_error: OnError) -> str | None:
+    """Why a reader with this ``data.on_error`` policy refuses the scanned file (the one
+    line it raises), or None when it reads it. ``data validate`` asks the same function,
+    so what it rejects and what train and evaluate refuse are one decision."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path, errors = scan.path, scan.errors
     whole_file = [p for p in errors if p.where == str(path)]
     if whole_file:
-        raise DataError(str(whole_file[0]))  # nothing to skip: the file itself is bad
+        return str(whole_file[0])  # nothing to skip: the file itself is bad
     if errors and on_error == "raise":
         if len(errors) == 1:
-            raise DataError(str(errors[0]))
-        raise DataError(f"{len(errors)} problems in {path}; first: {errors[0]}; run `vlmtune data validate {path}` for the list")
+            return str(errors[0])
+        return f"{len(errors)} problems in {path}; first: {errors[0]}; run `vlmtune data validate {path}` for the list"
+    if not scan.records:
+        if errors:
+            return f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}"
+        left_out = "; ".join(f"{n} {what}" for what, n in scan.counts.items())
+        return f"{path}: no records" + (f" ({left_out})" if left_out else "")
+    return None
+
+
+def _apply(scan: Scan, on_error: OnError) -> list[Any]:
+    """The reader's policy: raise on any error, or leave bad records out and say which."""
+    why = refusal(scan, on_error)
+    if why is not None:
+        raise DataError(why)
+    path, errors = scan.path, scan.errors
     if errors:
         bad = scan.bad_sources
         log.warning("%s: skipped %d of %d records with problems (data.on_error=skip):", path, len(bad), scan.n_records)
@@ -243,10 +259,6 @@ def _apply(scan: Scan, on_error: OnError) -> list[Any]:
             log.warning("  skipped %s", p)
         if len(errors) > _LOG_FIRST:
             log.warning("  ... and %d more problems; run `vlmtune data validate %s` for the list", len(errors) - _LOG_FIRST, path)
-    if not scan.records:
-        if errors:
-            raise DataError(f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}")
-        raise DataError(f"{path}: no records")
     return scan.records
 
 
