@@ -236,8 +236,8 @@ def embed(
     out = Path(out)
     if images is not None and not Path(images).is_dir():
         raise DataError(f"{images}: folder not found")
-    if data is not None and not Path(data).is_file():
-        raise DataError(f"{data}: annotation file not found")
+    if data is not None and not Path(data).exists() and not ("{" in Path(data).name and "}" in Path(data).name):
+        raise DataError(f"{data}: annotation file not found")  # (a brace pattern names webdataset shards)
     _new_folder(out, "embeddings")
     extra_texts = read_texts(Path(texts)) if texts is not None else []
     m = model or load(checkpoint)
