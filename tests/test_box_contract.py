@@ -109,7 +109,7 @@ def test_sub_pixel_overruns_are_clipped_by_default(tmp_path: Path, caplog: pytes
     """Normalised boxes overrun by float rounding (0.01 px): clipped and counted; 1.5 px stays an error."""
     layout = ff.geotext(tmp_path / "g")
     recs = json.loads(layout.train.read_text())
-    w, h = 48, 40
+    w = 48
     recs[0]["bboxes"][0] = [0.75 + 0.01 / w / 2, 0.5, 0.5 + 0.01 / w, 1.0]  # right edge 0.01 px past the image
     layout.train.write_text(json.dumps(recs))
     caplog.set_level("INFO")
