@@ -1,5 +1,5 @@
-"""``vlmtune data scenes | receipts | validate | inspect``: generate synthetic data sets
-or check one, each command beside its flags."""
+"""``vlmtune data scenes | receipts | validate | inspect | convert``: generate synthetic data
+sets, check one, or write one in another tool's format, each command beside its flags."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ SEED_HELP = "random seed: the same seed and settings give the same files (defaul
 
 
 def add_data(sub: Any) -> None:
-    d = sub.add_parser("data", help="generate synthetic data sets or check one")
+    d = sub.add_parser("data", help="generate synthetic data sets, check one, or convert one to another format")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
-    for add in (add_scenes, add_receipts, add_validate, add_inspect):
+    for add in (add_scenes, add_receipts, add_validate, add_inspect, add_convert):
         add(dsub)
 
 
@@ -243,4 +243,50 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_file(args.annotation_file, _read_options(args, read_config(args)), feeds=losses_fed)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def add_convert(dsub: Any) -> None:
+    c = dsub.add_parser(
+        "convert",
+        help="write a data set in InternVL's, ms-swift's or vlmtune's own format",
+        description="Read an annotation file in any format (with the data.* settings train takes) and write "
+        "the same records in another tool's format into --out: internvl (meta.json + a conversation JSONL, "
+        "boxes in 0-1000), swift (ms-swift messages JSONL, boxes as objects in pixels), vlmtune (the "
+        "documented JSON / JSONL). Images are not copied: the output names them where they are. Nothing "
+        "is written outside --out, no file there is replaced and no link is followed. It prints what it "
+        "wrote and the command that reads it back.",
+    )
+    c.add_argument("annotation_file", help="annotation file, folder or shard pattern in any format of the 'Your data' table")
+    c.add_argument("--to", required=True, choices=("internvl", "swift", "vlmtune"), help="the format to write")
+    c.add_argument("--out", required=True, help="output folder (created; files already there are never replaced)")
+    c.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: what the format and the file say)")
+    _add_read_options(c)
+    c.set_defaults(func=cmd_data_convert)
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    import re
+    from pathlib import Path
+
+    from vlmtune.data.convert import convert
+    from vlmtune.data.formats import read_counting, read_pairs
+    from vlmtune.data.validate import detect_kind
+    from vlmtune.runfolder import make_folder
+
+    out = output_folder(args.out, "--out")
+    if out.is_symlink():
+        raise VlmtuneError(f"--out {out}: is a symbolic link; name a real folder (data convert does not write through links)")
+    cfg = read_config(args)
+    opts = _read_options(args, cfg)
+    kind = args.kind or detect_kind(args.annotation_file, opts.format, opts)
+    if kind == "counting":
+        max_count = cfg.section("counting").max_count
+        records: list[Any] = read_counting(args.annotation_file, max_count, on_error=cfg.data.on_error, opts=opts)
+    else:
+        records = read_pairs(args.annotation_file, on_error=cfg.data.on_error, opts=opts)
+    stem = Path(args.annotation_file).name.split(".")[0] or "data"
+    name = re.sub(r"[^A-Za-z0-9_+=@-]+", "_", stem).strip("_") or "data"
+    make_folder(out, "--out")
+    print(json.dumps(convert(records, kind, args.to, out, name), indent=2))
     return 0
