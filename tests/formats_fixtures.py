@@ -401,3 +401,309 @@ DETECTED = {
     "hf-save-to-disk": "hf",
     "hf-parquet": "hf",
 }
+
+
+# --------------------------------------------------------------------------- the VLM fine-tuning formats (issue 21)
+
+
+def exif_rotated(path: Path, i: int, size: tuple[int, int] = (40, 48)) -> tuple[int, int]:
+    """A JPEG stored on its side with EXIF orientation 6: loaded (EXIF applied) it is
+    ``size`` (w, h) and looks like ``_image(i, size)``; its header says (h, w)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".upright.png")
+    _image(tmp, i, size, fmt="PNG")
+    upright = Image.open(tmp)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 rotates it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, format="JPEG", exif=exif.tobytes(), quality=95)
+    tmp.unlink()
+    return size
+
+
+def _norm1000(box: list[float], size: tuple[int, int]) -> list[int]:
+    from vlmtune.data.formats.boxes import to_norm1000
+
+    return to_norm1000(box, size)
+
+
+def _caption_turns(i: int, n: int = 2) -> list[dict]:
+    turns = []
+    for k in range(n):
+        q = ("<image>\n" if k == 0 else "") + ("Describe the image concisely." if k % 2 == 0 else "Write a short caption.")
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": _caption(i, k)}]
+    return turns
+
+
+def _grounding_turn(i: int, size: tuple[int, int], first: bool = False) -> list[dict]:
+    phrase = f"the {COLOURS[i % len(COLOURS)]} square"
+    box = _norm1000(_box(i, size), size)
+    q = (
+        "<image>\n" if first else ""
+    ) + f"Please provide the bounding box coordinate of the region this sentence describes: <ref>{phrase}</ref>"
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": f"<ref>{phrase}</ref><box>[{box}]</box>"}]
+
+
+def internvl_meta(root: Path, n: int = 8) -> Layout:
+    """InternVL's fine-tuning layout: internvl_chat/shell/data/finetune.json names two
+    entries (a COCO caption JSONL and a RefCOCO grounding JSONL under playground/),
+    paths relative to internvl_chat/ (the folder InternVL runs in). Some images are
+    EXIF-rotated phone photos; some records hold a VQA turn, which is not a caption."""
+    chat = root / "internvl_chat"
+    cap, ground = [], []
+    for i in range(n):
+        rel = f"train2014/COCO_train2014_{600 + i:012d}.jpg"
+        if i % 3 == 2:
+            size = exif_rotated(chat / "playground/data/coco" / rel, i)
+        else:
+            size = _image(chat / "playground/data/coco" / rel, i)
+        turns = _caption_turns(i)
+        if i % 2:
+            turns += [{"from": "human", "value": "What colour is the square?"}, {"from": "gpt", "value": COLOURS[i % 9]}]
+        cap.append({"id": i, "image": rel, "width": size[0], "height": size[1], "conversations": turns})
+        ground.append(
+            {"id": 100 + i, "image": rel, "width": size[0], "height": size[1], "conversations": _grounding_turn(i, size, True)}
+        )
+    folder = chat / "playground/opensource"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "coco_caption.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cap))
+    (folder / "refcoco_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ground))
+    entry = {"root": "playground/data/coco/", "data_augment": False, "max_dynamic_patch": 6, "repeat_time": 1}
+    meta = {
+        "coco_caption": {**entry, "annotation": "playground/opensource/coco_caption.jsonl", "length": n},
+        "refcoco_train": {**entry, "annotation": "playground/opensource/refcoco_train.jsonl", "length": n},
+    }
+    path = _write_json(chat / "shell/data/finetune.json", meta)
+    return Layout(path, path, path, chat, has_boxes=True)
+
+
+def internvl_counting(root: Path, n: int = 10) -> Layout:
+    """An InternVL annotation JSONL of counting questions: the count in the answer as a
+    digit or a word, or in an explicit 'count' field; images under images/."""
+    words = ("zero", "one", "two", "three")
+    lines = []
+    for i in range(n):
+        rel = f"receipt_{i:04d}.jpg"
+        _image(root / "images" / rel, i)
+        c = i % 4
+        answer = (f"There are {words[c]} receipts.", f"I can see {c} receipts", str(c), "Counted them all.")[i % 4]
+        rec = {
+            "id": i,
+            "image": rel,
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many receipts are in the image?"},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        if i % 4 == 3:
+            rec["count"] = c
+        lines.append(json.dumps(rec))
+    path = root / "receipts_count.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, root / "images", kind="counting")
+
+
+def llava_json(root: Path, n: int = 8) -> Layout:
+    """LLaVA's llava_v1_5_mix665k.json style: one JSON list, images under playground/data/."""
+    recs = []
+    for i in range(n):
+        rel = f"coco/train2017/{700 + i:012d}.jpg"
+        size = _image(root / "playground/data" / rel, i)
+        turns = _caption_turns(i) + _grounding_turn(i, size)
+        recs.append({"id": f"{700 + i:012d}", "image": rel, "conversations": turns})
+    recs.append({"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+    path = _write_json(root / "playground/data/llava_v1_5_mix665k.json", recs)
+    return Layout(path, path, path, root / "playground/data", has_boxes=True)
+
+
+def sharegpt_jsonl(root: Path, n: int = 8) -> Layout:
+    """ShareGPT-style JSONL: 'conversation' with user/assistant role/content, 'images'."""
+    lines = []
+    for i in range(n):
+        rel = f"images/{i}.png"
+        _image(root / rel, i, fmt="PNG")
+        conv = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "<image>Describe this picture."},
+            {"role": "assistant", "content": _caption(i)},
+        ]
+        lines.append(json.dumps({"conversation": conv, "images": [rel]}))
+    path = root / "sharegpt.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, None)
+
+
+def swift_jsonl(root: Path, n: int = 8) -> Layout:
+    """ms-swift's JSONL: captions as messages, grounding through objects (bbox_type real
+    for even images, norm1000 for odd ones) with <ref-object>/<bbox> tags."""
+    lines = []
+    for i in range(n):
+        rel = f"images/{i}.jpg"
+        size = _image(root / rel, i)
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>Describe the image."},
+                        {"role": "assistant", "content": _caption(i)},
+                    ],
+                    "images": [rel],
+                }
+            )
+        )
+        x, y, w, h = _box(i, size)
+        real = i % 2 == 0
+        bbox = [x, y, x + w, y + h] if real else _norm1000([x, y, w, h], size)
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>Find the <ref-object>"},
+                        {"role": "assistant", "content": "<bbox>"},
+                    ],
+                    "images": [rel],
+                    "objects": {
+                        "ref": [f"the {COLOURS[i % 9]} square"],
+                        "bbox": [bbox],
+                        "bbox_type": "real" if real else "norm1000",
+                    },
+                }
+            )
+        )
+    path = root / "swift_train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, None, has_boxes=True)
+
+
+def swift_embedding(root: Path, n: int = 8) -> Layout:
+    """ms-swift's embedding JSONL: an image anchor, caption positives, caption negatives."""
+    lines = []
+    for i in range(n):
+        rel = f"images/{i}.png"
+        _image(root / rel, i, fmt="PNG")
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "<image>"}],
+                    "images": [rel],
+                    "positive_messages": [
+                        [{"role": "user", "content": _caption(i)}],
+                        [{"role": "user", "content": _caption(i, 1)}],
+                    ],
+                    "negative_messages": [[{"role": "user", "content": _caption(i + 1)}]],
+                }
+            )
+        )
+    path = root / "embedding.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, None)
+
+
+def _tar_add(tf: object, name: str, data: bytes, mtime: int = 1_700_000_000) -> None:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), mtime
+    tf.addfile(info, io.BytesIO(data))  # type: ignore[attr-defined]
+
+
+def _encoded(i: int, fmt: str, size: tuple[int, int] = (48, 40)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    w, h = size
+    arr = np.full((h, w, 3), 90, dtype=np.uint8)
+    x0, y0 = (i * 7) % (w // 2), (i * 5) % (h // 2)
+    arr[y0 : y0 + h // 2, x0 : x0 + w // 2] = RGB[COLOURS[i % len(COLOURS)]]
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def webdataset_shards(root: Path, n: int = 12, per_shard: int = 4) -> Layout:
+    """img2dataset's output: shards/00000.tar ... with KEY.jpg + KEY.txt + KEY.json per
+    sample (and the _stats.json / .parquet files beside each shard); train is the brace
+    pattern of its shards, val and test are shard files of their own."""
+    import tarfile
+
+    folder = root / "shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = (n + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                key = f"{s:05d}{i:04d}"
+                fmt, ext = (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"))[i % 3]
+                _tar_add(tf, f"{key}.{ext}", _encoded(i, fmt))
+                meta = {
+                    "url": f"http://example.com/{i}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 48,
+                    "height": 40,
+                    "original_width": 480,
+                    "original_height": 400,
+                    "exif": "{}",
+                    "sha256": "0" * 64,
+                    "caption": _caption(i),
+                }
+                if i % 2 == 0:
+                    _tar_add(tf, f"{key}.txt", _caption(i).encode())
+                _tar_add(tf, f"{key}.json", json.dumps(meta).encode())
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    last = n_shards - 1
+    train = folder / f"{{00000..{last - 1:05d}}}.tar" if n_shards > 1 else folder / "00000.tar"
+    return Layout(train, folder / f"{last:05d}.tar", folder / f"{last:05d}.tar", None)
+
+
+def flickr30k_token(root: Path, n: int = 8) -> Layout:
+    """Flickr30k as downloaded: results_20130124.token (NAME.jpg#K<TAB>caption) and flickr30k-images/."""
+    lines = []
+    for i in range(n):
+        name = f"{1000092795 + i}.jpg"
+        _image(root / "flickr30k-images" / name, i)
+        lines += [f"{name}#{k}\t{_caption(i, k)} ." for k in range(5)]
+    path = root / "results_20130124.token"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, root / "flickr30k-images")
+
+
+def flickr30k_csv(root: Path, n: int = 8) -> Layout:
+    """Kaggle's Flickr30k: flickr30k_images/results.csv (image_name| comment_number| comment),
+    images in flickr30k_images/flickr30k_images/."""
+    lines = ["image_name| comment_number| comment"]
+    for i in range(n):
+        name = f"{1000092795 + i}.jpg"
+        _image(root / "flickr30k_images" / "flickr30k_images" / name, i)
+        lines += [f"{name}| {k}| {_caption(i, k)} ." for k in range(5)]
+    path = root / "flickr30k_images" / "results.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return Layout(path, path, path, root / "flickr30k_images" / "flickr30k_images")
+
+
+VLM_BUILDERS = {
+    "internvl-meta": internvl_meta,
+    "internvl-counting": internvl_counting,
+    "llava": llava_json,
+    "sharegpt": sharegpt_jsonl,
+    "swift": swift_jsonl,
+    "swift-embedding": swift_embedding,
+    "webdataset": webdataset_shards,
+    "flickr30k-token": flickr30k_token,
+    "flickr30k-csv": flickr30k_csv,
+}
+BUILDERS.update(VLM_BUILDERS)
+DETECTED.update(
+    {
+        "internvl-meta": "internvl",
+        "internvl-counting": "internvl",
+        "llava": "llava",
+        "sharegpt": "sharegpt",
+        "swift": "swift",
+        "swift-embedding": "swift",
+        "webdataset": "webdataset",
+        "flickr30k-token": "flickr30k",
+        "flickr30k-csv": "flickr30k",
+    }
+)

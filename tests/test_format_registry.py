@@ -100,7 +100,10 @@ def test_toy_format_is_refused_for_counting(tsv: Format, root: Path) -> None:
 
     path = root / "train.tsv"
     path.write_text("a.png\ta red square\n")
-    with pytest.raises(DataError, match=r"format 'tsv' holds no counting data; counting reads counting, csv, hf$"):
+    with pytest.raises(
+        DataError,
+        match=r"format 'tsv' holds no counting data; counting reads counting, csv, hf, internvl, llava, swift, sharegpt$",
+    ):
         read_counting(path)
 
 
@@ -129,9 +132,12 @@ def test_registering_a_name_twice_or_auto_is_refused() -> None:
 
 def test_format_names_are_the_registered_formats() -> None:
     names = format_names()
-    assert names == ("auto", "pairs", "coco", "karpathy", "albef", "refcoco", "geotext", "grounding", "counting", "csv", "hf")
+    assert names == (
+        *("auto", "pairs", "coco", "karpathy", "albef", "refcoco", "geotext", "grounding", "counting", "csv", "hf"),
+        *("internvl", "llava", "swift", "sharegpt", "webdataset", "flickr30k"),
+    )
     assert all(f.name in names for f in FORMATS)
-    assert format_names("counting") == ("counting", "csv", "hf")
+    assert format_names("counting") == ("counting", "csv", "hf", "internvl", "llava", "swift", "sharegpt")
     assert set(format_names("pairs")) == {f.name for f in FORMATS if "pairs" in f.kinds}
 
 
@@ -161,11 +167,23 @@ def test_carriers_table_is_derived_from_the_formats() -> None:
         ("b.json", b'[{"image": "a", "bbox": [1, 2, 3, 4], "image_id": 3}]', "grounding"),
         ("x.json", b'[{"image": "a", "caption": "c", "image_id": 3}]', "albef"),
         ("p.json", b'[{"image": "a", "caption": "c"}]', "pairs"),
+        ("a.jsonl", b'{"image": "a", "conversations": []}\n', "internvl"),
+        ("m.json", b'{"coco": {"root": "images", "annotation": "a.jsonl"}}', "internvl"),
+        ("l.json", b'[{"id": 1, "image": "a", "conversations": []}]', "llava"),
+        ("s.jsonl", b'\n{"messages": [], "images": ["a"]}\n', "swift"),
+        ("s.json", b'[{"messages": [], "images": ["a"]}]', "swift"),
+        ("g.jsonl", b'{"conversation": []}\n', "sharegpt"),
+        ("g2.json", b'[{"conversation": []}]', "sharegpt"),
+        ("results_20130124.token", b"1.jpg#0\ta dog\n", "flickr30k"),
+        ("results.csv", b"image_name| comment_number| comment\n1.jpg| 0| a dog\n", "flickr30k"),
+        ("00000.tar", b"", "webdataset"),
+        ("shards-{000..009}.tar", None, "webdataset"),
     ],
 )
-def test_detection_order(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+def test_detection_order(tmp_path: Path, name: str, content: bytes | None, expected: str) -> None:
     path = tmp_path / name
-    path.write_bytes(content)
+    if content is not None:  # a brace pattern names shards, not a file of its own
+        path.write_bytes(content)
     assert detect(path) == expected
 
 
@@ -175,7 +193,8 @@ def test_detection_order(tmp_path: Path, name: str, content: bytes, expected: st
         (
             b'{"images": 3}',
             "top level is an object but not COCO captions ('images' and 'annotations') nor a Karpathy split "
-            "file ('images' with 'filename' and 'sentences'); expected a list of records",
+            "file ('images' with 'filename' and 'sentences') nor an InternVL meta JSON ({name: {'root', "
+            "'annotation'}}); expected a list of records",
         ),
         (b'"text"', "top level must be a list of records, got string"),
         (b"[1, ", "not valid JSON: Expecting value (line 1, column 5)"),

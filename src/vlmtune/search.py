@@ -207,6 +207,11 @@ def read_texts(path: Path) -> list[str]:
 
 
 def _stamp(p: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an image file, or of a webdataset image in its shard."""
+    from vlmtune.data.formats.shards import member_stamp, split_member
+
+    if not p.exists() and split_member(p) is not None:
+        return member_stamp(p)
     st = p.stat()
     return st.st_size, st.st_mtime_ns
 
@@ -230,8 +235,8 @@ def embed(
     out = Path(out)
     if images is not None and not Path(images).is_dir():
         raise DataError(f"{images}: folder not found")
-    if data is not None and not Path(data).is_file():
-        raise DataError(f"{data}: annotation file not found")
+    if data is not None and not Path(data).exists() and not ("{" in Path(data).name and "}" in Path(data).name):
+        raise DataError(f"{data}: annotation file not found")  # (a brace pattern names webdataset shards)
     _new_folder(out, "embeddings")
     extra_texts = read_texts(Path(texts)) if texts is not None else []
     m = model or load(checkpoint)

@@ -1,5 +1,5 @@
-"""``vlmtune data scenes | receipts | validate | inspect``: generate synthetic data sets
-or check one, each command beside its flags."""
+"""``vlmtune data scenes | receipts | validate | inspect | convert``: generate synthetic data
+sets, check one, or write one in another tool's format, each command beside its flags."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 from typing import Any
 
 from vlmtune.cli.args import non_negative_int, positive_int, seed_int
+from vlmtune.cli.messages import shorten
 from vlmtune.config import Config, key_bounds
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.runfolder import output_folder
 
 GENERATOR_OVERWRITE_HELP = (
@@ -21,9 +22,9 @@ SEED_HELP = "random seed: the same seed and settings give the same files (defaul
 
 
 def add_data(sub: Any) -> None:
-    d = sub.add_parser("data", help="generate synthetic data sets or check one")
+    d = sub.add_parser("data", help="generate synthetic data sets, check one, or convert one to another format")
     dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
-    for add in (add_scenes, add_receipts, add_validate, add_inspect):
+    for add in (add_scenes, add_receipts, add_validate, add_inspect, add_convert):
         add(dsub)
 
 
@@ -106,11 +107,24 @@ def cmd_data_receipts(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- validate, inspect
 
 
+READ_OVERRIDES_HELP = (
+    "data.* and counting.* settings as train and evaluate take them (e.g. data.box_tolerance_px=2 "
+    "data.duplicates=keep data.on_error=skip counting.max_count=5); they apply over --config"
+)
+
+
 def _add_read_options(p: Any) -> None:
-    """How data commands read a file: the data.* keys that training takes from the config."""
+    """How data commands read a file: the data.* (and counting.*) settings train and
+    evaluate read it with, from --config and KEY=VALUE overrides, and the short flags."""
     from vlmtune.data.formats.registry import format_names
 
-    p.add_argument("--format", choices=format_names(), default="auto", help="annotation format (default: detected from the file)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=READ_OVERRIDES_HELP)
+    p.add_argument(
+        "--config",
+        help="a recipe YAML or a run's config.yaml: read the file with its data.* and counting.* settings "
+        "(default: the defaults train uses)",
+    )
+    p.add_argument("--format", choices=format_names(), default=None, help="annotation format (data.format; default: detected)")
     p.add_argument(
         "--image-root", help="folder image paths resolve against (data.image_root; default: the annotation file's folder)"
     )
@@ -120,23 +134,44 @@ def _add_read_options(p: Any) -> None:
         help="for files holding every split (Karpathy, refer, datasets dicts): read only this one (default: all)",
     )
     p.add_argument(
-        "--box-tolerance-px", type=float, default=0.0, help="clip boxes overrunning the image by at most this (default 0)"
+        "--box-tolerance-px",
+        type=float,
+        default=None,
+        help="data.box_tolerance_px: clip boxes overrunning the image by at most this (default 0; "
+        "overruns under a pixel are always clipped)",
     )
-    p.add_argument("--duplicates", choices=("error", "keep", "drop"), default="error", help="repeated records (default: error)")
+    p.add_argument("--duplicates", choices=("error", "keep", "drop"), default=None, help="data.duplicates (default: error)")
 
 
-def _read_options(args: argparse.Namespace) -> Any:
-    """ReadOptions from the data commands' --format, --image-root, --split, ... options."""
-    from vlmtune.data.formats import ReadOptions
+def read_config(args: argparse.Namespace) -> Any:
+    """The config a data command reads with: --config (or the defaults) with the
+    KEY=VALUE overrides (data.* and counting.* only) and the short flags applied."""
+    from vlmtune.config import load_config
+    from vlmtune.config.loading import with_overrides
 
-    return ReadOptions(
-        image_root=args.image_root,
-        format=args.format,
-        split=args.split,
-        box_tolerance_px=args.box_tolerance_px,
-        duplicates=args.duplicates,
-        max_text_chars=getattr(args, "max_text_chars", 1000),
-    )
+    cfg = load_config(args.config)
+    flags = {
+        "data.format": args.format,
+        "data.box_tolerance_px": args.box_tolerance_px,
+        "data.duplicates": args.duplicates,
+        "data.max_text_chars": getattr(args, "max_text_chars", None),
+    }
+    given = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    for ov in args.overrides:
+        key = ov.split("=", 1)[0].strip()
+        if "=" not in ov or key.split(".", 1)[0] not in ("data", "counting") or "." not in key:
+            raise ConfigError(
+                f"{shorten(ov, 60)}: data {args.generator} takes data.* and counting.* settings as KEY=VALUE "
+                "(they decide how a file is read); other keys do not apply"
+            )
+    return with_overrides(cfg, [*args.overrides, *given], ("data", "counting"), f"data {args.generator}")
+
+
+def _read_options(args: argparse.Namespace, cfg: Any) -> Any:
+    """ReadOptions from the config's data (and counting) sections and --image-root, --split."""
+    from vlmtune.data.formats import options_from_config
+
+    return options_from_config(cfg.data, cfg.section("counting"), split=args.split, image_root=args.image_root)
 
 
 def add_validate(dsub: Any) -> None:
@@ -145,34 +180,47 @@ def add_validate(dsub: Any) -> None:
         help="check an annotation file and its images; list every problem",
         description="Check an annotation file up front, decoding every image, and print every problem "
         "as 'FILE: record N: message' (notes, such as images converted to RGB, as 'FILE: record N: note: "
-        "...') and a summary line. Exit status: 0 when there is no error, 1 when there is one.",
+        "...') and a summary line. It reads the file with the data.* and counting.* settings train and "
+        "evaluate take (--config, KEY=VALUE): exit status 0 when they would read it, 1 when they would "
+        "refuse it (with data.on_error=skip, bad records are listed and skipped, as training skips them).",
     )
     v.add_argument(
         "annotation_file",
-        help="annotation file or folder in any format of docs/data.md 'Your data' (retrieval, grounding, "
-        "COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets)",
+        help="annotation file, folder or shard pattern in any format of docs/data.md 'Your data' (retrieval, "
+        "grounding, COCO, Karpathy, ALBEF, refer, GeoText, counting JSONL or CSV, datasets, InternVL, LLaVA, "
+        "ms-swift, ShareGPT, webdataset, Flickr30k)",
     )
-    v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: .jsonl = counting, else pairs)")
+    v.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: what the format and the file say)")
     v.add_argument(
-        "--max-count", type=non_negative_int, default=None, help="counting: largest allowed count (default: no upper limit)"
+        "--max-count",
+        type=non_negative_int,
+        default=None,
+        help="counting: largest allowed count (default: counting.max_count, 3 unless --config or an override says)",
     )
-    v.add_argument("--max-text-chars", type=positive_int, default=1000, help="longest caption, question or answer (default 1000)")
+    v.add_argument("--max-text-chars", type=positive_int, default=None, help="longest caption, question or answer (default 1000)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_read_options(v)
     v.set_defaults(func=cmd_data_validate)
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    from vlmtune.data.formats.reader import refusal
     from vlmtune.data.validate import detect_kind, format_lines, to_json, validate_file
 
-    opts = _read_options(args)
+    cfg = read_config(args)
+    opts = _read_options(args, cfg)
     kind = args.kind or detect_kind(args.annotation_file, opts.format, opts)
-    scan = validate_file(args.annotation_file, kind, max_count=args.max_count, opts=opts)
+    max_count = args.max_count if args.max_count is not None else cfg.section("counting").max_count
+    scan = validate_file(args.annotation_file, kind, max_count=max_count, opts=opts)
+    refused = refusal(scan, cfg.data.on_error)
     if args.json:
-        print(json.dumps(to_json(scan, kind), indent=2))
+        print(json.dumps({**to_json(scan, kind), "on_error": cfg.data.on_error, "refused": refused}, indent=2))
     else:
-        print("\n".join(format_lines(scan)))
-    return 1 if scan.errors else 0
+        lines = format_lines(scan)
+        if scan.errors and refused is None:
+            lines[-1] += f"; the {len(scan.bad_sources)} bad records are skipped (data.on_error=skip)"
+        print("\n".join(lines))
+    return 1 if refused is not None else 0
 
 
 def add_inspect(dsub: Any) -> None:
@@ -193,6 +241,52 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from vlmtune.data.validate import format_inspect, inspect_file
     from vlmtune.tasks import losses_fed
 
-    info = inspect_file(args.annotation_file, _read_options(args), feeds=losses_fed)
+    info = inspect_file(args.annotation_file, _read_options(args, read_config(args)), feeds=losses_fed)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def add_convert(dsub: Any) -> None:
+    c = dsub.add_parser(
+        "convert",
+        help="write a data set in InternVL's, ms-swift's or vlmtune's own format",
+        description="Read an annotation file in any format (with the data.* settings train takes) and write "
+        "the same records in another tool's format into --out: internvl (meta.json + a conversation JSONL, "
+        "boxes in 0-1000), swift (ms-swift messages JSONL, boxes as objects in pixels), vlmtune (the "
+        "documented JSON / JSONL). Images are not copied: the output names them where they are. Nothing "
+        "is written outside --out, no file there is replaced and no link is followed. It prints what it "
+        "wrote and the command that reads it back.",
+    )
+    c.add_argument("annotation_file", help="annotation file, folder or shard pattern in any format of the 'Your data' table")
+    c.add_argument("--to", required=True, choices=("internvl", "swift", "vlmtune"), help="the format to write")
+    c.add_argument("--out", required=True, help="output folder (created; files already there are never replaced)")
+    c.add_argument("--kind", choices=("pairs", "counting"), help="file kind (default: what the format and the file say)")
+    _add_read_options(c)
+    c.set_defaults(func=cmd_data_convert)
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    import re
+    from pathlib import Path
+
+    from vlmtune.data.convert import convert
+    from vlmtune.data.formats import read_counting, read_pairs
+    from vlmtune.data.validate import detect_kind
+    from vlmtune.runfolder import make_folder
+
+    out = output_folder(args.out, "--out")
+    if out.is_symlink():
+        raise VlmtuneError(f"--out {out}: is a symbolic link; name a real folder (data convert does not write through links)")
+    cfg = read_config(args)
+    opts = _read_options(args, cfg)
+    kind = args.kind or detect_kind(args.annotation_file, opts.format, opts)
+    if kind == "counting":
+        max_count = cfg.section("counting").max_count
+        records: list[Any] = read_counting(args.annotation_file, max_count, on_error=cfg.data.on_error, opts=opts)
+    else:
+        records = read_pairs(args.annotation_file, on_error=cfg.data.on_error, opts=opts)
+    stem = Path(args.annotation_file).name.split(".")[0] or "data"
+    name = re.sub(r"[^A-Za-z0-9_+=@-]+", "_", stem).strip("_") or "data"
+    make_folder(out, "--out")
+    print(json.dumps(convert(records, kind, args.to, out, name), indent=2))
     return 0

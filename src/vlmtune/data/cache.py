@@ -41,9 +41,20 @@ _KEYS: dict[tuple[str, int, int], str] = {}
 def content_key(path: str | Path) -> str:
     """sha256 of a file's bytes: the same image under another name shares its features,
     an edited image does not. Remembered per (path, size, mtime) within a process, so
-    the validation set is not re-read every epoch; a rewritten file is hashed again."""
+    the validation set is not re-read every epoch; a rewritten file is hashed again.
+    A webdataset image (``SHARD.tar/KEY.jpg``) is keyed by its bytes in the shard, the
+    same as the extracted file would be."""
+    from vlmtune.data.formats.shards import member_stamp, read_member, split_member
+
+    p = Path(path)
+    if not p.exists() and split_member(p) is not None:
+        size, mtime = member_stamp(p)
+        stamp = (str(p), size, mtime)
+        if stamp not in _KEYS:
+            _KEYS[stamp] = sha256_bytes(read_member(p))
+        return _KEYS[stamp]
     st = os.stat(path)
-    stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if stamp not in _KEYS:
         _KEYS[stamp] = sha256_file(path)
     return _KEYS[stamp]

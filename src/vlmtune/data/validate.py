@@ -29,6 +29,7 @@ from vlmtune.data.formats import (
     scan_counting,
     scan_pairs,
 )
+from vlmtune.data.formats.boxes import CONVENTIONS, INTERNAL
 from vlmtune.data.formats.registry import detect_by_path, detect_probe
 
 
@@ -41,11 +42,11 @@ def detect_kind(path: str | Path, fmt: str = "auto", opts: ReadOptions | None = 
     if fmt != "auto":
         return _kind_in(path, FORMATS[fmt], opts) if fmt in FORMATS else "pairs"
     probe = Probe(path)
-    for spec in FORMATS:  # a folder is asked too: it can only be such a layout
-        if spec.kind_of is not None and spec.by_path is not None and (probe.is_dir or spec.by_path(probe)):
+    for spec in sorted(FORMATS, key=lambda f: f.detect_rank):
+        if spec.kind_of is not None and spec.by_path is not None and spec.by_path(probe):
             return _kind_in(path, spec, opts)
     name = detect_by_path(probe)
-    if name is None and any("counting" in f.kinds for f in FORMATS if f.by_json is not None):
+    if name is None and not probe.is_dir and any("counting" in f.kinds for f in FORMATS if f.by_json is not None):
         try:  # only then is the file's JSON worth reading here
             name = detect_probe(probe)
         except Bad:
@@ -186,7 +187,14 @@ def inspect_file(
             captions_per_image={"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)},
             shared_captions=shared_captions(recs),
             boxes=boxes,
+            box_conventions=_box_conventions(scan),
+            box_example=scan.box_example,
             relations=dict(relations),
+            negatives={
+                "records": sum(bool(r.negatives or r.negative_images) for r in recs),
+                "captions": sum(len(r.negatives) for r in recs),
+                "images": sum(len(r.negative_images) for r in recs),
+            },
         )
         metrics = ["retrieval/i2t_r@k", "retrieval/t2i_r@k", "retrieval/mean_recall"]
         metrics += ["grounding/miou", "grounding/acc50", "grounding/giou", "grounding/l1"] if boxes else []
@@ -203,8 +211,16 @@ def inspect_file(
             "text/rouge1|2|L",
             "text/perplexity",
         ]
-    out.update(losses=feeds(kind, recs) if feeds else [], metrics=metrics)
+    out.update(rules=scan.rules, losses=feeds(kind, recs) if feeds else [], metrics=metrics)
     return out
+
+
+def _box_conventions(scan: Scan) -> dict[str, Any]:
+    """The boxes' conventions: as the file wrote them (count each), and inside vlmtune."""
+    return {
+        "internal": f"{INTERNAL}: {CONVENTIONS[INTERNAL]}, of the image as loaded (EXIF orientation applied)",
+        "source": {c: {"boxes": n, "means": CONVENTIONS[c]} for c, n in scan.box_conventions.items()},
+    }
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -225,11 +241,30 @@ def format_inspect(info: dict[str, Any]) -> str:
             ("captions per image", f"min {c['min']}, mean {c['mean']}, max {c['max']}"),
             ("shared captions", _shared_row(info["shared_captions"])),
             ("boxes", str(info["boxes"])),
-            ("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"),
         ]
+        if info["boxes"]:
+            conv = info["box_conventions"]
+            src = "; ".join(f"{c} ({v['means']}): {v['boxes']}" for c, v in conv["source"].items())
+            ex = info["box_example"]
+            rows += [
+                ("boxes as written", src),
+                ("boxes in vlmtune", conv["internal"]),
+                ("box example", f"{ex['where']}: {ex['source']} ({ex['convention']}) -> {ex['pixels_xywh']} (xywh px)"),
+            ]
+        rows.append(("relations", ", ".join(f"{k} {v}" for k, v in info["relations"].items()) or "0"))
+        neg = info["negatives"]
+        if neg["records"]:
+            rows.append(
+                (
+                    "negatives",
+                    f"{neg['records']} records carry {neg['captions']} negative captions and {neg['images']} "
+                    "negative images (carried in the records)",
+                )
+            )
     else:
         rows.append(("counts", ", ".join(f"{k}: {v}" for k, v in info["count_histogram"].items()) or "none"))
     rows += [(k, str(v)) for k, v in info["counts"].items()]
+    rows += [(f"rule: {k}", v) for k, v in info["rules"].items()]
     rows += [("losses it can feed", ", ".join(info["losses"])), ("metrics", ", ".join(info["metrics"]))]
     if info["first_error"]:
         rows.append(("first error", info["first_error"]))

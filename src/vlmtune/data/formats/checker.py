@@ -6,9 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlmtune.data.formats.fields import SPLITS, Bad, nonempty_str, norm_box, pixel_bbox
+from vlmtune.data.formats.boxes import CONVENTIONS, INTERNAL, source_box
+from vlmtune.data.formats.fields import SPLITS, Bad, nonempty_str, pixel_bbox
 from vlmtune.data.formats.images import ImageInfo, inspect_image
 from vlmtune.data.formats.records import Problem, ReadOptions, Scan
+from vlmtune.data.formats.shards import is_member
 from vlmtune.errors import DataError
 
 T = TypeVar("T")
@@ -37,10 +39,13 @@ class Checker:
         self._seen: dict[tuple[Any, ...], str] = {}
         self._where = ""
         self._bad = False
+        self._root: Path | None = None
 
-    def start(self, where: str, new: bool = True) -> None:
-        """Begin a record: checks until the next start() are reported at ``where``."""
+    def start(self, where: str, new: bool = True, root: Path | None = None) -> None:
+        """Begin a record: checks until the next start() are reported at ``where``;
+        ``root``: the folder its images resolve against, where not the file's."""
         self._where, self._bad = where, False
+        self._root = root.resolve() if root is not None else None
         self.scan.n_records += int(new)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -75,19 +80,25 @@ class Checker:
         It must stay inside that folder: an annotation file cannot point at files elsewhere.
         """
         text = nonempty_str(rec, key)
+        return self.resolve_image(text)
+
+    def resolve_image(self, text: str) -> Path:
+        """An image path as a record writes it, resolved and checked (see :meth:`image_path`);
+        a member of a webdataset shard (``SHARD.tar/KEY.jpg``) counts as a file."""
+        base = self._root or self.base
         shown = text if len(text) <= 80 else text[:77] + "..."
         if "\x00" in text:
             raise Bad(f"image path {shown!r} contains a NUL character")
         image = Path(text)
         try:
-            path = (image if image.is_absolute() else self.base / image).resolve()
-            if not path.is_relative_to(self.base):
-                raise Bad(f"image path '{shown}' leads outside the data set's folder {self.base} (to {str(path)[:120]})")
-            if not path.is_file():
+            path = (image if image.is_absolute() else base / image).resolve()
+            if not path.is_relative_to(base):
+                raise Bad(f"image path '{shown}' leads outside the data set's folder {base} (to {str(path)[:120]})")
+            if not path.is_file() and not is_member(path):
                 hint = (
                     ""
-                    if self.declared_root
-                    else f" (image paths resolve against {self.base}; set data.image_root or --image-root)"
+                    if self.declared_root or self._root is not None
+                    else f" (image paths resolve against {base}; set data.image_root or --image-root)"
                 )
                 raise Bad(f"image not found: {str(path)[:200]}{hint}")
         except (OSError, RuntimeError) as e:  # a name too long for the file system, a link loop
@@ -110,12 +121,32 @@ class Checker:
         return info.size
 
     def box(self, rec: dict[str, Any], size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
-        """The record's pixel box (``bbox``, or GeoText's ``bbox_norm`` converted), clipped
-        within data.box_tolerance_px (and counted)."""
+        """The record's box in pixels x, y, w, h: ``bbox`` as its format wrote it
+        (``box_convention``, set by the reader; pixel x, y, w, h when absent), converted
+        by the box contract (:mod:`vlmtune.data.formats.boxes`) and counted per source
+        convention; clipped when it overruns the image by under a pixel or within
+        data.box_tolerance_px (counted)."""
         tol = self.opts.box_tolerance_px
-        box, clipped = norm_box(rec, size, tol) if "bbox_norm" in rec else pixel_bbox(rec, size, tol)
-        if clipped:
-            self.count("boxes clipped to the image")
+        convention = rec.get("box_convention", INTERNAL)
+        if convention not in CONVENTIONS:
+            raise Bad(f"unknown box convention {convention!r}")
+        if convention == INTERNAL:
+            box, clipped = pixel_bbox(rec, size, tol)
+        else:
+            box, clipped = source_box(rec.get("bbox"), convention, size, tol)
+        if clipped == "subpixel":
+            self.count("boxes clipped to the image (they overran it by under a pixel)")
+        elif clipped:
+            self.count("boxes clipped to the image (within data.box_tolerance_px)")
+        if box is not None:
+            self.scan.box_conventions[convention] = self.scan.box_conventions.get(convention, 0) + 1
+            if self.scan.box_example is None:
+                self.scan.box_example = {
+                    "where": self._where,
+                    "convention": convention,
+                    "source": rec.get("bbox"),
+                    "pixels_xywh": [round(v, 2) for v in box],
+                }
         return box
 
     def unique(self, key: tuple[Any, ...], what: str, label: str) -> bool:

@@ -1,4 +1,5 @@
-"""``counting``: vlmtune's own JSONL, ``{"image", "count", "question"?, "answer"?}`` per line."""
+"""``counting``: vlmtune's own JSONL, ``{"image", "count", "question"?, "answer"?}`` per line
+(the image also as ``file_name``, Hugging Face's name for it, or ``filename``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 
 # The fields of the documented counting shape.
 COUNT_FIELDS = frozenset({"image", "count", "question", "answer"})
+# Other names of the image field: Hugging Face's convention (imagefolder metadata), and the CSV's.
+IMAGE_ALIASES = ("file_name", "filename")
 
 
 def read_jsonl(ck: Checker, path: Path, data: Any) -> list[Item]:
@@ -33,6 +36,11 @@ def _jsonl_record(line: str) -> Any:
     except json.JSONDecodeError as e:
         raise Bad(f"not valid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(rec, dict):
+        for alias in IMAGE_ALIASES:
+            if alias in rec and "image" not in rec:
+                rec["image"] = rec.pop(alias)
+            elif alias in rec:
+                raise Bad(f"has both 'image' and '{alias}'; use one")
         unread_fields(rec, COUNT_FIELDS, "counting")
     return rec
 

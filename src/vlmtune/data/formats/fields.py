@@ -108,15 +108,12 @@ def texts(rec: dict[str, Any], limit: int) -> list[str]:
 
 def pixel_bbox(
     rec: dict[str, Any], size: tuple[int, int] | None, tolerance: float = 0.0
-) -> tuple[tuple[float, float, float, float] | None, bool]:
-    """An optional [x, y, w, h] pixel box, checked against the image's size when known.
-
-    Returns (box, clipped): a box that overruns the image (or starts left of or above
-    it) by at most ``tolerance`` pixels is clipped to the image; beyond that it is an error.
-    """
+) -> tuple[tuple[float, float, float, float] | None, str | None]:
+    """An optional [x, y, w, h] pixel box, checked against the image's size when known
+    (see :func:`pixel_box` for what is clipped)."""
     box = rec.get("bbox")
     if box is None:
-        return None, False
+        return None, None
     if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
         raise Bad(f"'bbox' must be 4 numbers [x, y, w, h], got {json.dumps(box)}")
     return pixel_box(tuple(float(v) for v in box), json.dumps(box), size, tolerance)  # type: ignore[arg-type]
@@ -124,41 +121,43 @@ def pixel_bbox(
 
 def pixel_box(
     box: tuple[float, float, float, float], shown: str, size: tuple[int, int] | None, tolerance: float
-) -> tuple[tuple[float, float, float, float], bool]:
+) -> tuple[tuple[float, float, float, float], str | None]:
+    """A pixel x, y, w, h box checked against the image's size when known.
+
+    Returns (box, why clipped): a box that overruns the image (or starts left of or
+    above it) by less than a pixel -- float rounding, as normalised boxes converted to
+    pixels have -- is clipped to it (``"subpixel"``), and so is one within ``tolerance``
+    pixels (``"tolerance"``, data.box_tolerance_px); a larger overrun is an error.
+    """
     x, y, w, h = box
-    slack = tolerance + EPS
-    if x < -slack or y < -slack:
-        raise Bad(f"bbox has negative coordinates {shown}")
     if w <= 0 or h <= 0:
         raise Bad(f"bbox has zero area (width and height must be > 0): {shown}")
+    over_lt = max(-x, -y, 0.0)
+    if not _within(over_lt, tolerance):
+        raise Bad(f"bbox has negative coordinates {shown}")
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), x + w, y + h
+    over = over_lt
     if size is not None:
         img_w, img_h = size
-        if x2 > img_w + slack or y2 > img_h + slack:
+        over_rb = max(x2 - img_w, y2 - img_h, 0.0)
+        if not _within(over_rb, tolerance):
             raise Bad(f"bbox {shown} extends outside the image ({img_w}x{img_h} pixels)")
+        over = max(over, over_rb)
         x2, y2 = min(x2, float(img_w)), min(y2, float(img_h))
         if x2 <= x1 or y2 <= y1:
             raise Bad(f"bbox {shown} lies outside the image ({img_w}x{img_h} pixels)")
     clipped = (x1, y1, x2 - x1, y2 - y1)
-    moved = max(abs(a - b) for a, b in zip(clipped, box)) > EPS
-    return (clipped if moved else box), moved
+    if max(abs(a - b) for a, b in zip(clipped, box)) <= EPS:
+        return box, None
+    return clipped, ("subpixel" if over < SUBPIXEL_PX else "tolerance")
 
 
-def norm_box(
-    rec: dict[str, Any], size: tuple[int, int] | None, tolerance: float
-) -> tuple[tuple[float, float, float, float] | None, bool]:
-    """A GeoText box: [cx, cy, w, h] as fractions of the image, converted to pixel xywh."""
-    box = rec.get("bbox_norm")
-    if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
-        raise Bad(f"box must be 4 numbers [cx, cy, w, h] (fractions of the image) or null, got {json.dumps(box)}")
-    if any(v < -1e-3 or v > 1 + 1e-3 for v in box):
-        raise Bad(f"box {json.dumps(box)} is not normalised to 0-1 [cx, cy, w, h]")
-    if size is None:
-        return None, False
-    cx, cy, w, h = (float(v) for v in box)
-    img_w, img_h = size
-    pixels = ((cx - w / 2) * img_w, (cy - h / 2) * img_h, w * img_w, h * img_h)
-    return pixel_box(pixels, f"{json.dumps(box)} (normalised; {[round(v, 2) for v in pixels]} in pixels)", size, tolerance)
+# Overruns below this many pixels are float rounding: clipped whatever data.box_tolerance_px says.
+SUBPIXEL_PX = 1.0
+
+
+def _within(overrun: float, tolerance: float) -> bool:
+    return overrun <= EPS or overrun < SUBPIXEL_PX or overrun <= tolerance + EPS
 
 
 def relation(rec: dict[str, Any]) -> int | None:
@@ -201,3 +200,8 @@ def failing(message: str) -> Callable[[], dict[str, Any]]:
         raise Bad(message)
 
     return get
+
+
+def returning(rec: Any) -> Callable[[], Any]:
+    """An item getter that gives ``rec`` (a record a reader has already built)."""
+    return lambda: rec

@@ -50,7 +50,9 @@ def geotext_items(ck: Checker, i: int, rec: Any) -> Iterator[Item]:
         elif boxes[j] is None:
             ck.count("GeoText sentences with a null box skipped")
         else:
-            derived.append((f"{label} sentence {j}", {"image": image, "text": s, "bbox_norm": boxes[j]}))
+            derived.append(
+                (f"{label} sentence {j}", {"image": image, "text": s, "bbox": boxes[j], "box_convention": "norm_cxcywh"})
+            )
     if caption is not None or not derived:
         what = {"image": image, "caption": caption} if caption is not None else None
         yield Item(label, (lambda: what) if what else failing("no caption and no sentence with a box: nothing to read"))

@@ -7,15 +7,18 @@ what the data checks use (header only, or a full decode for ``data validate``).
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmtune.data.formats.shards import read_member, split_member
 from vlmtune.errors import DataError
 
 # EXIF orientations 5..8 rotate by 90 degrees, so the loaded image has width and height
@@ -32,6 +35,14 @@ def _where(path: Path, source: str) -> str:
     return f"{source}: image {path}" if source else f"{path}"
 
 
+def _file(path: Path) -> Path | IO[bytes]:
+    """What Pillow opens for ``path``: the file, or the bytes of a shard member
+    (``SHARD.tar/KEY.jpg``, read in place: :mod:`vlmtune.data.formats.shards`)."""
+    if not path.exists() and split_member(path) is not None:
+        return io.BytesIO(read_member(path))
+    return path
+
+
 def _open(path: Path, source: str) -> Image.Image:
     """Open an image lazily (header only), mapping every failure to DataError."""
     where = _where(path, source)
@@ -39,7 +50,7 @@ def _open(path: Path, source: str) -> Image.Image:
         with warnings.catch_warnings():
             # A huge image is refused rather than half-trusted: the warning becomes an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(_file(path))
     except FileNotFoundError:
         raise DataError(f"{where}: file not found") from None
     except IsADirectoryError:
@@ -146,7 +157,8 @@ _HEADER_EXIF_FORMATS = {"JPEG", "MPO", "WEBP"}
 def _png_has_exif_chunk(path: Path) -> bool:
     """Whether a PNG file has an eXIf chunk anywhere (chunk headers only)."""
     try:
-        with open(path, "rb") as f:
+        source = _file(path)
+        with source if not isinstance(source, Path) else open(source, "rb") as f:
             if f.read(8) != b"\x89PNG\r\n\x1a\n":
                 return False
             while True:

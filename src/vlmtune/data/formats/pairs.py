@@ -1,6 +1,7 @@
 """``pairs`` and ``grounding``: vlmtune's own JSON lists, the documented shapes.
 
-``pairs``: ``[{"image", "caption": str or [str, ...]}]``, one pair per caption.
+``pairs``: ``[{"image", "caption": str or [str, ...], "negatives"?, "negative_images"?}]``,
+one pair per caption (each carrying the record's negative captions and images).
 ``grounding``: ``[{"image", "text", "bbox": [x, y, w, h] in pixels, "relation"?}]``.
 Both read every field of the documented shapes, so one file may mix them; ``albef`` and
 X-VLM's RefCOCO JSON are read the same way (:func:`list_reader`).
@@ -20,8 +21,9 @@ from vlmtune.data.formats.registry import Format, Probe, Reader, unread_fields
 if TYPE_CHECKING:
     from vlmtune.data.formats.checker import Checker
 
-# The fields of the documented pairs and grounding shapes.
-PAIR_FIELDS = frozenset({"image", "caption", "text", "bbox", "relation"})
+# The fields of the documented pairs and grounding shapes (``box_convention`` names the
+# convention of ``bbox`` when it is not pixel x, y, w, h: see vlmtune.data.formats.boxes).
+PAIR_FIELDS = frozenset({"image", "caption", "text", "bbox", "box_convention", "relation", "negatives", "negative_images"})
 
 
 def list_reader(fmt: str) -> Reader:
@@ -55,7 +57,13 @@ def _has_boxes_or_relations(probe: Probe) -> bool:
 PAIRS = Format(
     "pairs",
     readers={"pairs": list_reader("pairs")},
-    carries={"caption": "a caption", "bbox": "a box", "relation": "a relation"},
+    carries={
+        "caption": "a caption",
+        "bbox": "a box",
+        "relation": "a relation",
+        "negatives": "negative captions",
+        "negative_images": "negative images",
+    },
     by_json=_is_list,
     detect_rank=90,
 )

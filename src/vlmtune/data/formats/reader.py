@@ -49,15 +49,25 @@ def choose(ck: Checker, path: Path, kind: Kind) -> tuple[str, Any]:
 
 def format_items(ck: Checker, path: Path, kind: Kind) -> list[Item]:
     """Items of ``kind`` from a file in any format that holds that kind."""
-    if not path.exists():
+    if not path.exists() and not ("{" in path.name and "}" in path.name):  # a brace pattern (shards) names no one file
         raise Bad("annotation file not found")
     fmt, data = choose(ck, path, kind)
     return FORMATS[fmt].readers[kind](ck, path, data)
 
 
+# One checked pair: image, text, bbox, relation, where, negative captions, negative images.
+Row = tuple[Path, str, Any, "int | None", str, tuple[str, ...], tuple[Path, ...]]
+
+
 def _pair_rows(
-    ck: Checker, label: str, texts: list[str] | None, image: Path | None, bbox: Any, relation: int | None
-) -> list[tuple[Path, str, Any, int | None, str]]:
+    ck: Checker,
+    label: str,
+    texts: list[str] | None,
+    image: Path | None,
+    bbox: Any,
+    relation: int | None,
+    negatives: tuple[tuple[str, ...], tuple[Path, ...]],
+) -> list[Row]:
     """The pairs of one checked record (one per caption), or [] when it has an error."""
     if not ck.ok or texts is None or image is None:
         return []
@@ -69,13 +79,13 @@ def _pair_rows(
     if not ck.ok:
         return []
     where = f"{ck.path}: {label}"
-    return [(image, text, bbox, relation, where) for text, k in zip(texts, keep) if k]
+    return [(image, text, bbox, relation, where, *negatives) for text, k in zip(texts, keep) if k]
 
 
 def _objects(ck: Checker, items: Iterable[Item]) -> Iterable[tuple[Item, dict[str, Any]]]:
     """Each item that reads as a JSON-like object, with the checker started on it."""
     for it in items:
-        ck.start(f"{ck.path}: {it.label}", it.new)
+        ck.start(f"{ck.path}: {it.label}", it.new, it.root)
         rec = ck.check(it.get)
         if rec is not None:
             rec = ck.check(as_object, rec)
@@ -83,16 +93,32 @@ def _objects(ck: Checker, items: Iterable[Item]) -> Iterable[tuple[Item, dict[st
             yield it, rec
 
 
-def _scan_pair_items(ck: Checker, items: Iterable[Item]) -> list[tuple[Path, str, Any, int | None, str]]:
+def _negatives(ck: Checker, rec: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+    """A record's negative captions and negative images (ms-swift's embedding records)."""
+    texts = ck.check(fields.texts, {"caption": rec["negatives"]}, ck.max_text_chars) if rec.get("negatives") else []
+    images = []
+    for j, name in enumerate(rec.get("negative_images") or []):
+        if not isinstance(name, str):
+            ck.error(f"negative image {j} is not a path")
+            continue
+        path = ck.check(ck.resolve_image, name)
+        if path is not None:
+            ck.check(ck.image_size, path)
+            images.append(path)
+    return tuple(texts or ()), tuple(images)
+
+
+def _scan_pair_items(ck: Checker, items: Iterable[Item]) -> list[Row]:
     """Image-text records in the documented shape, whatever format they came from."""
     rows = []
     for it, rec in _objects(ck, items):
         texts = ck.check(fields.texts, rec, ck.max_text_chars)
         image = ck.check(ck.image_path, rec, "image")
         size = ck.check(ck.image_size, image) if image is not None else None
-        bbox = ck.check(ck.box, rec, size) if ("bbox" in rec or "bbox_norm" in rec) else None
+        bbox = ck.check(ck.box, rec, size) if "bbox" in rec else None
         relation = ck.check(fields.relation, rec)
-        rows += _pair_rows(ck, it.label, texts, image, bbox, relation)
+        negatives = _negatives(ck, rec) if rec.get("negatives") or rec.get("negative_images") else ((), ())
+        rows += _pair_rows(ck, it.label, texts, image, bbox, relation, negatives)
     return rows
 
 
@@ -128,7 +154,8 @@ def scan_pairs(
     rows = _scan_pair_items(ck, items)
     ids: dict[Path, int] = {}
     ck.scan.records = [
-        PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where) for image, text, bbox, rel, where in rows
+        PairRecord(image, text, ids.setdefault(image, len(ids)), bbox, rel, where, negs, neg_images)
+        for image, text, bbox, rel, where, negs, neg_images in rows
     ]
     return ck.scan
 
@@ -197,18 +224,34 @@ def scan_counting(
 # --------------------------------------------------------------------------- readers
 
 
-def _apply(scan: Scan, on_error: OnError) -> list[Any]:
-    """The reader's policy: raise on any error, or leave bad records out and say which."""
+def refusal(scan: Scan, on_error: OnError) -> str | None:
+    """Why a reader with this ``data.on_error`` policy refuses the scanned file (the one
+    line it raises), or None when it reads it. ``data validate`` asks the same function,
+    so what it rejects and what train and evaluate refuse are one decision."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path, errors = scan.path, scan.errors
     whole_file = [p for p in errors if p.where == str(path)]
     if whole_file:
-        raise DataError(str(whole_file[0]))  # nothing to skip: the file itself is bad
+        return str(whole_file[0])  # nothing to skip: the file itself is bad
     if errors and on_error == "raise":
         if len(errors) == 1:
-            raise DataError(str(errors[0]))
-        raise DataError(f"{len(errors)} problems in {path}; first: {errors[0]}; run `vlmtune data validate {path}` for the list")
+            return str(errors[0])
+        return f"{len(errors)} problems in {path}; first: {errors[0]}; run `vlmtune data validate {path}` for the list"
+    if not scan.records:
+        if errors:
+            return f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}"
+        left_out = "; ".join(f"{n} {what}" for what, n in scan.counts.items())
+        return f"{path}: no records" + (f" ({left_out})" if left_out else "")
+    return None
+
+
+def _apply(scan: Scan, on_error: OnError) -> list[Any]:
+    """The reader's policy: raise on any error, or leave bad records out and say which."""
+    why = refusal(scan, on_error)
+    if why is not None:
+        raise DataError(why)
+    path, errors = scan.path, scan.errors
     if errors:
         bad = scan.bad_sources
         log.warning("%s: skipped %d of %d records with problems (data.on_error=skip):", path, len(bad), scan.n_records)
@@ -216,10 +259,6 @@ def _apply(scan: Scan, on_error: OnError) -> list[Any]:
             log.warning("  skipped %s", p)
         if len(errors) > _LOG_FIRST:
             log.warning("  ... and %d more problems; run `vlmtune data validate %s` for the list", len(errors) - _LOG_FIRST, path)
-    if not scan.records:
-        if errors:
-            raise DataError(f"{path}: no usable records: all {scan.n_records} have problems; first: {errors[0]}")
-        raise DataError(f"{path}: no records")
     return scan.records
 
 

@@ -57,6 +57,8 @@ class PairRecord:
     bbox: tuple[float, float, float, float] | None
     relation: int | None
     source: str
+    negatives: tuple[str, ...] = ()  # negative captions for this record's image
+    negative_images: tuple[Path, ...] = ()  # negative images for this record's caption
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,14 @@ class Scan:
     counts: dict[str, int] = field(default_factory=dict)
     # Records per split, for files that hold several (Karpathy, refer).
     splits: dict[str, int] = field(default_factory=dict)
+    # Boxes by the convention the file wrote them in (see vlmtune.data.formats.boxes);
+    # every reader converts them to pixel x, y, w, h, and the first one is kept as an
+    # example ({"where", "convention", "source", "pixels_xywh"}) for ``data inspect``.
+    box_conventions: dict[str, int] = field(default_factory=dict)
+    box_example: dict[str, Any] | None = None
+    # How a format chose what it read, in words (e.g. which conversation turns are
+    # captions), keyed by what it decides; ``data inspect`` prints them.
+    rules: dict[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -134,6 +144,9 @@ class Item:
     label: str
     get: Callable[[], dict[str, Any]]
     new: bool = True
+    # The folder this record's image paths resolve against (and must stay inside), where
+    # it is not the file's (an InternVL meta entry's ``root``).
+    root: Path | None = None
 
 
 def options_from_config(

@@ -12,6 +12,7 @@ Plain Python (no Pillow, numpy or torch): config validation can ask :func:`forma
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +77,33 @@ class Probe:
         return self.__dict__.get("data")
 
     @cached_property
+    def first_line(self) -> str:
+        """The first non-blank line of a text file ('' for a folder, a binary or an
+        unreadable file); a few formats (JSONL conversations, Flickr30k's token file)
+        are told apart by it."""
+        if self.is_dir:
+            return ""
+        try:
+            with open(self.path, encoding="utf-8-sig") as f:
+                for _, line in zip(range(1000), f):
+                    if line.strip():
+                        return line.rstrip("\r\n")
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+        return ""
+
+    @cached_property
+    def first_record(self) -> dict[str, Any]:
+        """The first record of a JSONL file (empty when it is none)."""
+        if self.suffix != ".jsonl" or not self.first_line:
+            return {}
+        try:
+            rec = json.loads(self.first_line)
+        except json.JSONDecodeError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    @cached_property
     def keys(self) -> set[str]:
         recs = [r for r in self.data if isinstance(r, dict)] if isinstance(self.data, list) else []
         return set().union(*(r.keys() for r in recs)) if recs else set()
@@ -91,8 +119,9 @@ class Format:
     with a message naming this format. Detection asks ``by_path`` (the name, suffix or
     folder alone; nothing read) of every format first, then ``by_json`` (the parsed
     top level, through the :class:`Probe`), each stage in ``detect_rank`` order (lower
-    first; equal ranks in registration order): a shape that is a special case of another
-    ranks before it (``albef``, any list with more keys, is 80; ``pairs``, any list, 90).
+    first; equal ranks in registration order; ``by_path`` may also look at
+    :attr:`Probe.first_line` / :attr:`Probe.first_record`, one line of the file): a shape
+    that is a special case of another ranks before it (``albef``, any list with more keys, is 80; ``pairs``, any list, 90).
     ``folder_shape`` / ``object_shape`` describe the folders / JSON objects it claims,
     for the message when none claims one. ``kind_of``: for a format holding both kinds,
     which one a file holds (``data validate`` asks; a ``datasets`` layout's columns say).

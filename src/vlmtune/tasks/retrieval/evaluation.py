@@ -37,9 +37,12 @@ def check_ks(ks: Sequence[int], *, n_images: int, n_captions: int, where: str) -
     too_big = ks_beyond_gallery(ks, n_images, n_captions)
     if too_big:
         side = "images" if n_images <= n_captions else "captions"
+        fits = [k for k in ks if k <= gallery] or [1]
+        fix = "[" + ",".join(str(k) for k in fits) + "]"
         raise ConfigError(
             f"eval.ks: K={max(too_big)} is larger than the retrieval gallery of {where} ({n_images} images, "
-            f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model"
+            f"{n_captions} captions: at most {gallery} {side}); recall@K would be 100 whatever the model; "
+            f"pass eval.ks={fix} (an override of train, or of evaluate) or use a larger split"
         )
 
 
