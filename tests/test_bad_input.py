@@ -427,6 +427,34 @@ def _edit_lines(path: Path, i: int, line: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _edit_jsonl_record(path: Path, i: int, fn: Callable[[Any], Any]) -> None:
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[i])
+    fn(rec)
+    lines[i] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _tar_append(shard: Path, name: str) -> None:
+    """Add one member to a webdataset shard (a sample missing its caption or its image)."""
+    import io
+    import tarfile
+
+    data = b"a caption" if name.endswith(".txt") else _jpeg_bytes()
+    with tarfile.open(shard, "a") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 @dataclass(frozen=True)
 class FormatCase:
     id: str
@@ -513,6 +541,89 @@ FORMAT_CASES = [
         "counting",
         lambda L: _edit_lines(L.train, 1, json.dumps({"image": "images/1.png", "count": 1, "bbox": [1, 1, 2, 2]})),
         ("counts.jsonl: line 2", "field 'bbox' carries a box that format 'counting' does not read"),
+    ),
+    # issue 21: the formats VLM fine-tuners already have
+    FormatCase(
+        "internvl-placeholder-without-image",
+        "internvl-meta",
+        lambda L: _edit_jsonl_record(L.image_root / "playground/opensource/coco_caption.jsonl", 1, lambda r: r.pop("image")),
+        ("finetune.json: entry 'coco_caption' playground/opensource/coco_caption.jsonl line 2", "1 <image> placeholder"),
+    ),
+    FormatCase(
+        "internvl-meta-root-missing",
+        "internvl-meta",
+        lambda L: _edit_json(L.train, lambda d: d["refcoco_train"].update(root="playground/data/gone/")),
+        ("finetune.json: entry 'refcoco_train'", "root playground/data/gone/ is not a folder"),
+    ),
+    FormatCase(
+        "internvl-box-outside-0-1000",
+        "internvl-meta",
+        lambda L: _edit_jsonl_record(
+            L.image_root / "playground/opensource/refcoco_train.jsonl",
+            2,
+            lambda r: r["conversations"][1].update(value="<ref>x</ref><box>[[10, 10, 1200, 990]]</box>"),
+        ),
+        ("refcoco_train.jsonl line 3 turn 0 box 0", "is not normalised to 0-1000"),
+    ),
+    FormatCase(
+        "internvl-answer-without-count",
+        "internvl-counting",
+        lambda L: _edit_jsonl_record(L.train, 1, lambda r: r["conversations"][1].update(value="Some receipts.")),
+        ("receipts_count.jsonl: line 2", "the answer states no count"),
+    ),
+    FormatCase(
+        "internvl-answer-two-counts",
+        "internvl-counting",
+        lambda L: _edit_jsonl_record(L.train, 2, lambda r: r["conversations"][1].update(value="2 receipts, one torn")),
+        ("receipts_count.jsonl: line 3", "two different counts (2 and 1)"),
+    ),
+    FormatCase(
+        "llava-two-questions-in-a-row",
+        "llava",
+        lambda L: _edit_json(L.train, lambda d: d[3]["conversations"][1].update({"from": "human"})),
+        ("llava_v1_5_mix665k.json: record 3", "message 1 of 'conversations' is from 'human' where a model answer was due"),
+    ),
+    FormatCase(
+        "sharegpt-unknown-role",
+        "sharegpt",
+        lambda L: _edit_jsonl_record(L.train, 0, lambda r: r["conversation"][2].update(role="narrator")),
+        ("sharegpt.jsonl: line 1", "unknown role 'narrator'"),
+    ),
+    FormatCase(
+        "swift-tags-and-objects-disagree",
+        "swift",
+        lambda L: _edit_jsonl_record(L.train, 1, lambda r: r["messages"][1].update(content="<bbox><bbox>")),
+        ("swift_train.jsonl: line 2", "'objects' holds 1 ref and 1 bbox but the messages have 1 <ref-object> and 2 <bbox>"),
+    ),
+    FormatCase(
+        "swift-bbox-type-unknown",
+        "swift",
+        lambda L: _edit_jsonl_record(L.train, 3, lambda r: r["objects"].update(bbox_type="norm1")),
+        ("swift_train.jsonl: line 4", "'objects.bbox_type' must be 'real' or 'norm1000'"),
+    ),
+    FormatCase(
+        "webdataset-image-without-caption",
+        "webdataset",
+        lambda L: _tar_append(L.train.parent / "00000.tar", "extra.jpg"),
+        ("00000.tar sample 'extra'", "has an image (extra.jpg) but no caption"),
+    ),
+    FormatCase(
+        "webdataset-caption-without-image",
+        "webdataset",
+        lambda L: _tar_append(L.train.parent / "00001.tar", "orphan.txt"),
+        ("00001.tar sample 'orphan'", "has a caption but no image"),
+    ),
+    FormatCase(
+        "flickr30k-token-line-without-tab",
+        "flickr30k-token",
+        lambda L: _edit_lines(L.train, 2, "1000092795.jpg#2 two words"),
+        ("results_20130124.token: line 3", "expected NAME.jpg#K<TAB>caption"),
+    ),
+    FormatCase(
+        "flickr30k-csv-row-missing-a-separator",
+        "flickr30k-csv",
+        lambda L: _edit_lines(L.train, 3, "1000092795.jpg| 2 A dog runs across the grass ."),
+        ("results.csv: line 4", "expected 3 cells separated by '|'"),
     ),
     FormatCase(
         "hf-imagefolder-file-missing",
@@ -856,8 +967,8 @@ N_CASES = (
 def test_catalogue_size() -> None:
     """The note on the issue quotes this number; change both together."""
     assert (
-        N_CASES == 134
-    )  # 83 before issue 10 + 33 real-format and config cases (issue 11) + 6 write-path data cases + 12 manifest and backbone-folder cases
+        N_CASES == 160
+    )  # 83 before issue 10 + 33 real-format and config cases (issue 11) + 6 write-path data cases + 12 manifest and backbone-folder cases + 26 VLM-format cases (issue 21)
 
 
 # --------------------------------------------------------------------------- writes (issue 10)

@@ -48,6 +48,7 @@ def test_the_walk_sees_every_command() -> None:
         "data receipts",
         "data validate",
         "data inspect",
+        "data convert",
         "config explain",
         "config show",
     ):

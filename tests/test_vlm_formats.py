@@ -245,3 +245,65 @@ def test_counting_jsonl_takes_file_name(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in layout.train.read_text().splitlines()]
     layout.train.write_text("".join(json.dumps({"file_name": r["image"], "count": r["count"]}) + "\n" for r in lines))
     assert [r.count for r in read_counting(layout.train)] == [r["count"] for r in lines]
+
+
+# --------------------------------------------------------------------------- validate and evaluate agree
+
+
+def _overrun(px: float):
+    def edit(recs: list[dict], folder: Path) -> None:
+        r = next(r for r in recs if r.get("bbox"))
+        w = Image.open(folder / r["image"]).size[0]
+        r["bbox"] = [w - r["bbox"][2] + px, r["bbox"][1], r["bbox"][2], r["bbox"][3]]
+
+    return edit
+
+
+def _duplicate(recs: list[dict], folder: Path) -> None:
+    recs.append(dict(recs[0]))
+
+
+def _missing_image(recs: list[dict], folder: Path) -> None:
+    recs[1]["image"] = "images/gone.png"
+
+
+def _long_caption(recs: list[dict], folder: Path) -> None:
+    recs[0]["text" if "text" in recs[0] else "caption"] = "a caption of forty characters, or more..."
+
+
+AGREE_CASES = [
+    ("overrun-1.5px", _overrun(1.5), [], False),
+    ("overrun-1.5px-tolerance", _overrun(1.5), ["data.box_tolerance_px=2"], True),
+    ("overrun-subpixel", _overrun(0.3), [], True),
+    ("duplicate", _duplicate, [], False),
+    ("duplicate-keep", _duplicate, ["data.duplicates=keep"], True),
+    ("missing-image", _missing_image, [], False),
+    ("missing-image-skip", _missing_image, ["data.on_error=skip"], True),
+    ("long-caption", _long_caption, ["data.max_text_chars=20"], False),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "overrides", "accepted"), AGREE_CASES, ids=[c[0] for c in AGREE_CASES])
+def test_validate_and_evaluate_agree(
+    case: str,
+    edit,
+    overrides: list[str],
+    accepted: bool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    one_stage_run: Path,
+    scenes: Path,
+) -> None:
+    """data validate --config CKPT/config.yaml KEY=VALUE accepts a file exactly when
+    evaluate CKPT --data FILE KEY=VALUE does."""
+    ckpt = one_stage_run / "checkpoints" / "last"
+    recs = json.loads((scenes / "test.json").read_text())
+    edit(recs, scenes)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(recs))
+    overrides = [*overrides, f"data.image_root={scenes}"]
+    v_code, v_out, v_err = _run(capsys, ["data", "validate", str(bad), "--config", str(ckpt / "config.yaml"), *overrides])
+    e_code, _, e_err = _run(capsys, ["evaluate", str(ckpt), "--data", str(bad), "--output-dir", str(tmp_path / "ev"), *overrides])
+    assert (v_code == 0) == (e_code == 0) == accepted, (v_out + v_err, e_err)
+    if not accepted:
+        assert f"{bad}: record" in v_out and f"{bad}: " in e_err

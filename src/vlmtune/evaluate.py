@@ -46,13 +46,17 @@ def _records(
 ) -> tuple[list[Any], list[Any] | None]:
     """The test split of ``source`` (read with ``image_root`` where given, as --image-root
     asks) and the training split for the baselines (read with the image root it trained
-    with); both with the evaluation overrides in ``cfg`` (data.on_error, ...)."""
+    with, unless a data.train override names another file); both with the evaluation
+    overrides in ``cfg`` (data.on_error, ...). A data.image_root override is the
+    evaluated data's root, as --image-root is."""
 
     def with_root(root: str | None) -> Config:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_root=root))
 
+    root_given = image_root is not None or cfg.data.image_root != ckpt.cfg.data.image_root
+    own_train = cfg.data.train == ckpt.cfg.data.train
     source_task = build_task(with_root(image_root) if image_root is not None else cfg)
-    train_task = build_task(with_root(ckpt.cfg.data.image_root) if image_root is not None else cfg)
+    train_task = build_task(with_root(ckpt.cfg.data.image_root) if root_given and own_train else cfg)
     records = source_task.read_split(source, "test")
     return records, train_task.read_split(train_path, "train") if train_path else None
 

@@ -84,7 +84,7 @@ class DataConfig:
     )
     box_tolerance_px: float = setting(
         0.0,
-        "Boxes that overrun the image by at most this many pixels are clipped to it (and counted in the log); beyond it they are bad records.",
+        "Boxes that overrun the image by at most this many pixels are clipped to it (and counted in the log); beyond it they are bad records. Overruns under a pixel (float rounding of normalised boxes) are always clipped and counted.",
         low=0,
     )
     duplicates: Literal["error", "keep", "drop"] = setting(

@@ -35,9 +35,16 @@ The formats, read as they ship (one module each, registered in :mod:`.catalog`; 
 | ``counting`` | JSONL ``{"image", "count", "question"?, "answer"?}`` | one per line |
 | ``csv`` | CSV with a header: ``filename``/``image``, ``count``/``receipt_count``, ``question``?, ``answer``? | one per row |
 | ``hf`` | ``datasets``: a ``save_to_disk`` folder, a parquet file, an imagefolder with ``metadata.jsonl`` | one per row |
+| ``internvl`` | InternVL's meta JSON (entries ``root`` + ``annotation``, read as one set) or its conversation JSONL | captions, boxes (0-1000), counts from the turns |
+| ``llava`` | LLaVA's JSON list of ``{"image", "conversations"}`` | as internvl |
+| ``swift`` | ms-swift JSONL: ``messages`` + ``images``, ``objects`` (``bbox_type`` real / norm1000), embedding records | as internvl; negatives carried |
+| ``sharegpt`` | ``conversation`` / ``conversations`` with user / assistant turns (JSON list or JSONL) | as internvl |
+| ``webdataset`` | a folder of ``.tar`` shards, one shard, or ``shards/{00000..00009}.tar``, read in place | one per sample |
+| ``flickr30k`` | ``results_20130124.token`` / Kaggle's ``results.csv`` | one per caption line |
 
 Each format's reader turns a file into :class:`Item` s in the documented pairs shape
-(``image``, ``caption`` or ``text``, ``bbox`` in pixels, ``relation``) or counting shape
+(``image``, ``caption`` or ``text``, ``bbox`` with its ``box_convention`` -- converted to
+pixel x, y, w, h by the box contract, :mod:`.boxes` --, ``relation``, ``negatives``) or counting shape
 (``image``, ``count``, ``question``, ``answer``); the same checks then run on every
 format, so all get the same errors, notes and ``data.on_error`` policy. Nothing is
 dropped without a word: a field that carries boxes, relations, captions or counts which
