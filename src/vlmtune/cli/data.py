@@ -21,8 +21,12 @@ SEED_HELP = "random seed: the same seed and settings give the same files (defaul
 
 
 def add_data(sub: Any) -> None:
-    d = sub.add_parser("data", help="generate synthetic data sets or check one")
-    dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
+    d = sub.add_parser(
+        "data",
+        help="generate synthetic data sets or check one",
+        description="Generate a synthetic data set (scenes, receipts) or check an annotation file (validate, inspect).",
+    )
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     for add in (add_scenes, add_receipts, add_validate, add_inspect):
         add(dsub)
 
