@@ -92,3 +92,87 @@ def test_help_lists_every_subcommand_with_its_help(
         # The summary follows the name, or starts the next line when the name is longer than the column.
         rest = lines[at[0]].split(None, 1)[1:] or [lines[at[0] + 1].strip()]
         assert rest == [summary], f"{' '.join(path) or 'vlmtune'} --help: {name} without its summary"
+
+
+# --------------------------------------------------------------------------- required and optional
+
+
+def _leaf_commands() -> list[tuple[str, ...]]:
+    return [path for path, p in _commands(build_parser()) if path and _subcommands(p) is None]
+
+
+@pytest.mark.parametrize("path", _leaf_commands(), ids=" ".join)
+def test_overrides_are_optional_in_usage_and_errors(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KEY=VALUE overrides are optional: bracketed in the usage line, never in the
+    "required" list of a bare command; every positional that is required is named there."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    parser = dict(_commands(build_parser()))[path]
+    positionals = [a for a in parser._actions if not a.option_strings]
+    code = main(list(path))
+    err = capsys.readouterr().err
+    usage = parser.format_usage()
+    for a in positionals:
+        name = a.metavar or a.dest
+        if a.nargs in ("*", "?"):
+            assert f"[{name}" in usage, f"{' '.join(path)}: {name} not shown optional in {usage!r}"
+            assert name not in err.split("required:", 1)[-1].split("(see")[0], f"{' '.join(path)}: {err}"
+        else:
+            assert code == 2 and name in err, f"{' '.join(path)}: required {name} not named: {err}"
+
+
+def test_counting_commands_give_counting_override_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("predict", "attention"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "generation.num_beams=1" in text and "rerank_k" not in text, command
+
+
+def test_train_help_names_num_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "train.num_threads" in capsys.readouterr().out
+
+
+def test_data_lists_commands_not_generators(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    text = capsys.readouterr().out
+    assert "GENERATOR" not in text and "COMMAND" in text
+
+
+# --------------------------------------------------------------------------- did you mean
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["trian", "x.yaml"], "did you mean 'train'?"),
+        (["data", "scenez", "--out", "x"], "did you mean 'scenes'?"),
+        (["config", "explian"], "did you mean 'explain'?"),
+        (["train", "x.yaml", "--output-dri", "out"], "(--output-dri: did you mean --output-dir?) (see vlmtune train --help)"),
+        (["evaluate", "ckpt", "--rankigns"], "--rankigns (--rankigns: did you mean --rankings"),
+        (["export", "ckpt", "--out", "x", "--format", "merge"], "did you mean 'merged'?"),
+    ],
+)
+def test_misspelt_commands_choices_and_flags_get_did_you_mean(
+    argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and hint in err, err
+
+
+def test_an_unknown_flag_far_from_any_gets_no_guess(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "x.yaml", "--output-dir", "o", "--zzzzqqq"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzzqqq" in err and "did you mean" not in err
+
+
+def test_debug_and_verbose_also_after_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "explain", "optim.lr", "--verbose"]) == 0
+    assert main(["config", "explain", "optim.lr", "--debug"]) == 0
+    assert main(["--verbose", "config", "explain", "optim.lr"]) == 0
+    assert "optim.lr" in capsys.readouterr().out

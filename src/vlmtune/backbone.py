@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vlmtune.config.schema import BackboneConfig
+from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import ConfigError
 from vlmtune.remote_code import check_no_remote_code
 
@@ -541,11 +542,15 @@ def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> 
 
 
 def load_backbone(cfg: BackboneConfig, device_type: str = "cpu", folder: str | Path | None = None) -> Backbone:
-    """Build the backbone a config asks for; ``folder`` overrides the source (checkpoints)."""
-    if folder is not None:
-        model, tok, proc = load_pretrained(cfg, folder, device_type)
-    elif cfg.name_or_path in PRESETS:
-        model, tok, proc = build_preset(cfg.name_or_path, cfg, device_type)
-    else:
-        model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
+    """Build the backbone a config asks for; ``folder`` overrides the source (checkpoints).
+    transformers' own bars and messages stay out of it unless ``--verbose``."""
+    if cfg.name_or_path not in PRESETS:  # a real model: seconds to minutes (a preset: well under one)
+        status("loading the backbone %s%s", cfg.name_or_path, f" from {folder}" if folder is not None else "")
+    with quiet_libraries():
+        if folder is not None:
+            model, tok, proc = load_pretrained(cfg, folder, device_type)
+        elif cfg.name_or_path in PRESETS:
+            model, tok, proc = build_preset(cfg.name_or_path, cfg, device_type)
+        else:
+            model, tok, proc = load_pretrained(cfg, cfg.name_or_path, device_type)
     return Backbone(model, tok, proc, source=cfg.name_or_path, revision=cfg.revision)

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
+from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.tasks import task_class
 
@@ -73,7 +74,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "vlmtu
     tmp = out.with_name(out.name + ".export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = {"peft": _export_peft, "merged": _export_merged, "vlmtune": _export_vlmtune}[fmt](ckpt, tmp)
+        status("exporting %s as %s into %s", ckpt.folder, fmt, out)
+        with quiet_libraries():  # peft's use of transformers' deprecated names warns on every export
+            summary = {"peft": _export_peft, "merged": _export_merged, "vlmtune": _export_vlmtune}[fmt](ckpt, tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)

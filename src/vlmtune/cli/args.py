@@ -8,11 +8,22 @@ import math
 
 from vlmtune.cli.messages import shorten
 
-OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=3e-4"
+OVERRIDES_HELP = "optional dotted config overrides, e.g. optim.lr=3e-4 train.epochs=3 (vlmtune config explain lists every key)"
 EVAL_OVERRIDES_HELP = (
-    "overrides of the checkpoint's config for this command: data.* and eval.* keys (and generation.* "
-    "for counting), e.g. eval.rerank_k=5 data.on_error=skip; any other key is an error"
+    "optional overrides of the checkpoint's config for this command: data.* and eval.* keys (and generation.* "
+    "for counting), e.g. data.on_error=skip, eval.rerank_k=5 (retrieval) or generation.num_beams=1 (counting); "
+    "any other key is an error"
 )
+COUNTING_OVERRIDES_HELP = (
+    "optional overrides of the checkpoint's config for this command: data.*, eval.* and generation.* keys, "
+    "e.g. generation.num_beams=1 generation.max_new_tokens=8 data.on_error=skip; any other key is an error"
+)
+
+
+def add_overrides(parser: argparse.ArgumentParser, help_text: str = OVERRIDES_HELP) -> None:
+    """The trailing ``KEY=VALUE ...`` overrides: optional (``default=[]``, so argparse
+    neither lists them among the required arguments nor shows them as such)."""
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def _int(text: str, low: int, high: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmtune.cli.args import OVERRIDES_HELP
+from vlmtune.cli.args import add_overrides
 
 
 def add_config(sub: Any) -> None:
@@ -41,7 +41,7 @@ def add_show(gsub: Any) -> None:
         description="Load and check a config as train would, then print every key as YAML.",
     )
     w.add_argument("config", help="YAML config")
-    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    add_overrides(w)
     w.set_defaults(func=cmd_config_show)
 
 

@@ -22,8 +22,13 @@ SEED_HELP = "random seed: the same seed and settings give the same files (defaul
 
 
 def add_data(sub: Any) -> None:
-    d = sub.add_parser("data", help="generate synthetic data sets, check one, or convert one to another format")
-    dsub = d.add_subparsers(dest="generator", required=True, metavar="GENERATOR")
+    d = sub.add_parser(
+        "data",
+        help="generate synthetic data sets, check one, or convert one to another format",
+        description="Generate a synthetic data set (scenes, receipts), check an annotation file (validate, inspect) "
+        "or convert one to another tool's format (convert).",
+    )
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     for add in (add_scenes, add_receipts, add_validate, add_inspect, add_convert):
         add(dsub)
 

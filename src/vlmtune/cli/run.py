@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vlmtune.cli.args import EVAL_OVERRIDES_HELP, OVERRIDES_HELP, add_trust_flag
+from vlmtune.cli.args import EVAL_OVERRIDES_HELP, add_overrides, add_trust_flag
 from vlmtune.errors import Interrupted, VlmtuneError
 from vlmtune.runfolder import OVERWRITE_HELP, output_folder
 
@@ -51,10 +51,12 @@ def add_train(sub: Any) -> None:
         "train",
         help="train a recipe",
         description="Train a recipe from a YAML config. "
-        "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config.",
+        "Overrides such as train.epochs=3 or backbone.name_or_path=OpenGVLab/InternVL3-1B-hf follow the config; "
+        "train.num_threads=N sets the CPU threads PyTorch uses (default: PyTorch's own, or OMP_NUM_THREADS), "
+        "train.progress=false turns the progress bars off. vlmtune config explain lists every key.",
     )
     t.add_argument("config", help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    add_overrides(t)
     t.add_argument("--output-dir", required=True, help="run directory to write")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     t.add_argument(
@@ -177,7 +179,7 @@ def add_evaluate(sub: Any) -> None:
         "and one table is written.",
     )
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folder(s), e.g. runs/demo/checkpoints/best")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
+    add_overrides(e, EVAL_OVERRIDES_HELP)
     e.add_argument("--data", help="annotation file in a documented format (default: the run's test split)")
     e.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
     e.add_argument("--labels", nargs="+", help="one name per checkpoint for the table")
@@ -270,7 +272,7 @@ def add_cache(sub: Any) -> None:
         "cache.dir (default OUTPUT_DIR/cache); training reads them instead of recomputing.",
     )
     k.add_argument("config", help="YAML config")
-    k.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    add_overrides(k)
     k.add_argument("--output-dir", required=True, help="the run directory the cache belongs to")
     k.set_defaults(func=cmd_cache)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmtune.cli.args import EVAL_OVERRIDES_HELP, add_trust_flag, positive_int
+from vlmtune.cli.args import COUNTING_OVERRIDES_HELP, add_overrides, add_trust_flag, positive_int
 from vlmtune.errors import VlmtuneError
 from vlmtune.runfolder import write_text
 
@@ -25,7 +25,7 @@ def add_predict(sub: Any) -> None:
         "of the answer's attention over the image.",
     )
     pr.add_argument("checkpoint", help="counting checkpoint folder, e.g. runs/receipts/checkpoints/best")
-    pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
+    add_overrides(pr, COUNTING_OVERRIDES_HELP)
     pr.add_argument("--image", required=True, help="image file (any size; grayscale, RGBA, 16-bit and EXIF-rotated work)")
     pr.add_argument("--question", default="How many receipts are in this image?", help="the question (default: %(default)s)")
     pr.add_argument("--attention-out", help="write the attention overlay to this PNG")
@@ -58,7 +58,7 @@ def add_attention(sub: Any) -> None:
         "(boxes.json), beside the receipts' share of the image area, over images with a receipt.",
     )
     at.add_argument("checkpoint", help="counting checkpoint folder")
-    at.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=EVAL_OVERRIDES_HELP)
+    add_overrides(at, COUNTING_OVERRIDES_HELP)
     at.add_argument("--data", help="counting JSONL (default: the run's test split)")
     at.add_argument("--boxes", help="boxes.json of the synthetic set (default: next to --data)")
     at.add_argument("--image-root", help="folder the --data file's image paths resolve against (data.image_root)")
