@@ -166,10 +166,10 @@ def read_config(args: argparse.Namespace) -> Any:
         key = ov.split("=", 1)[0].strip()
         if "=" not in ov or key.split(".", 1)[0] not in ("data", "counting") or "." not in key:
             raise ConfigError(
-                f"{shorten(ov, 60)}: data {args.generator} takes data.* and counting.* settings as KEY=VALUE "
+                f"{shorten(ov, 60)}: data {args.data_command} takes data.* and counting.* settings as KEY=VALUE "
                 "(they decide how a file is read); other keys do not apply"
             )
-    return with_overrides(cfg, [*args.overrides, *given], ("data", "counting"), f"data {args.generator}")
+    return with_overrides(cfg, [*args.overrides, *given], ("data", "counting"), f"data {args.data_command}")
 
 
 def _read_options(args: argparse.Namespace, cfg: Any) -> Any:
