@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from vlmtune.cli.args import non_negative_int, positive_int, seed_int
+from vlmtune.cli.args import add_overrides, non_negative_int, positive_int, seed_int
 from vlmtune.cli.messages import shorten
 from vlmtune.config import Config, key_bounds
 from vlmtune.errors import ConfigError, VlmtuneError
@@ -123,7 +123,7 @@ def _add_read_options(p: Any) -> None:
     evaluate read it with, from --config and KEY=VALUE overrides, and the short flags."""
     from vlmtune.data.formats.registry import format_names
 
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=READ_OVERRIDES_HELP)
+    add_overrides(p, READ_OVERRIDES_HELP)
     p.add_argument(
         "--config",
         help="a recipe YAML or a run's config.yaml: read the file with its data.* and counting.* settings "
