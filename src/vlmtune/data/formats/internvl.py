@@ -124,6 +124,27 @@ def _reader(kind: Kind) -> Any:
     return read
 
 
+def labelled_records(path: Path, data: Any, expects: str) -> list[tuple[str, Any]]:
+    """A JSONL's records labelled ``line N``, or a JSON list's ``record N`` (``data``: the
+    list already loaded, if it was); ``expects`` is the error for a JSON that is no list."""
+    if path.suffix.lower() == ".jsonl":
+        return [(f"line {n}", rec) for n, rec in jsonl_records(read_text(path))]
+    data = load_json(path) if data is None else data
+    if not isinstance(data, list):
+        raise Bad(expects)
+    return [(f"record {i}", rec) for i, rec in enumerate(data)]
+
+
+def records_kind(ck: Checker, path: Path) -> Kind:
+    """Counting when the first 20 records of a JSONL or JSON list ask 'how many' (or
+    carry a count), else pairs; a file that does not read is pairs (its reader says why)."""
+    try:
+        recs = [r for _, r in labelled_records(path, None, "not a list")[:20]]
+    except Bad:
+        return "pairs"
+    return "counting" if asks_counts(recs) else "pairs"
+
+
 _HOW_MANY = re.compile(r"\bhow many\b|\bcount\b|\bnumber of\b", re.IGNORECASE)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.formats.conversations import internvl_turn_boxes, record_items
-from vlmtune.data.formats.fields import Bad, failing, load_json, read_text
-from vlmtune.data.formats.internvl import asks_counts, jsonl_records, parse_conversation
+from vlmtune.data.formats.fields import Bad, failing
+from vlmtune.data.formats.internvl import labelled_records, parse_conversation, records_kind
 from vlmtune.data.formats.records import Item, Kind
 from vlmtune.data.formats.registry import Format, Probe
 
@@ -23,19 +23,13 @@ def _parse(rec: dict[str, Any]) -> tuple[list[Any], str | None]:
     return parse_conversation(rec, "sharegpt", key)
 
 
-def _records(path: Path, data: Any) -> list[tuple[str, Any]]:
-    if path.suffix.lower() == ".jsonl":
-        return [(f"line {n}", rec) for n, rec in jsonl_records(read_text(path))]
-    data = load_json(path) if data is None else data
-    if not isinstance(data, list):
-        raise Bad("format 'sharegpt' expects a list of conversation records (or a JSONL of them)")
-    return [(f"record {i}", rec) for i, rec in enumerate(data)]
+_EXPECTS = "format 'sharegpt' expects a list of conversation records (or a JSONL of them)"
 
 
 def _reader(kind: Kind) -> Any:
     def read(ck: Checker, path: Path, data: Any) -> list[Item]:
         items: list[Item] = []
-        for label, rec in _records(path, data):
+        for label, rec in labelled_records(path, data, _EXPECTS):
             if isinstance(rec, Bad):
                 items.append(Item(label, failing(str(rec))))
             else:
@@ -43,14 +37,6 @@ def _reader(kind: Kind) -> Any:
         return items
 
     return read
-
-
-def sharegpt_kind(ck: Checker, path: Path) -> Kind:
-    try:
-        recs = [r for _, r in _records(path, None)[:20] if not isinstance(r, Bad)]
-    except Bad:
-        return "pairs"
-    return "counting" if asks_counts(recs) else "pairs"
 
 
 def _is_sharegpt_jsonl(probe: Probe) -> bool:
@@ -68,5 +54,5 @@ SHAREGPT = Format(
     by_path=_is_sharegpt_jsonl,
     by_json=_is_sharegpt,
     detect_rank=36,
-    kind_of=sharegpt_kind,
+    kind_of=records_kind,
 )

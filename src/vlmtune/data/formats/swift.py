@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.formats.conversations import IMAGE, Turn, TurnKeys, plain, record_image, record_items, turns_of
-from vlmtune.data.formats.fields import Bad, failing, is_number, load_json, read_text, returning, type_name
-from vlmtune.data.formats.internvl import asks_counts, jsonl_records
+from vlmtune.data.formats.fields import Bad, failing, is_number, returning, type_name
+from vlmtune.data.formats.internvl import labelled_records, records_kind
 from vlmtune.data.formats.records import Item, Kind
 from vlmtune.data.formats.registry import Format, Probe, unread_fields
 
@@ -167,19 +167,13 @@ def _embedding_items(label: str, rec: dict[str, Any]) -> list[Item]:
 # --------------------------------------------------------------------------- reader
 
 
-def _records(path: Path, data: Any) -> list[tuple[str, Any]]:
-    if path.suffix.lower() == ".jsonl":
-        return [(f"line {n}", rec) for n, rec in jsonl_records(read_text(path))]
-    data = load_json(path) if data is None else data
-    if not isinstance(data, list):
-        raise Bad("format 'swift' expects a JSONL (or a JSON list) of records with 'messages'")
-    return [(f"record {i}", rec) for i, rec in enumerate(data)]
+_EXPECTS = "format 'swift' expects a JSONL (or a JSON list) of records with 'messages'"
 
 
 def _reader(kind: Kind) -> Any:
     def read(ck: Checker, path: Path, data: Any) -> list[Item]:
         items: list[Item] = []
-        for label, rec in _records(path, data):
+        for label, rec in labelled_records(path, data, _EXPECTS):
             if isinstance(rec, Bad):
                 items.append(Item(label, failing(str(rec))))
             elif isinstance(rec, dict) and "positive_messages" in rec:
@@ -193,14 +187,6 @@ def _reader(kind: Kind) -> Any:
         return items
 
     return read
-
-
-def swift_kind(ck: Checker, path: Path) -> Kind:
-    try:
-        recs = [r for _, r in _records(path, None)[:20] if isinstance(r, dict)]
-    except Bad:
-        return "pairs"
-    return "counting" if asks_counts(recs) else "pairs"
 
 
 def _is_swift_jsonl(probe: Probe) -> bool:
@@ -226,5 +212,5 @@ SWIFT = Format(
     by_path=_is_swift_jsonl,
     by_json=_is_swift,
     detect_rank=37,
-    kind_of=swift_kind,
+    kind_of=records_kind,
 )
