@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlmtune.cli.args import non_negative_float, positive_int
+from vlmtune.cli.args import non_negative_float, non_negative_int, positive_int
 from vlmtune.cli.messages import shorten
 from vlmtune.errors import VlmtuneError
 from vlmtune.runfolder import output_folder
@@ -136,7 +136,11 @@ def add_bench_timing_flags(b: Any) -> None:
     )
     b.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: 1 on CPU, said in the table)")
     b.add_argument(
-        "--loader-workers", type=int, nargs="+", default=[0, 2, 4], help="loader section: worker counts (default 0 2 4)"
+        "--loader-workers",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 2, 4],
+        help="loader section: worker counts (default 0 2 4)",
     )
 
 
