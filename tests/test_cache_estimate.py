@@ -40,6 +40,12 @@ def test_estimate_counts_rows_times_bytes() -> None:
     assert "2 image rows x 4,198,400 bytes" in how and "10 captions" in how
     half, _ = cache_estimate(load_config(TWO_STAGE, ["cache.dtype=float16"]), info, recs, vision_stores=2, text=False)
     assert half == 2 * 2 * 1025 * 1024 * 2
+    # Counting tiles its images: up to counting.max_dynamic_patch tiles and the thumbnail, per image.
+    receipts = load_config(
+        str(Path(TWO_STAGE).parent / "receipts_three_stage.yaml"), ["cache.dtype=float32", "counting.max_dynamic_patch=3"]
+    )
+    tiled, _ = cache_estimate(receipts, info, recs, vision_stores=1, text=False)
+    assert tiled == 2 * 4 * 1025 * 1024 * 4
 
 
 def test_cache_command_says_the_estimate_and_refuses_a_cache_that_cannot_fit(

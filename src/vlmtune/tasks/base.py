@@ -121,6 +121,12 @@ class Task(Generic[ModelT]):
         return f"a '{cls.name}' checkpoint has no LoRA to export as a peft adapter"
 
     @classmethod
+    def cached_tiles(cls, cfg: Config) -> int:
+        """The most tiles of one image the frozen-feature cache holds (its size estimate,
+        ``train.caches.cache_estimate``): one; a task that tiles its images says more."""
+        return 1
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Rules of a run of this task on the rest of the config (retrieval: a batch of at
         least two pairs); a broken one raises ``ConfigError("key: message")``."""

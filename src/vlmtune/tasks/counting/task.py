@@ -123,6 +123,11 @@ class CountingTask(Task[CountingModel]):
         return None
 
     @classmethod
+    def cached_tiles(cls, cfg: Config) -> int:
+        """Up to counting.max_dynamic_patch tiles and the thumbnail."""
+        return int(cfg.section("counting").max_dynamic_patch) + 1
+
+    @classmethod
     def check_sections(cls, cfg: Config) -> None:
         """The counting section's rules between fields and on lists (generation's fields have only bounds)."""
         check_counting(cfg.section("counting"))
