@@ -4,7 +4,6 @@ evaluation splits its records between processes."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from vlmtune.backbone import Backbone
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.data.cache import vision_fingerprint, vision_prefix_fingerprint
 from vlmtune.distributed import rank_world
+from vlmtune.utils import usable_cores
 
 
 def records_loader(
@@ -57,7 +57,7 @@ def loader_workers(requested: int | None) -> int:
         return requested
     if not torch.cuda.is_available():
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, min(8, cores - 1))
 
 

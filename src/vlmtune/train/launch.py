@@ -37,7 +37,7 @@ from vlmtune.fsdp import (
 )
 from vlmtune.runfolder import LOCK_NAME, RunLock, make_folder, prepare_run_folder
 from vlmtune.state import TrainState
-from vlmtune.utils import flatten
+from vlmtune.utils import flatten, usable_cores
 
 log = logging.getLogger("vlmtune")
 
@@ -240,7 +240,7 @@ def default_threads() -> tuple[int, str]:
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:  # the environment asked
         return int(omp), f"OMP_NUM_THREADS={omp}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores:
         return 1, f"load average {load:.1f} exceeds the {cores} cores this process may use"
