@@ -23,6 +23,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
+# Whole runs of a shipped recipe exactly as the README runs it (`vlmtune train
+# configs/NAME.yaml --output-dir DIR`, no override), by config name: the slow docs test
+# records the front page's runs here, and the recipe quality tests (tests/
+# test_recipes_slow.py, later in the same session) read their metrics instead of
+# training the same recipe again.
+RECIPE_RUNS: dict[str, Path] = {}
+
 
 @pytest.fixture(scope="session")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:

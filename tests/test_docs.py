@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RECIPE_RUNS
 from vlmtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,8 @@ def run_block(block: Block, done: frozenset[tuple[str, ...]] = frozenset()) -> N
         if argv[0] == "train" and block.mode == "slow":
             argv = [*argv, *block.extra]
         assert main(argv) == 0, f"{block.page.name}: vlmtune {shlex.join(argv)}"
+        if len(argv) == 4 and argv[0] == "train" and argv[1].startswith("configs/") and argv[2] == "--output-dir":
+            RECIPE_RUNS.setdefault(Path(argv[1]).name, Path(argv[3]).resolve())
 
 
 ALL = [b for page in PAGES for b in blocks(page)]

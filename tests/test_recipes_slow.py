@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, RECIPE_RUNS
 from vlmtune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,11 @@ _RUNS: dict[str, dict] = {}
 
 
 def _train(config: str, out: Path) -> dict:
-    """metrics.json of the recipe trained on its embedded default (once per session)."""
+    """metrics.json of the recipe trained on its embedded default (once per session; the
+    front page's run of it when the slow docs test made one, as the README runs it)."""
+    done = RECIPE_RUNS.get(config)
+    if config not in _RUNS and done is not None and (done / "metrics.json").is_file():
+        _RUNS[config] = json.loads((done / "metrics.json").read_text())
     if config not in _RUNS:
         assert main(["train", str(CONFIGS / config), "--output-dir", str(out), "train.progress=false"]) == 0
         _RUNS[config] = json.loads((out / "metrics.json").read_text())

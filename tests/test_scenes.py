@@ -44,7 +44,7 @@ def test_records_are_valid_and_read_back(scenes: tuple[Path, dict[str, Path]]) -
     per_image: Counter[str] = Counter()
     for split, recs in _records(paths).items():
         for r in recs:
-            assert set(r) == {"image", "text", "bbox", "relation"}
+            assert set(r) == {"image", "text", "bbox", "relation", "negatives"}
             assert r["image"].startswith("images/scene_") and not Path(r["image"]).is_absolute()
             assert r["relation"] in RELATIONS
             x, y, w, h = r["bbox"]
@@ -56,6 +56,40 @@ def test_records_are_valid_and_read_back(scenes: tuple[Path, dict[str, Path]]) -
     assert len(per_image) == N and set(per_image.values()) <= {2, 3, 4}
     with Image.open(out / "images" / "scene_00007.png") as img:
         assert img.size == (96, 96) and img.mode == "RGB"
+
+
+def test_hard_negatives_are_false_of_their_image(scenes: tuple[Path, dict[str, Path]]) -> None:
+    """Each record's negatives: its caption with the opposite relation, and (where a
+    colour is free) with the subject in a colour no object of that shape has in the image."""
+    _, paths = scenes
+    recs = _records(paths)["train"]
+    by_image: dict[str, set[str]] = {}
+    for r in recs:
+        by_image.setdefault(r["image"], set()).add(r["text"])
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above", "inside": "outside", "outside": "inside"}
+    colours = Counter()
+    for r in recs:
+        assert 1 <= len(r["negatives"]) <= 2
+        flipped = r["negatives"][0]
+        assert flipped != r["text"] and not by_image[r["image"]] & set(r["negatives"])
+        words, neg_words = r["text"].split(), flipped.split()
+        assert len(neg_words) - len(words) in (-2, -1, 0, 1, 2)  # only the relation phrase changed
+        assert read_rel(flipped) == opposite[r["relation"]], (r["text"], flipped)
+        if len(r["negatives"]) == 2:
+            changed = [(a, b) for a, b in zip(r["text"].split(), r["negatives"][1].split()) if a != b]
+            assert len(changed) == 1 or (len(changed) == 2 and changed[0][0] in ("a", "an")), changed
+            colours[changed[-1][1]] += 1
+    assert len(colours) >= 4  # the swapped colour varies
+    pairs = read_pairs(paths["train"])
+    assert [p.negatives for p in pairs] == [tuple(r["negatives"]) for r in recs]
+
+
+def read_rel(text: str) -> str:
+    """The relation a caption's phrase names (longest phrase first: "to the left of" before "left of")."""
+    from vlmtune.data.scenes import _PHRASES
+
+    found = [(len(ph), rel) for rel, phs in _PHRASES.items() for ph in phs if f" {ph} " in f" {text} "]
+    return max(found)[1]
 
 
 def test_all_relations_reasonably_balanced(scenes: tuple[Path, dict[str, Path]]) -> None:

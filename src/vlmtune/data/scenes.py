@@ -4,7 +4,9 @@ Each image holds 2-4 coloured shapes on a muted background; about a third also h
 hollow container (a frame or a ring) with a small shape inside it. Each caption names
 one object (the subject) and relates it to another (the reference); the record's box is
 the subject's and its relation is computed from the drawn geometry, so labels are right
-by construction. Output is the documented grounding format, readable by ``read_pairs``.
+by construction, and so are its hard negatives (the opposite relation; the subject in a
+colour absent from the image). Output is the documented grounding format, readable by
+``read_pairs``.
 """
 
 from __future__ import annotations
@@ -189,14 +191,37 @@ def _describe(obj: _Obj, rng: random.Random) -> str:
     return f"{small}{obj.colour} {obj.shape}"
 
 
-def _caption(sub: _Obj, ref: _Obj, rel: str, rng: random.Random) -> str:
-    text = rng.choice(_TEMPLATES).format(s=_describe(sub, rng), r=_describe(ref, rng), rel=rng.choice(_PHRASES[rel]))
-    # English article before a vowel ("an orange square").
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "inside": "outside", "outside": "inside"}
+
+
+def _articles(text: str) -> str:
+    """English article before a vowel ("an orange square")."""
     words = text.split(" ")
     for i in range(len(words) - 1):
         if words[i] == "a" and words[i + 1][0] in "aeiou":
             words[i] = "an"
     return " ".join(words)
+
+
+def _caption(
+    sub: _Obj, ref: _Obj, rel: str, rng: random.Random, objs: list[_Obj], neg_rng: random.Random
+) -> tuple[str, list[str]]:
+    """A caption of (sub, rel, ref) and its hard negatives: the same words with the
+    opposite relation, and with the subject in a colour (drawn from ``neg_rng``) no
+    object of its shape has in this image. Both are false of the image; neither draws
+    from ``rng``, so images and captions are those of generator version 1."""
+    template = rng.choice(_TEMPLATES)
+    s, r = _describe(sub, rng), _describe(ref, rng)
+    phrase = rng.choice(_PHRASES[rel])
+    text = _articles(template.format(s=s, r=r, rel=phrase))
+    opposite = _PHRASES[_OPPOSITE[rel]]
+    negatives = [_articles(template.format(s=s, r=r, rel=opposite[_PHRASES[rel].index(phrase) % len(opposite)]))]
+    taken = {o.colour for o in objs if o.shape == sub.shape}
+    others = [c for c in COLOURS if c not in taken]
+    if others:
+        other = neg_rng.choice(others)
+        negatives.append(_articles(template.format(s=s.replace(sub.colour, other, 1), r=r, rel=phrase)))
+    return text, negatives
 
 
 def _captions(objs: list[_Obj], rng: random.Random) -> list[tuple[_Obj, _Obj, str]]:
@@ -311,12 +336,12 @@ def generate_scenes(
         rel_path = f"images/scene_{i:05d}.png"
         img.save(out / rel_path)
         written.append(out / rel_path)
-        records.append(
-            [
-                {"image": rel_path, "text": _caption(sub, ref, rel, rng), "bbox": list(sub.box), "relation": rel}
-                for sub, ref, rel in triples
-            ]
-        )
+        recs = []
+        neg_rng = random.Random(f"vlmtune.scenes.negatives:{seed}:{i}")
+        for sub, ref, rel in triples:
+            text, negatives = _caption(sub, ref, rel, rng, objs, neg_rng)
+            recs.append({"image": rel_path, "text": text, "bbox": list(sub.box), "relation": rel, "negatives": negatives})
+        records.append(recs)
 
     order = list(range(n))
     random.Random(f"vlmtune.scenes.split:{seed}").shuffle(order)
@@ -334,7 +359,7 @@ def generate_scenes(
     all_rel = [r["relation"] for recs in records for r in recs]
     meta = {
         "generator": "vlmtune.data.scenes",
-        "version": 1,
+        "version": 2,  # 2: each record carries hard negative captions (images and captions as in 1)
         "n": n,
         "seed": seed,
         "image_size": image_size,
