@@ -164,6 +164,22 @@ class Checker:
         self._seen[key] = label
         return True
 
+    def split_problem(self, split: Any) -> str | None:
+        """Why a record of a one-file-all-splits format belongs to no split (no ``split``,
+        or a name such as ``TEST`` that is none of the known ones), when a split is asked
+        for; None when it names a known split or every record is read. Such a record is
+        an error of its own (reported, counted, under ``data.on_error``), never left out
+        of every split without a word."""
+        if self.opts.split is None:
+            return None
+        known = sorted({name for names in SPLITS.values() for name in names})
+        if split is None:
+            return f"has no 'split'; name one of {', '.join(known)} (or it belongs to no split)"
+        if not isinstance(split, str) or split not in known:
+            shown = str(split) if len(str(split)) <= 40 else str(split)[:37] + "..."
+            return f"split {shown!r} is none of {', '.join(known)} (names are case-sensitive); it belongs to no split"
+        return None
+
     def in_split(self, split: Any) -> bool:
         """Whether a record of a one-file-all-splits format belongs to the split asked for
         (counted per split in the scan)."""
