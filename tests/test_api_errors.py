@@ -139,6 +139,34 @@ def test_commands_name_a_run_folder_or_a_file_given_for_a_checkpoint(
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
 
 
+def test_a_folder_given_for_a_file_is_named_as_such(lora_counting_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    ckpt = str(lora_counting_checkpoint)
+    run = lora_counting_checkpoint.parent.parent
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    img = tmp_path / "p.png"
+    Image.new("RGB", (48, 64)).save(img)
+    capsys.readouterr()
+    cases = [
+        (["predict", ckpt, "--image", str(folder)], f"--image {folder}: is a folder, not an image file"),
+        (["predict", ckpt, "--image", str(img), "--attention-out", str(folder)], "--attention-out"),
+        (["predict", ckpt, "--image", str(img), "--question", " "], "--question: empty"),
+        (["attention", ckpt, "--output", str(folder)], f"--output {folder}: is a folder, not a JSON file"),
+        (["attention", ckpt, "--data", str(folder)], f"{folder}: is a folder, not a counting annotation file"),
+        (
+            ["train", str(run), "--output-dir", str(tmp_path / "r")],
+            f"is a folder, not a config file; this folder holds '{run / 'config.yaml'}': pass that file",
+        ),
+        (["train", str(folder), "--output-dir", str(tmp_path / "r")], "is a folder, not a config file (a YAML file"),
+        (["compare", str(img), "--output-dir", str(tmp_path / "c")], f"{img}: is a file, not a run folder"),
+        (["export", ckpt, "--out", str(img)], "is a file, not a folder"),
+    ]
+    for argv, want in cases:
+        msg = _one_error(capsys, argv)
+        assert want in msg, (argv, msg)
+    assert list(folder.iterdir()) == [] and not (tmp_path / "r").exists()
+
+
 # --------------------------------------------------------------------------- pickled weights
 
 
