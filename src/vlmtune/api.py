@@ -368,8 +368,8 @@ class Model:
         self._require("ground")
         single = isinstance(text, str)
         texts = _texts(text, "text")
-        for i, t in enumerate(texts):
-            if not t.strip():
+        for i, phrase in enumerate(texts):
+            if not phrase.strip():
                 raise ArgumentError(f"text{'' if single else f'[{i}]'}: empty; name the phrase to find in the image")
         im = self._image(image)
         w, h = im.size
