@@ -296,3 +296,7 @@ def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Pa
     assert checkpoint_fingerprint(changed) == own_fingerprint(changed) != src.fingerprint
     assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(dest)]) == 2
     assert "is not the model that built" in capsys.readouterr().err
+    # A run folder given for the checkpoint is named as such, with the checkpoint to use.
+    run = retrieval_ckpt.parent.parent
+    assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(run)]) == 2
+    assert f"is a run folder, not a checkpoint; use {run / 'checkpoints' / 'best'}" in capsys.readouterr().err
