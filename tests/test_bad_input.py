@@ -683,7 +683,7 @@ CONFIG_CASES = [
         ["counting.answer_templates={zero: [a], one: [b], many: ['{count}']}"],
         "counting.answer_templates.many: '{count}' is not a template with only {n}",
     ),
-    ("image-root-not-a-folder", ["data.image_root=/nonexistent/images"], "data.image_root /nonexistent/images: not a folder"),
+    ("image-root-not-a-folder", ["data.image_root=/nonexistent/images"], "data.image_root /nonexistent/images: folder not found"),
 ]
 
 

@@ -28,6 +28,11 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
     return lines[0]
 
 
+def _validate_out(capsys: pytest.CaptureFixture[str], args: list[str]) -> list[str]:
+    assert main(["data", "validate", *args]) == 1
+    return capsys.readouterr().out.splitlines()
+
+
 def test_overwrite_never_removes_the_init_from_source(one_stage_run: Path, scenes: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(one_stage_run, run, ignore=shutil.ignore_patterns("cache", "data"))
@@ -69,6 +74,9 @@ def test_karpathy_records_of_no_known_split_are_reported(tmp_path: Path, capsys)
     out = capsys.readouterr().out
     assert "record 6: has no 'split'" in out and "record 7: split 'TEST' is none of" in out, out
     assert "2 records, 2 errors" in out
+    # An image root that is a file is named as such.
+    msg = [ln for ln in _validate_out(capsys, [str(layout.train), "--image-root", str(layout.train), "--split", "test"])]
+    assert any(f"data.image_root {layout.train}: is a file, not a folder" in ln for ln in msg), msg
     # Every split reports them (not only the one they might have meant).
     assert main(["data", "validate", str(layout.train), *root, "--split", "train"]) == 1
     assert "record 7: split 'TEST'" in capsys.readouterr().out

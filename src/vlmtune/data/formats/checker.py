@@ -70,7 +70,9 @@ class Checker:
     def root_problem(self) -> str | None:
         """Why the declared image root cannot be used, or None."""
         if self.declared_root and not self.base.is_dir():
-            return f"data.image_root {self.opts.image_root}: not a folder"
+            if self.base.exists():
+                return f"data.image_root {self.opts.image_root}: is a file, not a folder (name the folder the image paths resolve against)"
+            return f"data.image_root {self.opts.image_root}: folder not found"
         return None
 
     def image_path(self, rec: dict[str, Any], key: str) -> Path:
