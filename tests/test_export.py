@@ -184,3 +184,119 @@ def test_export_refusals(retrieval_ckpt: Path, tmp_path: Path, capsys) -> None:
 
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the write path
+
+
+def test_export_never_follows_a_planted_temp_link_nor_removes_a_users_folder(
+    lora_ckpt: Path, retrieval_ckpt: Path, tmp_path: Path, capsys
+) -> None:
+    import os
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    out = tmp_path / "adapter"
+    (tmp_path / "adapter.export-tmp").symlink_to(victim, target_is_directory=True)
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(lora_ckpt), "--out", str(out), "--format", "peft"]) == 0
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in victim.iterdir()) == ["mine.txt"]  # nothing written through the link
+    assert (tmp_path / "adapter.export-tmp").is_symlink()  # and the link itself left alone
+    assert (out / "adapter_model.safetensors").is_file()
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir() if p.is_file())
+
+    # A folder of the user's that happens to have the old temporary name stays as it was.
+    users = tmp_path / "ret.export-tmp"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    assert main(["export", str(retrieval_ckpt), "--out", str(tmp_path / "ret"), "--format", "vlmtune"]) == 0
+    assert (users / "notes.txt").read_text() == "keep me"
+    # Nothing of vlmtune's is left beside --out: only what was there and the export.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["victim", "adapter", "adapter.export-tmp", "ret", "ret.export-tmp"]
+    )
+
+    # --out itself a link (to an empty folder, or dangling) is refused, its target untouched.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty, target_is_directory=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    for name in ("link", "dangling"):
+        assert main(["export", str(retrieval_ckpt), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "symbolic link" in err and len(err.strip().splitlines()) == 1
+    assert list(empty.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+
+
+def test_export_failure_removes_only_its_own_temp_folder(retrieval_ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import vlmtune.export as ex
+
+    def boom(ckpt, dest):
+        dest.mkdir()
+        (dest / "half.bin").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex, "_export_vlmtune", boom)
+    (tmp_path / "keep").mkdir()
+    assert main(["export", str(retrieval_ckpt), "--out", str(tmp_path / "o")]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+# --------------------------------------------------------------------------- the fingerprint
+
+
+def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Path, tmp_path: Path, capsys) -> None:
+    import vlmtune
+    from vlmtune.api import fingerprint_parts, own_fingerprint
+    from vlmtune.checkpoint import open_checkpoint, write_manifest
+
+    src = vlmtune.load(retrieval_ckpt)
+    images = sorted((scenes / "images").iterdir())[:6]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    assert main(["embed", str(retrieval_ckpt), "--images", str(folder), "--out", str(tmp_path / "emb"), "--no-progress"]) == 0
+    assert main(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+    for fmt in ("merged", "vlmtune"):
+        dest = tmp_path / fmt
+        assert main(["export", str(retrieval_ckpt), "--out", str(dest), "--format", fmt]) == 0
+        exp = vlmtune.load(dest)
+        assert exp.fingerprint == src.fingerprint
+        if fmt == "merged":  # its own files differ (heads only beside the merged backbone)...
+            assert own_fingerprint(exp.checkpoint) != src.fingerprint
+            assert fingerprint_parts(exp.checkpoint)["weights"] != fingerprint_parts(src.checkpoint)["weights"]
+        # ...but it computes the checkpoint's embeddings, so the checkpoint's index serves it.
+        torch.testing.assert_close(exp.embed_images(images), src.embed_images(images), atol=1e-5, rtol=1e-5)
+        capsys.readouterr()
+        assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(dest), "--json"]) == 0
+        with_export = json.loads(capsys.readouterr().out)
+        assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == with_export
+
+    # An export whose files changed since (weights re-saved, manifest rewritten) is another model.
+    from safetensors.torch import load_file, save_file
+
+    dest = tmp_path / "merged"
+    w = load_file(str(dest / "weights.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] + 1
+    save_file(w, str(dest / "weights.safetensors"))
+    write_manifest(dest)
+    changed = open_checkpoint(dest)
+    from vlmtune.api import checkpoint_fingerprint
+
+    assert checkpoint_fingerprint(changed) == own_fingerprint(changed) != src.fingerprint
+    assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(dest)]) == 2
+    assert "is not the model that built" in capsys.readouterr().err
+    # A run folder given for the checkpoint is named as such, with the checkpoint to use.
+    run = retrieval_ckpt.parent.parent
+    assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(run)]) == 2
+    assert f"is a run folder, not a checkpoint; use {run / 'checkpoints' / 'best'}" in capsys.readouterr().err

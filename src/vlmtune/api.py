@@ -26,9 +26,14 @@ With ``cache_dir`` the frozen towers' outputs are kept in the frozen-feature cac
 keyed by the image file's content or the caption's text, so embedding the same files
 again skips the towers. PIL images passed directly are always computed live.
 
-A method the checkpoint's task cannot serve (``ask`` on a retrieval checkpoint,
-``embed_images`` on a counting one) raises :class:`~vlmtune.errors.VlmtuneError`
-naming the task and the method.
+Errors: every one is a :class:`~vlmtune.errors.VlmtuneError` whose message names what
+is wrong. A method the checkpoint's task cannot serve (``ask`` on a retrieval
+checkpoint, ``embed_images`` on a counting one) raises ``VlmtuneError`` naming the task
+and the method; an argument of the wrong type raises
+:class:`~vlmtune.errors.ArgumentTypeError` (also a ``TypeError``), a bad value
+:class:`~vlmtune.errors.ArgumentError` (also a ``ValueError``), each naming the
+argument; an image that cannot be read :class:`~vlmtune.errors.DataError`; a checkpoint
+that cannot be opened :class:`~vlmtune.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.errors import ArgumentError, ArgumentTypeError, VlmtuneError
 from vlmtune.tasks import TASKS, task_class
 from vlmtune.utils import sha256_bytes
 
@@ -86,17 +91,51 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     weights (recorded in state.json and checked on reading), the backbone's identity,
     the task and the settings that shape embeddings (pooling, text length, the
     adapter/projector config). The same model re-saved elsewhere has the same
-    fingerprint; another training run, epoch or backbone does not."""
+    fingerprint; another training run, epoch or backbone does not.
+
+    An export (``vlmtune export --format merged`` or ``vlmtune``) computes what its
+    source computes and records the source's fingerprint in ``vlmtune_export.json``
+    with a digest of its files as written: while its files are those (the manifest
+    checks them), its fingerprint is its source's, so an index built by the checkpoint
+    serves the export."""
+    recorded = export_fingerprint(ckpt)
+    return recorded if recorded is not None else own_fingerprint(ckpt)
+
+
+def own_fingerprint(ckpt: Checkpoint) -> str:
+    """The fingerprint of a checkpoint's own files (no export record consulted)."""
+    return sha256_bytes(json.dumps(fingerprint_parts(ckpt), sort_keys=True, default=str).encode())
+
+
+def fingerprint_parts(ckpt: Checkpoint) -> dict[str, Any]:
+    """What :func:`own_fingerprint` hashes, by name (to say what differs between two)."""
     cfg = ckpt.cfg
     model: ModelConfig = cfg.section("model")
-    ident = {
+    return {
         "task": cfg.task,
         "weights": ckpt.digests.get("weights.safetensors"),
         "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
         "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
         "model": asdict(model),
     }
-    return sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
+
+
+def export_fingerprint(ckpt: Checkpoint) -> str | None:
+    """The source's fingerprint an export recorded, or None: no record, a record that is
+    not the export's (its files digest is not that of the files the folder holds), or
+    one that cannot be read."""
+    from vlmtune.export import EXPORT_INFO, files_digest
+
+    if EXPORT_INFO not in ckpt.digests:  # only a file the manifest lists (and checked)
+        return None
+    try:
+        info = json.loads(ckpt._read(EXPORT_INFO).decode("utf-8"))
+    except (VlmtuneError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(info, dict) or info.get("files_sha256") != files_digest(ckpt.digests):
+        return None
+    fp = info.get("fingerprint")
+    return fp if isinstance(fp, str) and len(fp) == 64 else None
 
 
 class Model:
@@ -109,8 +148,8 @@ class Model:
         self.folder = ckpt.folder
         self.cfg = ckpt.cfg
         self.task_name = ckpt.cfg.task
-        self.device = torch.device(device) if device is not None else default_device()
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.device = _device(device) if device is not None else default_device()
+        self.cache_dir = _path(cache_dir, "cache_dir") if cache_dir is not None else None
         self.batch_size = ckpt.cfg.eval.batch_size
         # The task's model: which methods it has depends on the task (``_require`` checks).
         self.model: Any
@@ -144,8 +183,9 @@ class Model:
         return float(self.model.logit_scale().detach())
 
     @staticmethod
-    def _image(item: ImageInput) -> Image.Image:
-        """A path (read as evaluation reads it) or a PIL image, as 8-bit RGB."""
+    def _image(item: ImageInput, name: str = "image") -> Image.Image:
+        """A path (read as evaluation reads it) or a PIL image, as 8-bit RGB; ``name``:
+        the argument, for the message of one that is neither."""
         from PIL import Image as PILImage
 
         from vlmtune.data.formats import load_image, to_rgb
@@ -156,7 +196,7 @@ class Model:
             return to_rgb(ImageOps.exif_transpose(item))
         if isinstance(item, (str, Path)):
             return load_image(Path(item))
-        raise DataError(f"expected an image path or a PIL image, got {type(item).__name__}")
+        raise ArgumentTypeError(f"{name}: expected an image path (str or Path) or a PIL image, got {type(item).__name__}")
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
@@ -211,11 +251,18 @@ class Model:
 
     def embed_images(self, images: Sequence[ImageInput] | ImageInput, progress: bool = False) -> torch.Tensor:
         """Joint-space embeddings of images (paths or PIL images): [N, D] float32 on the
-        CPU, each row L2-normalised. A single image gives [1, D]."""
+        CPU, each row L2-normalised. A single image gives [1, D].
+
+        Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) naming
+        ``images`` or ``images[i]`` for anything that is not an image path, a PIL image
+        or a sequence of them, and :class:`~vlmtune.errors.DataError` naming the file for
+        an image that cannot be read."""
         from tqdm.auto import tqdm
 
         self._require("embed_images")
         items = _as_list(images)
+        for i, it in enumerate(items):
+            self._check_image(it, f"images[{i}]")
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="images", disable=not progress, leave=False):
             emb, _ = self._encode_images(items[s : s + self.batch_size])
@@ -258,14 +305,14 @@ class Model:
         return self.model.encode_text(ids, mask, hidden)
 
     def embed_texts(self, texts: Sequence[str] | str, progress: bool = False) -> torch.Tensor:
-        """Joint-space embeddings of captions: [M, D] float32 on the CPU, L2-normalised."""
+        """Joint-space embeddings of captions: [M, D] float32 on the CPU, L2-normalised.
+
+        Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) naming
+        ``texts`` or ``texts[i]`` for anything but a string or a sequence of strings."""
         from tqdm.auto import tqdm
 
         self._require("embed_texts")
-        items = [texts] if isinstance(texts, str) else list(texts)
-        for i, t in enumerate(items):
-            if not isinstance(t, str):
-                raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
+        items = _texts(texts, "texts")
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
         for s in tqdm(range(0, len(items), self.batch_size), desc="texts", disable=not progress, leave=False):
             parts.append(self._encode_texts(items[s : s + self.batch_size]).float().cpu())
@@ -274,15 +321,15 @@ class Model:
     @torch.no_grad()
     def similarity(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """[N, M] contrastive logits: cosine of each image and text embedding times the
-        model's learnt logit scale (``logit_scale``), as the contrastive loss uses them."""
+        model's learnt logit scale (``logit_scale``), as the contrastive loss uses them.
+
+        ``images`` [N, D] and ``texts`` [M, D] (or one row, [D]) as :meth:`embed_images`
+        and :meth:`embed_texts` give them. Raises
+        :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) for an argument that
+        is not a tensor, :class:`~vlmtune.errors.ArgumentError` (a ``ValueError``) for
+        one of the wrong shape, naming it."""
         self._require("similarity")
-        images, texts = torch.as_tensor(images).float(), torch.as_tensor(texts).float()
-        if images.ndim == 1:
-            images = images[None]
-        if texts.ndim == 1:
-            texts = texts[None]
-        if images.shape[-1] != texts.shape[-1]:
-            raise VlmtuneError(f"similarity: image embeddings have {images.shape[-1]} dimensions, texts {texts.shape[-1]}")
+        images, texts = self._embeddings(images, "images"), self._embeddings(texts, "texts")
         cos = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
         return cos * self.logit_scale
 
@@ -290,8 +337,18 @@ class Model:
     def match_scores(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """The matching head's log-probability that each (image, text) pair matches:
         1-D, one per row of the equal-length embedding batches. This is the score
-        evaluation's re-rank (``eval.rerank_k``) and ``vlmtune search --rerank`` sort by."""
+        evaluation's re-rank (``eval.rerank_k``) and ``vlmtune search --rerank`` sort by.
+
+        Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) for an
+        argument that is not a tensor, :class:`~vlmtune.errors.ArgumentError` (a
+        ``ValueError``) for batches of unequal lengths or of the wrong width."""
         self._require("similarity")
+        images, texts = self._embeddings(images, "images"), self._embeddings(texts, "texts")
+        if len(images) != len(texts):
+            raise ArgumentError(
+                f"match_scores: images has {len(images)} rows and texts {len(texts)}; it scores pairs, "
+                f"one image and one text per row (for all pairs use similarity())"
+            )
         out = []
         for s in range(0, len(images), 1024):
             logits = self.model.match_logits(images[s : s + 1024].to(self.device), texts[s : s + 1024].to(self.device))
@@ -301,12 +358,19 @@ class Model:
     @torch.no_grad()
     def ground(self, image: ImageInput, text: str | Sequence[str]) -> Grounding | list[Grounding]:
         """The box the grounding head gives for ``text`` in ``image``, in pixels (xyxy),
-        with the matching head's probability as its score. A list of texts gives a list."""
+        with the matching head's probability as its score. A list of texts gives a list.
+
+        Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) naming
+        ``image`` or ``text`` for an argument of the wrong type,
+        :class:`~vlmtune.errors.ArgumentError` (a ``ValueError``) for an empty text."""
         from vlmtune.boxes import cxcywh_to_xyxy
 
         self._require("ground")
         single = isinstance(text, str)
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _texts(text, "text")
+        for i, phrase in enumerate(texts):
+            if not phrase.strip():
+                raise ArgumentError(f"text{'' if single else f'[{i}]'}: empty; name the phrase to find in the image")
         im = self._image(image)
         w, h = im.size
         v, patches = self._encode_images([im])
@@ -326,11 +390,48 @@ class Model:
         generated ``answer``, the count head's ``count`` (class index), ``count_label``,
         ``confidence`` and ``probabilities`` (and the answer's attention map with
         ``attention=True``), exactly as ``vlmtune predict`` gives them; ``agrees`` and
-        ``disagreement`` say when the answer's count is not the head's."""
+        ``disagreement`` say when the answer's count is not the head's.
+
+        ``question=None`` asks ``vlmtune predict``'s default question; an empty or blank
+        question raises :class:`~vlmtune.errors.ArgumentError` (a ``ValueError``), a
+        question or image of the wrong type :class:`~vlmtune.errors.ArgumentTypeError`
+        (a ``TypeError``); nothing is replaced silently."""
         from vlmtune.predict import DEFAULT_QUESTION, predict_image
 
         self._require("ask")
-        return predict_image(self.model, self.cfg, self._image(image), question or DEFAULT_QUESTION, attention=attention)
+        if question is None:
+            question = DEFAULT_QUESTION
+        elif not isinstance(question, str):
+            raise ArgumentTypeError(f"question: expected a string, got {type(question).__name__}")
+        elif not question.strip():
+            raise ArgumentError("question: empty; ask a question, or pass question=None for the default one")
+        return predict_image(self.model, self.cfg, self._image(image), question, attention=attention)
+
+    # ------------------------------------------------------------------ argument checks
+    @staticmethod
+    def _check_image(item: Any, name: str) -> None:
+        from PIL import Image as PILImage
+
+        if not isinstance(item, (str, Path, PILImage.Image)):
+            raise ArgumentTypeError(f"{name}: expected an image path (str or Path) or a PIL image, got {type(item).__name__}")
+
+    def _embeddings(self, value: Any, name: str) -> torch.Tensor:
+        """An embedding batch [N, D] (a row [D] becomes [1, D]) as float32, checked."""
+        import numpy as np
+
+        if not isinstance(value, (torch.Tensor, np.ndarray)):
+            raise ArgumentTypeError(
+                f"{name}: expected a tensor of embeddings [N, D] (from embed_images/embed_texts), got {type(value).__name__}"
+            )
+        t = torch.as_tensor(value)
+        if t.ndim == 1:
+            t = t[None]
+        dim = int(self.cfg.section("model").embed_dim)
+        if t.ndim != 2 or t.shape[-1] != dim:
+            raise ArgumentError(f"{name}: expected embeddings of shape [N, {dim}], got {list(t.shape)}")
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise ArgumentTypeError(f"{name}: expected a float tensor, got {t.dtype}")
+        return t.float()
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -338,17 +439,77 @@ def _as_list(images: Any) -> list[Any]:
 
     if isinstance(images, (str, Path, PILImage.Image)):
         return [images]
+    if isinstance(images, (bytes, dict)) or not hasattr(images, "__iter__"):
+        raise ArgumentTypeError(
+            f"images: expected an image path (str or Path), a PIL image or a sequence of them, got {type(images).__name__}"
+        )
     return list(images)
+
+
+def _texts(texts: Any, name: str) -> list[str]:
+    """A string or a sequence of strings as a list, each checked."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise ArgumentTypeError(f"{name}: expected a string or a sequence of strings, got {type(texts).__name__}")
+    items = list(texts)
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise ArgumentTypeError(f"{name}[{i}]: expected a string, got {type(t).__name__}")
+    return items
+
+
+def _path(value: Any, name: str) -> Path:
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name}: expected a folder path (str or Path), got {type(value).__name__}")
+    if not str(value).strip():
+        raise ArgumentError(f"{name}: empty; name a folder")
+    return Path(value)
+
+
+def _device(value: Any) -> torch.device:
+    """``device=`` as a torch device that exists here."""
+    if not isinstance(value, (str, torch.device)):
+        raise ArgumentTypeError(
+            f"device: expected a string such as 'cpu' or 'cuda:0', or a torch.device, got {type(value).__name__}"
+        )
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ArgumentError(f"device: {str(value)[:60]!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"device: {str(value)[:60]!r}: CUDA is not available here; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(f"device: {str(value)[:60]!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ArgumentError(f"device: {str(value)[:60]!r}: MPS is not available here; use 'cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ArgumentError(f"device: {str(value)[:60]!r}: vlmtune runs on 'cpu', 'cuda' or 'mps'")
+    return dev
 
 
 def load(path: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None) -> Model:
     """Open a checkpoint folder (``runs/NAME/checkpoints/best``, or a folder written by
     ``vlmtune export --format vlmtune``) with every check evaluation applies, and load
     its model on ``device`` (default: the first GPU, else the CPU). ``cache_dir``: keep
-    the frozen towers' features there (optional)."""
+    the frozen towers' features there (optional).
+
+    Raises :class:`~vlmtune.errors.CheckpointError` for a folder that is not a
+    checkpoint (a run folder: the message names its ``checkpoints/best``; a file; a
+    missing, modified or foreign checkpoint), :class:`~vlmtune.errors.ArgumentError`
+    (a ``ValueError``) for a ``device`` that is not one here (``"nope"``, ``"cuda"``
+    without CUDA) and :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) for an
+    argument of the wrong type, each naming the argument."""
     from vlmtune.checkpoint import open_checkpoint
 
-    return Model(open_checkpoint(path), device, cache_dir)
+    folder = _path(path, "path")
+    dev = _device(device) if device is not None else None  # before the checkpoint is read
+    if cache_dir is not None:
+        _path(cache_dir, "cache_dir")
+    return Model(open_checkpoint(folder), dev, cache_dir)
 
 
-__all__ = ["Grounding", "Model", "checkpoint_fingerprint", "load"]
+__all__ = ["Grounding", "Model", "checkpoint_fingerprint", "fingerprint_parts", "load"]

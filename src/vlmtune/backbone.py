@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -227,6 +228,19 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
             src, dtype=_resolve_dtype(cfg.dtype, device_type), attn_implementation=_attn_impl(cfg.attn_implementation), **kw
         )
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    except pickle.UnpicklingError as e:
+        # torch refused a pickled weights file (weights_only): say so in our words. Its own
+        # message advises re-running with weights_only=False, which would run the file's code.
+        from vlmtune.checkpoint import unpickling_reason
+
+        bins = sorted(p.name for p in Path(src).glob("*.bin")) if is_dir else []
+        where = f"{src}/{bins[0]}" if bins else src
+        key = "backbone.name_or_path: " if src == cfg.name_or_path else ""  # else a checkpoint's backbone
+        raise ConfigError(
+            f"{key}{where}: refused: a pickled weights file that is not only tensors "
+            f"({unpickling_reason(e)}); nothing in it was run. Use the model's safetensors weights "
+            f"(model.safetensors) from a source you trust"
+        ) from None
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = " (HF_HUB_OFFLINE=1: only local folders and the local cache are searched)" if offline else ""

@@ -300,7 +300,7 @@ class Checkpoint:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
-                f"{path}: refused: it holds pickled objects other than tensors and plain data "
+                f"{path}: refused: a pickle that is not only tensors and plain data "
                 f"({_unpickling_reason(e)}); nothing in it was run"
             ) from None
         except Exception as e:  # noqa: BLE001 - any other failure is a bad file
@@ -311,8 +311,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     """Open a checkpoint folder: every file checked against the manifest first (see
     :func:`verify_manifest`), then state.json validated and config.yaml parsed."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    check_checkpoint_path(folder)
     digests = verify_manifest(folder)
     where = str(folder / "state.json")
     try:
@@ -332,11 +331,45 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     return Checkpoint(folder, cfg, state, digests)
 
 
+def check_checkpoint_path(folder: Path) -> None:
+    """Name the usual mistakes of a checkpoint path as such: nothing there, a file given
+    for the folder, a run folder or its ``checkpoints/`` given for one checkpoint."""
+    shown = _shown(str(folder))
+    if not folder.exists():
+        why = " (a link to nothing)" if folder.is_symlink() else ""
+        raise CheckpointError(f"{shown}: checkpoint folder not found{why}")
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{shown}: is a file, not a checkpoint folder; name the folder that holds it "
+            f"(e.g. runs/NAME/checkpoints/best{f', here {_shown(str(folder.parent))}' if folder.name in REQUIRED_FILES else ''})"
+        )
+    if (folder / MANIFEST).exists() or (folder / "state.json").exists():
+        return
+    for inner in ("checkpoints/best", "checkpoints/last", "best", "last"):
+        if (folder / inner / MANIFEST).is_file():
+            what = "a run folder" if inner.startswith("checkpoints") else "a run's checkpoints folder"
+            best = folder / inner.replace("last", "best")
+            pick = best if (best / MANIFEST).is_file() else folder / inner
+            raise CheckpointError(f"{shown}: is {what}, not a checkpoint; use {_shown(str(pick))}")
+
+
 def _unpickling_reason(e: BaseException) -> str:
-    """The line of torch's weights_only message that names the refused object."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
-    return (named or lines or [type(e).__name__])[0]
+    """What torch's weights_only refusal names of the refused object, in our words:
+    never torch's own text, which advises re-running with ``weights_only=False`` (the
+    one thing that would run the file's code)."""
+    return unpickling_reason(e)
+
+
+def unpickling_reason(e: BaseException) -> str:
+    """The refused object of a weights_only ``torch.load`` failure ("posix.system"), as
+    "it names posix.system", or a plain description when torch's message names none."""
+    import re
+
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported (?:class|global|operand)\W*([\w.]+)", text)
+    if m:
+        return f"it names {m.group(1)[:80]}, which is not a tensor or plain data"
+    return "it holds objects other than tensors and plain data"
 
 
 _NOT_ARCHITECTURE = {

@@ -24,6 +24,17 @@ class CheckpointError(VlmtuneError):
     """A missing, truncated or foreign checkpoint."""
 
 
+class ArgumentError(VlmtuneError, ValueError):
+    """A bad value passed to the Python API (``vlmtune.load(device="nope")``, an empty
+    question, embedding batches of unequal lengths). The message names the argument.
+    A ``ValueError`` too, so ``except ValueError`` catches it as Python code expects."""
+
+
+class ArgumentTypeError(VlmtuneError, TypeError):
+    """An argument of the wrong type passed to the Python API (``embed_images(5)``).
+    The message names the argument and the types it takes. A ``TypeError`` too."""
+
+
 class TrainingStopped(VlmtuneError):
     """Training stopped before its end and left a checkpoint to resume from (or to
     inspect). ``exit_code`` is what the CLI returns; ``label`` starts its message."""

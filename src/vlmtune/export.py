@@ -26,15 +26,27 @@ Three formats:
     backbone, which a training checkpoint only names). No optimizer state: it is for
     using the model, not for resuming its run.
 
-Every format is written to a temporary sibling folder and renamed into place; an
-existing non-empty DIR is refused, never overwritten.
+Every format is written into a private temporary folder that vlmtune creates
+exclusively beside DIR under a hidden random name (``tempfile.mkdtemp``: mode 0700, so
+no other user can plant a link in it, and no user's folder has its name), then renamed
+into place; the files in it follow the umask. An existing non-empty DIR, a file or a
+symbolic link at DIR is refused, never overwritten, and nothing vlmtune did not create
+is removed (a folder of the user's named ``DIR.export-tmp`` stays as it was).
+
+A ``merged`` or ``vlmtune`` export computes what its checkpoint computes, so it carries
+the checkpoint's fingerprint (:func:`vlmtune.api.checkpoint_fingerprint`) in
+``vlmtune_export.json`` together with a digest of the files it was written with: an
+index built by the checkpoint serves the export (``search --checkpoint EXPORT``), and
+an export whose files changed since has its own fingerprint again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,7 +56,9 @@ from safetensors.torch import save_file
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
 from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.runfolder import make_folder, output_folder, write_text
 from vlmtune.tasks import task_class
+from vlmtune.utils import sha256_bytes, shorten
 
 if TYPE_CHECKING:
     from vlmtune.backbone import Backbone
@@ -60,30 +74,90 @@ EXPORT_INFO = "vlmtune_export.json"
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "vlmtune") -> dict[str, Any]:
-    """Export ``checkpoint`` to the new folder ``out`` in format ``fmt``; returns a summary."""
+    """Export ``checkpoint`` to the new folder ``out`` in format ``fmt``; returns a summary.
+
+    Raises :class:`~vlmtune.errors.VlmtuneError` for an unknown format, an ``out`` that is
+    a file, a symbolic link, a non-empty folder or inside the checkpoint, and
+    :class:`~vlmtune.errors.CheckpointError` for a checkpoint that cannot be exported."""
     if fmt not in FORMATS:
         raise VlmtuneError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
     ckpt = open_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = _check_out(out, ckpt)
+    if fmt == "peft":
+        _check_peft(ckpt)  # before any loading: a retrieval checkpoint fails at once
+    make_folder(out.parent, "--out")
+    # Private and exclusive: a name no user's file has, a folder no one else can write in.
+    private = Path(tempfile.mkdtemp(prefix=f".{out.name[:80]}.vlmtune-export-", dir=out.parent))
+    try:
+        dest = private / "export"
+        status("exporting %s as %s into %s", ckpt.folder, fmt, out)
+        with quiet_libraries():  # peft's use of transformers' deprecated names warns on every export
+            summary = {"peft": _export_peft, "merged": _export_merged, "vlmtune": _export_vlmtune}[fmt](ckpt, dest)
+        _follow_umask(dest)
+        _check_out(out, ckpt)  # again: the export took a while
+        try:
+            # rename(2) replaces an empty folder and fails on anything else (a file, a link,
+            # a folder someone filled meanwhile), so nothing at ``out`` is ever removed.
+            os.rename(dest, out)
+        except OSError as e:
+            raise VlmtuneError(f"--out {shorten(str(out))}: cannot move the export into place ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # only the folder vlmtune created
+    return {"format": fmt, "checkpoint": str(ckpt.folder), "out": str(out), **summary}
+
+
+def _check_out(out: str | Path, ckpt: Checkpoint) -> Path:
+    """``--out`` as a new or empty folder outside the checkpoint, not a link."""
+    out = output_folder(out, "--out")
+    if out.is_symlink():
+        raise VlmtuneError(
+            f"--out {shorten(str(out))}: is a symbolic link (to {shorten(os.readlink(out))}); "
+            f"export does not write through links; name a new folder"
+        )
+    if out.exists() and any(out.iterdir()):
         raise VlmtuneError(f"--out: {out} exists and is not empty; export writes a new folder and overwrites nothing")
     if out.resolve() == ckpt.folder.resolve() or ckpt.folder.resolve() in out.resolve().parents:
         raise VlmtuneError(f"--out: {out} is inside the checkpoint {ckpt.folder}; choose a folder outside it")
-    if fmt == "peft":
-        _check_peft(ckpt)  # before any loading: a retrieval checkpoint fails at once
-    tmp = out.with_name(out.name + ".export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        status("exporting %s as %s into %s", ckpt.folder, fmt, out)
-        with quiet_libraries():  # peft's use of transformers' deprecated names warns on every export
-            summary = {"peft": _export_peft, "merged": _export_merged, "vlmtune": _export_vlmtune}[fmt](ckpt, tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tmp.with_name(tmp.name + ".tmp"), ignore_errors=True)
-    return {"format": fmt, "checkpoint": str(ckpt.folder), "out": str(out), **summary}
+    return out
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give the files a library wrote with a mode of its own (safetensors: 0600) the
+    mode the umask gives (0644 under 022), folders 0755; links are not followed."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for root, _dirs, files in os.walk(folder, followlinks=False):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o666 & ~mask)
+
+
+def files_digest(digests: dict[str, str]) -> str:
+    """One sha256 over a checkpoint's files and their digests, ``vlmtune_export.json``
+    and the manifest left out: what an export records of the files it wrote."""
+    own = {k: v for k, v in digests.items() if k != EXPORT_INFO}
+    return sha256_bytes(json.dumps(own, sort_keys=True).encode())
+
+
+def _write_source_record(folder: Path, ckpt: Checkpoint, fmt: str, **extra: Any) -> None:
+    """``vlmtune_export.json`` of a merged or vlmtune export: its source, the source's
+    fingerprint and the digest of the files as written (before the manifest lists them)."""
+    from vlmtune.api import checkpoint_fingerprint
+    from vlmtune.checkpoint import _listing
+    from vlmtune.utils import sha256_file
+
+    digests = {rel: sha256_file(path, CheckpointError) for rel, path in _listing(folder).items()}
+    info = {
+        "format": fmt,
+        "task": ckpt.cfg.task,
+        "source_checkpoint": str(ckpt.folder.resolve()),
+        "fingerprint": checkpoint_fingerprint(ckpt),
+        "files_sha256": files_digest(digests),
+        **extra,
+    }
+    write_text(folder / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- peft
@@ -164,7 +238,7 @@ def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
         "head_tensors": sorted(heads),
         "config": _config_dict(ckpt),
     }
-    (dest / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    write_text(dest / EXPORT_INFO, json.dumps(info, indent=2))
     return {"lora_tensors": len(lora), "modules_to_save": len(to_save)}
 
 
@@ -208,6 +282,7 @@ def _export_merged(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
         bb.model.save_pretrained(folder, safe_serialization=True)
         bb.tokenizer.save_pretrained(folder)
         bb.image_processor.save_pretrained(folder)
+        _write_source_record(folder, ckpt, "merged", lora_layers_merged=n_merged)
 
     save_checkpoint(dest, weights=heads, cfg=cfg, state=ckpt.state, trainer_state=None, backbone=None, extra_files=hf_model)
     return {"lora_layers_merged": n_merged, "head_tensors": len(heads)}
@@ -221,7 +296,15 @@ def _export_vlmtune(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
 
     model, _ = load_model(ckpt, torch.device("cpu"))  # also checks that the checkpoint loads
     weights = ckpt.weights()
-    save_checkpoint(dest, weights=weights, cfg=ckpt.cfg, state=ckpt.state, trainer_state=None, backbone=model.backbone)
+    save_checkpoint(
+        dest,
+        weights=weights,
+        cfg=ckpt.cfg,
+        state=ckpt.state,
+        trainer_state=None,
+        backbone=model.backbone,
+        extra_files=lambda folder: _write_source_record(folder, ckpt, "vlmtune"),
+    )
     return {"tensors": len(weights)}
 
 

@@ -39,7 +39,7 @@ from vlmtune.checkpoint import open_checkpoint
 from vlmtune.config import Config, evaluation_config
 from vlmtune.data.counting import count_class, tile_grid
 from vlmtune.data.formats import load_image
-from vlmtune.errors import CheckpointError, DataError
+from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.metrics.text import parse_count
 from vlmtune.restore import load_model
 from vlmtune.tasks import build_task, task_class
@@ -295,8 +295,12 @@ def save_overlay(image: Image.Image, pred: Prediction, path: str | Path, questio
     title = f"{pred.answer}\nhead: {pred.count_label} ({100 * pred.confidence:.0f}%)"
     ax.set_title(f"Q: {question}\nA: {title}" if question else title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from vlmtune.runfolder import write_atomic
+
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))  # never through a link at ``path``
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -309,6 +313,14 @@ def predict_file(
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """``vlmtune predict``: load, answer, optionally write the attention picture."""
+    from vlmtune.utils import path_mistake
+
+    if not isinstance(question, str) or not question.strip():
+        raise VlmtuneError("--question: empty; ask a question (or leave --question out for the default one)")
+    for flag, path, what in (("--image", image_path, "an image file"), ("--attention-out", attention_out, "a PNG file")):
+        why = path_mistake(path, "file", what) if path is not None else None
+        if why is not None:  # before the model loads
+            raise VlmtuneError(f"{flag} {why}")
     model, cfg = load_counting_checkpoint(checkpoint, trust_remote_code=trust_remote_code, overrides=overrides)
     image = load_image(Path(image_path))
     # The overlay is drawn at most 768 px on its long side; any photo size works.
@@ -352,7 +364,14 @@ def attention_inside_receipts(
     synthetic set's boxes.json (default: next to ``data``).
     """
     ckpt = open_checkpoint(checkpoint)
+    from vlmtune.utils import path_mistake
+
+    given = Path(data) if data else None
     data = Path(data or ckpt.state.data_paths.get("test", ""))
+    for p, what in ((given, "a counting annotation file"), (Path(boxes) if boxes else None, "a boxes.json file")):
+        why = path_mistake(p, "file", what) if p is not None else None
+        if why is not None:
+            raise DataError(why)
     if not data.is_file():
         raise DataError(f"{data}: counting annotation file not found (pass --data)")
     boxes = Path(boxes) if boxes else data.parent / "boxes.json"

@@ -152,6 +152,8 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Read a finished run; a missing or unreadable file is a :class:`DataError` naming it."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not a run folder (name the folder train wrote, e.g. runs/NAME)")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such run directory")
     files = {name: folder / name for name in ("config.yaml", "metrics.json", "history.jsonl")}

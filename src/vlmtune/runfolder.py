@@ -128,10 +128,19 @@ def run_artifacts(folder: Path) -> list[str]:
     return found
 
 
-def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> None:
+def prepare_run_folder(
+    folder: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    check_only: bool = False,
+    sources: dict[str, str | Path | None] | None = None,
+) -> None:
     """Checks before a run writes into ``folder`` (main process, lock held): no links;
     a folder holding a run needs --resume or --overwrite; --overwrite removes
-    :data:`OVERWRITTEN` (not with ``check_only``)."""
+    :data:`OVERWRITTEN` (not with ``check_only``). ``sources``: what the run will read
+    (``train.init_from``, data files) by the key that names it; --overwrite refuses to
+    remove one before it is read."""
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite: choose one (continue the run, or replace it)")
     refuse_links(folder)
@@ -143,6 +152,7 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_onl
             f"{folder}: already holds a run ({', '.join(found)}); pass --resume to continue it, "
             f"--overwrite to replace it, or choose another --output-dir"
         )
+    refuse_removing_sources(folder, sources or {})
     if check_only:
         return
     for name in OVERWRITTEN:
@@ -152,6 +162,32 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, check_onl
         elif p.exists() or p.is_symlink():
             p.unlink()
     log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(found), folder)
+
+
+def refuse_removing_sources(folder: Path, sources: dict[str, str | Path | None]) -> None:
+    """Refuse an --overwrite that would remove what the run reads: a ``train.init_from``
+    checkpoint (``--init-from X/checkpoints/last --output-dir X``) or a data file
+    inside one of the names --overwrite removes."""
+    for key, src in sources.items():
+        if not src:
+            continue
+        try:
+            target = Path(src).resolve()
+        except (OSError, RuntimeError):
+            continue  # named by the check that reads it
+        for name in OVERWRITTEN:
+            removed = folder / name
+            try:
+                gone = removed.resolve()
+            except (OSError, RuntimeError):
+                continue
+            if (removed.exists() or removed.is_symlink()) and (target == gone or target.is_relative_to(gone)):
+                flag = "--init-from" if key == "train.init_from" else key
+                raise VlmtuneError(
+                    f"{flag} {shorten(str(src))}: is inside {shorten(str(removed))}, which --overwrite would "
+                    f"remove before the run reads it; copy it out of {shorten(str(folder))} first, or choose "
+                    f"another --output-dir"
+                )
 
 
 # --------------------------------------------------------------------------- files

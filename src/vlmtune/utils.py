@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Any
 
 
+def path_mistake(path: str | Path, want: str, what: str) -> str | None:
+    """Why ``path`` is not the ``want`` ("file" or "folder") a command takes, naming a
+    folder given for a file (and the reverse) as such rather than "not found"; None when
+    it is one (or does not exist yet, for an output). ``what`` names it: "a PNG file"."""
+    p = Path(path)
+    try:
+        if want == "file" and p.is_dir():
+            return f"{shorten(str(p))}: is a folder, not {what}"
+        if want == "folder" and p.exists() and not p.is_dir():
+            return f"{shorten(str(p))}: is a file, not {what}"
+    except (OSError, ValueError):  # a name too long, a NUL: the command's own check names it
+        return None
+    return None
+
+
 def jsonl_objects(lines: list[str], path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of each non-blank line of a JSONL file; a line that is not
     a JSON object is a DataError naming the file and line."""

@@ -10,7 +10,7 @@ from typing import Any
 from vlmtune.cli.args import add_overrides, non_negative_int, positive_int, seed_int
 from vlmtune.cli.messages import shorten
 from vlmtune.config import Config, key_bounds
-from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.errors import ConfigError, DataError, VlmtuneError
 from vlmtune.runfolder import output_folder
 
 GENERATOR_OVERWRITE_HELP = (
@@ -247,6 +247,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from vlmtune.tasks import losses_fed
 
     info = inspect_file(args.annotation_file, _read_options(args, read_config(args)), feeds=losses_fed)
+    if info["records"] == 0 and info["errors"]:  # nothing could be read (a missing file, a folder of no format)
+        raise DataError(str(info["first_error"]))
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return 0
 

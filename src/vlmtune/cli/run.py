@@ -89,6 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
     from vlmtune.train import train
 
+    if args.accept_changed_data and not args.resume:
+        raise VlmtuneError(
+            "--accept-changed-data: only with --resume (it lets a resumed run go on although a data file "
+            "changed); a new run reads the files as they are"
+        )
     if args.seeds is None:
         cfg = _with_init_from(load_config(args.config, args.overrides), args.init_from)
         metrics = train(

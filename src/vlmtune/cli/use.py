@@ -70,7 +70,11 @@ def add_attention(sub: Any) -> None:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from vlmtune.predict import attention_inside_receipts
+    from vlmtune.utils import path_mistake
 
+    why = path_mistake(args.output, "file", "a JSON file") if args.output else None
+    if why is not None:  # before the measurement, not after it
+        raise VlmtuneError(f"--output {why}")
     report = attention_inside_receipts(
         args.checkpoint,
         args.data,

@@ -212,6 +212,10 @@ def _read_yaml(p: Path) -> dict[str, Any]:
         raise ConfigError(f"{short(str(p))}: cannot open ({getattr(e, 'strerror', None) or e})") from None
     if not found and p.is_symlink():
         raise ConfigError(f"{short(str(p))}: a symbolic link to nothing or a link loop, not a config file")
+    if not found and p.is_dir():
+        inner = next((p / n for n in ("config.yaml", "config.yml") if (p / n).is_file()), None)
+        hint = f"; this folder holds {short(str(inner))}: pass that file" if inner else " (a YAML file such as configs/NAME.yaml)"
+        raise ConfigError(f"{short(str(p))}: is a folder, not a config file{hint}")
     if not found:
         raise ConfigError(f"{short(str(p))}: config file not found")
     try:

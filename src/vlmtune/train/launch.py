@@ -113,10 +113,13 @@ def _make_accelerator(
 
 
 @contextlib.contextmanager
-def locked_run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
-    """The run folder checked (a folder holding a run needs ``resume`` or ``overwrite``)
-    and locked for the whole run, by the main process of a distributed run (RANK 0,
-    before the Accelerator exists) for all."""
+def locked_run_folder(
+    out: Path, resume: bool, overwrite: bool, sources: dict[str, str | Path | None] | None = None
+) -> Iterator[None]:
+    """The run folder checked (a folder holding a run needs ``resume`` or ``overwrite``;
+    --overwrite never removes one of ``sources``, what the run reads) and locked for the
+    whole run, by the main process of a distributed run (RANK 0, before the Accelerator
+    exists) for all."""
     lock = None
     try:
         if os.environ.get("RANK", "0") == "0":
@@ -124,11 +127,11 @@ def locked_run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None
             if lock_file.exists() or lock_file.is_symlink():  # a run was here: is it still running?
                 lock = RunLock(out).acquire()
             if out.is_dir():  # a refused folder is left as it is: checked before a lock file is made
-                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True)
+                prepare_run_folder(out, resume=resume, overwrite=overwrite, check_only=True, sources=sources)
             make_folder(out)
             lock = lock or RunLock(out).acquire()
             # Again, under the lock: another process may have written meanwhile.
-            prepare_run_folder(out, resume=resume, overwrite=overwrite)
+            prepare_run_folder(out, resume=resume, overwrite=overwrite, sources=sources)
         yield
     finally:
         if lock is not None:

@@ -128,7 +128,12 @@ def train(
     although a data file changed since the run started (warned); otherwise that is refused.
     """
     out = output_folder(output_dir)
-    with launch.locked_run_folder(out, resume, overwrite), StopRequest() as stopper, launch.torch_threads(cfg.train.num_threads):
+    sources = {"train.init_from": cfg.train.init_from, **{f"data.{k}": getattr(cfg.data, k) for k in ("train", "val", "test")}}
+    with (
+        launch.locked_run_folder(out, resume, overwrite, sources),
+        StopRequest() as stopper,
+        launch.torch_threads(cfg.train.num_threads),
+    ):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         launch.keep_threads(run.state, cfg.train.num_threads, resume)
         st: StageRun | None = None

@@ -70,7 +70,9 @@ class Checker:
     def root_problem(self) -> str | None:
         """Why the declared image root cannot be used, or None."""
         if self.declared_root and not self.base.is_dir():
-            return f"data.image_root {self.opts.image_root}: not a folder"
+            if self.base.exists():
+                return f"data.image_root {self.opts.image_root}: is a file, not a folder (name the folder the image paths resolve against)"
+            return f"data.image_root {self.opts.image_root}: folder not found"
         return None
 
     def image_path(self, rec: dict[str, Any], key: str) -> Path:
@@ -163,6 +165,22 @@ class Checker:
             raise Bad(f"duplicate of {first} (same {what}; data.duplicates=keep or drop allows it)")
         self._seen[key] = label
         return True
+
+    def split_problem(self, split: Any) -> str | None:
+        """Why a record of a one-file-all-splits format belongs to no split (no ``split``,
+        or a name such as ``TEST`` that is none of the known ones), when a split is asked
+        for; None when it names a known split or every record is read. Such a record is
+        an error of its own (reported, counted, under ``data.on_error``), never left out
+        of every split without a word."""
+        if self.opts.split is None:
+            return None
+        known = sorted({name for names in SPLITS.values() for name in names})
+        if split is None:
+            return f"has no 'split'; name one of {', '.join(known)} (or it belongs to no split)"
+        if not isinstance(split, str) or split not in known:
+            shown = str(split) if len(str(split)) <= 40 else str(split)[:37] + "..."
+            return f"split {shown!r} is none of {', '.join(known)} (names are case-sensitive); it belongs to no split"
+        return None
 
     def in_split(self, split: Any) -> bool:
         """Whether a record of a one-file-all-splits format belongs to the split asked for

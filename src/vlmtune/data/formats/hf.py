@@ -82,6 +82,7 @@ def hf_rows(ck: Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
         except Exception as e:  # pyarrow raises several kinds for a bad file
             raise Bad(f"cannot read as parquet: {type(e).__name__}: {e}") from None
         return [(f"record {i}", _hf_image(rec)) for i, rec in enumerate(table.to_pylist())]
+    _check_saved_files(path)  # before datasets opens any file the folder's JSON names
     try:
         loaded = ds_mod.load_from_disk(str(path))  # memory-maps the arrow files; writes nothing
     except Exception as e:  # datasets raises many kinds for a bad folder
@@ -97,6 +98,49 @@ def hf_rows(ck: Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
         prefix = f"{split} " if split else ""
         rows += [(f"{prefix}record {i}", _hf_image(rec)) for i, rec in enumerate(ds)]
     return rows
+
+
+def _check_saved_files(folder: Path) -> None:
+    """A ``save_to_disk`` folder reads only its own files: every split that
+    ``dataset_dict.json`` names and every arrow file a ``state.json`` lists must stay
+    inside the folder (no ``..``, no absolute path, no link out of it); datasets itself
+    would open ``../other/*.arrow`` wherever it leads."""
+    base = folder.resolve()
+
+    def inside(name: Any, where: Path, what: str) -> Path:
+        if not isinstance(name, str) or not name.strip() or "\x00" in name:
+            raise Bad(f"{where.relative_to(folder)}: {what} {json.dumps(name)[:80]} is not a file name")
+        target = (where.parent / name).resolve()
+        if not target.is_relative_to(base):
+            raise Bad(
+                f"{where.relative_to(folder)}: {what} {name[:80]!r} leads outside the data set's folder {base} (to {str(target)[:120]}); "
+                f"a saved data set reads only the files inside its folder"
+            )
+        return target
+
+    def load(p: Path) -> Any:
+        try:
+            return json.loads(read_text(p))
+        except (ValueError, RecursionError) as e:
+            raise Bad(f"{p.name}: not valid JSON ({str(e)[:120]})") from None
+
+    parts = [folder]
+    if (folder / "dataset_dict.json").is_file():
+        splits = load(folder / "dataset_dict.json")
+        names = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(names, list):
+            raise Bad("dataset_dict.json: expected an object with a 'splits' list")
+        parts = [folder / n for n in names if inside(n, folder / "dataset_dict.json", "split")]
+    for part in parts:
+        state = part / "state.json"
+        if not state.is_file():
+            continue  # datasets says what is missing
+        data = load(state)
+        files = data.get("_data_files") if isinstance(data, dict) else None
+        if not isinstance(files, list):
+            raise Bad(f"{state.relative_to(folder)}: expected '_data_files', a list")
+        for f in files:
+            inside(f.get("filename") if isinstance(f, dict) else f, state, "'_data_files' names")
 
 
 def _split_wanted(ck: Checker, split: str, n: int) -> bool:

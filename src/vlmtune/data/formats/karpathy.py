@@ -29,8 +29,13 @@ def karpathy_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
         raise Bad("Karpathy 'images' must be an array")
     items = []
     for i, rec in enumerate(images):
-        if isinstance(rec, dict) and not ck.in_split(rec.get("split")):
-            continue
+        if isinstance(rec, dict):
+            why = ck.split_problem(rec.get("split"))
+            if why is not None:
+                items.append(Item(f"record {i}", partial(_no_split, why)))
+                continue
+            if not ck.in_split(rec.get("split")):
+                continue
         items.append(Item(f"record {i}", partial(_karpathy_record, rec)))
     return items
 
@@ -72,3 +77,7 @@ KARPATHY = Format(
     detect_rank=20,
     object_shape="a Karpathy split file ('images' with 'filename' and 'sentences')",
 )
+
+
+def _no_split(why: str) -> dict[str, Any]:
+    raise Bad(why)

@@ -83,8 +83,13 @@ def refer_items(ck: Checker, path: Path) -> list[Item]:
     images = {m.get("id"): m for m in inst["images"] if isinstance(m, dict)}
     items = []
     for i, ref in enumerate(refs):
-        if isinstance(ref, dict) and not ck.in_split(ref.get("split")):
-            continue
+        if isinstance(ref, dict):
+            why = ck.split_problem(ref.get("split"))
+            if why is not None:
+                items.append(Item(f"record {i}", partial(_no_split, why)))
+                continue
+            if not ck.in_split(ref.get("split")):
+                continue
         items.append(Item(f"record {i}", partial(_refer_record, ref, anns, images)))
     return items
 
@@ -125,3 +130,7 @@ REFCOCO = Format(
     by_json=_has_ref_ids,
     detect_rank=40,
 )
+
+
+def _no_split(why: str) -> dict[str, Any]:
+    raise Bad(why)
