@@ -21,6 +21,7 @@ from vlmtune.tasks.retrieval.config import ModelConfig, check_model
 from vlmtune.tasks.retrieval.data import make_loader
 from vlmtune.tasks.retrieval.evaluation import check_ks, evaluate_with_rankings
 from vlmtune.tasks.retrieval.losses import LOSSES
+from vlmtune.tasks.retrieval.negconfig import NegativesConfig, check_negatives
 from vlmtune.tasks.retrieval.model import RetrievalModel
 
 
@@ -33,7 +34,7 @@ class RetrievalTask(Task[RetrievalModel]):
     backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "language_model")
     # Config sections that evaluate / predict may override on top of a checkpoint's config.
     evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig}
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "negatives": NegativesConfig}
     serves: ClassVar[tuple[str, ...]] = ("embed_images", "embed_texts", "similarity", "ground")
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "retrieval/mean_recall"
@@ -109,6 +110,7 @@ class RetrievalTask(Task[RetrievalModel]):
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
         check_model(cfg.section("model"))
+        check_negatives(cfg.section("negatives"))
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

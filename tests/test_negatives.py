@@ -1,0 +1,174 @@
+"""Negatives beyond the batch: the losses with explicit negatives against plain loops,
+the mined lists and their false-negative filter against a brute-force search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmtune.losses.negatives import contrastive_loss_with_negatives, explicit_negative_pairs
+from vlmtune.tasks.retrieval.negatives import mine_lists, text_group
+
+
+def _unit(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _infonce_loop(image, text, ids, scale, neg_text, neg_text_ids, neg_image, neg_image_ids) -> float:
+    """The symmetric InfoNCE with extra columns, one row at a time in plain Python."""
+
+    def side(queries, cols, col_ids) -> float:
+        total = 0.0
+        for i in range(len(queries)):
+            logits = [scale * float(queries[i] @ c) for c in cols]
+            top = max(logits)
+            log_z = top + math.log(sum(math.exp(x - top) for x in logits))
+            pos = [j for j, cid in enumerate(col_ids) if cid == int(ids[i])]
+            total += -sum(logits[j] - log_z for j in pos) / len(pos)
+        return total / len(queries)
+
+    cols_t = list(text) + list(neg_text)
+    ids_t = [int(x) for x in ids] + [int(x) for x in neg_text_ids]
+    cols_v = list(image) + list(neg_image)
+    ids_v = [int(x) for x in ids] + [int(x) for x in neg_image_ids]
+    return (side(image, cols_t, ids_t) + side(text, cols_v, ids_v)) / 2
+
+
+@pytest.mark.parametrize("k,l", [(5, 3), (0, 4), (6, 0), (0, 0)])
+def test_contrastive_with_negatives_equals_a_plain_loop(k: int, l: int) -> None:
+    ids = torch.tensor([0, 0, 1, 2, 3, 3])  # two images with two captions each
+    image, text = _unit(6, 8, seed=1), _unit(6, 8, seed=2)
+    neg_text, neg_image = _unit(k, 8, seed=3), _unit(l, 8, seed=4)
+    # Extra columns: one is a caption of image 1 (a positive of its rows), the rest no image's.
+    neg_text_ids = torch.tensor([1] + [-1] * (k - 1)) if k else torch.zeros(0, dtype=torch.long)
+    neg_image_ids = torch.tensor([-1] * (l - 1) + [2]) if l else torch.zeros(0, dtype=torch.long)
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    got = contrastive_loss_with_negatives(image, text, ids, scale, neg_text, neg_text_ids, neg_image, neg_image_ids)
+    want = _infonce_loop(image, text, ids, float(scale), neg_text, neg_text_ids, neg_image, neg_image_ids)
+    assert float(got) == pytest.approx(want, rel=1e-10)
+
+
+def test_without_extra_columns_it_is_the_batch_infonce() -> None:
+    from vlmtune.losses import contrastive_loss
+
+    ids = torch.tensor([0, 1, 1, 2])
+    image, text = _unit(4, 8, seed=5), _unit(4, 8, seed=6)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    empty, none = torch.zeros(0, 8, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    got = contrastive_loss_with_negatives(image, text, ids, scale, empty, none, empty, none)
+    assert float(got) == pytest.approx(float(contrastive_loss(image, text, ids, scale)), rel=1e-12)
+
+
+def test_matching_pairs_take_each_rows_own_negatives() -> None:
+    """Rows with extra columns of their own take their negative among them (never
+    another row's, never a positive of theirs); rows without fall back to the batch."""
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 1, 2, 3])
+    image, text = _unit(4, 8, seed=7), _unit(4, 8, seed=8)
+    neg_text = _unit(5, 8, seed=9)
+    neg_text_ids = torch.tensor([-1, -1, 5, 0, -1])  # column 3 is a caption of row 0's image
+    neg_text_owner = torch.tensor([0, 0, 1, 0, 2])
+    neg_image = _unit(2, 8, seed=10)
+    neg_image_ids, neg_image_owner = torch.tensor([-1, -1]), torch.tensor([3, 3])
+    for _ in range(20):
+        images, texts, labels = explicit_negative_pairs(
+            image, text, ids, neg_text, neg_text_ids, neg_text_owner, neg_image, neg_image_ids, neg_image_owner
+        )
+        assert labels.tolist() == [1] * 4 + [0] * 8
+        assert torch.equal(images[:4], image) and torch.equal(texts[:4], text)
+        # Image rows 0, 1, 2 (own negatives) in order, then row 3 from the batch.
+        own = {0: {0, 1}, 1: {2}, 2: {4}}
+        for n, row in enumerate((0, 1, 2)):
+            assert torch.equal(images[4 + n], image[row])
+            assert any(torch.equal(texts[4 + n], neg_text[c]) for c in own[row])
+        assert torch.equal(images[7], image[3]) and any(torch.equal(texts[7], text[j]) for j in (0, 1, 2))
+        # Caption row 3 takes one of its two negative images; rows 0-2 take batch images.
+        assert any(torch.equal(images[8], neg_image[c]) for c in (0, 1)) and torch.equal(texts[8], text[3])
+        for n, row in enumerate((0, 1, 2)):
+            assert torch.equal(texts[9 + n], text[row])
+            assert not torch.equal(images[9 + n], image[row])
+
+
+def _mine_reference(images, texts, text_image, captions, per_query, exclude_above):
+    """Brute force: the full matrix, every candidate in rank order, the rules one by one."""
+    sim = images.double() @ texts.double().T
+    n_img, n_txt = sim.shape
+    own = [float(sim[text_image[c], c]) for c in range(n_txt)]
+    pos_img = [max(own[c] for c in range(n_txt) if text_image[c] == q) for q in range(n_img)]
+    groups_of = [{text_group(captions[c]) for c in range(n_txt) if text_image[c] == q} for q in range(n_img)]
+    i2t, t2i = [], []
+    for q in range(n_img):
+        order = sorted(range(n_txt), key=lambda c: (-float(sim[q, c]), c))
+        kept = []
+        for c in order:
+            if len(kept) == per_query:
+                break
+            if text_image[c] == q or text_group(captions[c]) in groups_of[q]:
+                continue
+            if exclude_above is not None and float(sim[q, c]) > exclude_above * pos_img[q]:
+                continue
+            kept.append(c)
+        i2t.append(kept + [-1] * (per_query - len(kept)))
+    for c in range(n_txt):
+        order = sorted(range(n_img), key=lambda q: (-float(sim[q, c]), q))
+        kept = []
+        for q in order:
+            if len(kept) == per_query:
+                break
+            if q == text_image[c] or text_group(captions[c]) in groups_of[q]:
+                continue
+            if exclude_above is not None and float(sim[q, c]) > exclude_above * own[c]:
+                continue
+            kept.append(q)
+        t2i.append(kept + [-1] * (per_query - len(kept)))
+    return i2t, t2i
+
+
+def _groups(captions: list[str]) -> torch.Tensor:
+    seen: dict[str, int] = {}
+    return torch.tensor([seen.setdefault(text_group(t), len(seen)) for t in captions])
+
+
+@pytest.mark.parametrize("exclude_above", [None, 0.95, 0.5])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_mined_lists_equal_a_brute_force_search(exclude_above: float | None, chunk: int) -> None:
+    n_img = 12
+    text_image = torch.tensor([q for q in range(n_img) for _ in range(2 + q % 2)])
+    captions = [f"caption {i}" for i in range(len(text_image))]
+    captions[0] = captions[5] = "A  red ball"  # shared by images 0 and 2 (case and spacing apart)
+    captions[7] = "a red ball"
+    images, texts = _unit(n_img, 6, seed=11).float(), _unit(len(text_image), 6, seed=12).float()
+    got = mine_lists(images, texts, text_image, _groups(captions), 3, exclude_above, chunk_size=chunk)
+    want_i2t, want_t2i = _mine_reference(images, texts, text_image.tolist(), captions, 3, exclude_above)
+    assert got.i2t.tolist() == want_i2t
+    assert got.t2i.tolist() == want_t2i
+
+
+def test_the_filter_leaves_out_captions_shared_by_images() -> None:
+    """Image 0 and image 1 both have the caption 'a dog on grass': image 0's most similar
+    caption of another image is that shared caption of image 1, which is no negative of
+    image 0 (nor image 1 of the shared caption of image 0); a caption scoring above 0.95 x
+    the positive's score is left out too."""
+    text_image = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    captions = ["a dog on grass", "a brown dog", "A dog on  grass", "a dog running", "a cat", "a cat sleeping", "a car"]
+    d = 4
+    images = torch.eye(d)[:4]
+    texts = torch.zeros(7, d)
+    texts[0], texts[1] = images[0], F.normalize(images[0] + 0.2 * images[2], dim=0)
+    texts[2] = F.normalize(images[0] + 0.1 * images[1], dim=0)  # image 1's copy of image 0's caption, close to image 0
+    texts[3] = images[1]
+    texts[4] = F.normalize(images[0] * 0.99 + 0.05 * images[2], dim=0)  # image 2's, scoring near image 0's positive
+    texts[5], texts[6] = images[2], images[3]
+    got = mine_lists(images, texts, text_image, _groups(captions), 2, 0.95)
+    assert 2 not in got.i2t[0].tolist()  # the shared caption: a false negative
+    assert 4 not in got.i2t[0].tolist()  # above 0.95 x the positive
+    assert got.i2t[0].tolist() == [3, 5]  # both score 0: ties go to the lower index, as evaluation ranks
+    assert 0 not in got.t2i[2].tolist() and 1 not in got.t2i[2].tolist()  # caption 2 is image 0's too
+    assert 0 not in got.i2t[1].tolist()
+    assert got.filtered_same_text >= 2 and got.filtered_above >= 1
+    want_i2t, want_t2i = _mine_reference(images, texts, text_image.tolist(), captions, 2, 0.95)
+    assert got.i2t.tolist() == want_i2t and got.t2i.tolist() == want_t2i
