@@ -263,9 +263,7 @@ class NegativeBank:
                     images[img] = v[row].float().cpu()
         text_emb = torch.stack(texts)
         image_emb = torch.stack([x for x in images if x is not None])
-        self.mined = mine_lists(
-            image_emb, text_emb, self.image_of, self.text_groups, self.cfg.per_query, self.cfg.exclude_above
-        )
+        self.mined = mine_lists(image_emb, text_emb, self.image_of, self.text_groups, self.cfg.per_query, self.cfg.exclude_above)
         self.counters["refreshes"] += 1
         self.counters["filtered_same_text"] += self.mined.filtered_same_text
         self.counters["filtered_above"] += self.mined.filtered_above
