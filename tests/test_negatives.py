@@ -38,14 +38,14 @@ def _infonce_loop(image, text, ids, scale, neg_text, neg_text_ids, neg_image, ne
     return (side(image, cols_t, ids_t) + side(text, cols_v, ids_v)) / 2
 
 
-@pytest.mark.parametrize("k,l", [(5, 3), (0, 4), (6, 0), (0, 0)])
-def test_contrastive_with_negatives_equals_a_plain_loop(k: int, l: int) -> None:
+@pytest.mark.parametrize("k,m", [(5, 3), (0, 4), (6, 0), (0, 0)])
+def test_contrastive_with_negatives_equals_a_plain_loop(k: int, m: int) -> None:
     ids = torch.tensor([0, 0, 1, 2, 3, 3])  # two images with two captions each
     image, text = _unit(6, 8, seed=1), _unit(6, 8, seed=2)
-    neg_text, neg_image = _unit(k, 8, seed=3), _unit(l, 8, seed=4)
+    neg_text, neg_image = _unit(k, 8, seed=3), _unit(m, 8, seed=4)
     # Extra columns: one is a caption of image 1 (a positive of its rows), the rest no image's.
     neg_text_ids = torch.tensor([1] + [-1] * (k - 1)) if k else torch.zeros(0, dtype=torch.long)
-    neg_image_ids = torch.tensor([-1] * (l - 1) + [2]) if l else torch.zeros(0, dtype=torch.long)
+    neg_image_ids = torch.tensor([-1] * (m - 1) + [2]) if m else torch.zeros(0, dtype=torch.long)
     scale = torch.tensor(1 / 0.07, dtype=torch.float64)
     got = contrastive_loss_with_negatives(image, text, ids, scale, neg_text, neg_text_ids, neg_image, neg_image_ids)
     want = _infonce_loop(image, text, ids, float(scale), neg_text, neg_text_ids, neg_image, neg_image_ids)

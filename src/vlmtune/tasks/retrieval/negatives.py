@@ -198,7 +198,7 @@ class NegativeBank:
         with its caption), read from the same caches."""
         self.records, self.dataset, self.collator = records, dataset, collator
         first: dict[int, int] = {}
-        for i, r in enumerate(records):
+        for r in records:
             first.setdefault(r.image_id, len(first))
         self.image_of = torch.tensor([first[r.image_id] for r in records], dtype=torch.long)  # record -> image index
         self.first_record = torch.zeros(len(first), dtype=torch.long)

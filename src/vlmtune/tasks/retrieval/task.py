@@ -13,6 +13,7 @@ from vlmtune.backbone import Backbone
 from vlmtune.config.schema import Config, DataConfig, EvalConfig
 from vlmtune.data.cache import resolve_cache_dtype
 from vlmtune.data.formats import PairRecord, options_from_config, read_pairs
+from vlmtune.data.pairs import PairCollator, PairDataset
 from vlmtune.data.scenes import generate_scenes
 from vlmtune.errors import ConfigError
 from vlmtune.losses import LossRegistry
@@ -21,9 +22,9 @@ from vlmtune.tasks.retrieval.config import ModelConfig, check_model
 from vlmtune.tasks.retrieval.data import make_loader
 from vlmtune.tasks.retrieval.evaluation import check_ks, evaluate_with_rankings
 from vlmtune.tasks.retrieval.losses import LOSSES
+from vlmtune.tasks.retrieval.model import RetrievalModel
 from vlmtune.tasks.retrieval.negatives import NegativeBank
 from vlmtune.tasks.retrieval.negconfig import NegativesConfig, check_negatives
-from vlmtune.tasks.retrieval.model import RetrievalModel
 
 
 class RetrievalTask(Task[RetrievalModel]):
@@ -176,7 +177,9 @@ class RetrievalTask(Task[RetrievalModel]):
                     cache_batch_size=self.eval_cfg.batch_size,
                 ).dataset
 
-            self.negative_bank.attach(records, loader.dataset, loader.collate_fn, negatives_dataset)
+            dataset, collator = loader.dataset, loader.collate_fn
+            assert isinstance(dataset, PairDataset) and isinstance(collator, PairCollator)
+            self.negative_bank.attach(records, dataset, collator, negatives_dataset)
         return loader
 
     # ---- negatives beyond the batch (vlmtune.tasks.retrieval.negatives)
