@@ -172,3 +172,55 @@ def test_the_filter_leaves_out_captions_shared_by_images() -> None:
     assert got.filtered_same_text >= 2 and got.filtered_above >= 1
     want_i2t, want_t2i = _mine_reference(images, texts, text_image.tolist(), captions, 2, 0.95)
     assert got.i2t.tolist() == want_i2t and got.t2i.tolist() == want_t2i
+
+
+def _png(path, shade: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), (shade, 0, 0)).save(path)
+
+
+def test_hugging_face_negative_columns_are_read(tmp_path) -> None:
+    """An imagefolder's metadata rows: 'negative' (one caption) and 'negative_captions'
+    (a list) are negative captions, 'negative_image' a negative image relative to the
+    metadata file like file_name."""
+    import json
+
+    from vlmtune.data.formats import ReadOptions, read_pairs
+
+    for i in range(3):
+        _png(tmp_path / "train" / f"{i}.png", 40 * i)
+    rows = [
+        {"file_name": "0.png", "caption": "a red square", "negative": "a blue square", "negative_image": "1.png"},
+        {"file_name": "1.png", "caption": "a dark square", "negative_captions": ["a green square", "a circle"]},
+        {"file_name": "2.png", "caption": "a black square"},
+    ]
+    (tmp_path / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_pairs(tmp_path, opts=ReadOptions(format="hf"))
+    assert [r.negatives for r in recs] == [("a blue square",), ("a green square", "a circle"), ()]
+    assert [tuple(p.name for p in r.negative_images) for r in recs] == [("1.png",), (), ()]
+    assert recs[0].negative_images[0] == recs[1].image
+
+
+def test_hugging_face_negative_image_features_are_read(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    from vlmtune.data.formats import ReadOptions, read_pairs
+
+    for i in range(3):
+        _png(tmp_path / "img" / f"{i}.png", 40 * i)
+    paths = [str(tmp_path / "img" / f"{i}.png") for i in range(3)]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "negative_images": datasets.Sequence(datasets.Image()),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": paths, "caption": ["zero", "one", "two"], "negative_images": [[paths[1], paths[2]], [paths[0]], []]},
+        features=features,
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    recs = read_pairs(tmp_path / "ds", opts=ReadOptions(format="hf", image_root=tmp_path / "img"))
+    assert [[p.name for p in r.negative_images] for r in recs] == [["1.png", "2.png"], ["0.png"], []]
