@@ -49,7 +49,7 @@ def test_contrastive_with_negatives_equals_a_plain_loop(k: int, m: int) -> None:
     scale = torch.tensor(1 / 0.07, dtype=torch.float64)
     got = contrastive_loss_with_negatives(image, text, ids, scale, neg_text, neg_text_ids, neg_image, neg_image_ids)
     want = _infonce_loop(image, text, ids, float(scale), neg_text, neg_text_ids, neg_image, neg_image_ids)
-    assert float(got) == pytest.approx(want, rel=1e-10)
+    assert got.item() == pytest.approx(want, rel=1e-10)
 
 
 def test_without_extra_columns_it_is_the_batch_infonce() -> None:
@@ -224,3 +224,51 @@ def test_hugging_face_negative_image_features_are_read(tmp_path) -> None:
     ds.save_to_disk(str(tmp_path / "ds"))
     recs = read_pairs(tmp_path / "ds", opts=ReadOptions(format="hf", image_root=tmp_path / "img"))
     assert [[p.name for p in r.negative_images] for r in recs] == [["1.png", "2.png"], ["0.png"], []]
+
+
+def test_with_several_processes_the_batch_columns_are_global(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two 'processes' of 4 rows each, without extra columns: the mean of their losses is
+    the one-process InfoNCE of all 8 rows, value and gradient (DDP's averaging); with
+    extra columns each process's own join its rows' columns (the plain loop's value)."""
+    import vlmtune.losses.negatives as neg
+    from vlmtune.losses import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    text = F.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    full = contrastive_loss(image, text, ids, scale)
+    want = torch.autograd.grad(full, (image, text))
+    halves = [slice(0, 4), slice(4, 8)]
+    monkeypatch.setattr(neg, "rank_world", lambda: (0, 2))
+    empty, none = torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    parts = []
+    for h in halves:
+        li, lt, lids = image[h], text[h], ids[h]
+        gathered = {id(li): image, id(lt): text}
+        monkeypatch.setattr(neg, "all_gather_with_grad", lambda x, gathered=gathered: gathered[id(x)])
+        monkeypatch.setattr(neg, "all_gather", lambda x: ids)
+        parts.append(neg.contrastive_loss_with_negatives(li, lt, lids, scale, empty, none, empty, none))
+        extra_t, extra_v = _unit(3, 6, seed=20), _unit(2, 6, seed=21)
+        got = neg.contrastive_loss_with_negatives(
+            li, lt, lids, scale, extra_t, torch.tensor([-1, 4, -1]), extra_v, -torch.ones(2)
+        )
+        # The plain loop: this process's rows against the global batch's columns plus its extras.
+        cols_t, ids_t = torch.cat([text, extra_t]).detach(), ids.tolist() + [-1, 4, -1]
+        cols_v, ids_v = torch.cat([image, extra_v]).detach(), ids.tolist() + [-1, -1]
+
+        def side(queries, cols, col_ids):
+            total = 0.0
+            for i in range(len(queries)):
+                logits = [10.0 * float(queries[i] @ c) for c in cols]
+                log_z = math.log(sum(math.exp(x) for x in logits))
+                pos = [j for j, c in enumerate(col_ids) if c == int(lids[i])]
+                total += -sum(logits[j] - log_z for j in pos) / len(pos)
+            return total / len(queries)
+
+        assert got.item() == pytest.approx((side(li.detach(), cols_t, ids_t) + side(lt.detach(), cols_v, ids_v)) / 2, rel=1e-10)
+    shared = sum(parts) / 2
+    got_grad = torch.autograd.grad(shared, (image, text))
+    assert shared.item() == pytest.approx(full.item(), rel=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got_grad, want))

@@ -204,6 +204,18 @@ class NegativeBank:
         self.first_record = torch.zeros(len(first), dtype=torch.long)
         for i in reversed(range(len(records))):
             self.first_record[self.image_of[i]] = i
+        m = self.mined
+        if m is not None and (len(m.i2t) != len(first) or len(m.t2i) != len(records)):
+            # Resumed with changed data (--accept-changed-data): the saved lists index other records.
+            log.warning(
+                "negatives: the mined lists of the checkpoint are for %d images and %d captions, the training split "
+                "has %d and %d; they are dropped and mined again at the next refresh",
+                len(m.i2t),
+                len(m.t2i),
+                len(first),
+                len(records),
+            )
+            self.mined = None
         groups: dict[str, int] = {}
         self.text_groups = torch.tensor([groups.setdefault(text_group(r.text), len(groups)) for r in records], dtype=torch.long)
         self.data_text: list[list[int]] = [[] for _ in records]
