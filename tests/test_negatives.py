@@ -18,24 +18,24 @@ def _unit(*shape: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
+def _side_loop(queries, query_ids, cols, col_ids, scale: float) -> float:
+    """One direction of InfoNCE, one query at a time in plain Python: the mean over the
+    queries of minus the mean log-softmax of their positive columns."""
+    total = 0.0
+    for i in range(len(queries)):
+        logits = [scale * float(queries[i] @ c) for c in cols]
+        top = max(logits)
+        log_z = top + math.log(sum(math.exp(x - top) for x in logits))
+        pos = [j for j, cid in enumerate(col_ids) if int(cid) == int(query_ids[i])]
+        total += -sum(logits[j] - log_z for j in pos) / len(pos)
+    return total / len(queries)
+
+
 def _infonce_loop(image, text, ids, scale, neg_text, neg_text_ids, neg_image, neg_image_ids) -> float:
-    """The symmetric InfoNCE with extra columns, one row at a time in plain Python."""
-
-    def side(queries, cols, col_ids) -> float:
-        total = 0.0
-        for i in range(len(queries)):
-            logits = [scale * float(queries[i] @ c) for c in cols]
-            top = max(logits)
-            log_z = top + math.log(sum(math.exp(x - top) for x in logits))
-            pos = [j for j, cid in enumerate(col_ids) if cid == int(ids[i])]
-            total += -sum(logits[j] - log_z for j in pos) / len(pos)
-        return total / len(queries)
-
-    cols_t = list(text) + list(neg_text)
-    ids_t = [int(x) for x in ids] + [int(x) for x in neg_text_ids]
-    cols_v = list(image) + list(neg_image)
-    ids_v = [int(x) for x in ids] + [int(x) for x in neg_image_ids]
-    return (side(image, cols_t, ids_t) + side(text, cols_v, ids_v)) / 2
+    """The symmetric InfoNCE with extra columns, in plain Python."""
+    cols_t, ids_t = list(text) + list(neg_text), [int(x) for x in ids] + [int(x) for x in neg_text_ids]
+    cols_v, ids_v = list(image) + list(neg_image), [int(x) for x in ids] + [int(x) for x in neg_image_ids]
+    return (_side_loop(image, ids, cols_t, ids_t, scale) + _side_loop(text, ids, cols_v, ids_v, scale)) / 2
 
 
 @pytest.mark.parametrize("k,m", [(5, 3), (0, 4), (6, 0), (0, 0)])
@@ -257,17 +257,8 @@ def test_with_several_processes_the_batch_columns_are_global(monkeypatch: pytest
         # The plain loop: this process's rows against the global batch's columns plus its extras.
         cols_t, ids_t = torch.cat([text, extra_t]).detach(), ids.tolist() + [-1, 4, -1]
         cols_v, ids_v = torch.cat([image, extra_v]).detach(), ids.tolist() + [-1, -1]
-
-        def side(queries, cols, col_ids):
-            total = 0.0
-            for i in range(len(queries)):
-                logits = [10.0 * float(queries[i] @ c) for c in cols]
-                log_z = math.log(sum(math.exp(x) for x in logits))
-                pos = [j for j, c in enumerate(col_ids) if c == int(lids[i])]
-                total += -sum(logits[j] - log_z for j in pos) / len(pos)
-            return total / len(queries)
-
-        assert got.item() == pytest.approx((side(li.detach(), cols_t, ids_t) + side(lt.detach(), cols_v, ids_v)) / 2, rel=1e-10)
+        want_h = (_side_loop(li.detach(), lids, cols_t, ids_t, 10.0) + _side_loop(lt.detach(), lids, cols_v, ids_v, 10.0)) / 2
+        assert got.item() == pytest.approx(want_h, rel=1e-10)
     shared = sum(parts) / 2
     got_grad = torch.autograd.grad(shared, (image, text))
     assert shared.item() == pytest.approx(full.item(), rel=1e-10)
