@@ -389,7 +389,8 @@ class NegativeBank:
         if self.cfg.mine:
             out["negatives/mined_per_query"] = self.cfg.per_query
             out["negatives/refresh_every"] = self.cfg.refresh_every
-            out["negatives/exclude_above"] = self.cfg.exclude_above
+            if self.cfg.exclude_above is not None:  # null: the positive-aware filter was off
+                out["negatives/exclude_above"] = self.cfg.exclude_above
         for k in COUNTERS:
             out[f"negatives/{k}"] = self.counters[k]
         out["negatives/false_negatives_filtered"] = self.counters["filtered_same_text"] + self.counters["filtered_above"]
