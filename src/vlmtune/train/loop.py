@@ -278,6 +278,7 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
     # A mid-epoch checkpoint: the seedable sampler gives this epoch's order again;
     # skip the batches already trained, and continue the history line it saved.
     skip = state.epoch_batches
+    t_epoch = time.time()  # training time counts the task's work before the first step (mining)
     if not skip:  # between epochs, with the model as it is (retrieval: mined negatives)
         with full_params(run.model):
             run.task.start_epoch(
@@ -296,7 +297,6 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
         disable=not (run.cfg.train.progress and run.main),
         leave=False,
     )
-    t_epoch = time.time()
     bad_window = stop = False  # in the accumulation window so far: a non-finite loss, a stop signal
     for batch in bar:
         _set_pending_rng(run)
