@@ -263,3 +263,19 @@ def test_with_several_processes_the_batch_columns_are_global(monkeypatch: pytest
     got_grad = torch.autograd.grad(shared, (image, text))
     assert shared.item() == pytest.approx(full.item(), rel=1e-10)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got_grad, want))
+
+
+def test_a_short_query_is_searched_only_so_deep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate scores above 0.5 x the positive (as with an untrained model): a
+    query's search stops at MAX_DEPTH candidates, not the whole gallery; the queries
+    keep nothing and are counted short, and each met MAX_DEPTH - 1 filtered candidates
+    (its positive is not a false negative)."""
+    import vlmtune.tasks.retrieval.negatives as negatives
+
+    monkeypatch.setattr(negatives, "MAX_DEPTH", 20)
+    n = 40
+    images = F.normalize(torch.ones(n, 4) + 1e-3 * _unit(n, 4, seed=30).float(), dim=1)
+    got = negatives.mine_lists(images, images.clone(), torch.arange(n), torch.arange(n), 2, 0.5)
+    assert (got.i2t == -1).all() and (got.t2i == -1).all()
+    assert got.short_queries == 2 * n
+    assert got.filtered_above == 2 * n * 19 and got.filtered_same_text == 0

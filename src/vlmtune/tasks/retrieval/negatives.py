@@ -51,6 +51,13 @@ COUNTERS = (
 )
 
 
+# How deep a query left short by the filters is searched at most (candidates per query):
+# the running top-k of a block of queries holds this many scores per query, so memory
+# stays bounded whatever the gallery; a query still short keeps fewer negatives
+# (negatives/short_queries counts them).
+MAX_DEPTH = 1024
+
+
 def text_group(text: str) -> str:
     """What makes two captions identical for the false-negative filter: the same words
     up to case and spacing."""
@@ -121,7 +128,8 @@ def mine_lists(
     a caption's own image). Ranked by score (ties: lower index first, as evaluation
     ranks), the first ``per_query`` candidates that are not filtered are kept. The
     scores are computed in blocks (``chunk_size``); a query left short by the filters
-    is searched again deeper until it has enough or the gallery is exhausted.
+    is searched again deeper until it has enough, or :data:`MAX_DEPTH` candidates (or
+    the whole gallery) were searched.
     """
     n_img, n_txt = len(images), len(texts)
     images, texts = images.float(), texts.float()
@@ -154,8 +162,9 @@ def mine_lists(
         q = torch.arange(len(queries))
         kept, count, dup, above = _select(idx, excl(q, idx, s), per_query)
         short = (count < per_query).nonzero().flatten()
-        while len(short) and k < len(keys):  # searched deeper, for the short rows only
-            k = min(4 * k, len(keys))
+        depth = min(len(keys), max(MAX_DEPTH, k))
+        while len(short) and k < depth:  # searched deeper, for the short rows only
+            k = min(4 * k, depth)
             s2, idx2 = chunked_topk(queries[short], keys, k, chunk)
             kept[short], count[short], dup[short], above[short] = _select(idx2, excl(short, idx2, s2), per_query)
             short = short[count[short] < per_query]
