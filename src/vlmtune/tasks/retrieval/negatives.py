@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ COUNTERS = (
     "filtered_same_text",  # mined candidates left out: identical to a caption of the query's image (all refreshes)
     "filtered_above",  # ... left out: above exclude_above x the positive's score (all refreshes)
     "short_queries",  # queries of the last refresh that got fewer than per_query negatives
+    "refresh_wall_s",  # seconds spent mining, all refreshes (embedding the split and scoring it)
 )
 
 
@@ -132,10 +134,12 @@ def mine_lists(
     the whole gallery) were searched.
     """
     n_img, n_txt = len(images), len(texts)
-    images, texts = images.float(), texts.float()
+    device = images.device  # where the scoring runs (the model's device); the lists come back on the CPU
+    images, texts = images.float(), texts.float().to(device)
+    text_image, text_groups = text_image.to(device), text_groups.to(device)
     chunk = chunk_size or auto_chunk_size(n_img, n_txt)
     own = (images[text_image] * texts).sum(1)  # each caption against its own image
-    pos_img = torch.full((n_img,), float("-inf")).scatter_reduce(0, text_image, own, "amax")
+    pos_img = torch.full((n_img,), float("-inf"), device=device).scatter_reduce(0, text_image, own, "amax")
     pairs = torch.unique(text_groups * n_img + text_image)  # (caption text, image) pairs present
     per_img = torch.bincount(text_image, minlength=n_img)
     thr = exclude_above
@@ -159,7 +163,7 @@ def mine_lists(
     def finish(
         queries: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, s: torch.Tensor, excl: Callable[..., Any], k: int
     ) -> torch.Tensor:
-        q = torch.arange(len(queries))
+        q = torch.arange(len(queries), device=device)
         kept, count, dup, above = _select(idx, excl(q, idx, s), per_query)
         short = (count < per_query).nonzero().flatten()
         depth = min(len(keys), max(MAX_DEPTH, k))
@@ -175,7 +179,7 @@ def mine_lists(
 
     i2t = finish(images, texts, i2t_idx, i2t_s, excl_i2t, i2t_idx.shape[1])
     t2i = finish(texts, images, t2i_idx, t2i_s, excl_t2i, t2i_idx.shape[1])
-    return MinedLists(i2t, t2i, totals["dup"], totals["above"], totals["short"])
+    return MinedLists(i2t.cpu(), t2i.cpu(), totals["dup"], totals["above"], totals["short"])
 
 
 class NegativeBank:
@@ -188,7 +192,7 @@ class NegativeBank:
 
     def __init__(self, cfg: NegativesConfig):
         self.cfg = cfg
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self.mined: MinedLists | None = None
         self.records: list[PairRecord] = []
         self.dataset: PairDataset | None = None
@@ -269,6 +273,7 @@ class NegativeBank:
     def refresh(self, model: Any, loader: Any, device: torch.device) -> None:
         """Embed the training split (``loader``: its evaluation loader, in record order)
         with the model as it is, and mine the lists anew."""
+        t0 = time.perf_counter()
         model.eval()
         n = len(self.records)
         texts: list[torch.Tensor] = [torch.empty(0)] * n
@@ -278,10 +283,10 @@ class NegativeBank:
             t = model.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
             v, _ = model.encode_batch_images(batch)
             for row, rec in enumerate(batch["index"].tolist()):
-                texts[rec] = t[row].float().cpu()
+                texts[rec] = t[row].float()
                 img = int(self.image_of[rec])
                 if images[img] is None:
-                    images[img] = v[row].float().cpu()
+                    images[img] = v[row].float()
         text_emb = torch.stack(texts)
         image_emb = torch.stack([x for x in images if x is not None])
         self.mined = mine_lists(image_emb, text_emb, self.image_of, self.text_groups, self.cfg.per_query, self.cfg.exclude_above)
@@ -289,12 +294,15 @@ class NegativeBank:
         self.counters["filtered_same_text"] += self.mined.filtered_same_text
         self.counters["filtered_above"] += self.mined.filtered_above
         self.counters["short_queries"] = self.mined.short_queries
+        wall = time.perf_counter() - t0
+        self.counters["refresh_wall_s"] += wall
         log.info(
-            "negatives: mined %d per query for %d images and %d captions; false negatives filtered: %d identical "
-            "captions, %d above %s x the positive",
+            "negatives: mined %d per query for %d images and %d captions in %.1f s; false negatives filtered: %d "
+            "identical captions, %d above %s x the positive",
             self.cfg.per_query,
             len(image_emb),
             n,
+            wall,
             self.mined.filtered_same_text,
             self.mined.filtered_above,
             self.cfg.exclude_above,
@@ -378,7 +386,8 @@ class NegativeBank:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counters = {k: int(state.get("counters", {}).get(k, 0)) for k in COUNTERS}
+        saved = state.get("counters", {})
+        self.counters = {k: float(saved.get(k, 0)) if k.endswith("_s") else int(saved.get(k, 0)) for k in COUNTERS}
         m = state.get("mined")
         self.mined = (
             None
@@ -401,7 +410,7 @@ class NegativeBank:
             if self.cfg.exclude_above is not None:  # null: the positive-aware filter was off
                 out["negatives/exclude_above"] = self.cfg.exclude_above
         for k in COUNTERS:
-            out[f"negatives/{k}"] = self.counters[k]
+            out[f"negatives/{k}"] = round(self.counters[k], 3) if k.endswith("_s") else self.counters[k]
         out["negatives/false_negatives_filtered"] = self.counters["filtered_same_text"] + self.counters["filtered_above"]
         return out
 
