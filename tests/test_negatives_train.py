@@ -165,3 +165,22 @@ def test_bad_negatives_settings_are_one_line_naming_the_key(override: str, key: 
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # a torchrun launch of two processes
+def test_two_processes_train_with_data_and_mined_negatives(tmp_path: Path, scenes: Path) -> None:
+    """Under DDP each process draws its own extra columns (their number differs between
+    processes): the contrastive loss gathers the batch's columns and keeps its own
+    extras, the matching head's pairs are counted globally; both processes mine the same
+    lists, and the main process alone writes the run."""
+    from test_distributed import _torchrun
+
+    data = _with_negatives(scenes, tmp_path / "data")
+    run = tmp_path / "run"
+    args = [*small_set(scenes), f"data.synthetic_dir={data}", "train.epochs=1", ONE_STAGE, *MINE, "negatives.data=true"]
+    res = _torchrun(["train", TWO_STAGE, "--output-dir", str(run), *args], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = _metrics(run)
+    assert m["negatives/refreshes"] == 1 and m["negatives/mined_used"] > 0 and m["negatives/data_used"] > 0
+    steps = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if json.loads(x)["type"] == "step"]
+    assert steps and all(s["loss"] == s["loss"] for s in steps)  # finite, every step
