@@ -31,21 +31,6 @@ def mined_straight(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Pa
     return out
 
 
-def test_mined_negatives_are_refreshed_used_and_recorded(mined_straight: Path) -> None:
-    m = _metrics(mined_straight)
-    assert m["negatives/refreshes"] == 2 and m["negatives/mined_per_query"] == 3
-    assert m["negatives/mined_used"] > 0 and m["negatives/data_used"] == 0
-    assert m["negatives/false_negatives_filtered"] == m["negatives/filtered_same_text"] + m["negatives/filtered_above"]
-    # The lists are in the checkpoint: 32 training images and 88 captions, 3 each.
-    import io
-
-    import torch
-
-    state = torch.load(io.BytesIO((mined_straight / "checkpoints/last/trainer_state.pt").read_bytes()), weights_only=True)
-    mined = state["task"]["negatives"]["mined"]
-    assert tuple(mined["i2t"].shape) == (32, 3) and tuple(mined["t2i"].shape) == (88, 3)
-
-
 @pytest.mark.slow
 def test_a_stop_during_a_refresh_resumes_bit_identically(
     tmp_path: Path, scenes: Path, mined_straight: Path, monkeypatch: pytest.MonkeyPatch
@@ -121,22 +106,31 @@ def _with_negatives(scenes: Path, dest: Path) -> Path:
     return dest
 
 
-def test_data_negatives_are_counted_and_used(tmp_path: Path, scenes: Path, capsys) -> None:
+def test_data_and_mined_negatives_are_counted_used_and_saved(tmp_path: Path, scenes: Path, capsys) -> None:
+    """One epoch with both sources: data inspect counts the data's negatives; the run
+    uses them and the mined ones (sample=0: all of each row's), records it in
+    metrics.json, and keeps the mined lists in the checkpoint."""
+    import io
+
+    import torch
+
     data = _with_negatives(scenes, tmp_path / "data")
-    args = [*small_set(scenes), f"data.synthetic_dir={data}", "train.epochs=1", ONE_STAGE]
-    # Inspect counts them.
     assert main(["data", "inspect", str(data / "train.json")]) == 0
-    out = capsys.readouterr().out
-    assert "88 records carry 88 negative captions" in out
+    assert "88 records carry 88 negative captions" in capsys.readouterr().out
     run = tmp_path / "run"
+    args = [*small_set(scenes), f"data.synthetic_dir={data}", "train.epochs=1", ONE_STAGE, *MINE]
     assert main(["train", TWO_STAGE, "--output-dir", str(run), *args, "negatives.data=true", "negatives.sample=0"]) == 0
     m = _metrics(run)
     n_images = sum(bool(r["negative_images"]) for r in json.loads((data / "train.json").read_text()))
     assert m["negatives/data_captions"] == 88 and m["negatives/data_images"] == n_images
-    # One epoch of 11 steps of 8 rows: every row's negative caption and image (sample=0: all).
-    per_step = 11 * 8
-    assert per_step + 11 * 6 <= m["negatives/data_used"] <= 2 * per_step
-    assert "negatives/mined_per_query" not in m and m["negatives/refreshes"] == 0
+    # 11 steps of 8 rows: every row's negative caption, and its negative image where it has one.
+    assert 88 + 11 * 6 <= m["negatives/data_used"] <= 2 * 88
+    assert m["negatives/refreshes"] == 1 and m["negatives/mined_per_query"] == 3
+    assert 0 < m["negatives/mined_used"] <= 2 * 3 * 88
+    assert m["negatives/false_negatives_filtered"] == m["negatives/filtered_same_text"] + m["negatives/filtered_above"]
+    state = torch.load(io.BytesIO((run / "checkpoints/last/trainer_state.pt").read_bytes()), weights_only=True)
+    mined = state["task"]["negatives"]["mined"]
+    assert tuple(mined["i2t"].shape) == (32, 3) and tuple(mined["t2i"].shape) == (88, 3)  # 32 images, 88 captions
 
 
 def test_data_negatives_without_any_in_the_data_is_one_line(tmp_path: Path, scenes: Path, capsys) -> None:
