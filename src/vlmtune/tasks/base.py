@@ -183,6 +183,34 @@ class Task(Generic[ModelT]):
         """All metrics on ``records``; with ``train_records``, baselines beside them."""
         raise NotImplementedError
 
+    # ---- epochs and checkpoints
+    def start_epoch(
+        self,
+        model: ModelT,
+        records: list[Any],
+        *,
+        epoch: int,
+        backbone: Backbone,
+        cache: FeatureCache | None,
+        device: torch.device,
+    ) -> None:
+        """Called before each training epoch's first step (not before the rest of an epoch
+        a resume continues): work the task does between epochs with the model as it is
+        (retrieval mines its hard negatives). It must draw no random numbers of its own
+        beyond what a loader's creation does, so a resumed run replays it exactly."""
+
+    def train_state(self) -> dict[str, Any]:
+        """What the task keeps across steps that a checkpoint must save (tensors and plain
+        data, in trainer_state.pt); empty by default."""
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`train_state` from a checkpoint (``--resume``)."""
+
+    def train_metrics(self, train_records: list[Any]) -> dict[str, Any]:
+        """Numbers about how the run trained, for metrics.json (none by default)."""
+        return {}
+
     def write_figures(self, metrics: dict[str, Any], folder: Path) -> list[str]:
         """Draw the figures of an evaluation's ``metrics`` into ``folder``, beside its
         metrics.json; the names of the files written (none by default)."""

@@ -183,6 +183,7 @@ def prepare_run(
     trainer_state = None
     if resume_from is not None:
         state, trainer_state = restore_run(resume_from, state, model, backbone, paths, out, main, accept_changed_data)
+        task.load_train_state(trainer_state.get("task") or {})
     if main:
         save_config(cfg, out / "config.yaml")
     sink = None
@@ -282,6 +283,12 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
     # A mid-epoch checkpoint: the seedable sampler gives this epoch's order again;
     # skip the batches already trained, and continue the history line it saved.
     skip = state.epoch_batches
+    t_epoch = time.time()  # training time counts the task's work before the first step (mining)
+    if not skip:  # between epochs, with the model as it is (retrieval: mined negatives)
+        with full_params(run.model):
+            run.task.start_epoch(
+                run.model, run.records["train"], epoch=epoch, backbone=run.backbone, cache=st.cache, device=run.device
+            )
     epoch_loader = accelerator.skip_first_batches(st.loader, skip) if skip else st.loader
     if not skip:
         state.running, state.n_running = {}, 0
@@ -295,7 +302,6 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
         disable=not (run.cfg.train.progress and run.main),
         leave=False,
     )
-    t_epoch = time.time()
     bad_window = stop = False  # in the accumulation window so far: a non-finite loss, a stop signal
     for batch in bar:
         _set_pending_rng(run)
@@ -445,6 +451,9 @@ def save_last(run: Run, st: StageRun) -> None:
         return
     sched, index = st.scheduler.state_dict(), st.stage.index
     trainer_state = {"optimizer": optimizer_state, "scheduler": sched, "stage": index, **rng_record(rngs)}
+    task_state = run.task.train_state()
+    if task_state:  # e.g. retrieval's mined negatives, restored exactly by --resume
+        trainer_state["task"] = task_state
     save_checkpoint(
         run.ckpt_dir / "last",
         weights=weights,
@@ -473,6 +482,7 @@ def final_evaluation(run: Run) -> dict[str, Any]:
     metrics["train/num_threads"] = torch.get_num_threads()
     metrics["train/device"] = device.type  # efficiency is compared only between runs on the same kind of device
     metrics.update(init_metrics(cfg, run.out))
+    metrics.update(run.task.train_metrics(train))
     assert es.metric is not None  # filled when the config is loaded
     metrics.update(best_stage_metrics(run.plan, state, run.history, es.metric, es.mode, run.main))
     if run.main:

@@ -1,7 +1,9 @@
 """``hf``: Hugging Face ``datasets`` layouts, read as they ship: a ``save_to_disk`` folder
 (a ``Dataset`` or a ``DatasetDict`` of splits), a parquet file, or an imagefolder with
 ``metadata.jsonl`` / ``metadata.csv`` (in the folder or in one folder per split); one
-record per row, for pairs (``captions``/``sentences`` lists) or counting (a count column).
+record per row, for pairs (``captions``/``sentences`` lists; negative columns ``negatives`` /
+``negative`` / ``negative_captions`` / ``hard_negatives`` and ``negative_images`` /
+``negative_image``) or counting (a count column).
 
 ``datasets`` and ``pyarrow`` are the ``hf`` extra, imported when such a layout is read.
 """
@@ -95,6 +97,10 @@ def hf_rows(ck: Checker, path: Path) -> list[tuple[str, dict[str, Any]]]:
         for col, feat in ds.features.items():
             if type(feat).__name__ == "Image":  # the files themselves, not decoded pixels
                 ds = ds.cast_column(col, ds_mod.Image(decode=False))
+            elif type(getattr(feat, "feature", None)).__name__ == "Image":  # a list of images (negative_images)
+                ds = ds.cast_column(col, type(feat)(ds_mod.Image(decode=False)))
+            elif isinstance(feat, list) and len(feat) == 1 and type(feat[0]).__name__ == "Image":
+                ds = ds.cast_column(col, [ds_mod.Image(decode=False)])
         prefix = f"{split} " if split else ""
         rows += [(f"{prefix}record {i}", _hf_image(rec)) for i, rec in enumerate(ds)]
     return rows
@@ -203,6 +209,11 @@ def _metadata_rows(ck: Checker, meta: Path, split: str) -> list[tuple[str, dict[
             rec = dict(rec)
             name = rec.pop("file_name")
             rec["image"] = name if Path(name).is_absolute() else str(base / name)
+        for key in ("negative_images", "negative_image"):  # relative to the same folder as file_name
+            if isinstance(rec, dict) and key in rec:
+                rec = dict(rec)
+                names = rec[key] if isinstance(rec[key], list) else [rec[key]]
+                rec[key] = [str(base / n) if isinstance(n, str) and not Path(n).is_absolute() else n for n in names]
         rows.append((f"{split} {label}" if split else label, rec))
     return rows
 
@@ -228,8 +239,45 @@ def _hf_pair(rec: Any) -> dict[str, Any]:
             if "caption" in rec:
                 raise Bad(f"has both 'caption' and '{alias}'; use one")
             rec["caption"] = rec.pop(alias)
+    _negative_columns(rec)
     unread_fields(rec, PAIR_FIELDS, "hf")
     return rec
+
+
+# Negative columns as Hugging Face sets name them -> vlmtune's pairs fields: negative
+# captions of the row's image, negative images of its caption (a list, or one per row).
+_NEGATIVE_ALIASES = {
+    "negatives": ("negative", "negative_captions", "hard_negatives"),
+    "negative_images": ("negative_image",),
+}
+
+
+def _negative_columns(rec: dict[str, Any]) -> None:
+    """A row's negative columns, read as ``negatives`` / ``negative_images``: one
+    string is a list of one; an ``Image`` feature ({"bytes", "path"}) is its path."""
+    for field, aliases in _NEGATIVE_ALIASES.items():
+        for alias in (field, *aliases):
+            if alias not in rec:
+                continue
+            if alias != field:
+                if field in rec:
+                    raise Bad(f"has both '{field}' and '{alias}'; use one")
+                rec[field] = rec.pop(alias)
+            value = rec[field]
+            if value is None:
+                rec[field] = []
+            elif isinstance(value, (str, dict)):
+                rec[field] = [value]
+    images = rec.get("negative_images")
+    if isinstance(images, list):
+        paths = []
+        for j, v in enumerate(images):
+            if isinstance(v, dict) and "path" in v:
+                if not v.get("path"):
+                    raise Bad(f"negative image {j} is embedded as bytes without a file path; keep the images as files")
+                v = v["path"]
+            paths.append(v)
+        rec["negative_images"] = paths
 
 
 def hf_kind(ck: Checker, path: Path) -> Kind:
@@ -257,6 +305,8 @@ HF = Format(
         "count": "a count",
         "question": "a question",
         "answer": "an answer",
+        "negatives": "negative captions",
+        "negative_images": "negative images",
     },
     by_path=_is_layout,
     detect_rank=30,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from vlmtune.distributed import all_gather, all_gather_with_grad, global_count, mean_share
 from vlmtune.losses import LossRegistry, box_loss_rows, contrastive_loss, hard_negative_pairs
+from vlmtune.losses.negatives import contrastive_loss_with_negatives, explicit_negative_pairs
 from vlmtune.tasks.retrieval.model import RetrievalEncodings
 
 LOSSES = LossRegistry()
@@ -26,16 +27,29 @@ LOSSES = LossRegistry()
 
 @LOSSES.register("contrastive", weight=1.0, help="Weight of the symmetric InfoNCE loss.")
 def contrastive(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
-    return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, enc.model.logit_scale())}
+    """In-batch InfoNCE; with negatives beyond the batch (the ``negatives`` section) they
+    are extra columns of every row."""
+    neg = enc.negatives
+    if neg is None:
+        return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, enc.model.logit_scale())}
+    scale = enc.model.logit_scale()
+    loss = contrastive_loss_with_negatives(enc.image, enc.text, enc.ids, scale, neg.text, neg.text_ids, neg.image, neg.image_ids)
+    return {"contrastive": loss}
 
 
 @LOSSES.register("matching", weight=1.0, help="Weight of the image-text matching loss (hard negatives).")
 def matching(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """Cross-entropy over {match, no match}: every positive pair, plus for each image a
     hard negative caption and for each caption a hard negative image, drawn from the
-    global batch (all processes' rows, gathered with gradient as ALBEF does)."""
-    v, t, ids = enc.image, enc.text, enc.ids
-    images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t), all_gather(ids))
+    global batch (all processes' rows, gathered with gradient as ALBEF does), or with
+    negatives beyond the batch (the ``negatives`` section) among the row's own."""
+    v, t, ids, neg = enc.image, enc.text, enc.ids, enc.negatives
+    if neg is None:
+        images, texts, labels = hard_negative_pairs(v, t, ids, all_gather_with_grad(v), all_gather_with_grad(t), all_gather(ids))
+    else:  # each row's negative among its own data or mined negatives, in the batch where it has none
+        images, texts, labels = explicit_negative_pairs(
+            v, t, ids, neg.text, neg.text_ids, neg.text_owner, neg.image, neg.image_ids, neg.image_owner
+        )
     # The number of pairs (negatives found) differs between processes: mean over all of them.
     ce = F.cross_entropy(enc.model.match_logits(images, texts), labels, reduction="none")
     return {"matching": mean_share(ce, global_count(len(labels), ids.device))}

@@ -40,6 +40,9 @@ class RetrievalEncodings:
     patches: torch.Tensor
     text: torch.Tensor
     ids: torch.Tensor
+    # The step's negatives beyond the batch (negatives.data / negatives.mine): a
+    # vlmtune.tasks.retrieval.negatives.NegativeColumns, or None (in-batch negatives only).
+    negatives: Any = None
 
 
 class RetrievalModel(TaskModel):
@@ -80,6 +83,9 @@ class RetrievalModel(TaskModel):
         self.grounding_head = GroundingHead(d, cfg.head_hidden, cfg.adapter_dropout)
         grid = info.image_size // info.patch_size
         self.register_buffer("centres", patch_centres(grid), persistent=False)
+        # Set by the task when its config asks for negatives beyond the batch
+        # (vlmtune.tasks.retrieval.negatives.NegativeBank); None: in-batch negatives only.
+        self.negative_bank: Any = None
 
     # ---- components for the stage plan
     def component_modules(self, name: str, vision_blocks: int = 0) -> Sequence[nn.Module | nn.Parameter]:
@@ -166,7 +172,8 @@ class RetrievalModel(TaskModel):
         """The batch's images and captions encoded once, for every loss."""
         v, patches = self.encode_batch_images(batch)
         t = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("text_hidden"))
-        return RetrievalEncodings(self, batch, v, patches, t, batch["image_id"])
+        negatives = None if self.negative_bank is None else self.negative_bank.columns(self, batch)
+        return RetrievalEncodings(self, batch, v, patches, t, batch["image_id"], negatives)
 
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active registered losses (plus diagnostics under 'diag/')."""

@@ -13,6 +13,7 @@ from vlmtune.backbone import Backbone
 from vlmtune.config.schema import Config, DataConfig, EvalConfig
 from vlmtune.data.cache import resolve_cache_dtype
 from vlmtune.data.formats import PairRecord, options_from_config, read_pairs
+from vlmtune.data.pairs import PairCollator, PairDataset
 from vlmtune.data.scenes import generate_scenes
 from vlmtune.errors import ConfigError
 from vlmtune.losses import LossRegistry
@@ -22,6 +23,8 @@ from vlmtune.tasks.retrieval.data import make_loader
 from vlmtune.tasks.retrieval.evaluation import check_ks, evaluate_with_rankings
 from vlmtune.tasks.retrieval.losses import LOSSES
 from vlmtune.tasks.retrieval.model import RetrievalModel
+from vlmtune.tasks.retrieval.negatives import NegativeBank
+from vlmtune.tasks.retrieval.negconfig import NegativesConfig, check_negatives
 
 
 class RetrievalTask(Task[RetrievalModel]):
@@ -33,7 +36,7 @@ class RetrievalTask(Task[RetrievalModel]):
     backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "language_model")
     # Config sections that evaluate / predict may override on top of a checkpoint's config.
     evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig}
+    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "negatives": NegativesConfig}
     serves: ClassVar[tuple[str, ...]] = ("embed_images", "embed_texts", "similarity", "ground")
     losses: ClassVar[LossRegistry] = LOSSES
     default_metric: ClassVar[str] = "retrieval/mean_recall"
@@ -82,9 +85,13 @@ class RetrievalTask(Task[RetrievalModel]):
         vision_pooling: str = "mean",
         text_pooling: str = "mean",
         cache_dtype: str = "float32",
+        negatives: NegativesConfig | None = None,
     ):
-        """``loss``: the weight of each registered loss and part (defaults where it has none)."""
+        """``loss``: the weight of each registered loss and part (defaults where it has none);
+        ``negatives``: negatives beyond the batch (None or all off: in-batch only)."""
         super().__init__(loss=loss)
+        self.negatives = negatives or NegativesConfig()
+        self.negative_bank: NegativeBank | None = NegativeBank(self.negatives) if self.negatives.enabled else None
         self.model_cfg, self.data, self.eval_cfg = model, data, eval
         self.train_batch_size = train_batch_size
         self.max_text_tokens = max_text_tokens
@@ -104,11 +111,13 @@ class RetrievalTask(Task[RetrievalModel]):
             vision_pooling=cfg.backbone.vision_pooling,
             text_pooling=cfg.backbone.text_pooling,
             cache_dtype=resolve_cache_dtype(cfg.cache.dtype),
+            negatives=cfg.section("negatives"),
         )
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
         check_model(cfg.section("model"))
+        check_negatives(cfg.section("negatives"))
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -117,9 +126,11 @@ class RetrievalTask(Task[RetrievalModel]):
             raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
 
     def build_model(self, backbone: Backbone) -> RetrievalModel:
-        return RetrievalModel(
+        model = RetrievalModel(
             backbone, self.model_cfg, self.losses, self.loss, vision_pooling=self.vision_pooling, text_pooling=self.text_pooling
         )
+        model.negative_bank = self.negative_bank
+        return model
 
     def data_paths(self, output_dir: Path) -> dict[str, str]:
         """Annotation files from the config, or the synthetic scenes set, generated once."""
@@ -139,7 +150,7 @@ class RetrievalTask(Task[RetrievalModel]):
     def make_loader(
         self, records: list[PairRecord], backbone: Backbone, *, train: bool, seed: int = 0, cache: FeatureCache | None = None
     ) -> DataLoader:
-        return make_loader(
+        loader = make_loader(
             records,
             backbone,
             batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
@@ -151,6 +162,56 @@ class RetrievalTask(Task[RetrievalModel]):
             cache_dtype=self.cache_dtype,
             cache_batch_size=self.eval_cfg.batch_size,
         )
+        if train and self.negative_bank is not None:
+            # The bank reads the training rows (mined negatives) and the data negatives
+            # from the same caches as this loader.
+            def negatives_dataset(pseudo: list[PairRecord]) -> Any:
+                return make_loader(
+                    pseudo,
+                    backbone,
+                    batch_size=1,
+                    max_text_tokens=self.max_text_tokens,
+                    num_workers=0,
+                    cache=cache,
+                    cache_dtype=self.cache_dtype,
+                    cache_batch_size=self.eval_cfg.batch_size,
+                ).dataset
+
+            dataset, collator = loader.dataset, loader.collate_fn
+            assert isinstance(dataset, PairDataset) and isinstance(collator, PairCollator)
+            self.negative_bank.attach(records, dataset, collator, negatives_dataset)
+        return loader
+
+    # ---- negatives beyond the batch (vlmtune.tasks.retrieval.negatives)
+    def start_epoch(
+        self,
+        model: RetrievalModel,
+        records: list[PairRecord],
+        *,
+        epoch: int,
+        backbone: Backbone,
+        cache: FeatureCache | None,
+        device: torch.device,
+    ) -> None:
+        """Mine the hard negatives anew every negatives.refresh_every epochs."""
+        bank, n = self.negative_bank, self.negatives
+        if bank is None or not n.mine or epoch % n.refresh_every:
+            return
+        bank.refresh(model, self.make_loader(records, backbone, train=False, cache=cache), device)
+
+    def train_state(self) -> dict[str, Any]:
+        return {} if self.negative_bank is None else {"negatives": self.negative_bank.state_dict()}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        if self.negative_bank is not None and "negatives" in state:
+            self.negative_bank.load_state_dict(state["negatives"])
+
+    def train_metrics(self, train_records: list[PairRecord]) -> dict[str, Any]:
+        if self.negative_bank is None:
+            return {}
+        captions = sum(len(r.negatives) for r in train_records)
+        images = sum(len(r.negative_images) for r in train_records)
+        return self.negative_bank.metrics(captions, images)
 
     def check_eval_records(self, records: list[PairRecord], where: str) -> None:
         """eval.ks must fit the gallery of each direction: the captions an image query
