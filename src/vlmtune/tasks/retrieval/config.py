@@ -7,6 +7,7 @@ validation, ``config explain`` and the CLI flags mirroring a key read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from vlmtune.config.fields import setting
 from vlmtune.errors import ConfigError
@@ -22,10 +23,38 @@ class ModelConfig:
     temperature_init: float = setting(0.07, "Initial contrastive temperature (learnable).")
     temperature_min: float = setting(0.01, "Lower clamp of the temperature.")
     temperature_max: float = setting(1.0, "Upper clamp of the temperature.")
+    contrastive_batch: int = setting(
+        0,
+        "Pairs per contrastive batch (one optimizer step), a multiple of train.batch_size; 0: train.batch_size. "
+        "The contrastive loss scores the whole batch; the matching, box and relation heads see chunks of "
+        "train.batch_size, and one chunk's activations are in memory at a time where grad_cache is on.",
+        low=0,
+        high=10**7,
+    )
+    grad_cache: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "With contrastive_batch: 'on' embeds the chunks without a graph, takes the loss over the whole batch, then "
+        "re-runs each chunk with its cached gradient (GradCache); 'off' keeps every chunk's graph; 'auto': on "
+        "where a tower runs live (no cache, a prefix cache, an end-to-end stage), off from the feature cache.",
+    )
+    mrl_dims: list[int] = setting(
+        [],
+        "Matryoshka: nested widths of the joint space trained besides embed_dim (e.g. [32, 64]); the contrastive "
+        "loss is summed over every width's truncated, renormalised embeddings, metrics report R@K per width.",
+        low=1,
+        high=65536,
+    )
+    mrl_weights: list[float] = setting(
+        [],
+        "Matryoshka: one weight per trained width (mrl_dims plus embed_dim, ascending); empty: 1 each.",
+    )
 
 
 def check_model(m: ModelConfig) -> None:
-    """The temperature starts inside the range it is clamped to."""
+    """The temperature starts inside the range it is clamped to; Matryoshka widths fit."""
+    from vlmtune.tasks.retrieval.matryoshka import check_mrl
+
+    check_mrl(m.embed_dim, m.mrl_dims, m.mrl_weights)
     if not 0 < m.temperature_min <= m.temperature_init <= m.temperature_max:
         raise ConfigError(
             f"model.temperature_init: must lie in [temperature_min, temperature_max] = [{m.temperature_min}, {m.temperature_max}]"

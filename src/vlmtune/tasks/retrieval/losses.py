@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from vlmtune.distributed import all_gather, all_gather_with_grad, global_count, mean_share
 from vlmtune.losses import LossRegistry, box_loss_rows, contrastive_loss, hard_negative_pairs
+from vlmtune.tasks.retrieval import matryoshka
 from vlmtune.tasks.retrieval.model import RetrievalEncodings
 
 LOSSES = LossRegistry()
@@ -26,7 +27,11 @@ LOSSES = LossRegistry()
 
 @LOSSES.register("contrastive", weight=1.0, help="Weight of the symmetric InfoNCE loss.")
 def contrastive(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
-    return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, enc.model.logit_scale())}
+    """Symmetric InfoNCE; with ``model.mrl_dims`` its sum over the trained widths (:mod:`.matryoshka`)."""
+    m = enc.model
+    if m.cfg.mrl_dims:
+        return matryoshka.contrastive_terms(enc, contrastive_loss)
+    return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, m.logit_scale())}
 
 
 @LOSSES.register("matching", weight=1.0, help="Weight of the image-text matching loss (hard negatives).")

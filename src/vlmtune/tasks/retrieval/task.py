@@ -83,10 +83,16 @@ class RetrievalTask(Task[RetrievalModel]):
         text_pooling: str = "mean",
         cache_dtype: str = "float32",
     ):
-        """``loss``: the weight of each registered loss and part (defaults where it has none)."""
+        """``loss``: the weight of each registered loss and part (defaults where it has none).
+        ``model.contrastive_batch`` > ``train_batch_size``: training batches hold that
+        many pairs, in chunks of ``train_batch_size`` (:mod:`.bigbatch`)."""
         super().__init__(loss=loss)
         self.model_cfg, self.data, self.eval_cfg = model, data, eval
         self.train_batch_size = train_batch_size
+        # Rows per training batch, and the chunk a contrastive batch is cut into (0: none).
+        big = model.contrastive_batch > train_batch_size
+        self.train_rows = model.contrastive_batch if big else train_batch_size
+        self.chunk_rows = train_batch_size if big else 0
         self.max_text_tokens = max_text_tokens
         self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
         self.cache_dtype = cache_dtype
@@ -115,10 +121,22 @@ class RetrievalTask(Task[RetrievalModel]):
         """The contrastive loss scores each image against the batch's other captions."""
         if cfg.train.batch_size < 2:
             raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
+        big: int = cfg.section("model").contrastive_batch
+        if big and big % cfg.train.batch_size:
+            raise ConfigError(
+                f"model.contrastive_batch: {big} is not a multiple of train.batch_size ({cfg.train.batch_size}), "
+                f"the chunk it is cut into; use {max(1, round(big / cfg.train.batch_size)) * cfg.train.batch_size} or 0"
+            )
 
     def build_model(self, backbone: Backbone) -> RetrievalModel:
         return RetrievalModel(
-            backbone, self.model_cfg, self.losses, self.loss, vision_pooling=self.vision_pooling, text_pooling=self.text_pooling
+            backbone,
+            self.model_cfg,
+            self.losses,
+            self.loss,
+            vision_pooling=self.vision_pooling,
+            text_pooling=self.text_pooling,
+            chunk_rows=self.chunk_rows,
         )
 
     def data_paths(self, output_dir: Path) -> dict[str, str]:
@@ -142,7 +160,7 @@ class RetrievalTask(Task[RetrievalModel]):
         return make_loader(
             records,
             backbone,
-            batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
+            batch_size=self.train_rows if train else self.eval_cfg.batch_size,
             max_text_tokens=self.max_text_tokens,
             train=train,
             seed=seed,
