@@ -96,6 +96,29 @@ def contrastive_terms(enc: Any, loss: Callable[..., torch.Tensor]) -> dict[str, 
     return {"contrastive": total, **diag}
 
 
+def width_metrics(cfg: Any, gallery: torch.Tensor, texts: torch.Tensor, t2i: torch.Tensor, ev: Any) -> dict[str, float]:
+    """R@K and their mean at every trained width below the full one (``cfg``: the
+    model section; ``ev``: the eval section), keyed ``retrieval/mrl{d}/i2t_r1``...:
+    contrastive ranking of the truncated, renormalised embeddings (no re-ranking, the
+    matching head reads full-width pairs). Nothing without ``mrl_dims``."""
+    import re
+
+    from vlmtune.metrics.retrieval import retrieval_metrics
+
+    out: dict[str, float] = {}
+    for d in trained_dims(cfg.embed_dim, cfg.mrl_dims):
+        if d >= cfg.embed_dim:
+            continue
+        m = retrieval_metrics(
+            truncate(gallery, d), truncate(texts, d), t2i, ks=tuple(ev.ks), chunk_size=ev.chunk_size, search=ev.search
+        )
+        assert isinstance(m, dict)  # no rankings asked for
+        for k, v in m.items():
+            if re.fullmatch(r"retrieval/((i2t|t2i)_r\d+|mean_recall)", k):
+                out[k.replace("retrieval/", f"retrieval/mrl{d}/", 1)] = v
+    return out
+
+
 def check_dim(dim: int, embed_dim: int, mrl_dims: Sequence[int], what: str) -> None:
     """Refuse (one line) a width ``dim`` the checkpoint did not train."""
     dims = trained_dims(embed_dim, mrl_dims)
