@@ -61,7 +61,7 @@ def test_grad_cache_gradient_equals_the_full_batch(scenes: Path) -> None:
     gradient of every parameter, the temperature's included, is the unchunked batch's."""
     _, task, model, batch = _model_and_batch(scenes, ["train.batch_size=4", "model.adapter_dropout=0"])
     w = task.loss_weights()
-    model.cfg.grad_cache = "on"
+    model.cfg.grad_cache = "always"
     _, g_gc = _grads(model, batch, {"contrastive"}, w)
     model.chunk_rows = 0  # one forward of the whole batch, every activation kept
     _, g_full = _grads(model, batch, {"contrastive"}, w)
@@ -76,10 +76,10 @@ def test_grad_cache_equals_keeping_every_chunk_graph_with_dropout_and_matching(s
     every chunk's graph; and the random stream after the step is the same."""
     _, task, model, batch = _model_and_batch(scenes, ["train.batch_size=4", "model.adapter_dropout=0.3"])
     active, w = {"contrastive", "matching", "box", "relation"}, task.loss_weights()
-    model.cfg.grad_cache = "off"
+    model.cfg.grad_cache = "never"
     loss_off, g_off = _grads(model, batch, active, w)
     after_off = torch.rand(3)
-    model.cfg.grad_cache = "on"
+    model.cfg.grad_cache = "always"
     loss_on, g_on = _grads(model, batch, active, w)
     after_on = torch.rand(3)
     assert loss_on == pytest.approx(loss_off, rel=1e-6)

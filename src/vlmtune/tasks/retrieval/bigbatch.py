@@ -10,7 +10,7 @@ whole batch: every image against every caption of it, so a step sees
 
 With ``grad_cache`` the chunks go through :func:`vlmtune.gradcache.grad_cache`: one
 chunk's activations are in memory at a time, and the gradient is the one of keeping
-every chunk's graph (``grad_cache`` off) to float tolerance (tested).
+every chunk's graph (``grad_cache: never``) to float tolerance (tested).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def tower_runs_live(batch: dict[str, Any]) -> bool:
 
 
 def use_grad_cache(mode: str, batch: dict[str, Any]) -> bool:
-    return mode == "on" or (mode == "auto" and tower_runs_live(batch))
+    return mode == "always" or (mode == "auto" and tower_runs_live(batch))
 
 
 def chunked_forward(

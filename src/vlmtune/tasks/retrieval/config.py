@@ -25,17 +25,18 @@ class ModelConfig:
     temperature_max: float = setting(1.0, "Upper clamp of the temperature.")
     contrastive_batch: int = setting(
         0,
-        "Pairs per contrastive batch (one optimizer step), a multiple of train.batch_size; 0: train.batch_size. "
-        "The contrastive loss scores the whole batch; the matching, box and relation heads see chunks of "
-        "train.batch_size, and one chunk's activations are in memory at a time where grad_cache is on.",
+        "Pairs per contrastive batch (one optimizer step, per process), a multiple of train.batch_size; 0: "
+        "train.batch_size. The contrastive loss scores the whole batch; the matching, box and relation heads see "
+        "chunks of train.batch_size; with GradCache (grad_cache) one chunk's activations are in memory at a time.",
         low=0,
         high=10**7,
     )
-    grad_cache: Literal["auto", "on", "off"] = setting(
+    grad_cache: Literal["auto", "always", "never"] = setting(
         "auto",
-        "With contrastive_batch: 'on' embeds the chunks without a graph, takes the loss over the whole batch, then "
-        "re-runs each chunk with its cached gradient (GradCache); 'off' keeps every chunk's graph; 'auto': on "
-        "where a tower runs live (no cache, a prefix cache, an end-to-end stage), off from the feature cache.",
+        "With contrastive_batch: 'always' embeds the chunks without a graph, takes the loss over the whole batch, "
+        "then re-runs each chunk with its cached gradient (GradCache); 'never' keeps every chunk's graph; 'auto': "
+        "GradCache where a tower runs live (no cache, a prefix cache, an end-to-end stage), not from the feature "
+        "cache (only adapters run there).",
     )
     mrl_dims: list[int] = setting(
         [],
