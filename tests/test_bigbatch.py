@@ -98,3 +98,43 @@ def test_default_batch_is_today_s_path(scenes: Path) -> None:
 def test_contrastive_batch_must_be_a_multiple_of_the_batch(scenes: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.contrastive_batch: 10 is not a multiple of train.batch_size \(4\)"):
         load_config(CONFIGS / "retrieval_two_stage.yaml", ["train.batch_size=4", "model.contrastive_batch=10"])
+
+
+def test_training_with_a_contrastive_batch_runs_grad_cache_only_where_a_tower_runs_live(
+    tmp_path: Path, scenes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through `vlmtune train`: stage 1 (frozen towers, the feature cache) steps through
+    one graph; stage 2 (the last vision block trains from the cached prefix, live)
+    through GradCache; a step is one contrastive batch of 16 pairs in chunks of 8."""
+    import json
+
+    from vlmtune.cli import main
+    from vlmtune.tasks.retrieval import bigbatch
+
+    calls: list[int] = []
+    real = bigbatch.grad_cache
+
+    def counted(run, chunks, params, *, device):
+        calls.append(len(chunks))
+        return real(run, chunks, params, device=device)
+
+    monkeypatch.setattr(bigbatch, "grad_cache", counted)
+    out = tmp_path / "run"
+    args = [
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "model.contrastive_batch=16",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "model.embed_dim=32",
+        "model.head_hidden=16",
+    ]
+    assert main(["train", str(CONFIGS / "retrieval_two_stage.yaml"), "--output-dir", str(out), *args]) == 0
+    lines = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    train_records = len(read_pairs(str(scenes / "train.json")))
+    steps_per_epoch = train_records // 16
+    epochs = [x for x in lines if x.get("kind", x.get("type")) == "epoch" or "val" in x]
+    assert epochs and epochs[-1]["step"] == 2 * steps_per_epoch  # 16 pairs a step
+    assert calls == [2] * steps_per_epoch  # stage 2's epoch only, two chunks a step

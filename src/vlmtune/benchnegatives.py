@@ -136,7 +136,7 @@ def bench_negatives(
         model, batch, extra = built[name]
         _step(model, batch, extra)
     timings = interleave([Variant(v.name, run(v.name)) for v in variants], rounds)
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     base = median(timings[variants[0].name].wall) / (steps * chunk)
     for v in variants:
         t = timings[v.name]
@@ -185,10 +185,10 @@ def measure_step_memory(preset: str, rows: int, chunk: int, grad_cache: str) -> 
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        allocated = torch.cuda.memory_allocated(device)
         _step(model, batch, extra)
         _sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        peak = (torch.cuda.max_memory_allocated(device) - allocated) / 2**20
         how = "torch.cuda.max_memory_allocated above the allocation before the step"
     elif _reset_peak_rss():
         before = _status_mb("VmRSS")
@@ -196,9 +196,9 @@ def measure_step_memory(preset: str, rows: int, chunk: int, grad_cache: str) -> 
         peak = _status_mb("VmHWM") - before
         how = "peak resident set (VmHWM, reset before the step) above the resident set before it"
     else:  # no /proc: the growth of the process's high-water mark (0 when the step stays below it)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         _step(model, batch, extra)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - high) / 1024
         how = "growth of the process's peak resident set (ru_maxrss) during the step"
     return {
         "pairs": rows,

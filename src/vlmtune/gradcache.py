@@ -73,20 +73,21 @@ class _GradCacheFn(torch.autograd.Function):
                 job.states[c].restore()
                 with torch.enable_grad(), job.autocast():
                     rows, scalars = job.run(chunk)
-                    pairs = []
+                    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
                     for j, o in enumerate(rows):
                         g = grads[j]
                         if g is not None and o.requires_grad:
                             pairs.append((o, g[job.row_slices[c]]))
                     for j, name in enumerate(job.names):
-                        g, o = grads[len(rows) + j], scalars.get(name)
-                        if g is not None and o is not None and o.requires_grad:
-                            pairs.append((o.reshape(()), g[c]))
+                        gs, so = grads[len(rows) + j], scalars.get(name)
+                        if gs is not None and so is not None and so.requires_grad:
+                            pairs.append((so.reshape(()), gs[c]))
                 if pairs:
                     got = torch.autograd.grad([o for o, _ in pairs], params, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
                     for i, gi in enumerate(got):
                         if gi is not None:
-                            total[i] = gi if total[i] is None else total[i] + gi
+                            before = total[i]
+                            total[i] = gi if before is None else before + gi
                     del got
                 del rows, scalars, pairs  # this chunk's graph goes before the next one's
         finally:
