@@ -138,3 +138,15 @@ def test_training_with_a_contrastive_batch_runs_grad_cache_only_where_a_tower_ru
     epochs = [x for x in lines if x.get("kind", x.get("type")) == "epoch" or "val" in x]
     assert epochs and epochs[-1]["step"] == 2 * steps_per_epoch  # 16 pairs a step
     assert calls == [2] * steps_per_epoch  # stage 2's epoch only, two chunks a step
+
+
+def test_grad_cache_under_fsdp_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model.grad_cache: GradCache re-runs chunks .* set model.grad_cache=never"):
+        load_config(
+            CONFIGS / "retrieval_two_stage.yaml", ["train.batch_size=4", "model.contrastive_batch=8", "train.fsdp.enabled=true"]
+        )
+    cfg = load_config(
+        CONFIGS / "retrieval_two_stage.yaml",
+        ["train.batch_size=4", "model.contrastive_batch=8", "train.fsdp.enabled=true", "model.grad_cache=never"],
+    )
+    assert cfg.section("model").grad_cache == "never"

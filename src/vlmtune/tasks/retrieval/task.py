@@ -121,7 +121,13 @@ class RetrievalTask(Task[RetrievalModel]):
         """The contrastive loss scores each image against the batch's other captions."""
         if cfg.train.batch_size < 2:
             raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
-        big: int = cfg.section("model").contrastive_batch
+        m: ModelConfig = cfg.section("model")
+        big = m.contrastive_batch
+        if big > cfg.train.batch_size and m.grad_cache != "never" and cfg.train.fsdp.enabled:
+            raise ConfigError(
+                "model.grad_cache: GradCache re-runs chunks inside the backward pass, which FSDP's sharded "
+                "parameters do not support; set model.grad_cache=never (every chunk's graph kept) or train.fsdp.enabled=false"
+            )
         if big and big % cfg.train.batch_size:
             raise ConfigError(
                 f"model.contrastive_batch: {big} is not a multiple of train.batch_size ({cfg.train.batch_size}), "
