@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CONFIGS
 from vlmtune.benchnegatives import bench_negatives, measure_step_memory, render
 from vlmtune.cli import main
 
+TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
+
 
 def test_negatives_section_times_every_batch_and_grad_cache() -> None:
-    r = bench_negatives("tiny", chunk=4, sizes=(8, 16), steps=1, rounds=2, grad_cache_rows=8, memory_rows=0)
+    r = bench_negatives(TWO_STAGE, "tiny", chunk=4, sizes=(8, 16), steps=1, rounds=2, grad_cache_rows=8, memory_rows=0)
     v = r["variants"]
     assert list(v) == ["batch_4", "batch_8", "batch_16", "batch_8_gradcache"]
     assert v["batch_4"]["per_pair_ratio"] == 1.0 and v["batch_16"]["pairs"] == 16
@@ -27,7 +30,7 @@ def test_negatives_section_times_every_batch_and_grad_cache() -> None:
 
 
 def test_step_memory_is_measured_and_says_how() -> None:
-    m = measure_step_memory("tiny", 16, 4, "always")
+    m = measure_step_memory(TWO_STAGE, "tiny", 16, 4, "always")
     assert m["pairs"] == 16 and m["grad_cache"] == "always" and m["peak_mb"] >= 0
     assert "VmHWM" in m["how"] or "ru_maxrss" in m["how"] or "cuda" in m["how"]
 

@@ -990,7 +990,13 @@ def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dic
 
         sizes = a["negatives_sizes"] or [1024, 4096]
         result["negatives"] = bench_negatives(
-            preset, chunk=batch_size, sizes=tuple(sizes), rounds=rounds, grad_cache_rows=sizes[0], memory_rows=sizes[-1]
+            recipe_paths(a["recipes"])[0],
+            preset,
+            chunk=batch_size,
+            sizes=tuple(sizes),
+            rounds=rounds,
+            grad_cache_rows=sizes[0],
+            memory_rows=sizes[-1],
         )
 
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,16 +41,18 @@ class StepVariant:
     grad_cache: str = "never"
 
 
-def _setup(preset: str, rows: int, chunk: int, grad_cache: str, device: torch.device) -> tuple[Any, dict[str, Any], Any]:
-    """(model, a cache-shaped batch of ``rows`` pairs, optimizer) of stage 1."""
+def _setup(
+    recipe: str, preset: str, rows: int, chunk: int, grad_cache: str, device: torch.device
+) -> tuple[Any, dict[str, Any], Any]:
+    """(model, a cache-shaped batch of ``rows`` pairs, optimizer) of the two-stage
+    ``recipe``'s stage 1."""
     from vlmtune.backbone import load_backbone
-    from vlmtune.bench import recipe_paths
     from vlmtune.config import load_config
     from vlmtune.stages import apply_stage, build_plan
     from vlmtune.tasks.retrieval import RetrievalTask
 
     cfg = load_config(
-        recipe_paths()[0],
+        recipe,
         [
             f"backbone.name_or_path={preset}",
             f"train.batch_size={chunk}",
@@ -103,6 +106,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_negatives(
+    recipe: str | Path,
     preset: str = "tiny",
     chunk: int = 32,
     sizes: tuple[int, ...] = (1024, 4096),
@@ -120,7 +124,8 @@ def bench_negatives(
     variants = [StepVariant(f"batch_{chunk}", chunk)] + [StepVariant(f"batch_{n}", n) for n in sizes]
     if grad_cache_rows:
         variants.append(StepVariant(f"batch_{grad_cache_rows}_gradcache", grad_cache_rows, "always"))
-    built = {v.name: _setup(preset, v.rows, chunk, v.grad_cache, device) for v in variants}
+    recipe = str(recipe)
+    built = {v.name: _setup(recipe, preset, v.rows, chunk, v.grad_cache, device) for v in variants}
 
     def run(name: str) -> Any:
         model, batch, extra = built[name]
@@ -164,23 +169,23 @@ def bench_negatives(
             result["ratio_grad_cache_to_plain"] = round(gc["step_s"] / plain["step_s"], 4)
     if memory_rows:
         result["memory"] = {
-            mode: _memory_child(preset, memory_rows, chunk, mode) for mode in ("never", "always")
+            mode: _memory_child(recipe, preset, memory_rows, chunk, mode) for mode in ("never", "always")
         }  # fmt: skip
     return result
 
 
-def _memory_child(preset: str, rows: int, chunk: int, grad_cache: str) -> dict[str, Any]:
+def _memory_child(recipe: str, preset: str, rows: int, chunk: int, grad_cache: str) -> dict[str, Any]:
     env = dict(os.environ, VLMTUNE_BENCH_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, "-m", "vlmtune.benchnegatives", preset, str(rows), str(chunk), grad_cache]
+    cmd = [sys.executable, "-m", "vlmtune.benchnegatives", recipe, preset, str(rows), str(chunk), grad_cache]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_step_memory(preset: str, rows: int, chunk: int, grad_cache: str) -> dict[str, Any]:
+def measure_step_memory(recipe: str, preset: str, rows: int, chunk: int, grad_cache: str) -> dict[str, Any]:
     """Peak memory of one training step (in this fresh process), above what it held before."""
     torch.set_num_threads(int(os.environ.get("VLMTUNE_BENCH_THREADS", "1")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, batch, extra = _setup(preset, rows, chunk, grad_cache, device)
+    model, batch, extra = _setup(recipe, preset, rows, chunk, grad_cache, device)
     _sync(device)
     t0 = time.perf_counter()
     if device.type == "cuda":
@@ -266,5 +271,5 @@ def render(n: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-if __name__ == "__main__":  # the memory child: PRESET ROWS CHUNK GRAD_CACHE
-    print(json.dumps(measure_step_memory(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+if __name__ == "__main__":  # the memory child: RECIPE PRESET ROWS CHUNK GRAD_CACHE
+    print(json.dumps(measure_step_memory(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))

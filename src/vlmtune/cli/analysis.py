@@ -95,14 +95,6 @@ def add_bench(sub: Any) -> None:
         "contrastive batches of --negatives-sizes pairs from the cache against --batch-size, GradCache, peak memory)",
     )
     b.add_argument(
-        "--negatives-sizes",
-        type=positive_int,
-        nargs="+",
-        default=[1024, 4096],
-        help="negatives section: contrastive batch sizes, multiples of --batch-size; GradCache is timed at the first, "
-        "peak memory at the last (default 1024 4096)",
-    )
-    b.add_argument(
         "--stage-steps",
         type=positive_int,
         default=8,
@@ -132,8 +124,21 @@ def add_bench(sub: Any) -> None:
         "internvl3-1b-shapes runs on a CPU short)",
     )
     add_bench_timing_flags(b)
+    add_negatives_flags(b)
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
+
+
+def add_negatives_flags(b: Any) -> None:
+    """The negatives section's contrastive batch sizes."""
+    b.add_argument(
+        "--negatives-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[1024, 4096],
+        help="negatives section: contrastive batch sizes, multiples of --batch-size; GradCache is timed at the first, "
+        "peak memory at the last (default 1024 4096)",
+    )
 
 
 def add_bench_timing_flags(b: Any) -> None:

@@ -15,14 +15,11 @@ every chunk's graph (``grad_cache: never``) to float tolerance (tested).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vlmtune.gradcache import grad_cache
-
-if TYPE_CHECKING:
-    from vlmtune.tasks.retrieval.model import RetrievalModel
 
 # Losses computed over the whole contrastive batch; every other one is per chunk.
 WHOLE_BATCH: tuple[str, ...] = ("contrastive",)
@@ -45,11 +42,11 @@ def use_grad_cache(mode: str, batch: dict[str, Any]) -> bool:
 
 
 def chunked_forward(
-    model: RetrievalModel, batch: dict[str, Any], active: frozenset[str] | set[str], chunk_rows: int, mode: str
+    model: Any, batch: dict[str, Any], active: frozenset[str] | set[str], chunk_rows: int, mode: str, encodings: type
 ) -> dict[str, torch.Tensor]:
-    """The named, unweighted loss terms of a contrastive batch cut into chunks (see the module)."""
-    from vlmtune.tasks.retrieval.model import RetrievalEncodings
-
+    """The named, unweighted loss terms of a contrastive batch cut into chunks (see the
+    module): ``model`` a :class:`~.model.RetrievalModel`, ``encodings`` its
+    :class:`~.model.RetrievalEncodings` (passed in: this module is imported by the model's)."""
     n = len(batch["input_ids"])
     whole = {name for name in model.losses if name in active and name in WHOLE_BATCH}
     per_chunk = set(active) - whole
@@ -72,7 +69,7 @@ def chunked_forward(
             stacked[k] = (vals, torch.tensor([k in sc for _, sc in outs], device=vals.device))
     terms: dict[str, torch.Tensor] = {}
     # The whole batch's losses (no patches: those are per chunk), then the chunks' means.
-    enc = RetrievalEncodings(model, batch, image, image.new_zeros(0), text, batch["image_id"])
+    enc = encodings(model, batch, image, image.new_zeros(0), text, batch["image_id"])
     terms.update(model.losses.terms(enc, whole, model.loss_weights))
     for k, (vals, present) in stacked.items():
         mean = (vals * present.to(vals.dtype)).sum() / present.sum().clamp_min(1)

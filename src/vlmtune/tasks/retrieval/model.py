@@ -177,7 +177,7 @@ class RetrievalModel(TaskModel):
         if self.chunk_rows and len(batch["input_ids"]) > self.chunk_rows:
             from vlmtune.tasks.retrieval.bigbatch import chunked_forward
 
-            terms = chunked_forward(self, batch, active, self.chunk_rows, self.cfg.grad_cache)
+            terms = chunked_forward(self, batch, active, self.chunk_rows, self.cfg.grad_cache, RetrievalEncodings)
         else:
             terms = self.losses.terms(self.encode(batch), active, self.loss_weights)
         terms["diag/temperature"] = (1.0 / self.logit_scale()).detach()
