@@ -35,7 +35,7 @@ def test_step_memory_is_measured_and_says_how() -> None:
     assert "VmHWM" in m["how"] or "ru_maxrss" in m["how"] or "cuda" in m["how"]
 
 
-@pytest.mark.slow  # two fresh processes for the memory of the largest step: about 20 s on a loaded CPU
+@pytest.mark.slow  # four step variants and two fresh processes for the memory: about 60 s on the loaded 2-core machine
 def test_bench_command_negatives_section(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--sections", "negatives", "--batch-size", "8", "--negatives-sizes", "16", "32"]

@@ -94,7 +94,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
         "weights": ckpt.digests.get("weights.safetensors"),
         "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
         "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
-        "model": asdict(model),
+        "model": {k: v for k, v in asdict(model).items() if k not in getattr(model, "TRAINING_ONLY", ())},
     }
     return sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())
 

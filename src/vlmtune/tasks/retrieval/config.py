@@ -7,7 +7,7 @@ validation, ``config explain`` and the CLI flags mirroring a key read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from vlmtune.config.fields import setting
 from vlmtune.errors import ConfigError
@@ -16,6 +16,10 @@ from vlmtune.errors import ConfigError
 @dataclass
 class ModelConfig:
     """Adapters, projectors and heads."""
+
+    # Keys that shape training only, not what a trained checkpoint computes: left out of
+    # its fingerprint (vlmtune.api.checkpoint_fingerprint), which stays what it was before them.
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("contrastive_batch", "grad_cache", "mrl_dims", "mrl_weights")
 
     embed_dim: int = setting(256, "Width of adapters and projectors.", low=1, high=65536)
     adapter_dropout: float = setting(0.1, "Dropout after the adapters' activation.", low=0, high=1, high_open=True)
