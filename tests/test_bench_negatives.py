@@ -26,6 +26,7 @@ def test_negatives_section_times_every_batch_and_grad_cache() -> None:
     assert r["ratio_grad_cache_to_plain"] == pytest.approx(v["batch_8_gradcache"]["step_s"] / v["batch_8"]["step_s"], rel=1e-3)
     assert r["losses"] == ["contrastive", "matching"]
     md = "\n".join(render(r))
+    assert all(row["per_pair_cpu_ratio"] is None or row["per_pair_cpu_ratio"] > 0 for row in v.values())
     assert "| batch_16 | 16 | 4 | never |" in md and "GradCache / every chunk's graph kept" in md
 
 

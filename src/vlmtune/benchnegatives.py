@@ -143,16 +143,19 @@ def bench_negatives(
     timings = interleave([Variant(v.name, run(v.name)) for v in variants], rounds)
     rows: dict[str, dict[str, Any]] = {}
     base = median(timings[variants[0].name].wall) / (steps * chunk)
+    base_cpu = median(timings[variants[0].name].cpu) / (steps * chunk)
     for v in variants:
         t = timings[v.name]
-        per_step = median(t.wall) / steps
+        per_step, cpu_step = median(t.wall) / steps, median(t.cpu) / steps
         rows[v.name] = {
             "pairs": v.rows,
             "chunk": chunk,
             "grad_cache": v.grad_cache,
             "step_s": round(per_step, 5),
+            "step_cpu_s": round(cpu_step, 5),
             "per_pair_ms": round(1000 * per_step / v.rows, 5),
             "per_pair_ratio": round(per_step / v.rows / base, 4),
+            "per_pair_cpu_ratio": round(cpu_step / v.rows / base_cpu, 4) if base_cpu > 0 else None,
             "timing": timing_row(t),
         }
     result: dict[str, Any] = {
@@ -167,6 +170,8 @@ def bench_negatives(
         gc, plain = rows[f"batch_{grad_cache_rows}_gradcache"], rows.get(f"batch_{grad_cache_rows}")
         if plain is not None:
             result["ratio_grad_cache_to_plain"] = round(gc["step_s"] / plain["step_s"], 4)
+            if plain["step_cpu_s"] > 0:
+                result["cpu_ratio_grad_cache_to_plain"] = round(gc["step_cpu_s"] / plain["step_cpu_s"], 4)
     if memory_rows:
         result["memory"] = {
             mode: _memory_child(recipe, preset, memory_rows, chunk, mode) for mode in ("never", "always")
@@ -251,18 +256,25 @@ def render(n: dict[str, Any]) -> list[str]:
     lines = [
         f"## Negatives: contrastive batch size from the cache ({n['device']}, losses {', '.join(n['losses'])})",
         "",
-        "| variant | pairs | chunk | GradCache | s/step (min-max) | ms/pair | per-pair vs plain |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | pairs | chunk | GradCache | s/step (min-max) | CPU s/step | ms/pair | per-pair vs plain (wall; CPU) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in n["variants"].items():
         steps = n["steps_per_round"]
+        cpu_ratio = r.get("per_pair_cpu_ratio")
         lines.append(
             f"| {name} | {r['pairs']} | {r['chunk']} | {r['grad_cache']} | {spread(r['timing'], 1 / steps, '.4f')} "
-            f"| {r['per_pair_ms']:.4f} | {r['per_pair_ratio']:.2f}x |"
+            f"| {r.get('step_cpu_s', 0):.4f} | {r['per_pair_ms']:.4f} | {r['per_pair_ratio']:.2f}x; "
+            + (f"{cpu_ratio:.2f}x |" if cpu_ratio is not None else "- |")
         )
     lines.append("")
     if "ratio_grad_cache_to_plain" in n:
-        lines += [f"GradCache / every chunk's graph kept, same batch: {n['ratio_grad_cache_to_plain']:.2f}x per step.", ""]
+        cpu = n.get("cpu_ratio_grad_cache_to_plain")
+        lines += [
+            f"GradCache / every chunk's graph kept, same batch: {n['ratio_grad_cache_to_plain']:.2f}x per step"
+            + (f" ({cpu:.2f}x in CPU time)." if cpu is not None else "."),
+            "",
+        ]
     for mode, m in n.get("memory", {}).items():
         lines.append(
             f"Peak memory of one {m['pairs']}-pair step (chunks of {m['chunk']}, GradCache {mode}): "
