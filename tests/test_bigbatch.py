@@ -100,7 +100,7 @@ def test_contrastive_batch_must_be_a_multiple_of_the_batch(scenes: Path) -> None
         load_config(CONFIGS / "retrieval_two_stage.yaml", ["train.batch_size=4", "model.contrastive_batch=10"])
 
 
-def test_training_with_a_contrastive_batch_runs_grad_cache_only_where_a_tower_runs_live(
+def test_training_with_a_contrastive_batch_runs_grad_cache_only_where_a_tower_trains(
     tmp_path: Path, scenes: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through `vlmtune train`: stage 1 (frozen towers, the feature cache) steps through

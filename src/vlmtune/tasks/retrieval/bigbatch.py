@@ -31,14 +31,16 @@ def slice_batch(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v for k, v in batch.items()}
 
 
-def tower_runs_live(batch: dict[str, Any]) -> bool:
-    """Whether a tower runs in this batch's forward: pixels or a prefix state instead of
-    the cached vision tower's output, or no cached text states."""
-    return "pixel_values" in batch or "vision_hidden" in batch or "text_hidden" not in batch
+def tower_trains(model: Any) -> bool:
+    """Whether a tower runs live with a graph: some backbone parameter trains (the last
+    vision blocks above the cached prefix, a tower trained end to end). A frozen tower
+    run live keeps no activations for backward, so chunking it saves little and would
+    run it twice."""
+    return any(p.requires_grad for p in model.backbone.parameters())
 
 
-def use_grad_cache(mode: str, batch: dict[str, Any]) -> bool:
-    return mode == "always" or (mode == "auto" and tower_runs_live(batch))
+def use_grad_cache(mode: str, model: Any) -> bool:
+    return mode == "always" or (mode == "auto" and tower_trains(model))
 
 
 def chunked_forward(
@@ -56,7 +58,7 @@ def chunked_forward(
         enc = model.encode(chunk)
         return [enc.image, enc.text], model.losses.terms(enc, per_chunk, model.loss_weights)
 
-    if torch.is_grad_enabled() and use_grad_cache(mode, batch):
+    if torch.is_grad_enabled() and use_grad_cache(mode, model):
         (image, text), stacked = grad_cache(run, chunks, list(model.parameters()), device=batch["input_ids"].device)
     else:
         outs = [run(c) for c in chunks]

@@ -39,8 +39,8 @@ class ModelConfig:
         "auto",
         "With contrastive_batch: 'always' embeds the chunks without a graph, takes the loss over the whole batch, "
         "then re-runs each chunk with its cached gradient (GradCache); 'never' keeps every chunk's graph; 'auto': "
-        "GradCache where a tower runs live (no cache, a prefix cache, an end-to-end stage), not from the feature "
-        "cache (only adapters run there).",
+        "GradCache where a tower trains (the last vision blocks above the cached prefix, an end-to-end stage), "
+        "not where the towers are frozen (from the feature cache only adapters run).",
     )
     mrl_dims: list[int] = setting(
         [],
