@@ -495,3 +495,35 @@ def test_two_processes_resume_their_own_random_streams_exactly(tmp_path: Path, s
     for k, v in m1.items():
         if k.startswith(("retrieval/", "grounding/", "spatial/")):
             assert m2[k] == v, k
+
+
+@pytest.mark.slow  # a torchrun launch and a one-process run (about 20 s): the second CI step runs it
+def test_two_processes_with_grad_cache_match_one_with_the_same_contrastive_batch(tmp_path: Path, scenes: Path) -> None:
+    """GradCache under DDP: a global contrastive batch of 16 pairs, as 2 processes x 8 in
+    chunks of 4 or 1 process x 16 in chunks of 8, GradCache in both stages. The
+    embeddings are gathered with gradient as without GradCache and each parameter's
+    gradient reaches DDP once per step, so the per-step losses agree as in the test
+    above (every record has a box and a relation: the per-chunk means are global means)."""
+    common = [
+        TWO_STAGE,
+        f"data.synthetic_dir={scenes}",
+        "data.synthetic.n=40",
+        "train.epochs=2",
+        "stages.1.start_epoch=1",
+        "train.progress=false",
+        "eval.batch_size=16",
+        "model.adapter_dropout=0",
+        "loss.matching=0",
+        "loss.relation=0.1",
+        "train.log_every=1",
+        "model.grad_cache=always",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *common, "train.batch_size=8", "model.contrastive_batch=16", "--output-dir", str(one)]) == 0
+    res = _torchrun(["train", *common, "train.batch_size=4", "model.contrastive_batch=8", "--output-dir", str(two)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _steps(one), _steps(two)
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= 4
+    for x, y in zip(a, b):
+        for k in [k for k in x if k == "loss" or k.startswith("loss/")]:
+            assert y[k] == pytest.approx(x[k], abs=1e-5), (x["step"], k)

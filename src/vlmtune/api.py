@@ -116,7 +116,7 @@ def fingerprint_parts(ckpt: Checkpoint) -> dict[str, Any]:
         "weights": ckpt.digests.get("weights.safetensors"),
         "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
         "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
-        "model": asdict(model),
+        "model": {k: v for k, v in asdict(model).items() if k not in getattr(model, "TRAINING_ONLY", ())},
     }
 
 

@@ -33,6 +33,12 @@ search     ``vlmtune search``'s exact search over N stored embeddings (random un
            vectors, D=256, saved and opened as an index folder): milliseconds per
            single text query (its embedding given), median and 95th percentile, and
            the index's load time.
+negatives  stage-1 training steps from the cache at the plain batch (--batch-size) and
+           at contrastive batches of 1,024 and 4,096 pairs (model.contrastive_batch,
+           in chunks of --batch-size): seconds per step and per pair, the per-pair cost
+           against the plain step, GradCache against keeping every chunk's graph at
+           1,024 pairs, and the peak memory of one 4,096-pair step with and without
+           GradCache, each in a fresh process (vlmtune.benchnegatives).
 """
 
 from __future__ import annotations
@@ -923,6 +929,7 @@ def run_bench(
     rounds: int = 3,
     threads: int | None = None,
     loader_workers: list[int] | None = None,
+    negatives_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Every section asked for, ``rounds`` interleaved rounds where a section compares
     variants, on ``threads`` torch threads (default: one on CPU, see benchtiming)."""
@@ -931,7 +938,7 @@ def run_bench(
 
     out = output_folder(out, "--out")
     make_folder(out, "--out")
-    sections = sections or ["training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp"]
+    sections = sections or ["training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp", "negatives"]
     with bench_threads(threads) as n_threads:
         result: dict[str, Any] = {"machine": _machine() | {"load_average_start": load_average()}, "preset": preset}
         result["machine"]["bench_threads"] = n_threads
@@ -978,6 +985,19 @@ def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dic
         result["search"] = bench_search(a["search_size"], out=out)
     if "fsdp" in sections:
         result["fsdp"] = bench_fsdp(preset, min(images, 32), min(batch_size, 8), out)
+    if "negatives" in sections:
+        from vlmtune.benchnegatives import bench_negatives
+
+        sizes = a["negatives_sizes"] or [1024, 4096]
+        result["negatives"] = bench_negatives(
+            recipe_paths(a["recipes"])[0],
+            preset,
+            chunk=batch_size,
+            sizes=tuple(sizes),
+            rounds=rounds,
+            grad_cache_rows=sizes[0],
+            memory_rows=sizes[-1],
+        )
 
 
 def render(r: dict[str, Any]) -> str:
@@ -1010,6 +1030,10 @@ def render(r: dict[str, Any]) -> str:
         lines += _render_search(r["search"])
     if "fsdp" in r:
         lines += _render_fsdp(r["fsdp"])
+    if "negatives" in r:
+        from vlmtune.benchnegatives import render as render_negatives
+
+        lines += render_negatives(r["negatives"])
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from vlmtune import runfolder
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
+from vlmtune.tasks.retrieval.matryoshka import check_dim, trained_dims, truncate
 from vlmtune.utils import jsonl_objects
 
 if TYPE_CHECKING:
@@ -225,9 +226,12 @@ def embed(
     texts: str | Path | None = None,
     progress: bool = True,
     model: Model | None = None,
+    dim: int | None = None,
 ) -> dict[str, Any]:
     """``vlmtune embed``: embeddings of a folder's images or a data set's images and
-    captions (plus ``texts``) into ``out``; only rows not already there are computed."""
+    captions (plus ``texts``) into ``out``; only rows not already there are computed.
+    ``dim``: a width the checkpoint trained (Matryoshka, ``model.mrl_dims``); the
+    first ``dim`` coordinates, renormalised. None: the full width."""
     from vlmtune.api import load
 
     if (images is None) == (data is None):
@@ -249,6 +253,7 @@ def embed(
             "data": str(Path(data).resolve()) if data else None,
             "texts": str(Path(texts).resolve()) if texts else None,
         },
+        dim,
     )
     job.read_previous()
     job.plan(images, data)
@@ -276,9 +281,12 @@ class _EmbedJob:
     """One ``vlmtune embed`` run: what the output folder already holds, what to embed,
     and the writer of the folder's files (saved every FLUSH_EVERY images and at the end)."""
 
-    def __init__(self, model: Model, out: Path, source: dict[str, str | None]):
+    def __init__(self, model: Model, out: Path, source: dict[str, str | None], dim: int | None = None):
         self.m, self.out, self.source = model, out, source
-        self.dim = int(model.cfg.section("model").embed_dim)
+        self.trained = model_widths(model)
+        if dim is not None:
+            check_dim(dim, self.trained[-1], self.trained[:-1], f"the checkpoint {model.folder}")
+        self.dim = dim or self.trained[-1]
         self.old_img: dict[str, tuple[dict[str, Any], Tensor]] = {}  # path -> (row, embedding) from before
         self.txt_emb: dict[str, Tensor] = {}  # text -> embedding (before and now)
         self.order: list[str] = []  # image paths, in output order
@@ -302,6 +310,10 @@ class _EmbedJob:
         if meta.get("fingerprint") != self.m.fingerprint:
             raise CheckpointError(
                 f"{out}: holds embeddings made by another checkpoint ({meta.get('checkpoint')}); choose another --out"
+            )
+        if meta.get("dim", tensors["images"].shape[1]) != self.dim:
+            raise VlmtuneError(
+                f"{out}: holds embeddings of width {meta.get('dim')}, not {self.dim}; choose another --out or --dim {meta.get('dim')}"
             )
         before = meta.get("source") or {}
         if before.get("images") != self.source["images"] or before.get("data") != self.source["data"]:
@@ -363,7 +375,7 @@ class _EmbedJob:
                     self.unreadable[p] = str(e)
                     log.warning("skipped %s", e)
             if loaded:
-                emb = self.m.embed_images([x[3] for x in loaded])
+                emb = truncate(self.m.embed_images([x[3] for x in loaded]), self.dim)
                 for (p, size, mtime, _), vec in zip(loaded, emb):
                     self.img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, vec)
             bar.update(len(batch))
@@ -380,7 +392,7 @@ class _EmbedJob:
         self.text_rows = rows + [{"text": t} for t in extra_texts]
         new_texts = list(dict.fromkeys(r["text"] for r in self.text_rows if r["text"] not in self.txt_emb))
         if new_texts:
-            self.txt_emb.update(zip(new_texts, self.m.embed_texts(new_texts, progress=progress)))
+            self.txt_emb.update(zip(new_texts, truncate(self.m.embed_texts(new_texts, progress=progress), self.dim)))
         return new_texts
 
     def rows(self) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
@@ -422,6 +434,7 @@ class _EmbedJob:
             "weights_sha256": m.checkpoint.digests.get("weights.safetensors"),
             "task": m.task_name,
             "dim": self.dim,
+            "trained_dims": self.trained,
             "source": self.source,
             "images": len(img_t),
             "texts": len(txt_t),
@@ -487,11 +500,20 @@ def build_index(
     ef_search: int = 128,
     recall_queries: int = 1000,
     seed: int = 0,
+    dim: int | None = None,
 ) -> dict[str, Any]:
     """``vlmtune index``: the gallery of an embed folder as an exact (and optionally a
-    FAISS IVF or HNSW) index in ``out``."""
+    FAISS IVF or HNSW) index in ``out``; with ``dim``, of its embeddings' first ``dim``
+    coordinates renormalised (a width the checkpoint trained, at most the folder's)."""
     embed_dir, out = Path(embed_dir), Path(out)
     meta, tensors, items = read_embed_folder(embed_dir)
+    width = int(tensors["images"].shape[1])
+    trained = [int(d) for d in meta.get("trained_dims") or [width]]
+    if dim is not None:
+        if dim > width:
+            raise VlmtuneError(f"--dim: {embed_dir} holds embeddings of width {width}; an index of it is at most that wide")
+        check_dim(dim, trained[-1], trained[:-1], f"the checkpoint of {embed_dir}")
+        tensors = {k: truncate(v.float(), dim) for k, v in tensors.items()}
     kind = kind or ("images" if len(tensors.get("images", [])) else "texts")
     if kind not in ("images", "texts"):
         raise VlmtuneError(f"--kind: expected images or texts, got '{kind}'")
@@ -510,6 +532,7 @@ def build_index(
         "kind": kind,
         "count": len(gallery),
         "dim": gallery.shape[1],
+        "trained_dims": trained,
         "checkpoint": meta.get("checkpoint"),
         "fingerprint": meta.get("fingerprint"),
         "weights_sha256": meta.get("weights_sha256"),
@@ -657,19 +680,38 @@ def read_queries(path: Path) -> list[dict[str, Any]]:
 
 
 def search(
-    index: Index, model: Model, queries: list[dict[str, Any]], k: int = 10, rerank: bool = False, rerank_k: int | None = None
+    index: Index,
+    model: Model,
+    queries: list[dict[str, Any]],
+    k: int = 10,
+    rerank: bool = False,
+    rerank_k: int | None = None,
+    dim: int | None = None,
 ) -> list[dict[str, Any]]:
     """Ranked results of each query ({"text": ...} or {"image": path}): a list of
-    {"query", "results": [{"rank", "score", "id", "path" | "text", ("match")}]}."""
+    {"query", "results": [{"rank", "score", "id", "path" | "text", ("match")}]}.
+    Queries are embedded at the index's width; ``dim``, when given, must be it."""
     if k < 1:
         raise VlmtuneError(f"-k: must be at least 1, got {k}")
+    width = int(index.gallery.shape[1])
+    if dim is not None and dim != width:
+        raise VlmtuneError(
+            f"--dim: the index {index.folder} holds embeddings of width {width}, not {dim}; "
+            f"search it at width {width} (omit --dim) or build an index with vlmtune index --dim {dim}"
+        )
+    trained = model_widths(model)
+    check_dim(width, trained[-1], trained[:-1], f"the checkpoint {model.folder}")
+    if rerank and width != trained[-1]:
+        raise VlmtuneError(
+            f"--rerank: the matching head reads full-width embeddings ({trained[-1]}); the index {index.folder} is {width} wide"
+        )
     texts = [i for i, q in enumerate(queries) if "text" in q]
     imgs = [i for i, q in enumerate(queries) if "image" in q]
     emb = torch.zeros(len(queries), index.gallery.shape[1])
     if texts:
-        emb[texts] = model.embed_texts([queries[i]["text"] for i in texts])
+        emb[texts] = truncate(model.embed_texts([queries[i]["text"] for i in texts]), width)
     if imgs:
-        emb[imgs] = model.embed_images([Path(queries[i]["image"]) for i in imgs])
+        emb[imgs] = truncate(model.embed_images([Path(queries[i]["image"]) for i in imgs]), width)
     r = (rerank_k or k) if rerank else 0
     scores, rows = index.topk(emb, max(k, r))
     match = None
@@ -720,6 +762,12 @@ def _rerank(
     head = match[:, :r].argsort(dim=1, descending=True, stable=True)
     order = torch.cat([head, torch.arange(r, rows.shape[1]).expand(len(rows), -1)], dim=1)
     return scores.gather(1, order), rows.gather(1, order), match.gather(1, order)
+
+
+def model_widths(model: Model) -> list[int]:
+    """The widths a retrieval checkpoint trained, ascending (the full one last)."""
+    section = model.cfg.section("model")
+    return trained_dims(int(section.embed_dim), list(getattr(section, "mrl_dims", []) or []))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -59,7 +59,8 @@ def add_bench(sub: Any) -> None:
         "frozen prefix and its wall time against the single-stage recipe, the counting recipe's stage-1 epochs "
         "with and without its vision cache, dataloader throughput, retrieval evaluation against a bare "
         "matmul, on a GPU bf16 feature extraction, exact search over stored embeddings, and (fsdp) peak memory per "
-        "process under FSDP vs DDP. Writes bench.json and bench.md.",
+        "process under FSDP vs DDP, and (negatives) large contrastive batches from the cache with GradCache and "
+        "their peak memory. Writes bench.json and bench.md.",
     )
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument(
@@ -89,8 +90,9 @@ def add_bench(sub: Any) -> None:
     b.add_argument(
         "--sections",
         nargs="+",
-        choices=("training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp"),
-        help="default: all (counting: the counting recipe's stage 1 with and without the vision cache)",
+        choices=("training", "stages", "counting", "loader", "eval", "gpu", "search", "fsdp", "negatives"),
+        help="default: all (counting: the counting recipe's stage 1 with and without the vision cache; negatives: "
+        "contrastive batches of --negatives-sizes pairs from the cache against --batch-size, GradCache, peak memory)",
     )
     b.add_argument(
         "--stage-steps",
@@ -122,8 +124,21 @@ def add_bench(sub: Any) -> None:
         "internvl3-1b-shapes runs on a CPU short)",
     )
     add_bench_timing_flags(b)
+    add_negatives_flags(b)
     b.add_argument("--progress", action="store_true", help="show training progress bars")
     b.set_defaults(func=cmd_bench)
+
+
+def add_negatives_flags(b: Any) -> None:
+    """The negatives section's contrastive batch sizes."""
+    b.add_argument(
+        "--negatives-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[1024, 4096],
+        help="negatives section: contrastive batch sizes, multiples of --batch-size; GradCache is timed at the first, "
+        "peak memory at the last (default 1024 4096)",
+    )
 
 
 def add_bench_timing_flags(b: Any) -> None:
@@ -166,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         threads=args.threads,
         loader_workers=args.loader_workers,
+        negatives_sizes=args.negatives_sizes,
     )
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")

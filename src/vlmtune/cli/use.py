@@ -109,13 +109,27 @@ def add_embed(sub: Any) -> None:
     em.add_argument("--texts", help="also embed these texts: one per line, or JSONL with a 'text' field")
     em.add_argument("--out", required=True, help="output folder (only this folder is written)")
     em.add_argument("--no-progress", action="store_true", help="no progress bar")
+    em.add_argument(
+        "--dim",
+        type=int,
+        help="embed at this width: one the checkpoint trained (model.mrl_dims, Matryoshka), the first DIM "
+        "coordinates renormalised (default: the full model.embed_dim)",
+    )
     em.set_defaults(func=cmd_embed)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from vlmtune.search import embed
 
-    r = embed(args.checkpoint, args.out, images=args.images, data=args.data, texts=args.texts, progress=not args.no_progress)
+    r = embed(
+        args.checkpoint,
+        args.out,
+        images=args.images,
+        data=args.data,
+        texts=args.texts,
+        progress=not args.no_progress,
+        dim=args.dim,
+    )
     print(
         f"embedded {r['embedded_images']} images ({r['kept_images']} kept from before, {r['changed_images']} changed, "
         f"{r['removed_images']} removed, {len(r['unreadable'])} unreadable) and {r['embedded_texts']} new texts; "
@@ -141,6 +155,12 @@ def add_index(sub: Any) -> None:
     ix.add_argument("--nprobe", type=int, help="IVF: lists probed per query (default: max(16, nlist/8), at most nlist)")
     ix.add_argument("--hnsw-m", type=int, default=32, help="HNSW: neighbours per node (default 32)")
     ix.add_argument("--ef-search", type=int, default=128, help="HNSW: search breadth (default 128)")
+    ix.add_argument(
+        "--dim",
+        type=int,
+        help="index at this width: one the checkpoint trained (Matryoshka), at most the embed folder's "
+        "(default: the folder's width)",
+    )
     ix.set_defaults(func=cmd_index)
 
 
@@ -156,6 +176,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         hnsw_m=args.hnsw_m,
         ef_search=args.ef_search,
+        dim=args.dim,
     )
     print(f"indexed {info['count']} {info['kind']} ({info['dim']}-d, {info['search']} search) into {args.out}")
     if "recall_at_10" in info:
@@ -187,6 +208,7 @@ def add_search(sub: Any) -> None:
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.add_argument("--out", help="with --queries: write the JSONL here instead of to stdout")
     se.add_argument("--checkpoint", help="the checkpoint to embed queries with, if it moved (its fingerprint must match)")
+    se.add_argument("--dim", type=int, help="the width to query at; must be the index's (default: the index's, from index.json)")
     se.set_defaults(func=cmd_search)
 
 
@@ -204,7 +226,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
         if args.text is not None and not args.text.strip():
             raise VlmtuneError("--text: the query is empty")
-    results = search(index, model, queries, k=args.k, rerank=args.rerank, rerank_k=args.rerank_k)
+    results = search(index, model, queries, k=args.k, rerank=args.rerank, rerank_k=args.rerank_k, dim=args.dim)
     if args.queries:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         if args.out:

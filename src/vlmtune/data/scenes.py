@@ -336,7 +336,7 @@ def generate_scenes(
         rel_path = f"images/scene_{i:05d}.png"
         img.save(out / rel_path)
         written.append(out / rel_path)
-        recs = []
+        recs: list[dict[str, object]] = []
         neg_rng = random.Random(f"vlmtune.scenes.negatives:{seed}:{i}")
         for sub, ref, rel in triples:
             text, negatives = _caption(sub, ref, rel, rng, objs, neg_rng)

@@ -26,6 +26,7 @@ from vlmtune.metrics.classification import classification_metrics, majority_base
 from vlmtune.metrics.retrieval import RetrievalRankings, ks_beyond_gallery, retrieval_metrics
 from vlmtune.metrics.text_baseline import text_box_baseline, text_classifier_baseline
 from vlmtune.tasks.common import shard_rows
+from vlmtune.tasks.retrieval import matryoshka
 from vlmtune.tasks.retrieval.model import RetrievalModel
 
 
@@ -167,6 +168,7 @@ def score_outputs(
         metrics, rankings = result
     else:
         metrics = result
+    metrics.update(matryoshka.width_metrics(model.cfg, gallery, texts, t2i, ev))
     metrics["retrieval/n_images"] = n_img
     metrics["retrieval/n_captions"] = len(texts)
     metrics["retrieval/temperature"] = float(1.0 / model.logit_scale())

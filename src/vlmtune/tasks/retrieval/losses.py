@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from vlmtune.distributed import all_gather, all_gather_with_grad, global_count, mean_share
 from vlmtune.losses import LossRegistry, box_loss_rows, contrastive_loss, hard_negative_pairs
 from vlmtune.losses.negatives import contrastive_loss_with_negatives, explicit_negative_pairs
+from vlmtune.tasks.retrieval import matryoshka
 from vlmtune.tasks.retrieval.model import RetrievalEncodings
 
 LOSSES = LossRegistry()
@@ -27,14 +28,18 @@ LOSSES = LossRegistry()
 
 @LOSSES.register("contrastive", weight=1.0, help="Weight of the symmetric InfoNCE loss.")
 def contrastive(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
-    """In-batch InfoNCE; with negatives beyond the batch (the ``negatives`` section) they
-    are extra columns of every row."""
-    neg = enc.negatives
-    if neg is None:
-        return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, enc.model.logit_scale())}
-    scale = enc.model.logit_scale()
-    loss = contrastive_loss_with_negatives(enc.image, enc.text, enc.ids, scale, neg.text, neg.text_ids, neg.image, neg.image_ids)
-    return {"contrastive": loss}
+    """Symmetric InfoNCE; with negatives beyond the batch (the ``negatives`` section) they
+    are extra columns of every row; with ``model.mrl_dims`` its sum over the trained
+    widths (:mod:`.matryoshka`; the task refuses both together)."""
+    m, neg = enc.model, enc.negatives
+    if neg is not None:
+        loss = contrastive_loss_with_negatives(
+            enc.image, enc.text, enc.ids, m.logit_scale(), neg.text, neg.text_ids, neg.image, neg.image_ids
+        )
+        return {"contrastive": loss}
+    if m.cfg.mrl_dims:
+        return matryoshka.contrastive_terms(enc, contrastive_loss)
+    return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, m.logit_scale())}
 
 
 @LOSSES.register("matching", weight=1.0, help="Weight of the image-text matching loss (hard negatives).")

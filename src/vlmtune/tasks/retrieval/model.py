@@ -63,14 +63,18 @@ class RetrievalModel(TaskModel):
         *,
         vision_pooling: str = "mean",
         text_pooling: str = "mean",
+        chunk_rows: int = 0,
     ):
         """``losses``: the task's registered losses, which ``forward`` computes;
-        ``loss_weights``: every loss's and part's weight (the parts' sub-weights apply here)."""
+        ``loss_weights``: every loss's and part's weight (the parts' sub-weights apply here);
+        ``chunk_rows``: a training batch with more rows is a contrastive batch of chunks
+        of that many (:mod:`.bigbatch`); 0: never."""
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
         self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
         self.losses, self.loss_weights = losses, dict(loss_weights)
+        self.chunk_rows = chunk_rows
         d, info = cfg.embed_dim, backbone.info
         self.vision_adapter = Adapter(info.vision_hidden, d, cfg.adapter_dropout)
         self.text_adapter = Adapter(info.text_hidden, d, cfg.adapter_dropout)
@@ -177,6 +181,11 @@ class RetrievalModel(TaskModel):
 
     def forward(self, batch: dict[str, torch.Tensor], active: frozenset[str] | set[str]) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of the active registered losses (plus diagnostics under 'diag/')."""
-        terms = self.losses.terms(self.encode(batch), active, self.loss_weights)
+        if self.chunk_rows and len(batch["input_ids"]) > self.chunk_rows:
+            from vlmtune.tasks.retrieval.bigbatch import chunked_forward
+
+            terms = chunked_forward(self, batch, active, self.chunk_rows, self.cfg.grad_cache, RetrievalEncodings)
+        else:
+            terms = self.losses.terms(self.encode(batch), active, self.loss_weights)
         terms["diag/temperature"] = (1.0 / self.logit_scale()).detach()
         return terms

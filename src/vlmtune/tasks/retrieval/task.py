@@ -88,12 +88,18 @@ class RetrievalTask(Task[RetrievalModel]):
         negatives: NegativesConfig | None = None,
     ):
         """``loss``: the weight of each registered loss and part (defaults where it has none);
-        ``negatives``: negatives beyond the batch (None or all off: in-batch only)."""
+        ``negatives``: negatives beyond the batch (None or all off: in-batch only).
+        ``model.contrastive_batch`` > ``train_batch_size``: training batches hold that
+        many pairs, in chunks of ``train_batch_size`` (:mod:`.bigbatch`)."""
         super().__init__(loss=loss)
         self.negatives = negatives or NegativesConfig()
         self.negative_bank: NegativeBank | None = NegativeBank(self.negatives) if self.negatives.enabled else None
         self.model_cfg, self.data, self.eval_cfg = model, data, eval
         self.train_batch_size = train_batch_size
+        # Rows per training batch, and the chunk a contrastive batch is cut into (0: none).
+        big = model.contrastive_batch > train_batch_size
+        self.train_rows = model.contrastive_batch if big else train_batch_size
+        self.chunk_rows = train_batch_size if big else 0
         self.max_text_tokens = max_text_tokens
         self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
         self.cache_dtype = cache_dtype
@@ -124,10 +130,35 @@ class RetrievalTask(Task[RetrievalModel]):
         """The contrastive loss scores each image against the batch's other captions."""
         if cfg.train.batch_size < 2:
             raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
+        m: ModelConfig = cfg.section("model")
+        big = m.contrastive_batch
+        if big > cfg.train.batch_size and m.grad_cache != "never" and cfg.train.fsdp.enabled:
+            raise ConfigError(
+                "model.grad_cache: GradCache re-runs chunks inside the backward pass, which FSDP's sharded "
+                "parameters do not support; set model.grad_cache=never (every chunk's graph kept) or train.fsdp.enabled=false"
+            )
+        neg: NegativesConfig = cfg.section("negatives")
+        if neg.enabled and (big > cfg.train.batch_size or m.mrl_dims):
+            key = "model.contrastive_batch" if big > cfg.train.batch_size else "model.mrl_dims"
+            raise ConfigError(
+                f"negatives.{'data' if neg.data else 'mine'}: not combined with {key} yet (the whole-batch "
+                f"contrastive loss would leave the extra negatives out); use one of the two"
+            )
+        if big and big % cfg.train.batch_size:
+            raise ConfigError(
+                f"model.contrastive_batch: {big} is not a multiple of train.batch_size ({cfg.train.batch_size}), "
+                f"the chunk it is cut into; use {max(1, round(big / cfg.train.batch_size)) * cfg.train.batch_size} or 0"
+            )
 
     def build_model(self, backbone: Backbone) -> RetrievalModel:
         model = RetrievalModel(
-            backbone, self.model_cfg, self.losses, self.loss, vision_pooling=self.vision_pooling, text_pooling=self.text_pooling
+            backbone,
+            self.model_cfg,
+            self.losses,
+            self.loss,
+            vision_pooling=self.vision_pooling,
+            text_pooling=self.text_pooling,
+            chunk_rows=self.chunk_rows,
         )
         model.negative_bank = self.negative_bank
         return model
@@ -153,7 +184,7 @@ class RetrievalTask(Task[RetrievalModel]):
         loader = make_loader(
             records,
             backbone,
-            batch_size=self.train_batch_size if train else self.eval_cfg.batch_size,
+            batch_size=self.train_rows if train else self.eval_cfg.batch_size,
             max_text_tokens=self.max_text_tokens,
             train=train,
             seed=seed,
