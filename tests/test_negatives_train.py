@@ -135,7 +135,13 @@ def test_data_and_mined_negatives_are_counted_used_and_saved(tmp_path: Path, sce
 
 def test_data_negatives_without_any_in_the_data_is_one_line(tmp_path: Path, scenes: Path, capsys) -> None:
     run = tmp_path / "run"
-    args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), "train.epochs=1", ONE_STAGE, "negatives.data=true"]
+    # The scenes set carries hard negatives: a copy of it without them.
+    data = tmp_path / "data"
+    shutil.copytree(scenes, data)
+    recs = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "negatives"} for r in recs]))
+    args = ["train", TWO_STAGE, "--output-dir", str(run), *small_set(scenes), f"data.synthetic_dir={data}"]
+    args += ["train.epochs=1", ONE_STAGE, "negatives.data=true"]
     assert main(args) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err
