@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from vlmtune.config import Config, load_saved_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
+from vlmtune.runfolder import follow_umask
 from vlmtune.state import TrainState
 from vlmtune.utils import sha256_bytes, sha256_file, shorten
 
@@ -109,6 +110,7 @@ def save_checkpoint(
         backbone.save_pretrained(tmp / "backbone")
     if extra_files is not None:
         extra_files(tmp)
+    follow_umask(tmp)  # safetensors writes 0600; a shared checkpoint must be readable as the umask says
     write_manifest(tmp)  # last: it lists the files as written
     _move_into_place(tmp, folder, keep)
 
