@@ -107,7 +107,10 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json()}, indent=2, default=str))
     if backbone is not None:
-        backbone.save_pretrained(tmp / "backbone")
+        from vlmtune.console import quiet_libraries
+
+        with quiet_libraries():  # transformers' "Writing model shards" bar at every save
+            backbone.save_pretrained(tmp / "backbone")
     if extra_files is not None:
         extra_files(tmp)
     follow_umask(tmp)  # safetensors writes 0600; a shared checkpoint must be readable as the umask says

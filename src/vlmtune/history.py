@@ -15,6 +15,12 @@ schema does not know is a :class:`DataError` naming the file, the line and the k
   total loss, each loss term and each diagnostic, and each parameter group's LR.
 - ``epoch``: after each epoch's validation: cumulative samples, training and total wall
   time, peak memory, and the validation metrics.
+
+Epochs are counted from 1 in every line, as the console and metrics.json count them:
+``epoch`` is the epoch the line belongs to (a stage line: the stage's first epoch).
+Files written before that counted from 0; :func:`epochs_from_one` reads both (a run's
+first stage line says which: it starts at epoch 0 or 1). ``stage`` is the index into
+the config's ``stages`` list, from 0.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from vlmtune.errors import DataError
 from vlmtune.runfolder import write_text
 from vlmtune.utils import jsonl_objects
 
-__all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "parse_record", "read_history"]
+__all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "epochs_from_one", "parse_record", "read_history"]
 
 
 def _family(prefix: str) -> Any:
@@ -235,3 +241,15 @@ class History:
         write_text(self.path, line + "\n", append=True)
         if self.sink is not None:
             self.sink(data)
+
+
+def epochs_from_one(records: list[Any]) -> list[Any]:
+    """``records`` (of one history.jsonl) with their epochs counted from 1: as they are
+    when the file was written so, shifted by one when it counted from 0 (vlmtune 0.2.0
+    and earlier: its first stage line says epoch 0)."""
+    from dataclasses import replace
+
+    first = next((r for r in records if isinstance(r, StageRecord)), None)
+    if first is None or first.epoch != 0:
+        return records
+    return [replace(r, epoch=r.epoch + 1) if hasattr(r, "epoch") else r for r in records]

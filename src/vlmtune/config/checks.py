@@ -136,7 +136,7 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
                 where = (
                     f"stages[{i - 1}].start_epoch ({prev})"
                     if prev_st.start is None
-                    else f"stages[{i - 1}]'s first epoch ({prev}, from start={prev_st.start:g})"
+                    else f"stages[{i - 1}]'s start_epoch ({prev}, from start={prev_st.start:g})"
                 )
                 raise ConfigError(f"{key}.start_epoch: must be after {where}")
             if st.start_epoch >= epochs:
@@ -151,7 +151,7 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
         epoch = max(math.floor(frac * epochs + 0.5), prev + 1)
         if epoch >= epochs:
             raise ConfigError(
-                f"{key}.start: {frac:g} of train.epochs ({epochs}) gives epoch {epoch}, which is not before "
+                f"{key}.start: {frac:g} of train.epochs ({epochs}) gives start_epoch {epoch}, which is not before "
                 f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})"
             )
         starts.append(epoch)
