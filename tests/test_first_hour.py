@@ -4,6 +4,7 @@ that share their data and cache."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,3 +110,108 @@ def test_checkpoint_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [*files, tmp_path / "embeddings.safetensors"]}
     assert set(modes.values()) == {oct(want)}, modes
     open_checkpoint(folder)  # the manifest lists the files as they are
+
+
+# --------------------------------------------------------------------------- a seed sweep, as a log reads it
+
+SWEEP = [
+    "data.synthetic.n=40",
+    "data.synthetic.image_size=48",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "eval.batch_size=16",
+    "eval.ks=[1,2]",
+    "train.progress=true",  # the bars on, written into a file: plain lines, never carriage returns
+]
+# What the libraries would print unless quieted (--verbose lets them through).
+NOISE = ("Loading weights", "Writing model shards", "Loading faiss", "Successfully loaded faiss", "Using default tokenizer")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A two-seed sweep of the two-stage recipe on a freshly generated set: (folder, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("sweep") / "sw"
+    import contextlib
+    import io
+
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        old = os.umask(0o022)
+        try:
+            rc = main(["train", str(CONFIGS / "retrieval_two_stage.yaml"), *SWEEP, "--output-dir", str(out), "--seeds", "0,1"])
+        finally:
+            os.umask(old)
+    assert rc == 0, err.getvalue()
+    return out, std.getvalue(), err.getvalue()
+
+
+def _per_seed(err: str) -> list[str]:
+    """The sweep's stderr cut into the seeds' parts (each starts with its thread line)."""
+    parts = re.split(r"(?m)^(?=train\.num_threads: )", err)
+    return [p for p in parts if p.strip()]
+
+
+def test_seeds_share_one_synthetic_set_and_one_cache(sweep: tuple[Path, str, str]) -> None:
+    out, _, err = sweep
+    seed0, seed1 = _per_seed(err)
+    assert seed0.count("generating the synthetic set") == 1 and "generating" not in seed1
+    assert seed0.count("feature cache: computing") >= 2  # image and caption features ...
+    assert "feature cache: computing" not in seed1  # ... built once for both seeds
+    cfgs = [load_config(out / f"seed{s}" / "config.yaml") for s in (0, 1)]
+    assert cfgs[0].data.synthetic_dir == cfgs[1].data.synthetic_dir and cfgs[0].cache.dir == cfgs[1].cache.dir
+    assert Path(cfgs[0].data.synthetic_dir).parent == out / "shared" and Path(cfgs[0].cache.dir) == out / "shared" / "cache"
+    assert not (out / "seed0" / "data").exists() and not (out / "seed1" / "cache").exists()
+    states = [json.loads((out / f"seed{s}/checkpoints/last/state.json").read_text()) for s in (0, 1)]
+    assert states[0]["data_sha256"] == states[1]["data_sha256"] and cfgs[0].seed != cfgs[1].seed
+    # Two sweeps of one config are one group in a comparison, wherever each kept its data.
+    from vlmtune.report import group_runs, load_run
+
+    assert [len(g.runs) for g in group_runs([load_run(out / "seed0"), load_run(out / "seed1")])] == [2]
+
+
+def test_what_seeds_share_is_named_by_the_config() -> None:
+    from vlmtune.cli.run import _share_across_seeds
+
+    def sweep_cfgs(*overrides: str) -> dict:
+        return {s: load_config(CONFIGS / "retrieval_two_stage.yaml", [*overrides, f"seed={s}"]) for s in (0, 1)}
+
+    base, other, named = sweep_cfgs(), sweep_cfgs("data.synthetic.n=50"), sweep_cfgs("data.synthetic_dir=mine", "cache.dir=c")
+    for cfgs in (base, other, named):
+        _share_across_seeds(cfgs, Path("runs/x"))
+    assert base[0].data.synthetic_dir == base[1].data.synthetic_dir
+    assert base[0].data.synthetic_dir.startswith("runs/x/shared/data-")
+    assert other[0].data.synthetic_dir != base[0].data.synthetic_dir  # other data settings: another folder
+    assert (named[0].data.synthetic_dir, named[1].cache.dir) == ("mine", "c")  # the user's folders stay
+
+
+def test_one_epoch_numbering_from_one(sweep: tuple[Path, str, str]) -> None:
+    out, std, err = sweep
+    seed0 = _per_seed(err)[0]
+    assert "stage 0 'align' (epoch 1):" in seed0 and "stage 1 'ground' (epoch 2):" in seed0
+    assert re.findall(r"(?m)^epoch (\d+): retrieval/mean_recall", seed0) == ["1", "2"]
+    metrics = json.loads((out / "seed0" / "metrics.json").read_text())
+    best = metrics["train/best_epoch"]
+    assert best in (1, 2) and f"best checkpoint: epoch {best}, stage {best - 1} " in std
+    lines = [json.loads(x) for x in (out / "seed0" / "history.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["type"] == "stage"] == [1, 2]
+    epochs = {x["epoch"]: x for x in lines if x["type"] == "epoch"}
+    assert sorted(epochs) == [1, 2]
+    assert epochs[best]["val/retrieval/mean_recall"] == pytest.approx(metrics["train/best_val"])
+    assert {x["epoch"] for x in lines if x["type"] == "step" and x["stage"] == 1} == {2}
+    # The checkpoint's own state keeps counting epochs done (resume reads it as before).
+    assert json.loads((out / "seed0/checkpoints/last/state.json").read_text())["epoch"] == 2
+
+
+def test_a_log_has_no_carriage_returns_and_no_library_noise(sweep: tuple[Path, str, str]) -> None:
+    _, std, err = sweep
+    assert "\r" not in err and "\r" not in std
+    for noise in NOISE:
+        assert noise not in err, noise
+
+
+def test_a_sweeps_files_follow_the_umask(sweep: tuple[Path, str, str]) -> None:
+    out, _, _ = sweep
+    files = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "weights.safetensors" for p in files) and any(p.name == "model.safetensors" for p in files)
+    bad = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o644}
+    assert not bad
