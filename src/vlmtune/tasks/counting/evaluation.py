@@ -107,7 +107,7 @@ def evaluate(
     rows = shard_rows(range(len(records)))  # every world-th record
     mine: list[dict[str, Any]] = []
     if progress:  # reading the images (and the cache) comes before the bar
-        status("evaluating %d records: reading their images and features", len(records))
+        status("evaluating %d record%s: reading their images and features", len(records), "" if len(records) == 1 else "s")
     for batch in progress_bar(loader_for([records[i] for i in rows]), desc="evaluate", enabled=progress):
         batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
@@ -133,7 +133,7 @@ def evaluate(
     merged = sorted((r for part in all_gather_objects(mine) for r in part), key=lambda r: r["row"])
     model.train(was_training)
     if progress:
-        status("scoring: count metrics%s", ", answer text metrics" if any(r["answer"] for r in merged) else "")
+        status("scoring the counts and answers of %d records", len(merged))
     metrics = merged_metrics(records, merged, counting, train_records)
     if record_rows is not None:
         probs_all = torch.stack([r["probs"] for r in merged]) if merged else torch.empty(0, k)

@@ -224,7 +224,7 @@ def evaluate_with_rankings(
     model.eval()
     rows = shard_rows([r.image_id for r in records])
     if progress:  # reading the images (and the cache) comes before the bar
-        status("evaluating %d records: reading their images and features", len(records))
+        status("evaluating %d record%s: reading their images and features", len(records), "" if len(records) == 1 else "s")
     mine = embed_outputs(model, loader_for([records[i] for i in rows]), torch.tensor(rows), device, progress)
     merged = EvalOutputs.merge(all_gather_objects(mine))
     if progress:
