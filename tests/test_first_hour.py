@@ -215,3 +215,51 @@ def test_a_sweeps_files_follow_the_umask(sweep: tuple[Path, str, str]) -> None:
     assert any(p.name == "weights.safetensors" for p in files) and any(p.name == "model.safetensors" for p in files)
     bad = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o644}
     assert not bad
+
+
+# --------------------------------------------------------------------------- history files of before
+
+
+def test_history_written_from_zero_is_read_and_continued_as_it_counts(tmp_path: Path) -> None:
+    from vlmtune.history import EpochRecord, History, StageRecord, epochs_from_one, read_history
+
+    def stage(epoch: int) -> StageRecord:
+        return StageRecord(
+            stage=0, name="a", epoch=epoch, step=0, train={"heads": 1.0}, losses=["x"], trainable=1, total=2, cache={}
+        )
+
+    def epoch(n: int) -> EpochRecord:
+        return EpochRecord(epoch=n, step=n, stage=0, samples=n, train_wall_s=1.0, wall_s=1.0, peak_mem_mb=0.0, val={"m": 1.0})
+
+    old = tmp_path / "old.jsonl"  # a run of vlmtune 0.2.0: epochs from 0
+    old.write_text("".join(json.dumps(r.to_json()) + "\n" for r in (stage(0), epoch(0))))
+    resumed = History(old, keep_lines=2)
+    resumed.write(epoch(2))  # the loop counts from 1; the file goes on from 0
+    assert [r.epoch for r in read_history(old)] == [0, 0, 1]
+    assert [r.epoch for r in epochs_from_one(read_history(old))] == [1, 1, 2]
+    new = History(tmp_path / "new.jsonl", keep_lines=None)
+    for r in (stage(1), epoch(1), epoch(2)):
+        new.write(r)
+    assert [r.epoch for r in epochs_from_one(read_history(new.path))] == [1, 1, 2]
+
+
+def test_progress_in_a_log_is_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import io
+    import time
+
+    from vlmtune import console
+
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.01)
+    monkeypatch.setattr(console, "LONG_S", 0.0)
+    err = io.StringIO()  # not a terminal
+    with contextlib.redirect_stderr(err):
+        for _ in console.progress(range(5), desc="caching vision_tokens", unit="row"):
+            time.sleep(0.02)
+        with console.bars(False):  # train.progress=false: nothing at all
+            for _ in console.progress(range(3), desc="quiet"):
+                time.sleep(0.02)
+    text = err.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and lines and all(ln.startswith("caching vision_tokens") for ln in lines)
+    assert "5/5" in lines[-1] and "quiet" not in text

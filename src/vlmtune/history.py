@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -219,6 +219,10 @@ class History:
     ``keep_lines``: None (or 0) starts a new file; a number keeps that many lines of an
     existing one (the checkpoint's ``history_lines``). ``sink`` (e.g. a tracker) is
     called with each new record's JSON object.
+
+    Records are given with their epochs counted from 1; a kept file that counted from 0
+    (a run started by vlmtune 0.2.0 or earlier, resumed now) goes on counting from 0, so
+    one file never holds both (:func:`epochs_from_one` reads either).
     """
 
     def __init__(
@@ -229,12 +233,15 @@ class History:
         self.enabled = enabled
         lines = path.read_text().splitlines() if keep_lines and path.exists() else []
         self.lines = lines[:keep_lines] if keep_lines else []
+        self.from_zero = _counts_from_zero(self.lines)
         if enabled:
             write_text(path, "".join(ln + "\n" for ln in self.lines))  # never through a symbolic link
 
     def write(self, record: Record) -> None:
         if not self.enabled:
             return
+        if self.from_zero:
+            record = replace(record, epoch=record.epoch - 1)
         data = record.to_json()
         line = json.dumps(data)
         self.lines.append(line)
@@ -243,12 +250,22 @@ class History:
             self.sink(data)
 
 
+def _counts_from_zero(lines: list[str]) -> bool:
+    """Whether history lines count epochs from 0: their first stage line says epoch 0."""
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return False
+        if isinstance(data, dict) and data.get("type") == StageRecord.TYPE:
+            return data.get("epoch") == 0
+    return False
+
+
 def epochs_from_one(records: list[Any]) -> list[Any]:
     """``records`` (of one history.jsonl) with their epochs counted from 1: as they are
     when the file was written so, shifted by one when it counted from 0 (vlmtune 0.2.0
     and earlier: its first stage line says epoch 0)."""
-    from dataclasses import replace
-
     first = next((r for r in records if isinstance(r, StageRecord)), None)
     if first is None or first.epoch != 0:
         return records
