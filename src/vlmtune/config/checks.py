@@ -128,7 +128,7 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
         prev, prev_st = starts[-1], stages[i - 1]
         if st.start_epoch is None and st.start is None:
             raise ConfigError(
-                f"{key}.start_epoch: missing; give start_epoch (an epoch, 0-based) or start "
+                f"{key}.start_epoch: missing; give start_epoch (the epochs trained before the stage) or start "
                 f"(a fraction of train.epochs, e.g. 0.25)"
             )
         if st.start_epoch is not None:
