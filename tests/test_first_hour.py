@@ -263,3 +263,17 @@ def test_progress_in_a_log_is_plain_lines(monkeypatch: pytest.MonkeyPatch) -> No
     lines = text.splitlines()
     assert "\r" not in text and lines and all(ln.startswith("caching vision_tokens") for ln in lines)
     assert "5/5" in lines[-1] and "quiet" not in text
+
+
+def test_counting_evaluate_is_quiet_and_says_its_steps(
+    lora_counting_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The answers are scored with ROUGE (whose tokenizer announces itself) and BLEU; the
+    LoRA model comes through peft: none of their messages reach the log."""
+    assert main(["evaluate", str(lora_counting_checkpoint), "--output-dir", str(tmp_path / "ev")]) == 0
+    out, err = capfd.readouterr()
+    assert "\r" not in err
+    for noise in (*NOISE, "FutureWarning", "UserWarning"):
+        assert noise not in err, noise
+    assert "evaluating " in err and "scoring the counts and answers" in err  # the steps around the bar
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["text/rougeL"] >= 0

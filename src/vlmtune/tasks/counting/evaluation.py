@@ -133,7 +133,7 @@ def evaluate(
     merged = sorted((r for part in all_gather_objects(mine) for r in part), key=lambda r: r["row"])
     model.train(was_training)
     if progress:
-        status("scoring the counts and answers of %d records", len(merged))
+        status("scoring the counts and answers")
     metrics = merged_metrics(records, merged, counting, train_records)
     if record_rows is not None:
         probs_all = torch.stack([r["probs"] for r in merged]) if merged else torch.empty(0, k)
