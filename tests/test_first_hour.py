@@ -277,3 +277,15 @@ def test_counting_evaluate_is_quiet_and_says_its_steps(
         assert noise not in err, noise
     assert "evaluating " in err and "scoring the counts and answers" in err  # the steps around the bar
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["text/rougeL"] >= 0
+
+
+def test_a_sweep_begun_before_sharing_resumes_with_its_own_folders(tmp_path: Path) -> None:
+    from vlmtune.cli.run import _share_across_seeds
+    from vlmtune.config import save_config
+
+    cfgs = {s: load_config(CONFIGS / "retrieval_two_stage.yaml", [f"seed={s}"]) for s in (0, 1)}
+    (tmp_path / "seed0").mkdir()
+    save_config(load_config(CONFIGS / "retrieval_two_stage.yaml", ["seed=0"]), tmp_path / "seed0" / "config.yaml")
+    _share_across_seeds(cfgs, tmp_path, resume=True)
+    assert cfgs[0].data.synthetic_dir is None and cfgs[0].cache.dir is None  # as it started: seed0/data, seed0/cache
+    assert cfgs[1].data.synthetic_dir.startswith(str(tmp_path / "shared" / "data-"))  # not started yet: shared
