@@ -244,7 +244,7 @@ def test_early_stopping_accumulation_and_rerank(tmp_path: Path, fast: list[str],
         == 0
     )
     m = json.loads((out / "metrics.json").read_text())
-    assert m["train/epochs"] == 2 and m["train/stopped_early"] is True and m["train/best_epoch"] == 0
+    assert m["train/epochs"] == 2 and m["train/stopped_early"] is True and m["train/best_epoch"] == 1
     n_train = len(json.loads((scenes / "train.json").read_text()))
     batches = n_train // 8  # drop_last
     assert m["train/steps"] == 2 * -(-batches // 2)

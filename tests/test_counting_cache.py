@@ -302,7 +302,7 @@ def test_sigkill_in_the_cached_stage_then_resume(cached_run: Path, receipts: Pat
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "vlmtune.cli", "train", RECIPE, "--output-dir", str(run), *_fast(receipts)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    steps_per_epoch = len([x for x in _lines(cached_run, "step") if x["epoch"] == 0])
+    steps_per_epoch = len([x for x in _lines(cached_run, "step") if x["epoch"] == 1])
 
     def step_lines() -> int:
         try:

@@ -180,7 +180,7 @@ def test_run_reports_text_baselines_and_the_best_stage(tmp_path: Path, fast: lis
         "grounding/baseline_text_miou",
     ):
         assert 0.0 <= m[key] <= 100.0, key
-    assert m["train/best_epoch"] == 0 and m["train/best_stage"] == 0 and m["train/best_stage_name"] == "align"
+    assert m["train/best_epoch"] == 1 and m["train/best_stage"] == 0 and m["train/best_stage_name"] == "align"
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
     vals = [x["val/retrieval/mean_recall"] for x in history if x["type"] == "epoch"]
     assert m["train/stage_best_val"] == pytest.approx(vals)  # one epoch per stage

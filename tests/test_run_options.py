@@ -93,7 +93,7 @@ def test_shipped_fraction_keeps_epoch_5_of_20_and_fits_two_epochs() -> None:
         (["stages.1.start=1.0"], "stages[1].start: must be a fraction of train.epochs in (0, 1)"),
         (["stages.1.start=0"], "stages[1].start: must be a fraction"),
         (["stages.0.start=0.5"], "stages[0].start: the first stage must start at 0"),
-        (["train.epochs=1"], "stages[1].start: 0.25 of train.epochs (1) gives epoch 1"),
+        (["train.epochs=1"], "stages[1].start: 0.25 of train.epochs (1) gives start_epoch 1"),
         (["stages=[{name: a, train: {adapters: 1.0}}, {name: b, train: {adapters: 1.0}}]"], "stages[1].start_epoch: missing"),
         (
             [
@@ -120,7 +120,7 @@ def test_explain_shows_the_fraction_key(capsys: pytest.CaptureFixture) -> None:
 def test_two_epochs_run_both_stages(two_stage: Path) -> None:
     lines = [json.loads(x) for x in (two_stage / "history.jsonl").read_text().splitlines()]
     stages = [(x["stage"], x["epoch"]) for x in lines if x["type"] == "stage"]
-    assert stages == [(0, 0), (1, 1)]
+    assert stages == [(0, 1), (1, 2)]  # each stage line names its first epoch, counted from 1
     metrics = json.loads((two_stage / "metrics.json").read_text())
     assert metrics["train/num_threads"] == 1 and metrics["train/epochs"] == 2
 

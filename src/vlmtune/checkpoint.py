@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from vlmtune.config import Config, load_saved_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
+from vlmtune.runfolder import follow_umask
 from vlmtune.state import TrainState
 from vlmtune.utils import sha256_bytes, sha256_file, shorten
 
@@ -106,9 +107,13 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state.to_json()}, indent=2, default=str))
     if backbone is not None:
-        backbone.save_pretrained(tmp / "backbone")
+        from vlmtune.console import quiet_libraries
+
+        with quiet_libraries():  # transformers' "Writing model shards" bar at every save
+            backbone.save_pretrained(tmp / "backbone")
     if extra_files is not None:
         extra_files(tmp)
+    follow_umask(tmp)  # safetensors writes 0600; a shared checkpoint must be readable as the umask says
     write_manifest(tmp)  # last: it lists the files as written
     _move_into_place(tmp, folder, keep)
 

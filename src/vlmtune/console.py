@@ -36,6 +36,7 @@ LONG_S = 2.0  # a step at least this long gets a last line in a log
 QUIET_LOGGERS = ("transformers", "accelerate", "urllib3", "huggingface_hub", "PIL", "matplotlib", "faiss", "absl")
 
 _verbose = False
+_bars = True  # train.progress=false turns every bar of a run off (bars())
 
 
 def set_verbose(flag: bool) -> None:
@@ -88,6 +89,18 @@ def quiet_libraries() -> Iterator[None]:
             disable_progress_bars()
 
 
+@contextmanager
+def bars(enabled: bool) -> Iterator[None]:
+    """Inside: :func:`progress` draws nothing when not ``enabled`` (a run's
+    ``train.progress=false`` reaches the bars of the steps it calls, the cache's too)."""
+    global _bars
+    before, _bars = _bars, _bars and enabled
+    try:
+        yield
+    finally:
+        _bars = before
+
+
 def status(message: str, *args: Any) -> None:
     """One line saying what a long step without a loop to count is doing."""
     log.info(message, *args)
@@ -115,7 +128,7 @@ def progress(
     when not ``enabled``. Use it as tqdm: iterate, ``set_postfix``, ``close``."""
     from tqdm.auto import tqdm
 
-    if not enabled:
+    if not (enabled and _bars):
         return tqdm(iterable, total=total, disable=True)
     if stderr_is_terminal():
         return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, initial=initial, dynamic_ncols=True)

@@ -21,11 +21,12 @@ import torch
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import Checkpoint, open_checkpoint
 from vlmtune.config import Config, evaluation_config
-from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.examples import write_examples, write_rankings
 from vlmtune.restore import default_device, load_model
 from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
 from vlmtune.tasks import FeatureCache, build_task
+from vlmtune.utils import sha256_file
 
 
 def _splits(ckpt: Checkpoint, data: str | None, cfg: Config | None = None) -> tuple[str, str | None]:
@@ -208,10 +209,49 @@ def _open_comparable(
     tasks = {c.cfg.task for c in ckpts}
     if len(tasks) > 1:
         raise VlmtuneError(f"checkpoints are of different tasks ({', '.join(sorted(tasks))}); evaluate them apart")
-    sources = {_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)}
-    if len(sources) > 1:
-        raise VlmtuneError("the checkpoints record different test splits; pass --data to evaluate them on one data set")
+    sources = [_splits(c, data, cfg)[0] for c, cfg in zip(ckpts, cfgs)]
+    if len(set(sources)) > 1:
+        # Another path is not another split: two runs that generated the same synthetic
+        # set each in its own folder record the same test split under two names.
+        ids = {src: _split_identity(cfg, src) for src, cfg in zip(sources, cfgs)}
+        if len(set(ids.values())) > 1:
+            a = sources[0]
+            b = next(src for src in sources if ids[src] != ids[a])
+            raise VlmtuneError(
+                f"the checkpoints record different test splits ({a} and {b} differ in their records or "
+                f"images); pass --data to evaluate them on one data set"
+            )
     return ckpts, cfgs
+
+
+def _split_identity(cfg: Config, source: str) -> tuple[str, tuple[Any, ...]]:
+    """What makes a test split the same split wherever it lies: the sha256 of its
+    annotation file and, per record, its fields with each image by its content
+    (sha256), so identical files under other folders match and an edited image does not."""
+    from vlmtune.data.cache import content_key
+
+    def by_content(path: Path) -> str:
+        try:
+            return content_key(path)
+        except OSError:
+            return f"missing:{Path(path).resolve()}"
+
+    def field_value(v: Any) -> Any:
+        if isinstance(v, Path):
+            return by_content(v)
+        if isinstance(v, tuple) and v and all(isinstance(x, Path) for x in v):
+            return tuple(by_content(x) for x in v)
+        return v
+
+    digest = sha256_file(source, DataError) if Path(source).is_file() else f"not-a-file:{source}"
+    records = build_task(cfg).read_split(source, "test")
+    rows = tuple(
+        tuple(field_value(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name != "source")
+        if dataclasses.is_dataclass(r)
+        else repr(r)
+        for r in records
+    )
+    return digest, rows
 
 
 def _evaluate_shared(

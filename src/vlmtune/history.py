@@ -15,13 +15,19 @@ schema does not know is a :class:`DataError` naming the file, the line and the k
   total loss, each loss term and each diagnostic, and each parameter group's LR.
 - ``epoch``: after each epoch's validation: cumulative samples, training and total wall
   time, peak memory, and the validation metrics.
+
+Epochs are counted from 1 in every line, as the console and metrics.json count them:
+``epoch`` is the epoch the line belongs to (a stage line: the stage's first epoch).
+Files written before that counted from 0; :func:`epochs_from_one` reads both (a run's
+first stage line says which: it starts at epoch 0 or 1). ``stage`` is the index into
+the config's ``stages`` list, from 0.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +35,7 @@ from vlmtune.errors import DataError
 from vlmtune.runfolder import write_text
 from vlmtune.utils import jsonl_objects
 
-__all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "parse_record", "read_history"]
+__all__ = ["EpochRecord", "History", "Record", "StageRecord", "StepRecord", "epochs_from_one", "parse_record", "read_history"]
 
 
 def _family(prefix: str) -> Any:
@@ -213,6 +219,10 @@ class History:
     ``keep_lines``: None (or 0) starts a new file; a number keeps that many lines of an
     existing one (the checkpoint's ``history_lines``). ``sink`` (e.g. a tracker) is
     called with each new record's JSON object.
+
+    Records are given with their epochs counted from 1; a kept file that counted from 0
+    (a run started by vlmtune 0.2.0 or earlier, resumed now) goes on counting from 0, so
+    one file never holds both (:func:`epochs_from_one` reads either).
     """
 
     def __init__(
@@ -223,15 +233,40 @@ class History:
         self.enabled = enabled
         lines = path.read_text().splitlines() if keep_lines and path.exists() else []
         self.lines = lines[:keep_lines] if keep_lines else []
+        self.from_zero = _counts_from_zero(self.lines)
         if enabled:
             write_text(path, "".join(ln + "\n" for ln in self.lines))  # never through a symbolic link
 
     def write(self, record: Record) -> None:
         if not self.enabled:
             return
+        if self.from_zero:
+            record = replace(record, epoch=record.epoch - 1)
         data = record.to_json()
         line = json.dumps(data)
         self.lines.append(line)
         write_text(self.path, line + "\n", append=True)
         if self.sink is not None:
             self.sink(data)
+
+
+def _counts_from_zero(lines: list[str]) -> bool:
+    """Whether history lines count epochs from 0: their first stage line says epoch 0."""
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return False
+        if isinstance(data, dict) and data.get("type") == StageRecord.TYPE:
+            return data.get("epoch") == 0
+    return False
+
+
+def epochs_from_one(records: list[Any]) -> list[Any]:
+    """``records`` (of one history.jsonl) with their epochs counted from 1: as they are
+    when the file was written so, shifted by one when it counted from 0 (vlmtune 0.2.0
+    and earlier: its first stage line says epoch 0)."""
+    first = next((r for r in records if isinstance(r, StageRecord)), None)
+    if first is None or first.epoch != 0:
+        return records
+    return [replace(r, epoch=r.epoch + 1) if hasattr(r, "epoch") else r for r in records]

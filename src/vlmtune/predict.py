@@ -384,7 +384,10 @@ def attention_inside_receipts(
     if image_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_root=str(image_root)))
     records = [r for r in build_task(cfg).read_split(str(data), "test") if r.count >= 1]
-    for r in records[:limit]:
+    from vlmtune.console import progress
+
+    # A generation with attention per image: seconds each on a CPU (a bar, or lines in a log).
+    for r in progress(records[:limit], desc="attention", unit="img"):
         if r.image not in quads:
             raise DataError(f"{r.source}: image {r.image} has no entry in {boxes}")
         image = load_image(r.image, r.source)

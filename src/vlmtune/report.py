@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vlmtune.errors import DataError, VlmtuneError, first_line
-from vlmtune.history import EpochRecord, Record, StageRecord, StepRecord, read_history
+from vlmtune.history import EpochRecord, Record, StageRecord, StepRecord, epochs_from_one, read_history
 from vlmtune.tasks import metric_direction, report_sections
 from vlmtune.utils import flatten
 
@@ -173,7 +173,7 @@ def load_run(path: str | Path) -> Run:
         raise DataError(f"{files['metrics.json']}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(metrics, dict):
         raise DataError(f"{files['metrics.json']}: not a JSON object of metrics")
-    return Run(folder, config, metrics, read_history(files["history.jsonl"]))
+    return Run(folder, config, metrics, epochs_from_one(read_history(files["history.jsonl"])))
 
 
 def _number(v: Any) -> int | float | None:
@@ -194,7 +194,15 @@ class Group:
 
 
 def _without_seed(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != "seed"}
+    """The config a group shares: without ``seed``, and without the folders that only say
+    where a sweep kept what its seeds share (``train --seeds`` sets ``cache.dir``, whose
+    features are keyed by content, and the synthetic set's ``data.synthetic_dir``, whose
+    contents ``data.synthetic`` decides): two sweeps of one config are one group."""
+    out = {k: v for k, v in config.items() if k != "seed"}
+    for section, key in (("cache", "dir"), ("data", "synthetic_dir")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def _stem(path: Path) -> str:
@@ -288,7 +296,7 @@ def run_efficiency(run: Run, metric: str, mode: str, tolerance: float) -> dict[s
         values = [v for _, v in curve]
         best = max(values) if mode == "max" else min(values)
         first = next(h for h, v in curve if (v >= best - tolerance if mode == "max" else v <= best + tolerance))
-        out.update(best_val=best, epochs_to_target=first.epoch + 1, wall_to_target_s=first.wall_s)
+        out.update(best_val=best, epochs_to_target=first.epoch, wall_to_target_s=first.wall_s)
     last = run.epochs[-1] if run.epochs else None
     wall = _number(run.metrics.get("train/wall_s"))
     if wall is None and last is not None:
@@ -621,9 +629,9 @@ def _plot_val_curve(groups: list[Group], colors: dict[str, Any], metric: str, fo
         for r in g.runs:
             for h in r.epochs:
                 if (v := _number(h.val.get(metric))) is not None:
-                    per_epoch.setdefault(h.epoch + 1, []).append(v)
+                    per_epoch.setdefault(h.epoch, []).append(v)
             for st in r.stages:
-                marks.setdefault(st.epoch + 0.5, set()).add(st.name)
+                marks.setdefault(st.epoch - 0.5, set()).add(st.name)  # before the stage's first epoch
         if not per_epoch:
             continue
         xs = sorted(per_epoch)

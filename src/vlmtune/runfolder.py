@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +394,37 @@ def write_atomic(path: Path, write: Any) -> None:
         raise VlmtuneError(f"{path}: cannot create a temporary file beside it")
     try:
         write(tmp)
+        follow_umask(tmp)  # ``write`` may have replaced the file (safetensors writes 0600)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it says it (setting it to read it, the
+    fallback, is a moment in which another thread's new file would get another mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: Path) -> None:
+    """Give the file at ``path``, or every file under the folder ``path``, the mode a new
+    file gets (0666 less the umask: 0644 under 022), as everything else vlmtune writes
+    has. Libraries that write through a temporary file of their own (safetensors'
+    ``save_file``, and so ``save_pretrained``) leave it 0600, which others sharing a
+    checkpoint cannot read. Links are not followed; folders keep their mode."""
+    mode = 0o666 & ~current_umask()
+    path = Path(path)
+    files = [path] if not path.is_dir() or path.is_symlink() else [Path(r) / f for r, _, fs in os.walk(path) for f in fs]
+    for f in files:
+        st = os.lstat(f)
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(f, mode)

@@ -137,8 +137,11 @@ def trained_anywhere(model: TaskModel, plan: list[Stage]) -> set[str]:
 def stage_summary(stage: Stage, model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     comps = ", ".join(f"{k} x{v:g}" for k, v in stage.train.items())
+    # Epochs counted from 1, as the epoch lines, metrics.json and history.jsonl count them.
+    first, last = stage.start_epoch + 1, stage.end_epoch
+    epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
     return (
-        f"stage {stage.index} '{stage.name}' (epochs {stage.start_epoch}-{stage.end_epoch - 1}): {comps}; "
+        f"stage {stage.index} '{stage.name}' ({epochs}): {comps}; "
         f"losses {', '.join(sorted(stage.losses))}; trainable {trainable:,} / {total:,}"
     )
 

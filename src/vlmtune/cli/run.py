@@ -35,7 +35,7 @@ def _print_best_stage(metrics: dict) -> None:
     if metrics.get("train/best_epoch") is None or metrics.get("train/best_stage") is None:
         return
     line = (
-        f"best checkpoint: epoch {metrics['train/best_epoch'] + 1}, stage {metrics['train/best_stage']} "
+        f"best checkpoint: epoch {metrics['train/best_epoch']}, stage {metrics['train/best_stage']} "
         f"'{metrics['train/best_stage_name']}' (validation {metrics['train/best_val']:.3f})"
     )
     if metrics.get("train/later_stages_improved") is False:
@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         s: _with_init_from(load_config(args.config, [*args.overrides, f"seed={s}"]), args.init_from) for s in seeds
     }  # all checked first
     output_folder(args.output_dir)
+    _share_across_seeds(cfgs, Path(args.output_dir), resume=args.resume)
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
         try:
@@ -140,6 +141,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_metrics(metrics)
     print(f"compare with: vlmtune compare {args.output_dir}/seed* --output-dir {args.output_dir}/report")
     return 0
+
+
+def _share_across_seeds(cfgs: dict[int, Any], out: Path, resume: bool = False) -> None:
+    """The seeds of a sweep share one synthetic set and one feature cache under
+    OUTPUT_DIR/shared instead of each generating and extracting the same ones: a seed
+    does not change either (the synthetic set has its own ``data.synthetic.seed``; the
+    frozen backbone does not depend on ``seed``). What proves them the same:
+
+    - the synthetic set's folder is named by the sha256 of the whole config but
+      ``seed``, so another config (other data settings, another task or backbone) gets
+      another folder and never reads this one;
+    - the cache's rows are keyed by content (each image's sha256) inside a folder named
+      by the backbone's identity and weights and the preprocessing settings
+      (:mod:`vlmtune.data.cache`), so a seed reads only features it would have computed.
+
+    A folder the user named (``data.synthetic_dir``, ``cache.dir``) or data files
+    (``data.train``) are left as given. The folders are written into the configs, so
+    each seed's config.yaml says where its data and features are. With ``resume``, a
+    seed whose run already started keeps the folders its config.yaml names (a sweep
+    begun before the seeds shared goes on with its own data/ and cache/)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import yaml
+
+    def without_seed(cfg: Any) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}, sort_keys=True, default=str)
+
+    common = {without_seed(c) for c in cfgs.values()}
+    if len(common) != 1:  # the seeds' configs differ in more than the seed: nothing is shared
+        return
+    digest = hashlib.sha256(common.pop().encode()).hexdigest()[:16]
+    for s, cfg in cfgs.items():
+        started = out / f"seed{s}" / "config.yaml"
+        if resume and started.is_file() and not cfg.data.synthetic_dir and not cfg.cache.dir:
+            try:
+                saved = yaml.safe_load(started.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                saved = None  # resume names the unreadable file itself
+            if isinstance(saved, dict):
+                data, cache = saved.get("data"), saved.get("cache")
+                cfg.data.synthetic_dir = data.get("synthetic_dir") if isinstance(data, dict) else None
+                cfg.cache.dir = cache.get("dir") if isinstance(cache, dict) else None
+                continue
+        if not cfg.data.train and not cfg.data.synthetic_dir:
+            cfg.data.synthetic_dir = str(out / "shared" / f"data-{digest}")
+        if cfg.cache.enabled and not cfg.cache.dir:
+            cfg.cache.dir = str(out / "shared" / "cache")
 
 
 def _with_init_from(cfg: Any, init_from: str | None) -> Any:

@@ -128,7 +128,7 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
         prev, prev_st = starts[-1], stages[i - 1]
         if st.start_epoch is None and st.start is None:
             raise ConfigError(
-                f"{key}.start_epoch: missing; give start_epoch (an epoch, 0-based) or start "
+                f"{key}.start_epoch: missing; give start_epoch (the epochs trained before the stage) or start "
                 f"(a fraction of train.epochs, e.g. 0.25)"
             )
         if st.start_epoch is not None:
@@ -136,13 +136,11 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
                 where = (
                     f"stages[{i - 1}].start_epoch ({prev})"
                     if prev_st.start is None
-                    else f"stages[{i - 1}]'s first epoch ({prev}, from start={prev_st.start:g})"
+                    else f"stages[{i - 1}]'s start_epoch ({prev}, from start={prev_st.start:g})"
                 )
                 raise ConfigError(f"{key}.start_epoch: must be after {where}")
             if st.start_epoch >= epochs:
-                raise ConfigError(
-                    f"{key}.start_epoch: {st.start_epoch} is not before train.epochs ({epochs}); the stage would never run"
-                )
+                raise ConfigError(f"{key}.start_epoch: {_never_runs(i, st.start_epoch, len(stages), epochs)}")
             starts.append(st.start_epoch)
             continue
         frac = float(st.start)  # type: ignore[arg-type]
@@ -153,8 +151,19 @@ def stage_starts(stages: list[StageConfig], epochs: int) -> list[int]:
         epoch = max(math.floor(frac * epochs + 0.5), prev + 1)
         if epoch >= epochs:
             raise ConfigError(
-                f"{key}.start: {frac:g} of train.epochs ({epochs}) gives epoch {epoch}, which is not before "
+                f"{key}.start: {frac:g} of train.epochs ({epochs}) gives start_epoch {epoch}, which is not before "
                 f"train.epochs; the stage would never run (raise train.epochs to at least {epoch + 1})"
             )
         starts.append(epoch)
     return starts
+
+
+def _never_runs(i: int, start_epoch: int, n_stages: int, epochs: int) -> str:
+    """Why stage ``i``'s ``start_epoch`` cannot be, and the two fixes: a fraction of the
+    run (which follows ``train.epochs``; one that fits this run is suggested) or more epochs."""
+    head = f"{start_epoch} is not before train.epochs {epochs}, so the stage would never run"
+    raise_to = f"raise train.epochs to at least {start_epoch + 1}"
+    if n_stages > epochs:  # no fraction fits: every stage needs an epoch of its own
+        return f"{head}; {raise_to} (or to {n_stages}, one epoch per stage, with the starts as fractions: stages.{i}.start=F)"
+    frac = round(i / n_stages, 2)  # evenly spaced stages: valid at any train.epochs >= n_stages
+    return f"{head}: write it as a fraction of the run (start: {frac:g}, or stages.{i}.start={frac:g}: it follows train.epochs) or {raise_to}"

@@ -98,13 +98,14 @@ class StageConfig:
     name: str = setting("stage", "Name shown in logs.")
     start_epoch: int | None = setting(
         None,
-        "First epoch (0-based) of this stage. Give this or 'start', not both; the first stage starts at 0 (its default).",
+        "Epochs trained before this stage starts (start_epoch 6: the stage's first epoch is epoch 7, as the logs count "
+        "from 1). Give this or 'start', not both; the first stage starts at 0 (its default).",
         low=0,
     )
     start: float | None = setting(
         None,
-        "First epoch of this stage as a fraction of train.epochs, in [0, 1): epoch = round(start * train.epochs) "
-        "(halves round up), and at least the previous stage's first epoch + 1, so a shorter run keeps every stage. "
+        "Where this stage starts as a fraction of train.epochs, in [0, 1): start_epoch = round(start * train.epochs) "
+        "(halves round up), and at least the previous stage's start_epoch + 1, so a shorter run keeps every stage. "
         "Give this or 'start_epoch', not both; a command-line override of one replaces the other.",
     )
     train: dict[str, float] = setting({}, "Components that train in this stage, each with its LR multiplier.")

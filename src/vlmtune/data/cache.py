@@ -343,6 +343,25 @@ class FeatureStore:
         todo = self.missing(keys)
         if not todo:
             return 0
+        from vlmtune.console import progress as progress_bar
+
+        # A build is a long step: said once (a seed sweep sharing the cache says it once
+        # in all), with a bar on a terminal and plain lines in a log.
+        kind = str(self.namespace.get("kind", "features"))
+        log.info("feature cache: computing %d %s rows into %s", len(todo), kind, self.dir)
+        bar = None
+        if progress is None:
+            bar = progress_bar(desc=f"caching {kind}", total=len(todo), unit="row")
+            progress = bar.update
+        try:
+            return self._build(todo, compute, batch_size, dtype, progress)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _build(
+        self, todo: list[str], compute: Callable[[list[str]], np.ndarray], batch_size: int, dtype: str, progress: Any
+    ) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "namespace.json").write_text(json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
         old_rows = len(self._digests)

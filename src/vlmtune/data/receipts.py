@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from vlmtune.console import progress
 from vlmtune.runfolder import claim_generated, finish_generated
 from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 
@@ -139,6 +140,7 @@ def generate_receipts(
     histograms: dict[str, dict[str, int]] = {}
     paths: dict[str, Path] = {}
     index = 0
+    bar = progress(desc="generating receipts", total=sum(sizes.values()), unit="img")
     for split, size in sizes.items():
         counts = [i % (max_count + 1) for i in range(size)]
         plan_rng.shuffle(counts)
@@ -155,8 +157,10 @@ def generate_receipts(
                 {"image": rel, "question": str(rng.choice(QUESTIONS)), "answer": _answer(int(count), rng), "count": int(count)}
             )
             index += 1
+            bar.update(1)
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    bar.close()
 
     (out / "boxes.json").write_text(json.dumps(boxes), encoding="utf-8")
     meta = {

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlmtune.console import progress
 from vlmtune.data.formats import RELATIONS
 from vlmtune.runfolder import claim_generated, finish_generated
 
@@ -317,7 +318,7 @@ def generate_scenes(
     written: list[Path] = []
 
     records: list[list[dict[str, object]]] = []
-    for i in range(n):
+    for i in progress(range(n), desc="generating scenes", unit="img"):
         # One generator per image (string seeds hash stably), so scene i does not
         # depend on n and never on global random state.
         rng = random.Random(f"vlmtune.scenes:{seed}:{i}")

@@ -248,5 +248,14 @@ def data_paths(data: Any, output_dir: Path, generate: Callable[[Path], Any], ext
     # Generated only into an empty folder or one vlmtune generated (its marker lists
     # the files); a folder holding the user's own files is refused, never overwritten.
     if check_synthetic_dir(folder, tuple(f"{split}{ext}" for split in ("train", "val", "test"))):
+        from vlmtune.console import status
+
+        status("generating the synthetic set (data.synthetic: %s) into %s", _synthetic_settings(data), folder)
         generate(folder)
     return {split: str((folder / f"{split}{ext}").resolve()) for split in ("train", "val", "test")}
+
+
+def _synthetic_settings(data: Any) -> str:
+    s = getattr(data, "synthetic", None)
+    fields = getattr(s, "__dataclass_fields__", {})
+    return ", ".join(f"{k}={getattr(s, k)}" for k in fields) or "defaults"

@@ -25,11 +25,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
 
 from vlmtune.backbone import Backbone, load_backbone
 from vlmtune.checkpoint import backbone_identity, copy_checkpoint, load_weights, open_checkpoint, save_checkpoint, set_rng_state
 from vlmtune.config import Config, save_config
+from vlmtune.console import bars, progress
 from vlmtune.data.integrity import data_digests
 from vlmtune.errors import Diverged, Interrupted
 from vlmtune.fsdp import full_params, loading, shard_weights
@@ -133,6 +133,7 @@ def train(
         launch.locked_run_folder(out, resume, overwrite, sources),
         StopRequest() as stopper,
         launch.torch_threads(cfg.train.num_threads),
+        bars(cfg.train.progress),
     ):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         launch.keep_threads(run.state, cfg.train.num_threads, resume)
@@ -263,7 +264,7 @@ def start_stage(run: Run, stage: Stage) -> StageRun:
             StageRecord(
                 stage=stage.index,
                 name=stage.name,
-                epoch=stage.start_epoch,
+                epoch=stage.start_epoch + 1,  # its first epoch, counted from 1 as everywhere users read
                 step=run.state.step,
                 train=stage.train,
                 losses=sorted(stage.losses),
@@ -294,13 +295,12 @@ def train_epoch(run: Run, st: StageRun, epoch: int) -> None:
         state.running, state.n_running = {}, 0
     run.model.train()
     run.model.backbone.eval()  # the backbone's own dropout stays off; trained blocks still get gradients
-    bar = tqdm(
+    bar = progress(
         epoch_loader,
         desc=f"epoch {epoch + 1}/{run.cfg.train.epochs} [{st.stage.name}]",
         initial=skip,
         total=len(st.loader),
-        disable=not (run.cfg.train.progress and run.main),
-        leave=False,
+        enabled=run.cfg.train.progress and run.main,
     )
     bad_window = stop = False  # in the accumulation window so far: a non-finite loss, a stop signal
     for batch in bar:
@@ -369,7 +369,7 @@ def end_step(run: Run, st: StageRun, epoch: int, bad_window: bool, stop: bool, t
     if state.step % cfg.train.log_every == 0:
         means = {k: v / state.n_running for k, v in state.running.items()}
         lrs = {g["name"]: g["lr"] for g in st.optimizer.param_groups}
-        run.history.write(StepRecord.from_means(epoch, state.step, st.stage.index, means, lrs, state.bad_steps))
+        run.history.write(StepRecord.from_means(epoch + 1, state.step, st.stage.index, means, lrs, state.bad_steps))
         state.running, state.n_running = {}, 0
     diverged = state.bad_in_row >= cfg.train.max_bad_steps
     if not (stop or diverged):
@@ -404,7 +404,7 @@ def end_epoch(run: Run, st: StageRun, epoch: int) -> EpochEnd:
     if run.main:
         run.history.write(
             EpochRecord(
-                epoch=epoch,
+                epoch=epoch + 1,
                 step=state.step,
                 stage=st.stage.index,
                 samples=state.samples,

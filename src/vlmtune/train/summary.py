@@ -27,7 +27,8 @@ def run_metrics(state: TrainState, total_params: int, peak_mem_mb: float, checkp
     """The final metrics' train/* and params/* keys: how long, how far, how big; and the checkpoint evaluated."""
     return {
         "train/epochs": state.epoch,
-        "train/best_epoch": state.best_epoch,
+        # Counted from 1, as the epoch lines and history.jsonl count (the state keeps its 0-based index).
+        "train/best_epoch": None if state.best_epoch is None else state.best_epoch + 1,
         "train/best_val": state.best,
         "train/stopped_early": state.stopped_early,
         "train/steps": state.step,
@@ -49,8 +50,8 @@ def best_stage_metrics(
     """Which stage the best checkpoint (the one evaluated) comes from, each stage's best
     validation value, and whether the stages after the first ever beat it.
 
-    train/best_stage, train/best_stage_name: the stage of train/best_epoch (0-based, as
-    in history.jsonl); train/stage_best_val: per stage of the plan, its best validation
+    train/best_stage, train/best_stage_name: the stage of train/best_epoch (its index
+    in the config's ``stages``, from 0, as in history.jsonl's ``stage``); train/stage_best_val: per stage of the plan, its best validation
     value of the early-stopping ``metric`` (null for a stage that never ran);
     train/later_stages_improved: false when stages after the first ran and none beat the
     first stage's best, so the evaluated weights come from the first stage alone (also

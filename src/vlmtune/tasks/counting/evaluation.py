@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from vlmtune.console import progress as progress_bar
+from vlmtune.console import status
 from vlmtune.data.counting import count_class
 from vlmtune.data.formats import CountRecord
 from vlmtune.distributed import all_gather_objects
@@ -105,7 +106,9 @@ def evaluate(
     k = num_classes(counting)
     rows = shard_rows(range(len(records)))  # every world-th record
     mine: list[dict[str, Any]] = []
-    for batch in tqdm(loader_for([records[i] for i in rows]), desc="evaluate", disable=not progress, leave=False):
+    if progress:  # reading the images (and the cache) comes before the bar
+        status("evaluating %d record%s: reading their images and features", len(records), "" if len(records) == 1 else "s")
+    for batch in progress_bar(loader_for([records[i] for i in rows]), desc="evaluate", enabled=progress):
         batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], **image_inputs(batch))
         nll, n_tokens = answer_token_nll(hidden, model.backbone.model.lm_head, batch["labels"])
@@ -129,6 +132,8 @@ def evaluate(
     # Every process joins the gather, also one whose shard is empty.
     merged = sorted((r for part in all_gather_objects(mine) for r in part), key=lambda r: r["row"])
     model.train(was_training)
+    if progress:
+        status("scoring the counts and answers")
     metrics = merged_metrics(records, merged, counting, train_records)
     if record_rows is not None:
         probs_all = torch.stack([r["probs"] for r in merged]) if merged else torch.empty(0, k)

@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from vlmtune.boxes import cxcywh_to_xyxy, paired_box_iou
 from vlmtune.config.schema import EvalConfig
+from vlmtune.console import progress as progress_bar
+from vlmtune.console import status
 from vlmtune.data.formats import RELATIONS, PairRecord, image_size
 from vlmtune.data.relations import mask_relation
 from vlmtune.distributed import all_gather_objects
@@ -99,7 +100,7 @@ def embed_outputs(
 ) -> EvalOutputs:
     """Each image embedded once, each caption once; boxes and relations predicted."""
     out = EvalOutputs()
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="evaluate", enabled=progress):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         ids = batch["image_id"]
         row = rows[batch["index"].cpu()]  # record index in the whole set
@@ -224,8 +225,12 @@ def evaluate_with_rankings(
     was_training = model.training
     model.eval()
     rows = shard_rows([r.image_id for r in records])
+    if progress:  # reading the images (and the cache) comes before the bar
+        status("evaluating %d record%s: reading their images and features", len(records), "" if len(records) == 1 else "s")
     mine = embed_outputs(model, loader_for([records[i] for i in rows]), torch.tensor(rows), device, progress)
     merged = EvalOutputs.merge(all_gather_objects(mine))
+    if progress:
+        status("scoring: rankings%s", ", baselines fitted on the training split" if train_records else "")
     metrics, rankings = score_outputs(model, merged, device, ev, train_records, rankings_k, records)
     model.train(was_training)
     details = ranking_rows(records, merged, rankings, rankings_k) if rankings is not None else {}

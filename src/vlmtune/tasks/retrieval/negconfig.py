@@ -32,7 +32,7 @@ class NegativesConfig:
         "image (captions) and each caption (images) are kept; false negatives are filtered (see exclude_above).",
     )
     refresh_every: int = setting(
-        1, "Epochs between two refreshes of the mined negatives (epoch 0 always mines).", low=1, high=10**6
+        1, "Epochs between two refreshes of the mined negatives (the first epoch always mines).", low=1, high=10**6
     )
     per_query: int = setting(4, "Mined negatives kept per query (per image: captions; per caption: images).", low=1, high=10000)
     exclude_above: float | None = setting(
