@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
-from vlmtune.benchnegatives import bench_negatives, measure_step_memory, render
+from vlmtune.benchnegatives import bench_mining, bench_negatives, measure_step_memory, render
 from vlmtune.cli import main
 
 TWO_STAGE = str(CONFIGS / "retrieval_two_stage.yaml")
@@ -30,6 +30,20 @@ def test_negatives_section_times_every_batch_and_grad_cache() -> None:
     assert "| batch_16 | 16 | 4 | never |" in md and "GradCache / every chunk's graph kept" in md
 
 
+@pytest.mark.slow  # three whole runs (a warm-up that builds the cache, then one of each): 10-16 s
+def test_mining_is_timed_against_the_same_epochs_without_it(scenes: Path, tmp_path: Path) -> None:
+    """Whole one-stage runs from one cache, interleaved: the mined runs refresh every
+    epoch (their record says so), the plain ones never; the ratio is of their medians."""
+    m = bench_mining(TWO_STAGE, "tiny", scenes, 40, 8, tmp_path, epochs=1, rounds=1)
+    assert m["mined"]["refreshes_per_run"] == 1 and m["plain"]["refreshes_per_run"] == 0
+    assert m["mined"]["mining_s_per_run"] > 0 and m["plain"]["mining_s_per_run"] == 0
+    assert m["ratio_mined_to_plain"] == pytest.approx(m["mined"]["epoch_s"] / m["plain"]["epoch_s"], rel=1e-3)
+    assert len(m["mined"]["load_average"]) == 1 and (tmp_path / "cache_mining").is_dir()
+    assert not any(tmp_path.glob("run_mining_*"))  # the timed runs are removed
+    md = "\n".join(render({"device": "cpu", "losses": [], "variants": {}, "steps_per_round": 1, "mining": m}))
+    assert "Mined negatives, from the cache (40 images, batch 8, 1 epochs x 1 rounds" in md
+
+
 def test_step_memory_is_measured_and_says_how() -> None:
     m = measure_step_memory(TWO_STAGE, "tiny", 16, 4, "always")
     assert m["pairs"] == 16 and m["grad_cache"] == "always" and m["peak_mb"] >= 0
@@ -45,3 +59,5 @@ def test_bench_command_negatives_section(tmp_path: Path) -> None:
     assert set(r["variants"]) == {"batch_8", "batch_16", "batch_32", "batch_16_gradcache"}
     assert set(r["memory"]) == {"never", "always"} and r["memory"]["always"]["pairs"] == 32
     assert "Peak memory of one 32-pair step" in (out / "bench.md").read_text()
+    assert r["mining"]["mined"]["refreshes_per_run"] == r["mining"]["epochs"]
+    assert "Mined negatives, from the cache" in (out / "bench.md").read_text()

@@ -38,7 +38,10 @@ negatives  stage-1 training steps from the cache at the plain batch (--batch-siz
            in chunks of --batch-size): seconds per step and per pair, the per-pair cost
            against the plain step, GradCache against keeping every chunk's graph at
            1,024 pairs, and the peak memory of one 4,096-pair step with and without
-           GradCache, each in a fresh process (vlmtune.benchnegatives).
+           GradCache, each in a fresh process; and whole one-stage runs from the
+           cache whose every epoch refreshes its mined negatives against the same
+           runs without them: seconds per epoch and their ratio (target <= 1.3).
+           (vlmtune.benchnegatives)
 """
 
 from __future__ import annotations
@@ -997,6 +1000,11 @@ def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dic
             rounds=rounds,
             grad_cache_rows=sizes[0],
             memory_rows=sizes[-1],
+        )
+        from vlmtune.benchnegatives import bench_mining
+
+        result["negatives"]["mining"] = bench_mining(
+            recipe_paths(a["recipes"])[0], preset, _bench_data(out, images), images, batch_size, out, rounds=rounds
         )
 
 

@@ -13,8 +13,12 @@ memory of one step of the largest batch, each in a fresh process (CPU: the growt
 the peak resident set, ``ru_maxrss``, over the process's peak before the step; CUDA:
 ``torch.cuda.max_memory_allocated`` after a reset, over what was allocated before).
 
-The section is a list of :class:`StepVariant`; another cost (mining negatives) joins it
-as another variant or as a further key of the result, which :func:`render` shows.
+The section is a list of :class:`StepVariant`. Mining (:func:`bench_mining`, the
+result's ``mining`` key) is timed apart, on whole training runs: one stage from the
+cache (built once, untimed), each epoch refreshing its mined negatives
+(``negatives.mine=true``, ``refresh_every=1``) against the same run without them, in
+interleaved rounds; the ratio is of the epochs' training seconds (mining included,
+validation left out), median over rounds and epochs.
 """
 
 from __future__ import annotations
@@ -179,6 +183,62 @@ def bench_negatives(
     return result
 
 
+ONE_STAGE = "stages=[{name: stage1, start_epoch: 0, train: {adapters: 1.0, heads: 1.0}}]"
+
+
+def bench_mining(
+    recipe: str | Path, preset: str, data: Path, images: int, batch_size: int, out: Path, epochs: int = 2, rounds: int = 3
+) -> dict[str, Any]:
+    """Cached epochs that refresh their mined negatives against cached epochs that do not
+    (see the module): seconds per epoch of each, their ratio, and the mining's own share."""
+    import shutil
+
+    from vlmtune.bench import _run_overrides
+    from vlmtune.benchtiming import Variant, interleave, load_average, median
+    from vlmtune.config import load_config
+    from vlmtune.train import train
+
+    cache = out / "cache_mining"
+    base = [*_run_overrides(preset, data, images, batch_size, False), ONE_STAGE, f"cache.dir={cache}", "eval.ks=[1]"]
+    modes = {"plain": [], "mined": ["negatives.mine=true", "negatives.refresh_every=1"]}
+    train(load_config(str(recipe), [*base, "train.epochs=1"]), out / "run_mining_warmup")  # builds the cache
+    shutil.rmtree(out / "run_mining_warmup", ignore_errors=True)
+
+    def variant(name: str) -> Variant:
+        def once() -> dict[str, Any]:
+            run_dir = out / f"run_mining_{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train(load_config(str(recipe), [*base, f"train.epochs={epochs}", *modes[name]]), run_dir)
+            lines = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+            cum = [x["train_wall_s"] for x in lines if x["type"] == "epoch"]
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return {
+                "epoch_s": [b - a for a, b in zip([0.0, *cum[:-1]], cum)],
+                "mining_s": metrics.get("negatives/refresh_wall_s", 0.0),
+                "refreshes": metrics.get("negatives/refreshes", 0),
+            }
+
+        return Variant(name, once)
+
+    timings = interleave([variant(n) for n in modes], rounds)
+    res: dict[str, Any] = {"epochs": epochs, "rounds": rounds, "images": images, "batch_size": batch_size}
+    for name, t in timings.items():
+        epoch_s = [x for e in t.extra for x in e["epoch_s"]]
+        res[name] = {
+            "epoch_s": round(median(epoch_s), 4),
+            "epoch_min_s": round(min(epoch_s), 4),
+            "epoch_max_s": round(max(epoch_s), 4),
+            "mining_s_per_run": round(median([e["mining_s"] for e in t.extra]), 4),
+            "refreshes_per_run": t.extra[0]["refreshes"],
+            "load_average": [round(x, 2) for x in t.load],
+        }
+    res["ratio_mined_to_plain"] = round(res["mined"]["epoch_s"] / res["plain"]["epoch_s"], 4)
+    res["target"] = 1.3
+    res["load_average_end"] = load_average()
+    return res
+
+
 def _memory_child(recipe: str, preset: str, rows: int, chunk: int, grad_cache: str) -> dict[str, Any]:
     env = dict(os.environ, VLMTUNE_BENCH_THREADS=str(torch.get_num_threads()))
     cmd = [sys.executable, "-m", "vlmtune.benchnegatives", recipe, preset, str(rows), str(chunk), grad_cache]
@@ -280,6 +340,18 @@ def render(n: dict[str, Any]) -> list[str]:
             f"Peak memory of one {m['pairs']}-pair step (chunks of {m['chunk']}, GradCache {mode}): "
             f"{m['peak_mb']:.1f} MB ({m['how']})."
         )
+    if "mining" in n:
+        m = n["mining"]
+        met = "met" if m["ratio_mined_to_plain"] <= m["target"] else "NOT met"
+        lines += [
+            "",
+            f"Mined negatives, from the cache ({m['images']} images, batch {m['batch_size']}, {m['epochs']} epochs "
+            f"x {m['rounds']} rounds, every epoch refreshing): an epoch {m['mined']['epoch_s']:.3f} s "
+            f"({m['mined']['epoch_min_s']:.3f}-{m['mined']['epoch_max_s']:.3f}) against "
+            f"{m['plain']['epoch_s']:.3f} s ({m['plain']['epoch_min_s']:.3f}-{m['plain']['epoch_max_s']:.3f}) without: "
+            f"{m['ratio_mined_to_plain']:.2f}x (target <= {m['target']}: {met}); mining "
+            f"{m['mined']['mining_s_per_run']:.3f} s per run of {m['mined']['refreshes_per_run']} refreshes.",
+        ]
     return lines + [""]
 
 
