@@ -34,7 +34,8 @@ def test_negatives_section_times_every_batch_and_grad_cache() -> None:
 def test_mining_is_timed_against_the_same_epochs_without_it(scenes: Path, tmp_path: Path) -> None:
     """Whole one-stage runs from one cache, interleaved: the mined runs refresh every
     epoch (their record says so), the plain ones never; the ratio is of their medians."""
-    m = bench_mining(TWO_STAGE, "tiny", scenes, 40, 8, tmp_path, epochs=1, rounds=1)
+    overrides = [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.batch_size=8", "train.progress=false"]
+    m = bench_mining(TWO_STAGE, overrides, tmp_path, images=40, batch_size=8, epochs=1, rounds=1)
     assert m["mined"]["refreshes_per_run"] == 1 and m["plain"]["refreshes_per_run"] == 0
     assert m["mined"]["mining_s_per_run"] > 0 and m["plain"]["mining_s_per_run"] == 0
     assert m["ratio_mined_to_plain"] == pytest.approx(m["mined"]["epoch_s"] / m["plain"]["epoch_s"], rel=1e-3)

@@ -80,7 +80,8 @@ def test_retrieval_metrics_agree_across_formats(
     ckpt = one_stage_run / "checkpoints" / "last"
     native = _evaluate(capsys, ckpt, scenes / "test.json", tmp_path / "native")
     recs = json.loads((scenes / "test.json").read_text())
-    stripped = [{k: v for k, v in r.items() if k != "relation"} for r in recs]  # InternVL and ms-swift hold no relation
+    # InternVL and ms-swift hold no relation, and InternVL no negatives
+    stripped = [{k: v for k, v in r.items() if k not in ("relation", "negatives")} for r in recs]
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(stripped))
     root = f"data.image_root={scenes}"

@@ -1003,8 +1003,9 @@ def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dic
         )
         from vlmtune.benchnegatives import bench_mining
 
+        overrides = _run_overrides(preset, _bench_data(out, images), images, batch_size, progress)
         result["negatives"]["mining"] = bench_mining(
-            recipe_paths(a["recipes"])[0], preset, _bench_data(out, images), images, batch_size, out, rounds=rounds
+            recipe_paths(a["recipes"])[0], overrides, out, images=images, batch_size=batch_size, rounds=rounds
         )
 
 

@@ -187,19 +187,20 @@ ONE_STAGE = "stages=[{name: stage1, start_epoch: 0, train: {adapters: 1.0, heads
 
 
 def bench_mining(
-    recipe: str | Path, preset: str, data: Path, images: int, batch_size: int, out: Path, epochs: int = 2, rounds: int = 3
+    recipe: str | Path, overrides: list[str], out: Path, *, images: int, batch_size: int, epochs: int = 2, rounds: int = 3
 ) -> dict[str, Any]:
     """Cached epochs that refresh their mined negatives against cached epochs that do not
-    (see the module): seconds per epoch of each, their ratio, and the mining's own share."""
+    (see the module): seconds per epoch of each, their ratio, and the mining's own share.
+    ``overrides``: the runs' preset, data set and batch sizes (``images`` and
+    ``batch_size`` are what they name, for the record)."""
     import shutil
 
-    from vlmtune.bench import _run_overrides
     from vlmtune.benchtiming import Variant, interleave, load_average, median
     from vlmtune.config import load_config
     from vlmtune.train import train
 
     cache = out / "cache_mining"
-    base = [*_run_overrides(preset, data, images, batch_size, False), ONE_STAGE, f"cache.dir={cache}", "eval.ks=[1]"]
+    base = [*overrides, ONE_STAGE, f"cache.dir={cache}", "eval.ks=[1]"]
     modes = {"plain": [], "mined": ["negatives.mine=true", "negatives.refresh_every=1"]}
     train(load_config(str(recipe), [*base, "train.epochs=1"]), out / "run_mining_warmup")  # builds the cache
     shutil.rmtree(out / "run_mining_warmup", ignore_errors=True)

@@ -131,7 +131,7 @@ def copy_checkpoint(src: Path, dst: Path, keep: int = 1) -> None:
 # --------------------------------------------------------------------------- manifest
 
 
-def _listing(folder: Path) -> dict[str, Path]:
+def file_listing(folder: Path) -> dict[str, Path]:
     """Every regular file under ``folder`` by its relative POSIX path (the manifest
     itself excluded). Symbolic links and special files are refused, never followed."""
     out: dict[str, Path] = {}
@@ -159,7 +159,7 @@ def _listing(folder: Path) -> dict[str, Path]:
 def write_manifest(folder: str | Path) -> dict[str, str]:
     """List every file of a checkpoint folder with its sha256 in ``manifest.json``."""
     folder = Path(folder)
-    files = {rel: sha256_file(path, CheckpointError) for rel, path in sorted(_listing(folder).items())}
+    files = {rel: sha256_file(path, CheckpointError) for rel, path in sorted(file_listing(folder).items())}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2))
     os.replace(tmp, folder / MANIFEST)
@@ -210,7 +210,7 @@ def verify_manifest(folder: str | Path) -> dict[str, str]:
     unchanged, no file unlisted, no link. Returns the manifest (file -> sha256)."""
     folder = Path(folder)
     files = read_manifest(folder)
-    present = _listing(folder)
+    present = file_listing(folder)
     for name in REQUIRED_FILES:
         if name not in files and name not in present:
             raise CheckpointError(f"{folder}: not a vlmtune checkpoint ({name} is missing)")

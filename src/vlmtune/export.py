@@ -145,10 +145,10 @@ def _write_source_record(folder: Path, ckpt: Checkpoint, fmt: str, **extra: Any)
     """``vlmtune_export.json`` of a merged or vlmtune export: its source, the source's
     fingerprint and the digest of the files as written (before the manifest lists them)."""
     from vlmtune.api import checkpoint_fingerprint
-    from vlmtune.checkpoint import _listing
+    from vlmtune.checkpoint import file_listing
     from vlmtune.utils import sha256_file
 
-    digests = {rel: sha256_file(path, CheckpointError) for rel, path in _listing(folder).items()}
+    digests = {rel: sha256_file(path, CheckpointError) for rel, path in file_listing(folder).items()}
     info = {
         "format": fmt,
         "task": ckpt.cfg.task,
