@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
 from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
-from vlmtune.tasks import task_class
+from vlmtune.tasks import task_spec
 
 if TYPE_CHECKING:
     from vlmtune.backbone import Backbone
@@ -90,7 +90,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "vlmtu
 
 
 def _check_peft(ckpt: Checkpoint) -> None:
-    why = task_class(ckpt.cfg.task).lora_adapter(ckpt.cfg)
+    why = task_spec(ckpt.cfg.task).lora_adapter(ckpt.cfg)
     if why is not None:
         raise CheckpointError(f"{ckpt.folder}: {why}; use --format merged or vlmtune")
 

@@ -58,6 +58,10 @@ class Task(Generic[ModelT]):
     """
 
     name: ClassVar[str] = ""
+    # "module:Class" of the subclass that builds and runs the task, where this class only
+    # declares it (a task's spec.py: no torch, read by config loading and the CLI, while
+    # task.py imports torch); "" where this class is the whole task.
+    implementation: ClassVar[str] = ""
     # Trainable parts of the task's own model; the backbone's components come on top.
     components: ClassVar[tuple[str, ...]] = ()
     # The backbone components the task's model reads; a stage that trains another one is

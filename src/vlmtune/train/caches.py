@@ -15,7 +15,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.evaluate import default_device
 from vlmtune.runfolder import output_folder
 from vlmtune.stages import Stage, build_plan
-from vlmtune.tasks import FeatureCache, Task, build_task, task_class
+from vlmtune.tasks import FeatureCache, Task, build_task, task_spec
 
 
 def stage_cache(cfg: Config, task: Task, stage: Stage, out: Path, num_vision_blocks: int = 0) -> FeatureCache | None:
@@ -67,7 +67,7 @@ def cache_estimate(cfg: Config, info: BackboneInfo, records: Sequence[Any], *, v
     from vlmtune.data.cache import resolve_cache_dtype
 
     itemsize = 2 if resolve_cache_dtype(cfg.cache.dtype) == "float16" else 4
-    tiles = task_class(cfg.task).cached_tiles(cfg)
+    tiles = task_spec(cfg.task).cached_tiles(cfg)
     tokens = 1 + (info.image_size // info.patch_size) ** 2
     image_bytes = tiles * tokens * info.vision_hidden * itemsize
     text_bytes = cfg.backbone.max_text_tokens * info.text_hidden * itemsize if text else 0

@@ -36,7 +36,7 @@ EXPORTS: dict[str, str] = {
     "prompt_last": "model",
     "stop_token_ids": "model",
     "tiles_of": "model",
-    "LOSSES": "losses",
+    "LOSSES": "spec",
     "build_vision_cache": "data",
     "make_loader": "data",
     "prompt_builder": "data",

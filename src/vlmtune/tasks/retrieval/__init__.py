@@ -21,7 +21,7 @@ EXPORTS: dict[str, str] = {
     "RetrievalEncodings": "model",
     "RetrievalModel": "model",
     "pool_tokens": "model",
-    "LOSSES": "losses",
+    "LOSSES": "spec",
     "build_text_cache": "data",
     "build_vision_cache": "data",
     "make_loader": "data",
