@@ -616,24 +616,51 @@ def _counting_variant(base: list[str], out: Path, name: str, n_epochs: int, cach
 # --------------------------------------------------------------------------- loader
 
 
-def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int]) -> dict[str, Any]:
-    from vlmtune.backbone import load_backbone
+def bench_loader(data: Path, preset: str, batch_size: int, workers: list[int], rounds: int = 1) -> dict[str, Any]:
+    """Items/s of the retrieval training data's loader (decode, resize to the preset's
+    tile, normalise, tokenize) with each worker count, interleaved in ``rounds``. A preset
+    needs only its tokenizer and image processor, so its model is not built
+    (``internvl3-1b-shapes``: 448 px tiles, no 1B-parameter random model to wait for)."""
+    from types import SimpleNamespace
+
+    from vlmtune.backbone import PRESETS, load_backbone, preset_preprocessing
+    from vlmtune.benchtiming import Variant, interleave, median
     from vlmtune.config import load_config
     from vlmtune.data.formats import read_pairs
     from vlmtune.tasks.retrieval import make_loader
 
     cfg = load_config(None, [f"backbone.name_or_path={preset}", f"eval.batch_size={batch_size}"])
-    backbone = load_backbone(cfg.backbone)
+    if preset in PRESETS:
+        tokenizer, processor = preset_preprocessing(preset, cfg.backbone)
+        backbone: Any = SimpleNamespace(tokenizer=tokenizer, image_processor=processor)  # all a live loader reads
+    else:
+        backbone = load_backbone(cfg.backbone)
     records = read_pairs(data / "train.json")
-    out: dict[str, Any] = {}
-    for w in workers:
-        loader = make_loader(
-            records, backbone, batch_size=cfg.eval.batch_size, max_text_tokens=cfg.backbone.max_text_tokens, num_workers=w
-        )
-        t0 = time.perf_counter()
-        n = sum(len(b["input_ids"]) for b in loader)
-        out[f"workers_{w}_items_per_s"] = n / (time.perf_counter() - t0)
-    return out
+
+    def variant(w: int) -> Variant:
+        def run() -> dict[str, Any]:
+            loader = make_loader(
+                records, backbone, batch_size=cfg.eval.batch_size, max_text_tokens=cfg.backbone.max_text_tokens, num_workers=w
+            )
+            t0 = time.perf_counter()
+            n = sum(len(b["input_ids"]) for b in loader)  # worker start-up included: an epoch's cost
+            return {"items_per_s": n / (time.perf_counter() - t0), "items": n}
+
+        return Variant(f"workers_{w}", run)
+
+    timings = interleave([variant(w) for w in workers], rounds)
+    out: dict[str, Any] = {
+        f"workers_{w}_items_per_s": median([x["items_per_s"] for x in timings[f"workers_{w}"].extra]) for w in workers
+    }
+    side = getattr(processor, "size", {}) if preset in PRESETS else {}
+    return out | {
+        "preset": preset,
+        "images": len({r.image for r in records}),
+        "items": timings[f"workers_{workers[0]}"].extra[0]["items"],
+        "tile_px": side.get("height"),
+        "rounds": rounds,
+        "load_average": [round(x, 2) for w in workers for x in timings[f"workers_{w}"].load],
+    }
 
 
 # --------------------------------------------------------------------------- eval
@@ -979,7 +1006,11 @@ def _run_sections(result: dict[str, Any], sections: list[str], out: Path, a: dic
         result["counting"] = bench_counting(preset, images, epochs, uncached, batch_size, out, progress, a["max_tiles"], rounds)
     if "loader" in sections:
         result["loader"] = bench_loader(
-            _bench_data(out, images, "data_loader", image_size=448), preset, batch_size, a["loader_workers"] or [0, 2, 4]
+            _bench_data(out, images, "data_loader", image_size=448),
+            preset,
+            batch_size,
+            a["loader_workers"] or [0, 2, 4],
+            a["rounds"],
         )
     if "eval" in sections:
         result["eval"] = bench_eval(a["eval_sizes"] or [(1000, 5000), (5000, 25000)], rounds=rounds)
@@ -1011,8 +1042,19 @@ def render(r: dict[str, Any]) -> str:
     if "counting" in r:
         lines += _render_counting(r["counting"])
     if "loader" in r:
-        lines += ["## Dataloader (decode + preprocess + tokenize)", "", "| workers | items/s |", "|---|---|"]
-        lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in r["loader"].items()] + [""]
+        lo = r["loader"]
+        what = f"{lo.get('items', '?')} items of {lo.get('images', '?')} images, {lo.get('preset', '?')}"
+        what += f", {lo['tile_px']} px tiles" if lo.get("tile_px") else ""
+        lines += [
+            f"## Dataloader (decode + resize + normalise + tokenize): {what}",
+            "",
+            f"Median of {lo.get('rounds', 1)} interleaved round(s); load average "
+            f"{', '.join(f'{x:.1f}' for x in lo.get('load_average', []))} after each run.",
+            "",
+            "| workers | items/s |",
+            "|---|---|",
+        ]
+        lines += [f"| {k.split('_')[1]} | {v:.0f} |" for k, v in lo.items() if k.endswith("_items_per_s")] + [""]
     if "eval" in r:
         lines += _render_eval(r["eval"])
     if "gpu" in r:
