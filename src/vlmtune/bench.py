@@ -1207,6 +1207,22 @@ def render_stages(s: dict[str, Any]) -> list[str]:
         f"| **two-stage / single-stage** (target <= 1.15) | | **{s['ratio_two_stage_to_single_stage']:.2f}**{span} | "
         f"**{s['cpu_ratio_two_stage_to_single_stage']:.2f}**{cpu_span} |",
         "",
+        *_oversubscribed_note(two.get("load_average", []) + one.get("load_average", []), pairs, cpu_pairs),
+    ]
+
+
+def _oversubscribed_note(loads: list[float], pairs: list[float], cpu_pairs: list[float]) -> list[str]:
+    """A line saying so when the load average exceeded the cores during the runs: then a
+    run's wall time measures the share of the cores the scheduler gave it as much as the
+    run, and the CPU ratio (its spread beside) is the steadier figure."""
+    cores = os.cpu_count() or 1
+    if not loads or max(loads) <= cores or not pairs or not cpu_pairs:
+        return []
+    return [
+        f"The load average ({min(loads):.1f}-{max(loads):.1f}) exceeded the {cores} cores during these runs: "
+        f"their wall times measure the scheduler's share as much as the recipes (rounds' wall ratios "
+        f"{min(pairs):.2f}-{max(pairs):.2f}, CPU ratios {min(cpu_pairs):.2f}-{max(cpu_pairs):.2f}).",
+        "",
     ]
 
 
