@@ -131,6 +131,11 @@ class Task(Generic[ModelT]):
         return 1
 
     @classmethod
+    def cached_texts(cls, records: list[Any]) -> int:
+        """The rows the text cache holds for ``records`` (its size estimate): one a record."""
+        return len(records)
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Rules of a run of this task on the rest of the config (retrieval: a batch of at
         least two pairs); a broken one raises ``ConfigError("key: message")``."""

@@ -62,8 +62,9 @@ def cache_estimate(cfg: Config, info: BackboneInfo, records: Sequence[Any], *, v
     """An upper bound of the bytes a cache of ``records`` takes, and how it was reckoned:
     every distinct image's rows (the tower's tokens, 1 + patches of ``info.vision_hidden``,
     per tile) in ``vision_stores`` stores (the tower's output, each frozen prefix), and
-    with ``text`` every record's caption at ``backbone.max_text_tokens`` tokens; rows
-    already stored are counted too."""
+    with ``text`` the text rows the task caches for them (``Task.cached_texts``: retrieval
+    stores each caption and its relation-masked copy) at ``backbone.max_text_tokens``
+    tokens; rows already stored are counted too."""
     from vlmtune.data.cache import resolve_cache_dtype
 
     itemsize = 2 if resolve_cache_dtype(cfg.cache.dtype) == "float16" else 4
@@ -72,10 +73,9 @@ def cache_estimate(cfg: Config, info: BackboneInfo, records: Sequence[Any], *, v
     image_bytes = tiles * tokens * info.vision_hidden * itemsize
     text_bytes = cfg.backbone.max_text_tokens * info.text_hidden * itemsize if text else 0
     images = len({r.image for r in records}) * vision_stores
-    total = images * image_bytes + len(records) * text_bytes
-    how = f"{images:,} image rows x {image_bytes:,} bytes" + (
-        f" + {len(records):,} captions x {text_bytes:,} bytes" if text else ""
-    )
+    texts = task_spec(cfg.task).cached_texts(list(records)) if text else 0
+    total = images * image_bytes + texts * text_bytes
+    how = f"{images:,} image rows x {image_bytes:,} bytes" + (f" + {texts:,} text rows x {text_bytes:,} bytes" if text else "")
     return total, how
 
 

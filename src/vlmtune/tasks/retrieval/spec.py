@@ -6,7 +6,7 @@ torch) inherits it and is imported only when a command builds the task."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmtune.errors import ConfigError
 from vlmtune.losses.registry import Loss, LossRegistry
@@ -91,6 +91,14 @@ class RetrievalSpec(Task[ModelT]):
     # Both towers' frozen outputs, and the frozen vision prefix's (a stage training only
     # the last N vision blocks runs those live on it).
     cache_kinds: ClassVar[tuple[str, ...]] = ("vision", "vision_prefix", "text")
+
+    @classmethod
+    def cached_texts(cls, records: list[Any]) -> int:
+        """Each distinct caption, and the caption with its relation phrase masked where that
+        differs (what the relation head reads): the keys the text cache stores."""
+        from vlmtune.data.relations import mask_relation
+
+        return len({t for r in records for t in (r.text, mask_relation(r.text))})
 
     @classmethod
     def check_sections(cls, cfg: Config) -> None:
