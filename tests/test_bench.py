@@ -44,7 +44,8 @@ def test_bench_command_measures_cached_and_uncached_training(tmp_path: Path) -> 
     assert t["cached"]["cache"]["cache_vision"] is True and t["uncached"]["cache"] == {}
     assert len(t["cached"]["epoch_train_s"]) == 2 and len(t["uncached"]["epoch_train_s"]) == 2
     assert t["extraction_pass_s"] > 0 and t["ratio_cached_total_to_extraction"] > 0
-    assert set(r["loader"]) == {"workers_0_items_per_s", "workers_2_items_per_s"}
+    assert {k for k in r["loader"] if k.endswith("_items_per_s")} == {"workers_0_items_per_s", "workers_2_items_per_s"}
+    assert r["loader"]["items"] > 0 and r["loader"]["preset"] == "tiny"
     (row,) = r["eval"]
     assert (row["images"], row["captions"]) == (100, 300) and row["matmul_s"] > 0 and row["eval_s"] > 0
     assert row["eval"]["rounds"] == 2 and row["eval"]["wall_min_s"] <= row["eval_s"] <= row["eval"]["wall_max_s"]
@@ -91,7 +92,9 @@ def test_bench_stages_section_times_the_two_stage_steps_and_recipes(tmp_path: Pa
     two, one = s["recipes"]["two_stage"], s["recipes"]["single_stage"]
     assert two["epochs"] == one["epochs"] == 2
     assert two["stages"][1]["cache_vision_start"] == 1 and "cache_vision_start" not in one["stages"][0]
-    assert s["ratio_two_stage_to_single_stage"] == pytest.approx(two["wall_s"] / one["wall_s"], rel=1e-3)  # medians
+    assert s["ratio_of_medians_two_stage_to_single_stage"] == pytest.approx(two["wall_s"] / one["wall_s"], rel=1e-3)
+    pairs = s["round_ratios_two_stage_to_single_stage"]  # two rounds: the judged ratio is their median (mean)
+    assert len(pairs) == 2 and s["ratio_two_stage_to_single_stage"] == pytest.approx(sum(pairs) / 2, rel=1e-2)
     assert two["rounds"] == 2 and two["wall_min_s"] <= two["wall_s"] <= two["wall_max_s"]
     md = (out / "bench.md").read_text()
     assert "from the prefix cache" in md and "two-stage / single-stage" in md
@@ -179,3 +182,18 @@ def test_bench_counting_settings_are_the_recipes_stage_one() -> None:
     assert asdict(bench.stages[0]) == asdict(recipe.stages[0])
     assert asdict(bench.train.early_stopping) == asdict(recipe.train.early_stopping)
     assert bench.task == recipe.task
+
+
+def test_bench_loader_on_the_real_shape_preset_builds_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader section on internvl3-1b-shapes decodes and resizes to 448 px tiles with
+    the preset's processor alone: its 1B-parameter model is never built."""
+    import vlmtune.backbone as backbone_module
+    from vlmtune.bench import _bench_data, bench_loader
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the loader section built the preset's model")
+
+    monkeypatch.setattr(backbone_module, "build_preset", no_model)
+    r = bench_loader(_bench_data(tmp_path, 10, "data_loader", image_size=448), "internvl3-1b-shapes", 4, [0], rounds=1)
+    assert r["tile_px"] == 448 and r["preset"] == "internvl3-1b-shapes"
+    assert r["items"] > 0 and r["workers_0_items_per_s"] > 0

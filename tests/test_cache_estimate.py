@@ -37,7 +37,11 @@ def test_estimate_counts_rows_times_bytes() -> None:
     cfg = load_config(TWO_STAGE, ["cache.dtype=float32", "backbone.max_text_tokens=48"])
     total, how = cache_estimate(cfg, info, recs, vision_stores=1, text=True)
     assert total == 2 * 1025 * 1024 * 4 + 10 * 48 * 896 * 4  # 4.2 MB an image at InternVL3-1B's shapes
-    assert "2 image rows x 4,198,400 bytes" in how and "10 captions" in how
+    assert "2 image rows x 4,198,400 bytes" in how and "10 text rows" in how
+    # A caption with a relation phrase is cached twice: as written and with the phrase masked (the relation head's).
+    related = [PairRecord(Path("i0.jpg"), "a cat to the left of a dog", 0, None, None, "x"), *recs[:1]]
+    both, how = cache_estimate(cfg, info, related, vision_stores=1, text=True)
+    assert both == 1025 * 1024 * 4 + 3 * 48 * 896 * 4 and "3 text rows" in how
     half, _ = cache_estimate(load_config(TWO_STAGE, ["cache.dtype=float16"]), info, recs, vision_stores=2, text=False)
     assert half == 2 * 2 * 1025 * 1024 * 2
     # Counting tiles its images: up to counting.max_dynamic_patch tiles and the thumbnail, per image.

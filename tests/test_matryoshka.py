@@ -14,7 +14,7 @@ from conftest import CONFIGS
 from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
-from vlmtune.tasks.retrieval.losses import LOSSES
+from vlmtune.tasks.retrieval.spec import LOSSES
 from vlmtune.tasks.retrieval.matryoshka import trained_dims
 
 

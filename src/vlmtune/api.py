@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from vlmtune.errors import ArgumentError, ArgumentTypeError, VlmtuneError
-from vlmtune.tasks import TASKS, task_class
+from vlmtune.tasks import TASKS, task_spec
 from vlmtune.utils import sha256_bytes
 
 if TYPE_CHECKING:
@@ -161,9 +161,9 @@ class Model:
 
     # ------------------------------------------------------------------ helpers
     def _require(self, method: str) -> None:
-        own = task_class(self.task_name).serves  # each task declares the methods its checkpoints serve
+        own = task_spec(self.task_name).serves  # each task declares the methods its checkpoints serve
         if method not in own:
-            able = [t for t in TASKS if method in task_class(t).serves]
+            able = [t for t in TASKS if method in task_spec(t).serves]
             serves = ", ".join(f"{m}()" for m in own) or "nothing"
             raise VlmtuneError(
                 f"{self.folder}: a '{self.task_name}' checkpoint cannot {method}() (that needs a "

@@ -157,10 +157,10 @@ def _preset_config(name: str, cfg: BackboneConfig, tokenizer: Any) -> tuple[Any,
 
 def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
     """A real InternVL architecture built by transformers from a config, random weights."""
-    from transformers import GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
-    tokenizer = _tiny_tokenizer()
-    config, size = _preset_config(name, cfg, tokenizer)
+    tokenizer, processor = preset_preprocessing(name, cfg)
+    config, _ = _preset_config(name, cfg, tokenizer)
     config._attn_implementation = _attn_impl(cfg.attn_implementation)
     # The random weights stand in for pretrained ones, so they do not vary with the run's
     # seed (and the tiny preset is also saved with every checkpoint).
@@ -169,6 +169,16 @@ def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
         model: nn.Module = InternVLForConditionalGeneration(config)
     if name != "tiny":
         model = model.to(_resolve_dtype(cfg.dtype, device_type))
+    return model, tokenizer, processor
+
+
+def preset_preprocessing(name: str, cfg: BackboneConfig) -> tuple[Any, Any]:
+    """The tokenizer and image processor of preset ``name``, without building its model
+    (what a loader reads: the bench's loader section on ``internvl3-1b-shapes``)."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    tokenizer = _tiny_tokenizer()
+    _, size = _preset_config(name, cfg, tokenizer)
     processor = GotOcr2ImageProcessorPil(
         size={"height": size, "width": size},
         image_mean=IMAGENET_MEAN,
@@ -176,7 +186,7 @@ def build_preset(name: str, cfg: BackboneConfig, device_type: str = "cpu"):
         crop_to_patches=False,
         max_patches=12,
     )
-    return model, tokenizer, processor
+    return tokenizer, processor
 
 
 def _resolve_dtype(name: str, device_type: str) -> torch.dtype:

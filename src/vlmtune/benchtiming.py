@@ -1,14 +1,18 @@
 """How ``vlmtune bench`` times things: variants interleaved in rounds, medians with their spread.
 
 A section that compares variants (A against B) declares them and lets :func:`interleave`
-run them A B A B ... for a number of rounds, so load that changes on a shared machine
-falls on every variant alike; the section then reports medians over the rounds, the
-spread (min, max) beside them, CPU time beside wall time, the thread count and the
-load average, and judges its targets on :func:`ratio` of the medians::
+run them in rounds, the order reversed every other round (A B, B A, A B, ...), so load
+that changes on a shared machine falls on every variant alike (a steady rise or fall
+included); the section then reports medians over the rounds, the spread (min, max)
+beside them, CPU time beside wall time, the thread count and the load average, and
+judges its targets on :func:`paired_ratio`: the median over rounds of A's time over
+B's in the same round (the two ran back to back, under nearly the same load), steadier
+on a busy machine than :func:`ratio` of the medians::
 
     from vlmtune.benchtiming import Variant, interleave, ratio, timing_row
 
     timings = interleave([Variant("plain", run_plain), Variant("hard", run_hard)], rounds=3)
+    r = paired_ratio(timings, "hard", "plain")   # median over rounds of hard / plain (wall)
     r = ratio(timings, "hard", "plain")          # median wall of hard / median wall of plain
     row = timing_row(timings["hard"])            # {"wall_s": median, "wall_min_s", "wall_max_s", "cpu_s", ...}
 
@@ -65,10 +69,11 @@ def load_average() -> float:
 
 
 def interleave(variants: list[Variant], rounds: int) -> dict[str, Timing]:
-    """Run the variants in turn, ``rounds`` times (A B A B ...), timing each run."""
+    """Run the variants in turn, ``rounds`` times, in reverse order every other round
+    (A B, B A, A B, ...), timing each run."""
     out = {v.name: Timing() for v in variants}
-    for _ in range(rounds):
-        for v in variants:
+    for i in range(rounds):
+        for v in variants if i % 2 == 0 else variants[::-1]:
             if v.setup is not None:
                 v.setup()
             t0, c0 = time.perf_counter(), cpu_seconds()
@@ -83,6 +88,18 @@ def interleave(variants: list[Variant], rounds: int) -> dict[str, Timing]:
 def ratio(timings: dict[str, Timing], num: str, den: str, key: str = "wall") -> float:
     """Median of ``num`` over median of ``den`` (``key`` wall or cpu)."""
     return median(getattr(timings[num], key)) / median(getattr(timings[den], key))
+
+
+def paired_ratio(timings: dict[str, Timing], num: str, den: str, key: str = "wall") -> float:
+    """Median over rounds of ``num``'s time over ``den``'s in the same round (``key``
+    wall or cpu): each pair ran back to back, so load that drifts over the section
+    moves both of a pair alike."""
+    return median(round_ratios(timings, num, den, key))
+
+
+def round_ratios(timings: dict[str, Timing], num: str, den: str, key: str = "wall") -> list[float]:
+    """``num``'s time over ``den``'s, round by round."""
+    return [a / b for a, b in zip(getattr(timings[num], key), getattr(timings[den], key))]
 
 
 def timing_row(t: Timing) -> dict[str, Any]:

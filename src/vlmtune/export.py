@@ -57,7 +57,7 @@ from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, op
 from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.runfolder import make_folder, output_folder, write_text
-from vlmtune.tasks import task_class
+from vlmtune.tasks import task_spec
 from vlmtune.utils import sha256_bytes, shorten
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def _write_source_record(folder: Path, ckpt: Checkpoint, fmt: str, **extra: Any)
 
 
 def _check_peft(ckpt: Checkpoint) -> None:
-    why = task_class(ckpt.cfg.task).lora_adapter(ckpt.cfg)
+    why = task_spec(ckpt.cfg.task).lora_adapter(ckpt.cfg)
     if why is not None:
         raise CheckpointError(f"{ckpt.folder}: {why}; use --format merged or vlmtune")
 

@@ -42,7 +42,7 @@ from vlmtune.data.formats import load_image
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.metrics.text import parse_count
 from vlmtune.restore import load_model
-from vlmtune.tasks import build_task, task_class
+from vlmtune.tasks import build_task, task_spec
 from vlmtune.tasks.counting import CountingModel, class_names, decode, generate_answers, prompt_builder
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def load_counting_checkpoint(
     config with ``overrides`` (generation.*, data.*, eval.* only) applied
     (``trust_remote_code``: the user's flag; the checkpoint's config is not asked)."""
     ckpt = open_checkpoint(path)
-    if "ask" not in task_class(ckpt.cfg.task).serves:  # a task whose checkpoints answer questions
+    if "ask" not in task_spec(ckpt.cfg.task).serves:  # a task whose checkpoints answer questions
         raise CheckpointError(f"{ckpt.folder}: is a '{ckpt.cfg.task}' checkpoint; {what} needs a counting one")
     cfg = evaluation_config(ckpt.cfg, overrides, what)
     model, _ = load_model(ckpt, device, trust_remote_code=trust_remote_code, cfg=cfg)

@@ -17,9 +17,9 @@ from vlmtune.runfolder import OVERWRITE_HELP, output_folder
 
 def key_metrics() -> tuple[str, ...]:
     """The metrics a command prints: each registered task's key metrics, then the run's."""
-    from vlmtune.tasks import RUN_KEY_METRICS, TASKS, task_class
+    from vlmtune.tasks import RUN_KEY_METRICS, TASKS, task_spec
 
-    return tuple(k for name in TASKS for k in task_class(name).key_metrics) + RUN_KEY_METRICS
+    return tuple(k for name in TASKS for k in task_spec(name).key_metrics) + RUN_KEY_METRICS
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -87,15 +87,17 @@ def add_train(sub: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
-    from vlmtune.train import train
 
     if args.accept_changed_data and not args.resume:
         raise VlmtuneError(
             "--accept-changed-data: only with --resume (it lets a resumed run go on although a data file "
             "changed); a new run reads the files as they are"
         )
+    # The config is checked before the engine (and torch) is imported: a bad key answers at once.
     if args.seeds is None:
         cfg = _with_init_from(load_config(args.config, args.overrides), args.init_from)
+        from vlmtune.train import train
+
         metrics = train(
             cfg,
             args.output_dir,
@@ -116,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }  # all checked first
     output_folder(args.output_dir)
     _share_across_seeds(cfgs, Path(args.output_dir), resume=args.resume)
+    from vlmtune.train import train
+
     for s, cfg in cfgs.items():
         out = Path(args.output_dir) / f"seed{s}"
         try:
@@ -335,7 +339,9 @@ def add_cache(sub: Any) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     """Fill the feature cache of a config's data up front (otherwise the first epoch does)."""
     from vlmtune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # checked before torch is imported
     from vlmtune.train.caches import fill_caches
 
-    fill_caches(load_config(args.config, args.overrides), args.output_dir, say=print)
+    fill_caches(cfg, args.output_dir, say=print)
     return 0

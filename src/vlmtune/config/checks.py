@@ -13,7 +13,7 @@ from vlmtune.config.fields import check_bounds, short
 from vlmtune.config.schema import BACKBONE_COMPONENTS, Config, StageConfig
 from vlmtune.data.formats.registry import format_names
 from vlmtune.errors import ConfigError
-from vlmtune.tasks import TASKS, task_class
+from vlmtune.tasks import TASKS, task_spec
 
 if TYPE_CHECKING:
     from vlmtune.tasks import Task
@@ -28,14 +28,14 @@ def resolve_and_check(cfg: Config) -> None:
     """Fill in what the run's task decides (loss weights, the early-stopping metric),
     then check everything, naming the first bad key."""
     need(cfg.task in TASKS, "task", f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
-    task = task_class(cfg.task)
+    task = task_spec(cfg.task)
     cfg.loss = resolve_losses(task, cfg.loss)
     if cfg.train.early_stopping.metric is None:
         cfg.train.early_stopping.metric = task.default_metric
     check_bounds(cfg)
     _check_engine(cfg)
     for name in TASKS:  # every config holds every task's sections
-        task_class(name).check_sections(cfg)
+        task_spec(name).check_sections(cfg)
     _check_stages(cfg, task)
     task.check_config(cfg)
 

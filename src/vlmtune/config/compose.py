@@ -16,7 +16,7 @@ from typing import Any
 from vlmtune.config.checks import resolve_and_check
 from vlmtune.config.fields import setting
 from vlmtune.config.schema import Config
-from vlmtune.tasks import TASKS, task_class
+from vlmtune.tasks import TASKS, task_spec
 
 _COMPOSED: dict[tuple[tuple[tuple[str, int], ...], bool], type[Config]] = {}
 
@@ -26,7 +26,7 @@ def task_sections() -> dict[str, type]:
     engine = {f.name for f in dataclasses.fields(Config)}
     sections: dict[str, type] = {}
     for name in TASKS:
-        for key, cls in task_class(name).config_sections.items():
+        for key, cls in task_spec(name).config_sections.items():
             if key in engine or sections.get(key, cls) is not cls:
                 raise TypeError(f"task {name!r}: config section {key!r} is already another section")
             sections[key] = cls

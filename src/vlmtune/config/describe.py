@@ -15,7 +15,7 @@ import yaml
 from vlmtune.config.compose import config_class
 from vlmtune.config.fields import field_bounds
 from vlmtune.errors import ConfigError
-from vlmtune.tasks import TASKS, task_class
+from vlmtune.tasks import TASKS, task_spec
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _with_losses(docs: list[FieldDoc]) -> list[FieldDoc]:
     at += 1
     rows = []
     for task in TASKS:
-        losses = task_class(task).losses
+        losses = task_spec(task).losses
         helps = losses.help()
         rows += [
             FieldDoc(f"loss.{name}", "float", weight, f"{task}: {helps[name]}") for name, weight in losses.defaults().items()

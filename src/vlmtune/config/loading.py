@@ -25,7 +25,7 @@ from vlmtune.config.fields import short
 from vlmtune.config.schema import Config
 from vlmtune.errors import ConfigError
 from vlmtune.runfolder import write_text
-from vlmtune.tasks import TASKS, task_class
+from vlmtune.tasks import TASKS, task_spec
 
 log = logging.getLogger("vlmtune")
 
@@ -293,7 +293,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def evaluation_config(cfg: Config, overrides: list[str] | None, what: str = "evaluate") -> Config:
     """A checkpoint's config with the ``evaluate`` / ``predict`` overrides applied: only
     the sections its task declares (``evaluation_sections``; data.* and eval.* by default)."""
-    return with_overrides(cfg, overrides, task_class(cfg.task).evaluation_sections, what)
+    return with_overrides(cfg, overrides, task_spec(cfg.task).evaluation_sections, what)
 
 
 def load_saved_config(path: str | Path) -> Config:
@@ -304,8 +304,8 @@ def load_saved_config(path: str | Path) -> Config:
     cfg_dict = _read_yaml(Path(path))
     loss, task = cfg_dict.get("loss"), cfg_dict.get("task", "retrieval")
     if isinstance(loss, dict) and isinstance(task, str) and task in TASKS:
-        own = task_class(task).losses.defaults()
-        others = {name for t in TASKS if t != task for name in task_class(t).losses.defaults()}
+        own = task_spec(task).losses.defaults()
+        others = {name for t in TASKS if t != task for name in task_spec(t).losses.defaults()}
         foreign = sorted(k for k in loss if k not in own and k in others)
         if foreign:
             log.info(

@@ -7,7 +7,9 @@ sub-weights (``box_l1``, ``box_giou``): these declarations are plain data, read 
 config loading, ``config explain``, the stage plan and the start-up target check
 without building or running any model. The function computing a loss's term runs only
 inside the task's model ``forward``, on the encodings of a batch the model computed
-once for all of its losses.
+once for all of its losses; a declaration may name it as ``"module:function"``, imported
+on its first use, so that a task's declarations (``vlmtune/tasks/NAME/spec.py``) load
+without torch.
 
 Weighting happens here: a loss with parts returns its parts unweighted and
 :meth:`LossRegistry.terms` sums them with their sub-weights into the loss's term; the
@@ -19,6 +21,7 @@ This module needs no torch: it only adds and multiplies what the functions retur
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,15 +51,24 @@ class Loss:
     with no fields trains on every record (contrastive, matching).
     ``parts``: sub-terms the function returns instead of the loss's own name, each with
     its default sub-weight; they live in the same ``loss:`` mapping as the losses
-    (``loss.box_l1``). ``part_help`` documents them."""
+    (``loss.box_l1``). ``part_help`` documents them.
+    ``fn``: the function, or where it lives as ``"module:function"`` (imported when the
+    loss is first computed: declaring a loss needs no torch)."""
 
     name: str
     weight: float
     help: str
-    fn: LossFn
+    fn: LossFn | str
     fields: tuple[str, ...] = ()
     parts: Mapping[str, float] = field(default_factory=dict)
     part_help: Mapping[str, str] = field(default_factory=dict)
+
+    def function(self) -> LossFn:
+        """The function computing this loss (``fn``, imported where it names a module)."""
+        if not isinstance(self.fn, str):
+            return self.fn
+        module, _, attr = self.fn.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def has_target(self, records: Iterable[Any]) -> bool:
         """Whether any of ``records`` holds every field this loss needs."""
@@ -168,7 +180,7 @@ class LossRegistry:
         out: dict[str, Any] = {}
         for name, loss in self._losses.items():
             if name in active:
-                out.update(_combined(loss, loss.fn(enc), weights))
+                out.update(_combined(loss, loss.function()(enc), weights))
         return out
 
 

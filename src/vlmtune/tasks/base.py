@@ -58,6 +58,10 @@ class Task(Generic[ModelT]):
     """
 
     name: ClassVar[str] = ""
+    # "module:Class" of the subclass that builds and runs the task, where this class only
+    # declares it (a task's spec.py: no torch, read by config loading and the CLI, while
+    # task.py imports torch); "" where this class is the whole task.
+    implementation: ClassVar[str] = ""
     # Trainable parts of the task's own model; the backbone's components come on top.
     components: ClassVar[tuple[str, ...]] = ()
     # The backbone components the task's model reads; a stage that trains another one is
@@ -125,6 +129,11 @@ class Task(Generic[ModelT]):
         """The most tiles of one image the frozen-feature cache holds (its size estimate,
         ``train.caches.cache_estimate``): one; a task that tiles its images says more."""
         return 1
+
+    @classmethod
+    def cached_texts(cls, records: list[Any]) -> int:
+        """The rows the text cache holds for ``records`` (its size estimate): one a record."""
+        return len(records)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

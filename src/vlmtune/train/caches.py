@@ -15,7 +15,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.evaluate import default_device
 from vlmtune.runfolder import output_folder
 from vlmtune.stages import Stage, build_plan
-from vlmtune.tasks import FeatureCache, Task, build_task, task_class
+from vlmtune.tasks import FeatureCache, Task, build_task, task_spec
 
 
 def stage_cache(cfg: Config, task: Task, stage: Stage, out: Path, num_vision_blocks: int = 0) -> FeatureCache | None:
@@ -62,20 +62,20 @@ def cache_estimate(cfg: Config, info: BackboneInfo, records: Sequence[Any], *, v
     """An upper bound of the bytes a cache of ``records`` takes, and how it was reckoned:
     every distinct image's rows (the tower's tokens, 1 + patches of ``info.vision_hidden``,
     per tile) in ``vision_stores`` stores (the tower's output, each frozen prefix), and
-    with ``text`` every record's caption at ``backbone.max_text_tokens`` tokens; rows
-    already stored are counted too."""
+    with ``text`` the text rows the task caches for them (``Task.cached_texts``: retrieval
+    stores each caption and its relation-masked copy) at ``backbone.max_text_tokens``
+    tokens; rows already stored are counted too."""
     from vlmtune.data.cache import resolve_cache_dtype
 
     itemsize = 2 if resolve_cache_dtype(cfg.cache.dtype) == "float16" else 4
-    tiles = task_class(cfg.task).cached_tiles(cfg)
+    tiles = task_spec(cfg.task).cached_tiles(cfg)
     tokens = 1 + (info.image_size // info.patch_size) ** 2
     image_bytes = tiles * tokens * info.vision_hidden * itemsize
     text_bytes = cfg.backbone.max_text_tokens * info.text_hidden * itemsize if text else 0
     images = len({r.image for r in records}) * vision_stores
-    total = images * image_bytes + len(records) * text_bytes
-    how = f"{images:,} image rows x {image_bytes:,} bytes" + (
-        f" + {len(records):,} captions x {text_bytes:,} bytes" if text else ""
-    )
+    texts = task_spec(cfg.task).cached_texts(list(records)) if text else 0
+    total = images * image_bytes + texts * text_bytes
+    how = f"{images:,} image rows x {image_bytes:,} bytes" + (f" + {texts:,} text rows x {text_bytes:,} bytes" if text else "")
     return total, how
 
 

@@ -46,6 +46,7 @@ from vlmtune.train.resume import gather_rng_states, open_resume, restore_run, re
 from vlmtune.train.stopping import StopRequest, any_stop_signal, diverged_message, interrupted_message, step_values
 from vlmtune.train.summary import best_stage_metrics, is_better, run_metrics
 from vlmtune.train.warmstart import init_metrics, load_init_weights, open_init_source
+from vlmtune.utils import frozen_gc
 
 log = logging.getLogger("vlmtune")
 
@@ -137,16 +138,17 @@ def train(
     ):
         run = prepare_run(cfg, out, resume, tracker, stopper, accept_changed_data=accept_changed_data)
         launch.keep_threads(run.state, cfg.train.num_threads, resume)
-        st: StageRun | None = None
-        for stage in run.plan.remaining(run.state):
-            st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
-            st = start_stage(run, stage)
-            for epoch in stage.epochs_from(run.state):
-                train_epoch(run, st, epoch)
-                if end_epoch(run, st, epoch).stop:
-                    break
-        stopper.restore()  # from here on a signal stops at once; --resume redoes only the final evaluation
-        return final_evaluation(run)
+        with frozen_gc():  # the backbone and model built: garbage collection passes skip them
+            st: StageRun | None = None
+            for stage in run.plan.remaining(run.state):
+                st = None  # the previous stage's wrapper (DDP: its gradient hooks) must be gone first
+                st = start_stage(run, stage)
+                for epoch in stage.epochs_from(run.state):
+                    train_epoch(run, st, epoch)
+                    if end_epoch(run, st, epoch).stop:
+                        break
+            stopper.restore()  # from here on a signal stops at once; --resume redoes only the final evaluation
+            return final_evaluation(run)
 
 
 def prepare_run(

@@ -3,9 +3,10 @@
 - :mod:`.config`: its config sections, ``counting:`` and ``generation:`` (no torch);
 - :mod:`.model`: ``CountingModel`` (the backbone's LM, optionally with LoRA, and a
   count head), its encodings of a batch, and answer generation;
-- :mod:`.losses`: the registered losses (lm, count);
+- :mod:`.losses`: the functions of its registered losses (lm, count);
 - :mod:`.data`: prompts, the loader and the vision cache;
 - :mod:`.evaluation`: metrics, baselines, answers and per-record rows;
+- :mod:`.spec`: its declarations (components, sections, losses, metrics; no torch);
 - :mod:`.task`: ``CountingTask``, what the engine sees.
 
 The names below are importable from the package itself (``from vlmtune.tasks.counting
@@ -36,7 +37,8 @@ EXPORTS: dict[str, str] = {
     "prompt_last": "model",
     "stop_token_ids": "model",
     "tiles_of": "model",
-    "LOSSES": "losses",
+    "LOSSES": "spec",
+    "CountingSpec": "spec",
     "build_vision_cache": "data",
     "make_loader": "data",
     "prompt_builder": "data",

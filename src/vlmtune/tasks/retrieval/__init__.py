@@ -2,9 +2,10 @@
 
 - :mod:`.config`: its config section, ``model:`` (``ModelConfig``; no torch);
 - :mod:`.model`: ``RetrievalModel`` (adapters, projectors, heads) and its encodings of a batch;
-- :mod:`.losses`: the registered losses (contrastive, matching, box, relation);
+- :mod:`.losses`: the functions of its registered losses (contrastive, matching, box, relation);
 - :mod:`.data`: the loader and the frozen-feature caches;
 - :mod:`.evaluation`: metrics, baselines and per-query rankings;
+- :mod:`.spec`: its declarations (components, sections, losses, metrics; no torch);
 - :mod:`.task`: ``RetrievalTask``, what the engine sees.
 
 The names below are importable from the package itself (``from vlmtune.tasks.retrieval
@@ -21,7 +22,8 @@ EXPORTS: dict[str, str] = {
     "RetrievalEncodings": "model",
     "RetrievalModel": "model",
     "pool_tokens": "model",
-    "LOSSES": "losses",
+    "LOSSES": "spec",
+    "RetrievalSpec": "spec",
     "build_text_cache": "data",
     "build_vision_cache": "data",
     "make_loader": "data",

@@ -1,4 +1,5 @@
-"""The retrieval task's registered losses, computed from the model's encodings of a batch.
+"""The retrieval task's registered losses, computed from the model's encodings of a batch
+(declared, with their weights, fields and parts, in :mod:`.spec`'s ``LOSSES``).
 
 Each function reads a :class:`~vlmtune.tasks.retrieval.model.RetrievalEncodings` (the
 batch's images and captions encoded once, for every loss) and returns its unweighted
@@ -18,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune.distributed import all_gather, all_gather_with_grad, global_count, mean_share
-from vlmtune.losses import LossRegistry, box_loss_rows, contrastive_loss, hard_negative_pairs
+from vlmtune.losses import box_loss_rows, contrastive_loss, hard_negative_pairs
 from vlmtune.losses.negatives import contrastive_loss_with_negatives, explicit_negative_pairs
 from vlmtune.tasks.retrieval import matryoshka
 from vlmtune.tasks.retrieval.model import RetrievalEncodings
 
-LOSSES = LossRegistry()
 
-
-@LOSSES.register("contrastive", weight=1.0, help="Weight of the symmetric InfoNCE loss.")
 def contrastive(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE; with negatives beyond the batch (the ``negatives`` section) they
     are extra columns of every row; with ``model.mrl_dims`` its sum over the trained
@@ -42,7 +40,6 @@ def contrastive(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     return {"contrastive": contrastive_loss(enc.image, enc.text, enc.ids, m.logit_scale())}
 
 
-@LOSSES.register("matching", weight=1.0, help="Weight of the image-text matching loss (hard negatives).")
 def matching(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """Cross-entropy over {match, no match}: every positive pair, plus for each image a
     hard negative caption and for each caption a hard negative image, drawn from the
@@ -60,14 +57,6 @@ def matching(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     return {"matching": mean_share(ce, global_count(len(labels), ids.device))}
 
 
-@LOSSES.register(
-    "box",
-    weight=0.1,
-    help="Weight of the box loss (L1 + GIoU).",
-    fields=("bbox",),
-    parts={"box_l1": 1.0, "box_giou": 1.0},
-    part_help={"box_l1": "Weight of L1 inside the box loss.", "box_giou": "Weight of GIoU inside the box loss."},
-)
 def box(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """The grounding head's box against the record's: mean L1 on normalised (cx, cy, w, h)
     and 1 - GIoU, as parts (X-VLM's L1 + GIoU; L1 alone trains poorly)."""
@@ -87,13 +76,6 @@ def box(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     return out
 
 
-@LOSSES.register(
-    "relation",
-    weight=0.1,
-    fields=("relation",),
-    help="Weight of the spatial relation loss: cross-entropy, plus the L1 distance of the relation head's "
-    "subject position to the centre of the record's box where it has one.",
-)
 def relation(enc: RetrievalEncodings) -> dict[str, torch.Tensor]:
     """Cross-entropy of the relation head (reading the caption with its relation phrase
     masked) plus, where the record has the subject's box, the L1 distance of the head's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -15,63 +15,18 @@ from vlmtune.data.cache import resolve_cache_dtype
 from vlmtune.data.formats import PairRecord, options_from_config, read_pairs
 from vlmtune.data.pairs import PairCollator, PairDataset
 from vlmtune.data.scenes import generate_scenes
-from vlmtune.errors import ConfigError
-from vlmtune.losses import LossRegistry
-from vlmtune.tasks.base import FeatureCache, Task, data_paths
-from vlmtune.tasks.retrieval.config import ModelConfig, check_model
+from vlmtune.tasks.base import FeatureCache, data_paths
+from vlmtune.tasks.retrieval.config import ModelConfig
 from vlmtune.tasks.retrieval.data import make_loader
 from vlmtune.tasks.retrieval.evaluation import check_ks, evaluate_with_rankings
-from vlmtune.tasks.retrieval.losses import LOSSES
 from vlmtune.tasks.retrieval.model import RetrievalModel
 from vlmtune.tasks.retrieval.negatives import NegativeBank
-from vlmtune.tasks.retrieval.negconfig import NegativesConfig, check_negatives
+from vlmtune.tasks.retrieval.negconfig import NegativesConfig
+from vlmtune.tasks.retrieval.spec import RetrievalSpec
 
 
-class RetrievalTask(Task[RetrievalModel]):
-    """Cross-modal retrieval with grounding and spatial relations."""
-
-    name: ClassVar[str] = "retrieval"
-    components: ClassVar[tuple[str, ...]] = tuple(RetrievalModel.COMPONENTS)
-    # The towers only: pooled vision tokens and the LM's text states; no mm_projector.
-    backbone_components: ClassVar[tuple[str, ...]] = ("vision_blocks", "vision_tower", "language_model")
-    # Config sections that evaluate / predict may override on top of a checkpoint's config.
-    evaluation_sections: ClassVar[tuple[str, ...]] = ("data", "eval")
-    config_sections: ClassVar[dict[str, type]] = {"model": ModelConfig, "negatives": NegativesConfig}
-    serves: ClassVar[tuple[str, ...]] = ("embed_images", "embed_texts", "similarity", "ground")
-    losses: ClassVar[LossRegistry] = LOSSES
-    default_metric: ClassVar[str] = "retrieval/mean_recall"
-    key_metrics: ClassVar[tuple[str, ...]] = (
-        "retrieval/i2t_r1",
-        "retrieval/i2t_r5",
-        "retrieval/i2t_r10",
-        "retrieval/t2i_r1",
-        "retrieval/t2i_r5",
-        "retrieval/t2i_r10",
-        "retrieval/mean_recall",
-        "retrieval/chance_i2t_r1",
-        "retrieval/chance_t2i_r1",
-        "grounding/acc50",
-        "grounding/baseline_acc50",
-        "grounding/baseline_text_acc50",
-        "grounding/miou",
-        "grounding/baseline_miou",
-        "spatial/accuracy",
-        "spatial/macro_f1",
-        "spatial/baseline_accuracy",
-        "spatial/baseline_text_accuracy",
-        "spatial/baseline_caption_accuracy",
-    )
-    ranked_metrics: ClassVar[tuple[tuple[str, str], ...]] = (
-        (r"retrieval/(i2t|t2i)_r\d+", "max"),  # the headline recalls, not their tie span
-        (r"retrieval/mean_recall", "max"),
-        (r"grounding/(acc\d+|miou|giou)", "max"),
-        (r"grounding/l1", "min"),
-        (r"spatial/(accuracy|macro_precision|macro_recall|macro_f1)", "max"),
-    )
-    report_sections: ClassVar[tuple[str, ...]] = ("retrieval", "grounding", "spatial")
-    # Both towers' frozen outputs, and the frozen vision prefix's (a stage training only
-    # the last N vision blocks runs those live on it).
-    cache_kinds: ClassVar[tuple[str, ...]] = ("vision", "vision_prefix", "text")
+class RetrievalTask(RetrievalSpec[RetrievalModel]):
+    """Cross-modal retrieval with grounding and spatial relations (declarations: :class:`RetrievalSpec`)."""
 
     def __init__(
         self,
@@ -119,36 +74,6 @@ class RetrievalTask(Task[RetrievalModel]):
             cache_dtype=resolve_cache_dtype(cfg.cache.dtype),
             negatives=cfg.section("negatives"),
         )
-
-    @classmethod
-    def check_sections(cls, cfg: Config) -> None:
-        check_model(cfg.section("model"))
-        check_negatives(cfg.section("negatives"))
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """The contrastive loss scores each image against the batch's other captions."""
-        if cfg.train.batch_size < 2:
-            raise ConfigError("train.batch_size: must be >= 2 (contrastive needs negatives)")
-        m: ModelConfig = cfg.section("model")
-        big = m.contrastive_batch
-        if big > cfg.train.batch_size and m.grad_cache != "never" and cfg.train.fsdp.enabled:
-            raise ConfigError(
-                "model.grad_cache: GradCache re-runs chunks inside the backward pass, which FSDP's sharded "
-                "parameters do not support; set model.grad_cache=never (every chunk's graph kept) or train.fsdp.enabled=false"
-            )
-        neg: NegativesConfig = cfg.section("negatives")
-        if neg.enabled and (big > cfg.train.batch_size or m.mrl_dims):
-            key = "model.contrastive_batch" if big > cfg.train.batch_size else "model.mrl_dims"
-            raise ConfigError(
-                f"negatives.{'data' if neg.data else 'mine'}: not combined with {key} yet (the whole-batch "
-                f"contrastive loss would leave the extra negatives out); use one of the two"
-            )
-        if big and big % cfg.train.batch_size:
-            raise ConfigError(
-                f"model.contrastive_batch: {big} is not a multiple of train.batch_size ({cfg.train.batch_size}), "
-                f"the chunk it is cut into; use {max(1, round(big / cfg.train.batch_size)) * cfg.train.batch_size} or 0"
-            )
 
     def build_model(self, backbone: Backbone) -> RetrievalModel:
         model = RetrievalModel(
