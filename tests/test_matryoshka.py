@@ -14,8 +14,8 @@ from conftest import CONFIGS
 from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
-from vlmtune.tasks.retrieval.spec import LOSSES
 from vlmtune.tasks.retrieval.matryoshka import trained_dims
+from vlmtune.tasks.retrieval.spec import LOSSES
 
 
 def _slow_infonce(image: list[list[float]], text: list[list[float]], ids: list[int], scale: float) -> float:
@@ -50,7 +50,7 @@ def test_mrl_loss_is_the_weighted_sum_over_truncated_renormalised_widths(weights
     cfg = SimpleNamespace(embed_dim=d, mrl_dims=dims, mrl_weights=weights)
     model = SimpleNamespace(cfg=cfg, logit_scale=lambda: scale)
     enc = SimpleNamespace(model=model, image=image, text=text, ids=ids, negatives=None)
-    got = LOSSES["contrastive"].fn(enc)
+    got = LOSSES["contrastive"].function()(enc)
     w = weights or [1.0, 1.0, 1.0]
     widths = trained_dims(d, dims)
     assert widths == [3, 6, 12]
@@ -72,7 +72,7 @@ def test_without_mrl_dims_the_loss_is_the_plain_one() -> None:
     text = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
     ids, scale = torch.arange(5), torch.tensor(10.0)
     model = SimpleNamespace(cfg=SimpleNamespace(embed_dim=8, mrl_dims=[], mrl_weights=[]), logit_scale=lambda: scale)
-    got = LOSSES["contrastive"].fn(SimpleNamespace(model=model, image=image, text=text, ids=ids, negatives=None))
+    got = LOSSES["contrastive"].function()(SimpleNamespace(model=model, image=image, text=text, ids=ids, negatives=None))
     assert got.keys() == {"contrastive"}
     assert torch.equal(got["contrastive"], contrastive_loss(image, text, ids, scale))
 

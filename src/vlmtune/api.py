@@ -38,24 +38,22 @@ that cannot be opened :class:`~vlmtune.errors.CheckpointError`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from vlmtune.errors import ArgumentError, ArgumentTypeError, VlmtuneError
+from vlmtune.fingerprint import checkpoint_fingerprint, fingerprint_parts
 from vlmtune.tasks import TASKS, task_spec
-from vlmtune.utils import sha256_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from vlmtune.checkpoint import Checkpoint
     from vlmtune.predict import Prediction
-    from vlmtune.tasks.retrieval.config import ModelConfig
 
 ImageInput = Union[str, Path, "Image.Image"]
 
@@ -84,58 +82,6 @@ class Grounding:
             "box_xywh": [round(v, 3) for v in self.box_xywh],
             "score": round(self.score, 6),
         }
-
-
-def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """What identifies the model a checkpoint computes: the sha256 of its trained
-    weights (recorded in state.json and checked on reading), the backbone's identity,
-    the task and the settings that shape embeddings (pooling, text length, the
-    adapter/projector config). The same model re-saved elsewhere has the same
-    fingerprint; another training run, epoch or backbone does not.
-
-    An export (``vlmtune export --format merged`` or ``vlmtune``) computes what its
-    source computes and records the source's fingerprint in ``vlmtune_export.json``
-    with a digest of its files as written: while its files are those (the manifest
-    checks them), its fingerprint is its source's, so an index built by the checkpoint
-    serves the export."""
-    recorded = export_fingerprint(ckpt)
-    return recorded if recorded is not None else own_fingerprint(ckpt)
-
-
-def own_fingerprint(ckpt: Checkpoint) -> str:
-    """The fingerprint of a checkpoint's own files (no export record consulted)."""
-    return sha256_bytes(json.dumps(fingerprint_parts(ckpt), sort_keys=True, default=str).encode())
-
-
-def fingerprint_parts(ckpt: Checkpoint) -> dict[str, Any]:
-    """What :func:`own_fingerprint` hashes, by name (to say what differs between two)."""
-    cfg = ckpt.cfg
-    model: ModelConfig = cfg.section("model")
-    return {
-        "task": cfg.task,
-        "weights": ckpt.digests.get("weights.safetensors"),
-        "backbone": {k: ckpt.state.backbone.get(k) for k in ("config_sha256", "vision_hidden", "text_hidden")},
-        "pooling": [cfg.backbone.vision_pooling, cfg.backbone.text_pooling, cfg.backbone.max_text_tokens],
-        "model": {k: v for k, v in asdict(model).items() if k not in getattr(model, "TRAINING_ONLY", ())},
-    }
-
-
-def export_fingerprint(ckpt: Checkpoint) -> str | None:
-    """The source's fingerprint an export recorded, or None: no record, a record that is
-    not the export's (its files digest is not that of the files the folder holds), or
-    one that cannot be read."""
-    from vlmtune.export import EXPORT_INFO, files_digest
-
-    if EXPORT_INFO not in ckpt.digests:  # only a file the manifest lists (and checked)
-        return None
-    try:
-        info = json.loads(ckpt._read(EXPORT_INFO).decode("utf-8"))
-    except (VlmtuneError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(info, dict) or info.get("files_sha256") != files_digest(ckpt.digests):
-        return None
-    fp = info.get("fingerprint")
-    return fp if isinstance(fp, str) and len(fp) == 64 else None
 
 
 class Model:

@@ -241,7 +241,7 @@ def load_pretrained(cfg: BackboneConfig, source: str | Path, device_type: str = 
     except pickle.UnpicklingError as e:
         # torch refused a pickled weights file (weights_only): say so in our words. Its own
         # message advises re-running with weights_only=False, which would run the file's code.
-        from vlmtune.checkpoint import unpickling_reason
+        from vlmtune.utils import unpickling_reason
 
         bins = sorted(p.name for p in Path(src).glob("*.bin")) if is_dir else []
         where = f"{src}/{bins[0]}" if bins else src

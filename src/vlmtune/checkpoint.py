@@ -45,7 +45,7 @@ from vlmtune.config import Config, load_saved_config, save_config
 from vlmtune.errors import CheckpointError, ConfigError, first_line
 from vlmtune.runfolder import follow_umask
 from vlmtune.state import TrainState
-from vlmtune.utils import sha256_bytes, sha256_file, shorten
+from vlmtune.utils import sha256_bytes, sha256_file, shorten, unpickling_reason
 
 # 2: every file is listed in manifest.json (1 kept two digests in state.json).
 FORMAT_VERSION = 2
@@ -363,18 +363,6 @@ def _unpickling_reason(e: BaseException) -> str:
     never torch's own text, which advises re-running with ``weights_only=False`` (the
     one thing that would run the file's code)."""
     return unpickling_reason(e)
-
-
-def unpickling_reason(e: BaseException) -> str:
-    """The refused object of a weights_only ``torch.load`` failure ("posix.system"), as
-    "it names posix.system", or a plain description when torch's message names none."""
-    import re
-
-    text = str(e)
-    m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported (?:class|global|operand)\W*([\w.]+)", text)
-    if m:
-        return f"it names {m.group(1)[:80]}, which is not a tensor or plain data"
-    return "it holds objects other than tensors and plain data"
 
 
 _NOT_ARCHITECTURE = {

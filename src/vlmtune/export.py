@@ -34,7 +34,7 @@ symbolic link at DIR is refused, never overwritten, and nothing vlmtune did not 
 is removed (a folder of the user's named ``DIR.export-tmp`` stays as it was).
 
 A ``merged`` or ``vlmtune`` export computes what its checkpoint computes, so it carries
-the checkpoint's fingerprint (:func:`vlmtune.api.checkpoint_fingerprint`) in
+the checkpoint's fingerprint (:func:`vlmtune.fingerprint.checkpoint_fingerprint`) in
 ``vlmtune_export.json`` together with a digest of the files it was written with: an
 index built by the checkpoint serves the export (``search --checkpoint EXPORT``), and
 an export whose files changed since has its own fingerprint again.
@@ -56,9 +56,10 @@ from safetensors.torch import save_file
 from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, open_checkpoint, save_checkpoint
 from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
+from vlmtune.fingerprint import EXPORT_INFO, checkpoint_fingerprint, files_digest
 from vlmtune.runfolder import make_folder, output_folder, write_text
 from vlmtune.tasks import task_spec
-from vlmtune.utils import sha256_bytes, shorten
+from vlmtune.utils import shorten
 
 if TYPE_CHECKING:
     from vlmtune.backbone import Backbone
@@ -70,7 +71,6 @@ BACKBONE_PREFIX = "backbone.model."
 # InternVLForConditionalGeneration -> its language model (what counting's LoRA was injected into).
 LM_PATH = "model.language_model"
 HEADS_FILE = "vlmtune_heads.safetensors"
-EXPORT_INFO = "vlmtune_export.json"
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "vlmtune") -> dict[str, Any]:
@@ -134,17 +134,9 @@ def _follow_umask(folder: Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-def files_digest(digests: dict[str, str]) -> str:
-    """One sha256 over a checkpoint's files and their digests, ``vlmtune_export.json``
-    and the manifest left out: what an export records of the files it wrote."""
-    own = {k: v for k, v in digests.items() if k != EXPORT_INFO}
-    return sha256_bytes(json.dumps(own, sort_keys=True).encode())
-
-
 def _write_source_record(folder: Path, ckpt: Checkpoint, fmt: str, **extra: Any) -> None:
     """``vlmtune_export.json`` of a merged or vlmtune export: its source, the source's
     fingerprint and the digest of the files as written (before the manifest lists them)."""
-    from vlmtune.api import checkpoint_fingerprint
     from vlmtune.checkpoint import file_listing
     from vlmtune.utils import sha256_file
 

@@ -139,3 +139,15 @@ def frozen_gc() -> Iterator[None]:
         _FREEZES[0] -= 1
         if not _FREEZES[0]:
             gc.unfreeze()
+
+
+def unpickling_reason(e: BaseException) -> str:
+    """The refused object of a weights_only ``torch.load`` failure ("posix.system"), as
+    "it names posix.system", or a plain description when torch's message names none."""
+    import re
+
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported (?:class|global|operand)\W*([\w.]+)", text)
+    if m:
+        return f"it names {m.group(1)[:80]}, which is not a tensor or plain data"
+    return "it holds objects other than tensors and plain data"
