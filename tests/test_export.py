@@ -254,7 +254,7 @@ def test_export_failure_removes_only_its_own_temp_folder(retrieval_ckpt: Path, t
 
 def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Path, tmp_path: Path, capsys) -> None:
     import vlmtune
-    from vlmtune.api import fingerprint_parts, own_fingerprint
+    from vlmtune.fingerprint import fingerprint_parts, own_fingerprint
     from vlmtune.checkpoint import open_checkpoint, write_manifest
 
     src = vlmtune.load(retrieval_ckpt)
@@ -291,7 +291,7 @@ def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Pa
     save_file(w, str(dest / "weights.safetensors"))
     write_manifest(dest)
     changed = open_checkpoint(dest)
-    from vlmtune.api import checkpoint_fingerprint
+    from vlmtune.fingerprint import checkpoint_fingerprint
 
     assert checkpoint_fingerprint(changed) == own_fingerprint(changed) != src.fingerprint
     assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(dest)]) == 2
