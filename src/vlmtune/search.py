@@ -5,18 +5,21 @@
   items.jsonl             one line per row: {"id", "kind": "image"|"text", "path" | "text", ...}
                           (images also carry "size" and "mtime_ns"; a data set's captions "image",
                           the id of their image)
-  embed.json              the checkpoint (path and fingerprint), the source, counts, unreadable files
+  embed.json              the checkpoint (path and fingerprint), the source, counts, unreadable
+                          files, and the sha256 of the two files above: the manifest of a save
 A second run into the same folder embeds only what is new: images are keyed by path,
 size and modification time (a changed file is re-embedded in its row, a new one is
 appended, one no longer in the folder is removed, and each is counted in the summary),
-captions by their text. Progress is saved every ``FLUSH_EVERY`` images, so an
-interrupted run loses at most that much.
+captions by their text. Progress is saved every ``FLUSH_EVERY`` images through a
+journal (:mod:`vlmtune.searchfiles`), so a run killed at any moment loses at most that
+much and the next run goes on from the last save. One writer per folder (its lock).
 
 ``vlmtune index EMBED_DIR --out INDEX_DIR [--faiss ivf|hnsw]`` writes
   gallery.safetensors     ``gallery`` [N, D], the normalised matrix (exact search reads it)
   items.jsonl             the gallery's rows, as in the embed folder
   index.json              kind, size, the checkpoint's path and fingerprint, search settings and,
                           with --faiss, the recall@10 of the approximate index against exact search
+                          and faiss.index's sha256 (checked before Faiss reads the file)
   faiss.index             with --faiss only
 
 ``vlmtune search INDEX (--text T | --image P | --queries FILE)`` embeds the query with
@@ -621,6 +624,13 @@ def build_index(
     out = runfolder.output_folder(out, "--out")
     _check_index_out(out)
     meta, tensors, items = read_embed_folder(embed_dir)
+    if meta.get("complete") is False:
+        log.warning(
+            "%s: its embed run did not finish (interrupted?); indexing the %d images and %d texts it saved",
+            embed_dir,
+            len(tensors["images"]),
+            len(tensors["texts"]),
+        )
     kind = kind or ("images" if len(tensors["images"]) else "texts")
     gallery = _normalise(tensors[kind])
     if len(gallery) == 0:
@@ -649,7 +659,7 @@ def build_index(
         runfolder.refuse_links(out, INDEX_FILES)
         _check_index_out(out)
         for name in os.listdir(out):  # what a killed build left under vlmtune's temporary names
-            if sf.own_name(name) and name != runfolder.LOCK_NAME:
+            if sf.own_name(name) and name != runfolder.LOCK_NAME and not (out / name).is_dir():
                 (out / name).unlink()
         _write_json(out / "index.json", {**info, "complete": False})
         data = _tensor_bytes({"gallery": gallery})

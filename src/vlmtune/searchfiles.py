@@ -231,7 +231,7 @@ def settle(folder: Path) -> None:
     for entry in os.listdir(folder):
         if own_name(entry) and entry != runfolder.LOCK_NAME:
             p = folder / entry
-            if p.is_file() or p.is_symlink():
+            if p.is_symlink() or p.is_file():
                 p.unlink()
 
 
