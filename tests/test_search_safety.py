@@ -190,9 +190,13 @@ def test_names_of_any_bytes_are_stored_and_printed_escaped(
     raw = os.fsencode(str(photos)) + b"/caf\xe9 \x1b[31mred\x1b[0m\nline.png"  # not UTF-8, an escape sequence, a newline
     shutil.copy(sorted((scenes / "images").iterdir())[5], raw)
     name = os.fsdecode(raw)
+    (photos / "bad\x1b[2J\nname.png").write_bytes(b"not an image")  # unreadable: its name printed escaped
     emb, idx = tmp_path / "emb", tmp_path / "idx"
     ck = str(retrieval_checkpoint)
+    capsys.readouterr()
     assert main(["embed", ck, "--images", str(photos), "--out", str(emb), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "\x1b" not in cap.out + cap.err and "bad\\x1b[2J\\nname.png" in cap.err
     lines = (emb / "items.jsonl").read_bytes().decode("utf-8").split("\n")  # valid UTF-8 throughout
     row = next(json.loads(x) for x in lines if "path_bytes" in x)
     assert bytes.fromhex(row["path_bytes"]) == raw and row["path"].endswith("caf\\xe9 \x1b[31mred\x1b[0m\nline.png")
@@ -279,6 +283,14 @@ def test_image_folder_links_outside_refused_loops_reported(model: vlmtune.Model,
     assert len(meta["unreadable"]) == 4  # three loops, one link to nothing
     paths = [r["path"] for r in _state(tmp_path / "o")[0] if r["kind"] == "image"]
     assert paths == [str(p.resolve()) for p in sorted(photos.glob("scene*"))]
+    # A link planted where embed writes (its pending file) is refused by name, its target untouched.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / "o" / ".items.jsonl.vlmtune-next").symlink_to(victim)
+    assert main(["embed", ck, "--images", str(photos), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".items.jsonl.vlmtune-next: is a symbolic link" in err[0]
+    assert victim.read_text() == "mine"
 
 
 def test_nan_rows_refused_at_embed_and_at_index(
@@ -542,3 +554,19 @@ def test_search_out_is_a_new_file_written_atomically(model: vlmtune.Model, scene
     assert main(["search", str(tmp_path / "idx"), "--queries", str(q), "--out", str(res), "-k", "2"]) == 0
     assert [len(json.loads(x)["results"]) for x in res.read_text().splitlines()] == [2]
     assert sorted(os.listdir(res.parent)) == ["res.jsonl"]
+
+
+def test_folder_mix_ups_are_named(tmp_path: Path, capsys) -> None:
+    idx = _index(tmp_path)
+    emb = tmp_path / "emb"
+    capsys.readouterr()
+    for argv, message in (
+        (["index", str(idx), "--out", str(tmp_path / "i2")], "is an index folder, not an embed folder"),
+        (["search", str(emb), "--text", "x"], "is an embed folder, not an index"),
+        (["search", str(idx / "index.json"), "--text", "x"], "is a file, not an index folder"),
+        (["index", str(emb / "embed.json"), "--out", str(tmp_path / "i3")], "is a file, not an embed folder"),
+        (["search", str(idx), "--queries", str(tmp_path)], "is a folder, not a file"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

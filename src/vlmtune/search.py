@@ -107,6 +107,8 @@ def read_embed_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], 
         raise DataError(f"{folder}: is a file, not an embed folder")
     if not folder.exists():
         raise DataError(f"{folder}: folder not found")
+    if not (folder / sf.META).exists() and (folder / "index.json").exists():
+        raise DataError(f"{folder}: is an index folder, not an embed folder (give the folder vlmtune embed wrote)")
     meta, blobs = sf.read_committed(folder)
     emb_path, items_path, meta_path = folder / sf.EMBEDDINGS, folder / sf.ITEMS, folder / sf.META
     tensors = sf.load_tensor_bytes(blobs[sf.EMBEDDINGS], emb_path)
@@ -184,7 +186,7 @@ def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
 
     def cannot_list(e: OSError) -> None:
         where = str(e.filename or root)
-        problems[where] = f"{sf.printable(where)}: cannot list the folder ({(e.strerror or str(e)).lower()})"
+        problems[where] = f"{where}: cannot list the folder ({(e.strerror or str(e)).lower()})"
 
     for folder, dirs, files in os.walk(root, onerror=cannot_list):
         for name in [*dirs, *files]:
@@ -195,14 +197,12 @@ def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
                 target = p.resolve(strict=True)
             except (RuntimeError, OSError) as e:
                 if isinstance(e, OSError) and e.errno != errno.ELOOP and not isinstance(e, FileNotFoundError):
-                    problems[str(p)] = f"{sf.printable(str(p))}: cannot follow the link ({(e.strerror or str(e)).lower()})"
+                    problems[str(p)] = f"{p}: cannot follow the link ({(e.strerror or str(e)).lower()})"
                 elif isinstance(e, FileNotFoundError):
                     if p.suffix.lower() in IMAGE_EXTENSIONS:
-                        problems[str(p)] = (
-                            f"{sf.printable(str(p))}: a symbolic link to nothing (to {sf.printable(os.readlink(p))})"
-                        )
+                        problems[str(p)] = f"{p}: a symbolic link to nothing (to {os.readlink(p)})"
                 else:
-                    problems[str(p)] = f"{sf.printable(str(p))}: a symbolic link loop"
+                    problems[str(p)] = f"{p}: a symbolic link loop"
                 continue
             if not target.is_relative_to(base):
                 raise DataError(
@@ -314,7 +314,7 @@ def embed(
         if n_images == 0:
             raise DataError(
                 f"{images or data}: none of the {len(job.order) + len(listed[1] if listed else ())} image files could "
-                f"be read (first: {next(iter(job.unreadable.values()), '')})"
+                f"be read (first: {sf.printable(next(iter(job.unreadable.values()), ''))})"
             )
         new_texts = job.embed_texts(extra_texts, progress)
         meta = job.save(final=True)
@@ -376,7 +376,7 @@ class _EmbedJob:
             files, problems = listed
             for p, why in problems.items():
                 self.unreadable[p] = why
-                log.warning("skipped %s", why)
+                log.warning("skipped %s", sf.printable(why))
             wanted = list(dict.fromkeys(str(p.resolve()) for p in files))  # a link inside the folder: its file once
             present = set(wanted)
             self.order = [p for p in self.old_img if p in present] + [p for p in wanted if p not in self.old_img]
@@ -393,8 +393,8 @@ class _EmbedJob:
             try:
                 size, mtime = _stamp(Path(p))
             except OSError as e:  # gone or unreadable since the folder was listed
-                self.unreadable[p] = f"{sf.printable(p)}: cannot read ({e.strerror or e})"
-                log.warning("skipped %s", self.unreadable[p])
+                self.unreadable[p] = f"{p}: cannot read ({e.strerror or e})"
+                log.warning("skipped %s", sf.printable(self.unreadable[p]))
                 continue
             prev = self.old_img.get(p)
             if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
@@ -419,8 +419,8 @@ class _EmbedJob:
                 try:
                     loaded.append((p, size, mtime, load_image(Path(p))))
                 except DataError as e:
-                    self.unreadable[p] = sf.printable(str(e))
-                    log.warning("skipped %s", self.unreadable[p])
+                    self.unreadable[p] = str(e)
+                    log.warning("skipped %s", sf.printable(str(e)))
             if loaded:
                 emb = self.m.embed_images([x[3] for x in loaded])
                 _refuse_not_finite(emb, [x[0] for x in loaded], "image")
@@ -771,6 +771,8 @@ class Index:
             raise DataError(f"{folder}: is a file, not an index folder (run vlmtune index to make one)")
         if not folder.exists():
             raise DataError(f"{folder}: folder not found")
+        if not (folder / "index.json").exists() and (folder / sf.META).exists():
+            raise DataError(f"{folder}: is an embed folder, not an index (make one with vlmtune index {folder} --out INDEX)")
         self.info = info = sf.read_json_file(folder / "index.json", "an index folder (run vlmtune index first)")
         where = folder / "index.json"
         if info.get("format") != INDEX_FORMAT:

@@ -211,13 +211,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise VlmtuneError("--out: only with --queries (one query prints its table or --json)")
     out = _new_file(args.out) if args.out is not None else None
     index = Index(args.index)
-    model = open_query_model(index, args.checkpoint)
     if args.queries:
         queries = read_queries(Path(args.queries))
     else:
         queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
         if args.text is not None and not args.text.strip():
             raise VlmtuneError("--text: the query is empty")
+    model = open_query_model(index, args.checkpoint)
     results = search(index, model, queries, k=args.k, rerank=args.rerank, rerank_k=args.rerank_k)
     if args.queries:
         lines = "".join(json_line(r) + "\n" for r in results)
