@@ -273,6 +273,8 @@ def test_image_folder_links_outside_refused_loops_reported(model: vlmtune.Model,
     (photos / "gone.png").symlink_to(photos / "nothing.png")
     inside = sorted(photos.glob("scene*"))[0]
     (photos / "alias.png").symlink_to(inside)  # inside the folder: read where it leads, once
+    (photos / "notes.txt").symlink_to(secret)  # never read (not an image): no matter where it leads
+    (photos / "readme.md").symlink_to(secret)
     assert main(["embed", ck, "--images", str(photos), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "embedded 3 images" in cap.out and "4 unreadable" in cap.out

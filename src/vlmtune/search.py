@@ -176,8 +176,8 @@ def _check_embed_out(out: Path) -> None:
 def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
     """Every file under ``root`` (recursively) whose extension is an image's, sorted by
     path, and what could not be listed ({path: reason}: a symbolic link loop, a link
-    to nothing, a folder that cannot be read). A symbolic link (to a file or a folder)
-    that leads outside ``root`` is refused, as the data commands refuse an image path
+    to nothing, a folder that cannot be read). A symbolic link (to a folder, or an
+    image file) that leads outside ``root`` is refused, as the data commands refuse an image path
     leading outside the data set's folder; one leading inside is read where it leads
     (a folder there is listed anyway)."""
     base = root.resolve()
@@ -204,7 +204,8 @@ def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
                 else:
                     problems[str(p)] = f"{p}: a symbolic link loop"
                 continue
-            if not target.is_relative_to(base):
+            read = target.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS  # a link to notes.txt is never read
+            if read and not target.is_relative_to(base):
                 raise DataError(
                     f"{sf.printable(str(p))}: a symbolic link leading outside {sf.printable(str(root))} (to "
                     f"{sf.printable(str(target))}); embed reads only files inside the folder it is given, as the data "
