@@ -204,14 +204,37 @@ def commit(folder: Path, tensors: dict[str, Tensor], items: list[dict[str, Any]]
     blobs = {EMBEDDINGS: save({k: v.contiguous() for k, v in tensors.items()}), ITEMS: jsonl_bytes(items)}
     files = {}
     for name, data in blobs.items():
-        runfolder.write_atomic(pending(folder, name), lambda p, d=data: p.write_bytes(d))
+        runfolder.write_atomic(pending(folder, name), lambda p, d=data: _write_synced(p, d))
         files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
     manifest = {**meta, "format": EMBED_FORMAT, "files": files}
     text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False)
-    runfolder.write_atomic(folder / META, lambda p: p.write_bytes(text.encode("utf-8", "backslashreplace")))
+    _sync_folder(folder)  # the pending files' names on disk before the manifest that names them
+    runfolder.write_atomic(folder / META, lambda p: _write_synced(p, text.encode("utf-8", "backslashreplace")))
     for name in blobs:
         os.replace(pending(folder, name), folder / name)
+    _sync_folder(folder)
     return manifest
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so the renames in it reach the disk in order (where the system allows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def settle(folder: Path) -> None:
