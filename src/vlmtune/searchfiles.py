@@ -139,7 +139,7 @@ def read_jsonl_bytes(data: bytes, path: Path) -> list[tuple[int, dict[str, Any]]
         if not line.strip():
             continue
         try:
-            row = json.loads(line, parse_constant=_no_constant)
+            row = _DECODER.decode(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
         except RecursionError:
@@ -154,6 +154,9 @@ def _no_constant(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # strict JSON: no NaN or Infinity
+
+
 def read_json_file(path: Path, what: str) -> dict[str, Any]:
     """A JSON object file (``what``: what the folder should be, for a missing file)."""
     try:
@@ -161,7 +164,7 @@ def read_json_file(path: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"{path.parent}: not {what} ({path.name} is missing)") from None
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        obj = _DECODER.decode(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     except RecursionError:
