@@ -232,7 +232,7 @@ def test_embed_a_folder_reports_unreadable_files_and_resumes(model: vlmtune.Mode
     assert "embedded 5 images" in cap.out and "2 unreadable" in cap.out and "2 new texts" in cap.out
     assert "broken.png" in cap.err and "truncated.png" in cap.err and "notes.txt" not in cap.err
     assert sorted(p for p in root.rglob("*")) == before  # nothing written beside the images
-    assert sorted(p.name for p in out.iterdir()) == ["embed.json", "embeddings.safetensors", "items.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".vlmtune.lock", "embed.json", "embeddings.safetensors", "items.jsonl"]
     items = _items(out)
     imgs = [r for r in items if r["kind"] == "image"]
     assert [Path(r["path"]) for r in imgs] == sorted(p.resolve() for p in dests)
@@ -486,7 +486,7 @@ def image_index(model: vlmtune.Model, scenes: Path, tmp_path_factory: pytest.Tem
     "args, message",
     [
         (["--text", ""], "the query is empty"),
-        (["--text", "x", "-k", "0"], "-k: must be at least 1"),
+        (["--text", "x", "-k", "0"], "argument -k: must be between 1 and"),
         (["--text", "x", "--image", "y.png"], "exactly one of --text, --image or --queries"),
         (["--image", "missing.png"], "missing.png: file not found"),
         (["--image", "IMG", "--rerank"], "--rerank: the matching head scores image-text pairs"),

@@ -254,8 +254,8 @@ def test_export_failure_removes_only_its_own_temp_folder(retrieval_ckpt: Path, t
 
 def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Path, tmp_path: Path, capsys) -> None:
     import vlmtune
-    from vlmtune.fingerprint import fingerprint_parts, own_fingerprint
     from vlmtune.checkpoint import open_checkpoint, write_manifest
+    from vlmtune.fingerprint import fingerprint_parts, own_fingerprint
 
     src = vlmtune.load(retrieval_ckpt)
     images = sorted((scenes / "images").iterdir())[:6]

@@ -227,9 +227,10 @@ class RunLock:
     leaves a stale lock behind; the next run takes it and writes its own PID.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, what: str = "run folder", flag: str = "--output-dir"):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
+        self.what, self.flag = what, flag  # how the refusal names the folder and its flag
         self._lock: Any = None
 
     def acquire(self) -> RunLock:
@@ -244,7 +245,7 @@ class RunLock:
             pid = _holder(self.path)
             raise VlmtuneError(
                 f"{self.folder}: another vlmtune process ({f'PID {pid}' if pid else 'PID unknown'}) "
-                f"is writing to this run folder; wait for it to end or choose another --output-dir"
+                f"is writing to this {self.what}; wait for it to end or choose another {self.flag}"
             ) from None
         self._lock = lock
         write_text(self.path, f"{os.getpid()}\n")

@@ -5,18 +5,21 @@
   items.jsonl             one line per row: {"id", "kind": "image"|"text", "path" | "text", ...}
                           (images also carry "size" and "mtime_ns"; a data set's captions "image",
                           the id of their image)
-  embed.json              the checkpoint (path and fingerprint), the source, counts, unreadable files
+  embed.json              the checkpoint (path and fingerprint), the source, counts, unreadable
+                          files, and the sha256 of the two files above: the manifest of a save
 A second run into the same folder embeds only what is new: images are keyed by path,
 size and modification time (a changed file is re-embedded in its row, a new one is
 appended, one no longer in the folder is removed, and each is counted in the summary),
-captions by their text. Progress is saved every ``FLUSH_EVERY`` images, so an
-interrupted run loses at most that much.
+captions by their text. Progress is saved every ``FLUSH_EVERY`` images through a
+journal (:mod:`vlmtune.searchfiles`), so a run killed at any moment loses at most that
+much and the next run goes on from the last save. One writer per folder (its lock).
 
 ``vlmtune index EMBED_DIR --out INDEX_DIR [--faiss ivf|hnsw]`` writes
   gallery.safetensors     ``gallery`` [N, D], the normalised matrix (exact search reads it)
   items.jsonl             the gallery's rows, as in the embed folder
   index.json              kind, size, the checkpoint's path and fingerprint, search settings and,
                           with --faiss, the recall@10 of the approximate index against exact search
+                          and faiss.index's sha256 (checked before Faiss reads the file)
   faiss.index             with --faiss only
 
 ``vlmtune search INDEX (--text T | --image P | --queries FILE)`` embeds the query with
@@ -29,6 +32,7 @@ re-orders them, as evaluation's ``eval.rerank_k`` does.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -40,9 +44,10 @@ import torch
 from torch import Tensor
 
 from vlmtune import runfolder
+from vlmtune import searchfiles as sf
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.tasks.retrieval.matryoshka import check_dim, trained_dims, truncate
-from vlmtune.utils import jsonl_objects
+from vlmtune.utils import sha256_bytes
 
 if TYPE_CHECKING:
     from vlmtune.api import Model
@@ -71,7 +76,7 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 FLUSH_EVERY = 1024  # images embedded between two saves of the output files
-EMBED_FORMAT = 1
+EMBED_FORMAT = sf.EMBED_FORMAT
 INDEX_FORMAT = 1
 
 
@@ -83,108 +88,147 @@ def _write_atomic(path: Path, write: Any) -> None:
     runfolder.write_atomic(path, write)
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    _write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
-
-
-def _load_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path.parent}: not {what} ({path.name} is missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({str(e)[:200]})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = sf.read_bytes(path)
     except FileNotFoundError:
-        raise DataError(f"{path}: missing") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a file") from None
-    rows.extend(row for _, row in jsonl_objects(lines, path))
-    return rows
+        raise DataError(f"{path}: file not found") from None
+    return [row for _, row in sf.read_jsonl_bytes(data, path)]
 
 
 # --------------------------------------------------------------------------- embed
 
 
 def read_embed_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], list[dict[str, Any]]]:
-    """embed.json, the tensors and the items of an embed folder, checked against each
-    other: both tensors [rows, D] of one D, and the items of each kind numbered
-    0..rows-1 in order."""
-    meta = _read_json(folder / "embed.json", "an embed folder (run vlmtune embed first)")
-    tensors = _load_tensors(folder / "embeddings.safetensors")
-    items = _read_jsonl(folder / "items.jsonl")
-    where = folder / "embeddings.safetensors"
-    dims = set()
-    for name in ("images", "texts"):
-        t = tensors.get(name)
-        if t is None or t.ndim != 2 or not t.dtype.is_floating_point:
-            raise DataError(f"{where}: needs a 2-D float tensor '{name}'")
-        dims.add(t.shape[1])
-    if len(dims) != 1:
-        raise DataError(f"{where}: 'images' and 'texts' have different widths {sorted(dims)}")
+    """The committed state of an embed folder (see :mod:`vlmtune.searchfiles`), checked
+    as input: embed.json's fields, both tensors 2-D float matrices of one width holding
+    finite values, and the items of each kind numbered 0..rows-1 in order."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not an embed folder")
+    if not folder.exists():
+        raise DataError(f"{folder}: folder not found")
+    if not (folder / sf.META).exists() and (folder / "index.json").exists():
+        raise DataError(f"{folder}: is an index folder, not an embed folder (give the folder vlmtune embed wrote)")
+    meta, blobs = sf.read_committed(folder)
+    emb_path, items_path, meta_path = folder / sf.EMBEDDINGS, folder / sf.ITEMS, folder / sf.META
+    tensors = sf.load_tensor_bytes(blobs[sf.EMBEDDINGS], emb_path)
+    mats = {name: sf.check_matrix(tensors, name, emb_path) for name in ("images", "texts")}
+    widths = sorted({t.shape[1] for t in mats.values()})
+    if len(widths) != 1:
+        raise DataError(f"{emb_path}: 'images' and 'texts' have different widths {widths}")
+    items = sf.check_rows(items_path, sf.read_jsonl_bytes(blobs[sf.ITEMS], items_path))
+    _check_embed_meta(meta_path, meta, mats)
+    of_kind = {}
     for kind, name, field in (("image", "images", "path"), ("text", "texts", "text")):
-        rows = [r for r in items if r.get("kind") == kind]
-        if [r.get("id") for r in rows] != list(range(len(tensors[name]))) or not all(isinstance(r.get(field), str) for r in rows):
+        rows = [r for r in items if r["kind"] == kind]
+        if [r["id"] for r in rows] != list(range(len(mats[name]))):
             raise DataError(
-                f"{folder / 'items.jsonl'}: its {kind} lines do not number the {len(tensors[name])} rows of "
+                f"{items_path}: its {kind} lines do not number the {len(mats[name])} rows of "
                 f"'{name}' in order (id 0, 1, ..., each with a '{field}')"
             )
-    return meta, {k: tensors[k] for k in ("images", "texts")}, items
+        of_kind[name] = rows
+    for r in of_kind["texts"]:
+        if r.get("image") is not None and not 0 <= r["image"] < len(mats["images"]):
+            raise DataError(
+                f"{items_path}: text {r['id']}: 'image' {r['image']} is not an image id (0..{len(mats['images']) - 1})"
+            )
+    for name, t in mats.items():
+        bad = sf.first_not_finite(t)
+        if bad is not None:
+            raise DataError(
+                f"{emb_path}: '{name}' row {bad} ({sf.item_label(of_kind[name][bad])}) is not finite (NaN or Inf); "
+                f"embed into a new folder"
+            )
+    return meta, mats, items
 
 
-def _new_folder(out: Path, what: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise VlmtuneError(f"{out}: is a file, not a folder for {what}")
+def _check_embed_meta(path: Path, meta: dict[str, Any], mats: dict[str, Tensor]) -> None:
+    """embed.json's fields: texts where texts are meant, counts and width those of the
+    tensors (a manifest's counts always; 'dim' where given)."""
+    for key in ("checkpoint", "fingerprint", "task", "weights_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise DataError(f"{path}: '{key}' must be text, got {type(meta[key]).__name__}")
+    src = meta.get("source")
+    if src is not None and not (isinstance(src, dict) and all(v is None or isinstance(v, str) for v in src.values())):
+        raise DataError(f"{path}: 'source' must be an object of paths")
+    width = next(iter(mats.values())).shape[1]
+    dim = meta.get("dim")
+    if dim is not None and dim != width:
+        raise DataError(f"{path}: 'dim' is {dim!r} but the embeddings are {width} wide")
+    if meta.get("format") == sf.EMBED_FORMAT:
+        for name in ("images", "texts"):
+            if meta.get(name) != len(mats[name]):
+                raise DataError(f"{path}: '{name}' is {meta.get(name)!r} but {sf.EMBEDDINGS} holds {len(mats[name])} rows")
+    bad = meta.get("unreadable", [])
+    if not isinstance(bad, list) or not all(isinstance(u, dict) and isinstance(u.get("error"), str) for u in bad):
+        raise DataError(f"{path}: 'unreadable' must be a list of objects with an 'error' text")
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every file under ``root`` (recursively, symlinked folders not followed) whose
-    extension is an image's, sorted by path."""
-    out = []
-    for folder, dirs, files in os.walk(root):
+def _check_embed_out(out: Path) -> None:
+    """``out`` may receive embeddings: new, empty (but for vlmtune's own files), or an
+    embed folder."""
+    if not out.is_dir() or (out / sf.META).is_file() or (out / sf.META).is_symlink():
+        return
+    if any(not sf.own_name(name) for name in os.listdir(out)):
+        raise VlmtuneError(f"{out}: exists and is not an embed folder (no embed.json); choose an empty or new folder")
+
+
+def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every file under ``root`` (recursively) whose extension is an image's, sorted by
+    path, and what could not be listed ({path: reason}: a symbolic link loop, a link
+    to nothing, a folder that cannot be read). A symbolic link (to a folder, or an
+    image file) that leads outside ``root`` is refused, as the data commands refuse an image path
+    leading outside the data set's folder; one leading inside is read where it leads
+    (a folder there is listed anyway)."""
+    base = root.resolve()
+    out: list[Path] = []
+    problems: dict[str, str] = {}
+
+    def cannot_list(e: OSError) -> None:
+        where = str(e.filename or root)
+        problems[where] = f"{where}: cannot list the folder ({(e.strerror or str(e)).lower()})"
+
+    for folder, dirs, files in os.walk(root, onerror=cannot_list):
+        for name in [*dirs, *files]:
+            p = Path(folder) / name
+            if not p.is_symlink():
+                continue
+            try:
+                target = p.resolve(strict=True)
+            except (RuntimeError, OSError) as e:
+                if isinstance(e, OSError) and e.errno != errno.ELOOP and not isinstance(e, FileNotFoundError):
+                    problems[str(p)] = f"{p}: cannot follow the link ({(e.strerror or str(e)).lower()})"
+                elif isinstance(e, FileNotFoundError):
+                    if p.suffix.lower() in IMAGE_EXTENSIONS:
+                        problems[str(p)] = f"{p}: a symbolic link to nothing (to {os.readlink(p)})"
+                else:
+                    problems[str(p)] = f"{p}: a symbolic link loop"
+                continue
+            read = target.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS  # a link to notes.txt is never read
+            if read and not target.is_relative_to(base):
+                raise DataError(
+                    f"{sf.printable(str(p))}: a symbolic link leading outside {sf.printable(str(root))} (to "
+                    f"{sf.printable(str(target))}); embed reads only files inside the folder it is given, as the data "
+                    f"commands do: remove the link, or embed the folder it leads to"
+                )
         dirs.sort()
         for name in sorted(files):
             p = Path(folder) / name
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            if p.suffix.lower() in IMAGE_EXTENSIONS and str(p) not in problems and p.is_file():
                 out.append(p)
-    return sorted(out)
+    return sorted(out), problems
 
 
 def read_texts(path: Path) -> list[str]:
     """Captions to embed: one per line of a text file (blank lines skipped), or for
     ``.jsonl`` one JSON string or {"text": ...} object per line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = sf.read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a file") from None
+    try:
+        lines = data.decode("utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     out = []
@@ -196,6 +240,8 @@ def read_texts(path: Path) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {n}: nested too deeply") from None
             text = obj.get("text") if isinstance(obj, dict) else obj
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{path}: line {n}: expected a non-empty string or an object with a 'text' string")
@@ -231,41 +277,53 @@ def embed(
     """``vlmtune embed``: embeddings of a folder's images or a data set's images and
     captions (plus ``texts``) into ``out``; only rows not already there are computed.
     ``dim``: a width the checkpoint trained (Matryoshka, ``model.mrl_dims``); the
-    first ``dim`` coordinates, renormalised. None: the full width."""
+    first ``dim`` coordinates, renormalised. None: the full width.
+    One writer per folder (its lock); each save is journaled (:mod:`vlmtune.searchfiles`)."""
     from vlmtune.api import load
 
     if (images is None) == (data is None):
         raise VlmtuneError("embed: give exactly one of --images DIR or --data FILE")
-    out = Path(out)
+    out = runfolder.output_folder(out, "--out")
     if images is not None and not Path(images).is_dir():
-        raise DataError(f"{images}: folder not found")
+        raise DataError(f"{images}: {'is a file, not a folder' if Path(images).exists() else 'folder not found'}")
     if data is not None and not Path(data).exists() and not ("{" in Path(data).name and "}" in Path(data).name):
         raise DataError(f"{data}: annotation file not found")  # (a brace pattern names webdataset shards)
-    _new_folder(out, "embeddings")
     extra_texts = read_texts(Path(texts)) if texts is not None else []
+    _check_embed_out(out)
     m = model or load(checkpoint)
     m._require("embed_images")
-    job = _EmbedJob(
-        m,
-        out,
-        {
-            "images": str(Path(images).resolve()) if images else None,
-            "data": str(Path(data).resolve()) if data else None,
-            "texts": str(Path(texts).resolve()) if texts else None,
-        },
-        dim,
-    )
-    job.read_previous()
-    job.plan(images, data)
-    job.embed_images(progress)
-    n_images = sum(r is not None for r in job.img_rows.values())
-    if n_images == 0:
-        raise DataError(
-            f"{images or data}: none of the {len(job.order)} image files could be read "
-            f"(first: {next(iter(job.unreadable.items()), ('', ''))[1]})"
+    listed = None
+    if images is not None:
+        listed = image_files(Path(images))
+        if not listed[0] and not listed[1]:
+            raise DataError(f"{images}: holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    records = m.task.read_split(str(data)) if data is not None else None
+    runfolder.make_folder(out, "--out")
+    with runfolder.RunLock(out, what="embed folder", flag="--out"):
+        runfolder.refuse_links(out, (*sf.JOURNALED, sf.META, *(sf.pending(out, n).name for n in sf.JOURNALED)))
+        _check_embed_out(out)
+        sf.settle(out)
+        job = _EmbedJob(
+            m,
+            out,
+            {
+                "images": str(Path(images).resolve()) if images else None,
+                "data": str(Path(data).resolve()) if data else None,
+                "texts": str(Path(texts).resolve()) if texts else None,
+            },
+            dim,
         )
-    new_texts = job.embed_texts(extra_texts, progress)
-    meta = job.save(final=True)
+        job.read_previous()
+        job.plan(listed, records)
+        job.embed_images(progress)
+        n_images = sum(r is not None for r in job.img_rows.values())
+        if n_images == 0:
+            raise DataError(
+                f"{images or data}: none of the {len(job.order) + len(listed[1] if listed else ())} image files could "
+                f"be read (first: {sf.printable(next(iter(job.unreadable.values()), ''))})"
+            )
+        new_texts = job.embed_texts(extra_texts, progress)
+        meta = job.save(final=True)
     return {
         **meta,
         "embedded_images": n_images - job.kept,
@@ -302,9 +360,7 @@ class _EmbedJob:
     def read_previous(self) -> None:
         """Rows of a previous run into the same folder (same checkpoint and source only)."""
         out = self.out
-        if not (out / "embed.json").is_file():
-            if out.exists() and any(out.iterdir()):
-                raise VlmtuneError(f"{out}: exists and is not an embed folder (no embed.json); choose an empty or new folder")
+        if not (out / sf.META).is_file():
             return
         meta, tensors, old_items = read_embed_folder(out)
         if meta.get("fingerprint") != self.m.fingerprint:
@@ -317,37 +373,41 @@ class _EmbedJob:
             )
         before = meta.get("source") or {}
         if before.get("images") != self.source["images"] or before.get("data") != self.source["data"]:
-            raise DataError(f"{out}: holds embeddings of {meta.get('source')}, not of this source; choose another --out")
+            raise DataError(
+                f"{out}: holds embeddings of {sf.printable(str(meta.get('source')))}, not of this source; choose another --out"
+            )
         for row in old_items:
-            if row.get("kind") == "image":
-                self.old_img[row["path"]] = (row, tensors["images"][row["id"]])
-            elif row.get("kind") == "text":
+            if row["kind"] == "image":
+                self.old_img[sf.item_path(row)] = (row, tensors["images"][row["id"]])
+            else:
                 self.txt_emb.setdefault(row["text"], tensors["texts"][row["id"]])
 
-    def plan(self, images: str | Path | None, data: str | Path | None) -> None:
+    def plan(self, listed: tuple[list[Path], dict[str, str]] | None, records: list[Any] | None) -> None:
         """The images wanted, in order (kept rows first, as they were, then new files), and
         which of them need embedding (new, or changed in size or mtime)."""
-        if images is not None:
-            files = image_files(Path(images))
-            if not files:
-                raise DataError(f"{images}: holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            wanted = [str(p.resolve()) for p in files]
+        if listed is not None:
+            files, problems = listed
+            for p, why in problems.items():
+                self.unreadable[p] = why
+                log.warning("skipped %s", sf.printable(why))
+            wanted = list(dict.fromkeys(str(p.resolve()) for p in files))  # a link inside the folder: its file once
             present = set(wanted)
             self.order = [p for p in self.old_img if p in present] + [p for p in wanted if p not in self.old_img]
         else:
-            records = self.m.task.read_split(str(data))
+            assert records is not None
             by_id: dict[int, Path] = {}
             for r in records:
                 by_id.setdefault(r.image_id, r.image)
             self.order = [str(Path(by_id[i]).resolve()) for i in sorted(by_id)]
             self.captions = [(r.text, r.image_id) for r in records]
-        self.removed = [p for p in self.old_img if p not in set(self.order)]
+        in_order = set(self.order)
+        self.removed = [p for p in self.old_img if p not in in_order]
         for p in self.order:
             try:
                 size, mtime = _stamp(Path(p))
             except OSError as e:  # gone or unreadable since the folder was listed
                 self.unreadable[p] = f"{p}: cannot read ({e.strerror or e})"
-                log.warning("skipped %s", self.unreadable[p])
+                log.warning("skipped %s", sf.printable(self.unreadable[p]))
                 continue
             prev = self.old_img.get(p)
             if prev is not None and prev[0].get("size") == size and prev[0].get("mtime_ns") == mtime:
@@ -373,11 +433,12 @@ class _EmbedJob:
                     loaded.append((p, size, mtime, load_image(Path(p))))
                 except DataError as e:
                     self.unreadable[p] = str(e)
-                    log.warning("skipped %s", e)
+                    log.warning("skipped %s", sf.printable(str(e)))
             if loaded:
                 emb = truncate(self.m.embed_images([x[3] for x in loaded]), self.dim)
+                _refuse_not_finite(emb, [x[0] for x in loaded], "image")
                 for (p, size, mtime, _), vec in zip(loaded, emb):
-                    self.img_rows[p] = ({"id": -1, "kind": "image", "path": p, "size": size, "mtime_ns": mtime}, vec)
+                    self.img_rows[p] = ({"id": -1, "kind": "image", "size": size, "mtime_ns": mtime}, vec)
             bar.update(len(batch))
             since_save += len(batch)
             if since_save >= FLUSH_EVERY:
@@ -392,20 +453,27 @@ class _EmbedJob:
         self.text_rows = rows + [{"text": t} for t in extra_texts]
         new_texts = list(dict.fromkeys(r["text"] for r in self.text_rows if r["text"] not in self.txt_emb))
         if new_texts:
-            self.txt_emb.update(zip(new_texts, truncate(self.m.embed_texts(new_texts, progress=progress), self.dim)))
+            emb = truncate(self.m.embed_texts(new_texts, progress=progress), self.dim)
+            _refuse_not_finite(emb, new_texts, "text")
+            self.txt_emb.update(zip(new_texts, emb))
         return new_texts
 
-    def rows(self) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
-        """items.jsonl rows and the image and text matrices, as they stand now."""
+    def rows(self, final: bool) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
+        """items.jsonl rows and the image and text matrices, as they stand now. Before
+        the end a changed file not yet re-embedded keeps its old row (and old stamp, so
+        a run after a kill re-embeds it in place)."""
         items: list[dict[str, Any]] = []
         img_e: list[Tensor] = []
         id_of: dict[str, int] = {}
         for p in self.order:
             r = self.img_rows.get(p)
+            if r is None and not final and p not in self.unreadable:
+                r = self.old_img.get(p)
             if r is None:
                 continue
             id_of[p] = len(img_e)
-            items.append({**r[0], "id": len(img_e)})
+            stamp: dict[str, Any] = {k: r[0][k] for k in ("size", "mtime_ns") if k in r[0]}
+            items.append({"id": len(img_e), "kind": "image", **sf.name_fields(p), **stamp})
             img_e.append(r[1])
         t_e: list[Tensor] = []
         for row in self.text_rows:
@@ -422,13 +490,11 @@ class _EmbedJob:
         )
 
     def save(self, final: bool = False) -> dict[str, Any]:
-        items, img_t, txt_t = self.rows()
-        out, m = self.out, self.m
-        out.mkdir(parents=True, exist_ok=True)
-        _save_tensors(out / "embeddings.safetensors", {"images": img_t, "texts": txt_t})
-        _write_jsonl(out / "items.jsonl", items)
+        """One journaled save (:func:`vlmtune.searchfiles.commit`)."""
+        items, img_t, txt_t = self.rows(final)
+        m = self.m
         meta = {
-            "format": EMBED_FORMAT,
+            "format": sf.EMBED_FORMAT,
             "checkpoint": str(Path(m.folder).resolve()),
             "fingerprint": m.fingerprint,
             "weights_sha256": m.checkpoint.digests.get("weights.safetensors"),
@@ -441,8 +507,16 @@ class _EmbedJob:
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable.items()],
             "complete": final,
         }
-        _write_atomic(out / "embed.json", lambda f: f.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
-        return meta
+        return sf.commit(self.out, {"images": img_t, "texts": txt_t}, items, meta)
+
+
+def _refuse_not_finite(emb: Tensor, names: list[str], what: str) -> None:
+    bad = sf.first_not_finite(emb)
+    if bad is not None:
+        raise CheckpointError(
+            f"{sf.printable(names[bad])}: the checkpoint's embedding of this {what} is not finite (NaN or Inf); "
+            f"nothing of it is saved (what was saved before is kept); is the checkpoint broken?"
+        )
 
 
 # --------------------------------------------------------------------------- exact search
@@ -476,6 +550,11 @@ def exact_topk(queries: Tensor, gallery: Tensor, k: int, block: int = 1 << 24) -
 # --------------------------------------------------------------------------- index
 
 
+INDEX_FILES = ("gallery.safetensors", "items.jsonl", "faiss.index", "index.json")
+FAISS_TYPES = {"ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+HNSW_M_RANGE, EF_SEARCH_RANGE = sf.HNSW_M_RANGE, sf.EF_SEARCH_RANGE
+
+
 def _faiss():
     try:
         import faiss
@@ -488,6 +567,53 @@ def _normalise(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1).contiguous()
 
 
+def check_faiss_options(
+    faiss_kind: str | None, nlist: int | None, nprobe: int | None, hnsw_m: int | None, ef_search: int | None
+) -> None:
+    """Each FAISS option belongs to one kind and lies in its range (before Faiss sees it)."""
+    if faiss_kind not in (None, "ivf", "hnsw"):
+        raise VlmtuneError(f"--faiss: expected ivf or hnsw, got '{faiss_kind}'")
+    for flag, value, kind in (
+        ("--nlist", nlist, "ivf"),
+        ("--nprobe", nprobe, "ivf"),
+        ("--hnsw-m", hnsw_m, "hnsw"),
+        ("--ef-search", ef_search, "hnsw"),
+    ):
+        if value is None:
+            continue
+        if faiss_kind != kind:
+            raise VlmtuneError(f"{flag}: an option of --faiss {kind}; it would be ignored here")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise VlmtuneError(f"{flag}: expected an integer, got {value!r}")
+    for flag, value, (low, high) in (
+        ("--nlist", nlist, (1, 10**9)),
+        ("--nprobe", nprobe, (1, 10**9)),
+        ("--hnsw-m", hnsw_m, HNSW_M_RANGE),
+        ("--ef-search", ef_search, EF_SEARCH_RANGE),
+    ):
+        if value is not None and not low <= value <= high:
+            raise VlmtuneError(f"{flag}: must be between {low} and {high}, got {value}")
+    if nlist is not None and nprobe is not None and nprobe > nlist:
+        raise VlmtuneError(f"--nprobe: must be at most --nlist ({nlist}), got {nprobe}")
+
+
+def _check_index_out(out: Path) -> None:
+    """``out`` may receive an index: new, empty (but for vlmtune's own files), or an
+    index whose build did not finish (its index.json says so)."""
+    if not out.is_dir():
+        return
+    names = [n for n in os.listdir(out) if not sf.own_name(n)]
+    if not names:
+        return
+    if "index.json" in names and set(names) <= set(INDEX_FILES):
+        try:
+            if sf.read_json_file(out / "index.json", "an index folder").get("complete") is False:
+                return
+        except DataError:
+            pass
+    raise VlmtuneError(f"{out}: exists and is not empty; choose a new folder for the index")
+
+
 def build_index(
     embed_dir: str | Path,
     out: str | Path,
@@ -496,17 +622,32 @@ def build_index(
     faiss_kind: str | None = None,
     nlist: int | None = None,
     nprobe: int | None = None,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
+    hnsw_m: int | None = None,
+    ef_search: int | None = None,
     recall_queries: int = 1000,
     seed: int = 0,
     dim: int | None = None,
 ) -> dict[str, Any]:
     """``vlmtune index``: the gallery of an embed folder as an exact (and optionally a
     FAISS IVF or HNSW) index in ``out``; with ``dim``, of its embeddings' first ``dim``
-    coordinates renormalised (a width the checkpoint trained, at most the folder's)."""
-    embed_dir, out = Path(embed_dir), Path(out)
+    coordinates renormalised (a width the checkpoint trained, at most the folder's).
+    Everything is computed before the folder is written; index.json is written first
+    marked unfinished and last complete, so a build killed half-way can be run again
+    into the same folder."""
+    check_faiss_options(faiss_kind, nlist, nprobe, hnsw_m, ef_search)
+    if kind not in (None, "images", "texts"):
+        raise VlmtuneError(f"--kind: expected images or texts, got '{kind}'")
+    embed_dir = Path(embed_dir)
+    out = runfolder.output_folder(out, "--out")
+    _check_index_out(out)
     meta, tensors, items = read_embed_folder(embed_dir)
+    if meta.get("complete") is False:
+        log.warning(
+            "%s: its embed run did not finish (interrupted?); indexing the %d images and %d texts it saved",
+            embed_dir,
+            len(tensors["images"]),
+            len(tensors["texts"]),
+        )
     width = int(tensors["images"].shape[1])
     trained = [int(d) for d in meta.get("trained_dims") or [width]]
     if dim is not None:
@@ -514,19 +655,12 @@ def build_index(
             raise VlmtuneError(f"--dim: {embed_dir} holds embeddings of width {width}; an index of it is at most that wide")
         check_dim(dim, trained[-1], trained[:-1], f"the checkpoint of {embed_dir}")
         tensors = {k: truncate(v.float(), dim) for k, v in tensors.items()}
-    kind = kind or ("images" if len(tensors.get("images", [])) else "texts")
-    if kind not in ("images", "texts"):
-        raise VlmtuneError(f"--kind: expected images or texts, got '{kind}'")
+    kind = kind or ("images" if len(tensors["images"]) else "texts")
     gallery = _normalise(tensors[kind])
     if len(gallery) == 0:
         raise DataError(f"{embed_dir}: holds no {kind} to index")
-    if faiss_kind not in (None, "ivf", "hnsw"):
-        raise VlmtuneError(f"--faiss: expected ivf or hnsw, got '{faiss_kind}'")
-    _new_folder(out, "the index")
-    if out.exists() and any(out.iterdir()):
-        raise VlmtuneError(f"{out}: exists and is not empty; choose a new folder for the index")
     one = kind[:-1]
-    rows = [r for r in items if r.get("kind") == one]
+    rows = [r for r in items if r["kind"] == one]
     info: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "kind": kind,
@@ -539,22 +673,46 @@ def build_index(
         "embed_dir": str(embed_dir.resolve()),
         "search": faiss_kind or "exact",
     }
-    index = None
+    blob = None
     if faiss_kind:
         index, info["faiss"] = _build_faiss(gallery, faiss_kind, nlist, nprobe, hnsw_m, ef_search)
         info |= _faiss_recall(index, gallery, tensors, kind, recall_queries, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_tensors(out / "gallery.safetensors", {"gallery": gallery})
-    _write_jsonl(out / "items.jsonl", [{**r, "row": r["id"], "id": i} for i, r in enumerate(rows)])
-    if index is not None:
-        faiss = _faiss()
-        _write_atomic(out / "faiss.index", lambda p: faiss.write_index(index, str(p)))
-    _write_atomic(out / "index.json", lambda p: p.write_text(json.dumps(info, indent=2), encoding="utf-8"))
+        blob = bytes(_faiss().serialize_index(index))
+        info["faiss"]["sha256"] = sha256_bytes(blob)
+    runfolder.make_folder(out, "--out")
+    with runfolder.RunLock(out, what="index folder", flag="--out"):
+        runfolder.refuse_links(out, INDEX_FILES)
+        _check_index_out(out)
+        for name in os.listdir(out):  # what a killed build left under vlmtune's temporary names
+            if sf.own_name(name) and name != runfolder.LOCK_NAME and not (out / name).is_dir():
+                (out / name).unlink()
+        _write_json(out / "index.json", {**info, "complete": False})
+        data = _tensor_bytes({"gallery": gallery})
+        _write_atomic(out / "gallery.safetensors", lambda p: p.write_bytes(data))
+        lines = sf.jsonl_bytes([{**r, "row": r["id"], "id": i} for i, r in enumerate(rows)])
+        _write_atomic(out / "items.jsonl", lambda p: p.write_bytes(lines))
+        if blob is not None:
+            _write_atomic(out / "faiss.index", lambda p: p.write_bytes(blob))
+        elif (out / "faiss.index").exists():
+            (out / "faiss.index").unlink()  # an unfinished build's, never a user's (see _check_index_out)
+        info["complete"] = True
+        _write_json(out / "index.json", info)
     return info
 
 
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8", "backslashreplace")
+    _write_atomic(path, lambda p: p.write_bytes(text))
+
+
+def _tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
 def _build_faiss(
-    gallery: Tensor, faiss_kind: str, nlist: int | None, nprobe: int | None, hnsw_m: int, ef_search: int
+    gallery: Tensor, faiss_kind: str, nlist: int | None, nprobe: int | None, hnsw_m: int | None, ef_search: int | None
 ) -> tuple[Any, dict[str, Any]]:
     """The FAISS IVF or HNSW index of the normalised ``gallery``, and its settings for index.json."""
     faiss = _faiss()
@@ -564,12 +722,16 @@ def _build_faiss(
         nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
         if not 1 <= nlist <= n:
             raise VlmtuneError(f"--nlist: must lie in 1..{n} (the gallery size), got {nlist}")
-        nprobe = min(nlist, nprobe or max(1, nlist // 8, min(nlist, 16)))
+        if nprobe is not None and nprobe > nlist:
+            raise VlmtuneError(f"--nprobe: must be at most the number of lists ({nlist}), got {nprobe}")
+        nprobe = nprobe or min(nlist, max(1, nlist // 8, min(nlist, 16)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.add(x)
         index.nprobe = nprobe
         return index, {"type": "IndexIVFFlat", "nlist": nlist, "nprobe": nprobe}
+    hnsw_m = hnsw_m or 32
+    ef_search = ef_search or 128
     index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = max(40, 2 * hnsw_m)
     index.add(x)
@@ -580,6 +742,20 @@ def _build_faiss(
         "efConstruction": index.hnsw.efConstruction,
         "efSearch": ef_search,
     }
+
+
+def _faiss_search(index: Any, q: Tensor, k: int) -> tuple[Any, Any]:
+    """FAISS's top k; an HNSW index searches at least k wide (efSearch below k would
+    return fewer than k rows)."""
+    hnsw = getattr(index, "hnsw", None)
+    if hnsw is None:
+        return index.search(q.numpy(), k)
+    ef = hnsw.efSearch
+    hnsw.efSearch = max(ef, k)
+    try:
+        return index.search(q.numpy(), k)
+    finally:
+        hnsw.efSearch = ef
 
 
 def _faiss_recall(
@@ -594,7 +770,7 @@ def _faiss_recall(
     q = pool[pick]
     kk = min(10, len(gallery))
     _, exact = exact_topk(q, gallery, kk)
-    _, approx = index.search(q.numpy(), kk)
+    _, approx = _faiss_search(index, q, kk)
     hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
     return {
         "recall_at_10": 100.0 * hits / (len(q) * kk),
@@ -610,22 +786,106 @@ def _faiss_recall(
 
 
 class Index:
-    """An index folder opened for search."""
+    """An index folder opened for search; every file checked as input (index.json's
+    fields, the gallery's shape, finite unit rows, the items' ids and kinds, the FAISS
+    file's sha256 before Faiss reads it)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.info = _read_json(self.folder / "index.json", "an index folder (run vlmtune index first)")
-        if self.info.get("format") != INDEX_FORMAT:
-            raise DataError(f"{self.folder / 'index.json'}: index format {self.info.get('format')} is not {INDEX_FORMAT}")
-        self.gallery = _load_tensors(self.folder / "gallery.safetensors")["gallery"]
-        self.items = _read_jsonl(self.folder / "items.jsonl")
+        self.folder = folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder}: is a file, not an index folder (run vlmtune index to make one)")
+        if not folder.exists():
+            raise DataError(f"{folder}: folder not found")
+        if not (folder / "index.json").exists() and (folder / sf.META).exists():
+            raise DataError(f"{folder}: is an embed folder, not an index (make one with vlmtune index {folder} --out INDEX)")
+        self.info = info = sf.read_json_file(folder / "index.json", "an index folder (run vlmtune index first)")
+        where = folder / "index.json"
+        if info.get("format") != INDEX_FORMAT:
+            raise DataError(f"{where}: index format {info.get('format')!r} is not {INDEX_FORMAT}")
+        if info.get("complete", True) is not True:
+            raise DataError(f"{where}: the index was not finished (the build was interrupted); run vlmtune index again")
+        if info.get("kind") not in ("images", "texts"):
+            raise DataError(f'{where}: \'kind\' must be "images" or "texts", got {info.get("kind")!r}')
+        for key in ("count", "dim"):
+            v = info.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DataError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+        for key in ("checkpoint", "fingerprint"):
+            if info.get(key) is not None and not isinstance(info[key], str):
+                raise DataError(f"{where}: '{key}' must be text, got {type(info[key]).__name__}")
+        if info.get("search", "exact") not in ("exact", "ivf", "hnsw"):
+            raise DataError(f"{where}: 'search' must be exact, ivf or hnsw, got {info.get('search')!r}")
+        self.kind: str = info["kind"]
+        g_path = folder / "gallery.safetensors"
+        try:
+            g_bytes = sf.read_bytes(g_path)
+        except FileNotFoundError:
+            raise DataError(f"{g_path}: missing") from None
+        self.gallery = sf.check_matrix(sf.load_tensor_bytes(g_bytes, g_path), "gallery", g_path)
+        if tuple(self.gallery.shape) != (info["count"], info["dim"]):
+            raise DataError(
+                f"{g_path}: 'gallery' is {list(self.gallery.shape)}, but index.json says {info['count']} rows of "
+                f"width {info['dim']}"
+            )
+        items_path = folder / "items.jsonl"
+        try:
+            raw = sf.read_bytes(items_path)
+        except FileNotFoundError:
+            raise DataError(f"{items_path}: missing") from None
+        self.items = sf.check_rows(items_path, sf.read_jsonl_bytes(raw, items_path))
         if len(self.items) != len(self.gallery):
-            raise DataError(f"{self.folder}: items.jsonl has {len(self.items)} rows, gallery.safetensors {len(self.gallery)}")
-        self.kind: str = self.info["kind"]
+            raise DataError(f"{folder}: items.jsonl has {len(self.items)} rows, gallery.safetensors {len(self.gallery)}")
+        for i, r in enumerate(self.items):
+            if r["id"] != i or r["kind"] != self.kind[:-1]:
+                raise DataError(
+                    f"{items_path}: row {i + 1} must have 'id' {i} and 'kind' \"{self.kind[:-1]}\", got "
+                    f"{r['id']!r} and {r['kind']!r}"
+                )
+        bad = sf.first_not_finite(self.gallery)
+        if bad is not None:
+            raise DataError(f"{g_path}: row {bad} ({sf.item_label(self.items[bad])}) is not finite (NaN or Inf)")
+        norms = self.gallery.norm(dim=1)
+        off = int((norms - 1).abs().argmax())
+        if abs(float(norms[off]) - 1) > 1e-3:
+            raise DataError(f"{g_path}: row {off} has length {float(norms[off]):.4g}, not 1 (not written by vlmtune index)")
         self._faiss = None
-        if self.info.get("search") in ("ivf", "hnsw"):
-            faiss = _faiss()
-            self._faiss = faiss.read_index(str(self.folder / "faiss.index"))
+        if info.get("search") in ("ivf", "hnsw"):
+            self._faiss = self._read_faiss()
+
+    def _read_faiss(self) -> Any:
+        where, path = self.folder / "index.json", self.folder / "faiss.index"
+        settings = self.info.get("faiss")
+        want = FAISS_TYPES[self.info["search"]]
+        if not isinstance(settings, dict) or not isinstance(settings.get("sha256"), str):
+            raise DataError(
+                f"{where}: 'faiss.sha256' is missing (an index of an earlier vlmtune, or edited); faiss.index is "
+                f"never read unchecked: build the index again with vlmtune index"
+            )
+        if settings.get("type") != want:
+            raise DataError(
+                f"{where}: 'faiss.type' must be {want} for search {self.info['search']}, got {settings.get('type')!r}"
+            )
+        try:
+            blob = sf.read_bytes(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing") from None
+        if sha256_bytes(blob) != settings["sha256"]:
+            raise DataError(f"{path}: does not match its sha256 in index.json (changed outside vlmtune); build the index again")
+        faiss = _faiss()
+        import numpy as np
+
+        try:
+            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        except (RuntimeError, MemoryError, ValueError) as e:
+            raise DataError(f"{path}: Faiss cannot read it ({sf.printable(str(e).splitlines()[0][:200])})") from None
+        if type(index).__name__ != want or index.ntotal != self.info["count"] or index.d != self.info["dim"]:
+            raise DataError(
+                f"{path}: a {type(index).__name__} of {index.ntotal} rows of width {index.d}, not the {want} of "
+                f"{self.info['count']} x {self.info['dim']} that index.json records"
+            )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise DataError(f"{path}: does not rank by inner product (metric {index.metric_type})")
+        return index
 
     def __len__(self) -> int:
         return len(self.gallery)
@@ -635,7 +895,7 @@ class Index:
         index has one (unless ``exact``), else exact."""
         queries = _normalise(queries)
         if self._faiss is not None and not exact:
-            s, i = self._faiss.search(queries.numpy(), min(k, len(self)))
+            s, i = _faiss_search(self._faiss, queries, min(k, len(self)))
             return torch.from_numpy(s), torch.from_numpy(i).long()
         return exact_topk(queries, self.gallery, k)
 
@@ -670,7 +930,7 @@ def read_queries(path: Path) -> list[dict[str, Any]]:
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise DataError(f"{path}: query {n}: 'text' must be a non-empty string")
         if image is not None:
-            if not isinstance(image, str):
+            if not isinstance(image, str) or not image.strip() or "\x00" in image:
                 raise DataError(f"{path}: query {n}: 'image' must be a path string")
             row = {**row, "image": str(path.parent / image)}
         out.append(row)
@@ -689,10 +949,15 @@ def search(
     dim: int | None = None,
 ) -> list[dict[str, Any]]:
     """Ranked results of each query ({"text": ...} or {"image": path}): a list of
-    {"query", "results": [{"rank", "score", "id", "path" | "text", ("match")}]}.
-    Queries are embedded at the index's width; ``dim``, when given, must be it."""
-    if k < 1:
-        raise VlmtuneError(f"-k: must be at least 1, got {k}")
+    {"query", "results": [{"rank", "score", "id", "path" | "text", ("match")}]}
+    (an image whose name is not UTF-8 also carries "path_bytes"). ``k`` and
+    ``rerank_k`` are at least 1; ``rerank_k`` only with ``rerank``. Queries are
+    embedded at the index's width; ``dim``, when given, must be it."""
+    for flag, v in (("-k", k), ("--rerank-k", rerank_k)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise VlmtuneError(f"{flag}: must be an integer of at least 1, got {v!r}")
+    if rerank_k is not None and not rerank:
+        raise VlmtuneError("--rerank-k: only with --rerank (it sets how many candidates the matching head re-scores)")
     width = int(index.gallery.shape[1])
     if dim is not None and dim != width:
         raise VlmtuneError(
@@ -709,9 +974,14 @@ def search(
     imgs = [i for i, q in enumerate(queries) if "image" in q]
     emb = torch.zeros(len(queries), index.gallery.shape[1])
     if texts:
-        emb[texts] = truncate(model.embed_texts([queries[i]["text"] for i in texts]), width)
+        emb[texts] = _query_embeddings(truncate(model.embed_texts([queries[i]["text"] for i in texts]), width), index)
     if imgs:
-        emb[imgs] = truncate(model.embed_images([Path(queries[i]["image"]) for i in imgs]), width)
+        emb[imgs] = _query_embeddings(truncate(model.embed_images([Path(queries[i]["image"]) for i in imgs]), width), index)
+    bad = sf.first_not_finite(emb)
+    if bad is not None:
+        q = queries[bad]
+        shown = sf.printable(str(q.get("text", q.get("image"))))[:120]
+        raise CheckpointError(f"query {bad + 1} ({shown}): the checkpoint's embedding is not finite (NaN or Inf)")
     r = (rerank_k or k) if rerank else 0
     scores, rows = index.topk(emb, max(k, r))
     match = None
@@ -724,13 +994,28 @@ def search(
             if row < 0 or rank >= k:  # FAISS pads with -1 when it finds fewer than k
                 break
             item = index.items[row]
-            entry = {"rank": rank + 1, "score": round(float(s), 6), "id": item["id"]}
-            entry.update({key: item[key] for key in ("path", "text", "image") if key in item})
+            entry = {"rank": rank + 1, "score": _finite(s, "score", qi), "id": item["id"]}
+            entry.update({key: item[key] for key in ("path", "path_bytes", "text", "image") if key in item})
             if match is not None:
-                entry["match"] = round(float(match[qi][rank]), 6)
+                entry["match"] = _finite(float(match[qi][rank]), "matching head's score", qi)
             res.append(entry)
         out.append({"query": q, "results": res})
     return out
+
+
+def _query_embeddings(emb: Tensor, index: Index) -> Tensor:
+    if emb.ndim != 2 or emb.shape[1] != index.gallery.shape[1]:
+        raise CheckpointError(
+            f"{index.folder}: holds {index.gallery.shape[1]}-wide embeddings, but the checkpoint gives "
+            f"{list(emb.shape)[1:]}; search it with the checkpoint that built it"
+        )
+    return emb
+
+
+def _finite(v: float, what: str, qi: int) -> float:
+    if not math.isfinite(v):
+        raise CheckpointError(f"query {qi + 1}: the {what} is not finite ({v}); is the checkpoint broken?")
+    return round(float(v), 6)
 
 
 def _rerank(
@@ -771,12 +1056,13 @@ def model_widths(model: Model) -> list[int]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A ranked table of one query's results."""
+    """A ranked table of one query's results, each path or text escaped for the
+    terminal (:func:`vlmtune.searchfiles.printable`)."""
     rows = result["results"]
     has_match = any("match" in r for r in rows)
     head = "rank  score     " + ("match     " if has_match else "") + "item"
     lines = [head]
     for r in rows:
-        item = r.get("path", r.get("text", ""))
-        lines.append(f"{r['rank']:>4}  {r['score']:<8.4f}  " + (f"{r['match']:<8.4f}  " if has_match else "") + str(item))
+        item = sf.printable(sf.item_path(r)) if "path" in r else sf.printable(str(r.get("text", "")))
+        lines.append(f"{r['rank']:>4}  {r['score']:<8.4f}  " + (f"{r['match']:<8.4f}  " if has_match else "") + item)
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 from vlmtune.cli.messages import shorten
 
@@ -39,6 +40,16 @@ def _int(text: str, low: int, high: int) -> int:
 def positive_int(text: str) -> int:
     """A count or a size: 1 .. 10^9."""
     return _int(text, 1, 10**9)
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """The type of a flag taking an integer in ``low`` .. ``high``."""
+
+    def parse(text: str) -> int:
+        return _int(text, low, high)
+
+    parse.__name__ = f"integer {low}..{high}"  # argparse names the type in its message
+    return parse
 
 
 def non_negative_int(text: str) -> int:

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vlmtune.cli.args import EVAL_OVERRIDES_HELP, add_overrides, add_trust_flag
+from vlmtune.cli.args import EVAL_OVERRIDES_HELP, add_overrides, add_trust_flag, non_negative_int, positive_int
 from vlmtune.errors import Interrupted, VlmtuneError
 from vlmtune.runfolder import OVERWRITE_HELP, output_folder
 
@@ -250,10 +250,12 @@ def add_evaluate(sub: Any) -> None:
         "image's top-k with scores, ground truth marked, boxes for grounding) or rankings_counting.jsonl, and "
         "examples.html, a self-contained page of sample queries (worst first)",
     )
-    e.add_argument("--rankings-k", type=int, default=10, help="length of each query's list in the rankings (default 10)")
+    e.add_argument(
+        "--rankings-k", type=positive_int, default=10, help="length of each query's list in the rankings, at least 1 (default 10)"
+    )
     e.add_argument(
         "--examples",
-        type=int,
+        type=non_negative_int,
         default=24,
         help="queries of each kind shown in examples.html, half the worst, half random (default 24; 0: no page)",
     )

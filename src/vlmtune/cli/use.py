@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmtune.cli.args import COUNTING_OVERRIDES_HELP, add_overrides, add_trust_flag, positive_int
+from vlmtune.cli.args import COUNTING_OVERRIDES_HELP, add_overrides, add_trust_flag, int_between, positive_int
 from vlmtune.errors import VlmtuneError
-from vlmtune.runfolder import write_text
+from vlmtune.runfolder import make_folder, write_atomic, write_text
+from vlmtune.searchfiles import EF_SEARCH_RANGE, HNSW_M_RANGE, json_line, printable
 
 # --------------------------------------------------------------------------- predict, attention
 
@@ -133,10 +134,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(
         f"embedded {r['embedded_images']} images ({r['kept_images']} kept from before, {r['changed_images']} changed, "
         f"{r['removed_images']} removed, {len(r['unreadable'])} unreadable) and {r['embedded_texts']} new texts; "
-        f"{r['images']} images and {r['texts']} texts in {Path(args.out) / 'embeddings.safetensors'}"
+        f"{r['images']} images and {r['texts']} texts in {printable(str(Path(args.out) / 'embeddings.safetensors'))}"
     )
     for u in r["unreadable"]:
-        print(f"unreadable: {u['error']}", file=sys.stderr)
+        print(f"unreadable: {printable(u['error'])}", file=sys.stderr)
     return 0
 
 
@@ -151,13 +152,23 @@ def add_index(sub: Any) -> None:
     ix.add_argument("--out", required=True, help="new folder for the index")
     ix.add_argument("--kind", choices=("images", "texts"), help="what to search (default: images, or texts when there are none)")
     ix.add_argument("--faiss", choices=("ivf", "hnsw"), help="also build a FAISS IVF or HNSW index (needs faiss-cpu)")
-    ix.add_argument("--nlist", type=int, help="IVF: number of lists (default: about 4 sqrt(N))")
-    ix.add_argument("--nprobe", type=int, help="IVF: lists probed per query (default: max(16, nlist/8), at most nlist)")
-    ix.add_argument("--hnsw-m", type=int, default=32, help="HNSW: neighbours per node (default 32)")
-    ix.add_argument("--ef-search", type=int, default=128, help="HNSW: search breadth (default 128)")
+    ix.add_argument("--nlist", type=positive_int, help="IVF: number of lists, 1..N (default: about 4 sqrt(N))")
+    ix.add_argument(
+        "--nprobe", type=positive_int, help="IVF: lists probed per query, 1..nlist (default: max(16, nlist/8), at most nlist)"
+    )
+    ix.add_argument(
+        "--hnsw-m",
+        type=int_between(*HNSW_M_RANGE),
+        help=f"HNSW: neighbours per node, {HNSW_M_RANGE[0]}..{HNSW_M_RANGE[1]} (default 32)",
+    )
+    ix.add_argument(
+        "--ef-search",
+        type=int_between(*EF_SEARCH_RANGE),
+        help=f"HNSW: search breadth, {EF_SEARCH_RANGE[0]}..{EF_SEARCH_RANGE[1]}, at least k when searching (default 128)",
+    )
     ix.add_argument(
         "--dim",
-        type=int,
+        type=positive_int,
         help="index at this width: one the checkpoint trained (Matryoshka), at most the embed folder's "
         "(default: the folder's width)",
     )
@@ -200,15 +211,19 @@ def add_search(sub: Any) -> None:
     se.add_argument("--text", help="a text query")
     se.add_argument("--image", help="an image query (path)")
     se.add_argument("--queries", help="file of queries: text lines, or JSONL with 'text' or 'image' per line")
-    se.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    se.add_argument("-k", type=positive_int, default=10, help="results per query, at least 1 (default 10)")
     se.add_argument(
         "--rerank", action="store_true", help="re-order the top candidates by the matching head, as evaluation's re-rank"
     )
-    se.add_argument("--rerank-k", type=int, help="candidates the matching head re-scores (default: k)")
+    se.add_argument(
+        "--rerank-k", type=positive_int, help="with --rerank: candidates the matching head re-scores, at least 1 (default: k)"
+    )
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    se.add_argument("--out", help="with --queries: write the JSONL here instead of to stdout")
+    se.add_argument("--out", help="with --queries: write the JSONL to this new file instead of to stdout (never replaces a file)")
     se.add_argument("--checkpoint", help="the checkpoint to embed queries with, if it moved (its fingerprint must match)")
-    se.add_argument("--dim", type=int, help="the width to query at; must be the index's (default: the index's, from index.json)")
+    se.add_argument(
+        "--dim", type=positive_int, help="the width to query at; must be the index's (default: the index's, from index.json)"
+    )
     se.set_defaults(func=cmd_search)
 
 
@@ -218,28 +233,50 @@ def cmd_search(args: argparse.Namespace) -> int:
     given = [x is not None for x in (args.text, args.image, args.queries)]
     if sum(given) != 1:
         raise VlmtuneError("search: give exactly one of --text, --image or --queries")
+    if args.rerank_k is not None and not args.rerank:
+        raise VlmtuneError("--rerank-k: only with --rerank (it sets how many candidates the matching head re-scores)")
+    if args.out is not None and not args.queries:
+        raise VlmtuneError("--out: only with --queries (one query prints its table or --json)")
+    out = _new_file(args.out) if args.out is not None else None
     index = Index(args.index)
-    model = open_query_model(index, args.checkpoint)
     if args.queries:
         queries = read_queries(Path(args.queries))
     else:
         queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
         if args.text is not None and not args.text.strip():
             raise VlmtuneError("--text: the query is empty")
+    model = open_query_model(index, args.checkpoint)
     results = search(index, model, queries, k=args.k, rerank=args.rerank, rerank_k=args.rerank_k, dim=args.dim)
     if args.queries:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            write_text(Path(args.out), lines)
-            print(f"wrote {len(results)} result lines to {args.out}")
+        lines = "".join(json_line(r) + "\n" for r in results)
+        if out is not None:
+            make_folder(out.parent, "--out")
+            _new_file(args.out)  # still new, now that the queries are answered
+            data = lines.encode("utf-8")
+            write_atomic(out, lambda p: p.write_bytes(data))
+            print(f"wrote {len(results)} result lines to {printable(args.out)}")
         else:
             print(lines, end="")
     elif args.json:
-        print(json.dumps(results[0], indent=2, ensure_ascii=False))
+        print(json_line(results[0], indent=2))
     else:
         print(format_table(results[0]))
     return 0
+
+
+def _new_file(path: str) -> Path:
+    """``search --out``: a new file's name (an existing file, folder or link is refused:
+    nothing of yours is replaced)."""
+    if not path.strip() or "\x00" in path:
+        raise VlmtuneError("--out: name a new file for the results, e.g. results.jsonl")
+    p = Path(path)
+    if p.is_symlink():
+        raise VlmtuneError(f"--out {printable(path)}: is a symbolic link; vlmtune does not write through links")
+    if p.is_dir():
+        raise VlmtuneError(f"--out {printable(path)}: is a folder; name a new file inside it")
+    if p.exists():
+        raise VlmtuneError(f"--out {printable(path)}: exists; search never replaces a file: choose a new name or remove it")
+    return p
 
 
 # --------------------------------------------------------------------------- export
