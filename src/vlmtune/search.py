@@ -648,13 +648,7 @@ def build_index(
             len(tensors["images"]),
             len(tensors["texts"]),
         )
-    width = int(tensors["images"].shape[1])
-    trained = [int(d) for d in meta.get("trained_dims") or [width]]
-    if dim is not None:
-        if dim > width:
-            raise VlmtuneError(f"--dim: {embed_dir} holds embeddings of width {width}; an index of it is at most that wide")
-        check_dim(dim, trained[-1], trained[:-1], f"the checkpoint of {embed_dir}")
-        tensors = {k: truncate(v.float(), dim) for k, v in tensors.items()}
+    tensors, trained = _at_width(tensors, meta, dim, embed_dir)
     kind = kind or ("images" if len(tensors["images"]) else "texts")
     gallery = _normalise(tensors[kind])
     if len(gallery) == 0:
@@ -698,6 +692,21 @@ def build_index(
         info["complete"] = True
         _write_json(out / "index.json", info)
     return info
+
+
+def _at_width(
+    tensors: dict[str, Tensor], meta: dict[str, Any], dim: int | None, embed_dir: Path
+) -> tuple[dict[str, Tensor], list[int]]:
+    """An embed folder's matrices at ``dim`` (a width its checkpoint trained, at most the
+    folder's; None: as they are), and the trained widths it records."""
+    width = int(tensors["images"].shape[1])
+    trained = [int(d) for d in meta.get("trained_dims") or [width]]
+    if dim is None:
+        return tensors, trained
+    if dim > width:
+        raise VlmtuneError(f"--dim: {embed_dir} holds embeddings of width {width}; an index of it is at most that wide")
+    check_dim(dim, trained[-1], trained[:-1], f"the checkpoint of {embed_dir}")
+    return {k: truncate(v.float(), dim) for k, v in tensors.items()}, trained
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
