@@ -138,6 +138,7 @@ def test_training_with_a_contrastive_batch_runs_grad_cache_only_where_a_tower_tr
     epochs = [x for x in lines if x.get("kind", x.get("type")) == "epoch" or "val" in x]
     assert epochs and epochs[-1]["step"] == 2 * steps_per_epoch  # 16 pairs a step
     assert calls == [2] * steps_per_epoch  # stage 2's epoch only, two chunks a step
+    assert json.loads((out / "metrics.json").read_text())["negatives/contrastive_batch"] == 16
 
 
 def test_grad_cache_under_fsdp_is_refused() -> None:

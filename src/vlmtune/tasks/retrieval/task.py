@@ -163,11 +163,14 @@ class RetrievalTask(RetrievalSpec[RetrievalModel]):
             self.negative_bank.load_state_dict(state["negatives"])
 
     def train_metrics(self, train_records: list[PairRecord]) -> dict[str, Any]:
+        """What the contrastive loss saw beyond the plain batch: the pairs of a
+        contrastive batch (per process), and the data and mined negatives used."""
+        batch = {"negatives/contrastive_batch": self.train_rows}
         if self.negative_bank is None:
-            return {}
+            return batch
         captions = sum(len(r.negatives) for r in train_records)
         images = sum(len(r.negative_images) for r in train_records)
-        return self.negative_bank.metrics(captions, images)
+        return batch | self.negative_bank.metrics(captions, images)
 
     def check_eval_records(self, records: list[PairRecord], where: str) -> None:
         """eval.ks must fit the gallery of each direction: the captions an image query
