@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmtune import runfolder
 from vlmtune.errors import DataError
-from vlmtune.utils import sha256_bytes
+from vlmtune.utils import jsonl_objects, sha256_bytes
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -134,20 +134,7 @@ def read_jsonl_bytes(data: bytes, path: Path) -> list[tuple[int, dict[str, Any]]
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = _DECODER.decode(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}: line {n}: nested too deeply") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {n}: not a JSON object")
-        rows.append((n, row))
-    return rows
+    return jsonl_objects(text.split("\n"), path, _DECODER.decode)
 
 
 def _no_constant(name: str) -> Any:

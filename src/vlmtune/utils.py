@@ -27,21 +27,27 @@ def path_mistake(path: str | Path, want: str, what: str) -> str | None:
     return None
 
 
-def jsonl_objects(lines: list[str], path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line of a JSONL file; a line that is not
-    a JSON object is a DataError naming the file and line."""
+def jsonl_objects(
+    lines: list[str], path: str | Path, decode: Callable[[str], Any] | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file, each decoded by
+    ``decode`` (default ``json.loads``); a line that is not a JSON object is a DataError
+    naming the file and line."""
     import json
 
     from vlmtune.errors import DataError
 
+    decode = decode or json.loads
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = decode(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: line {n}: nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {n}: not a JSON object")
         rows.append((n, row))

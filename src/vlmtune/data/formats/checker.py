@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vlmtune.data.formats.boxes import CONVENTIONS, INTERNAL, source_box
 from vlmtune.data.formats.fields import SPLITS, Bad, nonempty_str, pixel_bbox
 from vlmtune.data.formats.images import ImageInfo, inspect_image
-from vlmtune.data.formats.records import Problem, ReadOptions, Scan
+from vlmtune.data.formats.records import Item, Problem, ReadOptions, Scan
 from vlmtune.data.formats.shards import is_member
 from vlmtune.errors import DataError
 
@@ -182,6 +183,17 @@ class Checker:
             return f"split {shown!r} is none of {', '.join(known)} (names are case-sensitive); it belongs to no split"
         return None
 
+    def split_item(self, label: str, rec: Any, read: Callable[[], dict[str, Any]]) -> Item | None:
+        """The item of a record of a one-file-all-splits format: ``read`` when it belongs
+        to the split asked for, an item that is its error when it belongs to no split
+        (:meth:`split_problem`), None when it belongs to another split."""
+        if not isinstance(rec, dict):
+            return Item(label, read)  # the record's own reader names what is wrong with it
+        why = self.split_problem(rec.get("split"))
+        if why is not None:
+            return Item(label, partial(_no_split, why))
+        return Item(label, read) if self.in_split(rec.get("split")) else None
+
     def in_split(self, split: Any) -> bool:
         """Whether a record of a one-file-all-splits format belongs to the split asked for
         (counted per split in the scan)."""
@@ -189,3 +201,7 @@ class Checker:
         self.scan.splits[str(split)] = self.scan.splits.get(str(split), 0) + 1
         want = self.opts.split
         return want is None or split in SPLITS.get(want, (want,))
+
+
+def _no_split(why: str) -> dict[str, Any]:
+    raise Bad(why)

@@ -27,17 +27,8 @@ def karpathy_items(ck: Checker, data: dict[str, Any]) -> list[Item]:
     images = data.get("images")
     if not isinstance(images, list):
         raise Bad("Karpathy 'images' must be an array")
-    items = []
-    for i, rec in enumerate(images):
-        if isinstance(rec, dict):
-            why = ck.split_problem(rec.get("split"))
-            if why is not None:
-                items.append(Item(f"record {i}", partial(_no_split, why)))
-                continue
-            if not ck.in_split(rec.get("split")):
-                continue
-        items.append(Item(f"record {i}", partial(_karpathy_record, rec)))
-    return items
+    found = (ck.split_item(f"record {i}", rec, partial(_karpathy_record, rec)) for i, rec in enumerate(images))
+    return [item for item in found if item is not None]
 
 
 def _karpathy_record(rec: Any) -> dict[str, Any]:
@@ -77,7 +68,3 @@ KARPATHY = Format(
     detect_rank=20,
     object_shape="a Karpathy split file ('images' with 'filename' and 'sentences')",
 )
-
-
-def _no_split(why: str) -> dict[str, Any]:
-    raise Bad(why)

@@ -81,17 +81,8 @@ def refer_items(ck: Checker, path: Path) -> list[Item]:
         raise DataError(f"{inst_path}: not COCO instances (needs 'images' and 'annotations' arrays)")
     anns = {a.get("id"): a for a in inst["annotations"] if isinstance(a, dict)}
     images = {m.get("id"): m for m in inst["images"] if isinstance(m, dict)}
-    items = []
-    for i, ref in enumerate(refs):
-        if isinstance(ref, dict):
-            why = ck.split_problem(ref.get("split"))
-            if why is not None:
-                items.append(Item(f"record {i}", partial(_no_split, why)))
-                continue
-            if not ck.in_split(ref.get("split")):
-                continue
-        items.append(Item(f"record {i}", partial(_refer_record, ref, anns, images)))
-    return items
+    found = (ck.split_item(f"record {i}", ref, partial(_refer_record, ref, anns, images)) for i, ref in enumerate(refs))
+    return [item for item in found if item is not None]
 
 
 def _refer_record(ref: Any, anns: dict[Any, Any], images: dict[Any, Any]) -> dict[str, Any]:
@@ -130,7 +121,3 @@ REFCOCO = Format(
     by_json=_has_ref_ids,
     detect_rank=40,
 )
-
-
-def _no_split(why: str) -> dict[str, Any]:
-    raise Bad(why)
