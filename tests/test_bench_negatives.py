@@ -30,19 +30,23 @@ def test_negatives_section_times_every_batch_and_grad_cache() -> None:
     assert "| batch_16 | 16 | 4 | never |" in md and "GradCache / every chunk's graph kept" in md
 
 
-@pytest.mark.slow  # three whole runs (a warm-up that builds the cache, then one of each): 10-16 s
+@pytest.mark.slow  # four whole runs (a warm-up that builds the cache, then one of each): 15-25 s
 def test_mining_is_timed_against_the_same_epochs_without_it(scenes: Path, tmp_path: Path) -> None:
     """Whole one-stage runs from one cache, interleaved: the mined runs refresh every
     epoch (their record says so), the plain ones never; the ratio is of their medians."""
     overrides = [f"data.synthetic_dir={scenes}", "data.synthetic.n=40", "train.batch_size=8", "train.progress=false"]
-    m = bench_mining(TWO_STAGE, overrides, tmp_path, images=40, batch_size=8, epochs=1, rounds=1)
-    assert m["mined"]["refreshes_per_run"] == 1 and m["plain"]["refreshes_per_run"] == 0
-    assert m["mined"]["mining_s_per_run"] > 0 and m["plain"]["mining_s_per_run"] == 0
-    assert m["ratio_mined_to_plain"] == pytest.approx(m["mined"]["epoch_s"] / m["plain"]["epoch_s"], rel=1e-3)
-    assert len(m["mined"]["load_average"]) == 1 and (tmp_path / "cache_mining").is_dir()
+    m = bench_mining(TWO_STAGE, overrides, tmp_path, images=40, batch_size=8, epochs=2, rounds=1)
+    assert m["refreshed"]["refreshes_per_run"] == 2 and m["kept"]["refreshes_per_run"] == 1
+    assert m["plain"]["refreshes_per_run"] == 0 and m["plain"]["mining_s_per_run"] == 0
+    assert m["refreshed"]["mining_s_per_run"] > 0 and m["kept"]["mining_s_per_run"] > 0
+    r = m["refreshed"]["epoch_s"]
+    assert m["ratio_refreshed_to_kept"] == pytest.approx(r / m["kept"]["epoch_s"], rel=1e-3)
+    assert m["ratio_refreshed_to_plain"] == pytest.approx(r / m["plain"]["epoch_s"], rel=1e-3)
+    assert len(m["refreshed"]["load_average"]) == 1 and (tmp_path / "cache_mining").is_dir()
     assert not any(tmp_path.glob("run_mining_*"))  # the timed runs are removed
     md = "\n".join(render({"device": "cpu", "losses": [], "variants": {}, "steps_per_round": 1, "mining": m}))
-    assert "Mined negatives, from the cache (40 images, batch 8, 1 epochs x 1 rounds" in md
+    assert "Mined negatives, from the cache (40 images, batch 8, 2 epochs x 1 rounds" in md
+    assert "an epoch that refreshes its mined negatives" in md
 
 
 def test_step_memory_is_measured_and_says_how() -> None:
@@ -60,5 +64,5 @@ def test_bench_command_negatives_section(tmp_path: Path) -> None:
     assert set(r["variants"]) == {"batch_8", "batch_16", "batch_32", "batch_16_gradcache"}
     assert set(r["memory"]) == {"never", "always"} and r["memory"]["always"]["pairs"] == 32
     assert "Peak memory of one 32-pair step" in (out / "bench.md").read_text()
-    assert r["mining"]["mined"]["refreshes_per_run"] == r["mining"]["epochs"]
+    assert r["mining"]["refreshed"]["refreshes_per_run"] == r["mining"]["epochs"]
     assert "Mined negatives, from the cache" in (out / "bench.md").read_text()

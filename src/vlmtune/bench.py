@@ -39,9 +39,9 @@ negatives  stage-1 training steps from the cache at the plain batch (--batch-siz
            against the plain step, GradCache against keeping every chunk's graph at
            1,024 pairs, and the peak memory of one 4,096-pair step with and without
            GradCache, each in a fresh process; and whole one-stage runs from the
-           cache whose every epoch refreshes its mined negatives against the same
-           runs without them: seconds per epoch and their ratio (target <= 1.3).
-           (vlmtune.benchnegatives)
+           cache: epochs that refresh their mined negatives against epochs that keep
+           the first epoch's lists (target <= 1.3) and against in-batch negatives
+           only (vlmtune.benchnegatives).
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ the peak resident set, ``ru_maxrss``, over the process's peak before the step; C
 
 The section is a list of :class:`StepVariant`. Mining (:func:`bench_mining`, the
 result's ``mining`` key) is timed apart, on whole training runs: one stage from the
-cache (built once, untimed), each epoch refreshing its mined negatives
-(``negatives.mine=true``, ``refresh_every=1``) against the same run without them, in
-interleaved rounds; the ratio is of the epochs' training seconds (mining included,
-validation left out), median over rounds and epochs.
+cache (built once, untimed), in interleaved rounds, epochs that refresh their mined
+negatives against epochs that keep the lists of the first, and against in-batch
+negatives only; ratios of the epochs' training seconds (mining included, validation
+left out), medians over rounds and epochs, each run's first epoch left out.
 """
 
 from __future__ import annotations
@@ -187,21 +187,31 @@ ONE_STAGE = "stages=[{name: stage1, start_epoch: 0, train: {adapters: 1.0, heads
 
 
 def bench_mining(
-    recipe: str | Path, overrides: list[str], out: Path, *, images: int, batch_size: int, epochs: int = 2, rounds: int = 3
+    recipe: str | Path, overrides: list[str], out: Path, *, images: int, batch_size: int, epochs: int = 3, rounds: int = 3
 ) -> dict[str, Any]:
-    """Cached epochs that refresh their mined negatives against cached epochs that do not
-    (see the module): seconds per epoch of each, their ratio, and the mining's own share.
-    ``overrides``: the runs' preset, data set and batch sizes (``images`` and
-    ``batch_size`` are what they name, for the record)."""
+    """The cost of mined negatives from the cache (see the module), as seconds per epoch
+    of whole one-stage runs, each epoch after the first compared: ``refreshed`` (every
+    epoch mines again, ``refresh_every=1``) against ``kept`` (the first epoch's lists kept,
+    so its later epochs use mined negatives without refreshing them): the refresh's own
+    cost, the target (<= 1.3); and ``refreshed`` against ``plain`` (in-batch negatives
+    only): what mining and the extra columns it adds cost together. ``overrides``: the
+    runs' preset, data set and batch sizes (``images`` and ``batch_size`` name them)."""
     import shutil
 
     from vlmtune.benchtiming import Variant, interleave, load_average, median
     from vlmtune.config import load_config
     from vlmtune.train import train
 
+    if epochs < 2:
+        raise ValueError("bench_mining: epochs must be >= 2 (the first epoch of every variant is left out)")
     cache = out / "cache_mining"
     base = [*overrides, ONE_STAGE, f"cache.dir={cache}", "eval.ks=[1]"]
-    modes = {"plain": [], "mined": ["negatives.mine=true", "negatives.refresh_every=1"]}
+    mine = ["negatives.mine=true"]
+    modes = {
+        "plain": [],
+        "kept": [*mine, f"negatives.refresh_every={epochs + 1}"],
+        "refreshed": [*mine, "negatives.refresh_every=1"],
+    }
     train(load_config(str(recipe), [*base, "train.epochs=1"]), out / "run_mining_warmup")  # builds the cache
     shutil.rmtree(out / "run_mining_warmup", ignore_errors=True)
 
@@ -215,7 +225,7 @@ def bench_mining(
             metrics = json.loads((run_dir / "metrics.json").read_text())
             shutil.rmtree(run_dir, ignore_errors=True)
             return {
-                "epoch_s": [b - a for a, b in zip([0.0, *cum[:-1]], cum)],
+                "epoch_s": [b - a for a, b in zip([0.0, *cum[:-1]], cum)][1:],  # the first epoch left out
                 "mining_s": metrics.get("negatives/refresh_wall_s", 0.0),
                 "refreshes": metrics.get("negatives/refreshes", 0),
             }
@@ -234,7 +244,8 @@ def bench_mining(
             "refreshes_per_run": t.extra[0]["refreshes"],
             "load_average": [round(x, 2) for x in t.load],
         }
-    res["ratio_mined_to_plain"] = round(res["mined"]["epoch_s"] / res["plain"]["epoch_s"], 4)
+    res["ratio_refreshed_to_kept"] = round(res["refreshed"]["epoch_s"] / res["kept"]["epoch_s"], 4)
+    res["ratio_refreshed_to_plain"] = round(res["refreshed"]["epoch_s"] / res["plain"]["epoch_s"], 4)
     res["target"] = 1.3
     res["load_average_end"] = load_average()
     return res
@@ -343,15 +354,20 @@ def render(n: dict[str, Any]) -> list[str]:
         )
     if "mining" in n:
         m = n["mining"]
-        met = "met" if m["ratio_mined_to_plain"] <= m["target"] else "NOT met"
+        met = "met" if m["ratio_refreshed_to_kept"] <= m["target"] else "NOT met"
+
+        def epoch(v: str) -> str:
+            return f"{m[v]['epoch_s']:.3f} s ({m[v]['epoch_min_s']:.3f}-{m[v]['epoch_max_s']:.3f})"
+
         lines += [
             "",
             f"Mined negatives, from the cache ({m['images']} images, batch {m['batch_size']}, {m['epochs']} epochs "
-            f"x {m['rounds']} rounds, every epoch refreshing): an epoch {m['mined']['epoch_s']:.3f} s "
-            f"({m['mined']['epoch_min_s']:.3f}-{m['mined']['epoch_max_s']:.3f}) against "
-            f"{m['plain']['epoch_s']:.3f} s ({m['plain']['epoch_min_s']:.3f}-{m['plain']['epoch_max_s']:.3f}) without: "
-            f"{m['ratio_mined_to_plain']:.2f}x (target <= {m['target']}: {met}); mining "
-            f"{m['mined']['mining_s_per_run']:.3f} s per run of {m['mined']['refreshes_per_run']} refreshes.",
+            f"x {m['rounds']} rounds, the first epoch of each run left out): an epoch that refreshes its mined "
+            f"negatives {epoch('refreshed')} against one that keeps them {epoch('kept')}: "
+            f"{m['ratio_refreshed_to_kept']:.2f}x (target <= {m['target']}: {met}); against in-batch negatives only "
+            f"{epoch('plain')}: {m['ratio_refreshed_to_plain']:.2f}x (the refresh and the extra columns together); "
+            f"mining {m['refreshed']['mining_s_per_run']:.3f} s per run of {m['refreshed']['refreshes_per_run']} "
+            "refreshes.",
         ]
     return lines + [""]
 
