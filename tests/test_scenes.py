@@ -146,3 +146,17 @@ def test_small_n_and_other_sizes(tmp_path: Path) -> None:
         generate_scenes(tmp_path / "x", 10, split_fractions=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="too small"):
         generate_scenes(tmp_path / "y", 2)
+
+
+def test_generating_over_a_planted_link_never_writes_through_it(tmp_path: Path) -> None:
+    """--overwrite of a generated folder where an image the new run writes is a link to
+    a file outside: the file stays as it was (the link is refused, never followed)."""
+    from vlmtune.errors import VlmtuneError
+
+    out, outside = tmp_path / "set", tmp_path / "outside.png"
+    generate_scenes(out, n=10, seed=0, image_size=64)
+    outside.write_bytes(b"mine")
+    (out / "images" / "scene_00012.png").symlink_to(outside)
+    with pytest.raises(VlmtuneError, match=r"scene_00012.png: is a symbolic link"):
+        generate_scenes(out, n=14, seed=0, image_size=64, overwrite=True)
+    assert outside.read_bytes() == b"mine"

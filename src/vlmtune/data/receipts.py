@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vlmtune.console import progress
-from vlmtune.runfolder import claim_generated, finish_generated
+from vlmtune.runfolder import claim_generated, finish_generated, write_atomic, write_text
 from vlmtune.tasks.counting.config import DEFAULT_ANSWERS, DEFAULT_QUESTIONS
 
 __all__ = ["ANSWER_TEMPLATES", "MAX_HIDDEN_FRACTION", "QUESTIONS", "bucket_count", "generate_receipts"]
@@ -150,7 +150,7 @@ def generate_receipts(
             rng = np.random.default_rng([seed, index])
             image, quads = _render_image(rng, width, height, int(count))
             rel = f"images/receipts_{index:05d}.png"
-            image.save(out / rel)
+            write_atomic(out / rel, lambda path, image=image: image.save(path, format="PNG"))
             written.append(out / rel)
             boxes[rel] = [[[round(x, 2), round(y, 2)] for x, y in q] for q in quads]
             records.append(
@@ -159,10 +159,10 @@ def generate_receipts(
             index += 1
             bar.update(1)
         paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_text(paths[split], "".join(json.dumps(r) + "\n" for r in records))
     bar.close()
 
-    (out / "boxes.json").write_text(json.dumps(boxes), encoding="utf-8")
+    write_text(out / "boxes.json", json.dumps(boxes))
     meta = {
         "generator": "vlmtune.data.receipts.generate_receipts",
         "n": n,
@@ -173,7 +173,7 @@ def generate_receipts(
         "max_hidden_fraction": MAX_HIDDEN_FRACTION,
         "splits": {s: {"n": sizes[s], "count_histogram": histograms[s]} for s in sizes},
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_text(out / "meta.json", json.dumps(meta, indent=2))
     finish_generated(out, "vlmtune.data.receipts", params, [*written, *paths.values(), out / "boxes.json", out / "meta.json"])
     return paths
 

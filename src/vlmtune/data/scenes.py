@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from vlmtune.console import progress
 from vlmtune.data.formats import RELATIONS
-from vlmtune.runfolder import claim_generated, finish_generated
+from vlmtune.runfolder import claim_generated, finish_generated, write_atomic, write_text
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -335,7 +335,7 @@ def generate_scenes(
         assert objs is not None  # the loop above ends on a layout with captions
         _draw(img, objs, rng)
         rel_path = f"images/scene_{i:05d}.png"
-        img.save(out / rel_path)
+        write_atomic(out / rel_path, lambda path, img=img: img.save(path, format="PNG"))
         written.append(out / rel_path)
         recs: list[dict[str, object]] = []
         neg_rng = random.Random(f"vlmtune.scenes.negatives:{seed}:{i}")
@@ -354,7 +354,7 @@ def generate_scenes(
         start += count
         split = [r for i in idx for r in records[i]]
         paths[name] = out / f"{name}.json"
-        paths[name].write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+        write_text(paths[name], json.dumps(split, indent=1) + "\n")
         meta_counts[name] = {"images": len(idx), "records": len(split)}
 
     all_rel = [r["relation"] for recs in records for r in recs]
@@ -368,6 +368,6 @@ def generate_scenes(
         "counts": meta_counts,
         "relations": {rel: all_rel.count(rel) for rel in RELATIONS},
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     finish_generated(out, "vlmtune.data.scenes", params, [*written, *paths.values(), out / "meta.json"])
     return paths
