@@ -5,7 +5,7 @@ and texts, grounds a phrase or answers a counting question (see ``vlmtune.api``)
 Both names are imported on first use, so ``import vlmtune`` stays cheap (no torch).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["Grounding", "Model", "load", "__version__"]
 
