@@ -572,3 +572,24 @@ def test_folder_mix_ups_are_named(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_embed_progress_in_a_log_is_plain_lines(
+    model: vlmtune.Model, scenes: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """embed's bar and the API's (progress=True) are console.progress: with stderr not a
+    terminal, plain lines and no carriage return (a bar redrawn into a log)."""
+    from vlmtune import console
+
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(console, "LONG_S", 0.0)
+    photos = _photos(scenes, tmp_path / "photos", 3)
+    capsys.readouterr()
+    assert main(["embed", str(model.folder), "--images", str(photos), "--out", str(tmp_path / "emb")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and any(ln.startswith("embed images") and "3/3" in ln for ln in err.splitlines()), err
+    model.embed_images(sorted(photos.iterdir()), progress=True)
+    model.embed_texts(["a red circle", "a blue square"], progress=True)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and any(ln.startswith("images") for ln in lines) and any(ln.startswith("texts") for ln in lines), err

@@ -419,11 +419,11 @@ class _EmbedJob:
                 self.todo.append((p, size, mtime))
 
     def embed_images(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
+        from vlmtune.console import progress as progress_bar
         from vlmtune.data.formats import load_image
 
-        bar = tqdm(total=len(self.todo), desc="embed images", unit="img", disable=not progress)
+        # A bar on a terminal; plain periodic lines (no carriage returns) in a log.
+        bar = progress_bar(total=len(self.todo), desc="embed images", unit="img", enabled=progress)
         since_save = 0
         for s in range(0, len(self.todo), self.m.batch_size):
             batch = self.todo[s : s + self.m.batch_size]
