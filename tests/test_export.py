@@ -300,3 +300,39 @@ def test_an_export_serves_the_checkpoints_index(retrieval_ckpt: Path, scenes: Pa
     run = retrieval_ckpt.parent.parent
     assert main(["search", str(tmp_path / "idx"), "--text", "a red circle", "--checkpoint", str(run)]) == 2
     assert f"is a run folder, not a checkpoint; use {run / 'checkpoints' / 'best'}" in capsys.readouterr().err
+
+
+def test_peft_adapter_config_names_its_base_from_anywhere(
+    lora_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exported from a relative checkpoint path, adapter_config.json names the local
+    base by its absolute, resolved path (loads from another folder); a hub id stays as
+    it is; the files follow the umask (0644 under 022)."""
+    import os
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.export import portable_base
+
+    monkeypatch.chdir(lora_ckpt.parent)
+    out = tmp_path / "adapter"
+    old = os.umask(0o022)
+    try:
+        assert main(["export", lora_ckpt.name, "--out", str(out), "--format", "peft"]) == 0
+    finally:
+        os.umask(old)
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((lora_ckpt / "backbone").resolve()) and Path(base).is_absolute()
+    assert json.loads((out / "vlmtune_export.json").read_text())["base_model"] == base
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()} and (
+        out / "adapter_model.safetensors"
+    ).is_file()
+
+    monkeypatch.chdir(tmp_path)  # another folder: the recorded path still finds the base
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), out)
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
+
+    assert portable_base("OpenGVLab/InternVL3-1B-hf") == "OpenGVLab/InternVL3-1B-hf"  # a hub id: as it is
+    (tmp_path / "local" / "base").mkdir(parents=True)
+    assert portable_base("local/base") == str((tmp_path / "local" / "base").resolve())

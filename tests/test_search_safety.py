@@ -572,3 +572,72 @@ def test_folder_mix_ups_are_named(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_embed_progress_in_a_log_is_plain_lines(
+    model: vlmtune.Model, scenes: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """embed's bar and the API's (progress=True) are console.progress: with stderr not a
+    terminal, plain lines and no carriage return (a bar redrawn into a log)."""
+    from vlmtune import console
+
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(console, "LONG_S", 0.0)
+    photos = _photos(scenes, tmp_path / "photos", 3)
+    capsys.readouterr()
+    assert main(["embed", str(model.folder), "--images", str(photos), "--out", str(tmp_path / "emb")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and any(ln.startswith("embed images") and "3/3" in ln for ln in err.splitlines()), err
+    model.embed_images(sorted(photos.iterdir()), progress=True)
+    model.embed_texts(["a red circle", "a blue square"], progress=True)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and any(ln.startswith("images") for ln in lines) and any(ln.startswith("texts") for ln in lines), err
+
+
+def _variant(ckpt: Path, dest: Path, *, bump_weight: bool = False, text_pooling: str | None = None) -> Path:
+    """The checkpoint saved again with one weight changed, or another text pooling."""
+    import copy
+
+    from vlmtune.checkpoint import open_checkpoint, save_checkpoint
+
+    c = open_checkpoint(ckpt)
+    w, cfg = c.weights(), copy.deepcopy(c.cfg)
+    if bump_weight:
+        name = next(k for k in w if k.startswith("text_projector"))
+        w[name] = w[name] + 0.01
+    if text_pooling:
+        cfg.backbone.text_pooling = text_pooling
+    copy_backbone = lambda folder: shutil.copytree(ckpt / "backbone", folder / "backbone")  # noqa: E731
+    save_checkpoint(dest, weights=w, cfg=cfg, state=c.state, trainer_state=None, backbone=None, extra_files=copy_backbone)
+    return dest
+
+
+def test_search_checkpoint_refusal_says_what_differs(model: vlmtune.Model, scenes: Path, tmp_path: Path, capsys) -> None:
+    ck = Path(model.folder)
+    photos = _photos(scenes, tmp_path / "photos", 2)
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    assert main(["embed", str(ck), "--images", str(photos), "--out", str(emb), "--no-progress"]) == 0
+    assert main(["index", str(emb), "--out", str(idx)]) == 0
+    pooled = "mean" if model.cfg.backbone.text_pooling == "last" else "last"
+    cases = [
+        (_variant(ck, tmp_path / "w", bump_weight=True), "differs in: weights (another training run or epoch);"),
+        (_variant(ck, tmp_path / "p", text_pooling=pooled), "differs in: pooling (backbone.vision_pooling"),
+    ]
+    for other, message in cases:
+        capsys.readouterr()
+        assert main(["search", str(idx), "--text", "a red circle", "--checkpoint", str(other)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not the model that built" in err[0] and message in err[0], err
+    assert "weights" not in err[0].split("differs in:")[1]  # the pooling variant has the same weights
+
+    # The checkpoint that built the index gone: the weights' digest the index records still tells.
+    copied = tmp_path / "copied"
+    shutil.copytree(ck, copied)
+    emb2, idx2 = tmp_path / "emb2", tmp_path / "idx2"
+    assert main(["embed", str(copied), "--images", str(photos), "--out", str(emb2), "--no-progress"]) == 0
+    assert main(["index", str(emb2), "--out", str(idx2)]) == 0
+    shutil.rmtree(copied)
+    capsys.readouterr()
+    assert main(["search", str(idx2), "--text", "a red circle", "--checkpoint", str(tmp_path / "w")]) == 2
+    assert "differs in: weights (another training run or epoch)" in capsys.readouterr().err

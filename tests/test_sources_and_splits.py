@@ -62,6 +62,22 @@ def test_data_inspect_of_what_cannot_be_read_is_one_line(tmp_path: Path, capsys)
     assert "is a folder but not" in msg, msg
 
 
+def test_data_validate_of_a_missing_file_is_one_line(tmp_path: Path, capsys) -> None:
+    """A missing file is not a report: one line and exit 2 (as data inspect), with --json too;
+    a file that exists but is bad is still reported (exit 1)."""
+    capsys.readouterr()
+    for extra in ([], ["--json"], ["--kind", "counting"]):
+        got = main(["data", "validate", str(tmp_path / "nope.json"), *extra])
+        cap = capsys.readouterr()
+        assert got == 2 and cap.out == "", cap.out
+        assert cap.err.strip() == f"error: {tmp_path / 'nope.json'}: annotation file not found", cap.err
+    (tmp_path / "gone.json").symlink_to(tmp_path / "nowhere.json")  # a dangling link: nothing to read either
+    assert _one_error(capsys, ["data", "validate", str(tmp_path / "gone.json")]).endswith("annotation file not found")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["data", "validate", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("1 error, 0 notes")
+
+
 def test_karpathy_records_of_no_known_split_are_reported(tmp_path: Path, capsys) -> None:
     layout = karpathy_flickr(tmp_path, n=8)
     data = json.loads(layout.train.read_text())

@@ -197,20 +197,21 @@ class Model:
 
     def embed_images(self, images: Sequence[ImageInput] | ImageInput, progress: bool = False) -> torch.Tensor:
         """Joint-space embeddings of images (paths or PIL images): [N, D] float32 on the
-        CPU, each row L2-normalised. A single image gives [1, D].
+        CPU, each row L2-normalised. A single image gives [1, D]. ``progress``: a bar on
+        a terminal, plain periodic lines when stderr is a log (:func:`vlmtune.console.progress`).
 
         Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) naming
         ``images`` or ``images[i]`` for anything that is not an image path, a PIL image
         or a sequence of them, and :class:`~vlmtune.errors.DataError` naming the file for
         an image that cannot be read."""
-        from tqdm.auto import tqdm
+        from vlmtune.console import progress as progress_bar
 
         self._require("embed_images")
         items = _as_list(images)
         for i, it in enumerate(items):
             self._check_image(it, f"images[{i}]")
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
-        for s in tqdm(range(0, len(items), self.batch_size), desc="images", disable=not progress, leave=False):
+        for s in progress_bar(range(0, len(items), self.batch_size), desc="images", unit="batch", enabled=progress):
             emb, _ = self._encode_images(items[s : s + self.batch_size])
             parts.append(emb.float().cpu())
         return torch.cat(parts)
@@ -252,15 +253,16 @@ class Model:
 
     def embed_texts(self, texts: Sequence[str] | str, progress: bool = False) -> torch.Tensor:
         """Joint-space embeddings of captions: [M, D] float32 on the CPU, L2-normalised.
+        ``progress`` as for :meth:`embed_images`.
 
         Raises :class:`~vlmtune.errors.ArgumentTypeError` (a ``TypeError``) naming
         ``texts`` or ``texts[i]`` for anything but a string or a sequence of strings."""
-        from tqdm.auto import tqdm
+        from vlmtune.console import progress as progress_bar
 
         self._require("embed_texts")
         items = _texts(texts, "texts")
         parts = [torch.zeros(0, self.cfg.section("model").embed_dim)]
-        for s in tqdm(range(0, len(items), self.batch_size), desc="texts", disable=not progress, leave=False):
+        for s in progress_bar(range(0, len(items), self.batch_size), desc="texts", unit="batch", enabled=progress):
             parts.append(self._encode_texts(items[s : s + self.batch_size]).float().cpu())
         return torch.cat(parts)
 

@@ -24,7 +24,7 @@ from vlmtune.config import Config, evaluation_config
 from vlmtune.errors import CheckpointError, DataError, VlmtuneError
 from vlmtune.examples import write_examples, write_rankings
 from vlmtune.restore import default_device, load_model
-from vlmtune.runfolder import make_folder, refuse_links, run_artifacts, safe_name, write_text
+from vlmtune.runfolder import FIGURES, make_folder, refuse_links, run_artifacts, safe_name, write_file
 from vlmtune.tasks import FeatureCache, build_task
 from vlmtune.utils import sha256_file
 
@@ -62,6 +62,15 @@ def _records(
     return records, train_task.read_split(train_path, "train") if train_path else None
 
 
+# What one evaluation writes in its folder (each through runfolder.write_file: atomic, no link followed).
+EVALUATION_WRITES = (
+    "metrics.json",
+    *FIGURES,
+    "examples.html",
+    *(f"rankings_{kind}.jsonl" for kind in ("t2i", "i2t", "counting")),
+)
+
+
 def evaluate_checkpoint(
     path: str | Path,
     data: str | None = None,
@@ -88,6 +97,9 @@ def evaluate_checkpoint(
     if examples < 0:
         raise VlmtuneError(f"--examples: must be >= 0, got {examples}")
     ckpt = open_checkpoint(path)
+    dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
+    refuse_run_folder(dest)
+    refuse_links(dest, EVALUATION_WRITES)  # before the pass, not after it
     cfg = evaluation_config(ckpt.cfg, overrides)
     device = default_device()
     model, task = load_model(ckpt, device, trust_remote_code=trust_remote_code, cfg=cfg)
@@ -104,10 +116,8 @@ def evaluate_checkpoint(
     metrics["checkpoint"] = str(ckpt.folder)
     if overrides:
         metrics["eval/overrides"] = " ".join(overrides)
-    dest = Path(output_dir) if output_dir else ckpt.folder / "eval"
-    refuse_run_folder(dest)
     make_folder(dest)
-    write_text(dest / "metrics.json", json.dumps(metrics, indent=2))
+    write_file(dest / "metrics.json", json.dumps(metrics, indent=2))
     task.write_figures(metrics, dest)
     if rankings:
         write_rankings(dest, details)
@@ -174,10 +184,10 @@ def evaluate_many(
         if overrides:
             metrics["eval/overrides"] = " ".join(overrides)
         (out / folder).mkdir(exist_ok=True)
-        write_text(out / folder / "metrics.json", json.dumps(metrics, indent=2))
+        write_file(out / folder / "metrics.json", json.dumps(metrics, indent=2))
         results[label] = metrics
-    write_text(out / "evaluation.json", json.dumps(results, indent=2))
-    write_text(out / "evaluation.md", metrics_table(results, f"Evaluation on {source}"))
+    write_file(out / "evaluation.json", json.dumps(results, indent=2))
+    write_file(out / "evaluation.md", metrics_table(results, f"Evaluation on {source}"))
     return results
 
 

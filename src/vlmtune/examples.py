@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vlmtune.runfolder import write_text
+from vlmtune.runfolder import write_file
 
 THUMB = 160  # thumbnail side (longest), pixels
 TOP_SHOWN = 5
@@ -44,7 +44,7 @@ def write_rankings(folder: Path, details: dict[str, list[dict[str, Any]]]) -> li
     written = []
     for name, rows in details.items():
         path = folder / f"rankings_{name}.jsonl"
-        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))  # a link there is refused, not followed
+        write_file(path, "".join(json.dumps(row) + "\n" for row in rows))  # a link there is refused, not followed
         written.append(path)
     return written
 
@@ -313,5 +313,5 @@ def write_examples(
         )
     else:
         page = retrieval_page(details, checkpoint=checkpoint, data=data, metrics=metrics, n=n, seed=seed)
-    write_text(path, page)
+    write_file(path, page)
     return path

@@ -57,7 +57,7 @@ from vlmtune.checkpoint import Checkpoint, backbone_identity, check_identity, op
 from vlmtune.console import quiet_libraries, status
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.fingerprint import EXPORT_INFO, checkpoint_fingerprint, files_digest
-from vlmtune.runfolder import make_folder, output_folder, write_text
+from vlmtune.runfolder import current_umask, follow_umask, make_folder, output_folder, write_text
 from vlmtune.tasks import task_spec
 from vlmtune.utils import shorten
 
@@ -124,14 +124,10 @@ def _check_out(out: str | Path, ckpt: Checkpoint) -> Path:
 def _follow_umask(folder: Path) -> None:
     """Give the files a library wrote with a mode of its own (safetensors: 0600) the
     mode the umask gives (0644 under 022), folders 0755; links are not followed."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    for root, _dirs, files in os.walk(folder, followlinks=False):
+    mask = current_umask()  # read, not set: setting it would race another thread's new file
+    for root, _dirs, _files in os.walk(folder, followlinks=False):
         os.chmod(root, 0o777 & ~mask)
-        for name in files:
-            path = Path(root) / name
-            if not path.is_symlink():
-                os.chmod(path, 0o666 & ~mask)
+    follow_umask(folder)  # every file 0666 less the umask, links not followed
 
 
 def _write_source_record(folder: Path, ckpt: Checkpoint, fmt: str, **extra: Any) -> None:
@@ -169,6 +165,15 @@ def lora_target_pattern(target_modules: list[str]) -> str:
     return rf"{re.escape(LM_PATH)}(\..*)?\.({names})"
 
 
+def portable_base(name: str | None) -> str | None:
+    """Where an adapter's base lives, as ``adapter_config.json`` records it: a local
+    folder as its absolute, resolved path (it works from any folder); a hub id such as
+    ``OpenGVLab/InternVL3-1B-hf`` as it is."""
+    if name and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
+
+
 def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
@@ -197,8 +202,10 @@ def _export_peft(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
         modules_to_save=to_save or None,
     )
     # peft records where the base was loaded from: the hub id, or for the tiny preset
-    # the checkpoint's backbone folder.
+    # the checkpoint's backbone folder; a folder as its absolute, resolved path, so the
+    # adapter loads from any folder (not only the one export ran in).
     model = get_peft_model(backbone.model, lora_cfg)
+    model.peft_config["default"].base_model_name_or_path = portable_base(model.peft_config["default"].base_model_name_or_path)
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for k, v in lora.items():  # ...lora_A.default.weight keeps its place under base_model.model

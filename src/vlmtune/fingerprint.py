@@ -75,3 +75,30 @@ def export_fingerprint(ckpt: Checkpoint) -> str | None:
         return None
     fp = info.get("fingerprint")
     return fp if isinstance(fp, str) and len(fp) == 64 else None
+
+
+# What each part of :func:`fingerprint_parts` is, as a refusal names it.
+PART_LABELS = {
+    "task": "task",
+    "weights": "weights (another training run or epoch)",
+    "backbone": "backbone (another base model)",
+    "pooling": "pooling (backbone.vision_pooling, backbone.text_pooling or backbone.max_text_tokens)",
+    "model": "model settings",
+}
+
+
+def parts_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`fingerprint_parts`, each as :data:`PART_LABELS`
+    names it (the task with both names, the model settings with the keys that differ)."""
+    out = []
+    for key, label in PART_LABELS.items():
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        if key == "task":
+            label = f"task ({x} vs {y})"
+        elif key == "model" and isinstance(x, dict) and isinstance(y, dict):
+            keys = sorted(k for k in {*x, *y} if x.get(k) != y.get(k))
+            label = f"model settings ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+        out.append(label)
+    return out

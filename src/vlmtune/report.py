@@ -556,7 +556,9 @@ def _describe(fig: Figure, file: str) -> dict[str, Any]:
 
 
 def _save(fig: Figure, folder: Path, file: str) -> dict[str, Any]:
-    fig.savefig(folder / file, dpi=110, bbox_inches="tight")
+    from vlmtune.runfolder import write_atomic  # never through a symbolic link
+
+    write_atomic(folder / file, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     return _describe(fig, file)
 
 
@@ -783,11 +785,11 @@ def compare(
         "files": {"markdown": "report.md", "html": "report.html", "json": "comparison.json"},
     }
     blocks = _blocks(result, groups)
-    from vlmtune.runfolder import write_text  # never through a symbolic link
+    from vlmtune.runfolder import write_file  # atomic, never through a symbolic link
 
-    write_text(out / "report.md", _render_md(blocks))
-    write_text(out / "report.html", _render_html(blocks, out, "vlmtune run comparison"))
-    write_text(out / "comparison.json", json.dumps(result, indent=2, default=str))
+    write_file(out / "report.md", _render_md(blocks))
+    write_file(out / "report.html", _render_html(blocks, out, "vlmtune run comparison"))
+    write_file(out / "comparison.json", json.dumps(result, indent=2, default=str))
     return result
 
 

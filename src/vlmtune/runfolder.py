@@ -402,6 +402,20 @@ def write_atomic(path: Path, write: Any) -> None:
         raise
 
 
+def write_file(path: Path, data: str | bytes, encoding: str = "utf-8") -> None:
+    """:func:`write_atomic` of a whole file's text or bytes: a link at ``path`` is
+    refused (the file it points to stays untouched), the file is written under a hidden
+    temporary name created exclusively and renamed into place (so a hard link or a
+    reader never sees half a file), with the umask's mode."""
+    raw = data.encode(encoding) if isinstance(data, str) else data
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+
+    write_atomic(Path(path), write)
+
+
 def current_umask() -> int:
     """The process's umask, read from /proc where it says it (setting it to read it, the
     fallback, is a moment in which another thread's new file would get another mode)."""

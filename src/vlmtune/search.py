@@ -419,11 +419,11 @@ class _EmbedJob:
                 self.todo.append((p, size, mtime))
 
     def embed_images(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
+        from vlmtune.console import progress as progress_bar
         from vlmtune.data.formats import load_image
 
-        bar = tqdm(total=len(self.todo), desc="embed images", unit="img", disable=not progress)
+        # A bar on a terminal; plain periodic lines (no carriage returns) in a log.
+        bar = progress_bar(total=len(self.todo), desc="embed images", unit="img", enabled=progress)
         since_save = 0
         for s in range(0, len(self.todo), self.m.batch_size):
             batch = self.todo[s : s + self.m.batch_size]
@@ -921,9 +921,41 @@ def open_query_model(index: Index, checkpoint: str | Path | None = None) -> Mode
     if model.fingerprint != index.info.get("fingerprint"):
         raise CheckpointError(
             f"{path}: is not the model that built {index.folder} (made by "
-            f"{index.info.get('checkpoint')}); its embeddings would not be comparable"
+            f"{index.info.get('checkpoint')}); {what_differs(model, index.info)}; "
+            f"its embeddings would not be comparable"
         )
     return model
+
+
+def what_differs(model: Model, info: dict[str, Any]) -> str:
+    """ "differs in: ..." for a query model whose fingerprint is not the one ``info`` (an
+    index.json) records: the parts of both fingerprints compared where the checkpoint
+    that built it can still be read as it was; else the weights' digest it records."""
+    from vlmtune.checkpoint import open_checkpoint
+    from vlmtune.fingerprint import PART_LABELS, checkpoint_fingerprint, fingerprint_parts, parts_differ
+
+    mine = fingerprint_parts(model.checkpoint)
+    recorded = info.get("checkpoint")
+    built = None
+    if isinstance(recorded, str) and recorded:
+        try:
+            ckpt = open_checkpoint(recorded)
+            if checkpoint_fingerprint(ckpt) == info.get("fingerprint"):  # not changed since it built the index
+                built = fingerprint_parts(ckpt)
+        except (VlmtuneError, OSError, ValueError):
+            built = None
+    if built is not None:
+        diffs = parts_differ(mine, built)
+    elif isinstance(info.get("weights_sha256"), str) and info["weights_sha256"] != mine["weights"]:
+        diffs = [PART_LABELS["weights"]]
+    else:
+        diffs = []
+    if diffs:
+        return "differs in: " + ", ".join(diffs)
+    return (
+        f"which part differs cannot be said: the checkpoint that built it ({recorded}) is gone or changed since, "
+        f"and the weights' digest the index records is this model's"
+    )
 
 
 def read_queries(path: Path) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from vlmtune.cli.args import add_overrides, non_negative_int, positive_int, seed_int
@@ -214,6 +215,10 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
     cfg = read_config(args)
     opts = _read_options(args, cfg)
+    path = Path(args.annotation_file)
+    if not path.exists() and not ("{" in path.name and "}" in path.name):  # a brace pattern (shards) names no one file
+        # Nothing to report on: one line and exit 2, as data inspect (a report is for a file that exists).
+        raise DataError(f"{path}: annotation file not found")
     kind = args.kind or detect_kind(args.annotation_file, opts.format, opts)
     max_count = args.max_count if args.max_count is not None else cfg.section("counting").max_count
     scan = validate_file(args.annotation_file, kind, max_count=max_count, opts=opts)
@@ -274,7 +279,6 @@ def add_convert(dsub: Any) -> None:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     import re
-    from pathlib import Path
 
     from vlmtune.data.convert import convert
     from vlmtune.data.formats import read_counting, read_pairs

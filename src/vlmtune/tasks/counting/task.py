@@ -192,13 +192,13 @@ class CountingTask(CountingSpec[CountingModel]):
         from io import BytesIO
 
         from vlmtune.metrics.counting import reliability_figure
-        from vlmtune.runfolder import write_bytes
+        from vlmtune.runfolder import write_file
 
         buf = BytesIO()
         reliability_figure(bins, float(metrics["count/ece"]), "Count head: reliability on the test split").savefig(
             buf, format="png", dpi=110
         )
-        write_bytes(Path(folder) / RELIABILITY_PNG, buf.getvalue())
+        write_file(Path(folder) / RELIABILITY_PNG, buf.getvalue())
         return [RELIABILITY_PNG]
 
     def loader_for(self, model: CountingModel, cache: FeatureCache | None) -> Callable[[list[CountRecord]], DataLoader]:
