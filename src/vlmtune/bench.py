@@ -884,7 +884,9 @@ def _fsdp_child(mode: str, preset: str, images: int, batch_size: int, data: str,
         rec["measure"] = "ru_maxrss (peak resident set of the process)"
         with open("/proc/self/statm") as f:  # resident pages now: what the process holds after training
             rec["end_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    (Path(out) / f"mem_{mode}_{rec['rank']}.json").write_text(json.dumps(rec))
+    from vlmtune.runfolder import write_text
+
+    write_text(Path(out) / f"mem_{mode}_{rec['rank']}.json", json.dumps(rec))
 
 
 def bench_fsdp(preset: str, images: int, batch_size: int, out: Path, processes: int = 2) -> dict[str, Any]:
