@@ -71,6 +71,30 @@ def test_config_errors_answer_before_torch(tmp_path: Path, overrides: list[str],
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "override", "message"),
+    [
+        ("evaluate", "eval.rerank_kk=5", "eval.rerank_kk: unknown key (did you mean rerank_k?)"),
+        ("evaluate", "optim.lr=1", "optim.lr"),  # a section evaluate does not take
+        ("predict", "generation.max_new_tokenz=4", "max_new_tokenz: unknown key"),
+    ],
+)
+def test_evaluate_and_predict_override_errors_answer_before_torch(
+    tmp_path: Path, command: str, override: str, message: str
+) -> None:
+    """A checkpoint's config.yaml is enough to check the overrides (the engine, which
+    verifies the whole checkpoint, is imported after)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    recipe = "receipts_three_stage.yaml" if command == "predict" else "retrieval_single_stage.yaml"
+    (ckpt / "config.yaml").write_text((ROOT / "configs" / recipe).read_text())
+    argv = [command, str(ckpt), override] if command == "evaluate" else [command, str(ckpt), "--image", "x.png", override]
+    code, heavy, err = _run(*argv)
+    assert code == "exit 2", err
+    assert message in err and "Traceback" not in err
+    assert heavy == "[]"
+
+
 def test_specs_agree_with_the_tasks_they_declare() -> None:
     """The torch-free declarations are the classes the engine runs (inherited, not copied)."""
     from vlmtune.tasks import TASKS, task_class, task_spec

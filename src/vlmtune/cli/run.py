@@ -264,9 +264,12 @@ def add_evaluate(sub: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many, refuse_run_folder
+    from vlmtune.config.loading import precheck_overrides
 
     _split_checkpoints(args)
+    precheck_overrides(args.checkpoints, args.overrides, "evaluate")  # before the engine: a bad key answers at once
+    from vlmtune.evaluate import evaluate_checkpoint, evaluate_many, refuse_run_folder
+
     if args.output_dir is not None:
         refuse_run_folder(output_folder(args.output_dir))
     if len(args.checkpoints) == 1 and not args.labels:

@@ -35,6 +35,9 @@ def add_predict(sub: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from vlmtune.config.loading import precheck_overrides
+
+    precheck_overrides([args.checkpoint], args.overrides, "predict")  # before the engine: a bad key answers at once
     from vlmtune.predict import predict_file
 
     out = predict_file(

@@ -23,7 +23,7 @@ import yaml
 from vlmtune.config.compose import config_class, default_dict
 from vlmtune.config.fields import short
 from vlmtune.config.schema import Config
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.runfolder import write_text
 from vlmtune.tasks import TASKS, task_spec
 
@@ -294,6 +294,25 @@ def evaluation_config(cfg: Config, overrides: list[str] | None, what: str = "eva
     """A checkpoint's config with the ``evaluate`` / ``predict`` overrides applied: only
     the sections its task declares (``evaluation_sections``; data.* and eval.* by default)."""
     return with_overrides(cfg, overrides, task_spec(cfg.task).evaluation_sections, what)
+
+
+def precheck_overrides(checkpoints: list[str] | list[Path], overrides: list[str] | None, what: str) -> None:
+    """``evaluate`` / ``predict`` overrides checked against each checkpoint's config.yaml
+    before the engine (and torch) is imported, so a bad key answers at once. The same
+    :func:`evaluation_config` the engine applies; a checkpoint whose config.yaml cannot
+    be read here (missing, a link, not a config) is left to the checkpoint's own checks,
+    which run next and say what is wrong with it."""
+    if not overrides:
+        return
+    for folder in checkpoints:
+        path = Path(folder) / "config.yaml"
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            cfg = load_saved_config(path)
+        except VlmtuneError:
+            continue
+        evaluation_config(cfg, overrides, what)
 
 
 def load_saved_config(path: str | Path) -> Config:
