@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, small_set
 from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
@@ -94,12 +94,8 @@ def test_bad_mrl_settings_are_one_line_errors(overrides: list[str], message: str
 def mrl_run(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> Path:
     root = tmp_path_factory.mktemp("mrl")
     args = [
-        f"data.synthetic_dir={scenes}",
-        "data.synthetic.n=40",
+        *small_set(scenes),
         "train.epochs=1",
-        "train.batch_size=8",
-        "train.progress=false",
-        "eval.batch_size=16",
         "model.embed_dim=32",
         "model.head_hidden=16",
         "model.mrl_dims=[8, 16]",
