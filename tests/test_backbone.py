@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmtune.backbone import load_backbone, pool_text, preprocess_images, tokenize
+from vlmtune.backbone import lm_states, load_backbone, pool_text, preprocess_images, tokenize
 from vlmtune.checkpoint import backbone_identity
 from vlmtune.config import BackboneConfig
 from vlmtune.errors import ConfigError
@@ -63,6 +63,20 @@ def test_text_pooling_is_not_token_zero(tiny) -> None:
     for mode in ("last", "mean"):
         pooled = pool_text(hidden, enc["attention_mask"], mode)
         assert not torch.allclose(pooled[0], pooled[1])
+
+
+def test_language_model_states_keep_no_key_value_cache(tiny) -> None:
+    """The config says use_cache (generation wants it); a whole-sequence forward must not
+    build the cache (it holds every layer's keys and values), and its states are the
+    ones the model computes with it."""
+    assert tiny.language_model.config.use_cache
+    enc = tokenize(tiny.tokenizer, ["the red circle", "a blue square left of the frame"], max_tokens=48)
+    out = lm_states(tiny.language_model, enc["attention_mask"], input_ids=enc["input_ids"])
+    assert out.past_key_values is None
+    with_cache = tiny.language_model(**enc)
+    assert with_cache.past_key_values is not None
+    assert torch.equal(out.last_hidden_state, with_cache.last_hidden_state)
+    assert torch.equal(tiny.text_tokens(**enc), out.last_hidden_state)
 
 
 def test_flash_attention_falls_back_to_sdpa_with_a_warning(caplog) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vlmtune.backbone import preprocess_images
+from vlmtune.backbone import lm_states, preprocess_images
 from vlmtune.checkpoint import open_checkpoint
 from vlmtune.config import Config, evaluation_config
 from vlmtune.data.counting import count_class, tile_grid
@@ -212,7 +212,7 @@ def answer_image_attentions(
     bb.set_attention("eager")
     try:
         embeds = bb.embed_multimodal(ids, pixel_values)
-        out = bb.language_model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), output_attentions=True)
+        out = lm_states(bb.language_model, torch.ones_like(ids), inputs_embeds=embeds, output_attentions=True)
     finally:
         bb.set_attention(previous)
     att = torch.stack([a[0].float() for a in out.attentions]).mean(dim=(0, 1))  # [L, L]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtune.backbone import CHAT_END, Backbone
+from vlmtune.backbone import CHAT_END, Backbone, lm_states
 from vlmtune.data.counting import IGNORE_INDEX
 from vlmtune.distributed import global_count, mean_share
 from vlmtune.errors import ConfigError
@@ -132,7 +132,7 @@ class CountingModel(TaskModel):
         (``vision_tokens``, or ``vision_hidden`` with ``vision_start``: see :func:`image_inputs`).
         """
         embeds = self.embed(input_ids, pixel_values, **cached)
-        return self.backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return lm_states(self.backbone.language_model, attention_mask, inputs_embeds=embeds).last_hidden_state
 
     def embed(
         self,
