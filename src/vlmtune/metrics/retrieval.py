@@ -149,8 +149,12 @@ def _merge_candidates(best_s: Tensor, best_i: Tensor, cols: Tensor, vals: Tensor
     """Merge scattered candidates (column, score, row) into full per-column top-k lists.
 
     Only the columns that received a candidate are touched. Their k entries and their
-    candidates are ordered by (column, score desc, row asc); the running entries have
-    lower rows than any candidate, so on equal scores they stay first.
+    candidates are ordered by (column, score desc, row asc). Two stable sorts do it,
+    because within a column the entries already come in ascending row order: the
+    running ones first (lower rows than any candidate, and equal scores among them
+    already in row order), then the candidates, which ``nonzero`` lists in row-major
+    order of their block (for a column, ascending rows) and the callers concatenate
+    block by block in index order.
     """
     if cols.numel() == 0:
         return best_s, best_i
@@ -159,8 +163,7 @@ def _merge_candidates(best_s: Tensor, best_i: Tensor, cols: Tensor, vals: Tensor
     all_cols = torch.cat([touched.repeat_interleave(k), cols])
     all_vals = torch.cat([best_s[touched].reshape(-1), vals])
     all_rows = torch.cat([best_i[touched].reshape(-1), rows])
-    order = all_rows.argsort(stable=True)
-    order = order[all_vals[order].argsort(descending=True, stable=True)]
+    order = all_vals.argsort(descending=True, stable=True)
     order = order[all_cols[order].argsort(stable=True)]
     # Every touched column has at least k entries; take the first k of each group.
     counts = torch.bincount(torch.searchsorted(touched, all_cols), minlength=len(touched))
